@@ -1,0 +1,1 @@
+"""fastgen-jax: Dynamic SplitFuse text generation on JAX/XLA."""
