@@ -200,7 +200,7 @@ def _rope_scaling_of(d: dict[str, Any]) -> RopeScaling | None:
 
 
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first")
-ATTENTION_IMPLS = ("auto", "reference", "pallas")
+ATTENTION_IMPLS = ("auto", "reference")
 
 
 def _default_token_buckets(budget: int) -> tuple[int, ...]:
@@ -222,7 +222,7 @@ class EngineConfig:
     kv_cache_bytes: memory for the KV pool when num_pages is None.
     max_model_len: longest sequence (prompt + generation); None means the model's limit.
     policy: "splitfuse" (Dynamic SplitFuse) or "prefill_first" (whole prompts first, no splitting).
-    attention_impl: "auto" (Pallas on GPU, reference elsewhere), "reference" or "pallas".
+    attention_impl: "auto" (the best available for the platform) or "reference" (pure JAX).
     """
 
     token_budget: int = 512

@@ -1,0 +1,117 @@
+"""Pure-JAX ragged paged attention: the oracle for the Pallas kernels and the CPU path.
+
+The token slab holds the new tokens of several sequences back to back: sequence `s` owns rows
+`cu_q_lens[s]:cu_q_lens[s + 1]`. Its keys and values live in fixed-size pages of a shared pool; row
+`s` of `page_indices` lists them in order. `kv_lens[s]` counts the sequence's keys *including* the new
+tokens, whose K/V must already be written (see `write_kv_pages_reference`), so the new tokens sit at
+positions `kv_lens[s] - q_len .. kv_lens[s] - 1` and attend causally to everything before them.
+
+Rows past `cu_q_lens[num_seqs]` are padding and come out as zeros.
+
+The cost of one call follows `T x W x page_size` (slab rows times the page-table width the caller
+chose), never the pool size: callers pass the narrowest page table that covers the step's longest
+context.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def write_kv_pages_reference(
+    k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
+    k: jax.Array,  # [T, num_kv_heads, head_dim]
+    v: jax.Array,  # [T, num_kv_heads, head_dim]
+    slot_mapping: jax.Array,  # i32[T]: page * page_size + offset; out of range means "drop"
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters each row's K and V into its slot. Out-of-range slots (padding rows) are dropped."""
+    kvh, num_pages, page_size, head_dim = k_pages.shape
+    flat_shape = (kvh, num_pages * page_size, head_dim)
+    k_flat = k_pages.reshape(flat_shape).at[:, slot_mapping].set(
+        jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+    v_flat = v_pages.reshape(flat_shape).at[:, slot_mapping].set(
+        jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+
+def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
+    """For every slab row: its sequence slot, its position in that sequence, and whether it is real."""
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    # A row belongs to the first sequence whose end lies beyond it.
+    seq = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
+    valid = rows < cu_q_lens[num_seqs[0]]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q_pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
+    return seq, q_pos, valid
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block"))
+def ragged_paged_attention_reference(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
+    v_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
+    kv_lens: jax.Array,  # i32[S]
+    page_indices: jax.Array,  # i32[S, W]
+    cu_q_lens: jax.Array,  # i32[S + 1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    pages_per_block: int = 8,
+) -> jax.Array:  # [T, num_q_heads, head_dim], q.dtype
+    """Attention of every slab row over its own sequence's paged keys and values.
+
+    Walks the page table in blocks of `pages_per_block` pages with an online softmax, so memory
+    stays at one block of gathered K/V per row rather than the whole context.
+    """
+    num_rows, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
+    width = page_indices.shape[1]
+    pages_per_block = min(pages_per_block, width)
+    if width % pages_per_block:
+        raise ValueError(f"page table width {width} is not a multiple of {pages_per_block=}")
+    group = num_q_heads // num_kv_heads
+    block_len = pages_per_block * page_size
+
+    seq, q_pos, valid = _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows)
+    kv_len = kv_lens[seq]  # [T]
+    qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim) * sm_scale
+
+    def body(b, carry):
+        m, l, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
+        cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
+        pages = cols[seq]  # [T, pages_per_block]
+        k = k_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
+        v = v_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
+        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k.astype(jnp.float32))  # [T, KVH, G, C]
+        kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [C]
+        mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len[:, None])
+        if sliding_window is not None:
+            mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask[:, None, None, :], s, DEFAULT_MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        # Zero masked entries explicitly: in a block with no visible key, s - m_new is 0 there.
+        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l_new = alpha * l + p.sum(axis=-1)
+        acc_new = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((num_rows, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
