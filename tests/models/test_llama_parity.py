@@ -27,7 +27,12 @@ TINY_MODELS = {
 
 @pytest.fixture(scope="module", params=sorted(TINY_MODELS))
 def tiny_model(request, tmp_path_factory):
-    config_cls, extra = TINY_MODELS[request.param]
+    return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def make_tiny_model(name, path):
+    """A random-weight transformers model saved as safetensors, and our conversion of it."""
+    config_cls, extra = TINY_MODELS[name]
     torch.manual_seed(0)
     hf_config = config_cls(**{**COMMON, **extra})
     hf_model = transformers.AutoModelForCausalLM.from_config(
@@ -36,10 +41,9 @@ def tiny_model(request, tmp_path_factory):
         for name, p in hf_model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path, safe_serialization=True)
     config, params = load_hf_dir(path)
-    return request.param, hf_model, config, params
+    return name, hf_model, config, params
 
 
 def hf_logits(hf_model, ids):
@@ -76,13 +80,11 @@ def test_config_fields_are_read(tiny_model):
     assert (config.rope_scaling is not None) == (name == "llama3-rope-scaling")
 
 
-def test_sliding_window_changes_the_result(tiny_model):
+def test_sliding_window_changes_the_result(tmp_path):
     """Guards the Mistral case above: with the window removed, logits past the window differ."""
     import dataclasses
 
-    name, hf_model, config, params = tiny_model
-    if name != "mistral-sliding-window":
-        pytest.skip("only the sliding-window model has a window to remove")
+    _, hf_model, config, params = make_tiny_model("mistral-sliding-window", tmp_path)
     ids = np.random.default_rng(3).integers(0, config.vocab_size, 20).tolist()
     windowless = paged_logits(dataclasses.replace(config, sliding_window=None), params, ids)
     assert np.abs(windowless[10:] - hf_logits(hf_model, ids)[10:]).max() > 1e-2
