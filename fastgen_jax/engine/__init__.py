@@ -1,0 +1,30 @@
+"""The host side of the engine: sequences, the KV page pool, the scheduler and the token slab.
+
+numpy only: nothing under `fastgen_jax.engine` imports jax, so scheduling can be tested and reasoned
+about without a device. One step, as `llm_engine` drives it:
+
+    output = scheduler.schedule()              # which tokens of which sequences
+    slab = slab_builder.build(output)          # static-shaped numpy arrays for the compiled step
+    sampled = runner.step(slab)                # device: model + sampling -> i32[S]
+    scheduler.postprocess(output, sampled)     # advance computed tokens, append sampled ones
+    # then check stop conditions and call scheduler.finish(seq, reason) for the finished ones
+"""
+
+from fastgen_jax.engine.batch import Slab, SlabBuilder
+from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator
+from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
+
+__all__ = [
+    "NULL_PAGE",
+    "OutOfPagesError",
+    "PageAllocator",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerOutput",
+    "Sequence",
+    "SequenceStatus",
+    "Slab",
+    "SlabBuilder",
+    "pages_for",
+]

@@ -38,8 +38,8 @@ def make_tiny_model(name, path):
     hf_model = transformers.AutoModelForCausalLM.from_config(
         hf_config, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():  # random norms too, so a misplaced norm weight cannot hide
-        for name, p in hf_model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+        for pname, p in hf_model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     hf_model.save_pretrained(path, safe_serialization=True)
     config, params = load_hf_dir(path)
