@@ -16,6 +16,7 @@ context.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,7 @@ def ragged_paged_attention_reference(
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     width = page_indices.shape[1]
-    pages_per_block = min(pages_per_block, width)
-    if width % pages_per_block:
-        raise ValueError(f"page table width {width} is not a multiple of {pages_per_block=}")
+    pages_per_block = math.gcd(pages_per_block, width)  # blocks must tile the page table exactly
     group = num_q_heads // num_kv_heads
     block_len = pages_per_block * page_size
 

@@ -1,0 +1,149 @@
+"""The device side of a step: parameters and KV pages on device, one compiled program per slab shape.
+
+A slab's shapes depend only on its token bucket T and page-table width W, so the runner compiles one
+executable per (T, W) pair ahead of time (`warmup`) and afterwards only ever calls those executables:
+a shape it has not compiled is an error, never a silent recompile. The KV cache is donated to every
+step, so XLA updates it in place. Sampling happens inside the same program; the step returns device
+arrays and does not wait for them, so the caller decides when to block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastgen_jax.attention import get_attention
+from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
+from fastgen_jax.models import AttentionMetadata, build_model, init_kv_cache, kv_bytes_per_page
+from fastgen_jax.sampler import SamplingArrays, sample
+
+log = logging.getLogger(__name__)
+
+_CACHE_ENV = "FASTGEN_JAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Turns on JAX's persistent compilation cache so a second start skips XLA compilation."""
+    path = path or os.environ.get(_CACHE_ENV) or os.path.expanduser("~/.cache/fastgen_jax/xla")
+    if path.lower() in ("0", "off", "none"):
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedEngine:
+    """Engine limits found at run time (not configuration): the KV pool size and the longest sequence."""
+
+    num_pages: int
+    page_size: int
+    max_model_len: int
+    kv_cache_bytes: int
+
+
+def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedEngine:
+    max_model_len = engine.max_model_len or model.max_position_embeddings
+    if max_model_len > model.max_position_embeddings:
+        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
+                          f"max_position_embeddings={model.max_position_embeddings}")
+    page_bytes = kv_bytes_per_page(model, engine.page_size, dtype)
+    pages_per_seq = -(-max_model_len // engine.page_size)
+    if engine.num_pages is not None:
+        num_pages = engine.num_pages
+    else:
+        # Never more than every sequence slot at full length could use (+1 for the scratch page).
+        num_pages = min(engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1)
+    if num_pages - 1 < pages_per_seq:
+        raise ConfigError(
+            f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one sequence "
+            f"of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or lower max_model_len")
+    return ResolvedEngine(num_pages, engine.page_size, max_model_len, num_pages * page_bytes)
+
+
+class ModelRunner:
+    """Owns the device state (params, KV pages) and the compiled step executables."""
+
+    def __init__(self, model_config: ModelConfig, params: Any, engine_config: EngineConfig,
+                 dtype="float32"):
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.dtype = jnp.dtype(dtype)
+        self.resolved = resolve_engine(model_config, engine_config, self.dtype)
+        self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
+        self.kv_cache = init_kv_cache(
+            model_config, self.resolved.num_pages, self.resolved.page_size, self.dtype)
+        self._model = build_model(model_config, self.dtype, get_attention(engine_config.attention_impl))
+        self._jitted = jax.jit(self._step, donate_argnums=(1,))
+        self._executables: dict[tuple[int, int], Any] = {}
+        self.compile_seconds = 0.0
+
+    def _step(self, params, kv_cache, token_ids, md: AttentionMetadata, sampling: SamplingArrays):
+        logits, kv_cache = self._model.apply(params, token_ids, kv_cache, md)
+        tokens, logprobs = sample(logits, sampling)
+        return tokens, logprobs, kv_cache
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._executables)
+
+    def compile(self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]) -> None:
+        """Compiles the executable for the shapes of `arrays` (a padding slab is enough)."""
+        key = _shape_key(arrays)
+        if key in self._executables:
+            return
+        start = time.perf_counter()
+        args = self._device_args(arrays, sampling)
+        self._executables[key] = self._jitted.lower(self.params, self.kv_cache, *args).compile()
+        self.compile_seconds += time.perf_counter() - start
+
+    def warmup(self, slabs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+               progress: bool = True) -> None:
+        """Compiles every (slab arrays, sampling arrays) shape given, e.g. one per bucket."""
+        from tqdm.auto import tqdm
+
+        for arrays, sampling in tqdm(list(slabs), desc="compiling step programs", unit="program",
+                                     disable=not progress, leave=False):
+            self.compile(arrays, sampling)
+
+    def execute(self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
+                ) -> tuple[jax.Array, jax.Array]:
+        """Runs one step; returns (tokens i32[S], logprobs f32[S]) as device arrays, not yet waited on."""
+        key = _shape_key(arrays)
+        try:
+            executable = self._executables[key]
+        except KeyError:
+            raise RuntimeError(f"no compiled step for slab shape {key}; warm-up missed it") from None
+        tokens, logprobs, self.kv_cache = executable(
+            self.params, self.kv_cache, *self._device_args(arrays, sampling))
+        return tokens, logprobs
+
+    @staticmethod
+    def _device_args(arrays, sampling):
+        md = AttentionMetadata.from_arrays(arrays)
+        s = SamplingArrays(**{f: sampling[f] for f in SamplingArrays.__dataclass_fields__})
+        return jnp.asarray(arrays["token_ids"]), md, s
+
+
+def _shape_key(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
+    return int(arrays["token_ids"].shape[0]), int(arrays["page_indices"].shape[1])
+
+
+def sampling_arrays(num_slots: int) -> dict[str, np.ndarray]:
+    """Host buffers for per-slot sampling settings, defaulting to greedy."""
+    return {
+        "temperature": np.zeros(num_slots, np.float32),
+        "top_k": np.zeros(num_slots, np.int32),
+        "top_p": np.ones(num_slots, np.float32),
+        "seed": np.zeros(num_slots, np.uint32),
+        "step": np.zeros(num_slots, np.int32),
+    }

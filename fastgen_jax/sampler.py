@@ -1,0 +1,61 @@
+"""Sampling on device, with every setting a per-row array so a new temperature never recompiles.
+
+Each row draws with its own key, `fold_in(PRNGKey(seed), num_generated)`, so a request's text depends
+only on its seed and its own logits, never on what else shares the batch.
+
+Temperature 0 means greedy. top_k 0 and top_p 1.0 switch those filters off; the sort they need only
+runs when some row in the batch asks for a filter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NEG_INF = -jnp.inf
+
+
+@struct.dataclass
+class SamplingArrays:
+    temperature: jax.Array  # f32[S]; 0 = greedy
+    top_k: jax.Array  # i32[S]; 0 = no limit
+    top_p: jax.Array  # f32[S]; 1.0 = no limit
+    seed: jax.Array  # u32[S]
+    step: jax.Array  # i32[S]: tokens the request has generated so far (makes each draw fresh)
+
+
+def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Masks (to -inf) tokens outside each row's top-k and nucleus; logits f32[S, V] already scaled."""
+    vocab = logits.shape[-1]
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending, [S, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [S, 1]
+    sorted_logits = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], sorted_logits, NEG_INF)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass strictly before it is below top_p (the first always survives).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, cutoff)
+    return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S]).
+
+    Log-probabilities are of the model's own distribution (before temperature and filters), as
+    OpenAI-style APIs report them.
+    """
+    logits = logits.astype(jnp.float32)  # [S, V]
+    greedy = s.temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
+    needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1.0)))
+    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k,
+                          s.top_p)
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
+        s.seed, s.step)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
+    return tokens, logprobs[:, 0]

@@ -1,0 +1,78 @@
+"""On-device sampling: greedy, temperature, top-k, top-p, per-row seeds, log-probabilities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastgen_jax.runner import sampling_arrays
+from fastgen_jax.sampler import SamplingArrays, sample
+
+VOCAB = 50
+
+
+def run(logits, **settings):
+    arrays = sampling_arrays(logits.shape[0])
+    for name, value in settings.items():
+        arrays[name][:] = value
+    tokens, logprobs = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
+    return np.asarray(tokens), np.asarray(logprobs)
+
+
+def random_logits(rows, seed=0):
+    return np.random.default_rng(seed).normal(size=(rows, VOCAB)).astype(np.float32) * 3
+
+
+def test_temperature_zero_is_argmax_with_its_logprob():
+    logits = random_logits(8)
+    tokens, logprobs = run(logits)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(8), tokens]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-6)
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    logits = random_logits(16, seed=1)
+    tokens, _ = run(logits, temperature=5.0, top_k=1, seed=np.arange(16))
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_top_k_draws_only_from_the_k_best():
+    logits = np.tile(random_logits(1, seed=2), (512, 1))
+    tokens, _ = run(logits, temperature=10.0, top_k=3, seed=np.arange(512))
+    best3 = set(np.argsort(-logits[0])[:3].tolist())
+    assert set(tokens.tolist()) == best3
+
+
+def test_top_p_draws_only_from_the_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * (VOCAB - 4)) + 1e-9
+    logits = np.tile(np.log(probs / probs.sum()).astype(np.float32), (512, 1))
+    tokens, _ = run(logits, temperature=1.0, top_p=0.7, seed=np.arange(512))
+    # Mass before token 1 is 0.5 < 0.7 (kept); before token 2 it is 0.8 (dropped).
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def test_same_seed_and_step_give_the_same_token_whatever_the_other_rows():
+    logits = random_logits(6, seed=3)
+    alone, _ = run(logits[:1], temperature=1.0, seed=1234, step=7)
+    crowd_logits = np.concatenate([random_logits(5, seed=4), logits[:1]])
+    in_crowd, _ = run(crowd_logits, temperature=[0.5, 1.0, 0.0, 2.0, 1.0, 1.0],
+                      top_k=[0, 5, 0, 0, 3, 0], seed=[1, 2, 3, 4, 5, 1234], step=[0, 0, 0, 0, 0, 7])
+    assert in_crowd[-1] == alone[0]
+
+
+def test_different_steps_draw_different_tokens():
+    logits = np.zeros((64, VOCAB), np.float32)  # uniform
+    tokens, _ = run(logits, temperature=1.0, seed=99, step=np.arange(64))
+    assert len(set(tokens.tolist())) > 20
+
+
+def test_new_settings_do_not_recompile():
+    jitted = jax.jit(lambda logits, settings: sample(logits, settings))  # a cache of its own
+    logits = jnp.asarray(random_logits(4))
+    for temperature, top_k, top_p in [(0.0, 0, 1.0), (0.7, 10, 0.9), (1.3, 0, 0.5)]:
+        arrays = sampling_arrays(4)
+        arrays["temperature"][:] = temperature
+        arrays["top_k"][:] = top_k
+        arrays["top_p"][:] = top_p
+        jitted(logits, SamplingArrays(**arrays))
+    assert jitted._cache_size() == 1
