@@ -1,0 +1,89 @@
+"""Turns sampled token ids into what a user sees: text deltas, stop handling and finish reasons.
+
+Host side, no jax. One `RequestState` per request owns an incremental detokenizer and the stop
+conditions: EOS (unless ignore_eos), stop token ids, stop strings matched on the detokenized text (so
+a stop string may span tokens), max_new_tokens and the engine's max_model_len. While stop strings are
+set, the last `len(longest stop) - 1` characters are held back from the stream, because they may turn
+out to be the start of a stop string that must not be shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one engine step produced for one request (deltas) plus its totals so far."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    prompt_length: int
+    generated_length: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[float] | None = None
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt_length: int, params: SamplingParams,
+                 tokenizer: Tokenizer, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.request_id = request_id
+        self.prompt_length = prompt_length
+        self.params = params
+        self.max_model_len = max_model_len
+        self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=params.skip_special_tokens)
+        self.token_ids: list[int] = []
+        self.text = ""  # everything detokenized so far (cut at a stop string when one matched)
+        self.num_emitted_chars = 0
+        self.finish_reason: str | None = None
+        self._hold_back = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_token(self, token_id: int, logprob: float) -> RequestOutput:
+        """Processes one sampled token and returns the delta a client should see."""
+        self.token_ids.append(token_id)
+        n = len(self.token_ids)
+        may_stop = n > self.params.min_new_tokens
+        if may_stop and (token_id in self.eos_token_ids or token_id in self.params.stop_token_ids):
+            self.finish_reason = "stop"
+        else:
+            self._add_text(self.detokenizer.add(token_id), may_stop)
+        if self.finish_reason is None and (
+                n >= self.params.max_new_tokens or self.prompt_length + n >= self.max_model_len):
+            self.finish_reason = "length"
+            self.text += self.detokenizer.flush()
+        return self._output([token_id], [logprob] if self.params.logprobs else None)
+
+    def abort(self) -> RequestOutput:
+        self.finish_reason = "abort"
+        return self._output([], [] if self.params.logprobs else None)
+
+    def _add_text(self, delta: str, may_stop: bool) -> None:
+        start = max(0, len(self.text) - self._hold_back)
+        self.text += delta
+        if not (may_stop and self.params.stop):
+            return
+        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+
+    def _output(self, token_ids: list[int], logprobs: list[float] | None) -> RequestOutput:
+        end = len(self.text) if self.finished else max(
+            self.num_emitted_chars, len(self.text) - self._hold_back)
+        new_text = self.text[self.num_emitted_chars : end]
+        self.num_emitted_chars = end
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=token_ids, new_text=new_text,
+            prompt_length=self.prompt_length, generated_length=len(self.token_ids),
+            finished=self.finished, finish_reason=self.finish_reason, new_logprobs=logprobs)

@@ -1,0 +1,81 @@
+"""Per-request generation settings (host side; no jax).
+
+The names follow DeepSpeed-MII and vLLM so users of either feel at home. Validation happens here, so
+every entry point (Python API, batch file, HTTP server) rejects bad values with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+
+class SamplingParamsError(ValueError):
+    """A generation setting out of range; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to generate for one request.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 mean no filter. `seed` None draws a random seed
+    when the request is added; a given seed reproduces the same text whatever else is running.
+    `stop` strings may span several tokens; they are matched on the detokenized text and are not
+    included in the output. `stop_token_ids` end generation like EOS does (the token is not shown).
+    `min_new_tokens` suppresses every stop condition until that many tokens exist.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        _check_int(self, "max_new_tokens", low=1)
+        _check_int(self, "min_new_tokens", low=0)
+        _check_int(self, "top_k", low=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+        _check_number(self, "temperature", 0.0, 100.0)
+        _check_number(self, "top_p", 0.0, 1.0, low_inclusive=False)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**32):
+            raise SamplingParamsError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingParamsError(f"stop must hold non-empty strings, got {self.stop!r}")
+
+    def with_seed(self) -> SamplingParams:
+        """A copy whose seed is fixed (drawn at random when none was given)."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=random.randrange(2**32))
+
+
+def _check_int(params: SamplingParams, name: str, low: int) -> None:
+    value = getattr(params, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise SamplingParamsError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_number(params: SamplingParams, name: str, low: float, high: float,
+                  low_inclusive: bool = True) -> None:
+    value = getattr(params, name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise SamplingParamsError(f"{name} must be a number, got {value!r}")
+    if value > high or value < low or (value == low and not low_inclusive):
+        bracket = "[" if low_inclusive else "("
+        raise SamplingParamsError(f"{name} must be in {bracket}{low}, {high}], got {value}")
