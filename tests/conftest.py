@@ -18,3 +18,32 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from tests.gguf_model import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct converted by `fetch` into a temporary checkpoints folder."""
+    from fastgen_jax.checkpoints import fetch
+
+    return fetch("smollm2-135m-instruct", tmp_path_factory.mktemp("checkpoints"),
+                 download_dir=smollm2_gguf.parent)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """Hugging Face transformers' own loading of the same GGUF file (float32): the reference."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return model, tokenizer

@@ -47,6 +47,7 @@ def paged_logits(config, params, token_ids, chunks=None, page_size=4, slab=None,
     slab = slab or max(chunks)
     model = build_model(config, dtype)
     step = jax.jit(model.apply)
+    params = jax.device_put(params)  # once, not on every call
     kv = init_kv_cache(config, num_pages, page_size, dtype)
     out, start = [], 0
     for c in chunks:
@@ -57,3 +58,25 @@ def paged_logits(config, params, token_ids, chunks=None, page_size=4, slab=None,
         out.append(np.asarray(logits)[:c])
         start += c
     return np.concatenate(out)
+
+
+def greedy_continuation(config, params, prompt_ids, num_new, page_size=16) -> list[int]:
+    """One sequence, greedy: the prompt in one pass, then one token per pass through the paged cache."""
+    total = len(prompt_ids) + num_new
+    num_pages = -(-total // page_size) + 1
+    pages = list(range(1, num_pages))
+    width = 1 << max(0, (len(pages) - 1).bit_length())
+    model = build_model(config)
+    step = jax.jit(model.apply)
+    params = jax.device_put(params)
+    kv = init_kv_cache(config, num_pages, page_size, jnp.float32)
+    ids, start, out = list(prompt_ids), 0, []
+    while len(out) < num_new:
+        n = len(ids) - start
+        md = chunk_metadata(start, n, pages, page_size, width, num_pages, n)
+        md = md.replace(logits_indices=jnp.asarray([n - 1], jnp.int32))
+        logits, kv = step(params, jnp.asarray(ids[start:], jnp.int32), kv, md)
+        out.append(int(np.argmax(np.asarray(logits)[0])))
+        start = len(ids)
+        ids.append(out[-1])
+    return out
