@@ -11,7 +11,7 @@ about without a device. One step, as `llm_engine` drives it:
 """
 
 from fastgen_jax.engine.batch import Slab, SlabBuilder
-from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator
+from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
 
@@ -19,6 +19,7 @@ __all__ = [
     "NULL_PAGE",
     "OutOfPagesError",
     "PageAllocator",
+    "PageTables",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerOutput",

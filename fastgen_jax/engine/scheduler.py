@@ -1,0 +1,336 @@
+"""The scheduler: which tokens of which sequences go into the next forward pass.
+
+`schedule()` composes one step; the engine runs it on the device and hands the sampled tokens to
+`postprocess()`, then checks stop conditions and calls `finish()`. schedule and postprocess must
+alternate.
+
+Dynamic SplitFuse ("splitfuse", DeepSpeed-FastGen), each step at most `token_budget` tokens and
+`max_num_seqs` sequences:
+  1. Decodes first. Every running sequence past its prefill gets one token. When its next token
+     needs a page and none is free, the newest running sequence is preempted (pages freed, queued
+     for recompute) until one is; the sequence may end up preempting itself.
+  2. Then prompts: the running sequence cut last step continues at the front, then waiting sequences
+     in arrival order, each taking min(remaining prompt, remaining budget) tokens.
+  3. A waiting sequence is admitted only when pages for its whole prompt plus its first generated
+     token are free; they are allocated at admission, so a started prefill never runs out of pages.
+     Admission is strictly first-come first-served (the head of the queue blocks the rest) and is
+     skipped in a step that preempted, so a sequence is never evicted and readmitted at once.
+
+"prefill_first" (vLLM of 2023): if prompt work can be scheduled the step runs prompts only and
+the decodes wait. Whole prompts only, as many as fit the budget; a prompt longer than the whole
+budget is the exception: it is split into budget-sized chunks, still with no decode until it is
+done, so a step never exceeds the budget. Otherwise the step decodes every running sequence as
+above.
+
+Why nothing stalls: at most min(max_num_seqs, token_budget) sequences run, so every decode fits a
+step and a prompt chunk still has room; preemption takes the newest sequence, so the oldest one
+makes progress every step; and the pool is checked at construction to hold one sequence of
+max_model_len, so with nothing running the head of the queue always fits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from collections.abc import Sequence as SequenceABC
+
+import numpy as np
+
+from fastgen_jax.config import ConfigError, EngineConfig
+from fastgen_jax.engine.page_allocator import PageAllocator, PageTables
+from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
+
+_RUNNING = SequenceStatus.RUNNING
+
+
+@dataclasses.dataclass(slots=True)
+class ScheduledSeq:
+    """`num_new_tokens` tokens of `seq`, from position `start_position`, in one step."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start_position: int  # seq.num_computed_tokens when scheduled
+    needs_sample: bool  # a decode, or the chunk that ends the prompt
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """One step, in slab order: decodes first, then prompt chunks."""
+
+    scheduled: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+    num_tokens: int = 0
+    preempted: list[Sequence] = dataclasses.field(default_factory=list)
+    page_tables: PageTables | None = None  # the scheduler's, for the slab builder
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+SampledTokens = Mapping[str, int] | SequenceABC[int] | np.ndarray
+
+
+class Scheduler:
+    """Queues of sequences, the page pool, and the per-step policy (see the module docstring).
+
+    `num_pages` and `max_model_len` override the config's values, which may be unset (None) until
+    the runner has measured memory and read the model.
+    """
+
+    def __init__(
+        self, config: EngineConfig, num_pages: int | None = None, max_model_len: int | None = None
+    ):
+        self.config = config
+        self.page_size = config.page_size
+        self.num_pages = _resolve("num_pages", num_pages, config.num_pages)
+        self.max_model_len = _resolve("max_model_len", max_model_len, config.max_model_len)
+        _check_pool_holds_a_sequence(self.num_pages, self.max_model_len, self.page_size)
+        self.allocator = PageAllocator(self.num_pages)
+        self._max_running = min(config.max_num_seqs, config.token_budget)
+        self.page_tables = PageTables(
+            self._max_running, pages_for(self.max_model_len, self.page_size)
+        )
+        self.waiting: collections.deque[Sequence] = collections.deque()  # by arrival
+        self.running: list[Sequence] = []  # by arrival
+        self.num_preemptions = 0
+        self._requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._in_flight: SchedulerOutput | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def page_usage(self) -> float:
+        """Fraction of the usable KV pages owned by sequences."""
+        return self.allocator.usage
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Sequence | None:
+        """The unfinished sequence with this id, if any."""
+        return self._requests.get(request_id)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence behind every earlier one."""
+        if seq.request_id in self._requests:
+            raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.num_output_tokens or seq.page_table:
+            raise ValueError(f"add() takes a new sequence, got {seq}")
+        if seq.num_prompt_tokens + seq.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id!r}: prompt of {seq.num_prompt_tokens} tokens + "
+                f"max_tokens={seq.max_tokens} exceeds max_model_len={self.max_model_len}"
+            )
+        seq.arrival_index = next(self._arrivals)
+        self.waiting.append(seq)
+        self._requests[seq.request_id] = seq
+
+    def finish(
+        self, seq_or_id: Sequence | str, reason: SequenceStatus = SequenceStatus.FINISHED_STOPPED
+    ) -> None:
+        """Ends a sequence (a stop condition met) and frees its pages now. Idempotent."""
+        if not reason.is_finished:
+            raise ValueError(f"finish() needs a FINISHED_* status, got {reason}")
+        seq = seq_or_id if isinstance(seq_or_id, Sequence) else self._requests[seq_or_id]
+        if not seq.is_finished:
+            self._release(seq, reason)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drops a waiting or running request and frees its pages; None if it is not unfinished."""
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self._release(seq, SequenceStatus.FINISHED_ABORTED)
+        return seq
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Composes the next step. Empty only when there is nothing to do."""
+        if self._in_flight is not None:
+            raise RuntimeError("schedule() called before postprocess() of the previous step")
+        out = SchedulerOutput(page_tables=self.page_tables)
+        if self.config.policy == "splitfuse":
+            self._schedule_decodes(out)
+            self._schedule_prompts(out, allow_split=True)
+        else:
+            self._schedule_prompts(out, allow_split=False)
+            if out.is_empty:
+                self._schedule_decodes(out)
+        if not out.is_empty:
+            self._in_flight = out
+        return out
+
+    def postprocess(self, output: SchedulerOutput, sampled_token_ids: SampledTokens) -> None:
+        """Records a finished step: advances the computed tokens and appends sampled ones.
+
+        `sampled_token_ids` maps request id to token id, or is aligned with `output.scheduled`
+        (one entry per slab slot; entries of slots that need no sample are ignored). Sequences
+        finished or aborted while the step ran are skipped.
+        """
+        if output.is_empty:
+            return
+        if output is not self._in_flight:
+            raise RuntimeError("postprocess() got an output that is not the step in flight")
+        self._in_flight = None
+        tokens = _tokens_per_slot(output, sampled_token_ids)
+        for entry, token in zip(output.scheduled, tokens, strict=True):
+            seq = entry.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += entry.num_new_tokens
+            if entry.needs_sample:
+                seq.append_token(token)
+
+    # -- policy pieces ----------------------------------------------------------------------------
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        for seq in list(self.running):  # a copy: preemption removes sequences from running
+            if seq.status is not _RUNNING or seq.is_prefilling:
+                continue
+            if not self._has_room(out):
+                break  # only reachable if the running limit is broken
+            _check_not_past_max_tokens(seq)
+            if self._make_room_for_decode(seq, out):
+                self._push(out, seq, 1)
+
+    def _schedule_prompts(self, out: SchedulerOutput, allow_split: bool) -> None:
+        for seq in self.running:
+            if seq.is_prefilling and self._has_room(out):
+                self._push(out, seq, min(seq.num_remaining_prefill_tokens, self._budget_left(out)))
+        if not out.preempted:
+            self._admit_waiting(out, allow_split)
+
+    def _admit_waiting(self, out: SchedulerOutput, allow_split: bool) -> None:
+        while self.waiting and self._has_room(out) and len(self.running) < self._max_running:
+            seq = self.waiting[0]
+            num_new = seq.num_remaining_prefill_tokens
+            budget = self._budget_left(out)
+            if num_new > budget and not (allow_split or out.is_empty):
+                return
+            num_pages = pages_for(min(num_new + 1, self.max_model_len), self.page_size)
+            if not self.allocator.can_allocate(num_pages):
+                return
+            self.waiting.popleft()
+            seq.page_table = self.allocator.allocate(num_pages)
+            seq.page_table_row = self.page_tables.add_row(seq.page_table)
+            seq.status = _RUNNING
+            bisect.insort(self.running, seq, key=_arrival)
+            self._push(out, seq, min(num_new, budget))
+
+    def _make_room_for_decode(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Gets `seq` the page for its next token, preempting the newest sequences if need be.
+
+        False when `seq` itself had to go. Victims are newer than `seq`, so none is in `out` yet.
+        """
+        if seq.num_computed_tokens < len(seq.page_table) * self.page_size:
+            return True
+        while not self.allocator.can_allocate(1):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        [page] = self.allocator.allocate(1)
+        seq.page_table.append(page)
+        self.page_tables.append(seq.page_table_row, page)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._drop_pages(seq)
+        seq.reset_for_recompute()
+        self.waiting.insert(bisect.bisect(self.waiting, seq.arrival_index, key=_arrival), seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def _release(self, seq: Sequence, status: SequenceStatus) -> None:
+        if seq.status is _RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._drop_pages(seq)
+        seq.status = status
+        del self._requests[seq.request_id]
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        self.allocator.free(seq.page_table)
+        if seq.page_table_row >= 0:
+            self.page_tables.free_row(seq.page_table_row)
+        seq.page_table = []
+        seq.page_table_row = -1
+
+    def _push(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        needs_sample = start + num_new >= seq.num_prefill_tokens
+        out.scheduled.append(ScheduledSeq(seq, num_new, start, needs_sample))
+        out.num_tokens += num_new
+
+    def _budget_left(self, out: SchedulerOutput) -> int:
+        return self.config.token_budget - out.num_tokens
+
+    def _has_room(self, out: SchedulerOutput) -> bool:
+        return (
+            out.num_tokens < self.config.token_budget
+            and len(out.scheduled) < self.config.max_num_seqs
+        )
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival_index
+
+
+def _resolve(name: str, given: int | None, configured: int | None) -> int:
+    value = configured if given is None else given
+    if value is None:
+        raise ConfigError(f"{name} is unset: pass it to the Scheduler or set EngineConfig.{name}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _check_pool_holds_a_sequence(num_pages: int, max_model_len: int, page_size: int) -> None:
+    needed = pages_for(max_model_len, page_size)
+    if num_pages - 1 < needed:
+        raise ConfigError(
+            f"num_pages={num_pages} (page 0 reserved) cannot hold one sequence of max_model_len="
+            f"{max_model_len} at page_size={page_size}: need num_pages >= {needed + 1}"
+        )
+
+
+def _check_not_past_max_tokens(seq: Sequence) -> None:
+    if seq.num_output_tokens >= seq.max_tokens:
+        raise RuntimeError(
+            f"request {seq.request_id!r} has {seq.num_output_tokens} output tokens, "
+            f"max_tokens={seq.max_tokens}: the engine must finish() it before the next step"
+        )
+
+
+def _tokens_per_slot(output: SchedulerOutput, sampled: SampledTokens) -> list[int]:
+    """The sampled token of each scheduled slot (-1 where the slot samples nothing)."""
+    if isinstance(sampled, Mapping):
+        return [int(sampled[e.seq.request_id]) if e.needs_sample else -1 for e in output.scheduled]
+    tokens = np.asarray(sampled).reshape(-1).tolist()
+    if len(tokens) < output.num_seqs:
+        raise ValueError(f"{len(tokens)} sampled tokens for {output.num_seqs} scheduled sequences")
+    return tokens[: output.num_seqs]

@@ -1,0 +1,140 @@
+"""SlabBuilder: a scheduled step as static-shaped arrays, checked value by value."""
+
+import numpy as np
+import pytest
+
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.engine import (
+    PageTables,
+    ScheduledSeq,
+    Scheduler,
+    SchedulerOutput,
+    Sequence,
+    SequenceStatus,
+    SlabBuilder,
+)
+
+CONFIG = EngineConfig(
+    token_budget=16,
+    token_buckets=(8, 16),
+    max_num_seqs=4,
+    page_size=4,
+    num_pages=16,
+    max_model_len=32,
+)
+
+
+def running_seq(tables, request_id, prompt, output, num_computed, page_table):
+    """A sequence as the scheduler leaves it mid-generation, its pages in a row of `tables`."""
+    seq = Sequence(request_id, prompt, max_tokens=8)
+    for token in output:
+        seq.append_token(token)
+    seq.num_computed_tokens = num_computed
+    seq.page_table = page_table
+    seq.page_table_row = tables.add_row(page_table)
+    seq.status = SequenceStatus.RUNNING
+    return seq
+
+
+def mixed_step():
+    """Two decodes, then a prompt chunk of 3 tokens starting mid-page (positions 6..8)."""
+    tables = PageTables(max_seqs=4, max_pages_per_seq=8)
+    a = running_seq(tables, "a", [11, 12, 13, 14, 15], [16], num_computed=5, page_table=[3, 7])
+    b = running_seq(tables, "b", [21, 22, 23, 24], [25, 26, 27, 28], 7, page_table=[5, 2])
+    c = running_seq(tables, "c", list(range(31, 44)), [], 6, page_table=[9, 4, 12, 6])
+    return SchedulerOutput(
+        page_tables=tables,
+        scheduled=[
+            ScheduledSeq(a, 1, 5, True),
+            ScheduledSeq(b, 1, 7, True),
+            ScheduledSeq(c, 3, 6, False),
+        ],
+        num_tokens=5,
+    )
+
+
+def test_a_mixed_step_becomes_these_exact_arrays():
+    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
+    arrays = {name: value.tolist() for name, value in slab.arrays().items()}
+    assert arrays == {
+        "token_ids": [16, 28, 37, 38, 39, 0, 0, 0],
+        "positions": [5, 7, 6, 7, 8, 0, 0, 0],
+        # a: page 7 offset 1; b: page 2 offset 3; c: page 4 offsets 2, 3 then page 12 offset 0;
+        # padding rows: 16 pages * 4 = 64, one past the cache.
+        "slot_mapping": [29, 11, 18, 19, 48, 64, 64, 64],
+        "cu_q_lens": [0, 1, 2, 5, 5],
+        "kv_lens": [6, 8, 9, 0],
+        # c's 4th page (reserved for the rest of its prompt) is beyond its context: left out.
+        "page_indices": [[3, 7, 0, 0], [5, 2, 0, 0], [9, 4, 12, 0], [0, 0, 0, 0]],
+        "num_seqs": [3],
+        "logits_indices": [0, 1, 4, 0],
+        "sample_mask": [True, True, False, False],
+    }
+    assert slab.request_ids == ["a", "b", "c"] and slab.num_tokens == 5
+    assert (slab.bucket, slab.page_table_width) == (8, 4)
+
+
+def test_slab_arrays_are_int32_except_the_sample_mask():
+    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
+    dtypes = {name: value.dtype for name, value in slab.arrays().items()}
+    assert dtypes.pop("sample_mask") == np.bool_
+    assert set(dtypes.values()) == {np.dtype(np.int32)}
+
+
+def test_the_bucket_is_the_smallest_that_holds_the_step():
+    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)
+    assert [builder.bucket_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    with pytest.raises(ValueError, match="exceed the largest bucket 16"):
+        builder.bucket_for(17)
+
+
+def test_sequence_slots_are_the_sequence_limit_or_the_bucket_whichever_is_smaller():
+    builder = SlabBuilder(
+        EngineConfig(token_budget=64, max_num_seqs=24), num_pages=9, max_model_len=128
+    )
+    assert [builder.num_slots_for(b) for b in (16, 32, 64)] == [16, 24, 24]
+
+
+def test_page_table_widths_are_powers_of_two_capped_at_max_model_len():
+    builder = SlabBuilder(CONFIG, num_pages=64, max_model_len=100)  # 25 pages of 4 tokens
+    assert builder.page_table_widths == (1, 2, 4, 8, 16, 25)
+    assert [builder.width_for(n) for n in (1, 2, 3, 5, 16, 17, 25)] == [1, 2, 4, 8, 16, 25, 25]
+
+
+def test_shapes_pair_every_bucket_with_every_width():
+    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)  # 8 pages of 4 tokens
+    assert builder.shapes() == [(8, 1), (8, 2), (8, 4), (8, 8), (16, 1), (16, 2), (16, 4), (16, 8)]
+
+
+def test_a_padding_slab_has_the_shapes_of_a_real_one_and_no_sequence():
+    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)
+    padding = builder.padding_slab(bucket=8, width=4)
+    real = builder.build(mixed_step())
+    assert {k: v.shape for k, v in padding.arrays().items()} == {
+        k: v.shape for k, v in real.arrays().items()
+    }
+    assert padding.num_seqs.tolist() == [0] and (padding.slot_mapping == 64).all()
+
+
+def test_a_slab_built_from_the_scheduler_covers_its_whole_step():
+    scheduler = Scheduler(CONFIG)
+    for request_id, prompt_len in (("a", 10), ("b", 9)):
+        scheduler.add(Sequence(request_id, range(1, prompt_len + 1), max_tokens=4))
+    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(scheduler.schedule())
+    assert slab.cu_q_lens.tolist() == [0, 10, 16, 16, 16]  # b is cut after 6 tokens
+    assert slab.token_ids.tolist() == [*range(1, 11), *range(1, 7)]
+    assert slab.page_indices[:2].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
+    assert slab.sample_mask.tolist() == [True, False, False, False]
+
+
+def test_a_sequence_without_pages_for_its_tokens_is_refused():
+    tables = PageTables(max_seqs=4, max_pages_per_seq=8)
+    seq = running_seq(tables, "a", [1, 2, 3, 4, 5], [], num_computed=0, page_table=[3])
+    output = SchedulerOutput([ScheduledSeq(seq, 5, 0, True)], num_tokens=5, page_tables=tables)
+    with pytest.raises(ValueError, match="lacks pages"):
+        SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(output)
+
+
+def test_an_empty_step_has_no_slab():
+    with pytest.raises(ValueError, match="empty step"):
+        SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(SchedulerOutput())

@@ -1,0 +1,563 @@
+"""Scheduler: Dynamic SplitFuse and prefill-first steps, admission, preemption, finish and abort."""
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgen_jax.config import SCHEDULING_POLICIES, ConfigError, EngineConfig
+from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, SlabBuilder, pages_for
+
+TOKEN = 7  # every "sampled" token in these tests
+
+
+def make_scheduler(
+    policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, num_pages=33, max_model_len=64
+):
+    config = EngineConfig(
+        token_budget=budget,
+        max_num_seqs=max_num_seqs,
+        page_size=page_size,
+        num_pages=num_pages,
+        max_model_len=max_model_len,
+        policy=policy,
+    )
+    return Scheduler(config)
+
+
+def add(scheduler, request_id, prompt_len, max_tokens=8):
+    seq = Sequence(request_id, range(100, 100 + prompt_len), max_tokens)
+    scheduler.add(seq)
+    return seq
+
+
+def step(scheduler):
+    """Runs one step with every sample = TOKEN; returns (id, num_new, start, needs_sample) rows."""
+    output = scheduler.schedule()
+    scheduler.postprocess(output, {e.seq.request_id: TOKEN for e in output.scheduled})
+    return [
+        (e.seq.request_id, e.num_new_tokens, e.start_position, e.needs_sample)
+        for e in output.scheduled
+    ]
+
+
+# -- splitfuse ----------------------------------------------------------------------------------
+
+
+def test_a_long_prompt_is_split_by_the_budget_and_only_its_last_chunk_samples():
+    s = make_scheduler(budget=8)
+    seq = add(s, "a", 20)
+    assert step(s) == [("a", 8, 0, False)]
+    assert step(s) == [("a", 8, 8, False)]
+    assert step(s) == [("a", 4, 16, True)]
+    assert seq.output_token_ids == [TOKEN]
+    assert step(s) == [("a", 1, 20, True)]
+    assert seq.num_computed_tokens == 21 and seq.all_token_ids[-2:] == [TOKEN, TOKEN]
+
+
+def test_decodes_come_first_then_the_cut_prompt_then_waiting_prompts_fill_the_budget():
+    s = make_scheduler(budget=8)
+    add(s, "a", 3)
+    add(s, "b", 9)
+    assert step(s) == [("a", 3, 0, True), ("b", 5, 0, False)]
+    add(s, "c", 6)
+    assert step(s) == [("a", 1, 3, True), ("b", 4, 5, True), ("c", 3, 0, False)]
+    assert step(s) == [("a", 1, 4, True), ("b", 1, 9, True), ("c", 3, 3, True)]
+
+
+def test_the_sequence_limit_caps_a_step():
+    s = make_scheduler(budget=16, max_num_seqs=2)
+    for request_id in "abc":
+        add(s, request_id, 2)
+    assert step(s) == [("a", 2, 0, True), ("b", 2, 0, True)]
+    assert step(s) == [("a", 1, 2, True), ("b", 1, 2, True)]
+    assert s.num_waiting == 1
+
+
+def test_running_sequences_are_capped_by_the_budget_so_every_decode_fits():
+    s = make_scheduler(budget=2, max_num_seqs=4)
+    for request_id in "abc":
+        add(s, request_id, 1)
+    assert step(s) == [("a", 1, 0, True), ("b", 1, 0, True)]
+    assert step(s) == [("a", 1, 1, True), ("b", 1, 1, True)]
+    assert (s.num_running, s.num_waiting) == (2, 1)
+
+
+def test_admission_waits_until_the_whole_prompt_and_one_more_token_fit_in_free_pages():
+    s = make_scheduler(budget=64, page_size=4, num_pages=9, max_model_len=32)  # 8 usable pages
+    add(s, "a", 12)  # 12 + 1 tokens -> 4 pages
+    add(s, "b", 16)  # 16 + 1 tokens -> 5 pages: waits for "a"
+    add(s, "c", 1)  # behind "b": first come, first served
+    assert step(s) == [("a", 12, 0, True)]
+    assert s.num_free_pages == 4 and s.num_waiting == 2
+    s.finish("a")
+    assert step(s) == [("b", 16, 0, True), ("c", 1, 0, True)]
+
+
+def test_a_decode_that_needs_a_page_preempts_the_newest_sequence():
+    s = make_scheduler(budget=16, page_size=4, num_pages=5, max_model_len=16)  # 4 usable pages
+    a = add(s, "a", 3)  # pages for 4 tokens: 1 page
+    b = add(s, "b", 7)  # pages for 8 tokens: 2 pages
+    assert step(s) == [("a", 3, 0, True), ("b", 7, 0, True)]
+    assert step(s) == [("a", 1, 3, True), ("b", 1, 7, True)]  # a fills its page, b its second
+    output = s.schedule()  # a needs a 2nd page (1 free); b a 3rd: b has to go
+    assert [(e.seq.request_id, e.start_position) for e in output.scheduled] == [("a", 4)]
+    assert output.preempted == [b] and s.num_preemptions == 1
+    assert b.status is SequenceStatus.WAITING and b.page_table == []
+    assert b.num_computed_tokens == 0 and b.num_prefill_tokens == 9
+    assert list(s.waiting) == [b] and a.status is SequenceStatus.RUNNING
+
+
+def test_a_preempted_sequence_recomputes_its_prompt_and_generated_tokens_then_decodes():
+    s = make_scheduler(budget=16, page_size=4, num_pages=5, max_model_len=16)
+    add(s, "a", 3)
+    b = add(s, "b", 7)
+    step(s)
+    step(s)
+    step(s)  # b preempted with 9 tokens
+    s.finish("a")
+    assert step(s) == [("b", 9, 0, True)]
+    assert b.all_token_ids == [*range(100, 107), TOKEN, TOKEN, TOKEN]
+    assert step(s) == [("b", 1, 9, True)]
+
+
+def test_a_preempted_sequence_returns_to_the_front_of_the_queue_in_arrival_order():
+    s = make_scheduler(budget=16, max_num_seqs=2, page_size=4, num_pages=5, max_model_len=16)
+    add(s, "a", 3)
+    b = add(s, "b", 7)
+    c = add(s, "c", 2)
+    step(s)
+    step(s)
+    output = s.schedule()
+    assert output.preempted == [b]
+    assert list(s.waiting) == [b, c]
+
+
+def test_a_sequence_alone_in_the_pool_always_finds_a_page():
+    s = make_scheduler(budget=16, page_size=4, num_pages=5, max_model_len=16)
+    seq = add(s, "a", 8, max_tokens=8)
+    for _ in range(8):
+        step(s)
+    assert seq.num_output_tokens == 8 and s.num_preemptions == 0 and s.num_free_pages == 0
+
+
+# -- prefill_first --------------------------------------------------------------------------------
+
+
+def test_prefill_first_runs_whole_prompts_while_decodes_wait():
+    s = make_scheduler(policy="prefill_first", budget=8)
+    add(s, "a", 3)
+    assert step(s) == [("a", 3, 0, True)]
+    add(s, "b", 4)
+    add(s, "c", 5)  # does not fit beside "b" whole: waits for the next step
+    assert step(s) == [("b", 4, 0, True)]
+    assert step(s) == [("c", 5, 0, True)]
+    assert step(s) == [("a", 1, 3, True), ("b", 1, 4, True), ("c", 1, 5, True)]
+
+
+def test_prefill_first_splits_a_prompt_longer_than_the_budget_with_no_decode_until_it_is_done():
+    s = make_scheduler(policy="prefill_first", budget=8)
+    add(s, "a", 2)
+    step(s)
+    add(s, "b", 12)
+    assert step(s) == [("b", 8, 0, False)]
+    assert step(s) == [("b", 4, 8, True)]
+    assert step(s) == [("a", 1, 2, True), ("b", 1, 12, True)]
+
+
+# -- finish, abort, postprocess -------------------------------------------------------------------
+
+
+def test_finish_frees_the_pages_at_once():
+    s = make_scheduler()
+    seq = add(s, "a", 5)
+    step(s)
+    s.finish(seq, SequenceStatus.FINISHED_LENGTH)
+    assert seq.status is SequenceStatus.FINISHED_LENGTH and seq.page_table == []
+    assert s.num_free_pages == 32 and not s.has_unfinished()
+    s.finish(seq)  # a second finish is a no-op
+    assert seq.status is SequenceStatus.FINISHED_LENGTH
+
+
+def test_abort_drops_waiting_and_running_requests():
+    s = make_scheduler(max_num_seqs=1)
+    running = add(s, "a", 5)
+    waiting = add(s, "b", 5)
+    step(s)
+    assert s.abort("b") is waiting and s.abort("a") is running
+    assert running.status is waiting.status is SequenceStatus.FINISHED_ABORTED
+    assert (s.num_running, s.num_waiting, s.num_free_pages) == (0, 0, 32)
+    assert s.abort("a") is None and s.abort("unknown") is None
+
+
+def test_a_request_aborted_while_its_step_runs_is_skipped_by_postprocess():
+    s = make_scheduler()
+    seq = add(s, "a", 5)
+    output = s.schedule()
+    s.abort("a")
+    s.postprocess(output, [TOKEN])
+    assert seq.num_computed_tokens == 0 and seq.output_token_ids == []
+
+
+def test_postprocess_takes_tokens_aligned_with_the_slots():
+    s = make_scheduler(budget=8)
+    a = add(s, "a", 2)
+    b = add(s, "b", 10)
+    output = s.schedule()
+    s.postprocess(output, [41, 42, 43])  # slot 1 is a cut prompt: its token is ignored
+    assert a.output_token_ids == [41] and b.output_token_ids == []
+    assert b.num_computed_tokens == 6
+
+
+def test_schedule_and_postprocess_must_alternate():
+    s = make_scheduler()
+    add(s, "a", 5)
+    output = s.schedule()
+    with pytest.raises(RuntimeError, match="before postprocess"):
+        s.schedule()
+    s.postprocess(output, [TOKEN])
+    with pytest.raises(RuntimeError, match="not the step in flight"):
+        s.postprocess(output, [TOKEN])
+
+
+def test_an_empty_step_means_nothing_to_do():
+    s = make_scheduler()
+    output = s.schedule()
+    assert output.is_empty and output.num_tokens == 0
+    s.postprocess(output, [])
+    assert s.schedule().is_empty
+
+
+def test_decoding_past_max_tokens_is_an_engine_bug():
+    s = make_scheduler()
+    add(s, "a", 2, max_tokens=1)
+    step(s)
+    with pytest.raises(RuntimeError, match="must finish"):
+        s.schedule()
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def test_add_rejects_a_request_longer_than_max_model_len():
+    s = make_scheduler(max_model_len=16)
+    with pytest.raises(
+        ValueError, match="prompt of 10 tokens \\+ max_tokens=7 exceeds max_model_len=16"
+    ):
+        add(s, "a", 10, max_tokens=7)
+
+
+def test_add_rejects_a_duplicate_request_id():
+    s = make_scheduler()
+    add(s, "a", 3)
+    with pytest.raises(ValueError, match="already scheduled"):
+        add(s, "a", 3)
+
+
+def test_a_sequence_needs_a_prompt_and_max_tokens():
+    with pytest.raises(ValueError, match="empty prompt"):
+        Sequence("a", [], 4)
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        Sequence("a", [1], 0)
+
+
+def test_the_pool_must_hold_one_sequence_of_max_model_len():
+    with pytest.raises(ConfigError, match="num_pages=4 .* max_model_len=16 at page_size=4"):
+        make_scheduler(page_size=4, num_pages=4, max_model_len=16)
+    make_scheduler(page_size=4, num_pages=5, max_model_len=16)
+
+
+def test_num_pages_and_max_model_len_must_be_known():
+    with pytest.raises(ConfigError, match="num_pages is unset"):
+        Scheduler(EngineConfig(max_model_len=64))
+    scheduler = Scheduler(EngineConfig(), num_pages=8, max_model_len=64)
+    assert (scheduler.num_pages, scheduler.max_model_len) == (8, 64)
+
+
+# -- properties: random workloads driven to completion --------------------------------------------
+
+EOS = 0  # sampled tokens are uniform in [0, VOCAB): one in VOCAB stops its sequence
+VOCAB = 30
+MAX_STEPS = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    request_id: str
+    arrival_step: int
+    prompt_len: int
+    max_tokens: int
+    abort_step: int | None  # abort at this step, if still unfinished
+    abort_in_flight: bool  # ... between schedule() and postprocess()
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    config: EngineConfig
+    requests: list[Request]
+    seed: int
+
+
+@st.composite
+def workloads(draw, policy, max_spare_pages=4, max_requests=8):
+    page_size = draw(st.sampled_from([1, 2, 4, 8]))
+    max_model_len = draw(st.integers(2, 40))
+    num_pages = pages_for(max_model_len, page_size) + 1 + draw(st.integers(0, max_spare_pages))
+    config = EngineConfig(
+        token_budget=draw(st.integers(1, 24)),
+        max_num_seqs=draw(st.integers(1, 6)),
+        page_size=page_size,
+        num_pages=num_pages,
+        max_model_len=max_model_len,
+        policy=policy,
+    )
+    requests = [
+        draw(requests_of(str(i), max_model_len)) for i in range(draw(st.integers(1, max_requests)))
+    ]
+    return Workload(config, requests, draw(st.integers(0, 2**32)))
+
+
+@st.composite
+def requests_of(draw, request_id, max_model_len):
+    # Short prompts and long generations half the time: that is what fills a pool by decoding.
+    prompt_len = draw(
+        st.integers(1, max_model_len - 1) | st.integers(1, max(1, max_model_len // 4))
+    )
+    longest = max_model_len - prompt_len
+    arrival = draw(st.integers(0, 12))
+    return Request(
+        request_id,
+        arrival,
+        prompt_len,
+        max_tokens=draw(st.integers(1, longest) | st.just(longest)),
+        abort_step=draw(st.none() | st.none() | st.integers(arrival, arrival + 20)),
+        abort_in_flight=draw(st.booleans()),
+    )
+
+
+class Simulation:
+    """Plays the engine around a Scheduler and checks the scheduler's promises at every step."""
+
+    def __init__(self, workload: Workload):
+        self.config = config = workload.config
+        self.scheduler = Scheduler(config)
+        self.builder = SlabBuilder.for_scheduler(self.scheduler)
+        self.requests = workload.requests
+        self.rng = random.Random(workload.seed)
+        self.seqs: dict[str, Sequence] = {}
+        self.next_position: dict[str, int] = {}  # where the next scheduled chunk must start
+        self.tokens: dict[str, list[int]] = {}  # what each sequence must hold
+
+    def run(self) -> int:
+        """Steps until every request is done; returns the number of steps."""
+        for step in range(MAX_STEPS):
+            self.add_arrivals(step)
+            self.abort_due(step, in_flight=False)
+            if (
+                step > max(r.arrival_step for r in self.requests)
+                and not self.scheduler.has_unfinished()
+            ):
+                self.check_all_done()
+                return step
+            self.step(step)
+        raise AssertionError(f"no end after {MAX_STEPS} steps: {self.scheduler.running}")
+
+    def add_arrivals(self, step):
+        for r in self.requests:
+            if r.arrival_step == step:
+                seq = Sequence(
+                    r.request_id, [1 + (i % 9) for i in range(r.prompt_len)], r.max_tokens
+                )
+                self.scheduler.add(seq)
+                self.seqs[r.request_id] = seq
+                self.next_position[r.request_id] = 0
+                self.tokens[r.request_id] = list(seq.prompt_token_ids)
+
+    def abort_due(self, step, in_flight):
+        for r in self.requests:
+            if r.abort_step == step and r.abort_in_flight == in_flight:
+                self.scheduler.abort(r.request_id)
+
+    def step(self, step):
+        s = self.scheduler
+        decoding = {seq.request_id for seq in s.running if not seq.is_prefilling}
+        had_work = s.has_unfinished()
+        output = s.schedule()
+        assert output.is_empty == (not had_work), "a step with work to do scheduled nothing"
+        self.check_limits(output)
+        self.check_positions(output)
+        self.check_pages(output)
+        self.check_queues()
+        self.check_policy(output, decoding)
+        if not output.is_empty:
+            self.check_slab(output)
+        self.abort_due(step, in_flight=True)
+        sampled = [self.rng.randrange(VOCAB) for _ in output.scheduled]
+        s.postprocess(output, sampled)
+        self.record_and_finish(output, sampled)
+
+    def check_limits(self, output):
+        assert output.num_tokens == sum(e.num_new_tokens for e in output.scheduled)
+        assert output.num_tokens <= self.config.token_budget
+        assert output.num_seqs <= self.config.max_num_seqs
+        assert self.scheduler.num_running <= min(self.config.max_num_seqs, self.config.token_budget)
+
+    def check_positions(self, output):
+        preempted = {seq.request_id for seq in output.preempted}
+        for request_id in preempted:
+            self.next_position[request_id] = 0
+        ids = [e.seq.request_id for e in output.scheduled]
+        assert len(set(ids)) == len(ids) and not preempted & set(ids)
+        for e in output.scheduled:
+            end = e.start_position + e.num_new_tokens
+            assert e.num_new_tokens >= 1
+            assert (
+                e.start_position
+                == self.next_position[e.seq.request_id]
+                == e.seq.num_computed_tokens
+            )
+            assert end <= e.seq.num_tokens
+            assert e.needs_sample == (end == e.seq.num_tokens)
+            self.next_position[e.seq.request_id] = end
+
+    def check_pages(self, output):
+        s, page_size = self.scheduler, self.config.page_size
+        owned = [page for seq in s.running for page in seq.page_table]
+        assert len(owned) == len(set(owned)) and 0 not in owned
+        assert len(owned) + s.num_free_pages == self.config.num_pages - 1
+        assert all(seq.page_table == [] and seq.page_table_row == -1 for seq in s.waiting)
+        rows = [seq.page_table_row for seq in s.running]
+        assert len(set(rows)) == len(rows) and min(rows, default=0) >= 0
+        tables = s.page_tables
+        for seq in s.running:  # the matrix the slab builder reads agrees with the lists
+            row = seq.page_table_row
+            assert tables.array[row, : tables.lengths[row]].tolist() == seq.page_table
+        for seq in s.running:
+            if seq.is_prefilling:  # the whole prompt's pages were taken at admission
+                tokens = min(seq.num_prefill_tokens + 1, self.config.max_model_len)
+                assert len(seq.page_table) >= pages_for(tokens, page_size)
+        for e in output.scheduled:
+            assert len(e.seq.page_table) * page_size >= e.start_position + e.num_new_tokens
+
+    def check_queues(self):
+        waiting = [seq.arrival_index for seq in self.scheduler.waiting]
+        running = [seq.arrival_index for seq in self.scheduler.running]
+        assert waiting == sorted(waiting) and running == sorted(running), (
+            "queues keep arrival order"
+        )
+
+    def check_policy(self, output, decoding):
+        is_decode = [e.seq.request_id in decoding for e in output.scheduled]
+        assert is_decode == sorted(is_decode, reverse=True), "decodes come first in the slab"
+        if self.config.policy == "splitfuse":
+            served = {e.seq.request_id for e in output.scheduled}
+            served |= {seq.request_id for seq in output.preempted}
+            assert decoding <= served, "a decoding sequence was starved"
+            if self.has_room_left(output):  # then every started prompt got all it needs
+                prefilling = {seq.request_id for seq in self.scheduler.running if seq.is_prefilling}
+                assert prefilling <= served and all(e.needs_sample for e in output.scheduled)
+        else:
+            assert all(is_decode) or not any(is_decode), "prefill_first mixed prompts and decodes"
+            for e in output.scheduled:
+                if not e.needs_sample:  # a cut prompt: only when it alone exceeds the budget
+                    assert output.num_seqs == 1
+                    assert e.num_new_tokens == self.config.token_budget
+
+    def has_room_left(self, output):
+        return (
+            output.num_tokens < self.config.token_budget
+            and output.num_seqs < self.config.max_num_seqs
+        )
+
+    def check_slab(self, output):
+        slab = self.builder.build(output)
+        page_size, n = self.config.page_size, output.num_seqs
+        assert slab.bucket == self.builder.bucket_for(output.num_tokens)
+        assert slab.cu_q_lens.shape == (min(self.config.max_num_seqs, slab.bucket) + 1,)
+        assert slab.page_table_width in self.builder.page_table_widths
+        assert slab.num_seqs.tolist() == [n] and slab.num_tokens == output.num_tokens
+        for i, e in enumerate(output.scheduled):
+            rows = slice(slab.cu_q_lens[i], slab.cu_q_lens[i + 1])
+            pos = np.arange(e.start_position, e.start_position + e.num_new_tokens)
+            pages = np.array(e.seq.page_table)[pos // page_size]
+            assert (
+                slab.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
+            )
+            assert slab.positions[rows].tolist() == pos.tolist()
+            assert (
+                slab.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
+            )
+            assert slab.kv_lens[i] == pos[-1] + 1 and slab.logits_indices[i] == rows.stop - 1
+            assert slab.sample_mask[i] == e.needs_sample
+        padding = slice(output.num_tokens, None)
+        assert (slab.slot_mapping[padding] == self.config.num_pages * page_size).all()
+        assert not slab.kv_lens[n:].any() and not slab.sample_mask[n:].any()
+
+    def record_and_finish(self, output, sampled):
+        for e, token in zip(output.scheduled, sampled, strict=True):
+            seq = e.seq
+            if seq.is_finished:
+                continue
+            if e.needs_sample:
+                self.tokens[seq.request_id].append(token)
+            assert seq.all_token_ids == self.tokens[seq.request_id]
+            if e.needs_sample and token == EOS:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            elif seq.num_output_tokens == seq.max_tokens:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def check_all_done(self):
+        assert self.scheduler.num_free_pages == self.config.num_pages - 1
+        for seq in self.seqs.values():
+            assert seq.is_finished and seq.page_table == []
+            if seq.status is SequenceStatus.FINISHED_LENGTH:
+                assert seq.num_output_tokens == seq.max_tokens
+            elif seq.status is SequenceStatus.FINISHED_STOPPED:
+                assert seq.output_token_ids[-1] == EOS
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(policy="splitfuse"))
+def test_splitfuse_keeps_every_promise_on_random_workloads(workload):
+    Simulation(workload).run()
+
+
+@settings(max_examples=200, deadline=None)
+@given(workloads(policy="prefill_first"))
+def test_prefill_first_keeps_every_promise_on_random_workloads(workload):
+    Simulation(workload).run()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(SCHEDULING_POLICIES).flatmap(
+        lambda policy: workloads(policy, max_spare_pages=0, max_requests=12)
+    )
+)
+def test_a_pool_of_one_sequence_never_deadlocks(workload):
+    Simulation(workload).run()
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_a_crowded_pool_preempts_often_and_still_finishes_everything(policy):
+    config = EngineConfig(
+        token_budget=16, max_num_seqs=8, page_size=2, num_pages=17, max_model_len=32, policy=policy
+    )
+    requests = [
+        Request(
+            str(i),
+            arrival_step=i % 5,
+            prompt_len=4 + i % 9,
+            max_tokens=16,
+            abort_step=None,
+            abort_in_flight=False,
+        )
+        for i in range(30)
+    ]
+    simulation = Simulation(Workload(config, requests, seed=0))
+    simulation.rng = random.Random(0)
+    simulation.run()
+    assert simulation.scheduler.num_preemptions >= 10
