@@ -41,6 +41,11 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def default_dtype() -> str:
+    """bfloat16 on accelerators, float32 on the CPU (where bf16 matmuls are slow and inexact)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedEngine:
     """Engine limits found at run time (not configuration): the KV pool size and the longest sequence."""

@@ -1,0 +1,217 @@
+"""The engine: the only module that wires scheduler, slab builder, model runner and output processing.
+
+One `step()`:
+
+1. `Scheduler.schedule()` picks this pass's tokens under the token budget: one for every decoding
+   sequence, then prompt chunks in arrival order (Dynamic SplitFuse), evicting when KV pages run out.
+2. `SlabBuilder.build()` packs them into static-shaped arrays (a bucket of T rows, W page columns).
+3. `ModelRunner.execute()` runs the precompiled program for (T, W): the model writes the new K/V into
+   the donated page pool, computes logits only for the rows that need a token, and samples on device.
+   The call returns at once; the step blocks only when it reads the sampled ids back.
+4. `Scheduler.postprocess()` advances every sequence; each `RequestState` detokenizes its new token and
+   checks stop conditions, and finished sequences give their pages back at once.
+
+Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
+loop and hands the `RequestOutput`s to its clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence as SequenceABC
+
+import numpy as np
+
+from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.engine import Scheduler, SchedulerOutput, Sequence, SequenceStatus, Slab, SlabBuilder
+from fastgen_jax.output_processor import RequestOutput, RequestState
+from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache, sampling_arrays
+from fastgen_jax.sampling_params import SamplingParams
+
+_FINISH_STATUS = {
+    "stop": SequenceStatus.FINISHED_STOPPED,
+    "length": SequenceStatus.FINISHED_LENGTH,
+    "abort": SequenceStatus.FINISHED_ABORTED,
+}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (empty or too long prompt, bad settings); says why."""
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since start-up. Times are seconds; host time excludes the wait for the device."""
+
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (recomputed ones count again)
+    generation_tokens: int = 0
+    host_seconds: float = 0.0
+    device_seconds: float = 0.0
+    compiled_programs: int = 0
+    compiled_after_warmup: int = 0
+    running: int = 0
+    waiting: int = 0
+    free_pages: int = 0
+    total_pages: int = 0
+    preemptions: int = 0
+
+
+class LLMEngine:
+    """Continuous batching with Dynamic SplitFuse over a paged KV cache."""
+
+    def __init__(self, checkpoint: Checkpoint, engine_config: EngineConfig | None = None,
+                 dtype: str | None = None, warmup: bool = True, progress: bool = True):
+        self.engine_config = engine_config or EngineConfig()
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.runner = ModelRunner(checkpoint.config, checkpoint.params, self.engine_config,
+                                  dtype or default_dtype())
+        resolved = self.runner.resolved
+        self.max_model_len = resolved.max_model_len
+        self.scheduler = Scheduler(self.engine_config, num_pages=resolved.num_pages,
+                                   max_model_len=resolved.max_model_len)
+        self.slab_builder = SlabBuilder.for_scheduler(self.scheduler)
+        self.eos_token_ids = tuple(sorted(
+            set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids)))
+        self._states: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats(total_pages=resolved.num_pages - 1)
+        self._warm_programs = 0
+        if warmup:
+            self.warmup(progress)
+
+    @classmethod
+    def from_pretrained(cls, model: str, engine_config: EngineConfig | None = None,
+                        dtype: str | None = None, **kwargs) -> LLMEngine:
+        """Loads a checkpoint (converted dir, Hugging Face dir or .gguf) and warms up."""
+        enable_compilation_cache()
+        dtype = dtype or default_dtype()
+        return cls(load_checkpoint(model, dtype), engine_config, dtype, **kwargs)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    prompt_token_ids: SequenceABC[int] | None = None) -> str:
+        """Queues a request (text, or token ids) and returns its id."""
+        params = (sampling_params or SamplingParams()).with_seed()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        self._validate_prompt(ids)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
+        self.scheduler.add(Sequence(request_id, ids, max_tokens, params))
+        self._states[request_id] = RequestState(
+            request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids)
+        return request_id
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the context holds "
+                               f"{self.max_model_len} (max_model_len) including at least one "
+                               "generated token")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request now and frees its KV pages; None if it is unknown or already done."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        return state.abort()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._states)
+
+    # ------------------------------------------------------------------ stepping
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles one program per (token bucket, page-table width): none is compiled later."""
+        shapes = self.slab_builder.shapes()
+
+        def padding_steps():
+            for bucket, width in shapes:
+                slab = self.slab_builder.padding_slab(bucket, width)
+                yield slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
+
+        self.runner.warmup(padding_steps(), progress=progress)
+        self._warm_programs = self.runner.num_compiled
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one forward pass and returns what it produced for each request it sampled."""
+        start = time.perf_counter()
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return []
+        slab = self.slab_builder.build(output)
+        sampling = self._sampling_arrays(output, slab)
+        self.runner.compile(slab.arrays(), sampling)  # a no-op unless warm-up was skipped
+        launched = time.perf_counter()
+        tokens, logprobs = self.runner.execute(slab.arrays(), sampling)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
+        returned = time.perf_counter()
+        self._count_tokens(output)
+        self.scheduler.postprocess(output, tokens)
+        results = self._process_samples(output, tokens, logprobs)
+        self._count_step(start, launched, returned)
+        return results
+
+    def _sampling_arrays(self, output: SchedulerOutput, slab: Slab) -> dict[str, np.ndarray]:
+        arrays = sampling_arrays(slab.kv_lens.shape[0])
+        for i, entry in enumerate(output.scheduled):
+            params: SamplingParams = entry.seq.sampling_params
+            arrays["temperature"][i] = params.temperature
+            arrays["top_k"][i] = params.top_k
+            arrays["top_p"][i] = params.top_p
+            arrays["seed"][i] = params.seed
+            arrays["step"][i] = entry.seq.num_output_tokens
+        return arrays
+
+    def _process_samples(self, output: SchedulerOutput, tokens: np.ndarray,
+                         logprobs: np.ndarray) -> list[RequestOutput]:
+        results = []
+        for i, entry in enumerate(output.scheduled):
+            if not entry.needs_sample:
+                continue
+            state = self._states[entry.seq.request_id]
+            result = state.add_token(int(tokens[i]), float(logprobs[i]))
+            if state.finished:
+                self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
+                del self._states[entry.seq.request_id]
+            results.append(result)
+        return results
+
+    def _count_tokens(self, output: SchedulerOutput) -> None:
+        """Call before postprocess: prefill tokens (recomputation included) and sampled tokens."""
+        for entry in output.scheduled:
+            if entry.seq.is_prefilling:
+                self.stats.prompt_tokens += entry.num_new_tokens
+            self.stats.generation_tokens += entry.needs_sample
+
+    def _count_step(self, start: float, launched: float, returned: float) -> None:
+        s = self.stats
+        s.steps += 1
+        s.host_seconds += (launched - start) + (time.perf_counter() - returned)
+        s.device_seconds += returned - launched
+        s.compiled_programs = self.runner.num_compiled
+        s.compiled_after_warmup = self.runner.num_compiled - self._warm_programs
+        s.running, s.waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        s.free_pages = self.scheduler.num_free_pages
+        s.preemptions = self.scheduler.num_preemptions
