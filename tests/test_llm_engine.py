@@ -1,0 +1,206 @@
+"""The batching engine against one-request-at-a-time greedy decoding with Hugging Face transformers."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from fastgen_jax.checkpoints import load_checkpoint
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.llm_engine import LLMEngine, RequestError
+from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.tokenizer import Tokenizer
+
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random 2-layer Llama (GQA 4:2) saved as a Hugging Face directory, with SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.3, eos_token_id=2, bos_token_id=1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    Tokenizer.from_hf_dir(smollm2_dir).save(path)
+    return path, model
+
+
+def hf_greedy(model, prompt_ids, num_new):
+    """Reference: one request alone, greedy, through transformers' own generate (EOS ignored)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=num_new, do_sample=False,
+                             min_new_tokens=num_new, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def mixed_workload(num_prompts, vocab, max_prompt, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_prompt, num_prompts)
+    lengths[:4] = [max_prompt, 1, max_prompt // 2, 3]  # always some long ones
+    prompts = [rng.integers(3, vocab, n).tolist() for n in lengths]
+    num_new = rng.integers(4, 24, num_prompts).tolist()  # requests finish at different steps
+    return prompts, num_new
+
+
+def run_all(engine, prompts, num_new, **params):
+    ids = [engine.add_request(prompt_token_ids=p, sampling_params=SamplingParams(
+        max_new_tokens=n, ignore_eos=True, **params)) for p, n in zip(prompts, num_new, strict=True)]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    return [tokens[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def tiny_workload(tiny_dir):
+    _, model = tiny_dir
+    prompts, num_new = mixed_workload(32, TINY_VOCAB, 300)
+    return prompts, num_new, [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
+
+
+@pytest.mark.parametrize("budget", [64, 128, 512])
+def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget):
+    prompts, num_new, expected = tiny_workload
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
+        token_budget=budget, max_num_seqs=32, max_model_len=512, page_size=16), progress=False)
+    assert run_all(engine, prompts, num_new) == expected
+    # Splitting happened (prompts of 300 tokens under a budget of 64/128) and nothing recompiled.
+    assert engine.stats.prompt_tokens == sum(map(len, prompts))
+    assert engine.stats.compiled_programs == len(engine.slab_builder.shapes())
+    assert engine.stats.compiled_after_warmup == 0
+
+
+def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
+    _, model = tiny_dir
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, TINY_VOCAB, int(n)).tolist() for n in rng.integers(20, 100, 16)]
+    num_new = rng.integers(40, 80, 16).tolist()
+    expected = [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
+    # 16 usable pages of 16 tokens (one max_model_len sequence) for 16 requests of ~130 tokens.
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
+        token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17),
+        progress=False)
+    assert run_all(engine, prompts, num_new) == expected
+    assert engine.stats.preemptions >= 10
+    assert engine.stats.free_pages == engine.stats.total_pages
+    assert engine.stats.compiled_after_warmup == 0
+
+
+def test_prefill_first_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload):
+    prompts, num_new, expected = tiny_workload
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
+        token_budget=128, max_num_seqs=32, max_model_len=512, page_size=16,
+        policy="prefill_first"), progress=False)
+    assert run_all(engine, prompts, num_new) == expected
+
+
+def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
+    hf_model, hf_tokenizer = hf_smollm2
+    texts = ["The capital of France is", "def quicksort(arr):", "Once upon a time",
+             "List three colours:", "日本の首都は", "1, 1, 2, 3, 5, 8,"]
+    rng = np.random.default_rng(1)
+    prompts = [hf_tokenizer(t)["input_ids"] for t in texts]
+    prompts += [rng.integers(3, 49152, int(n)).tolist() for n in rng.integers(2, 180, 26)]
+    num_new = [12] * len(prompts)
+    expected = [hf_greedy(hf_model, p, n) for p, n in zip(prompts, num_new, strict=True)]
+    engine = LLMEngine(load_checkpoint(smollm2_dir), EngineConfig(
+        token_budget=64, max_num_seqs=32, max_model_len=256, page_size=16), progress=False)
+    assert run_all(engine, prompts, num_new) == expected
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2_dir):
+    return LLMEngine(load_checkpoint(smollm2_dir), EngineConfig(
+        token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16), progress=False)
+
+
+def chat(engine, question):
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
+
+
+def generate(engine, prompt, **params):
+    rid = engine.add_request(prompt, SamplingParams(**params))
+    text, final = "", None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == rid:
+                text += out.new_text
+                final = out
+    return text, final
+
+
+def test_eos_stops_with_reason_stop(smollm2_engine):
+    text, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
+                           max_new_tokens=40)
+    assert text == "The capital of France is Paris."
+    assert (final.finish_reason, final.generated_length) == ("stop", 8)  # 7 tokens + <|im_end|>
+
+
+def test_ignore_eos_runs_to_max_new_tokens(smollm2_engine):
+    _, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
+                        max_new_tokens=12, ignore_eos=True)
+    assert (final.finish_reason, final.generated_length) == ("length", 12)
+
+
+def test_stop_string_spanning_tokens_cuts_the_text(smollm2_engine):
+    text, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
+                           max_new_tokens=40, stop=["of Fr"])
+    assert (text, final.finish_reason) == ("The capital ", "stop")
+
+
+def test_stop_token_id_and_min_new_tokens(smollm2_engine):
+    prompt = chat(smollm2_engine, "What is the capital of France?")
+    period = smollm2_engine.tokenizer.encode(".")[0]
+    text, final = generate(smollm2_engine, prompt, max_new_tokens=40, stop_token_ids=[period])
+    assert (text, final.finish_reason) == ("The capital of France is Paris", "stop")
+    _, final = generate(smollm2_engine, prompt, max_new_tokens=10, min_new_tokens=10)
+    assert (final.finish_reason, final.generated_length) == ("length", 10)
+
+
+def test_same_seed_same_text_whatever_else_is_running(smollm2_engine):
+    prompt = chat(smollm2_engine, "Tell me a story about a cat.")
+    params = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=42)
+    alone, _ = generate(smollm2_engine, prompt, **params)
+    for i in range(5):
+        smollm2_engine.add_request(chat(smollm2_engine, f"Count to {i + 3}."),
+                                   SamplingParams(max_new_tokens=20, temperature=0.8, seed=i))
+    crowded, _ = generate(smollm2_engine, prompt, **params)
+    other_seed, _ = generate(smollm2_engine, prompt, **{**params, "seed": 7})
+    assert crowded == alone
+    assert other_seed != alone
+
+
+def test_streamed_deltas_join_to_the_full_text(smollm2_engine):
+    text, final = generate(smollm2_engine, chat(smollm2_engine, "Write a poem with emoji 🌊."),
+                           max_new_tokens=30, ignore_eos=True)
+    assert final.generated_length == 30
+    assert "\ufffd" not in text
+
+
+def test_abort_frees_pages_at_once(smollm2_engine):
+    engine = smollm2_engine
+    ids = [engine.add_request(chat(engine, f"Say {i}"), SamplingParams(max_new_tokens=50))
+           for i in range(4)]
+    for _ in range(3):
+        engine.step()
+    for rid in ids:
+        out = engine.abort(rid)
+        assert out is None or out.finish_reason == "abort"
+    assert not engine.has_unfinished()
+    assert engine.scheduler.num_free_pages == engine.stats.total_pages
+    assert engine.abort("never-existed") is None
+
+
+def test_bad_requests_are_refused_with_a_reason(smollm2_engine):
+    with pytest.raises(RequestError, match="prompt is empty"):
+        smollm2_engine.add_request(prompt_token_ids=[])
+    with pytest.raises(RequestError, match="prompt has 300 tokens"):
+        smollm2_engine.add_request(prompt_token_ids=[5] * 300)
+    with pytest.raises(RequestError, match=r"token ids must lie in \[0, 49152\)"):
+        smollm2_engine.add_request(prompt_token_ids=[49152])
+    assert not smollm2_engine.has_unfinished()
