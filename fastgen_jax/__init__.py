@@ -1,1 +1,26 @@
-"""fastgen-jax: Dynamic SplitFuse text generation on JAX/XLA."""
+"""fastgen-jax: Dynamic SplitFuse text generation on JAX/XLA.
+
+Public API (heavy modules load on first use, so `import fastgen_jax` stays cheap):
+
+    pipe = fastgen_jax.pipeline("checkpoints/smollm2-135m-instruct", token_budget=512)
+    responses = pipe(["Hello!"], max_new_tokens=32)
+
+`LLMEngine` is the step-level API (add_request / step / abort) that servers drive.
+"""
+
+from fastgen_jax.config import EngineConfig, ModelConfig
+from fastgen_jax.sampling_params import SamplingParams
+
+__all__ = ["EngineConfig", "LLMEngine", "ModelConfig", "SamplingParams", "pipeline"]
+
+
+def __getattr__(name: str):
+    if name == "pipeline":
+        from fastgen_jax.pipeline import pipeline
+
+        return pipeline
+    if name == "LLMEngine":
+        from fastgen_jax.llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(f"module 'fastgen_jax' has no attribute {name!r}")

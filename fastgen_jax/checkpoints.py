@@ -352,6 +352,7 @@ def _restore_params(params_dir: pathlib.Path, dtype) -> Any:
     import jax
     import orbax.checkpoint as ocp
 
+    params_dir = params_dir.absolute()
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata(params_dir)
