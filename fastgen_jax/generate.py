@@ -20,8 +20,11 @@ from absl import app, flags, logging
 from fastgen_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "checkpoints/smollm2-135m-instruct",
-                    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.")
+flags.DEFINE_string(
+    "model",
+    "checkpoints/smollm2-135m-instruct",
+    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
+)
 flags.DEFINE_string("prompt", None, "A single prompt; its text is printed as it is generated.")
 flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template as a user message.")
 flags.DEFINE_string("input", None, "JSONL file of requests (see the module docstring).")
@@ -38,8 +41,12 @@ flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
 flags.DEFINE_float("kv_cache_gib", 2.0, "Memory for the KV pool when --kv_pages is not given.")
 flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                  "Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
+)
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -48,14 +55,24 @@ def engine_config():
     from fastgen_jax.config import EngineConfig
 
     return EngineConfig(
-        token_budget=FLAGS.token_budget, max_num_seqs=FLAGS.max_num_seqs,
-        max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size, num_pages=FLAGS.kv_pages,
-        kv_cache_bytes=int(FLAGS.kv_cache_gib * (1 << 30)), policy=FLAGS.policy)
+        token_budget=FLAGS.token_budget,
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_model_len=FLAGS.max_model_len,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.kv_pages,
+        kv_cache_bytes=int(FLAGS.kv_cache_gib * (1 << 30)),
+        policy=FLAGS.policy,
+    )
 
 
 def default_params() -> SamplingParams:
-    return SamplingParams(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                          top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed)
+    return SamplingParams(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
+        seed=FLAGS.seed,
+    )
 
 
 def parse_record(line: str, defaults: SamplingParams):

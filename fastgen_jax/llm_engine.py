@@ -26,7 +26,14 @@ import numpy as np
 
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig
-from fastgen_jax.engine import Scheduler, SchedulerOutput, Sequence, SequenceStatus, Slab, SlabBuilder
+from fastgen_jax.engine import (
+    Scheduler,
+    SchedulerOutput,
+    Sequence,
+    SequenceStatus,
+    Slab,
+    SlabBuilder,
+)
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache, sampling_arrays
 from fastgen_jax.sampling_params import SamplingParams
@@ -63,20 +70,29 @@ class EngineStats:
 class LLMEngine:
     """Continuous batching with Dynamic SplitFuse over a paged KV cache."""
 
-    def __init__(self, checkpoint: Checkpoint, engine_config: EngineConfig | None = None,
-                 dtype: str | None = None, warmup: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        engine_config: EngineConfig | None = None,
+        dtype: str | None = None,
+        warmup: bool = True,
+        progress: bool = True,
+    ):
         self.engine_config = engine_config or EngineConfig()
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
-        self.runner = ModelRunner(checkpoint.config, checkpoint.params, self.engine_config,
-                                  dtype or default_dtype())
+        self.runner = ModelRunner(
+            checkpoint.config, checkpoint.params, self.engine_config, dtype or default_dtype()
+        )
         resolved = self.runner.resolved
         self.max_model_len = resolved.max_model_len
-        self.scheduler = Scheduler(self.engine_config, num_pages=resolved.num_pages,
-                                   max_model_len=resolved.max_model_len)
+        self.scheduler = Scheduler(
+            self.engine_config, num_pages=resolved.num_pages, max_model_len=resolved.max_model_len
+        )
         self.slab_builder = SlabBuilder.for_scheduler(self.scheduler)
-        self.eos_token_ids = tuple(sorted(
-            set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids)))
+        self.eos_token_ids = tuple(
+            sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
+        )
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.stats = EngineStats(total_pages=resolved.num_pages - 1)
@@ -85,8 +101,13 @@ class LLMEngine:
             self.warmup(progress)
 
     @classmethod
-    def from_pretrained(cls, model: str, engine_config: EngineConfig | None = None,
-                        dtype: str | None = None, **kwargs) -> LLMEngine:
+    def from_pretrained(
+        cls,
+        model: str,
+        engine_config: EngineConfig | None = None,
+        dtype: str | None = None,
+        **kwargs,
+    ) -> LLMEngine:
         """Loads a checkpoint (converted dir, Hugging Face dir or .gguf) and warms up."""
         enable_compilation_cache()
         dtype = dtype or default_dtype()
@@ -94,9 +115,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None,
-                    prompt_token_ids: SequenceABC[int] | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_token_ids: SequenceABC[int] | None = None,
+    ) -> str:
         """Queues a request (text, or token ids) and returns its id."""
         params = (sampling_params or SamplingParams()).with_seed()
         if prompt_token_ids is None:
@@ -111,16 +136,19 @@ class LLMEngine:
         max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
         self.scheduler.add(Sequence(request_id, ids, max_tokens, params))
         self._states[request_id] = RequestState(
-            request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids)
+            request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids
+        )
         return request_id
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise RequestError("prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise RequestError(f"prompt has {len(ids)} tokens; the context holds "
-                               f"{self.max_model_len} (max_model_len) including at least one "
-                               "generated token")
+            raise RequestError(
+                f"prompt has {len(ids)} tokens; the context holds "
+                f"{self.max_model_len} (max_model_len) including at least one "
+                "generated token"
+            )
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
@@ -184,8 +212,9 @@ class LLMEngine:
             arrays["step"][i] = entry.seq.num_output_tokens
         return arrays
 
-    def _process_samples(self, output: SchedulerOutput, tokens: np.ndarray,
-                         logprobs: np.ndarray) -> list[RequestOutput]:
+    def _process_samples(
+        self, output: SchedulerOutput, tokens: np.ndarray, logprobs: np.ndarray
+    ) -> list[RequestOutput]:
         results = []
         for i, entry in enumerate(output.scheduled):
             if not entry.needs_sample:

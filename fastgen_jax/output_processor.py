@@ -30,15 +30,23 @@ class RequestOutput:
 
 
 class RequestState:
-    def __init__(self, request_id: str, prompt_length: int, params: SamplingParams,
-                 tokenizer: Tokenizer, max_model_len: int, eos_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_length: int,
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ):
         self.request_id = request_id
         self.prompt_length = prompt_length
         self.params = params
         self.max_model_len = max_model_len
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=params.skip_special_tokens)
+            tokenizer, skip_special_tokens=params.skip_special_tokens
+        )
         self.token_ids: list[int] = []
         self.text = ""  # everything detokenized so far (cut at a stop string when one matched)
         self.num_emitted_chars = 0
@@ -59,7 +67,8 @@ class RequestState:
         else:
             self._add_text(self.detokenizer.add(token_id), may_stop)
         if self.finish_reason is None and (
-                n >= self.params.max_new_tokens or self.prompt_length + n >= self.max_model_len):
+            n >= self.params.max_new_tokens or self.prompt_length + n >= self.max_model_len
+        ):
             self.finish_reason = "length"
             self.text += self.detokenizer.flush()
         return self._output([token_id], [logprob] if self.params.logprobs else None)
@@ -79,11 +88,20 @@ class RequestState:
             self.finish_reason = "stop"
 
     def _output(self, token_ids: list[int], logprobs: list[float] | None) -> RequestOutput:
-        end = len(self.text) if self.finished else max(
-            self.num_emitted_chars, len(self.text) - self._hold_back)
+        end = (
+            len(self.text)
+            if self.finished
+            else max(self.num_emitted_chars, len(self.text) - self._hold_back)
+        )
         new_text = self.text[self.num_emitted_chars : end]
         self.num_emitted_chars = end
         return RequestOutput(
-            request_id=self.request_id, new_token_ids=token_ids, new_text=new_text,
-            prompt_length=self.prompt_length, generated_length=len(self.token_ids),
-            finished=self.finished, finish_reason=self.finish_reason, new_logprobs=logprobs)
+            request_id=self.request_id,
+            new_token_ids=token_ids,
+            new_text=new_text,
+            prompt_length=self.prompt_length,
+            generated_length=len(self.token_ids),
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            new_logprobs=logprobs,
+        )

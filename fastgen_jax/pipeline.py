@@ -39,8 +39,9 @@ def add_prompt(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> str
     return engine.add_request(sampling_params=params, prompt_token_ids=items)
 
 
-def run_to_completion(engine: LLMEngine, request_ids: Iterable[str],
-                      progress: bool = True) -> dict[str, Response]:
+def run_to_completion(
+    engine: LLMEngine, request_ids: Iterable[str], progress: bool = True
+) -> dict[str, Response]:
     """Steps the engine until the given requests finish; shows requests done and tokens/s."""
     from tqdm.auto import tqdm
 
@@ -75,11 +76,17 @@ class Pipeline:
         self.engine = engine
         self.tokenizer = engine.tokenizer
 
-    def __call__(self, prompts: Prompt | Sequence[Prompt], progress: bool = True,
-                 return_full_text: bool = False, **sampling: Any) -> list[Response]:
+    def __call__(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        progress: bool = True,
+        return_full_text: bool = False,
+        **sampling: Any,
+    ) -> list[Response]:
         """Generates for every prompt; keyword arguments are `SamplingParams` fields."""
         single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], str | list))
+            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], str | list)
+        )
         batch = [prompts] if single else list(prompts)
         params = SamplingParams(**sampling)
         ids = [add_prompt(self.engine, p, params) for p in batch]
@@ -92,12 +99,14 @@ class Pipeline:
         return out
 
 
-def pipeline(model: str, dtype: str | None = None, progress: bool = True,
-             **engine_options: Any) -> Pipeline:
+def pipeline(
+    model: str, dtype: str | None = None, progress: bool = True, **engine_options: Any
+) -> Pipeline:
     """Loads `model` (a checkpoint directory or .gguf), compiles its step programs, returns a Pipeline.
 
     Keyword arguments are `EngineConfig` fields (token_budget, max_num_seqs, page_size, ...).
     """
-    engine = LLMEngine.from_pretrained(model, EngineConfig(**engine_options), dtype,
-                                       progress=progress)
+    engine = LLMEngine.from_pretrained(
+        model, EngineConfig(**engine_options), dtype, progress=progress
+    )
     return Pipeline(engine)

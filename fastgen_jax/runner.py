@@ -59,35 +59,44 @@ class ResolvedEngine:
 def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedEngine:
     max_model_len = engine.max_model_len or model.max_position_embeddings
     if max_model_len > model.max_position_embeddings:
-        raise ConfigError(f"max_model_len={max_model_len} exceeds the model's "
-                          f"max_position_embeddings={model.max_position_embeddings}")
+        raise ConfigError(
+            f"max_model_len={max_model_len} exceeds the model's "
+            f"max_position_embeddings={model.max_position_embeddings}"
+        )
     page_bytes = kv_bytes_per_page(model, engine.page_size, dtype)
     pages_per_seq = -(-max_model_len // engine.page_size)
     if engine.num_pages is not None:
         num_pages = engine.num_pages
     else:
         # Never more than every sequence slot at full length could use (+1 for the scratch page).
-        num_pages = min(engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1)
+        num_pages = min(
+            engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1
+        )
     if num_pages - 1 < pages_per_seq:
         raise ConfigError(
             f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one sequence "
-            f"of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or lower max_model_len")
+            f"of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or lower max_model_len"
+        )
     return ResolvedEngine(num_pages, engine.page_size, max_model_len, num_pages * page_bytes)
 
 
 class ModelRunner:
     """Owns the device state (params, KV pages) and the compiled step executables."""
 
-    def __init__(self, model_config: ModelConfig, params: Any, engine_config: EngineConfig,
-                 dtype="float32"):
+    def __init__(
+        self, model_config: ModelConfig, params: Any, engine_config: EngineConfig, dtype="float32"
+    ):
         self.model_config = model_config
         self.engine_config = engine_config
         self.dtype = jnp.dtype(dtype)
         self.resolved = resolve_engine(model_config, engine_config, self.dtype)
         self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
         self.kv_cache = init_kv_cache(
-            model_config, self.resolved.num_pages, self.resolved.page_size, self.dtype)
-        self._model = build_model(model_config, self.dtype, get_attention(engine_config.attention_impl))
+            model_config, self.resolved.num_pages, self.resolved.page_size, self.dtype
+        )
+        self._model = build_model(
+            model_config, self.dtype, get_attention(engine_config.attention_impl)
+        )
         self._jitted = jax.jit(self._step, donate_argnums=(1,))
         self._executables: dict[tuple[int, int], Any] = {}
         self.compile_seconds = 0.0
@@ -111,25 +120,37 @@ class ModelRunner:
         self._executables[key] = self._jitted.lower(self.params, self.kv_cache, *args).compile()
         self.compile_seconds += time.perf_counter() - start
 
-    def warmup(self, slabs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-               progress: bool = True) -> None:
+    def warmup(
+        self,
+        slabs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+        progress: bool = True,
+    ) -> None:
         """Compiles every (slab arrays, sampling arrays) shape given, e.g. one per bucket."""
         from tqdm.auto import tqdm
 
-        for arrays, sampling in tqdm(list(slabs), desc="compiling step programs", unit="program",
-                                     disable=not progress, leave=False):
+        for arrays, sampling in tqdm(
+            list(slabs),
+            desc="compiling step programs",
+            unit="program",
+            disable=not progress,
+            leave=False,
+        ):
             self.compile(arrays, sampling)
 
-    def execute(self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
-                ) -> tuple[jax.Array, jax.Array]:
+    def execute(
+        self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
+    ) -> tuple[jax.Array, jax.Array]:
         """Runs one step; returns (tokens i32[S], logprobs f32[S]) as device arrays, not yet waited on."""
         key = _shape_key(arrays)
         try:
             executable = self._executables[key]
         except KeyError:
-            raise RuntimeError(f"no compiled step for slab shape {key}; warm-up missed it") from None
+            raise RuntimeError(
+                f"no compiled step for slab shape {key}; warm-up missed it"
+            ) from None
         tokens, logprobs, self.kv_cache = executable(
-            self.params, self.kv_cache, *self._device_args(arrays, sampling))
+            self.params, self.kv_cache, *self._device_args(arrays, sampling)
+        )
         return tokens, logprobs
 
     @staticmethod

@@ -51,10 +51,12 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     greedy = s.temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
     needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1.0)))
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k,
-                          s.top_p)
+    scaled = jax.lax.cond(
+        needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k, s.top_p
+    )
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
-        s.seed, s.step)
+        s.seed, s.step
+    )
     drawn = jax.vmap(jax.random.categorical)(keys, scaled)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)

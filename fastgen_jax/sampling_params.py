@@ -47,11 +47,15 @@ class SamplingParams:
         _check_int(self, "top_k", low=0)
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamsError(
-                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
+            )
         _check_number(self, "temperature", 0.0, 100.0)
         _check_number(self, "top_p", 0.0, 1.0, low_inclusive=False)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**32):
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**32
+        ):
             raise SamplingParamsError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParamsError(f"stop must hold non-empty strings, got {self.stop!r}")
@@ -71,8 +75,9 @@ def _check_int(params: SamplingParams, name: str, low: int) -> None:
         raise SamplingParamsError(f"{name} must be >= {low}, got {value}")
 
 
-def _check_number(params: SamplingParams, name: str, low: float, high: float,
-                  low_inclusive: bool = True) -> None:
+def _check_number(
+    params: SamplingParams, name: str, low: float, high: float, low_inclusive: bool = True
+) -> None:
     value = getattr(params, name)
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise SamplingParamsError(f"{name} must be a number, got {value!r}")

@@ -34,10 +34,16 @@ def write_kv_pages_reference(
     """Scatters each row's K and V into its slot. Out-of-range slots (padding rows) are dropped."""
     kvh, num_pages, page_size, head_dim = k_pages.shape
     flat_shape = (kvh, num_pages * page_size, head_dim)
-    k_flat = k_pages.reshape(flat_shape).at[:, slot_mapping].set(
-        jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
-    v_flat = v_pages.reshape(flat_shape).at[:, slot_mapping].set(
-        jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+    k_flat = (
+        k_pages.reshape(flat_shape)
+        .at[:, slot_mapping]
+        .set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+    )
+    v_flat = (
+        v_pages.reshape(flat_shape)
+        .at[:, slot_mapping]
+        .set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+    )
     return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
 

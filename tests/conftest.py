@@ -32,8 +32,11 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct converted by `fetch` into a temporary checkpoints folder."""
     from fastgen_jax.checkpoints import fetch
 
-    return fetch("smollm2-135m-instruct", tmp_path_factory.mktemp("checkpoints"),
-                 download_dir=smollm2_gguf.parent)
+    return fetch(
+        "smollm2-135m-instruct",
+        tmp_path_factory.mktemp("checkpoints"),
+        download_dir=smollm2_gguf.parent,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,9 @@ def hf_smollm2(smollm2_gguf):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name
+    )
     return model, tokenizer

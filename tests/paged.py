@@ -9,8 +9,16 @@ import numpy as np
 from fastgen_jax.models import AttentionMetadata, build_model, init_kv_cache
 
 
-def chunk_metadata(start: int, n: int, pages: list[int], page_size: int, width: int,
-                   num_pages: int, slab: int, num_slots: int = 2) -> AttentionMetadata:
+def chunk_metadata(
+    start: int,
+    n: int,
+    pages: list[int],
+    page_size: int,
+    width: int,
+    num_pages: int,
+    slab: int,
+    num_slots: int = 2,
+) -> AttentionMetadata:
     """Metadata for rows start..start+n-1 of a single sequence, padded to `slab` rows."""
     pos = np.arange(start, start + n)
     positions = np.zeros(slab, np.int32)
@@ -25,14 +33,19 @@ def chunk_metadata(start: int, n: int, pages: list[int], page_size: int, width: 
     cu[0] = 0
     logits_indices = np.arange(slab, dtype=np.int32)
     return AttentionMetadata(
-        positions=jnp.asarray(positions), slot_mapping=jnp.asarray(slots),
-        kv_lens=jnp.asarray(kv_lens), page_indices=jnp.asarray(page_indices),
-        cu_q_lens=jnp.asarray(cu), num_seqs=jnp.asarray([1], jnp.int32),
-        logits_indices=jnp.asarray(logits_indices))
+        positions=jnp.asarray(positions),
+        slot_mapping=jnp.asarray(slots),
+        kv_lens=jnp.asarray(kv_lens),
+        page_indices=jnp.asarray(page_indices),
+        cu_q_lens=jnp.asarray(cu),
+        num_seqs=jnp.asarray([1], jnp.int32),
+        logits_indices=jnp.asarray(logits_indices),
+    )
 
 
-def paged_logits(config, params, token_ids, chunks=None, page_size=4, slab=None,
-                 dtype=jnp.float32) -> np.ndarray:
+def paged_logits(
+    config, params, token_ids, chunks=None, page_size=4, slab=None, dtype=jnp.float32
+) -> np.ndarray:
     """Logits f32[len(token_ids), vocab] computed chunk by chunk through the paged cache.
 
     Pages are handed out in a scrambled order so that page-table indirection is really exercised.
@@ -42,7 +55,9 @@ def paged_logits(config, params, token_ids, chunks=None, page_size=4, slab=None,
     chunks = chunks or [n]
     assert sum(chunks) == n
     num_pages = -(-n // page_size) + 3
-    pages = list(np.random.default_rng(0).permutation(np.arange(1, num_pages))[: -(-n // page_size)])
+    pages = list(
+        np.random.default_rng(0).permutation(np.arange(1, num_pages))[: -(-n // page_size)]
+    )
     width = 1 << max(0, (len(pages) - 1).bit_length())
     slab = slab or max(chunks)
     model = build_model(config, dtype)

@@ -55,8 +55,9 @@ def test_corrupt_config_is_one_clear_error(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     with pytest.raises(CheckpointError, match="unsupported architecture.*GPT2LMHeadModel"):
         load_checkpoint(tmp_path)
 
@@ -72,15 +73,16 @@ def test_missing_tensor_is_named(tmp_path, smollm2_dir):
     from safetensors.numpy import save_file
 
     (tmp_path / "config.json").write_text((smollm2_dir / "config.json").read_text())
-    save_file({"model.embed_tokens.weight": np.zeros((49152, 576), np.float32)},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": np.zeros((49152, 576), np.float32)},
+        str(tmp_path / "model.safetensors"),
+    )
     with pytest.raises(CheckpointError, match="lacks the tensor 'model.layers.0.input_layernorm"):
         load_checkpoint(tmp_path)
 
 
 def test_damaged_orbax_params_is_one_clear_error(tmp_path, smollm2_dir):
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                 checkpoints.MARKER_FILE):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", checkpoints.MARKER_FILE):
         (tmp_path / name).write_text((smollm2_dir / name).read_text())
     (tmp_path / checkpoints.PARAMS_DIR).mkdir()
     with pytest.raises(CheckpointError, match="not a readable orbax checkpoint"):
@@ -110,8 +112,9 @@ def write_tiny_gguf(path, quant=gguf.GGMLQuantizationType.F32):
 def test_unknown_gguf_quantization_is_named(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, gguf.GGMLQuantizationType.Q8_1)
-    with pytest.raises(CheckpointError, match="'token_embd.weight'.*unsupported GGUF quantization "
-                                              "type Q8_1"):
+    with pytest.raises(
+        CheckpointError, match="'token_embd.weight'.*unsupported GGUF quantization type Q8_1"
+    ):
         load_gguf(path)
 
 
@@ -124,9 +127,18 @@ def test_non_gguf_file_is_one_clear_error(tmp_path):
 
 def test_cli_reports_a_bad_model_name_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fastgen_jax.checkpoints", "fetch", "no-such-model",
-         f"--checkpoint_dir={tmp_path}"], capture_output=True, text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        [
+            sys.executable,
+            "-m",
+            "fastgen_jax.checkpoints",
+            "fetch",
+            "no-such-model",
+            f"--checkpoint_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 1
     assert "error: unknown model 'no-such-model'" in result.stderr
     assert "Traceback" not in result.stderr

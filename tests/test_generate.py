@@ -14,8 +14,13 @@ SMALL_ENGINE = dict(token_budget=64, max_num_seqs=16, max_model_len=256, page_si
 
 def cli(*args):
     flags = [f"--{k}={v}" for k, v in SMALL_ENGINE.items()]
-    return subprocess.run([sys.executable, "-m", "fastgen_jax.generate", *flags, *args],
-                          capture_output=True, text=True, env={**os.environ}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fastgen_jax.generate", *flags, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +29,16 @@ def pipe(smollm2_dir):
 
 
 def test_pipeline_answers_in_input_order_with_mii_fields(pipe):
-    chats = [[{"role": "user", "content": q}] for q in
-             ("What is the capital of France?", "What is 2+2? Answer with a number.")]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in ("What is the capital of France?", "What is 2+2? Answer with a number.")
+    ]
     first, second = pipe(chats, max_new_tokens=24)
     assert first.generated_text == "The capital of France is Paris."
     assert (first.finish_reason, first.generated_length) == ("stop", 8)
-    assert first.prompt_length == len(pipe.tokenizer.encode(
-        pipe.tokenizer.apply_chat_template(chats[0])))
+    assert first.prompt_length == len(
+        pipe.tokenizer.encode(pipe.tokenizer.apply_chat_template(chats[0]))
+    )
     assert "4" in second.generated_text
 
 
@@ -55,8 +63,12 @@ def test_cli_batch_keeps_order_and_reports_bad_lines(smollm2_dir, tmp_path):
         json.dumps({"prompt": "Hi", "colour": "blue"}),
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    result = cli(f"--model={smollm2_dir}", f"--input={tmp_path / 'in.jsonl'}",
-                 f"--output={tmp_path / 'out.jsonl'}", "--max_new_tokens=24")
+    result = cli(
+        f"--model={smollm2_dir}",
+        f"--input={tmp_path / 'in.jsonl'}",
+        f"--output={tmp_path / 'out.jsonl'}",
+        "--max_new_tokens=24",
+    )
     assert result.returncode == 0, result.stderr
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["line"] for r in out] == [1, 2, 3, 4, 5]

@@ -19,9 +19,17 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     """A random 2-layer Llama (GQA 4:2) saved as a Hugging Face directory, with SmolLM2's tokenizer."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.3, eos_token_id=2, bos_token_id=1)
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path, safe_serialization=True)
@@ -32,9 +40,15 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
 def hf_greedy(model, prompt_ids, num_new):
     """Reference: one request alone, greedy, through transformers' own generate (EOS ignored)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=num_new, do_sample=False,
-                             min_new_tokens=num_new, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=num_new,
+            do_sample=False,
+            min_new_tokens=num_new,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def mixed_workload(num_prompts, vocab, max_prompt, seed=0):
@@ -47,8 +61,13 @@ def mixed_workload(num_prompts, vocab, max_prompt, seed=0):
 
 
 def run_all(engine, prompts, num_new, **params):
-    ids = [engine.add_request(prompt_token_ids=p, sampling_params=SamplingParams(
-        max_new_tokens=n, ignore_eos=True, **params)) for p, n in zip(prompts, num_new, strict=True)]
+    ids = [
+        engine.add_request(
+            prompt_token_ids=p,
+            sampling_params=SamplingParams(max_new_tokens=n, ignore_eos=True, **params),
+        )
+        for p, n in zip(prompts, num_new, strict=True)
+    ]
     tokens = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
@@ -66,8 +85,11 @@ def tiny_workload(tiny_dir):
 @pytest.mark.parametrize("budget", [64, 128, 512])
 def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget):
     prompts, num_new, expected = tiny_workload
-    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
-        token_budget=budget, max_num_seqs=32, max_model_len=512, page_size=16), progress=False)
+    engine = LLMEngine(
+        load_checkpoint(tiny_dir[0]),
+        EngineConfig(token_budget=budget, max_num_seqs=32, max_model_len=512, page_size=16),
+        progress=False,
+    )
     assert run_all(engine, prompts, num_new) == expected
     # Splitting happened (prompts of 300 tokens under a budget of 64/128) and nothing recompiled.
     assert engine.stats.prompt_tokens == sum(map(len, prompts))
@@ -82,9 +104,13 @@ def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
     num_new = rng.integers(40, 80, 16).tolist()
     expected = [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
     # 16 usable pages of 16 tokens (one max_model_len sequence) for 16 requests of ~130 tokens.
-    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
-        token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17),
-        progress=False)
+    engine = LLMEngine(
+        load_checkpoint(tiny_dir[0]),
+        EngineConfig(
+            token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17
+        ),
+        progress=False,
+    )
     assert run_all(engine, prompts, num_new) == expected
     assert engine.stats.preemptions >= 10
     assert engine.stats.free_pages == engine.stats.total_pages
@@ -93,30 +119,50 @@ def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
 
 def test_prefill_first_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload):
     prompts, num_new, expected = tiny_workload
-    engine = LLMEngine(load_checkpoint(tiny_dir[0]), EngineConfig(
-        token_budget=128, max_num_seqs=32, max_model_len=512, page_size=16,
-        policy="prefill_first"), progress=False)
+    engine = LLMEngine(
+        load_checkpoint(tiny_dir[0]),
+        EngineConfig(
+            token_budget=128,
+            max_num_seqs=32,
+            max_model_len=512,
+            page_size=16,
+            policy="prefill_first",
+        ),
+        progress=False,
+    )
     assert run_all(engine, prompts, num_new) == expected
 
 
 def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
     hf_model, hf_tokenizer = hf_smollm2
-    texts = ["The capital of France is", "def quicksort(arr):", "Once upon a time",
-             "List three colours:", "日本の首都は", "1, 1, 2, 3, 5, 8,"]
+    texts = [
+        "The capital of France is",
+        "def quicksort(arr):",
+        "Once upon a time",
+        "List three colours:",
+        "日本の首都は",
+        "1, 1, 2, 3, 5, 8,",
+    ]
     rng = np.random.default_rng(1)
     prompts = [hf_tokenizer(t)["input_ids"] for t in texts]
     prompts += [rng.integers(3, 49152, int(n)).tolist() for n in rng.integers(2, 180, 26)]
     num_new = [12] * len(prompts)
     expected = [hf_greedy(hf_model, p, n) for p, n in zip(prompts, num_new, strict=True)]
-    engine = LLMEngine(load_checkpoint(smollm2_dir), EngineConfig(
-        token_budget=64, max_num_seqs=32, max_model_len=256, page_size=16), progress=False)
+    engine = LLMEngine(
+        load_checkpoint(smollm2_dir),
+        EngineConfig(token_budget=64, max_num_seqs=32, max_model_len=256, page_size=16),
+        progress=False,
+    )
     assert run_all(engine, prompts, num_new) == expected
 
 
 @pytest.fixture(scope="module")
 def smollm2_engine(smollm2_dir):
-    return LLMEngine(load_checkpoint(smollm2_dir), EngineConfig(
-        token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16), progress=False)
+    return LLMEngine(
+        load_checkpoint(smollm2_dir),
+        EngineConfig(token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16),
+        progress=False,
+    )
 
 
 def chat(engine, question):
@@ -135,21 +181,30 @@ def generate(engine, prompt, **params):
 
 
 def test_eos_stops_with_reason_stop(smollm2_engine):
-    text, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
-                           max_new_tokens=40)
+    text, final = generate(
+        smollm2_engine, chat(smollm2_engine, "What is the capital of France?"), max_new_tokens=40
+    )
     assert text == "The capital of France is Paris."
     assert (final.finish_reason, final.generated_length) == ("stop", 8)  # 7 tokens + <|im_end|>
 
 
 def test_ignore_eos_runs_to_max_new_tokens(smollm2_engine):
-    _, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
-                        max_new_tokens=12, ignore_eos=True)
+    _, final = generate(
+        smollm2_engine,
+        chat(smollm2_engine, "What is the capital of France?"),
+        max_new_tokens=12,
+        ignore_eos=True,
+    )
     assert (final.finish_reason, final.generated_length) == ("length", 12)
 
 
 def test_stop_string_spanning_tokens_cuts_the_text(smollm2_engine):
-    text, final = generate(smollm2_engine, chat(smollm2_engine, "What is the capital of France?"),
-                           max_new_tokens=40, stop=["of Fr"])
+    text, final = generate(
+        smollm2_engine,
+        chat(smollm2_engine, "What is the capital of France?"),
+        max_new_tokens=40,
+        stop=["of Fr"],
+    )
     assert (text, final.finish_reason) == ("The capital ", "stop")
 
 
@@ -167,8 +222,10 @@ def test_same_seed_same_text_whatever_else_is_running(smollm2_engine):
     params = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=42)
     alone, _ = generate(smollm2_engine, prompt, **params)
     for i in range(5):
-        smollm2_engine.add_request(chat(smollm2_engine, f"Count to {i + 3}."),
-                                   SamplingParams(max_new_tokens=20, temperature=0.8, seed=i))
+        smollm2_engine.add_request(
+            chat(smollm2_engine, f"Count to {i + 3}."),
+            SamplingParams(max_new_tokens=20, temperature=0.8, seed=i),
+        )
     crowded, _ = generate(smollm2_engine, prompt, **params)
     other_seed, _ = generate(smollm2_engine, prompt, **{**params, "seed": 7})
     assert crowded == alone
@@ -176,16 +233,22 @@ def test_same_seed_same_text_whatever_else_is_running(smollm2_engine):
 
 
 def test_streamed_deltas_join_to_the_full_text(smollm2_engine):
-    text, final = generate(smollm2_engine, chat(smollm2_engine, "Write a poem with emoji 🌊."),
-                           max_new_tokens=30, ignore_eos=True)
+    text, final = generate(
+        smollm2_engine,
+        chat(smollm2_engine, "Write a poem with emoji 🌊."),
+        max_new_tokens=30,
+        ignore_eos=True,
+    )
     assert final.generated_length == 30
     assert "\ufffd" not in text
 
 
 def test_abort_frees_pages_at_once(smollm2_engine):
     engine = smollm2_engine
-    ids = [engine.add_request(chat(engine, f"Say {i}"), SamplingParams(max_new_tokens=50))
-           for i in range(4)]
+    ids = [
+        engine.add_request(chat(engine, f"Say {i}"), SamplingParams(max_new_tokens=50))
+        for i in range(4)
+    ]
     for _ in range(3):
         engine.step()
     for rid in ids:

@@ -55,8 +55,13 @@ def test_same_seed_and_step_give_the_same_token_whatever_the_other_rows():
     logits = random_logits(6, seed=3)
     alone, _ = run(logits[:1], temperature=1.0, seed=1234, step=7)
     crowd_logits = np.concatenate([random_logits(5, seed=4), logits[:1]])
-    in_crowd, _ = run(crowd_logits, temperature=[0.5, 1.0, 0.0, 2.0, 1.0, 1.0],
-                      top_k=[0, 5, 0, 0, 3, 0], seed=[1, 2, 3, 4, 5, 1234], step=[0, 0, 0, 0, 0, 7])
+    in_crowd, _ = run(
+        crowd_logits,
+        temperature=[0.5, 1.0, 0.0, 2.0, 1.0, 1.0],
+        top_k=[0, 5, 0, 0, 3, 0],
+        seed=[1, 2, 3, 4, 5, 1234],
+        step=[0, 0, 0, 0, 0, 7],
+    )
     assert in_crowd[-1] == alone[0]
 
 

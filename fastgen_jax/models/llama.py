@@ -41,7 +41,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     out = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
@@ -99,13 +100,23 @@ class PagedAttention(nn.Module):
         pages_per_layer = k_pages.shape[1] // c.num_layers
         # Padding rows carry an out-of-range slot; keep it out of range after the layer offset.
         in_range = md.slot_mapping < pages_per_layer * page_size
-        slots = jnp.where(in_range, md.slot_mapping + layer * pages_per_layer * page_size,
-                          k_pages.shape[1] * page_size)
+        slots = jnp.where(
+            in_range,
+            md.slot_mapping + layer * pages_per_layer * page_size,
+            k_pages.shape[1] * page_size,
+        )
         k_pages, v_pages = self.attention.write_kv(k_pages, v_pages, k, v, slots)
         out = self.attention.paged_attention(
-            q, k_pages, v_pages, md.kv_lens, md.page_indices + layer * pages_per_layer,
-            md.cu_q_lens, md.num_seqs, sm_scale=1.0 / math.sqrt(c.head_dim),
-            sliding_window=c.sliding_window)
+            q,
+            k_pages,
+            v_pages,
+            md.kv_lens,
+            md.page_indices + layer * pages_per_layer,
+            md.cu_q_lens,
+            md.num_seqs,
+            sm_scale=1.0 / math.sqrt(c.head_dim),
+            sliding_window=c.sliding_window,
+        )
         return jnp.einsum("thk,hkd->td", out, wo), (k_pages, v_pages)
 
 
@@ -133,9 +144,12 @@ class DecoderLayer(nn.Module):
         h, kv_cache = carry
         eps = self.config.rms_norm_eps
         attn_out, kv_cache = PagedAttention(self.config, self.attention, self.dtype, name="attn")(
-            RMSNorm(eps, self.dtype, name="attn_norm")(h), kv_cache, layer, md)
+            RMSNorm(eps, self.dtype, name="attn_norm")(h), kv_cache, layer, md
+        )
         h = h + attn_out
-        h = h + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(h))
+        h = h + MLP(self.config, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="mlp_norm")(h)
+        )
         return (h, kv_cache), None
 
 
@@ -150,7 +164,8 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, token_ids: jax.Array, kv_cache: KVCache, md: AttentionMetadata):
         c = self.config
         embedding = self.param(
-            "embed", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype)
+            "embed", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype
+        )
         h = embedding[token_ids]  # [T, hidden]
         layers = nn.scan(
             DecoderLayer,
@@ -165,7 +180,8 @@ class LlamaForCausalLM(nn.Module):
             unembed = embedding
         else:
             unembed = self.param(
-                "lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype)
+                "lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), self.dtype
+            )
         logits = jnp.einsum("rd,vd->rv", h, unembed, preferred_element_type=jnp.float32)
         return logits, kv_cache
 

@@ -9,19 +9,40 @@ from fastgen_jax.checkpoints import load_hf_dir
 from tests.paged import paged_logits
 
 TOL = 1e-4
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 
 TINY_MODELS = {
-    "llama3-rope-scaling": (transformers.LlamaConfig, dict(
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 16})),
+    "llama3-rope-scaling": (
+        transformers.LlamaConfig,
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
     "llama2": (transformers.LlamaConfig, dict(num_key_value_heads=4)),
     "mistral-sliding-window": (transformers.MistralConfig, dict(sliding_window=7)),
     "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=1)),
-    "tied-embeddings": (transformers.LlamaConfig, dict(tie_word_embeddings=True, hidden_size=96,
-                                                       num_attention_heads=6, num_key_value_heads=2)),
+    "tied-embeddings": (
+        transformers.LlamaConfig,
+        dict(
+            tie_word_embeddings=True, hidden_size=96, num_attention_heads=6, num_key_value_heads=2
+        ),
+    ),
 }
 
 
@@ -36,7 +57,8 @@ def make_tiny_model(name, path):
     torch.manual_seed(0)
     hf_config = config_cls(**{**COMMON, **extra})
     hf_model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation="eager", dtype=torch.float32).eval()
+        hf_config, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():  # random norms too, so a misplaced norm weight cannot hide
         for pname, p in hf_model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):

@@ -39,8 +39,9 @@ def test_greedy_continuations_match_transformers(smollm2_dir, hf_smollm2):
     for prompt in PROMPTS[:4]:
         ids = hf_tokenizer(prompt)["input_ids"]
         with torch.no_grad():
-            hf_out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                       pad_token_id=2)[0, len(ids):].tolist()
+            hf_out = hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2
+            )[0, len(ids) :].tolist()
         ours = greedy_continuation(checkpoint.config, checkpoint.params, ids, 32)
         # transformers stops at EOS (id 2); up to there the two must agree token for token.
         assert ours[: len(hf_out)] == hf_out, prompt
