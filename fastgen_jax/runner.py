@@ -74,8 +74,9 @@ def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedE
         )
     if num_pages - 1 < pages_per_seq:
         raise ConfigError(
-            f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one sequence "
-            f"of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or lower max_model_len"
+            f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one "
+            f"sequence of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or "
+            "lower max_model_len"
         )
     return ResolvedEngine(num_pages, engine.page_size, max_model_len, num_pages * page_bytes)
 

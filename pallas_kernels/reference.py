@@ -92,7 +92,7 @@ def ragged_paged_attention_reference(
     qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim) * sm_scale
 
     def body(b, carry):
-        m, l, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
+        m, denom, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
         cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
         pages = cols[seq]  # [T, pages_per_block]
         k = k_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
@@ -107,7 +107,7 @@ def ragged_paged_attention_reference(
         # Zero masked entries explicitly: in a block with no visible key, s - m_new is 0 there.
         p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        l_new = alpha * l + p.sum(axis=-1)
+        l_new = alpha * denom + p.sum(axis=-1)
         acc_new = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
         return m_new, l_new, acc_new
 
@@ -116,7 +116,7 @@ def ragged_paged_attention_reference(
         jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
-    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
