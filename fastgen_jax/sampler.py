@@ -41,23 +41,36 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(logits >= threshold, logits, NEG_INF)
 
 
+def _draw(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
+    """One token per row by inverse-CDF sampling: one uniform per row, not one Gumbel per vocab entry."""
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(s.seed, s.step)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)  # [S]
+    probs = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # unnormalised, masked -> 0
+    cdf = jnp.cumsum(probs, axis=-1)  # [S, V]
+    target = u[:, None] * cdf[:, -1:]
+    # The first token whose cumulative mass exceeds the target; never a zero-probability token.
+    drawn = jnp.sum(cdf <= target, axis=-1)
+    return jnp.minimum(drawn, scaled.shape[-1] - 1)
+
+
 def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S]).
 
     Log-probabilities are of the model's own distribution (before temperature and filters), as
-    OpenAI-style APIs report them.
+    OpenAI-style APIs report them. A batch that is greedy throughout skips the random draw entirely.
     """
     logits = logits.astype(jnp.float32)  # [S, V]
     greedy = s.temperature <= 0.0
-    scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
-    needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1.0)))
-    scaled = jax.lax.cond(
-        needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k, s.top_p
-    )
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
-        s.seed, s.step
-    )
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    argmax = jnp.argmax(logits, axis=-1)
+
+    def draw_some(logits):
+        scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
+        needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1.0)))
+        scaled = jax.lax.cond(
+            needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k, s.top_p
+        )
+        return jnp.where(greedy, argmax, _draw(scaled, s))
+
+    tokens = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw_some, logits).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
     return tokens, logprobs[:, 0]
