@@ -59,7 +59,73 @@ def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
     return seq, q_pos, valid
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block"))
+def _attend_rows(qg, seq, q_pos, kv_len, k_pages, v_pages, page_indices, *, sliding_window,
+                 pages_per_block):
+    """Rows that may belong to different sequences: each gathers its own sequence's pages.
+
+    qg f32[R, KVH, G, D] (already scaled); seq, q_pos, kv_len i32[R]. Walks the page table in blocks
+    of `pages_per_block` pages with an online softmax. Returns unnormalised (acc, denom).
+    """
+    num_rows, num_kv_heads, group, head_dim = qg.shape
+    page_size = k_pages.shape[2]
+    width = page_indices.shape[1]
+    block_len = pages_per_block * page_size
+
+    def body(b, carry):
+        m, denom, acc = carry  # [R, KVH, G], [R, KVH, G], [R, KVH, G, D]
+        cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
+        pages = cols[seq]  # [R, pages_per_block]
+        k = k_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
+        v = v_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
+        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k.astype(jnp.float32))  # [R, KVH, G, C]
+        kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [C]
+        mask = _mask(kv_pos, q_pos, kv_len, sliding_window)  # [R, C]
+        s = jnp.where(mask[:, None, None, :], s, DEFAULT_MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        # Zero masked entries explicitly: in a block with no visible key, s - m_new is 0 there.
+        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        denom_new = alpha * denom + p.sum(axis=-1)
+        acc_new = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
+        return m_new, denom_new, acc_new
+
+    init = (
+        jnp.full((num_rows, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
+    return acc, denom
+
+
+def _attend_one_sequence(qg, s, q_pos, kv_lens, k_pages, v_pages, page_indices, *, sliding_window):
+    """Rows that all belong to sequence `s`: its pages are gathered once and attention is dense.
+
+    qg f32[R, KVH, G, D] (already scaled); q_pos i32[R]. Returns unnormalised (acc, denom).
+    """
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    pages = page_indices[s]  # [W]
+    k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim).astype(jnp.float32)  # [KVH, W*P, D]
+    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,kcd->tkgc", qg, k)  # [R, KVH, G, W*P]
+    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+    mask = _mask(kv_pos, q_pos, jnp.broadcast_to(kv_lens[s], q_pos.shape), sliding_window)
+    scores = jnp.where(mask[:, None, None, :], scores, DEFAULT_MASK_VALUE)
+    p = jnp.where(mask[:, None, None, :], jnp.exp(scores - scores.max(-1, keepdims=True)), 0.0)
+    return jnp.einsum("tkgc,kcd->tkgd", p, v), p.sum(axis=-1)
+
+
+def _mask(kv_pos, q_pos, kv_len, sliding_window):
+    """bool[R, C]: causal, inside the sequence, and inside the sliding window if there is one."""
+    mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len[:, None])
+    if sliding_window is not None:
+        mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+    return mask
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block", "block_rows")
+)
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
@@ -72,51 +138,50 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     pages_per_block: int = 8,
+    block_rows: int = 32,
 ) -> jax.Array:  # [T, num_q_heads, head_dim], q.dtype
     """Attention of every slab row over its own sequence's paged keys and values.
 
-    Walks the page table in blocks of `pages_per_block` pages with an online softmax, so memory
-    stays at one block of gathered K/V per row rather than the whole context.
+    The slab is walked in blocks of `block_rows` rows. A block whose rows all belong to one sequence
+    (the bulk of every prompt chunk) gathers that sequence's pages once and attends densely. A block
+    that mixes sequences (decode rows, chunk boundaries) lets each row gather its own pages, in
+    page blocks with an online softmax. A block of padding rows costs nothing. So a step's cost
+    follows its real tokens: prompt rows pay dense attention over their context, decode rows pay one
+    read of their own context.
     """
     num_rows, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
+    num_kv_heads = k_pages.shape[0]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     width = page_indices.shape[1]
     pages_per_block = math.gcd(pages_per_block, width)  # blocks must tile the page table exactly
+    block_rows = math.gcd(block_rows, num_rows)
     group = num_q_heads // num_kv_heads
-    block_len = pages_per_block * page_size
 
     seq, q_pos, valid = _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows)
-    kv_len = kv_lens[seq]  # [T]
     qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim) * sm_scale
 
-    def body(b, carry):
-        m, denom, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
-        cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
-        pages = cols[seq]  # [T, pages_per_block]
-        k = k_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
-        v = v_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
-        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k.astype(jnp.float32))  # [T, KVH, G, C]
-        kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [C]
-        mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len[:, None])
-        if sliding_window is not None:
-            mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(mask[:, None, None, :], s, DEFAULT_MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        # Zero masked entries explicitly: in a block with no visible key, s - m_new is 0 there.
-        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        l_new = alpha * denom + p.sum(axis=-1)
-        acc_new = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
-        return m_new, l_new, acc_new
+    def one_block(b):
+        first = b * block_rows
+        qb = jax.lax.dynamic_slice_in_dim(qg, first, block_rows)
+        sb, pb, vb = (jax.lax.dynamic_slice_in_dim(x, first, block_rows) for x in (seq, q_pos, valid))
+        zeros = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32))
+        one_seq = jnp.all(jnp.where(vb, sb == sb[0], True))
+        branch = jnp.where(~vb[0], 0, jnp.where(one_seq, 1, 2))
+        return jax.lax.switch(
+            branch,
+            [
+                lambda: zeros,
+                lambda: _attend_one_sequence(qb, sb[0], pb, kv_lens, k_pages, v_pages, page_indices,
+                                             sliding_window=sliding_window),
+                lambda: _attend_rows(qb, sb, pb, kv_lens[sb], k_pages, v_pages, page_indices,
+                                     sliding_window=sliding_window, pages_per_block=pages_per_block),
+            ],
+        )
 
-    init = (
-        jnp.full((num_rows, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
-        jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
-        jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
-    )
-    _, denom, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
+    acc, denom = jax.lax.map(one_block, jnp.arange(num_rows // block_rows))
+    acc = acc.reshape(num_rows, num_kv_heads, group, head_dim)
+    denom = denom.reshape(num_rows, num_kv_heads, group)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)

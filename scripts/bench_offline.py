@@ -1,0 +1,602 @@
+"""Offline throughput: our engine against transformers' continuous batching, on the same weights.
+
+One fixed workload runs through both engines in one process:
+
+- `--num_requests` requests, all queued at once (offline, no arrival process);
+- prompt and generation lengths drawn from Normal(mean, 0.3 x mean), as in the FastGen benchmarks,
+  rounded and clipped to [1, 2 x mean], with a fixed `--seed`;
+- prompts are random token ids from the vocabulary, so both engines get the very same ids with no
+  tokenizer in between;
+- greedy decoding with end-of-sequence disabled (`ignore_eos=True` for us, `eos_token_id=-1` for
+  transformers), so every request generates exactly its drawn length in both engines.
+
+Ours is `LLMEngine` (Dynamic SplitFuse over a paged KV cache); its warm-up compiles every step
+program before the clock starts. Transformers runs `ContinuousBatchingManager`, the machinery behind
+`model.generate_batch`, through `continuous_batching_context_manager` + `add_request`, because
+`generate_batch` takes one `max_new_tokens` for all requests and we need one per request. It gets
+the same limits as ours: `max_batch_tokens` = our token budget, `max_requests_per_batch` = our
+`max_num_seqs`, the same KV page size and page count. It runs eagerly (no torch.compile, the CPU
+default) and gets a small warm-up run first. Neither engine's time includes loading weights.
+
+The machine floor. Two rates are measured on this machine with JAX: a large float32 matmul (GFLOP/s)
+and a large array sum and add (GB/s, the faster of the two). The workload needs at least
+
+    FLOPs = 2 x non-embedding params x tokens processed      (every matmul of every layer)
+          + 2 x hidden x vocab x sampled rows                (the vocabulary projection)
+          + 4 x layers x heads x head_dim x sum of context   (q.k and p.v over each token's context)
+
+where tokens processed counts each prompt token once and each generated token but the last once
+(no recomputation), and a token's context is its position + 1. Each engine step also has to read
+every weight at least once, so the weight traffic is params bytes x our engine's step count. The
+floor is
+
+    floor time = max(FLOPs / matmul rate, weight bytes / bandwidth),
+
+the time a perfect engine would need on this CPU if it reached the peak matmul rate on every FLOP or
+streamed the weights at full bandwidth, whichever bounds it. It ignores KV-cache reads, activations,
+norms and sampling, so it is optimistic: "fraction of floor" (floor time / our time) is at most 1
+and says how much of the machine we leave unused.
+
+Timings on a shared CPU are noisy; the JSON records the load average before and after.
+
+    python scripts/bench_offline.py                  # the default workload, both engines
+    python scripts/bench_offline.py --quick          # a tiny smoke test
+    python scripts/bench_offline.py --engine_only    # ours only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+_FETCH_HINT = "python -m fastgen_jax.checkpoints fetch smollm2-135m-instruct"
+
+_MODEL = flags.DEFINE_string(
+    "model", "checkpoints/smollm2-135m-instruct", "Our checkpoint (converted dir, HF dir or .gguf)."
+)
+_HF_MODEL = flags.DEFINE_string(
+    "hf_model",
+    "checkpoints/.cache/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "The same weights for transformers: a .gguf file or a Hugging Face model directory.",
+)
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 32, "Requests in the workload.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 256, "Mean prompt length in tokens.")
+_GEN_LEN = flags.DEFINE_integer("gen_len", 64, "Mean generation length in tokens.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for lengths and prompt token ids.")
+_TOKEN_BUDGET = flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (both engines).")
+_MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass (both).")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 1024, "Longest sequence for our engine.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page (both engines).")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul for GFLOP/s.")
+_ENGINE_ONLY = flags.DEFINE_bool("engine_only", False, "Skip transformers; run our engine only.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
+_OUTPUT_JSON = flags.DEFINE_string(
+    "output_json",
+    "docs/benchmarks/offline_cpu.json",
+    "Where to write results; a markdown table goes next to it (.md). Empty: write nothing.",
+)
+
+# --quick overrides these flags: 8 short requests, small limits so warm-up compiles few programs.
+_QUICK_SETTINGS = {
+    "num_requests": 8,
+    "prompt_len": 32,
+    "gen_len": 8,
+    "token_budget": 64,
+    "max_num_seqs": 16,
+    "max_model_len": 128,
+    "matmul_size": 512,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    hf_model: str
+    num_requests: int
+    prompt_len: int
+    gen_len: int
+    seed: int
+    token_budget: int
+    max_num_seqs: int
+    max_model_len: int
+    page_size: int
+    matmul_size: int
+    engine_only: bool
+    quick: bool
+
+    def __post_init__(self):
+        for name in (
+            "num_requests",
+            "prompt_len",
+            "gen_len",
+            "token_budget",
+            "max_num_seqs",
+            "max_model_len",
+            "page_size",
+            "matmul_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise app.UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        longest = 2 * self.prompt_len + 2 * self.gen_len
+        if longest > self.max_model_len:
+            raise app.UsageError(
+                f"the longest request ({longest} tokens: 2 x prompt_len + 2 x gen_len) exceeds "
+                f"--max_model_len={self.max_model_len}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    gen_lens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.gen_lens)
+
+
+def config_from_flags() -> BenchConfig:
+    values = {
+        name: flags.FLAGS[name].value
+        for name in (
+            "model",
+            "hf_model",
+            "num_requests",
+            "prompt_len",
+            "gen_len",
+            "seed",
+            "token_budget",
+            "max_num_seqs",
+            "max_model_len",
+            "page_size",
+            "matmul_size",
+            "engine_only",
+            "quick",
+        )
+    }
+    if values["quick"]:
+        values.update(_QUICK_SETTINGS)
+    return BenchConfig(**values)
+
+
+def check_paths(cfg: BenchConfig) -> None:
+    """Exits with the fetch command when a checkpoint is missing (before anything slow starts)."""
+    paths = [("--model", cfg.model)] + ([] if cfg.engine_only else [("--hf_model", cfg.hf_model)])
+    for flag, path in paths:
+        if not os.path.exists(path):
+            sys.exit(
+                f"error: {flag} {path} does not exist. Produce the default model (and its cached "
+                f"GGUF) from the repository root with:\n    {_FETCH_HINT}"
+            )
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def normal_lengths(rng: np.random.Generator, n: int, mean: int) -> list[int]:
+    """n lengths ~ Normal(mean, 0.3 x mean), rounded and clipped to [1, 2 x mean]."""
+    draws = np.rint(rng.normal(mean, 0.3 * mean, size=n))
+    return [int(x) for x in np.clip(draws, 1, 2 * mean)]
+
+
+def make_workload(cfg: BenchConfig, vocab_size: int) -> Workload:
+    rng = np.random.default_rng(cfg.seed)
+    prompt_lens = normal_lengths(rng, cfg.num_requests, cfg.prompt_len)
+    gen_lens = normal_lengths(rng, cfg.num_requests, cfg.gen_len)
+    prompts = [rng.integers(0, vocab_size, size=n).tolist() for n in prompt_lens]
+    return Workload(prompts, gen_lens)
+
+
+def workload_flops(workload: Workload, model_config, non_embedding_params: int) -> dict[str, float]:
+    """The FLOPs any engine must spend on this workload (see the module docstring)."""
+    c = model_config
+    lengths = [len(p) + g - 1 for p, g in zip(workload.prompts, workload.gen_lens, strict=True)]
+    tokens = sum(lengths)
+    context_sum = sum(n * (n + 1) // 2 for n in lengths)  # token at position i attends to i + 1 keys
+    linear = 2.0 * non_embedding_params * tokens
+    vocab = 2.0 * c.hidden_size * c.vocab_size * workload.generated_tokens
+    attention = 4.0 * c.num_layers * c.num_heads * c.head_dim * context_sum
+    return {
+        "tokens_processed": tokens,
+        "linear": linear,
+        "vocab_projection": vocab,
+        "attention": attention,
+        "total": linear + vocab + attention,
+    }
+
+
+# ----------------------------------------------------------------------------- machine floor
+
+
+def _best_seconds(fn, *args, repeats: int = 5) -> float:
+    fn(*args).block_until_ready()  # compile and touch memory
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_matmul_gflops(n: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)  # f32[n, n]
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)  # f32[n, n]
+    seconds = _best_seconds(jax.jit(jnp.matmul), a, b)
+    return 2.0 * n**3 / seconds / 1e9
+
+
+def measure_bandwidth_gbs(num_bytes: int = 512 << 20) -> dict[str, float]:
+    """Read rate (a sum: one pass over the array) and copy rate (x + 1: one read, one write)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((num_bytes // 4,), jnp.float32)  # f32[N]
+    read = num_bytes / _best_seconds(jax.jit(jnp.sum), x) / 1e9
+    copy = 2 * num_bytes / _best_seconds(jax.jit(lambda v: v + 1.0), x) / 1e9
+    return {"read_gbs": read, "copy_gbs": copy, "gbs": max(read, copy)}
+
+
+def machine_info() -> dict[str, Any]:
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+    }
+
+
+# ----------------------------------------------------------------------------- our engine
+
+
+def load_engine(cfg: BenchConfig):
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.llm_engine import LLMEngine
+
+    engine_config = EngineConfig(
+        token_budget=cfg.token_budget,
+        max_num_seqs=cfg.max_num_seqs,
+        max_model_len=cfg.max_model_len,
+        page_size=cfg.page_size,
+    )
+    start = time.perf_counter()
+    # An absolute path: orbax refuses relative ones.
+    engine = LLMEngine.from_pretrained(os.path.abspath(cfg.model), engine_config, dtype="float32")
+    print(
+        f"fastgen-jax: loaded and compiled {engine.runner.num_compiled} step programs in "
+        f"{time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
+    return engine
+
+
+def param_counts(engine) -> dict[str, int]:
+    import jax
+
+    leaves = jax.tree.leaves(engine.runner.params)
+    total = sum(int(x.size) for x in leaves)
+    c = engine.model_config
+    embedding = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return {
+        "params": total,
+        "non_embedding_params": total - embedding,
+        "params_bytes": sum(int(x.nbytes) for x in leaves),
+    }
+
+
+def run_ours(engine, workload: Workload) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from fastgen_jax.sampling_params import SamplingParams
+
+    before = dataclasses.replace(engine.stats)
+    generated: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    for prompt, gen_len in zip(workload.prompts, workload.gen_lens, strict=True):
+        params = SamplingParams(max_new_tokens=gen_len, ignore_eos=True, temperature=0.0)
+        generated[engine.add_request(prompt_token_ids=prompt, sampling_params=params)] = []
+    with tqdm(total=workload.generated_tokens, desc="fastgen-jax", unit="tok") as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                generated[out.request_id].extend(out.new_token_ids)
+                bar.update(len(out.new_token_ids))
+    wall = time.perf_counter() - start
+    s = engine.stats
+    return {
+        "wall_s": wall,
+        "steps": s.steps - before.steps,
+        "host_s": s.host_seconds - before.host_seconds,
+        "device_s": s.device_seconds - before.device_seconds,
+        "prompt_tokens_computed": s.prompt_tokens - before.prompt_tokens,
+        "preemptions": s.preemptions - before.preemptions,
+        "compiled_after_warmup": s.compiled_after_warmup,
+        "loadavg_after": os.getloadavg(),  # 1/5/15-minute load: was the CPU shared?
+        "outputs": list(generated.values()),
+    }
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def load_transformers(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = pathlib.Path(path)
+    kwargs = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+    model_dir = str(p.parent) if p.suffix == ".gguf" else str(p)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
+def transformers_generate(
+    model, workload: Workload, cfg: BenchConfig, num_pages: int, desc: str
+) -> list[list[int]]:
+    """Runs the workload through transformers' continuous batching; returns tokens per request."""
+    from tqdm.auto import tqdm
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    gen_config = GenerationConfig(
+        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(workload.gen_lens)
+    )
+    cb_config = ContinuousBatchingConfig(
+        page_size=cfg.page_size,
+        num_blocks=num_pages,
+        max_batch_tokens=cfg.token_budget,
+        max_requests_per_batch=cfg.max_num_seqs,
+    )
+    results = {}
+    with model.continuous_batching_context_manager(
+        generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=10
+    ) as manager:
+        ids = [
+            manager.add_request(prompt, max_new_tokens=gen_len, eos_token_id=-1)
+            for prompt, gen_len in zip(workload.prompts, workload.gen_lens, strict=True)
+        ]
+        with tqdm(total=len(ids), desc=desc, unit="req") as bar:
+            while len(results) < len(ids):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    results[result.request_id] = result
+                    bar.update(1)
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("transformers' generation thread stopped unexpectedly")
+    failed = [r.error for r in results.values() if r.error is not None]
+    if failed:
+        raise RuntimeError(f"transformers failed {len(failed)} requests: {failed[0]}")
+    return [list(results[i].generated_tokens) for i in ids]
+
+
+def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = load_transformers(cfg.hf_model)
+    print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    warm = Workload(workload.prompts[:4], [min(g, 8) for g in workload.gen_lens[:4]])
+    transformers_generate(model, warm, cfg, num_pages, desc="transformers warm-up")
+    start = time.perf_counter()
+    outputs = transformers_generate(model, workload, cfg, num_pages, desc="transformers")
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "loadavg_after": os.getloadavg(), "outputs": outputs}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def check_lengths(name: str, outputs: list[list[int]], workload: Workload) -> None:
+    got = [len(o) for o in outputs]
+    if got != workload.gen_lens:
+        bad = sum(g != w for g, w in zip(got, workload.gen_lens, strict=True))
+        raise RuntimeError(f"{name}: {bad} requests did not generate their drawn length")
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float]:
+    """How far two greedy outputs match: whole requests, and tokens before the first difference."""
+    same_prefix = 0
+    for a, b in zip(ours, theirs, strict=True):
+        same_prefix += next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), min(len(a), len(b))
+        )
+    total = sum(len(a) for a in ours)
+    return {
+        "identical_requests": sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours),
+        "tokens_before_first_difference": same_prefix / total,
+    }
+
+
+def throughput(result: dict[str, Any], workload: Workload) -> None:
+    result["gen_tok_s"] = workload.generated_tokens / result["wall_s"]
+    result["total_tok_s"] = (workload.prompt_tokens + workload.generated_tokens) / result["wall_s"]
+
+
+def compute_floor(
+    flops: dict[str, float], params_bytes: int, steps: int, rates: dict[str, float], our_wall: float
+) -> dict[str, float]:
+    compute_s = flops["total"] / (rates["matmul_gflops"] * 1e9)
+    weight_bytes = float(params_bytes) * steps
+    memory_s = weight_bytes / (rates["bandwidth_gbs"] * 1e9)
+    floor = max(compute_s, memory_s)
+    return {
+        "flops": flops["total"],
+        "compute_s": compute_s,
+        "weight_bytes": weight_bytes,
+        "memory_s": memory_s,
+        "floor_s": floor,
+        "bound": "compute" if compute_s >= memory_s else "memory",
+        "fraction_of_floor": floor / our_wall,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    wl, res, fl, cf = report["workload"], report["results"], report["floor"], report["config"]
+    lines = [
+        f"workload: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
+        f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
+        f"{wl['gen_len_mean']}, seed {wl['seed']})",
+        f"model: {report['model']}, float32, CPU; both engines: token budget "
+        f"{cf['token_budget']}, max {cf['max_num_seqs']} seqs, KV pages of {cf['page_size']}",
+        f"{'engine':<14}{'wall s':>9}{'gen tok/s':>11}{'total tok/s':>13}",
+    ]
+    for name, r in res.items():
+        lines.append(f"{name:<14}{r['wall_s']:>9.2f}{r['gen_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}")
+    ours = res["fastgen-jax"]
+    if "transformers" in res:
+        lines.append(
+            f"ours / transformers (throughput): {report['speedup']:.2f}x; greedy outputs "
+            f"identical for {100 * report['agreement']['identical_requests']:.0f}% of "
+            "requests"
+        )
+    lines += [
+        f"fastgen-jax: {ours['steps']} steps, host {ours['host_s']:.2f} s, device "
+        f"{ours['device_s']:.2f} s, {ours['preemptions']} preemptions",
+        f"machine: {report['machine']['matmul_gflops']:.1f} GFLOP/s matmul, "
+        f"{report['machine']['bandwidth_gbs']:.1f} GB/s memory",
+        f"floor: {fl['flops'] / 1e9:.0f} GFLOP -> {fl['compute_s']:.2f} s; weight reads "
+        f"{fl['weight_bytes'] / 1e9:.1f} GB -> {fl['memory_s']:.2f} s; floor {fl['floor_s']:.2f} s "
+        f"({fl['bound']}-bound); ours at {fl['fraction_of_floor']:.2f} of the floor",
+    ]
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    rows = ["| engine | wall s | generated tok/s | total tok/s |", "| --- | ---: | ---: | ---: |"]
+    for name, r in report["results"].items():
+        rows.append(f"| {name} | {r['wall_s']:.2f} | {r['gen_tok_s']:.1f} | {r['total_tok_s']:.1f} |")
+    m = report["machine"]
+    return "\n".join(
+        [
+            "# Offline throughput on CPU",
+            "",
+            f"`{report['command']}` on {m['cpu_count']} x {m['cpu']} (load average "
+            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end). "
+            "One run on a shared CPU: the numbers are noisy. How the floor is computed: see the "
+            "docstring of `scripts/bench_offline.py`.",
+            "",
+            *rows,
+            "",
+            "```",
+            format_table(report),
+            "```",
+            "",
+        ]
+    )
+
+
+def write_outputs(report: dict[str, Any], path: str) -> None:
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(format_markdown(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    check_paths(cfg)
+    loadavg_start = os.getloadavg()
+    engine = load_engine(cfg)
+    model_config = engine.model_config
+    workload = make_workload(cfg, model_config.vocab_size)
+    counts = param_counts(engine)
+    results = {"fastgen-jax": run_ours(engine, workload)}
+    num_pages = engine.runner.resolved.num_pages
+    del engine  # give its KV pool back before transformers allocates its own
+    if not cfg.engine_only:
+        results["transformers"] = run_transformers(cfg, workload, num_pages)
+    machine = {**machine_info(), "loadavg_start": loadavg_start}
+    bandwidth = measure_bandwidth_gbs()
+    machine.update(
+        matmul_gflops=measure_matmul_gflops(cfg.matmul_size),
+        bandwidth_gbs=bandwidth["gbs"],
+        bandwidth_detail=bandwidth,
+    )
+    flops = workload_flops(workload, model_config, counts["non_embedding_params"])
+    return assemble_report(cfg, workload, counts, flops, results, machine)
+
+
+def _library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def assemble_report(
+    cfg: BenchConfig,
+    workload: Workload,
+    counts: dict[str, int],
+    flops: dict[str, float],
+    results: dict[str, Any],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    for name, r in results.items():
+        check_lengths(name, r["outputs"], workload)
+        throughput(r, workload)
+    ours = results["fastgen-jax"]
+    report: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "model": pathlib.Path(cfg.model).name,
+        "config": dataclasses.asdict(cfg),
+        "workload": {
+            "num_requests": cfg.num_requests,
+            "prompt_len_mean": cfg.prompt_len,
+            "gen_len_mean": cfg.gen_len,
+            "seed": cfg.seed,
+            "prompt_tokens": workload.prompt_tokens,
+            "generated_tokens": workload.generated_tokens,
+            **counts,
+            "flops": flops,
+        },
+        "machine": {**machine, "loadavg_end": os.getloadavg()},
+        "results": results,
+        "floor": compute_floor(flops, counts["params_bytes"], ours["steps"], machine, ours["wall_s"]),
+    }
+    if "transformers" in results:
+        report["speedup"] = ours["gen_tok_s"] / results["transformers"]["gen_tok_s"]
+        report["agreement"] = agreement(ours["outputs"], results["transformers"]["outputs"])
+        report["machine"].update(_library_versions())
+    for r in results.values():
+        r.pop("outputs")
+    return report
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every restore at INFO
+    cfg = config_from_flags()
+    report = run(cfg)
+    print(format_table(report))
+    if _OUTPUT_JSON.value:
+        write_outputs(report, _OUTPUT_JSON.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
