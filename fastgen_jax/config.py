@@ -212,7 +212,7 @@ def _rope_scaling_of(d: dict[str, Any]) -> RopeScaling | None:
 
 
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first")
-ATTENTION_IMPLS = ("auto", "reference")
+ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
 def _default_token_buckets(budget: int) -> tuple[int, ...]:
@@ -234,7 +234,9 @@ class EngineConfig:
     kv_cache_bytes: memory for the KV pool when num_pages is None.
     max_model_len: longest sequence (prompt + generation); None means the model's limit.
     policy: "splitfuse" (Dynamic SplitFuse) or "prefill_first" (whole prompts first, no splitting).
-    attention_impl: "auto" (the best available for the platform) or "reference" (pure JAX).
+    attention_impl: "auto" (the Pallas kernel on GPU, the reference elsewhere), "reference" (pure
+      JAX), "pallas" (the GPU kernel) or "pallas_interpret" (the kernel through the Pallas
+      interpreter: any backend, slow; for tests).
     """
 
     token_budget: int = 512

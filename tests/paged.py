@@ -44,11 +44,19 @@ def chunk_metadata(
 
 
 def paged_logits(
-    config, params, token_ids, chunks=None, page_size=4, slab=None, dtype=jnp.float32
+    config,
+    params,
+    token_ids,
+    chunks=None,
+    page_size=4,
+    slab=None,
+    dtype=jnp.float32,
+    attention=None,
 ) -> np.ndarray:
     """Logits f32[len(token_ids), vocab] computed chunk by chunk through the paged cache.
 
     Pages are handed out in a scrambled order so that page-table indirection is really exercised.
+    `attention` is a resolved `fastgen_jax.attention.Attention` (default: the platform's).
     """
     token_ids = list(token_ids)
     n = len(token_ids)
@@ -60,7 +68,7 @@ def paged_logits(
     )
     width = 1 << max(0, (len(pages) - 1).bit_length())
     slab = slab or max(chunks)
-    model = build_model(config, dtype)
+    model = build_model(config, dtype, attention)
     step = jax.jit(model.apply)
     params = jax.device_put(params)  # once, not on every call
     kv = init_kv_cache(config, num_pages, page_size, dtype)

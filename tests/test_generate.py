@@ -9,7 +9,7 @@ import pytest
 
 import fastgen_jax
 
-SMALL_ENGINE = dict(token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16)
+SMALL_ENGINE = dict(token_budget=64, max_num_seqs=16, max_model_len=256, page_size=64)
 
 
 def cli(*args):

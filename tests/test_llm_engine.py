@@ -150,7 +150,7 @@ def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
     expected = [hf_greedy(hf_model, p, n) for p, n in zip(prompts, num_new, strict=True)]
     engine = LLMEngine(
         load_checkpoint(smollm2_dir),
-        EngineConfig(token_budget=64, max_num_seqs=32, max_model_len=256, page_size=16),
+        EngineConfig(token_budget=64, max_num_seqs=32, max_model_len=256, page_size=32),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
@@ -160,7 +160,7 @@ def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
 def smollm2_engine(smollm2_dir):
     return LLMEngine(
         load_checkpoint(smollm2_dir),
-        EngineConfig(token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16),
+        EngineConfig(token_budget=64, token_buckets=(16, 64), max_num_seqs=16, max_model_len=256, page_size=64),
         progress=False,
     )
 
