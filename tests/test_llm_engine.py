@@ -160,7 +160,9 @@ def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
 def smollm2_engine(smollm2_dir):
     return LLMEngine(
         load_checkpoint(smollm2_dir),
-        EngineConfig(token_budget=64, token_buckets=(16, 64), max_num_seqs=16, max_model_len=256, page_size=64),
+        EngineConfig(
+            token_budget=64, token_buckets=(16, 64), max_num_seqs=16, max_model_len=256, page_size=64
+        ),
         progress=False,
     )
 
