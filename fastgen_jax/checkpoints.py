@@ -509,7 +509,10 @@ def fetch(
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
     usage = (
         "usage: python -m fastgen_jax.checkpoints fetch <model>  (models: "

@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (FLAGS.prompt is None) == (FLAGS.input is None):
         raise app.UsageError("give exactly one of --prompt or --input")
-    if not FLAGS.is_parsed() or FLAGS["verbosity"].present == 0:
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
     from fastgen_jax.checkpoints import CheckpointError
     from fastgen_jax.config import ConfigError
