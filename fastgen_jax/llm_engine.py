@@ -210,6 +210,7 @@ class LLMEngine:
             arrays["top_p"][i] = params.top_p
             arrays["seed"][i] = params.seed
             arrays["step"][i] = entry.seq.num_output_tokens
+            arrays["logprobs"][i] = params.logprobs
         return arrays
 
     def _process_samples(

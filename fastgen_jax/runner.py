@@ -173,4 +173,5 @@ def sampling_arrays(num_slots: int) -> dict[str, np.ndarray]:
         "top_p": np.ones(num_slots, np.float32),
         "seed": np.zeros(num_slots, np.uint32),
         "step": np.zeros(num_slots, np.int32),
+        "logprobs": np.zeros(num_slots, bool),
     }

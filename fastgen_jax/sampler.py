@@ -23,6 +23,7 @@ class SamplingArrays:
     top_p: jax.Array  # f32[S]; 1.0 = no limit
     seed: jax.Array  # u32[S]
     step: jax.Array  # i32[S]: tokens the request has generated so far (makes each draw fresh)
+    logprobs: jax.Array  # bool[S]: the request wants log-probabilities
 
 
 def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -57,7 +58,8 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S]).
 
     Log-probabilities are of the model's own distribution (before temperature and filters), as
-    OpenAI-style APIs report them. A batch that is greedy throughout skips the random draw entirely.
+    OpenAI-style APIs report them; they are computed only when some row asks (else zeros). A batch
+    that is greedy throughout skips the random draw entirely.
     """
     logits = logits.astype(jnp.float32)  # [S, V]
     greedy = s.temperature <= 0.0
@@ -72,5 +74,11 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
         return jnp.where(greedy, argmax, _draw(scaled, s))
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw_some, logits).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
-    return tokens, logprobs[:, 0]
+    def token_logprobs(logits):
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+        return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+    logprobs = jax.lax.cond(
+        jnp.any(s.logprobs), token_logprobs, lambda x: jnp.zeros(x.shape[:1], jnp.float32), logits
+    )
+    return tokens, logprobs

@@ -261,6 +261,23 @@ def test_abort_frees_pages_at_once(smollm2_engine):
     assert engine.abort("never-existed") is None
 
 
+def test_logprobs_on_request_match_transformers(smollm2_engine, hf_smollm2):
+    hf_model, _ = hf_smollm2
+    prompt = chat(smollm2_engine, "What is the capital of France?")
+    rid = smollm2_engine.add_request(prompt, SamplingParams(max_new_tokens=4, logprobs=True))
+    tokens, logprobs = [], []
+    while smollm2_engine.has_unfinished():
+        for out in smollm2_engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+    assert out.request_id == rid and len(logprobs) == len(tokens) == 4
+    ids = smollm2_engine.tokenizer.encode(prompt) + tokens
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0, -5:-1]
+    expected = torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor(tokens)].numpy()
+    np.testing.assert_allclose(logprobs, expected, atol=1e-4)
+
+
 def test_bad_requests_are_refused_with_a_reason(smollm2_engine):
     with pytest.raises(RequestError, match="prompt is empty"):
         smollm2_engine.add_request(prompt_token_ids=[])

@@ -24,10 +24,15 @@ def random_logits(rows, seed=0):
 
 def test_temperature_zero_is_argmax_with_its_logprob():
     logits = random_logits(8)
-    tokens, logprobs = run(logits)
+    tokens, logprobs = run(logits, logprobs=[True] + [False] * 7)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(8), tokens]
-    np.testing.assert_allclose(logprobs, expected, rtol=1e-6)
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_logprobs_are_skipped_when_no_row_asks():
+    _, logprobs = run(random_logits(4))
+    np.testing.assert_array_equal(logprobs, np.zeros(4, np.float32))
 
 
 def test_top_k_one_is_greedy_at_any_temperature():
