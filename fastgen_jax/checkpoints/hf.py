@@ -1,0 +1,162 @@
+"""Hugging Face model directories: safetensors (bf16 included) read without torch, and the mapping from
+Hugging Face tensor names and layouts to our stacked parameter pytree."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fastgen_jax.config import ModelConfig
+
+if TYPE_CHECKING:
+    pass
+from fastgen_jax.checkpoints.common import CheckpointError, load_config
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "BF16":
+        import ml_dtypes  # ships with jax; numpy has no bfloat16 of its own
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(_SAFETENSORS_DTYPES[name])
+    except KeyError:
+        raise CheckpointError(f"unsupported safetensors dtype {name}") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Memory-maps every tensor of a .safetensors file (bf16 included, which numpy lacks)."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _np_dtype(info["dtype"])
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt: {e}") from None
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def _layer_tensor_specs(c: ModelConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """HF per-layer name suffix -> (our path under params/layers, transform of the HF array)."""
+    h, kvh, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+    specs = {
+        "input_layernorm.weight": (("attn_norm", "scale"), lambda w: w),
+        "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
+        "self_attn.q_proj.weight": (("attn", "wq"), lambda w: w.T.reshape(hid, h, d)),
+        "self_attn.k_proj.weight": (("attn", "wk"), lambda w: w.T.reshape(hid, kvh, d)),
+        "self_attn.v_proj.weight": (("attn", "wv"), lambda w: w.T.reshape(hid, kvh, d)),
+        "self_attn.o_proj.weight": (("attn", "wo"), lambda w: w.T.reshape(h, d, hid)),
+        "mlp.gate_proj.weight": (("mlp", "w_gate"), lambda w: w.T),
+        "mlp.up_proj.weight": (("mlp", "w_up"), lambda w: w.T),
+        "mlp.down_proj.weight": (("mlp", "w_down"), lambda w: w.T),
+    }
+    if c.attention_bias:
+        specs["self_attn.q_proj.bias"] = (("attn", "bq"), lambda b: b.reshape(h, d))
+        specs["self_attn.k_proj.bias"] = (("attn", "bk"), lambda b: b.reshape(kvh, d))
+        specs["self_attn.v_proj.bias"] = (("attn", "bv"), lambda b: b.reshape(kvh, d))
+    return specs
+
+
+def _get(tensors: Mapping[str, np.ndarray], name: str, source: str) -> np.ndarray:
+    try:
+        return tensors[name]
+    except KeyError:
+        raise CheckpointError(f"{source} lacks the tensor {name!r}") from None
+
+
+def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], source: str) -> None:
+    if tuple(array.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has shape {tuple(array.shape)}, config implies {shape}"
+        )
+
+
+def hf_tensors_to_params(
+    c: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=np.float32, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """Converts Hugging Face Llama-family tensor names and layouts into our stacked pytree."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for astype)
+
+    dtype = np.dtype(dtype)
+    embed = _get(tensors, "model.embed_tokens.weight", source)
+    _check_shape("model.embed_tokens.weight", embed, (c.vocab_size, c.hidden_size), source)
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for suffix, (path, transform) in _layer_tensor_specs(c).items():
+        per_layer = [
+            transform(np.asarray(_get(tensors, f"model.layers.{i}.{suffix}", source), np.float32))
+            for i in range(c.num_layers)
+        ]
+        layers.setdefault(path[0], {})[path[1]] = np.stack(per_layer).astype(dtype)
+    params = {
+        "embed": np.asarray(embed).astype(dtype),
+        "layers": layers,
+        "final_norm": {"scale": np.asarray(_get(tensors, "model.norm.weight", source)).astype(dtype)},
+    }
+    if not c.tie_word_embeddings:
+        lm_head = _get(tensors, "lm_head.weight", source)
+        _check_shape("lm_head.weight", lm_head, (c.vocab_size, c.hidden_size), source)
+        params["lm_head"] = np.asarray(lm_head).astype(dtype)
+    _check_layer_shapes(c, layers, source)
+    return {"params": params}
+
+
+def _check_layer_shapes(c: ModelConfig, layers: dict[str, dict[str, np.ndarray]], source: str):
+    n, hid, f = c.num_layers, c.hidden_size, c.intermediate_size
+    expected = {
+        ("attn", "wq"): (n, hid, c.num_heads, c.head_dim),
+        ("attn", "wk"): (n, hid, c.num_kv_heads, c.head_dim),
+        ("attn", "wo"): (n, c.num_heads, c.head_dim, hid),
+        ("mlp", "w_gate"): (n, hid, f),
+        ("mlp", "w_down"): (n, f, hid),
+        ("attn_norm", "scale"): (n, hid),
+    }
+    for (group, name), shape in expected.items():
+        _check_shape(f"{group}/{name}", layers[group][name], shape, source)
+
+
+def load_hf_dir(model_dir: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, Any]:
+    model_dir = pathlib.Path(model_dir)
+    config = load_config(model_dir)
+    tensors: dict[str, np.ndarray] = {}
+    for file in _safetensors_files(model_dir):
+        tensors.update(read_safetensors(file))
+    return config, hf_tensors_to_params(config, tensors, dtype, source=str(model_dir))
