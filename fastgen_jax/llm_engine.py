@@ -189,10 +189,10 @@ class LLMEngine:
         if output.is_empty:
             return []
         slab = self.slab_builder.build(output)
-        sampling = self._sampling_arrays(output, slab)
-        self.runner.compile(slab.arrays(), sampling)  # a no-op unless warm-up was skipped
+        arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
+        self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
         launched = time.perf_counter()
-        tokens, logprobs = self.runner.execute(slab.arrays(), sampling)
+        tokens, logprobs = self.runner.execute(arrays, sampling)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
         returned = time.perf_counter()
         self._count_tokens(output)
