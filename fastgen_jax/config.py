@@ -261,17 +261,11 @@ class EngineConfig:
         if self.policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(
-                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
-            )
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.token_buckets is None:
             object.__setattr__(self, "token_buckets", _default_token_buckets(self.token_budget))
         buckets = tuple(self.token_buckets)
-        if (
-            list(buckets) != sorted(set(buckets))
-            or buckets[-1] != self.token_budget
-            or buckets[0] <= 0
-        ):
+        if list(buckets) != sorted(set(buckets)) or buckets[-1] != self.token_budget or buckets[0] <= 0:
             raise ConfigError(
                 f"token_buckets must be increasing, positive and end at token_budget="
                 f"{self.token_budget}, got {buckets}"

@@ -129,7 +129,7 @@ class LLMEngine:
                 raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
-        self._validate_prompt(ids)
+        self.check_prompt(ids)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._states:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -140,7 +140,8 @@ class LLMEngine:
         )
         return request_id
 
-    def _validate_prompt(self, ids: list[int]) -> None:
+    def check_prompt(self, ids: list[int], max_new_tokens: int = 1) -> None:
+        """Raises RequestError unless `ids` plus `max_new_tokens` generated tokens fit the engine."""
         if not ids:
             raise RequestError("prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -148,6 +149,11 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens; the context holds "
                 f"{self.max_model_len} (max_model_len) including at least one "
                 "generated token"
+            )
+        if len(ids) + max_new_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens (max_model_len)"
             )
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
@@ -242,6 +248,11 @@ class LLMEngine:
         s.device_seconds += returned - launched
         s.compiled_programs = self.runner.num_compiled
         s.compiled_after_warmup = self.runner.num_compiled - self._warm_programs
+        self.refresh_stats()
+
+    def refresh_stats(self) -> None:
+        """Brings the queue and page counts in `stats` up to date (steps do it; aborts do not)."""
+        s = self.stats
         s.running, s.waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.free_pages = self.scheduler.num_free_pages
         s.preemptions = self.scheduler.num_preemptions

@@ -44,9 +44,7 @@ class RequestState:
         self.params = params
         self.max_model_len = max_model_len
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
-        self.detokenizer = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=params.skip_special_tokens
-        )
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.token_ids: list[int] = []
         self.text = ""  # everything detokenized so far (cut at a stop string when one matched)
         self.num_emitted_chars = 0
@@ -89,9 +87,7 @@ class RequestState:
 
     def _output(self, token_ids: list[int], logprobs: list[float] | None) -> RequestOutput:
         end = (
-            len(self.text)
-            if self.finished
-            else max(self.num_emitted_chars, len(self.text) - self._hold_back)
+            len(self.text) if self.finished else max(self.num_emitted_chars, len(self.text) - self._hold_back)
         )
         new_text = self.text[self.num_emitted_chars : end]
         self.num_emitted_chars = end

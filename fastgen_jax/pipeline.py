@@ -99,14 +99,10 @@ class Pipeline:
         return out
 
 
-def pipeline(
-    model: str, dtype: str | None = None, progress: bool = True, **engine_options: Any
-) -> Pipeline:
+def pipeline(model: str, dtype: str | None = None, progress: bool = True, **engine_options: Any) -> Pipeline:
     """Loads `model` (a checkpoint directory or .gguf), compiles its step programs, returns a Pipeline.
 
     Keyword arguments are `EngineConfig` fields (token_budget, max_num_seqs, page_size, ...).
     """
-    engine = LLMEngine.from_pretrained(
-        model, EngineConfig(**engine_options), dtype, progress=progress
-    )
+    engine = LLMEngine.from_pretrained(model, EngineConfig(**engine_options), dtype, progress=progress)
     return Pipeline(engine)

@@ -69,9 +69,7 @@ def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedE
         num_pages = engine.num_pages
     else:
         # Never more than every sequence slot at full length could use (+1 for the scratch page).
-        num_pages = min(
-            engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1
-        )
+        num_pages = min(engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1)
     if num_pages - 1 < pages_per_seq:
         raise ConfigError(
             f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one "
@@ -84,9 +82,7 @@ def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedE
 class ModelRunner:
     """Owns the device state (params, KV pages) and the compiled step executables."""
 
-    def __init__(
-        self, model_config: ModelConfig, params: Any, engine_config: EngineConfig, dtype="float32"
-    ):
+    def __init__(self, model_config: ModelConfig, params: Any, engine_config: EngineConfig, dtype="float32"):
         self.model_config = model_config
         self.engine_config = engine_config
         self.dtype = jnp.dtype(dtype)
@@ -95,9 +91,7 @@ class ModelRunner:
         self.kv_cache = init_kv_cache(
             model_config, self.resolved.num_pages, self.resolved.page_size, self.dtype
         )
-        self._model = build_model(
-            model_config, self.dtype, get_attention(engine_config.attention_impl)
-        )
+        self._model = build_model(model_config, self.dtype, get_attention(engine_config.attention_impl))
         self._jitted = jax.jit(self._step, donate_argnums=(1,))
         self._executables: dict[tuple[int, int], Any] = {}
         self.compile_seconds = 0.0
@@ -146,9 +140,7 @@ class ModelRunner:
         try:
             executable = self._executables[key]
         except KeyError:
-            raise RuntimeError(
-                f"no compiled step for slab shape {key}; warm-up missed it"
-            ) from None
+            raise RuntimeError(f"no compiled step for slab shape {key}; warm-up missed it") from None
         tokens, logprobs, self.kv_cache = executable(
             self.params, self.kv_cache, *self._device_args(arrays, sampling)
         )

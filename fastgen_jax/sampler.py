@@ -68,12 +68,11 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     def draw_some(logits):
         scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
         needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1.0)))
-        scaled = jax.lax.cond(
-            needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k, s.top_p
-        )
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, s.top_k, s.top_p)
         return jnp.where(greedy, argmax, _draw(scaled, s))
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw_some, logits).astype(jnp.int32)
+
     def token_logprobs(logits):
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
         return chosen - jax.nn.logsumexp(logits, axis=-1)

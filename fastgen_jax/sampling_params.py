@@ -52,9 +52,7 @@ class SamplingParams:
         _check_number(self, "temperature", 0.0, 100.0)
         _check_number(self, "top_p", 0.0, 1.0, low_inclusive=False)
         if self.seed is not None and (
-            not isinstance(self.seed, int)
-            or isinstance(self.seed, bool)
-            or not 0 <= self.seed < 2**32
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32
         ):
             raise SamplingParamsError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -204,8 +204,7 @@ class Tokenizer:
             config["chat_template"] = self._chat_templates["default"]
         elif self._chat_templates:
             config["chat_template"] = [
-                {"name": name, "template": template}
-                for name, template in self._chat_templates.items()
+                {"name": name, "template": template} for name, template in self._chat_templates.items()
             ]
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (out / "tokenizer_config.json").write_text(text, encoding="utf-8")
@@ -440,9 +439,7 @@ def _bos_eos_processor(
     backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
 ) -> processors.TemplateProcessing:
     """Wraps each sequence in `bos`/`eos` (None: not added), as transformers sets it up."""
-    bos, eos = (
-        t if t is not None and backend.token_to_id(t) is not None else None for t in (bos, eos)
-    )
+    bos, eos = (t if t is not None and backend.token_to_id(t) is not None else None for t in (bos, eos))
 
     def wrap(sequence: str, type_id: int) -> str:
         return " ".join(f"{piece}:{type_id}" for piece in (bos, sequence, eos) if piece is not None)
@@ -532,8 +529,7 @@ def _gguf_pre_tokenizer(pre: str | None, source: str) -> pre_tokenizers.PreToken
     if pre is not None and pre not in GGUF_PRE_TOKENIZER_SPLITS:
         supported = ", ".join(sorted(GGUF_PRE_TOKENIZER_SPLITS))
         raise TokenizerError(
-            f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-            f"supported: {supported}"
+            f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: {supported}"
         )
     split = GGUF_PRE_TOKENIZER_SPLITS.get(pre)  # a file without the key gets GPT-2's regex
     if split is None:

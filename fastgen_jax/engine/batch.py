@@ -156,9 +156,7 @@ class SlabBuilder:
             num_tokens=0,
         )
 
-    def _page_indices(
-        self, output: SchedulerOutput, seq_pages: np.ndarray, num_slots: int
-    ) -> np.ndarray:
+    def _page_indices(self, output: SchedulerOutput, seq_pages: np.ndarray, num_slots: int) -> np.ndarray:
         """i32[S, W]: each slot's first seq_pages[i] page ids (pages reserved beyond: left out)."""
         tables, n = output.page_tables, output.num_seqs
         if tables is None:
@@ -202,9 +200,7 @@ def _new_token_ids(entries: list[ScheduledSeq]) -> list[int]:
         if e.num_new_tokens == 1:  # a decode: index, do not slice (the common case, 256 a step)
             tokens.append(e.seq.all_token_ids[e.start_position])
         else:
-            tokens.extend(
-                e.seq.all_token_ids[e.start_position : e.start_position + e.num_new_tokens]
-            )
+            tokens.extend(e.seq.all_token_ids[e.start_position : e.start_position + e.num_new_tokens])
     return tokens
 
 

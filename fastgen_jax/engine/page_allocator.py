@@ -28,9 +28,7 @@ class PageAllocator:
 
     def __init__(self, num_pages: int):
         if num_pages < 2:
-            raise ValueError(
-                f"a page pool needs page 0 plus at least one usable page: {num_pages=}"
-            )
+            raise ValueError(f"a page pool needs page 0 plus at least one usable page: {num_pages=}")
         self.num_pages = num_pages
         self._free: collections.deque[int] = collections.deque(range(1, num_pages))
         self._refcounts = [0] * num_pages

@@ -84,9 +84,7 @@ class Scheduler:
     the runner has measured memory and read the model.
     """
 
-    def __init__(
-        self, config: EngineConfig, num_pages: int | None = None, max_model_len: int | None = None
-    ):
+    def __init__(self, config: EngineConfig, num_pages: int | None = None, max_model_len: int | None = None):
         self.config = config
         self.page_size = config.page_size
         self.num_pages = _resolve("num_pages", num_pages, config.num_pages)
@@ -94,9 +92,7 @@ class Scheduler:
         _check_pool_holds_a_sequence(self.num_pages, self.max_model_len, self.page_size)
         self.allocator = PageAllocator(self.num_pages)
         self._max_running = min(config.max_num_seqs, config.token_budget)
-        self.page_tables = PageTables(
-            self._max_running, pages_for(self.max_model_len, self.page_size)
-        )
+        self.page_tables = PageTables(self._max_running, pages_for(self.max_model_len, self.page_size))
         self.waiting: collections.deque[Sequence] = collections.deque()  # by arrival
         self.running: list[Sequence] = []  # by arrival
         self.num_preemptions = 0
@@ -290,10 +286,7 @@ class Scheduler:
         return self.config.token_budget - out.num_tokens
 
     def _has_room(self, out: SchedulerOutput) -> bool:
-        return (
-            out.num_tokens < self.config.token_budget
-            and len(out.scheduled) < self.config.max_num_seqs
-        )
+        return out.num_tokens < self.config.token_budget and len(out.scheduled) < self.config.max_num_seqs
 
 
 def _arrival(seq: Sequence) -> int:

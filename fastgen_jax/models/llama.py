@@ -147,9 +147,7 @@ class DecoderLayer(nn.Module):
             RMSNorm(eps, self.dtype, name="attn_norm")(h), kv_cache, layer, md
         )
         h = h + attn_out
-        h = h + MLP(self.config, self.dtype, name="mlp")(
-            RMSNorm(eps, self.dtype, name="mlp_norm")(h)
-        )
+        h = h + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(h))
         return (h, kv_cache), None
 
 

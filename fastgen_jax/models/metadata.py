@@ -14,9 +14,7 @@ from flax import struct
 @struct.dataclass
 class AttentionMetadata:
     positions: jax.Array  # i32[T]: position of each slab row in its sequence
-    slot_mapping: (
-        jax.Array
-    )  # i32[T]: KV slot (page * page_size + offset) per row; out of range = padding
+    slot_mapping: jax.Array  # i32[T]: KV slot (page * page_size + offset) per row; out of range = padding
     kv_lens: jax.Array  # i32[S]: keys per sequence slot after this step (0 for empty slots)
     page_indices: jax.Array  # i32[S, W]: each slot's KV pages, in order
     cu_q_lens: jax.Array  # i32[S + 1]: slot s owns slab rows cu_q_lens[s]:cu_q_lens[s + 1]

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible HTTP server.
+
+    python -m fastgen_jax.serve                      # the default model on http://127.0.0.1:8000
+    python -m fastgen_jax.serve --model=path/to/model --port=8080 --api_key=secret
+
+Loads the checkpoint, compiles every step program (start-up is the only time anything compiles),
+then serves `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`, `/detokenize`,
+`/health` and `/metrics`. SIGINT or SIGTERM shut it down gracefully (exit status 0).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "model",
+    "checkpoints/smollm2-135m-instruct",
+    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
+)
+flags.DEFINE_string(
+    "served_model_name", None, "Name clients pass as `model` (default: the model dir's name)."
+)
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the server to the network).")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0 picks a free one).")
+flags.DEFINE_string("api_key", None, "If set, every request needs 'Authorization: Bearer <key>'.")
+flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (Dynamic SplitFuse budget).")
+flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass.")
+flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
+flags.DEFINE_float("kv_cache_gib", 2.0, "KV pool memory unless --kv_pages or a fraction is set.")
+flags.DEFINE_float(
+    "kv_memory_fraction",
+    None,
+    "Size the KV pool to this fraction of device memory (host RAM on CPU) minus the weights.",
+)
+flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
+flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
+)
+flags.DEFINE_integer("max_queue", 1024, "Requests allowed to wait beyond --max_num_seqs; more get 429.")
+flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request body accepted; larger ones get 413.")
+flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds in-flight requests may take to finish on shutdown.")
+
+
+def _kv_cache_bytes(checkpoint) -> int:
+    if FLAGS.kv_memory_fraction is None:
+        return int(FLAGS.kv_cache_gib * (1 << 30))
+    if not 0.0 < FLAGS.kv_memory_fraction < 1.0:
+        raise ValueError(f"--kv_memory_fraction must be in (0, 1), got {FLAGS.kv_memory_fraction}")
+    import jax
+    import numpy as np
+
+    stats = jax.devices()[0].memory_stats() or {}
+    total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    weights = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))
+    budget = int(total * FLAGS.kv_memory_fraction) - weights
+    if budget <= 0:
+        raise ValueError(
+            f"--kv_memory_fraction={FLAGS.kv_memory_fraction} of {total / 2**30:.1f} GiB does not "
+            f"even hold the weights ({weights / 2**30:.2f} GiB)"
+        )
+    return budget
+
+
+def build_engine():
+    from fastgen_jax.checkpoints import load_checkpoint
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.llm_engine import LLMEngine
+    from fastgen_jax.runner import default_dtype, enable_compilation_cache
+
+    enable_compilation_cache()
+    dtype = FLAGS.dtype or default_dtype()
+    checkpoint = load_checkpoint(FLAGS.model, dtype)
+    config = EngineConfig(
+        token_budget=FLAGS.token_budget,
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_model_len=FLAGS.max_model_len,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.kv_pages,
+        kv_cache_bytes=_kv_cache_bytes(checkpoint),
+        policy=FLAGS.policy,
+    )
+    return LLMEngine(checkpoint, config, dtype)
+
+
+def _configure_logging() -> None:
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    server_log = std_logging.getLogger("fastgen_jax.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(std_logging.INFO)
+    server_log.propagate = False
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _configure_logging()
+    from fastgen_jax.checkpoints import CheckpointError
+    from fastgen_jax.config import ConfigError
+    from fastgen_jax.server.app import build_app
+    from fastgen_jax.server.http import Server, bind, url_of
+
+    try:
+        sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
+        engine = build_engine()
+    except (CheckpointError, ConfigError, ValueError, OSError, OverflowError) as e:
+        sys.exit(f"error: {e}")
+    import uvicorn
+
+    name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
+    application = build_app(
+        engine,
+        name,
+        api_key=FLAGS.api_key,
+        max_queue=FLAGS.max_queue,
+        max_request_bytes=FLAGS.max_request_bytes,
+    )
+    config = uvicorn.Config(
+        application,
+        log_level="warning",
+        access_log=False,  # the app logs one line per request itself
+        timeout_graceful_shutdown=FLAGS.shutdown_timeout,
+    )
+    print(
+        f"fastgen-jax serving {name!r} on {url_of(sock)} (OpenAI API under /v1; "
+        f"max_model_len {engine.max_model_len}, token budget {engine.engine_config.token_budget})",
+        flush=True,
+    )
+    Server(config).run(sockets=[sock])
+    print("fastgen-jax: shut down", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

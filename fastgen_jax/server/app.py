@@ -1,0 +1,482 @@
+"""The HTTP application: OpenAI-compatible routes over one `AsyncEngine`.
+
+`build_app(engine, ...)` returns a FastAPI app whose lifespan starts and stops the engine thread.
+Every request passes `_HTTPGuard` first (API key, body size limit, one access-log line); handlers turn
+the body into engine requests, checking everything the engine would refuse, so that a bad request
+gets its 400 before a stream starts. Errors of every kind leave as OpenAI-style JSON bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastgen_jax.llm_engine import LLMEngine, RequestError
+from fastgen_jax.sampling_params import SamplingParamsError
+from fastgen_jax.server.async_engine import (
+    AsyncEngine,
+    EngineStepError,
+    EngineStoppedError,
+    GenerationRequest,
+    QueueFullError,
+    RequestGroup,
+)
+from fastgen_jax.server.metrics import ServerMetrics
+from fastgen_jax.server.openai_format import ChatFormatter, Choice, CompletionFormatter, Formatter
+from fastgen_jax.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from fastgen_jax.tokenizer import TokenizerError
+
+log = logging.getLogger("fastgen_jax.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+
+
+class ServerState:
+    """What the handlers share: the engine bridge, metrics and the served model's name."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, max_queue: int):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.metrics = ServerMetrics(engine, lambda: self.async_engine.num_outstanding)
+        self.async_engine = AsyncEngine(engine, max_queue, on_finish=self._finished)
+        self.created = int(time.time())
+
+    def _finished(self, tracked, out, now: float) -> None:
+        self.metrics.request_finished(tracked.arrival, tracked.first_token, out, now)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                code="model_not_found",
+            )
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """Validates a tokenized prompt; returns max_tokens (the rest of the context when None)."""
+        if max_tokens is None:
+            max_tokens = max(self.engine.max_model_len - len(ids), 1)
+        try:
+            self.engine.check_prompt(ids, max_tokens)
+        except RequestError as e:
+            field = "max_tokens" if "max_tokens" in str(e) and len(ids) < self.engine.max_model_len else param
+            raise APIError(400, str(e), field) from None
+        return max_tokens
+
+    def encode(self, text: str, param: str) -> list[int]:
+        if not text:
+            raise APIError(400, f"{param} is empty", param)
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
+        messages = (
+            body.template_messages()
+            if isinstance(body, ChatCompletionRequest)
+            else [m.model_dump(exclude_none=True) for m in body.messages]
+        )
+        try:
+            return self.tokenizer.encode_chat(messages, body.add_generation_prompt, **kwargs)
+        except TokenizerError as e:
+            raise APIError(400, str(e), "messages") from None
+
+
+# ---------------------------------------------------------------------- generation routes
+
+
+def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.encode(prompt, "prompt")]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    prompts = [state.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+    if any(not p for p in prompts):
+        raise APIError(400, "prompt holds an empty prompt", "prompt")
+    return prompts
+
+
+def _requests(
+    state: ServerState, body, prompts: list[list[int]], max_tokens: int | None, logprobs: bool, param: str
+) -> list[GenerationRequest]:
+    request_id = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
+    out = []
+    for ids in prompts:
+        tokens = state.check_prompt(ids, max_tokens, param)
+        for i in range(body.n):
+            try:
+                params = body.sampling_params(tokens, logprobs, i)
+            except SamplingParamsError as e:
+                raise APIError(400, str(e)) from None
+            out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params))
+    capacity = state.async_engine.capacity
+    if len(out) > capacity:
+        raise APIError(400, f"the request asks for {len(out)} sequences; at most {capacity} fit", "n")
+    return out
+
+
+async def _run(request: Request, state: ServerState, body, requests, formatter: Formatter) -> Response:
+    group = state.async_engine.submit(requests)
+    request.scope["fastgen.log"] = f"id={formatter.request_id} n={len(requests)}"
+    if body.stream:
+        return StreamingResponse(
+            _event_stream(request, group, formatter, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    choices = [Choice() for _ in requests]
+    try:
+        if not await _until_disconnect(request, _collect(group, choices)):
+            return Response(status_code=499)  # the client has gone; its requests were aborted
+    finally:
+        group.close()
+    result = formatter.response(choices)
+    _note_usage(request, result["usage"], [c.finish_reason for c in choices])
+    return JSONResponse(result)
+
+
+async def _collect(group: RequestGroup, choices: list[Choice]) -> None:
+    async for index, out in group:
+        choices[index].add(out)
+
+
+async def _until_disconnect(request: Request, work) -> bool:
+    """Runs `work`; False (and `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        task.result()  # raises the engine's error, if any
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _event_stream(
+    request: Request, group: RequestGroup, formatter: Formatter, include_usage: bool
+) -> AsyncIterator[str]:
+    reasons = {}
+    try:
+        async for index, out in group:
+            for chunk in formatter.chunks(index, out):
+                yield _sse(chunk)
+            if out.finished:
+                reasons[index] = out.finish_reason
+        if include_usage:
+            yield _sse(formatter.usage_chunk())
+        _note_usage(request, formatter.usage(), list(reasons.values()))
+    except (EngineStepError, EngineStoppedError) as e:
+        yield _sse(APIError(500, str(e), type="server_error").body())
+    finally:
+        group.close()
+    yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _note_usage(request: Request, usage: dict[str, int], reasons: list[str | None]) -> None:
+    request.scope["fastgen.log"] = (
+        f"{request.scope.get('fastgen.log', '')} prompt={usage['prompt_tokens']} "
+        f"completion={usage['completion_tokens']} finish={','.join(str(r) for r in reasons)}"
+    )
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state.check_model(body.model)
+        body.check_unsupported()
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", "echo")
+        if body.logprobs:
+            raise APIError(400, "logprobs > 0 (top alternatives) is not supported; use 0", "logprobs")
+        prompts = _completion_prompts(state, body.prompt)
+        requests = _requests(state, body, prompts, body.max_tokens, body.logprobs is not None, "prompt")
+        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        formatter = CompletionFormatter(
+            requests[0].request_id.rsplit("-", 1)[0],
+            state.model_name,
+            state.tokenizer,
+            [len(p) for p in prompts],
+            body.n,
+            body.logprobs is not None,
+            echo_texts=echo,
+        )
+        return await _run(request, state, body, requests, formatter)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        state.check_model(body.model)
+        body.check_unsupported()
+        if body.top_logprobs:
+            raise APIError(400, "top_logprobs > 0 is not supported; use 0", "top_logprobs")
+        ids = state.encode_chat(body, body.chat_template_kwargs or {})
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        requests = _requests(state, body, [ids], max_tokens, body.logprobs, "messages")
+        formatter = ChatFormatter(
+            requests[0].request_id.rsplit("-", 1)[0],
+            state.model_name,
+            state.tokenizer,
+            [len(ids)],
+            body.n,
+            body.logprobs,
+        )
+        return await _run(request, state, body, requests, formatter)
+
+
+# ---------------------------------------------------------------------- other routes
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "fastgen-jax",
+            "max_model_len": state.engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        state.check_model(model)
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        if not state.async_engine.alive:
+            raise APIError(503, "the engine is not running", type="server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            ids = state.encode_chat(body, {})
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        state.check_model(body.model)
+        vocab = state.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must lie in [0, {vocab}); got {bad[:5]}", "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+
+# ---------------------------------------------------------------------- errors
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    error = exc.errors()[0]
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    if error.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object: {error.get('msg')}")
+    field = ".".join(loc)
+    return APIError(400, f"{field}: {error.get('msg')}", loc[0])
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(request: Request, error: APIError) -> JSONResponse:
+        request.scope["fastgen.log"] = f"error: {error.message}"
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return reply(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return reply(request, _validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return reply(request, APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError):
+        return reply(request, APIError(429, str(exc), type="rate_limit_error", code="queue_full"))
+
+    @app.exception_handler(EngineStoppedError)
+    async def stopped(request: Request, exc: EngineStoppedError):
+        return reply(request, APIError(503, str(exc), type="server_error"))
+
+    @app.exception_handler(EngineStepError)
+    async def step_failed(request: Request, exc: EngineStepError):
+        return reply(request, APIError(500, str(exc), type="server_error"))
+
+
+# ---------------------------------------------------------------------- middleware
+
+
+class _HTTPGuard:
+    """Pure ASGI middleware: API key, request size limit, and one info log line per request."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app, self.api_key, self.max_request_bytes = app, api_key, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            error = self._check_headers(scope)
+            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(receive)
+                if body is None:
+                    return  # the client left while sending
+                if isinstance(body, APIError):
+                    error = body
+                else:
+                    receive = _replay(body, receive)
+            if error is not None:
+                scope["fastgen.log"] = f"error: {error.message}"
+                response = JSONResponse(error.body(), status_code=error.status)
+                return await response(scope, receive, send_logged)
+            await self.app(scope, receive, send_logged)
+        finally:
+            log.info(
+                "%s %s %d %.3fs %s",
+                scope["method"],
+                scope["path"],
+                status[0],
+                time.perf_counter() - start,
+                scope.get("fastgen.log", ""),
+            )
+
+    def _check_headers(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                what = "is missing" if not given else "is wrong"
+                return APIError(
+                    401,
+                    f"the API key {what}: send 'Authorization: Bearer <key>'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413, f"the request body exceeds {self.max_request_bytes} bytes", code="request_too_large"
+        )
+
+    async def _read_body(self, receive) -> bytes | APIError | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                return self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def build_app(
+    engine: LLMEngine,
+    model_name: str,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 1024,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """The server for one warmed-up engine; the app's lifespan runs the engine thread."""
+    state = ServerState(engine, model_name, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.async_engine.stop)
+
+    app = FastAPI(title="fastgen-jax", lifespan=lifespan)
+    app.state.server = state
+    _add_generation_routes(app, state)
+    _add_info_routes(app, state)
+    _add_error_handlers(app)
+    app.add_middleware(_HTTPGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    return app

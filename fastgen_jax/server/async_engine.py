@@ -1,0 +1,290 @@
+"""Runs one `LLMEngine` on a background thread and lets asyncio handlers stream from it.
+
+The engine is single-threaded by design; this module is the only bridge to it. A handler calls
+`AsyncEngine.submit(requests)` and iterates the `RequestGroup` it returns: the requests go to the
+engine thread through a thread-safe command queue, and their outputs come back on the handler's own
+asyncio queue. The engine
+thread loops:
+
+1. take every pending command (add, abort, stop), sleeping on the queue while there is no work, so an
+   idle server uses no CPU;
+2. run one `step()`;
+3. post the step's outputs to each event loop with a single `call_soon_threadsafe`.
+
+A handler never waits on a step, only on its queue, and the engine never waits on a handler. A handler
+that stops iterating (client gone, stream cancelled) aborts what it still has running in `finally`;
+the abort frees the KV pages at the engine thread's next turn. Admission is bounded: at most
+`max_num_seqs + max_queue` requests are in the engine at once, and more raise `QueueFullError` at
+once instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from fastgen_jax.llm_engine import LLMEngine
+from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.sampling_params import SamplingParams
+
+log = logging.getLogger("fastgen_jax.server")
+
+
+class QueueFullError(RuntimeError):
+    """The server holds as many requests as it may; the client should retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine thread is stopping or has died; no new requests are taken."""
+
+
+class EngineStepError(RuntimeError):
+    """A forward pass failed; the requests in it are ended with this error."""
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """Engine-thread record of one request: where its outputs go and its timings."""
+
+    request: GenerationRequest
+    index: int
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    arrival: float
+    first_token: float | None = None
+
+
+class RequestGroup:
+    """Async iterator of (index in the submitted list, RequestOutput) until every request finishes.
+
+    `close()` aborts whatever is still running; handlers call it in `finally`, and it also runs when
+    the group is garbage-collected, so a response that never started cannot leak KV pages.
+    """
+
+    def __init__(self, commands: queue.SimpleQueue, requests: list[GenerationRequest], sink: asyncio.Queue):
+        self._commands, self._requests, self._sink = commands, requests, sink
+        self._remaining = set(range(len(requests)))
+
+    def __aiter__(self) -> RequestGroup:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._remaining:
+            raise StopAsyncIteration
+        item = await self._sink.get()
+        if isinstance(item, BaseException):
+            self.close()  # the rest of the group ends with it
+            raise item
+        index, out = item
+        if out.finished:
+            self._remaining.discard(index)
+        return index, out
+
+    def close(self) -> None:
+        if self._remaining:
+            self._commands.put(("abort", [self._requests[i].request_id for i in self._remaining]))
+            self._remaining.clear()
+
+    __del__ = close
+
+
+FinishHook = Callable[[_Tracked, RequestOutput, float], None]
+
+
+class AsyncEngine:
+    """Owns the engine thread; every `LLMEngine` call happens on it."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int = 1024, on_finish: FinishHook | None = None):
+        self.engine = engine
+        self.capacity = engine.engine_config.max_num_seqs + max_queue
+        self.on_finish = on_finish
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._lock = threading.Lock()
+        self._outstanding = 0  # admitted and not yet finished; guarded by _lock
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle (any thread)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stops taking requests, aborts those still running (their streams end) and joins."""
+        self._accepting = False
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._accepting
+
+    @property
+    def num_outstanding(self) -> int:
+        return self._outstanding
+
+    # ------------------------------------------------------------------ handler side (event loop)
+
+    def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
+        """Queues `requests` to run together; raises QueueFullError or EngineStoppedError at once."""
+        self._admit(len(requests))
+        loop, sink = asyncio.get_running_loop(), asyncio.Queue()
+        arrival = time.monotonic()
+        self._commands.put(("add", [_Tracked(r, i, loop, sink, arrival) for i, r in enumerate(requests)]))
+        return RequestGroup(self._commands, requests, sink)
+
+    def _admit(self, n: int) -> None:
+        if not self.alive:
+            raise EngineStoppedError("the server is shutting down")
+        with self._lock:
+            if self._outstanding + n > self.capacity:
+                raise QueueFullError(
+                    f"the server is full ({self._outstanding} requests in flight, at most "
+                    f"{self.capacity}); retry later"
+                )
+            self._outstanding += n
+
+    def _release(self, n: int = 1) -> None:
+        with self._lock:
+            self._outstanding -= n
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            while self._take_commands(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._step()
+        except BaseException:  # noqa: BLE001 - the thread must hand every request an answer
+            log.exception("engine thread died")
+        finally:
+            self._accepting = False
+            self._end_all()
+
+    def _take_commands(self, block: bool) -> bool:
+        """Applies pending commands (waiting for one if `block`); False once told to stop."""
+        took = False
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block and not took)
+            except queue.Empty:
+                break
+            took = True
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(payload)
+            else:
+                self._abort(payload)
+        if took:
+            self.engine.refresh_stats()
+        return True
+
+    def _add(self, tracked: list[_Tracked]) -> None:
+        for t in tracked:
+            r = t.request
+            try:
+                self.engine.add_request(
+                    sampling_params=r.params, request_id=r.request_id, prompt_token_ids=r.prompt_token_ids
+                )
+            except ValueError as error:
+                self._release()
+                self._post({t.loop: [(t.sink, error)]})
+                continue
+            self._tracked[r.request_id] = t
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            t = self._tracked.pop(rid, None)
+            out = self.engine.abort(rid)
+            if t is not None:
+                self._release()
+                if out is not None and self.on_finish:
+                    self.on_finish(t, out, time.monotonic())
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - fail the requests, keep serving
+            log.exception("engine step failed; ending the %d requests in flight", len(self._tracked))
+            self._fail_all(EngineStepError(f"generation failed: {error}"))
+            return
+        now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for out in outputs:
+            t = self._tracked.get(out.request_id)
+            if t is None:
+                continue
+            if t.first_token is None and out.new_token_ids:
+                t.first_token = now
+            if out.finished:
+                del self._tracked[out.request_id]
+                self._release()
+                if self.on_finish:
+                    self.on_finish(t, out, now)
+            batches[t.loop].append((t.sink, (t.index, out)))
+        self._post(batches)
+
+    def _fail_all(self, error: BaseException) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for rid, t in list(self._tracked.items()):
+            self.engine.abort(rid)
+            self._release()
+            batches[t.loop].append((t.sink, error))
+        self._tracked.clear()
+        self._post(batches)
+
+    def _end_all(self) -> None:
+        """On stop: every request still running finishes with reason "abort"."""
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        now = time.monotonic()
+        for rid, t in list(self._tracked.items()):
+            out = self.engine.abort(rid)
+            self._release()
+            if out is not None:
+                if self.on_finish:
+                    self.on_finish(t, out, now)
+                batches[t.loop].append((t.sink, (t.index, out)))
+        self._tracked.clear()
+        self._post(batches)
+        self._drain_after_stop()
+
+    def _drain_after_stop(self) -> None:
+        """Answers adds that arrived after the stop command so that no handler waits forever."""
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                for t in payload:
+                    self._release()
+                    self._post({t.loop: [(t.sink, EngineStoppedError("the server is shutting down"))]})
+
+    @staticmethod
+    def _post(batches: dict[asyncio.AbstractEventLoop, list]) -> None:
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed; nobody is listening
+                pass
+
+
+def _deliver(items: list) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)

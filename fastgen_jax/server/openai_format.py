@@ -1,0 +1,187 @@
+"""Renders engine outputs as OpenAI response bodies and stream chunks.
+
+One `Formatter` serves one HTTP request: `chunks(index, out)` turns a `RequestOutput` into the
+stream chunks it warrants (none for an output whose text is still held back by a stop string),
+`usage_chunk()` ends a stream that asked for `include_usage`, and `response(choices)` builds the whole
+body of a non-streamed request from each choice's collected outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Choice:
+    """A whole choice, gathered from its outputs (non-streamed responses)."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    generated_length: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs or []
+        self.generated_length = out.generated_length
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+class Formatter:
+    """Common parts: ids, usage, per-token log-probability entries."""
+
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Tokenizer,
+        prompt_lengths: list[int],
+        n: int,
+        logprobs: bool,
+    ):
+        self.request_id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.prompt_lengths, self.n, self.want_logprobs = prompt_lengths, n, logprobs
+        self.created = int(time.time())
+        self.generated = {}  # choice index -> tokens generated so far
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(self.prompt_lengths)
+        completion = sum(self.generated.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {**self._envelope(self.chunk_object_name, []), "usage": self.usage()}
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
+        self.generated[index] = out.generated_length
+        return self._chunks(index, out)
+
+    def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        for i, c in enumerate(choices):
+            self.generated[i] = c.generated_length
+        return {**self._envelope(self.object_name, self._choices(choices)), "usage": self.usage()}
+
+    def _choices(self, choices: list[Choice]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class CompletionFormatter(Formatter):
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, *args, echo_texts: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.echo_texts = echo_texts  # one per prompt, when `echo` is set
+        self.text_offsets: dict[int, int] = {}
+
+    def _echo(self, index: int) -> str:
+        return self.echo_texts[index // self.n] if self.echo_texts else ""
+
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: list[float]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        tokens = [self._token(t) for t in token_ids]
+        offsets, at = [], self.text_offsets.get(index, len(self._echo(index)))
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+        self.text_offsets[index] = at
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+    def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
+        first = index not in self.text_offsets
+        text = (self._echo(index) if first else "") + out.new_text
+        logprobs = self._logprobs(index, out.new_token_ids, out.new_logprobs or [])
+        if not (text or out.finished or (logprobs and out.new_token_ids)):
+            return []
+        self.text_offsets.setdefault(index, len(self._echo(index)))
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        return [self._envelope(self.chunk_object_name, [choice])]
+
+    def _choices(self, choices: list[Choice]) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "text": self._echo(i) + c.text,
+                "logprobs": self._logprobs(i, c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ]
+
+
+class ChatFormatter(Formatter):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started: set[int] = set()
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        content = []
+        for t, lp in zip(token_ids, logprobs, strict=True):
+            token = self._token(t)
+            content.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []})
+        return {"content": content}
+
+    def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        if index not in self.started:
+            self.started.add(index)
+            role = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            chunks.append(self._envelope(self.chunk_object_name, [role]))
+        logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [])
+        if out.new_text or out.finished or (logprobs and out.new_token_ids):
+            delta = {"content": out.new_text} if out.new_text else {}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason,
+            }
+            chunks.append(self._envelope(self.chunk_object_name, [choice]))
+        return chunks
+
+    def _choices(self, choices: list[Choice]) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ]

@@ -1,0 +1,172 @@
+"""The OpenAI wire format: request bodies (pydantic), their sampling settings, and error bodies.
+
+Field names and defaults follow OpenAI's API (temperature 1.0, completions `max_tokens` 16), with
+vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens`.
+Ranges are checked here so that a 400 names the field as the client spelled it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastgen_jax.sampling_params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit; completions allow up to 5
+
+
+class APIError(Exception):
+    """An error the client caused (or must be told of); becomes an OpenAI-style JSON body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Settings shared by completions and chat completions."""
+
+    model: str | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: Annotated[int, Field(ge=-1)] = 0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported (only 0)", name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if isinstance(self.stop, list) and not all(self.stop):
+            raise APIError(400, "stop must not contain empty strings", "stop")
+        if self.stop == "":
+            raise APIError(400, "stop must not be an empty string", "stop")
+
+    def sampling_params(self, max_tokens: int, logprobs: bool, index: int = 0) -> SamplingParams:
+        """Engine settings for choice `index` (a seed gives each choice its own stream)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        seed = None if self.seed is None else (self.seed + index) % 2**32
+        if self.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens={self.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            min_new_tokens=self.min_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=max(self.top_k, 0),
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of is not supported (leave it unset or equal to n)", "best_of")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported", "response_format")
+        if self.tools:
+            raise APIError(400, "tools are not supported", "tools")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them: text parts joined into one string."""
+        out = []
+        for m in self.messages:
+            d = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                d["content"] = "".join(p.text for p in m.content)
+            d.setdefault("content", "")
+            out.append(d)
+        return out
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
