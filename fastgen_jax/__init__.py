@@ -28,7 +28,7 @@ def __getattr__(name: str):
 
         return LLMEngine
     if name == "client":
-        from fastgen_jax.client import client
+        from fastgen_jax.http_client import client
 
         return client
     if name == "build_app":

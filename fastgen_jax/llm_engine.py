@@ -96,6 +96,7 @@ class LLMEngine:
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.stats = EngineStats(total_pages=resolved.num_pages - 1)
+        self.refresh_stats()
         self._warm_programs = 0
         if warmup:
             self.warmup(progress)

@@ -54,9 +54,7 @@ _PREFILL_LEN = flags.DEFINE_integer("prefill_len", 4096, "Prompt length in the p
 _IMPLS = flags.DEFINE_list("impls", ["ours", "reference", "jax_paged", "jax_mha"], "What to time.")
 _SWEEP = flags.DEFINE_bool("sweep_tiles", False, "Also time ours over a grid of tile sizes.")
 _REFERENCE_LIMIT = flags.DEFINE_float("reference_gib", 16.0, "Skip the reference above this.")
-_OUT = flags.DEFINE_string(
-    "out", None, "JSON path (default docs/benchmarks/attention_<device>.json)."
-)
+_OUT = flags.DEFINE_string("out", None, "JSON path (default docs/benchmarks/attention_<device>.json).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +262,7 @@ def sweep_tiles(name, seqs, shapes, interpret, iters) -> list[dict]:
 
 
 def describe(seqs) -> dict[str, int]:
-    return dict(
-        num_seqs=len(seqs), tokens=sum(n for _, n in seqs), keys=sum(c + n for c, n in seqs)
-    )
+    return dict(num_seqs=len(seqs), tokens=sum(n for _, n in seqs), keys=sum(c + n for c, n in seqs))
 
 
 def device_name() -> str:

@@ -34,9 +34,18 @@ flags.DEFINE_string("output_json", "docs/benchmarks/host_step_cpu.json", "Where 
 
 
 def tiny_checkpoint(tokenizer) -> Checkpoint:
-    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=tokenizer.vocab_size, hidden_size=64,
-                         intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     model = build_model(config)
     md = AttentionMetadata(*(jnp.zeros(s, jnp.int32) for s in [(1,), (1,), (1,), (1, 1), (2,), (1,), (1,)]))
     kv = init_kv_cache(config, 2, 16, jnp.float32)
@@ -48,13 +57,17 @@ def main(argv):
     del argv
     tokenizer = load_checkpoint(FLAGS.tokenizer_from).tokenizer
     n = FLAGS.num_seqs
-    engine = LLMEngine(tiny_checkpoint(tokenizer), EngineConfig(
-        token_budget=512, max_num_seqs=n, max_model_len=1024, page_size=16), progress=True)
+    engine = LLMEngine(
+        tiny_checkpoint(tokenizer),
+        EngineConfig(token_budget=512, max_num_seqs=n, max_model_len=1024, page_size=16),
+        progress=True,
+    )
     rng = np.random.default_rng(0)
     for _ in range(n):
-        engine.add_request(prompt_token_ids=rng.integers(3, 1000, FLAGS.prompt_len).tolist(),
-                           sampling_params=SamplingParams(max_new_tokens=FLAGS.decode_steps + 64,
-                                                          ignore_eos=True))
+        engine.add_request(
+            prompt_token_ids=rng.integers(3, 1000, FLAGS.prompt_len).tolist(),
+            sampling_params=SamplingParams(max_new_tokens=FLAGS.decode_steps + 64, ignore_eos=True),
+        )
     while engine.scheduler.num_waiting or any(s.is_prefilling for s in engine.scheduler.running):
         engine.step()
     host, device = [], []
@@ -72,12 +85,22 @@ def main(argv):
     }
     header = ["running seqs", "host ms p50", "host ms p90", "device ms p50 (1-layer model)"]
     print(" | ".join(f"{h:>{w}}" for h, w in zip(header, (12, 11, 11, 29), strict=True)))
-    print(f"{n:>12} | {row['host_ms_median']:>11.3f} | {row['host_ms_p90']:>11.3f} | "
-          f"{row['device_ms_median_tiny_model']:>29.3f}")
+    print(
+        f"{n:>12} | {row['host_ms_median']:>11.3f} | {row['host_ms_p90']:>11.3f} | "
+        f"{row['device_ms_median_tiny_model']:>29.3f}"
+    )
     os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
     with open(FLAGS.output_json, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                   "jax": jax.__version__, **row}, f, indent=2)
+        json.dump(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "jax": jax.__version__,
+                **row,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

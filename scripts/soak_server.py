@@ -29,14 +29,21 @@ import httpx
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("url", None, "A running server; without it the script starts one on a tiny model.")
-flags.DEFINE_integer("num_requests", 2000, "Requests to send.")
-flags.DEFINE_integer("concurrency", 32, "Requests in flight at once.")
-flags.DEFINE_float("abort_fraction", 0.2, "Fraction of requests whose client disconnects early.")
-flags.DEFINE_integer("max_tokens", 48, "Largest max_tokens drawn for a request.")
-flags.DEFINE_integer("seed", 0, "Seed of the workload.")
-flags.DEFINE_string("tokenizer_from", "checkpoints/smollm2-135m-instruct", "Model dir whose tokenizer to use.")
-flags.DEFINE_string("output", "docs/benchmarks/soak_cpu.json", "Where to write the JSON results.")
+
+
+def define_flags() -> None:
+    """Defined only when run as a script, so tests can import the load generator."""
+    flags.DEFINE_string("url", None, "A running server; without it the script starts one on a tiny model.")
+    flags.DEFINE_integer("num_requests", 2000, "Requests to send.")
+    flags.DEFINE_integer("concurrency", 32, "Requests in flight at once.")
+    flags.DEFINE_float("abort_fraction", 0.2, "Fraction of requests whose client disconnects early.")
+    flags.DEFINE_integer("max_tokens", 48, "Largest max_tokens drawn for a request.")
+    flags.DEFINE_integer("seed", 0, "Seed of the workload.")
+    flags.DEFINE_string(
+        "tokenizer_from", "checkpoints/smollm2-135m-instruct", "Model dir whose tokenizer to use."
+    )
+    flags.DEFINE_string("output", "docs/benchmarks/soak_cpu.json", "Where to write the JSON results.")
+
 
 WORDS = "the a of river light stone quick brown fox jumps over lazy dog model token page budget".split()
 
@@ -56,9 +63,10 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, abort_after: in
         return await _one_stream(client, path, body, abort_after)
     if abort_after is not None:
         try:
-            await asyncio.wait_for(client.post(path, json=body), timeout=0.001 * abort_after)
+            r = await asyncio.wait_for(client.post(path, json=body), timeout=0.001 * abort_after)
+            assert r.status_code == 200, f"{path} -> {r.status_code} {r.text[:200]}"
             return "ok"  # finished before we walked away
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "aborted"
     r = await client.post(path, json=body)
     assert r.status_code == 200, f"{path} -> {r.status_code} {r.text[:200]}"
@@ -102,7 +110,10 @@ async def run_load(
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         plan = [
-            (*_request(rng, max_tokens, model), rng.randint(1, 200) if rng.random() < abort_fraction else None)
+            (
+                *_request(rng, max_tokens, model),
+                rng.randint(1, 200) if rng.random() < abort_fraction else None,
+            )
             for _ in range(num_requests)
         ]
         counts, failures, next_index = {"ok": 0, "aborted": 0, "failed": 0}, [], iter(range(num_requests))
@@ -237,4 +248,5 @@ def _print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

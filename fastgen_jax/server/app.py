@@ -80,7 +80,8 @@ class ServerState:
             self.engine.check_prompt(ids, max_tokens)
         except RequestError as e:
             field = "max_tokens" if "max_tokens" in str(e) and len(ids) < self.engine.max_model_len else param
-            raise APIError(400, str(e), field) from None
+            message = str(e) if str(e).startswith(field) else f"{field}: {e}"
+            raise APIError(400, message, field) from None
         return max_tokens
 
     def encode(self, text: str, param: str) -> list[int]:
@@ -378,6 +379,9 @@ class _HTTPGuard:
 
         try:
             error = self._check_headers(scope)
+            if not any(k == b"content-type" for k, _ in scope["headers"]):
+                # the API speaks JSON only; parse bodies sent without a content type as JSON too
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_body(receive)
                 if body is None:
