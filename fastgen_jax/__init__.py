@@ -20,7 +20,7 @@ __all__ = ["EngineConfig", "LLMEngine", "ModelConfig", "SamplingParams", "build_
 
 def __getattr__(name: str):
     if name == "pipeline":
-        from fastgen_jax.pipeline import pipeline
+        from fastgen_jax.offline import pipeline
 
         return pipeline
     if name == "LLMEngine":

@@ -17,14 +17,10 @@ import sys
 
 from absl import app, flags, logging
 
+from fastgen_jax import engine_flags
 from fastgen_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model",
-    "checkpoints/smollm2-135m-instruct",
-    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
-)
 flags.DEFINE_string("prompt", None, "A single prompt; its text is printed as it is generated.")
 flags.DEFINE_bool("chat", False, "Wrap --prompt in the model's chat template as a user message.")
 flags.DEFINE_string("input", None, "JSONL file of requests (see the module docstring).")
@@ -34,35 +30,8 @@ flags.DEFINE_float("temperature", 0.0, "Default sampling temperature (0 = greedy
 flags.DEFINE_float("top_p", 1.0, "Default nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Default top-k (0 = off).")
 flags.DEFINE_integer("seed", None, "Default random seed.")
-flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (Dynamic SplitFuse budget).")
-flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass.")
-flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
-flags.DEFINE_float("kv_cache_gib", 2.0, "Memory for the KV pool when --kv_pages is not given.")
-flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
-flags.DEFINE_enum(
-    "dtype",
-    None,
-    ["float32", "bfloat16", "float16"],
-    "Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
-)
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def engine_config():
-    from fastgen_jax.config import EngineConfig
-
-    return EngineConfig(
-        token_budget=FLAGS.token_budget,
-        max_num_seqs=FLAGS.max_num_seqs,
-        max_model_len=FLAGS.max_model_len,
-        page_size=FLAGS.page_size,
-        num_pages=FLAGS.kv_pages,
-        kv_cache_bytes=int(FLAGS.kv_cache_gib * (1 << 30)),
-        policy=FLAGS.policy,
-    )
 
 
 def default_params() -> SamplingParams:
@@ -98,7 +67,7 @@ def parse_record(line: str, defaults: SamplingParams):
 
 def run_batch(engine, lines: list[str], out) -> int:
     """Generates for every good line; writes one output line per input line, in order."""
-    from fastgen_jax.pipeline import add_prompt, run_to_completion
+    from fastgen_jax.offline import add_prompt, run_to_completion
 
     defaults, results, ids = default_params(), {}, {}
     for n, line in enumerate(lines, start=1):
@@ -142,7 +111,7 @@ def main(argv: list[str]) -> None:
 
     try:
         default_params()
-        engine = LLMEngine.from_pretrained(FLAGS.model, engine_config(), FLAGS.dtype)
+        engine = LLMEngine.from_pretrained(FLAGS.model, engine_flags.engine_config(), FLAGS.dtype)
         if FLAGS.prompt is not None:
             return run_prompt(engine, FLAGS.prompt, FLAGS.chat)
         with open(FLAGS.input) as f:

@@ -16,44 +16,28 @@ import sys
 
 from absl import app, flags, logging
 
+from fastgen_jax import engine_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model",
-    "checkpoints/smollm2-135m-instruct",
-    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
-)
 flags.DEFINE_string(
     "served_model_name", None, "Name clients pass as `model` (default: the model dir's name)."
 )
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the server to the network).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0 picks a free one).")
 flags.DEFINE_string("api_key", None, "If set, every request needs 'Authorization: Bearer <key>'.")
-flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (Dynamic SplitFuse budget).")
-flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass.")
-flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
-flags.DEFINE_float("kv_cache_gib", 2.0, "KV pool memory unless --kv_pages or a fraction is set.")
 flags.DEFINE_float(
     "kv_memory_fraction",
     None,
     "Size the KV pool to this fraction of device memory (host RAM on CPU) minus the weights.",
-)
-flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
-flags.DEFINE_enum(
-    "dtype",
-    None,
-    ["float32", "bfloat16", "float16"],
-    "Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
 )
 flags.DEFINE_integer("max_queue", 1024, "Requests allowed to wait beyond --max_num_seqs; more get 429.")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request body accepted; larger ones get 413.")
 flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds in-flight requests may take to finish on shutdown.")
 
 
-def _kv_cache_bytes(checkpoint) -> int:
+def _kv_cache_bytes(checkpoint) -> int | None:
     if FLAGS.kv_memory_fraction is None:
-        return int(FLAGS.kv_cache_gib * (1 << 30))
+        return None  # --kv_cache_gib decides
     if not 0.0 < FLAGS.kv_memory_fraction < 1.0:
         raise ValueError(f"--kv_memory_fraction must be in (0, 1), got {FLAGS.kv_memory_fraction}")
     import jax
@@ -73,22 +57,13 @@ def _kv_cache_bytes(checkpoint) -> int:
 
 def build_engine():
     from fastgen_jax.checkpoints import load_checkpoint
-    from fastgen_jax.config import EngineConfig
     from fastgen_jax.llm_engine import LLMEngine
     from fastgen_jax.runner import default_dtype, enable_compilation_cache
 
     enable_compilation_cache()
     dtype = FLAGS.dtype or default_dtype()
     checkpoint = load_checkpoint(FLAGS.model, dtype)
-    config = EngineConfig(
-        token_budget=FLAGS.token_budget,
-        max_num_seqs=FLAGS.max_num_seqs,
-        max_model_len=FLAGS.max_model_len,
-        page_size=FLAGS.page_size,
-        num_pages=FLAGS.kv_pages,
-        kv_cache_bytes=_kv_cache_bytes(checkpoint),
-        policy=FLAGS.policy,
-    )
+    config = engine_flags.engine_config(_kv_cache_bytes(checkpoint))
     return LLMEngine(checkpoint, config, dtype)
 
 

@@ -36,8 +36,9 @@ def serving(engine: LLMEngine, model_name: str = "tiny", **app_options):
         yield url
 
 
-def metric(url: str, name: str, headers=None) -> float:
+def metric(url: str, name: str, headers=None, missing: float | None = None) -> float:
+    """One sample of /metrics by its full name (labels included); `missing` if absent, else fail."""
     text = httpx.get(f"{url}/metrics", headers=headers).text
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match or missing is not None, f"{name} is not in /metrics"
+    return float(match.group(1)) if match else missing

@@ -10,11 +10,17 @@ import numpy as np
 import openai
 import pytest
 
-from fastgen_jax.pipeline import run_to_completion
+from fastgen_jax.offline import run_to_completion
 from fastgen_jax.sampling_params import SamplingParams
-from tests.server.conftest import TINY_CONFIG, make_engine, serving
+from tests.server.conftest import TINY_CONFIG, make_engine, metric, serving
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+COUNTERS = (
+    "fastgen_generation_tokens_total",
+    'fastgen_requests_finished_total{finish_reason="length"}',
+    "fastgen_time_to_first_token_seconds_count",
+    "fastgen_e2e_request_latency_seconds_count",
+)
 
 
 def load_soak_module():
@@ -74,8 +80,16 @@ async def stream_all(url, prompts, lengths):
 def test_32_concurrent_streams_equal_the_offline_engine(server, offline_texts):
     url, _ = server
     prompts, lengths = prompts_and_lengths()
+    before = {n: metric(url, n, missing=0.0) for n in COUNTERS}
     results = asyncio.run(stream_all(url, prompts, lengths))
     assert [text for text, _, _ in results] == offline_texts
+    grown = {n: metric(url, n) - before[n] for n in COUNTERS}
+    assert grown == {
+        "fastgen_generation_tokens_total": sum(lengths),
+        'fastgen_requests_finished_total{finish_reason="length"}': 32,
+        "fastgen_time_to_first_token_seconds_count": 32,
+        "fastgen_e2e_request_latency_seconds_count": 32,
+    }
     assert all(finish == "length" for _, finish, _ in results)
     assert max(parts for _, _, parts in results) > 1  # text really arrived in pieces
 

@@ -6,7 +6,7 @@ import pytest
 
 import fastgen_jax
 from fastgen_jax.http_client import ClientError
-from fastgen_jax.pipeline import run_to_completion
+from fastgen_jax.offline import run_to_completion
 from fastgen_jax.sampling_params import SamplingParams
 from tests.server.conftest import SMOLLM2_CONFIG, make_engine, serving
 

@@ -1,0 +1,42 @@
+"""Command-line flags shared by the entry points (`generate`, `serve`): the model and the engine's
+limits, defined once so both CLIs can live in one process, and mapped onto `EngineConfig` here."""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "model",
+    "checkpoints/smollm2-135m-instruct",
+    "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
+)
+flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (Dynamic SplitFuse budget).")
+flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass.")
+flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
+flags.DEFINE_float("kv_cache_gib", 2.0, "Memory for the KV pool when --kv_pages is not given.")
+flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
+flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Compute dtype (default: float32 on CPU, bfloat16 on GPU).",
+)
+
+
+def engine_config(kv_cache_bytes: int | None = None):
+    """The EngineConfig the flags describe; `kv_cache_bytes` overrides --kv_cache_gib."""
+    from fastgen_jax.config import EngineConfig
+
+    return EngineConfig(
+        token_budget=FLAGS.token_budget,
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_model_len=FLAGS.max_model_len,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.kv_pages,
+        kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else int(FLAGS.kv_cache_gib * (1 << 30)),
+        policy=FLAGS.policy,
+    )
