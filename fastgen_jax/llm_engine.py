@@ -199,12 +199,15 @@ class LLMEngine:
         arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
         self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
         launched = time.perf_counter()
-        tokens, logprobs = self.runner.execute(arrays, sampling)
+        tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
+        top = None
+        if any(e.seq.sampling_params.top_logprobs for e in output.scheduled):
+            top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
         returned = time.perf_counter()
         self._count_tokens(output)
         self.scheduler.postprocess(output, tokens)
-        results = self._process_samples(output, tokens, logprobs)
+        results = self._process_samples(output, tokens, logprobs, top)
         self._count_step(start, launched, returned)
         return results
 
@@ -221,14 +224,22 @@ class LLMEngine:
         return arrays
 
     def _process_samples(
-        self, output: SchedulerOutput, tokens: np.ndarray, logprobs: np.ndarray
+        self,
+        output: SchedulerOutput,
+        tokens: np.ndarray,
+        logprobs: np.ndarray,
+        top: tuple[np.ndarray, np.ndarray] | None,
     ) -> list[RequestOutput]:
         results = []
         for i, entry in enumerate(output.scheduled):
             if not entry.needs_sample:
                 continue
             state = self._states[entry.seq.request_id]
-            result = state.add_token(int(tokens[i]), float(logprobs[i]))
+            k = entry.seq.sampling_params.top_logprobs
+            alternatives = None
+            if k and top is not None:
+                alternatives = [(int(t), float(v)) for t, v in zip(top[0][i, :k], top[1][i, :k], strict=True)]
+            result = state.add_token(int(tokens[i]), float(logprobs[i]), alternatives)
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._states[entry.seq.request_id]

@@ -27,6 +27,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
 
 
 class RequestState:
@@ -55,8 +56,11 @@ class RequestState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add_token(self, token_id: int, logprob: float) -> RequestOutput:
-        """Processes one sampled token and returns the delta a client should see."""
+    def add_token(
+        self, token_id: int, logprob: float, top: list[tuple[int, float]] | None = None
+    ) -> RequestOutput:
+        """Processes one sampled token (with its top alternatives, if asked) and returns the delta a
+        client should see."""
         self.token_ids.append(token_id)
         n = len(self.token_ids)
         may_stop = n > self.params.min_new_tokens
@@ -69,7 +73,10 @@ class RequestState:
         ):
             self.finish_reason = "length"
             self.text += self.detokenizer.flush()
-        return self._output([token_id], [logprob] if self.params.logprobs else None)
+        output = self._output([token_id], [logprob] if self.params.logprobs else None)
+        if self.params.top_logprobs:
+            output.new_top_logprobs = [top or []]
+        return output
 
     def abort(self) -> RequestOutput:
         self.finish_reason = "abort"

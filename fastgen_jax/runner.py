@@ -98,8 +98,7 @@ class ModelRunner:
 
     def _step(self, params, kv_cache, token_ids, md: AttentionMetadata, sampling: SamplingArrays):
         logits, kv_cache = self._model.apply(params, token_ids, kv_cache, md)
-        tokens, logprobs = sample(logits, sampling)
-        return tokens, logprobs, kv_cache
+        return sample(logits, sampling), kv_cache
 
     @property
     def num_compiled(self) -> int:
@@ -134,17 +133,16 @@ class ModelRunner:
 
     def execute(
         self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
-    ) -> tuple[jax.Array, jax.Array]:
-        """Runs one step; returns (tokens i32[S], logprobs f32[S]) as device arrays, not yet waited on."""
+    ) -> tuple[jax.Array, ...]:
+        """Runs one step; returns (tokens i32[S], logprobs f32[S], top_ids i32[S, K], top_logprobs
+        f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`)."""
         key = _shape_key(arrays)
         try:
             executable = self._executables[key]
         except KeyError:
             raise RuntimeError(f"no compiled step for slab shape {key}; warm-up missed it") from None
-        tokens, logprobs, self.kv_cache = executable(
-            self.params, self.kv_cache, *self._device_args(arrays, sampling)
-        )
-        return tokens, logprobs
+        sampled, self.kv_cache = executable(self.params, self.kv_cache, *self._device_args(arrays, sampling))
+        return sampled
 
     @staticmethod
     def _device_args(arrays, sampling):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 NEG_INF = -jnp.inf
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit); a static shape
 
 
 @struct.dataclass
@@ -54,12 +55,13 @@ def _draw(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
     return jnp.minimum(drawn, scaled.shape[-1] - 1)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
-    """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S]).
+def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, ...]:
+    """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S], the most
+    likely tokens i32[S, K] and their log-probabilities f32[S, K]), K = min(MAX_TOP_LOGPROBS, V).
 
     Log-probabilities are of the model's own distribution (before temperature and filters), as
-    OpenAI-style APIs report them; they are computed only when some row asks (else zeros). A batch
-    that is greedy throughout skips the random draw entirely.
+    OpenAI-style APIs report them; they and the top-K are computed only when some row asks (else
+    zeros). A batch that is greedy throughout skips the random draw entirely.
     """
     logits = logits.astype(jnp.float32)  # [S, V]
     greedy = s.temperature <= 0.0
@@ -72,12 +74,21 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
         return jnp.where(greedy, argmax, _draw(scaled, s))
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw_some, logits).astype(jnp.int32)
+    k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
 
-    def token_logprobs(logits):
+    def with_logprobs(logits):
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [S]
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-        return chosen - jax.nn.logsumexp(logits, axis=-1)
+        top_values, top_ids = jax.lax.top_k(logits, k)  # [S, K] each
+        return chosen - lse, top_ids.astype(jnp.int32), top_values - lse[:, None]
 
-    logprobs = jax.lax.cond(
-        jnp.any(s.logprobs), token_logprobs, lambda x: jnp.zeros(x.shape[:1], jnp.float32), logits
-    )
-    return tokens, logprobs
+    def without(logits):
+        rows = logits.shape[0]
+        return (
+            jnp.zeros(rows, jnp.float32),
+            jnp.zeros((rows, k), jnp.int32),
+            jnp.zeros((rows, k), jnp.float32),
+        )
+
+    logprobs, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.logprobs), with_logprobs, without, logits)
+    return tokens, logprobs, top_ids, top_logprobs

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+MAX_TOP_LOGPROBS = 20  # equals sampler.MAX_TOP_LOGPROBS (this module stays free of jax)
+
 
 class SamplingParamsError(ValueError):
     """A generation setting out of range; the message names the field."""
@@ -22,7 +24,8 @@ class SamplingParams:
     when the request is added; a given seed reproduces the same text whatever else is running.
     `stop` strings may span several tokens; they are matched on the detokenized text and are not
     included in the output. `stop_token_ids` end generation like EOS does (the token is not shown).
-    `min_new_tokens` suppresses every stop condition until that many tokens exist.
+    `min_new_tokens` suppresses every stop condition until that many tokens exist. `logprobs` reports
+    each generated token's log-probability, `top_logprobs` (<= 20) also that many likeliest tokens.
     """
 
     max_new_tokens: int = 256
@@ -35,6 +38,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
     skip_special_tokens: bool = True
 
     def __post_init__(self):
@@ -45,6 +49,11 @@ class SamplingParams:
         _check_int(self, "max_new_tokens", low=1)
         _check_int(self, "min_new_tokens", low=0)
         _check_int(self, "top_k", low=0)
+        _check_int(self, "top_logprobs", low=0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise SamplingParamsError(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            object.__setattr__(self, "logprobs", True)  # alternatives come with the chosen token's
         if self.min_new_tokens > self.max_new_tokens:
             raise SamplingParamsError(
                 f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"

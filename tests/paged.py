@@ -63,9 +63,7 @@ def paged_logits(
     chunks = chunks or [n]
     assert sum(chunks) == n
     num_pages = -(-n // page_size) + 3
-    pages = list(
-        np.random.default_rng(0).permutation(np.arange(1, num_pages))[: -(-n // page_size)]
-    )
+    pages = list(np.random.default_rng(0).permutation(np.arange(1, num_pages))[: -(-n // page_size)])
     width = 1 << max(0, (len(pages) - 1).bit_length())
     slab = slab or max(chunks)
     model = build_model(config, dtype, attention)

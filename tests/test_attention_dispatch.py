@@ -102,9 +102,7 @@ def test_fallback_takes_the_reference_for_shapes_the_kernel_cannot_take():
     assert not ragged_paged_attention.supports(q, k_pages)
     fallback = Attention("pallas_interpret", fallback=True).paged_attention
     got = fallback(q, k_pages, k_pages, *metadata, sm_scale=0.2)
-    expected = reference.ragged_paged_attention_reference(
-        q, k_pages, k_pages, *metadata, sm_scale=0.2
-    )
+    expected = reference.ragged_paged_attention_reference(q, k_pages, k_pages, *metadata, sm_scale=0.2)
     np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match="head_dim"):
         KERNEL.paged_attention(q, k_pages, k_pages, *metadata, sm_scale=0.2)

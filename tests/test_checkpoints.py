@@ -112,9 +112,7 @@ def write_tiny_gguf(path, quant=gguf.GGMLQuantizationType.F32):
 def test_unknown_gguf_quantization_is_named(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, gguf.GGMLQuantizationType.Q8_1)
-    with pytest.raises(
-        CheckpointError, match="'token_embd.weight'.*unsupported GGUF quantization type Q8_1"
-    ):
+    with pytest.raises(CheckpointError, match="'token_embd.weight'.*unsupported GGUF quantization type Q8_1"):
         load_gguf(path)
 
 

@@ -36,9 +36,7 @@ def test_pipeline_answers_in_input_order_with_mii_fields(pipe):
     first, second = pipe(chats, max_new_tokens=24)
     assert first.generated_text == "The capital of France is Paris."
     assert (first.finish_reason, first.generated_length) == ("stop", 8)
-    assert first.prompt_length == len(
-        pipe.tokenizer.encode(pipe.tokenizer.apply_chat_template(chats[0]))
-    )
+    assert first.prompt_length == len(pipe.tokenizer.encode(pipe.tokenizer.apply_chat_template(chats[0])))
     assert "4" in second.generated_text
 
 

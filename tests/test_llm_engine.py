@@ -106,9 +106,7 @@ def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
     # 16 usable pages of 16 tokens (one max_model_len sequence) for 16 requests of ~130 tokens.
     engine = LLMEngine(
         load_checkpoint(tiny_dir[0]),
-        EngineConfig(
-            token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17
-        ),
+        EngineConfig(token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
@@ -247,10 +245,7 @@ def test_streamed_deltas_join_to_the_full_text(smollm2_engine):
 
 def test_abort_frees_pages_at_once(smollm2_engine):
     engine = smollm2_engine
-    ids = [
-        engine.add_request(chat(engine, f"Say {i}"), SamplingParams(max_new_tokens=50))
-        for i in range(4)
-    ]
+    ids = [engine.add_request(chat(engine, f"Say {i}"), SamplingParams(max_new_tokens=50)) for i in range(4)]
     for _ in range(3):
         engine.step()
     for rid in ids:

@@ -14,7 +14,7 @@ def run(logits, **settings):
     arrays = sampling_arrays(logits.shape[0])
     for name, value in settings.items():
         arrays[name][:] = value
-    tokens, logprobs = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
+    tokens, logprobs, _, _ = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
     return np.asarray(tokens), np.asarray(logprobs)
 
 
@@ -86,3 +86,18 @@ def test_new_settings_do_not_recompile():
         arrays["top_p"][:] = top_p
         jitted(logits, SamplingArrays(**arrays))
     assert jitted._cache_size() == 1
+
+
+def test_top_logprobs_are_the_largest_entries_of_log_softmax():
+    logits = random_logits(3)
+    arrays = sampling_arrays(3)
+    arrays["logprobs"][:] = [True, False, True]
+    tokens, logprobs, top_ids, top_logprobs = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
+    log_softmax = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    order = np.argsort(-log_softmax, axis=-1)[:, :20]
+    np.testing.assert_array_equal(np.asarray(top_ids), order)
+    np.testing.assert_allclose(
+        np.asarray(top_logprobs), np.take_along_axis(log_softmax, order, -1), atol=1e-6
+    )
+    assert np.asarray(top_ids)[0, 0] == np.asarray(tokens)[0]  # greedy: the best is the one drawn
+    np.testing.assert_allclose(np.asarray(logprobs)[0], np.asarray(top_logprobs)[0, 0], atol=1e-6)

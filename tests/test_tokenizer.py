@@ -87,9 +87,7 @@ def test_gguf_tokenizer_encodes_like_transformers(tokenizer, hf_tokenizer, text)
 
 @pytest.mark.parametrize("skip_special_tokens", [False, True])
 @pytest.mark.parametrize("text", TEXTS.values(), ids=TEXTS.keys())
-def test_gguf_tokenizer_decodes_like_transformers(
-    tokenizer, hf_tokenizer, text, skip_special_tokens
-):
+def test_gguf_tokenizer_decodes_like_transformers(tokenizer, hf_tokenizer, text, skip_special_tokens):
     ids = tokenizer.encode(text)
     expected = hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     assert tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) == expected
@@ -131,9 +129,7 @@ def test_skip_special_tokens_drops_control_tokens_from_decoded_text(tokenizer):
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("messages", CONVERSATIONS.values(), ids=CONVERSATIONS.keys())
-def test_chat_template_renders_like_transformers(
-    tokenizer, hf_tokenizer, messages, add_generation_prompt
-):
+def test_chat_template_renders_like_transformers(tokenizer, hf_tokenizer, messages, add_generation_prompt):
     expected = hf_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
@@ -197,9 +193,7 @@ def test_chat_template_environment_matches_transformers(tokenizer, hf_tokenizer,
 
 
 def test_chat_template_raise_exception_becomes_tokenizer_error(tokenizer):
-    template = (
-        "{% if messages[0].role != 'system' %}{{ raise_exception('need a system') }}{% endif %}"
-    )
+    template = "{% if messages[0].role != 'system' %}{{ raise_exception('need a system') }}{% endif %}"
     with pytest.raises(TokenizerError, match="chat template failed: TemplateError: need a system"):
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template)
 
@@ -311,9 +305,7 @@ def test_from_hf_dir_without_post_processor_adds_bos_when_config_asks(saved_dir,
 def test_tokenizer_module_imports_neither_transformers_nor_torch():
     loaded = "sorted({'transformers', 'torch'} & sys.modules.keys())"
     code = f"import sys, fastgen_jax.tokenizer; print({loaded})"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout == "[]\n"
 
 

@@ -118,7 +118,13 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 
 
 def _requests(
-    state: ServerState, body, prompts: list[list[int]], max_tokens: int | None, logprobs: bool, param: str
+    state: ServerState,
+    body,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    param: str,
 ) -> list[GenerationRequest]:
     request_id = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
     out = []
@@ -126,7 +132,7 @@ def _requests(
         tokens = state.check_prompt(ids, max_tokens, param)
         for i in range(body.n):
             try:
-                params = body.sampling_params(tokens, logprobs, i)
+                params = body.sampling_params(tokens, logprobs, top_logprobs, i)
             except SamplingParamsError as e:
                 raise APIError(400, str(e)) from None
             out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params))
@@ -221,10 +227,9 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         body.check_unsupported()
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "echo")
-        if body.logprobs:
-            raise APIError(400, "logprobs > 0 (top alternatives) is not supported; use 0", "logprobs")
         prompts = _completion_prompts(state, body.prompt)
-        requests = _requests(state, body, prompts, body.max_tokens, body.logprobs is not None, "prompt")
+        logprobs = body.logprobs is not None
+        requests = _requests(state, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt")
         echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormatter(
             requests[0].request_id.rsplit("-", 1)[0],
@@ -241,11 +246,11 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         body.check_unsupported()
-        if body.top_logprobs:
-            raise APIError(400, "top_logprobs > 0 is not supported; use 0", "top_logprobs")
         ids = state.encode_chat(body, body.chat_template_kwargs or {})
         max_tokens = body.max_completion_tokens or body.max_tokens
-        requests = _requests(state, body, [ids], max_tokens, body.logprobs, "messages")
+        requests = _requests(
+            state, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
+        )
         formatter = ChatFormatter(
             requests[0].request_id.rsplit("-", 1)[0],
             state.model_name,

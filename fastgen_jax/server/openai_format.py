@@ -23,6 +23,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     generated_length: int = 0
 
@@ -30,6 +31,7 @@ class Choice:
         self.text += out.new_text
         self.token_ids += out.new_token_ids
         self.logprobs += out.new_logprobs or []
+        self.top_logprobs += out.new_top_logprobs or []
         self.generated_length = out.generated_length
         if out.finished:
             self.finish_reason = out.finish_reason
@@ -102,21 +104,29 @@ class CompletionFormatter(Formatter):
     def _echo(self, index: int) -> str:
         return self.echo_texts[index // self.n] if self.echo_texts else ""
 
-    def _logprobs(self, index: int, token_ids: list[int], logprobs: list[float]) -> dict[str, Any] | None:
+    def _logprobs(
+        self, index: int, token_ids: list[int], logprobs: list[float], top: list | None
+    ) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
         tokens = [self._token(t) for t in token_ids]
+        top_logprobs = [{self._token(t): lp for t, lp in alts} for alts in top] if top else None
         offsets, at = [], self.text_offsets.get(index, len(self._echo(index)))
         for tok in tokens:
             offsets.append(at)
             at += len(tok)
         self.text_offsets[index] = at
-        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
 
     def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
         first = index not in self.text_offsets
         text = (self._echo(index) if first else "") + out.new_text
-        logprobs = self._logprobs(index, out.new_token_ids, out.new_logprobs or [])
+        logprobs = self._logprobs(index, out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs)
         if not (text or out.finished or (logprobs and out.new_token_ids)):
             return []
         self.text_offsets.setdefault(index, len(self._echo(index)))
@@ -128,7 +138,7 @@ class CompletionFormatter(Formatter):
             {
                 "index": i,
                 "text": self._echo(i) + c.text,
-                "logprobs": self._logprobs(i, c.token_ids, c.logprobs),
+                "logprobs": self._logprobs(i, c.token_ids, c.logprobs, c.top_logprobs),
                 "finish_reason": c.finish_reason,
             }
             for i, c in enumerate(choices)
@@ -143,13 +153,20 @@ class ChatFormatter(Formatter):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict[str, Any] | None:
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self._token(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[float], top: list | None
+    ) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
-        content = []
-        for t, lp in zip(token_ids, logprobs, strict=True):
-            token = self._token(t)
-            content.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []})
+        top = top or [[] for _ in token_ids]
+        content = [
+            {**self._entry(t, lp), "top_logprobs": [self._entry(a, alp) for a, alp in alts]}
+            for t, lp, alts in zip(token_ids, logprobs, top, strict=True)
+        ]
         return {"content": content}
 
     def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
@@ -163,7 +180,7 @@ class ChatFormatter(Formatter):
                 "finish_reason": None,
             }
             chunks.append(self._envelope(self.chunk_object_name, [role]))
-        logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [])
+        logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs)
         if out.new_text or out.finished or (logprobs and out.new_token_ids):
             delta = {"content": out.new_text} if out.new_text else {}
             choice = {
@@ -180,7 +197,7 @@ class ChatFormatter(Formatter):
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
                 "finish_reason": c.finish_reason,
             }
             for i, c in enumerate(choices)

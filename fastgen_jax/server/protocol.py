@@ -11,9 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fastgen_jax.sampling_params import SamplingParams
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit; completions allow up to 5
+from fastgen_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -75,7 +73,9 @@ class _SamplingFields(_Request):
         if self.stop == "":
             raise APIError(400, "stop must not be an empty string", "stop")
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, index: int = 0) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: bool, top_logprobs: int = 0, index: int = 0
+    ) -> SamplingParams:
         """Engine settings for choice `index` (a seed gives each choice its own stream)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         seed = None if self.seed is None else (self.seed + index) % 2**32
@@ -92,6 +92,7 @@ class _SamplingFields(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
 

@@ -89,9 +89,7 @@ def test_the_bucket_is_the_smallest_that_holds_the_step():
 
 
 def test_sequence_slots_are_the_sequence_limit_or_the_bucket_whichever_is_smaller():
-    builder = SlabBuilder(
-        EngineConfig(token_budget=64, max_num_seqs=24), num_pages=9, max_model_len=128
-    )
+    builder = SlabBuilder(EngineConfig(token_budget=64, max_num_seqs=24), num_pages=9, max_model_len=128)
     assert [builder.num_slots_for(b) for b in (16, 32, 64)] == [16, 24, 24]
 
 
@@ -110,9 +108,7 @@ def test_a_padding_slab_has_the_shapes_of_a_real_one_and_no_sequence():
     builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)
     padding = builder.padding_slab(bucket=8, width=4)
     real = builder.build(mixed_step())
-    assert {k: v.shape for k, v in padding.arrays().items()} == {
-        k: v.shape for k, v in real.arrays().items()
-    }
+    assert {k: v.shape for k, v in padding.arrays().items()} == {k: v.shape for k, v in real.arrays().items()}
     assert padding.num_seqs.tolist() == [0] and (padding.slot_mapping == 64).all()
 
 

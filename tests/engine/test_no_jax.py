@@ -7,7 +7,5 @@ import sys
 def test_importing_the_engine_leaves_jax_unloaded():
     # A fresh interpreter: this test process may have imported jax through other tests.
     code = "import sys, fastgen_jax.engine; print('jax' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -14,9 +14,7 @@ from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, SlabBuilder,
 TOKEN = 7  # every "sampled" token in these tests
 
 
-def make_scheduler(
-    policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, num_pages=33, max_model_len=64
-):
+def make_scheduler(policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, num_pages=33, max_model_len=64):
     config = EngineConfig(
         token_budget=budget,
         max_num_seqs=max_num_seqs,
@@ -38,10 +36,7 @@ def step(scheduler):
     """Runs one step with every sample = TOKEN; returns (id, num_new, start, needs_sample) rows."""
     output = scheduler.schedule()
     scheduler.postprocess(output, {e.seq.request_id: TOKEN for e in output.scheduled})
-    return [
-        (e.seq.request_id, e.num_new_tokens, e.start_position, e.needs_sample)
-        for e in output.scheduled
-    ]
+    return [(e.seq.request_id, e.num_new_tokens, e.start_position, e.needs_sample) for e in output.scheduled]
 
 
 # -- splitfuse ----------------------------------------------------------------------------------
@@ -244,9 +239,7 @@ def test_decoding_past_max_tokens_is_an_engine_bug():
 
 def test_add_rejects_a_request_longer_than_max_model_len():
     s = make_scheduler(max_model_len=16)
-    with pytest.raises(
-        ValueError, match="prompt of 10 tokens \\+ max_tokens=7 exceeds max_model_len=16"
-    ):
+    with pytest.raises(ValueError, match="prompt of 10 tokens \\+ max_tokens=7 exceeds max_model_len=16"):
         add(s, "a", 10, max_tokens=7)
 
 
@@ -314,18 +307,14 @@ def workloads(draw, policy, max_spare_pages=4, max_requests=8):
         max_model_len=max_model_len,
         policy=policy,
     )
-    requests = [
-        draw(requests_of(str(i), max_model_len)) for i in range(draw(st.integers(1, max_requests)))
-    ]
+    requests = [draw(requests_of(str(i), max_model_len)) for i in range(draw(st.integers(1, max_requests)))]
     return Workload(config, requests, draw(st.integers(0, 2**32)))
 
 
 @st.composite
 def requests_of(draw, request_id, max_model_len):
     # Short prompts and long generations half the time: that is what fills a pool by decoding.
-    prompt_len = draw(
-        st.integers(1, max_model_len - 1) | st.integers(1, max(1, max_model_len // 4))
-    )
+    prompt_len = draw(st.integers(1, max_model_len - 1) | st.integers(1, max(1, max_model_len // 4)))
     longest = max_model_len - prompt_len
     arrival = draw(st.integers(0, 12))
     return Request(
@@ -356,10 +345,7 @@ class Simulation:
         for step in range(MAX_STEPS):
             self.add_arrivals(step)
             self.abort_due(step, in_flight=False)
-            if (
-                step > max(r.arrival_step for r in self.requests)
-                and not self.scheduler.has_unfinished()
-            ):
+            if step > max(r.arrival_step for r in self.requests) and not self.scheduler.has_unfinished():
                 self.check_all_done()
                 return step
             self.step(step)
@@ -368,9 +354,7 @@ class Simulation:
     def add_arrivals(self, step):
         for r in self.requests:
             if r.arrival_step == step:
-                seq = Sequence(
-                    r.request_id, [1 + (i % 9) for i in range(r.prompt_len)], r.max_tokens
-                )
+                seq = Sequence(r.request_id, [1 + (i % 9) for i in range(r.prompt_len)], r.max_tokens)
                 self.scheduler.add(seq)
                 self.seqs[r.request_id] = seq
                 self.next_position[r.request_id] = 0
@@ -414,11 +398,7 @@ class Simulation:
         for e in output.scheduled:
             end = e.start_position + e.num_new_tokens
             assert e.num_new_tokens >= 1
-            assert (
-                e.start_position
-                == self.next_position[e.seq.request_id]
-                == e.seq.num_computed_tokens
-            )
+            assert e.start_position == self.next_position[e.seq.request_id] == e.seq.num_computed_tokens
             assert end <= e.seq.num_tokens
             assert e.needs_sample == (end == e.seq.num_tokens)
             self.next_position[e.seq.request_id] = end
@@ -445,9 +425,7 @@ class Simulation:
     def check_queues(self):
         waiting = [seq.arrival_index for seq in self.scheduler.waiting]
         running = [seq.arrival_index for seq in self.scheduler.running]
-        assert waiting == sorted(waiting) and running == sorted(running), (
-            "queues keep arrival order"
-        )
+        assert waiting == sorted(waiting) and running == sorted(running), "queues keep arrival order"
 
     def check_policy(self, output, decoding):
         is_decode = [e.seq.request_id in decoding for e in output.scheduled]
@@ -467,10 +445,7 @@ class Simulation:
                     assert e.num_new_tokens == self.config.token_budget
 
     def has_room_left(self, output):
-        return (
-            output.num_tokens < self.config.token_budget
-            and output.num_seqs < self.config.max_num_seqs
-        )
+        return output.num_tokens < self.config.token_budget and output.num_seqs < self.config.max_num_seqs
 
     def check_slab(self, output):
         slab = self.builder.build(output)
@@ -483,13 +458,9 @@ class Simulation:
             rows = slice(slab.cu_q_lens[i], slab.cu_q_lens[i + 1])
             pos = np.arange(e.start_position, e.start_position + e.num_new_tokens)
             pages = np.array(e.seq.page_table)[pos // page_size]
-            assert (
-                slab.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
-            )
+            assert slab.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
             assert slab.positions[rows].tolist() == pos.tolist()
-            assert (
-                slab.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
-            )
+            assert slab.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
             assert slab.kv_lens[i] == pos[-1] + 1 and slab.logits_indices[i] == rows.stop - 1
             assert slab.sample_mask[i] == e.needs_sample
         padding = slice(output.num_tokens, None)

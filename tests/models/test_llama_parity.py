@@ -39,9 +39,7 @@ TINY_MODELS = {
     "qwen2-bias": (transformers.Qwen2Config, dict(num_key_value_heads=1)),
     "tied-embeddings": (
         transformers.LlamaConfig,
-        dict(
-            tie_word_embeddings=True, hidden_size=96, num_attention_heads=6, num_key_value_heads=2
-        ),
+        dict(tie_word_embeddings=True, hidden_size=96, num_attention_heads=6, num_key_value_heads=2),
     ),
 }
 

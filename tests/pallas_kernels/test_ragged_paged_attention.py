@@ -84,9 +84,7 @@ def assert_matches_reference(args, *, sliding_window=None, interpret=True, **til
     q = args[0]
     sm_scale = q.shape[-1] ** -0.5
     with jax.default_matmul_precision("highest"):  # on a GPU, no TF32 in the oracle
-        expected = ragged_paged_attention_reference(
-            *args, sm_scale=sm_scale, sliding_window=sliding_window
-        )
+        expected = ragged_paged_attention_reference(*args, sm_scale=sm_scale, sliding_window=sliding_window)
     got = ragged_paged_attention(
         *args, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret, **tiles
     )
@@ -258,9 +256,7 @@ def test_bad_inputs_raise_value_error(change, message):
 
 def test_nonpositive_sliding_window_raises():
     with pytest.raises(ValueError, match="sliding_window"):
-        ragged_paged_attention(
-            *make_inputs([(3, 2)]), sm_scale=0.125, sliding_window=0, interpret=True
-        )
+        ragged_paged_attention(*make_inputs([(3, 2)]), sm_scale=0.125, sliding_window=0, interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -325,6 +321,4 @@ def test_compiled_sliding_window_on_gpu(sliding_window):
 @given(batches(), st.integers(0, 2**16))
 @settings(max_examples=30, deadline=None)
 def test_compiled_random_batches_on_gpu(seqs, seed):
-    assert_matches_reference(
-        make_inputs(seqs, group=4, dtype=jnp.bfloat16, seed=seed), interpret=False
-    )
+    assert_matches_reference(make_inputs(seqs, group=4, dtype=jnp.bfloat16, seed=seed), interpret=False)

@@ -118,6 +118,28 @@ def test_logprobs_are_the_sampled_tokens(client):
     assert len(c.choices[0].logprobs.tokens) == 4 == len(c.choices[0].logprobs.token_logprobs)
 
 
+def test_top_logprobs_rank_alternatives_with_the_greedy_token_first(client):
+    r = chat(client, max_tokens=6, logprobs=True, top_logprobs=3)
+    for entry in r.choices[0].logprobs.content:
+        alternatives = entry.top_logprobs
+        assert len(alternatives) == 3
+        assert alternatives[0].token == entry.token and alternatives[0].logprob == pytest.approx(
+            entry.logprob
+        )
+        assert alternatives[0].logprob >= alternatives[1].logprob >= alternatives[2].logprob
+    streamed = chat(client, max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+    entries = [
+        e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.top_logprobs[1].token for e in entries] == [
+        e.top_logprobs[1].token for e in r.choices[0].logprobs.content
+    ]
+    c = client.completions.create(model="smollm2", prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+    tops = c.choices[0].logprobs.top_logprobs
+    assert len(tops) == 3 and all(len(t) == 2 for t in tops)
+    assert [max(t, key=t.get) for t in tops] == c.choices[0].logprobs.tokens
+
+
 def test_extensions_top_k_min_tokens_ignore_eos(client):
     r = chat(client, max_tokens=12, extra_body={"min_tokens": 12, "ignore_eos": True, "top_k": 1})
     assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
