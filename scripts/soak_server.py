@@ -187,7 +187,7 @@ def main(argv):
 
     def progress(i):
         bar.update()
-        if proc and bar.n % 100 == 0:
+        if proc and bar.n % max(FLAGS.num_requests // 50, 1) == 0:
             rss.append((bar.n, round(rss_mib(proc.pid), 1)))
 
     start = time.perf_counter()
@@ -219,8 +219,28 @@ def main(argv):
         os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
         with open(FLAGS.output, "w") as f:
             json.dump(report, f, indent=2)
+        if rss:
+            plot_rss(rss, FLAGS.output.removesuffix(".json") + "_rss.png")
     ok = result["failed"] == 0 and not any(idle.values()) and exit_code in (None, 0)
     sys.exit(0 if ok else 1)
+
+
+def plot_rss(rss: list[tuple[int, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([n for n, _ in rss], [v for _, v in rss], marker=".")
+    ax.set_xlabel("requests done")
+    ax.set_ylabel("server RSS (MiB)")
+    ax.set_ylim(0, max(v for _, v in rss) * 1.15)
+    ax.set_title("Server memory during the soak")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def _print_table(r: dict) -> None:

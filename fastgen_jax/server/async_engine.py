@@ -214,8 +214,8 @@ class AsyncEngine:
             out = self.engine.abort(rid)
             if t is not None:
                 self._release()
-                if out is not None and self.on_finish:
-                    self.on_finish(t, out, time.monotonic())
+                if out is not None:
+                    self._finished(t, out, time.monotonic())
 
     def _step(self) -> None:
         try:
@@ -235,10 +235,17 @@ class AsyncEngine:
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release()
-                if self.on_finish:
-                    self.on_finish(t, out, now)
+                self._finished(t, out, now)
             batches[t.loop].append((t.sink, (t.index, out)))
         self._post(batches)
+
+    def _finished(self, t: _Tracked, out: RequestOutput, now: float) -> None:
+        if self.on_finish is None:
+            return
+        try:
+            self.on_finish(t, out, now)
+        except Exception:  # noqa: BLE001 - bookkeeping must never stop the engine
+            log.exception("finish hook failed for %s", out.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
@@ -257,8 +264,7 @@ class AsyncEngine:
             out = self.engine.abort(rid)
             self._release()
             if out is not None:
-                if self.on_finish:
-                    self.on_finish(t, out, now)
+                self._finished(t, out, now)
                 batches[t.loop].append((t.sink, (t.index, out)))
         self._tracked.clear()
         self._post(batches)

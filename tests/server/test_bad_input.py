@@ -158,3 +158,22 @@ def test_full_server_answers_429_at_once_and_recovers(tiny_random_dir):
                 break
             r = post(url, "/v1/completions", completion(max_tokens=2), headers={})
         assert r.status_code == 200
+
+
+def test_a_failed_forward_pass_ends_its_requests_with_500_and_the_server_goes_on(server):
+    url, engine = server
+    real_step = engine.step
+
+    def fail_once():
+        engine.step = real_step  # the engine thread picks the real one up again next turn
+        raise RuntimeError("device fell over")
+
+    engine.step = fail_once
+    try:
+        r = post(url, "/v1/completions", completion(max_tokens=5))
+    finally:
+        engine.step = real_step
+    assert_error(r, 500)
+    assert "device fell over" in r.json()["error"]["message"]
+    assert not engine.has_unfinished() and engine.scheduler.num_free_pages == engine.stats.total_pages
+    assert post(url, "/v1/completions", completion(max_tokens=5)).status_code == 200
