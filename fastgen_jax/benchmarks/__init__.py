@@ -1,0 +1,1 @@
+"""Benchmark building blocks: load generation for a serving endpoint and the metrics FastGen reports."""

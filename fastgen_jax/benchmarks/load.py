@@ -1,0 +1,151 @@
+"""Load for a running OpenAI-compatible server, the way FastGen measured: closed-loop clients, or an
+open-loop Poisson stream of requests as `vllm bench serve` sends.
+
+Prompts are token ids (the completions API takes them), so their lengths are exact whatever the
+server's tokenizer; lengths follow Normal(mean, 0.3 x mean), clipped, and every request sets
+`ignore_eos` so it generates exactly its length. Each request streams, and the time of every chunk is
+recorded (`RequestRecord`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+
+from fastgen_jax.benchmarks.serving_metrics import RequestRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompt_mean: int
+    gen_mean: int
+    prompt_max: int
+    gen_max: int
+    token_low: int = 100  # prompt ids are drawn from [token_low, token_high): ordinary tokens
+    token_high: int = 10000
+
+    def requests(self, n: int, seed: int) -> list[tuple[list[int], int]]:
+        """n (prompt token ids, generation length) pairs."""
+        rng = np.random.default_rng(seed)
+
+        def lengths(mean, high):
+            return np.clip(np.rint(rng.normal(mean, 0.3 * mean, n)), 1, high).astype(int)
+
+        prompts, gens = lengths(self.prompt_mean, self.prompt_max), lengths(self.gen_mean, self.gen_max)
+        return [
+            (rng.integers(self.token_low, self.token_high, p).tolist(), int(g))
+            for p, g in zip(prompts, gens, strict=True)
+        ]
+
+
+async def served_model(client: httpx.AsyncClient) -> str:
+    r = await client.get("/v1/models")
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+async def stream_request(
+    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
+) -> RequestRecord:
+    """One streamed completion; never raises for a server error (the record carries it)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    record = RequestRecord(time.perf_counter(), [], len(prompt), 0)
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                record.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return record
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    record.chunk_times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    record.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    record.output_tokens = chunk["usage"]["completion_tokens"]
+                if "error" in chunk:
+                    record.error = str(chunk["error"])
+    except httpx.HTTPError as e:
+        record.error = f"{type(e).__name__}: {e}"
+    record.end_time = time.perf_counter()
+    if record.output_tokens == 0 and record.error is None:
+        record.output_tokens = len(record.chunk_times)  # a server without include_usage
+    return record
+
+
+async def closed_loop(
+    url: str,
+    requests: list[tuple[list[int], int]],
+    clients: int,
+    warmup: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """`clients` workers, each sending its next request when its last one ends. The first `warmup`
+    requests are sent the same way but left out of the records and the wall time."""
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        model = await served_model(client)
+
+        async def run(batch, records):
+            pending = iter(batch)
+
+            async def worker():
+                for prompt, gen in pending:
+                    records.append(await stream_request(client, model, prompt, gen))
+                    if on_done and records is not warm:
+                        on_done()
+
+            await asyncio.gather(*(worker() for _ in range(clients)))
+
+        warm: list[RequestRecord] = []
+        await run(requests[:warmup], warm)
+        records: list[RequestRecord] = []
+        start = time.perf_counter()
+        await run(requests[warmup:], records)
+        return records, time.perf_counter() - start
+
+
+async def poisson(
+    url: str,
+    requests: list[tuple[list[int], int]],
+    rate: float,
+    seed: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Open loop: request i is sent at the i-th arrival of a Poisson process of `rate` per second."""
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=None, limits=httpx.Limits(max_connections=None)
+    ) as client:
+        model = await served_model(client)
+        start = time.perf_counter()
+
+        async def one(prompt, gen):
+            record = await stream_request(client, model, prompt, gen)
+            if on_done:
+                on_done()
+            return record
+
+        tasks, at = [], 0.0
+        for prompt, gen in requests:
+            at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(prompt, gen)))
+        records = await asyncio.gather(*tasks)
+        return list(records), time.perf_counter() - start

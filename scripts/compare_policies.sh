@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Dynamic SplitFuse against prefill-first scheduling on the same build: one closed-loop sweep per
+# policy (scripts/bench_serving.py starts our server each time), then both drawn on the same plots.
+#
+#   bash scripts/compare_policies.sh                 # CPU preset, SmolLM2 (under 20 minutes on 2 cores)
+#   PRESET=gpu MODEL=checkpoints/llama2-7b-random bash scripts/compare_policies.sh
+#   bash scripts/compare_policies.sh --clients=1,4   # extra flags go to bench_serving.py
+#
+# CPU preset: FastGen's workload scaled to a 2-core CPU. Prompts ~ Normal(512, 154) tokens (FastGen:
+# 2600), generations ~ Normal(32, 10) (FastGen: 60), clients 1-8 (FastGen: 1-32), 2 measured requests
+# per client + 8 per point (FastGen: 4 + 32), token budget 256 (FastGen: 768). SLA scaled to the
+# machine: first token within prompt/256 s (FastGen: /512) and 2 tokens/s (FastGen: 2-6).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-checkpoints/smollm2-135m-instruct}
+PRESET=${PRESET:-cpu}
+OUT=${OUT:-docs/benchmarks}
+NAME=${NAME:-$PRESET}
+case "$PRESET" in
+  cpu)
+    ARGS=(--clients=1,2,4,8 --requests_per_client=2 --extra_requests=8
+          --prompt_mean=512 --prompt_max=900 --gen_mean=32 --gen_max=64
+          --prompt_rate=256 --token_rate=2
+          --serve_flags=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048) ;;
+  gpu)
+    ARGS=(--clients=1,2,4,8,16,32 --prompt_mean=2600 --prompt_max=4000 --gen_mean=60
+          --prompt_rate=512 --token_rate=4
+          --serve_flags=token_budget=768,max_num_seqs=256,max_model_len=4200,kv_memory_fraction=0.85) ;;
+  *) echo "PRESET must be cpu or gpu, got $PRESET" >&2; exit 2 ;;
+esac
+for policy in splitfuse prefill_first; do
+  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${policy}" \
+    --output_dir="$OUT" --noplot "${ARGS[@]}" "$@"
+done
+python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" \
+  "$OUT/serving_${NAME}_splitfuse.json" "$OUT/serving_${NAME}_prefill_first.json"
+python scripts/summarize_policies.py "$OUT/serving_${NAME}_splitfuse.json" "$OUT/serving_${NAME}_prefill_first.json" \
+  | tee "$OUT/serving_${NAME}_comparison.md"
