@@ -195,15 +195,19 @@ class LLMEngine:
         output = self.scheduler.schedule()
         if output.is_empty:
             return []
-        slab = self.slab_builder.build(output)
-        arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
-        self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
-        launched = time.perf_counter()
-        tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
-        top = None
-        if any(e.seq.sampling_params.top_logprobs for e in output.scheduled):
-            top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
+        try:
+            slab = self.slab_builder.build(output)
+            arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
+            self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
+            launched = time.perf_counter()
+            tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
+            top = None
+            if any(e.seq.sampling_params.top_logprobs for e in output.scheduled):
+                top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
+        except BaseException:
+            self.scheduler.abandon(output)  # so the engine can go on once the caller has dealt with it
+            raise
         returned = time.perf_counter()
         self._count_tokens(output)
         self.scheduler.postprocess(output, tokens)

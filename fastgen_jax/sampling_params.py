@@ -74,12 +74,15 @@ class SamplingParams:
         return dataclasses.replace(self, seed=random.randrange(2**32))
 
 
-def _check_int(params: SamplingParams, name: str, low: int) -> None:
+def _check_int(params: SamplingParams, name: str, low: int, high: int = 2**31 - 1) -> None:
+    """An integer in [low, high]; the default high keeps it an int32 on the device."""
     value = getattr(params, name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise SamplingParamsError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise SamplingParamsError(f"{name} must be <= {high}, got {value}")
 
 
 def _check_number(

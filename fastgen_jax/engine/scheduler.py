@@ -178,6 +178,12 @@ class Scheduler:
             self._in_flight = out
         return out
 
+    def abandon(self, output: SchedulerOutput) -> None:
+        """Forgets the step in flight after its forward pass failed. Nothing advances: its tokens are
+        scheduled again by the next `schedule()`, and the pages they got stay with their sequences."""
+        if output is self._in_flight:
+            self._in_flight = None
+
     def postprocess(self, output: SchedulerOutput, sampled_token_ids: SampledTokens) -> None:
         """Records a finished step: advances the computed tokens and appends sampled ones.
 

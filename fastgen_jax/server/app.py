@@ -175,6 +175,8 @@ async def _until_disconnect(request: Request, work) -> bool:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        if not task.done() and not watcher.done():  # this handler itself was cancelled
+            task.cancel()
     if task.done():
         task.result()  # raises the engine's error, if any
         return True
@@ -227,7 +229,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         body.check_unsupported()
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "echo")
-        prompts = _completion_prompts(state, body.prompt)
+        prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # off the event loop
         logprobs = body.logprobs is not None
         requests = _requests(state, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt")
         echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
@@ -246,7 +248,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         body.check_unsupported()
-        ids = state.encode_chat(body, body.chat_template_kwargs or {})
+        ids = await asyncio.to_thread(state.encode_chat, body, body.chat_template_kwargs or {})
         max_tokens = body.max_completion_tokens or body.max_tokens
         requests = _requests(
             state, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
@@ -361,6 +363,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStepError)
     async def step_failed(request: Request, exc: EngineStepError):
         return reply(request, APIError(500, str(exc), type="server_error"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+        return reply(request, APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
 # ---------------------------------------------------------------------- middleware

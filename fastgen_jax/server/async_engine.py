@@ -116,6 +116,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._outstanding = 0  # admitted and not yet finished; guarded by _lock
         self._accepting = True
+        self.last_step_failed = False
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle (any thread)
@@ -125,14 +126,16 @@ class AsyncEngine:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stops taking requests, aborts those still running (their streams end) and joins."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False
         if self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self._accepting
+        """Serving: the thread runs, takes requests, and its last forward pass (if any) worked."""
+        return self._thread.is_alive() and self._accepting and not self.last_step_failed
 
     @property
     def num_outstanding(self) -> int:
@@ -142,22 +145,20 @@ class AsyncEngine:
 
     def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
         """Queues `requests` to run together; raises QueueFullError or EngineStoppedError at once."""
-        self._admit(len(requests))
         loop, sink = asyncio.get_running_loop(), asyncio.Queue()
         arrival = time.monotonic()
-        self._commands.put(("add", [_Tracked(r, i, loop, sink, arrival) for i, r in enumerate(requests)]))
-        return RequestGroup(self._commands, requests, sink)
-
-    def _admit(self, n: int) -> None:
-        if not self.alive:
-            raise EngineStoppedError("the server is shutting down")
-        with self._lock:
-            if self._outstanding + n > self.capacity:
+        tracked = [_Tracked(r, i, loop, sink, arrival) for i, r in enumerate(requests)]
+        with self._lock:  # the engine thread stops accepting under this lock, so no add is orphaned
+            if not self._accepting or not self._thread.is_alive():
+                raise EngineStoppedError("the server is shutting down")
+            if self._outstanding + len(requests) > self.capacity:
                 raise QueueFullError(
                     f"the server is full ({self._outstanding} requests in flight, at most "
                     f"{self.capacity}); retry later"
                 )
-            self._outstanding += n
+            self._outstanding += len(requests)
+            self._commands.put(("add", tracked))
+        return RequestGroup(self._commands, requests, sink)
 
     def _release(self, n: int = 1) -> None:
         with self._lock:
@@ -173,7 +174,8 @@ class AsyncEngine:
         except BaseException:  # noqa: BLE001 - the thread must hand every request an answer
             log.exception("engine thread died")
         finally:
-            self._accepting = False
+            with self._lock:
+                self._accepting = False
             self._end_all()
 
     def _take_commands(self, block: bool) -> bool:
@@ -202,7 +204,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     sampling_params=r.params, request_id=r.request_id, prompt_token_ids=r.prompt_token_ids
                 )
-            except ValueError as error:
+            except Exception as error:  # noqa: BLE001 - answer the handler whatever went wrong
                 self._release()
                 self._post({t.loop: [(t.sink, error)]})
                 continue
@@ -222,8 +224,10 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as error:  # noqa: BLE001 - fail the requests, keep serving
             log.exception("engine step failed; ending the %d requests in flight", len(self._tracked))
+            self.last_step_failed = True  # /health says 503 until a step works again
             self._fail_all(EngineStepError(f"generation failed: {error}"))
             return
+        self.last_step_failed = False
         now = time.monotonic()
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for out in outputs:
@@ -261,8 +265,12 @@ class AsyncEngine:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         now = time.monotonic()
         for rid, t in list(self._tracked.items()):
-            out = self.engine.abort(rid)
             self._release()
+            try:
+                out = self.engine.abort(rid)
+            except Exception as error:  # noqa: BLE001 - still answer the handler
+                batches[t.loop].append((t.sink, EngineStoppedError(f"the engine stopped: {error}")))
+                continue
             if out is not None:
                 self._finished(t, out, now)
                 batches[t.loop].append((t.sink, (t.index, out)))

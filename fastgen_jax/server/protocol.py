@@ -56,8 +56,8 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -72,6 +72,8 @@ class _SamplingFields(_Request):
             raise APIError(400, "stop must not contain empty strings", "stop")
         if self.stop == "":
             raise APIError(400, "stop must not be an empty string", "stop")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
 
     def sampling_params(
         self, max_tokens: int, logprobs: bool, top_logprobs: int = 0, index: int = 0
@@ -117,6 +119,10 @@ class CompletionRequest(_SamplingFields):
             raise APIError(400, "best_of is not supported (leave it unset or equal to n)", "best_of")
 
 
+# A request may set template variables (e.g. enable_thinking), never the template or its inputs.
+_RESERVED_TEMPLATE_KEYS = {"chat_template", "messages", "add_generation_prompt", "tools", "documents", "self"}
+
+
 class TextPart(_Request):
     type: Literal["text"]
     text: str
@@ -147,6 +153,13 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError(400, "tools are not supported", "tools")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if key in _RESERVED_TEMPLATE_KEYS or not key.isidentifier():
+                raise APIError(400, f"chat_template_kwargs may not set {key!r}", "chat_template_kwargs")
+            if not isinstance(value, str | int | float | bool | None):
+                raise APIError(
+                    400, f"chat_template_kwargs.{key} must be a plain value", "chat_template_kwargs"
+                )
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as the chat template expects them: text parts joined into one string."""

@@ -62,6 +62,13 @@ BAD_REQUESTS = [
     ("min_tokens above max_tokens", "/v1/completions", completion(min_tokens=9), 400, "min_tokens"),
     ("empty stop string", "/v1/completions", completion(stop=[""]), 400, "stop"),
     ("presence_penalty", "/v1/completions", completion(presence_penalty=1.0), 400, "presence_penalty"),
+    ("top_k beyond int32", "/v1/completions", completion(top_k=2**31), 400, "top_k"),
+    ("stream_options without stream", "/v1/completions", completion(stream_options={"include_usage": True}),
+     400, "stream_options"),
+    ("a template smuggled in chat_template_kwargs", "/v1/chat/completions",
+     chat(chat_template_kwargs={"chat_template": "{{ 'x' * 10**9 }}"}), 400, "chat_template_kwargs"),
+    ("chat_template_kwargs naming a template input", "/v1/chat/completions",
+     chat(chat_template_kwargs={"messages": []}), 400, "chat_template_kwargs"),
     ("tools", "/v1/chat/completions", chat(tools=[{"type": "function"}]), 400, "tools"),
     ("body over the size limit", "/v1/completions", completion(prompt="x" * (2 * LIMIT)), 413, None),
     ("detokenize ids outside the vocabulary", "/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
@@ -162,18 +169,20 @@ def test_full_server_answers_429_at_once_and_recovers(tiny_random_dir):
 
 def test_a_failed_forward_pass_ends_its_requests_with_500_and_the_server_goes_on(server):
     url, engine = server
-    real_step = engine.step
+    real_execute = engine.runner.execute
 
-    def fail_once():
-        engine.step = real_step  # the engine thread picks the real one up again next turn
+    def fail_once(*args):
+        engine.runner.execute = real_execute  # the next step runs for real
         raise RuntimeError("device fell over")
 
-    engine.step = fail_once
+    engine.runner.execute = fail_once  # fails inside step(), after the scheduler composed it
     try:
         r = post(url, "/v1/completions", completion(max_tokens=5))
     finally:
-        engine.step = real_step
+        engine.runner.execute = real_execute
     assert_error(r, 500)
     assert "device fell over" in r.json()["error"]["message"]
+    assert httpx.get(url + "/health").status_code == 503  # until a forward pass works again
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == engine.stats.total_pages
     assert post(url, "/v1/completions", completion(max_tokens=5)).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200

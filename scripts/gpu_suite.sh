@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a lent H100/H200 should run, in one call of under 10 minutes:
+#   1. the Pallas kernel tests compiled (no interpreter) and bench_attention.py (gpu_kernel_tests.sh);
+#   2. decode and prefill step times of a Llama-2-7B-shaped model (random bf16 weights, made here)
+#      against the HBM and matmul rooflines (bench_step_roofline.py);
+#   3. a short bench_serving.py sweep for both policies on SmolLM2 (compare_policies.sh, gpu preset
+#      scaled down);
+#   4. Hugging Face transformers' continuous batching on the GPU as a peer (bench_offline.py).
+# Results land in docs/benchmarks/ with the card named; bring them back through $OUT.
+#
+# The GPU image has no internet and lacks some of our dependencies (fastapi, uvicorn, pydantic, gguf):
+# run `bash scripts/gpu_wheels.sh` here first, which downloads them as Python 3.12 wheels into
+# gpu_wheels/, and carry that folder (and checkpoints/smollm2-135m-instruct) with the call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-docs/benchmarks}
+if [ -d gpu_wheels ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps gpu_wheels/*.whl || exit 1
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+card=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind.replace(" ", "_"))') || exit 1
+echo "card: $card"
+mkdir -p "$OUT"
+status=0
+step() { echo "=== $*"; local t=$SECONDS; "$@" || status=$?; echo "=== done in $((SECONDS - t)) s"; }
+
+step timeout 150 bash scripts/gpu_kernel_tests.sh
+[ -d checkpoints/llama2-7b-random ] || step timeout 120 "$PYTHON" -m fastgen_jax.checkpoints random llama2-7b
+step timeout 120 "$PYTHON" scripts/bench_step_roofline.py --model=checkpoints/llama2-7b-random \
+  --output="$OUT/step_roofline_${card}.json"
+step timeout 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL=checkpoints/smollm2-135m-instruct \
+  bash scripts/compare_policies.sh --clients=4,16 --requests_per_client=2 --extra_requests=8
+step timeout 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_len=1200 --gen_len=60 \
+  --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
+[ -n "${OUT_COPY:-}" ] && cp -r "$OUT"/. "$OUT_COPY"/
+exit "$status"
