@@ -2,12 +2,17 @@
 effective throughput, P99 inter-token latency and mean latency, with their ratios.
 
     python scripts/summarize_policies.py serving_cpu_splitfuse.json serving_cpu_prefill_first.json
+    python scripts/summarize_policies.py A.json B.json --token_rate=1   # re-judge the raw records
+
+With --prompt_rate/--token_rate the SLA is re-applied to the recorded timelines (no rerun needed).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+
+from fastgen_jax.benchmarks.serving_metrics import SLA, RequestRecord, summarize
 
 
 def _ratio(a, b):
@@ -48,12 +53,30 @@ def compare(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 3:
-        raise SystemExit("usage: summarize_policies.py FIRST.json SECOND.json")
-    with open(argv[1]) as f, open(argv[2]) as g:
-        print(compare(json.load(f), json.load(g)))
+def rejudge(report: dict, sla: SLA) -> dict:
+    """The report with every point summarized again under `sla`."""
+    for p in report["points"]:
+        records = [RequestRecord(**r) for r in p["records"]]
+        x = {k: p["summary"][k] for k in ("clients", "rate") if k in p["summary"]}
+        p["summary"] = {**summarize(records, p["summary"]["wall_seconds"], sla), **x}
+    report["sla"] = {"prompt_rate": sla.prompt_rate, "token_rate": sla.token_rate, "ema_span": sla.ema_span}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("first")
+    parser.add_argument("second")
+    parser.add_argument("--prompt_rate", type=float, help="re-judge with this SLA prompt rate")
+    parser.add_argument("--token_rate", type=float, help="re-judge with this SLA token rate")
+    args = parser.parse_args()
+    with open(args.first) as f, open(args.second) as g:
+        a, b = json.load(f), json.load(g)
+    if args.prompt_rate or args.token_rate:
+        sla = SLA(args.prompt_rate or a["sla"]["prompt_rate"], args.token_rate or a["sla"]["token_rate"])
+        a, b = rejudge(a, sla), rejudge(b, sla)
+    print(compare(a, b))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()
