@@ -172,9 +172,7 @@ def ragged_paged_attention_kernel(
             pv = _dot(p.astype(v.dtype), v, precision)  # [M, D]
             return max_new, alpha * row_sum + p.sum(axis=1), alpha[:, None] * acc + pv
 
-        lo, full_lo, full_hi, hi = _kv_tile_bounds(
-            first_pos, num_rows, kv_len, block_kv, sliding_window
-        )
+        lo, full_lo, full_hi, hi = _kv_tile_bounds(first_pos, num_rows, kv_len, block_kv, sliding_window)
         carry = (
             jnp.full((tile_rows,), mask_value, jnp.float32),
             jnp.zeros((tile_rows,), jnp.float32),
@@ -330,21 +328,15 @@ def ragged_paged_attention(
         mask_value=DEFAULT_MASK_VALUE,
     )
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h: (0,) * x.ndim)
-    per_head_q = pl.BlockSpec(
-        (q.shape[0], _SQUEEZED, group_padded, head_dim), lambda b, h: (0, h, 0, 0)
-    )
-    per_head_kv = pl.BlockSpec(
-        (_SQUEEZED, num_pages, page_size, head_dim), lambda b, h: (h, 0, 0, 0)
-    )
+    per_head_q = pl.BlockSpec((q.shape[0], _SQUEEZED, group_padded, head_dim), lambda b, h: (0, h, 0, 0))
+    per_head_kv = pl.BlockSpec((_SQUEEZED, num_pages, page_size, head_dim), lambda b, h: (h, 0, 0, 0))
     out = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),
         in_specs=[whole(block_table), whole(page_indices), per_head_q, per_head_kv, per_head_kv],
         out_specs=per_head_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_triton_compiler_params(
-            num_warps or tiles.num_warps, num_stages or tiles.num_stages
-        ),
+        compiler_params=_triton_compiler_params(num_warps or tiles.num_warps, num_stages or tiles.num_stages),
         interpret=interpret,
         debug=debug,
         name=f"ragged_paged_attention_{block_q=}_{pages_per_block=}",

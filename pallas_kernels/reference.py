@@ -59,12 +59,14 @@ def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
     return seq, q_pos, valid
 
 
-def _attend_rows(qg, seq, q_pos, kv_len, k_pages, v_pages, page_indices, *, sliding_window,
-                 pages_per_block):
+def _attend_rows(
+    qg, seq, q_pos, kv_len, valid, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+):
     """Rows that may belong to different sequences: each gathers its own sequence's pages.
 
-    qg f32[R, KVH, G, D] (already scaled); seq, q_pos, kv_len i32[R]. Walks the page table in blocks
-    of `pages_per_block` pages with an online softmax. Returns unnormalised (acc, denom).
+    qg f32[R, KVH, G, D] (already scaled); seq, q_pos, kv_len i32[R]; valid bool[R]. Walks the page
+    table in blocks of `pages_per_block` pages with an online softmax, only as far as the longest
+    real row's context reaches. Returns unnormalised (acc, denom).
     """
     num_rows, num_kv_heads, group, head_dim = qg.shape
     page_size = k_pages.shape[2]
@@ -94,25 +96,60 @@ def _attend_rows(qg, seq, q_pos, kv_len, k_pages, v_pages, page_indices, *, slid
         jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, denom, acc = jax.lax.fori_loop(0, width // pages_per_block, body, init)
+    longest = jnp.max(jnp.where(valid, kv_len, 0))
+    num_blocks = jnp.minimum((longest + block_len - 1) // block_len, width // pages_per_block)
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
     return acc, denom
 
 
-def _attend_one_sequence(qg, s, q_pos, kv_lens, k_pages, v_pages, page_indices, *, sliding_window):
-    """Rows that all belong to sequence `s`: its pages are gathered once and attention is dense.
+def _attend_one_sequence(
+    qg, s, q_pos, valid, kv_lens, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+):
+    """Rows that all belong to sequence `s`: each block of its pages is gathered once for all rows.
 
-    qg f32[R, KVH, G, D] (already scaled); q_pos i32[R]. Returns unnormalised (acc, denom).
+    qg f32[R, KVH, G, D] (already scaled); q_pos i32[R]; valid bool[R]. Walks the page table in blocks
+    of `pages_per_block` pages with an online softmax, only up to the last key a real row can see, so
+    the cost follows the context, not the padded width of the page table. Returns unnormalised
+    (acc, denom).
     """
-    num_kv_heads, _, page_size, head_dim = k_pages.shape
-    pages = page_indices[s]  # [W]
-    k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim).astype(jnp.float32)  # [KVH, W*P, D]
-    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,kcd->tkgc", qg, k)  # [R, KVH, G, W*P]
-    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-    mask = _mask(kv_pos, q_pos, jnp.broadcast_to(kv_lens[s], q_pos.shape), sliding_window)
-    scores = jnp.where(mask[:, None, None, :], scores, DEFAULT_MASK_VALUE)
-    p = jnp.where(mask[:, None, None, :], jnp.exp(scores - scores.max(-1, keepdims=True)), 0.0)
-    return jnp.einsum("tkgc,kcd->tkgd", p, v), p.sum(axis=-1)
+    num_rows, num_kv_heads, group, head_dim = qg.shape
+    page_size = k_pages.shape[2]
+    width = page_indices.shape[1]
+    block_len = pages_per_block * page_size
+    kv_len = jnp.broadcast_to(kv_lens[s], q_pos.shape)
+
+    def body(b, carry):
+        m, denom, acc = carry  # [R, KVH, G], [R, KVH, G], [R, KVH, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(page_indices[s], b * pages_per_block, pages_per_block)
+        k = k_pages[:, pages].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+        scores = jnp.einsum("tkgd,kcd->tkgc", qg, k)  # [R, KVH, G, C]
+        kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
+        mask = _mask(kv_pos, q_pos, kv_len, sliding_window)  # [R, C]
+        scores = jnp.where(mask[:, None, None, :], scores, DEFAULT_MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.where(mask[:, None, None, :], jnp.exp(scores - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        return (
+            m_new,
+            alpha * denom + p.sum(axis=-1),
+            alpha[..., None] * acc + jnp.einsum("tkgc,kcd->tkgd", p, v),
+        )
+
+    init = (
+        jnp.full((num_rows, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    last_key = jnp.minimum(jnp.max(jnp.where(valid, q_pos, 0)) + 1, kv_lens[s])  # keys beyond are masked
+    first_block = 0
+    if sliding_window is not None:  # keys before the window of the first real row are masked too
+        first_block = (
+            jnp.maximum(jnp.min(jnp.where(valid, q_pos, last_key)) - sliding_window + 1, 0) // block_len
+        )
+    num_blocks = jnp.minimum((last_key + block_len - 1) // block_len, width // pages_per_block)
+    _, denom, acc = jax.lax.fori_loop(first_block, num_blocks, body, init)
+    return acc, denom
 
 
 def _mask(kv_pos, q_pos, kv_len, sliding_window):
@@ -123,9 +160,7 @@ def _mask(kv_pos, q_pos, kv_len, sliding_window):
     return mask
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block", "block_rows")
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block", "block_rows"))
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
@@ -160,24 +195,62 @@ def ragged_paged_attention_reference(
 
     seq, q_pos, valid = _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows)
     qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim) * sm_scale
+    sub_rows = math.gcd(8, block_rows)
+
+    def attend(qb, sb, pb, vb, mixed):
+        """Rows of one block: nothing (padding), dense (one sequence), or `mixed(...)`."""
+        zeros = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32))
+        one_seq = jnp.all(jnp.where(vb, sb == sb[0], True))
+        branch = jnp.where(~vb[0], 0, jnp.where(one_seq, 1, 2))  # real rows come first in a slab
+        return jax.lax.switch(
+            branch,
+            [
+                lambda: zeros,
+                lambda: _attend_one_sequence(
+                    qb,
+                    sb[0],
+                    pb,
+                    vb,
+                    kv_lens,
+                    k_pages,
+                    v_pages,
+                    page_indices,
+                    sliding_window=sliding_window,
+                    pages_per_block=pages_per_block,
+                ),
+                lambda: mixed(qb, sb, pb, vb),
+            ],
+        )
+
+    def per_row(qb, sb, pb, vb):
+        return _attend_rows(
+            qb,
+            sb,
+            pb,
+            kv_lens[sb],
+            vb,
+            k_pages,
+            v_pages,
+            page_indices,
+            sliding_window=sliding_window,
+            pages_per_block=pages_per_block,
+        )
+
+    def sub_blocks(qb, sb, pb, vb):
+        # A mixed block (decode rows beside a prompt chunk) is retried in sub-blocks of 8 rows, so
+        # only the rows that really mix pay the per-row path; the prompt rows stay dense.
+        def one(x):
+            return attend(*x, per_row)
+
+        split = [x.reshape(-1, sub_rows, *x.shape[1:]) for x in (qb, sb, pb, vb)]
+        acc, denom = jax.lax.map(one, tuple(split))
+        return acc.reshape(qb.shape), denom.reshape(qb.shape[:-1])
 
     def one_block(b):
         first = b * block_rows
         qb = jax.lax.dynamic_slice_in_dim(qg, first, block_rows)
         sb, pb, vb = (jax.lax.dynamic_slice_in_dim(x, first, block_rows) for x in (seq, q_pos, valid))
-        zeros = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32))
-        one_seq = jnp.all(jnp.where(vb, sb == sb[0], True))
-        branch = jnp.where(~vb[0], 0, jnp.where(one_seq, 1, 2))
-        return jax.lax.switch(
-            branch,
-            [
-                lambda: zeros,
-                lambda: _attend_one_sequence(qb, sb[0], pb, kv_lens, k_pages, v_pages, page_indices,
-                                             sliding_window=sliding_window),
-                lambda: _attend_rows(qb, sb, pb, kv_lens[sb], k_pages, v_pages, page_indices,
-                                     sliding_window=sliding_window, pages_per_block=pages_per_block),
-            ],
-        )
+        return attend(qb, sb, pb, vb, sub_blocks if sub_rows < block_rows else per_row)
 
     acc, denom = jax.lax.map(one_block, jnp.arange(num_rows // block_rows))
     acc = acc.reshape(num_rows, num_kv_heads, group, head_dim)
