@@ -178,11 +178,13 @@ def ragged_paged_attention_reference(
     """Attention of every slab row over its own sequence's paged keys and values.
 
     The slab is walked in blocks of `block_rows` rows. A block whose rows all belong to one sequence
-    (the bulk of every prompt chunk) gathers that sequence's pages once and attends densely. A block
-    that mixes sequences (decode rows, chunk boundaries) lets each row gather its own pages, in
-    page blocks with an online softmax. A block of padding rows costs nothing. So a step's cost
-    follows its real tokens: prompt rows pay dense attention over their context, decode rows pay one
-    read of their own context.
+    (the bulk of every prompt chunk) gathers each block of that sequence's pages once for all its
+    rows. A block that mixes sequences (decode rows beside a prompt chunk, chunk boundaries) is
+    retried in sub-blocks of 8 rows, and only a sub-block that still mixes lets each row gather its
+    own pages. A block of padding rows costs nothing, and every walk over pages stops at the last key
+    a real row can see. So a step's cost follows its real tokens and their real context, not the
+    padded page-table width: prompt rows pay attention over their context, decode rows one read of
+    theirs, and fusing decodes with a prompt chunk (Dynamic SplitFuse) costs what the two cost apart.
     """
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
