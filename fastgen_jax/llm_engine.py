@@ -46,7 +46,12 @@ _FINISH_STATUS = {
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take (empty or too long prompt, bad settings); says why."""
+    """A request the engine cannot take (empty or too long prompt, bad settings); says why, and
+    `param` names the offending input ("prompt", "max_tokens", ...) when there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclasses.dataclass
@@ -144,21 +149,23 @@ class LLMEngine:
     def check_prompt(self, ids: list[int], max_new_tokens: int = 1) -> None:
         """Raises RequestError unless `ids` plus `max_new_tokens` generated tokens fit the engine."""
         if not ids:
-            raise RequestError("prompt is empty")
+            raise RequestError("prompt is empty", "prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 f"prompt has {len(ids)} tokens; the context holds "
                 f"{self.max_model_len} (max_model_len) including at least one "
-                "generated token"
+                "generated token",
+                "prompt",
             )
         if len(ids) + max_new_tokens > self.max_model_len:
             raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the context of "
-                f"{self.max_model_len} tokens (max_model_len)"
+                f"{self.max_model_len} tokens (max_model_len)",
+                "max_tokens",
             )
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request now and frees its KV pages; None if it is unknown or already done."""
@@ -203,7 +210,9 @@ class LLMEngine:
             tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
             top = None
-            if any(e.seq.sampling_params.top_logprobs for e in output.scheduled):
+            if sampling["logprobs"].any() and any(
+                e.seq.sampling_params.top_logprobs for e in output.scheduled
+            ):
                 top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
         except BaseException:
             self.scheduler.abandon(output)  # so the engine can go on once the caller has dealt with it

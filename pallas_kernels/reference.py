@@ -59,81 +59,29 @@ def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
     return seq, q_pos, valid
 
 
-def _attend_rows(
-    qg, seq, q_pos, kv_len, valid, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
-):
-    """Rows that may belong to different sequences: each gathers its own sequence's pages.
-
-    qg f32[R, KVH, G, D] (already scaled); seq, q_pos, kv_len i32[R]; valid bool[R]. Walks the page
-    table in blocks of `pages_per_block` pages with an online softmax, only as far as the longest
-    real row's context reaches. Returns unnormalised (acc, denom).
-    """
+def _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, *, block_len, sliding_window, per_row):
+    """Online softmax over page blocks [first_block, num_blocks) of keys and values from `gather(b)`:
+    f32[KVH, R, C, D] each when every row has its own (`per_row`), f32[KVH, C, D] when all rows share
+    one sequence. qg f32[R, KVH, G, D] (already scaled); q_pos, kv_len i32[R]. Returns unnormalised
+    (acc, denom)."""
     num_rows, num_kv_heads, group, head_dim = qg.shape
-    page_size = k_pages.shape[2]
-    width = page_indices.shape[1]
-    block_len = pages_per_block * page_size
+    kv = "ktcd" if per_row else "kcd"
 
     def body(b, carry):
         m, denom, acc = carry  # [R, KVH, G], [R, KVH, G], [R, KVH, G, D]
-        cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
-        pages = cols[seq]  # [R, pages_per_block]
-        k = k_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
-        v = v_pages[:, pages].reshape(num_kv_heads, num_rows, block_len, head_dim)
-        s = jnp.einsum("tkgd,ktcd->tkgc", qg, k.astype(jnp.float32))  # [R, KVH, G, C]
+        k, v = gather(b)
+        s = jnp.einsum(f"tkgd,{kv}->tkgc", qg, k)  # [R, KVH, G, C]
         kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [C]
-        mask = _mask(kv_pos, q_pos, kv_len, sliding_window)  # [R, C]
-        s = jnp.where(mask[:, None, None, :], s, DEFAULT_MASK_VALUE)
+        mask = _mask(kv_pos, q_pos, kv_len, sliding_window)[:, None, None, :]  # [R, 1, 1, C]
+        s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # Zero masked entries explicitly: in a block with no visible key, s - m_new is 0 there.
-        p = jnp.where(mask[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        denom_new = alpha * denom + p.sum(axis=-1)
-        acc_new = alpha[..., None] * acc + jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
-        return m_new, denom_new, acc_new
-
-    init = (
-        jnp.full((num_rows, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
-        jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
-        jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
-    )
-    longest = jnp.max(jnp.where(valid, kv_len, 0))
-    num_blocks = jnp.minimum((longest + block_len - 1) // block_len, width // pages_per_block)
-    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    return acc, denom
-
-
-def _attend_one_sequence(
-    qg, s, q_pos, valid, kv_lens, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
-):
-    """Rows that all belong to sequence `s`: each block of its pages is gathered once for all rows.
-
-    qg f32[R, KVH, G, D] (already scaled); q_pos i32[R]; valid bool[R]. Walks the page table in blocks
-    of `pages_per_block` pages with an online softmax, only up to the last key a real row can see, so
-    the cost follows the context, not the padded width of the page table. Returns unnormalised
-    (acc, denom).
-    """
-    num_rows, num_kv_heads, group, head_dim = qg.shape
-    page_size = k_pages.shape[2]
-    width = page_indices.shape[1]
-    block_len = pages_per_block * page_size
-    kv_len = jnp.broadcast_to(kv_lens[s], q_pos.shape)
-
-    def body(b, carry):
-        m, denom, acc = carry  # [R, KVH, G], [R, KVH, G], [R, KVH, G, D]
-        pages = jax.lax.dynamic_slice_in_dim(page_indices[s], b * pages_per_block, pages_per_block)
-        k = k_pages[:, pages].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
-        scores = jnp.einsum("tkgd,kcd->tkgc", qg, k)  # [R, KVH, G, C]
-        kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
-        mask = _mask(kv_pos, q_pos, kv_len, sliding_window)  # [R, C]
-        scores = jnp.where(mask[:, None, None, :], scores, DEFAULT_MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=-1))
-        p = jnp.where(mask[:, None, None, :], jnp.exp(scores - m_new[..., None]), 0.0)
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         return (
             m_new,
             alpha * denom + p.sum(axis=-1),
-            alpha[..., None] * acc + jnp.einsum("tkgc,kcd->tkgd", p, v),
+            alpha[..., None] * acc + jnp.einsum(f"tkgc,{kv}->tkgd", p, v),
         )
 
     init = (
@@ -141,15 +89,58 @@ def _attend_one_sequence(
         jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32),
     )
+    _, denom, acc = jax.lax.fori_loop(first_block, num_blocks, body, init)
+    return acc, denom
+
+
+def _attend_rows(
+    qg, seq, q_pos, kv_len, valid, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+):
+    """Rows that may belong to different sequences: each gathers its own sequence's pages, only as
+    far as the longest real row's context reaches. seq, q_pos, kv_len i32[R]; valid bool[R]."""
+    num_rows, num_kv_heads, _, head_dim = qg.shape
+    block_len = pages_per_block * k_pages.shape[2]
+
+    def gather(b):
+        cols = jax.lax.dynamic_slice_in_dim(page_indices, b * pages_per_block, pages_per_block, 1)
+        pages = cols[seq]  # [R, pages_per_block]
+        shape = (num_kv_heads, num_rows, block_len, head_dim)
+        return (x[:, pages].reshape(shape).astype(jnp.float32) for x in (k_pages, v_pages))
+
+    longest = jnp.max(jnp.where(valid, kv_len, 0))
+    num_blocks = jnp.minimum((longest + block_len - 1) // block_len, page_indices.shape[1] // pages_per_block)
+    return _walk_pages(qg, q_pos, kv_len, gather, 0, num_blocks, block_len=block_len,
+                       sliding_window=sliding_window, per_row=True)  # fmt: skip
+
+
+def _attend_one_sequence(
+    qg, s, q_pos, valid, kv_lens, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+):
+    """Rows that all belong to sequence `s`: each block of its pages is gathered once for all rows,
+    and only blocks a real row can see are visited, so the cost follows the context, not the padded
+    width of the page table. q_pos i32[R]; valid bool[R]."""
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    block_len = pages_per_block * page_size
+
+    def gather(b):
+        pages = jax.lax.dynamic_slice_in_dim(page_indices[s], b * pages_per_block, pages_per_block)
+        return (
+            x[:, pages].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+            for x in (k_pages, v_pages)
+        )
+
     last_key = jnp.minimum(jnp.max(jnp.where(valid, q_pos, 0)) + 1, kv_lens[s])  # keys beyond are masked
     first_block = 0
     if sliding_window is not None:  # keys before the window of the first real row are masked too
         first_block = (
             jnp.maximum(jnp.min(jnp.where(valid, q_pos, last_key)) - sliding_window + 1, 0) // block_len
         )
-    num_blocks = jnp.minimum((last_key + block_len - 1) // block_len, width // pages_per_block)
-    _, denom, acc = jax.lax.fori_loop(first_block, num_blocks, body, init)
-    return acc, denom
+    num_blocks = jnp.minimum(
+        (last_key + block_len - 1) // block_len, page_indices.shape[1] // pages_per_block
+    )
+    kv_len = jnp.broadcast_to(kv_lens[s], q_pos.shape)
+    return _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, block_len=block_len,
+                       sliding_window=sliding_window, per_row=False)  # fmt: skip
 
 
 def _mask(kv_pos, q_pos, kv_len, sliding_window):

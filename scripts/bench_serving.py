@@ -23,15 +23,12 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import signal
-import subprocess
-import sys
 import time
 
 from absl import app, flags
 
-from fastgen_jax.benchmarks.load import Workload, closed_loop, poisson
+from fastgen_jax.benchmarks.load import Workload, closed_loop, poisson, start_server
 from fastgen_jax.benchmarks.serving_metrics import SLA, summarize
 
 FLAGS = flags.FLAGS
@@ -54,17 +51,6 @@ flags.DEFINE_float("token_rate", 4.0, "SLA: tokens per second the EMA of token g
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("output_dir", "docs/benchmarks", "Where the JSON (and plots) go.")
 flags.DEFINE_bool("plot", True, "Draw the plots for this run alone.")
-
-
-def start_server(model: str, policy: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-m", "fastgen_jax.serve", f"--model={model}", f"--policy={policy}", "--port=0"]
-    args += [f"--{f}" for f in extra]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        if match := re.search(r"on (http://\S+) ", line):
-            return proc, match.group(1)
-    raise SystemExit(f"the server exited ({proc.wait()}) before listening")
 
 
 def run_point(url: str, workload: Workload, point: float, poisson_mode: bool, index: int):

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -151,20 +150,6 @@ def rss_mib(pid: int) -> float:
     return kb / 1024
 
 
-def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
-    args = [
-        sys.executable, "-m", "fastgen_jax.serve", f"--model={model_dir}", "--port=0",
-        "--token_budget=128", "--max_num_seqs=32", "--max_model_len=512", "--kv_pages=1100",
-        "--served_model_name=tiny",
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        match = re.search(r"on (http://\S+)", line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError(f"the server exited ({proc.wait()}) before listening")
-
-
 def main(argv):
     del argv
     import logging
@@ -181,7 +166,12 @@ def main(argv):
 
         tmp = tempfile.TemporaryDirectory()
         make_random_checkpoint(tmp.name, Tokenizer.from_hf_dir(FLAGS.tokenizer_from))
-        proc, url = start_server(tmp.name)
+        from fastgen_jax.benchmarks.load import start_server
+
+        proc, url = start_server([
+            f"--model={tmp.name}", "--token_budget=128", "--max_num_seqs=32", "--max_model_len=512",
+            "--kv_pages=1100", "--served_model_name=tiny",
+        ])  # fmt: skip
     rss = []
     bar = tqdm(total=FLAGS.num_requests, desc="soak", unit="req")
 

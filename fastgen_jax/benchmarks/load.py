@@ -13,6 +13,9 @@ import asyncio
 import dataclasses
 import json
 import random
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -149,3 +152,16 @@ async def poisson(
             tasks.append(asyncio.create_task(one(prompt, gen)))
         records = await asyncio.gather(*tasks)
         return list(records), time.perf_counter() - start
+
+
+def start_server(flags: list[str], echo: bool = False) -> tuple[subprocess.Popen, str]:
+    """Starts `python -m fastgen_jax.serve --port=0 <flags>` and returns it with the URL it prints
+    once its programs are compiled (`echo` copies its stdout until then)."""
+    args = [sys.executable, "-m", "fastgen_jax.serve", "--port=0", *flags]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if echo:
+            print(line, end="", flush=True)
+        if match := re.search(r" on (http://\S+) ", line):
+            return proc, match.group(1)
+    raise RuntimeError(f"the server exited ({proc.wait()}) before listening")

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from fastgen_jax.benchmarks.serving_metrics import RequestRecord
+
 
 def _x_key(report: dict[str, Any]) -> str:
     return "rate" if report.get("mode") == "poisson" else "clients"
@@ -62,7 +64,7 @@ def plot_reports(reports: list[dict[str, Any]], prefix: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for rep in reports:
             point = next(p for p in rep["points"] if p["summary"][_x_key(rep)] == at)
-            gaps = np.sort([g for r in point["records"] for g in np.diff(r["chunk_times"])])
+            gaps = np.sort([g for r in point["records"] for g in RequestRecord(**r).itls])
             if len(gaps):
                 ax.plot(gaps, np.arange(1, len(gaps) + 1) / len(gaps), label=rep["label"])
         ax.set(

@@ -42,6 +42,7 @@ from fastgen_jax.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    template_messages,
 )
 from fastgen_jax.tokenizer import TokenizerError
 
@@ -79,7 +80,7 @@ class ServerState:
         try:
             self.engine.check_prompt(ids, max_tokens)
         except RequestError as e:
-            field = "max_tokens" if "max_tokens" in str(e) and len(ids) < self.engine.max_model_len else param
+            field = "max_tokens" if e.param == "max_tokens" else param  # the prompt, as the client named it
             message = str(e) if str(e).startswith(field) else f"{field}: {e}"
             raise APIError(400, message, field) from None
         return max_tokens
@@ -90,13 +91,10 @@ class ServerState:
         return self.tokenizer.encode(text)
 
     def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
-        messages = (
-            body.template_messages()
-            if isinstance(body, ChatCompletionRequest)
-            else [m.model_dump(exclude_none=True) for m in body.messages]
-        )
         try:
-            return self.tokenizer.encode_chat(messages, body.add_generation_prompt, **kwargs)
+            return self.tokenizer.encode_chat(
+                template_messages(body.messages), body.add_generation_prompt, **kwargs
+            )
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
 
@@ -119,6 +117,7 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 
 def _requests(
     state: ServerState,
+    request_id: str,
     body,
     prompts: list[list[int]],
     max_tokens: int | None,
@@ -126,7 +125,6 @@ def _requests(
     top_logprobs: int,
     param: str,
 ) -> list[GenerationRequest]:
-    request_id = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
     out = []
     for ids in prompts:
         tokens = state.check_prompt(ids, max_tokens, param)
@@ -230,11 +228,13 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "echo")
         prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # off the event loop
-        logprobs = body.logprobs is not None
-        requests = _requests(state, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt")
+        logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
+        requests = _requests(
+            state, request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt"
+        )
         echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormatter(
-            requests[0].request_id.rsplit("-", 1)[0],
+            request_id,
             state.model_name,
             state.tokenizer,
             [len(p) for p in prompts],
@@ -250,11 +250,12 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         body.check_unsupported()
         ids = await asyncio.to_thread(state.encode_chat, body, body.chat_template_kwargs or {})
         max_tokens = body.max_completion_tokens or body.max_tokens
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = _requests(
-            state, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
+            state, request_id, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
         )
         formatter = ChatFormatter(
-            requests[0].request_id.rsplit("-", 1)[0],
+            request_id,
             state.model_name,
             state.tokenizer,
             [len(ids)],

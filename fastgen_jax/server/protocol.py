@@ -161,17 +161,6 @@ class ChatCompletionRequest(_SamplingFields):
                     400, f"chat_template_kwargs.{key} must be a plain value", "chat_template_kwargs"
                 )
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as the chat template expects them: text parts joined into one string."""
-        out = []
-        for m in self.messages:
-            d = m.model_dump(exclude_none=True)
-            if isinstance(m.content, list):
-                d["content"] = "".join(p.text for p in m.content)
-            d.setdefault("content", "")
-            out.append(d)
-        return out
-
 
 class TokenizeRequest(_Request):
     model: str | None = None
@@ -184,3 +173,14 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template (which drops None fields itself): text parts joined."""
+    out = []
+    for m in messages:
+        d = m.model_dump()
+        if isinstance(m.content, list):
+            d["content"] = "".join(p.text for p in m.content)
+        out.append(d)
+    return out
