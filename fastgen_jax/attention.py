@@ -11,6 +11,10 @@ so a new kernel plugs in here and nowhere else.
 
 The K/V write is the reference XLA scatter for every choice: it moves only the step's new rows, and
 a fused write would race with the kernel's programs reading those rows.
+
+Under tensor parallelism (`Attention.mesh` set, see `fastgen_jax.parallel`) both the write and the
+attention run per device under `shard_map`: each device holds the query heads and KV pages of its own
+KV heads, so either implementation runs unchanged on its slice and no device reads another's cache.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import functools
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fastgen_jax.config import ATTENTION_IMPLS, ConfigError
+from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret")
@@ -33,28 +40,57 @@ class Attention:
 
     impl: "reference", "pallas" or "pallas_interpret".
     fallback: use the reference for shapes the kernel does not support instead of raising.
+    mesh: the tensor-parallel mesh the heads are split over (None: one device).
     """
 
     impl: str
     fallback: bool = False
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.impl not in ("reference", *KERNEL_IMPLS):
             raise ConfigError(f"unresolved attention impl {self.impl!r}")
 
+    def over(self, mesh: Mesh | None) -> Attention:
+        """This implementation, run per shard over `mesh` when it has more than one device."""
+        return dataclasses.replace(self, mesh=mesh if mesh is not None and mesh.size > 1 else None)
+
     @property
     def write_kv(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
-        return reference.write_kv_pages_reference
+        write = reference.write_kv_pages_reference
+        if self.mesh is None:
+            return write
+        # (k_pages, v_pages, k [T, KVH, D], v, slot_mapping) -> (k_pages, v_pages)
+        return _per_shard(write, self.mesh, (_PAGES, _PAGES, _HEADS, _HEADS, P()), (_PAGES, _PAGES))
 
     @property
     def paged_attention(self) -> Callable[..., jax.Array]:
         if self.impl == "reference":
-            return reference.ragged_paged_attention_reference
-        kernel = functools.partial(
-            ragged_paged_attention.ragged_paged_attention,
-            interpret=self.impl == "pallas_interpret",
-        )
-        return _with_fallback(kernel) if self.fallback else kernel
+            attend = reference.ragged_paged_attention_reference
+        else:
+            attend = functools.partial(
+                ragged_paged_attention.ragged_paged_attention,
+                interpret=self.impl == "pallas_interpret",
+            )
+            attend = _with_fallback(attend) if self.fallback else attend
+        if self.mesh is None:
+            return attend
+        # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
+        return _per_shard(attend, self.mesh, (_HEADS, _PAGES, _PAGES, P(), P(), P(), P()), _HEADS)
+
+
+_HEADS = P(None, AXIS, None)  # [T, heads, head_dim]
+_PAGES = P(AXIS)  # [kv_heads, pages, page_size, head_dim]
+
+
+def _per_shard(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs) -> Callable:
+    """`fn` run on each device's slice of the heads; keyword arguments are static settings."""
+
+    def call(*args, **static):
+        body = functools.partial(fn, **static)
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return call
 
 
 def _with_fallback(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:

@@ -237,6 +237,8 @@ class EngineConfig:
     attention_impl: "auto" (the Pallas kernel on GPU, the reference elsewhere), "reference" (pure
       JAX), "pallas" (the GPU kernel) or "pallas_interpret" (the kernel through the Pallas
       interpreter: any backend, slow; for tests).
+    tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
+      `fastgen_jax.parallel`). The host side is the same for any value.
     """
 
     token_budget: int = 512
@@ -248,12 +250,15 @@ class EngineConfig:
     max_model_len: int | None = None
     policy: str = "splitfuse"
     attention_impl: str = "auto"
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         if self.token_budget <= 0:
             raise ConfigError(f"token_budget must be positive, got {self.token_budget}")
         if self.max_num_seqs <= 0:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.tensor_parallel <= 0:
+            raise ConfigError(f"tensor_parallel must be positive, got {self.tensor_parallel}")
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
         if self.num_pages is not None and self.num_pages <= 1:

@@ -82,12 +82,13 @@ class LLMEngine:
         dtype: str | None = None,
         warmup: bool = True,
         progress: bool = True,
+        devices: list | None = None,
     ):
         self.engine_config = engine_config or EngineConfig()
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.runner = ModelRunner(
-            checkpoint.config, checkpoint.params, self.engine_config, dtype or default_dtype()
+            checkpoint.config, checkpoint.params, self.engine_config, dtype or default_dtype(), devices
         )
         resolved = self.runner.resolved
         self.max_model_len = resolved.max_model_len

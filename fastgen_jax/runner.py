@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastgen_jax import parallel
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.models import AttentionMetadata, build_model, init_kv_cache, kv_bytes_per_page
@@ -80,19 +81,52 @@ def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedE
 
 
 class ModelRunner:
-    """Owns the device state (params, KV pages) and the compiled step executables."""
+    """Owns the device state (params, KV pages) and the compiled step executables.
 
-    def __init__(self, model_config: ModelConfig, params: Any, engine_config: EngineConfig, dtype="float32"):
-        self.model_config = model_config
+    `devices`: the group the step runs on, `engine_config.tensor_parallel` of them (default: the
+    first ones JAX lists). `model_config` is the shape the device program runs: the checkpoint's,
+    padded for tensor parallelism where its heads do not divide (`parallel.shard_config`).
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: Any,
+        engine_config: EngineConfig,
+        dtype="float32",
+        devices: list | None = None,
+    ):
+        tp = engine_config.tensor_parallel
+        devices = devices if devices is not None else parallel.device_groups(tp)[0]
+        if len(devices) != tp:
+            raise ConfigError(f"tensor_parallel={tp} needs {tp} devices, got {len(devices)}")
+        self.mesh = parallel.make_mesh(devices)
+        self.model_config = parallel.shard_config(model_config, tp)
         self.engine_config = engine_config
         self.dtype = jnp.dtype(dtype)
-        self.resolved = resolve_engine(model_config, engine_config, self.dtype)
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
-        self.kv_cache = init_kv_cache(
-            model_config, self.resolved.num_pages, self.resolved.page_size, self.dtype
+        self.resolved = resolve_engine(self.model_config, engine_config, self.dtype)
+        self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
+        kv_sharding = parallel.kv_sharding(self.mesh)
+        r = self.resolved
+        self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool
+            lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, self.dtype),
+            out_shardings=kv_sharding,
+        )()
+        attention = get_attention(engine_config.attention_impl).over(self.mesh)
+        self._model = build_model(self.model_config, self.dtype, attention)
+        self._replicated = parallel.replicated(self.mesh)
+        self._jitted = jax.jit(
+            self._step,
+            donate_argnums=(1,),
+            in_shardings=(
+                jax.tree.map(lambda x: x.sharding, self.params),
+                kv_sharding,
+                self._replicated,
+                self._replicated,
+                self._replicated,
+            ),
+            out_shardings=(self._replicated, kv_sharding),
         )
-        self._model = build_model(model_config, self.dtype, get_attention(engine_config.attention_impl))
-        self._jitted = jax.jit(self._step, donate_argnums=(1,))
         self._executables: dict[tuple[int, int], Any] = {}
         self.compile_seconds = 0.0
 
@@ -144,11 +178,10 @@ class ModelRunner:
         sampled, self.kv_cache = executable(self.params, self.kv_cache, *self._device_args(arrays, sampling))
         return sampled
 
-    @staticmethod
-    def _device_args(arrays, sampling):
+    def _device_args(self, arrays, sampling):
         md = AttentionMetadata.from_arrays(arrays)
         s = SamplingArrays(**{f: sampling[f] for f in SamplingArrays.__dataclass_fields__})
-        return jnp.asarray(arrays["token_ids"]), md, s
+        return jax.device_put((arrays["token_ids"], md, s), self._replicated)
 
 
 def _shape_key(arrays: dict[str, np.ndarray]) -> tuple[int, int]:

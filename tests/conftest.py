@@ -1,6 +1,15 @@
-"""Shared pytest set-up: tests marked `gpu` are skipped when JAX sees no GPU."""
+"""Shared pytest set-up: 4 host devices for the tensor-parallel tests; tests marked `gpu` are skipped
+when JAX sees no GPU."""
+
+import os
 
 import pytest
+
+# Before anything imports jax: the CPU backend then offers 4 devices (the default device stays the
+# first, so single-device tests are unaffected). A GPU machine's devices are not changed by it.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=4".strip()
 
 
 def _has_gpu() -> bool:

@@ -1,0 +1,180 @@
+"""Tensor parallelism and device groups, on JAX's own SPMD machinery.
+
+A replica is one engine on a group of `tensor_parallel` devices, viewed as a one-axis `Mesh` ("tp").
+Its parameters and KV pages are `NamedSharding`s over that axis (Megatron's split, gpt-fast's transform
+of an unchanged model):
+
+- attention: wq/wk/wv (and their biases) split over heads, wo over its input heads; each device keeps
+  the KV pages of its own KV heads, so the cache is split over heads too;
+- MLP: w_gate/w_up split over the hidden (intermediate) axis, w_down over its input rows;
+- embedding and LM head: split over the model width, so a token lookup stays local and the logits are
+  one all-reduce;
+- norm scales: replicated (a few KiB).
+
+The step stays one jitted program: XLA's partitioner places the all-reduces after wo and w_down, and
+attention runs per shard under `shard_map` (see `fastgen_jax.attention`), so the Pallas kernel and the
+reference each see only their device's heads.
+
+Heads must divide evenly. When `num_kv_heads` is a divisor of the device count, each KV head is
+replicated (vLLM's rule: every device then holds one copy of its group's head); otherwise the heads are
+padded with zero-weight heads up to a multiple of the device count (SmolLM2's 3 KV heads on 2 or 4
+devices). A zero query head attends to zero values and meets a zero row of wo, so padding adds exactly
+nothing to the output; the intermediate axis is padded the same way. `shard_config` gives the padded
+shape, which is what the device program, the KV pages and their byte count follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fastgen_jax.config import ConfigError, ModelConfig
+
+AXIS = "tp"
+
+
+def device_groups(tensor_parallel: int, replicas: int = 1, devices: Sequence | None = None) -> list[list]:
+    """`replicas` disjoint groups of `tensor_parallel` devices each, in device order."""
+    devices = list(jax.devices() if devices is None else devices)
+    needed = tensor_parallel * replicas
+    if tensor_parallel <= 0 or replicas <= 0:
+        raise ConfigError(f"tensor_parallel and replicas must be positive, got {tensor_parallel}, {replicas}")
+    if needed > len(devices):
+        raise ConfigError(
+            f"tensor_parallel={tensor_parallel} x replicas={replicas} needs {needed} devices; "
+            f"JAX sees {len(devices)} ({devices[0].platform}). On CPU, "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} makes more."
+        )
+    return [devices[r * tensor_parallel : (r + 1) * tensor_parallel] for r in range(replicas)]
+
+
+def make_mesh(devices: Sequence) -> Mesh:
+    return Mesh(np.asarray(list(devices)), (AXIS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """How the heads of a model are laid out over `tp` devices."""
+
+    tp: int
+    kv_repeat: int  # copies of each KV head (replication)
+    num_kv_heads: int  # after replication or padding
+    num_heads: int  # after padding
+    intermediate_size: int  # after padding
+    shard_width: bool  # embedding / LM head split over the model width
+
+
+def head_layout(config: ModelConfig, tp: int) -> HeadLayout:
+    kvh, h, group = config.num_kv_heads, config.num_heads, config.num_queries_per_kv
+    repeat = 1
+    if kvh % tp == 0:
+        new_kvh = kvh
+    elif tp % kvh == 0 and group % (tp // kvh) == 0:
+        repeat, new_kvh = tp // kvh, tp
+    else:
+        new_kvh = -(-kvh // tp) * tp
+    new_h = h if repeat > 1 else new_kvh * group
+    intermediate = -(-config.intermediate_size // tp) * tp
+    return HeadLayout(tp, repeat, new_kvh, new_h, intermediate, config.hidden_size % tp == 0)
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The (possibly padded) shape the device program runs for `tp` devices."""
+    layout = head_layout(config, tp)
+    return dataclasses.replace(
+        config,
+        num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads,
+        intermediate_size=layout.intermediate_size,
+    )
+
+
+def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad)
+
+
+def _kv_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
+    if layout.kv_repeat > 1:
+        return np.repeat(x, layout.kv_repeat, axis=axis)
+    return _pad_axis(x, axis, layout.num_kv_heads)
+
+
+# Leaf name -> (axis split over "tp", how to reshape it for the layout). Axes count the stacked layer
+# axis of the scanned layers; names not listed are replicated.
+_LAYER_RULES = {
+    "wq": (2, lambda x, lay: _pad_axis(x, 2, lay.num_heads)),
+    "bq": (1, lambda x, lay: _pad_axis(x, 1, lay.num_heads)),
+    "wk": (2, lambda x, lay: _kv_heads(x, 2, lay)),
+    "wv": (2, lambda x, lay: _kv_heads(x, 2, lay)),
+    "bk": (1, lambda x, lay: _kv_heads(x, 1, lay)),
+    "bv": (1, lambda x, lay: _kv_heads(x, 1, lay)),
+    "wo": (1, lambda x, lay: _pad_axis(x, 1, lay.num_heads)),
+    "w_gate": (2, lambda x, lay: _pad_axis(x, 2, lay.intermediate_size)),
+    "w_up": (2, lambda x, lay: _pad_axis(x, 2, lay.intermediate_size)),
+    "w_down": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
+}
+_WIDTH_SPLIT = ("embed", "lm_head")  # [vocab, hidden], split over hidden
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def _spec(name: str, ndim: int, layout: HeadLayout) -> P:
+    if name in _LAYER_RULES:
+        axis = _LAYER_RULES[name][0]
+    elif name in _WIDTH_SPLIT and layout.shard_width:
+        axis = 1
+    else:
+        return P()
+    return P(*[AXIS if i == axis else None for i in range(ndim)])
+
+
+def param_shardings(params, config: ModelConfig, mesh: Mesh):
+    """A pytree of NamedShardings matching `params` (already in the padded layout)."""
+    layout = head_layout(config, mesh.size)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, _spec(_leaf_name(path), np.ndim(x), layout)), params
+    )
+
+
+def shard_params(params, config: ModelConfig, mesh: Mesh, dtype):
+    """`params` of `config`, padded to `shard_config(config, mesh.size)` and placed over `mesh`.
+
+    With one device nothing is padded; the arrays are only cast and put on it."""
+    layout = head_layout(config, mesh.size)
+
+    def transform(path, x):
+        name = _leaf_name(path)
+        if mesh.size > 1 and name in _LAYER_RULES:
+            x = _LAYER_RULES[name][1](np.asarray(x), layout)
+        return x.astype(dtype) if isinstance(x, np.ndarray) else jax.numpy.asarray(x, dtype)
+
+    padded = jax.tree_util.tree_map_with_path(transform, params)
+    return jax.device_put(padded, param_shardings(padded, config, mesh))
+
+
+def kv_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pages [num_kv_heads, pages, page_size, head_dim] are split over their heads."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Bytes each device holds of the arrays in `tree` (a sharded array counts its local shard)."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + shard.data.nbytes
+    return out
