@@ -19,6 +19,9 @@ flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
 flags.DEFINE_float("kv_cache_gib", 2.0, "Memory for the KV pool when --kv_pages is not given.")
 flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
+flags.DEFINE_integer(
+    "tensor_parallel", 1, "Devices each engine's step is split over (heads and MLP sharded).", lower_bound=1
+)
 flags.DEFINE_enum(
     "dtype",
     None,
@@ -39,4 +42,5 @@ def engine_config(kv_cache_bytes: int | None = None):
         num_pages=FLAGS.kv_pages,
         kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else int(FLAGS.kv_cache_gib * (1 << 30)),
         policy=FLAGS.policy,
+        tensor_parallel=FLAGS.tensor_parallel,
     )

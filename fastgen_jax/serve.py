@@ -28,11 +28,19 @@ flags.DEFINE_string("api_key", None, "If set, every request needs 'Authorization
 flags.DEFINE_float(
     "kv_memory_fraction",
     None,
-    "Size the KV pool to this fraction of device memory (host RAM on CPU) minus the weights.",
+    "Size each replica's KV pool to this fraction of its devices' memory (host RAM on CPU) minus "
+    "the weights.",
 )
 flags.DEFINE_integer("max_queue", 1024, "Requests allowed to wait beyond --max_num_seqs; more get 429.")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request body accepted; larger ones get 413.")
 flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds in-flight requests may take to finish on shutdown.")
+flags.DEFINE_integer(
+    "replicas",
+    1,
+    "Engines behind the server, each on its own --tensor_parallel devices; requests go to the one "
+    "with the least outstanding work.",
+    lower_bound=1,
+)
 
 
 def _kv_cache_bytes(checkpoint) -> int | None:
@@ -43,8 +51,12 @@ def _kv_cache_bytes(checkpoint) -> int | None:
     import jax
     import numpy as np
 
+    # One replica's share: its --tensor_parallel devices' memory, or on a CPU its part of host RAM.
     stats = jax.devices()[0].memory_stats() or {}
-    total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if stats.get("bytes_limit"):
+        total = stats["bytes_limit"] * FLAGS.tensor_parallel
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // FLAGS.replicas
     weights = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))
     budget = int(total * FLAGS.kv_memory_fraction) - weights
     if budget <= 0:
@@ -55,16 +67,19 @@ def _kv_cache_bytes(checkpoint) -> int | None:
     return budget
 
 
-def build_engine():
+def build_engines():
+    """One warmed-up engine per replica, each on its own group of --tensor_parallel devices."""
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.llm_engine import LLMEngine
+    from fastgen_jax.parallel import device_groups
     from fastgen_jax.runner import default_dtype, enable_compilation_cache
 
     enable_compilation_cache()
+    groups = device_groups(FLAGS.tensor_parallel, FLAGS.replicas)  # fails fast on too few devices
     dtype = FLAGS.dtype or default_dtype()
     checkpoint = load_checkpoint(FLAGS.model, dtype)
     config = engine_flags.engine_config(_kv_cache_bytes(checkpoint))
-    return LLMEngine(checkpoint, config, dtype)
+    return [LLMEngine(checkpoint, config, dtype, devices=group) for group in groups]
 
 
 def _configure_logging() -> None:
@@ -89,14 +104,15 @@ def main(argv: list[str]) -> None:
 
     try:
         sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
-        engine = build_engine()
+        engines = build_engines()
     except (CheckpointError, ConfigError, ValueError, OSError, OverflowError) as e:
         sys.exit(f"error: {e}")
     import uvicorn
 
     name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
+    engine = engines[0]
     application = build_app(
-        engine,
+        engines,
         name,
         api_key=FLAGS.api_key,
         max_queue=FLAGS.max_queue,
@@ -110,7 +126,8 @@ def main(argv: list[str]) -> None:
     )
     print(
         f"fastgen-jax serving {name!r} on {url_of(sock)} (OpenAI API under /v1; "
-        f"max_model_len {engine.max_model_len}, token budget {engine.engine_config.token_budget})",
+        f"max_model_len {engine.max_model_len}, token budget {engine.engine_config.token_budget}, "
+        f"{len(engines)} replica(s) x {FLAGS.tensor_parallel} device(s))",
         flush=True,
     )
     Server(config).run(sockets=[sock])

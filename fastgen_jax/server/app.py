@@ -27,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastgen_jax.llm_engine import LLMEngine, RequestError
 from fastgen_jax.sampling_params import SamplingParamsError
 from fastgen_jax.server.async_engine import (
-    AsyncEngine,
     EngineStepError,
     EngineStoppedError,
     GenerationRequest,
@@ -44,6 +43,7 @@ from fastgen_jax.server.protocol import (
     TokenizeRequest,
     template_messages,
 )
+from fastgen_jax.server.replicas import ReplicaRouter
 from fastgen_jax.tokenizer import TokenizerError
 
 log = logging.getLogger("fastgen_jax.server")
@@ -52,13 +52,14 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 
 
 class ServerState:
-    """What the handlers share: the engine bridge, metrics and the served model's name."""
+    """What the handlers share: the engine bridge (one replica or several), metrics and the served
+    model's name. The replicas serve the same model, so the first one answers questions about it."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, max_queue: int):
-        self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.tokenizer
-        self.metrics = ServerMetrics(engine, lambda: self.async_engine.num_outstanding)
-        self.async_engine = AsyncEngine(engine, max_queue, on_finish=self._finished)
+    def __init__(self, engines: list[LLMEngine], model_name: str, max_queue: int):
+        self.engine, self.model_name = engines[0], model_name
+        self.tokenizer = self.engine.tokenizer
+        self.async_engine = ReplicaRouter(engines, max_queue, on_finish=self._finished)
+        self.metrics = ServerMetrics(self.async_engine.replicas)
         self.created = int(time.time())
 
     def _finished(self, tracked, out, now: float) -> None:
@@ -472,15 +473,16 @@ def _replay(body: bytes, receive):
 
 
 def build_app(
-    engine: LLMEngine,
+    engine: LLMEngine | list[LLMEngine],
     model_name: str,
     *,
     api_key: str | None = None,
     max_queue: int = 1024,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    """The server for one warmed-up engine; the app's lifespan runs the engine thread."""
-    state = ServerState(engine, model_name, max_queue)
+    """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
+    its own devices, balanced by outstanding work); the app's lifespan runs the engine threads."""
+    state = ServerState(engine if isinstance(engine, list) else [engine], model_name, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -65,6 +65,10 @@ class _Tracked:
     sink: asyncio.Queue
     arrival: float
     first_token: float | None = None
+    work: int = 0  # tokens still to process: the prompt until its first token, then what is left to generate
+
+    def __post_init__(self):
+        self.work = len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
 
 
 class RequestGroup:
@@ -115,6 +119,8 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._lock = threading.Lock()
         self._outstanding = 0  # admitted and not yet finished; guarded by _lock
+        self._work = 0  # their `_Tracked.work`, summed; guarded by _lock
+        self.routed = 0  # requests ever submitted (a router's tally)
         self._accepting = True
         self.last_step_failed = False
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
@@ -133,13 +139,27 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     @property
+    def accepting(self) -> bool:
+        """The thread runs and takes requests (a failed step does not stop it)."""
+        return self._thread.is_alive() and self._accepting
+
+    @property
     def alive(self) -> bool:
-        """Serving: the thread runs, takes requests, and its last forward pass (if any) worked."""
-        return self._thread.is_alive() and self._accepting and not self.last_step_failed
+        """Serving: accepting, and its last forward pass (if any) worked."""
+        return self.accepting and not self.last_step_failed
 
     @property
     def num_outstanding(self) -> int:
         return self._outstanding
+
+    @property
+    def outstanding_work(self) -> int:
+        """Tokens the admitted requests still need: whole prompts not yet answered plus tokens still
+        allowed to be generated. What a load balancer compares."""
+        return self._work
+
+    def has_room(self, n: int) -> bool:
+        return self._outstanding + n <= self.capacity
 
     # ------------------------------------------------------------------ handler side (event loop)
 
@@ -157,12 +177,24 @@ class AsyncEngine:
                     f"{self.capacity}); retry later"
                 )
             self._outstanding += len(requests)
+            self._work += sum(t.work for t in tracked)
+            self.routed += len(requests)
             self._commands.put(("add", tracked))
         return RequestGroup(self._commands, requests, sink)
 
-    def _release(self, n: int = 1) -> None:
+    def _release(self, t: _Tracked) -> None:
         with self._lock:
-            self._outstanding -= n
+            self._outstanding -= 1
+            self._work -= t.work
+            t.work = 0
+
+    def _progress(self, t: _Tracked, out: RequestOutput) -> None:
+        answered = t.first_token is None and out.new_token_ids  # the prompt is done with its first token
+        done = len(out.new_token_ids) + (out.prompt_length if answered else 0)
+        with self._lock:
+            done = min(done, t.work)
+            self._work -= done
+            t.work -= done
 
     # ------------------------------------------------------------------ engine thread
 
@@ -205,7 +237,7 @@ class AsyncEngine:
                     sampling_params=r.params, request_id=r.request_id, prompt_token_ids=r.prompt_token_ids
                 )
             except Exception as error:  # noqa: BLE001 - answer the handler whatever went wrong
-                self._release()
+                self._release(t)
                 self._post({t.loop: [(t.sink, error)]})
                 continue
             self._tracked[r.request_id] = t
@@ -215,7 +247,7 @@ class AsyncEngine:
             t = self._tracked.pop(rid, None)
             out = self.engine.abort(rid)
             if t is not None:
-                self._release()
+                self._release(t)
                 if out is not None:
                     self._finished(t, out, time.monotonic())
 
@@ -234,11 +266,12 @@ class AsyncEngine:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
+            self._progress(t, out)
             if t.first_token is None and out.new_token_ids:
                 t.first_token = now
             if out.finished:
                 del self._tracked[out.request_id]
-                self._release()
+                self._release(t)
                 self._finished(t, out, now)
             batches[t.loop].append((t.sink, (t.index, out)))
         self._post(batches)
@@ -255,7 +288,7 @@ class AsyncEngine:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for rid, t in list(self._tracked.items()):
             self.engine.abort(rid)
-            self._release()
+            self._release(t)
             batches[t.loop].append((t.sink, error))
         self._tracked.clear()
         self._post(batches)
@@ -265,7 +298,7 @@ class AsyncEngine:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         now = time.monotonic()
         for rid, t in list(self._tracked.items()):
-            self._release()
+            self._release(t)
             try:
                 out = self.engine.abort(rid)
             except Exception as error:  # noqa: BLE001 - still answer the handler
@@ -287,7 +320,7 @@ class AsyncEngine:
                 return
             if kind == "add":
                 for t in payload:
-                    self._release()
+                    self._release(t)
                     self._post({t.loop: [(t.sink, EngineStoppedError("the server is shutting down"))]})
 
     @staticmethod

@@ -1,0 +1,93 @@
+"""Replicas behind one server (4 CPU devices, tests/conftest.py): 2 replicas x tensor parallel 2 serve
+concurrent streams with exactly the single-device engine's text, the balancer spreads them, and it
+routes by outstanding work, not in turn."""
+
+import asyncio
+import dataclasses
+import re
+
+import httpx
+import jax
+import pytest
+
+from fastgen_jax.checkpoints import load_checkpoint
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.llm_engine import LLMEngine
+from fastgen_jax.offline import run_to_completion
+from fastgen_jax.parallel import device_groups
+from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.server.async_engine import GenerationRequest
+from fastgen_jax.server.replicas import ReplicaRouter
+from tests.server.conftest import serving
+from tests.server.test_concurrency import prompts_and_lengths, stream_all
+
+# One bucket and three page-table widths keep the five engines' compiles short.
+CONFIG = EngineConfig(
+    token_budget=64, token_buckets=(64,), max_num_seqs=32, max_model_len=256, num_pages=80, page_size=64
+)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (see tests/conftest.py)")
+
+
+def replica_engines(model_dir, tensor_parallel: int, replicas: int) -> list[LLMEngine]:
+    checkpoint = load_checkpoint(model_dir)
+    config = dataclasses.replace(CONFIG, tensor_parallel=tensor_parallel)
+    groups = device_groups(tensor_parallel, replicas)
+    return [LLMEngine(checkpoint, config, "float32", progress=False, devices=g) for g in groups]
+
+
+def per_replica(text: str, name: str) -> dict[str, float]:
+    return {m[0]: float(m[1]) for m in re.findall(rf'^{name}{{replica="(\d+)"}} (\S+)$', text, re.M)}
+
+
+def one_device_texts(model_dir, prompts, lengths) -> list[str]:
+    [engine] = replica_engines(model_dir, tensor_parallel=1, replicas=1)
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    responses = run_to_completion(engine, ids, progress=False)
+    return [responses[i].generated_text for i in ids]
+
+
+def test_two_replicas_of_tensor_parallel_2_serve_32_streams_like_one_device(tiny_random_dir):
+    engines = replica_engines(tiny_random_dir, tensor_parallel=2, replicas=2)
+    assert [len(e.runner.mesh.devices) for e in engines] == [2, 2]
+    assert not set(engines[0].runner.mesh.devices.flat) & set(engines[1].runner.mesh.devices.flat)
+    prompts, lengths = prompts_and_lengths()
+    with serving(engines) as url:
+        results = asyncio.run(stream_all(url, prompts, lengths))
+        text = httpx.get(f"{url}/metrics").text
+    assert [r[0] for r in results] == one_device_texts(tiny_random_dir, prompts, lengths)
+    assert [r[1] for r in results] == ["length"] * len(prompts)
+    routed = per_replica(text, "fastgen_replica_requests_routed_total")
+    generated = per_replica(text, "fastgen_replica_generation_tokens_total")
+    print(f"requests per replica: {routed}; tokens per replica: {generated}")
+    assert sum(routed.values()) == len(prompts) and min(routed.values()) >= len(prompts) // 4
+    assert sum(generated.values()) == sum(lengths)
+    assert per_replica(text, "fastgen_replica_outstanding_work_tokens") == {"0": 0.0, "1": 0.0}
+
+
+def test_the_balancer_sends_work_to_the_replica_with_least_outstanding_tokens(tiny_random_dir):
+    engines = replica_engines(tiny_random_dir, tensor_parallel=1, replicas=2)
+    router = ReplicaRouter(engines)
+    router.start()
+
+    def request(i: int, prompt_len: int, new: int) -> GenerationRequest:
+        params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+        return GenerationRequest(f"r{i}", list(range(10, 10 + prompt_len)), params)
+
+    async def submit_all():
+        groups = [router.submit([request(0, 200, 50)])]  # 250 tokens of work on replica 0
+        groups += [router.submit([request(i, 5, 5)]) for i in range(1, 4)]  # 10 each
+        for group in groups:
+            async for _ in group:
+                pass
+
+    try:
+        asyncio.run(submit_all())
+        # Round robin would have given replica 0 two of the short ones.
+        assert [r.routed for r in router.replicas] == [1, 3]
+        assert [r.outstanding_work for r in router.replicas] == [0, 0]
+    finally:
+        router.stop()
