@@ -187,15 +187,23 @@ class LLMEngine:
 
     def warmup(self, progress: bool = True) -> None:
         """Compiles one program per (token bucket, page-table width): none is compiled later."""
-        shapes = self.slab_builder.shapes()
-
-        def padding_steps():
-            for bucket, width in shapes:
-                slab = self.slab_builder.padding_slab(bucket, width)
-                yield slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
-
-        self.runner.warmup(padding_steps(), progress=progress)
+        plans = (self._padding_plan(bucket, width) for bucket, width in self.slab_builder.shapes())
+        self.runner.warmup(plans, progress=progress)
         self._warm_programs = self.runner.num_compiled
+
+    def _padding_plan(self, bucket: int, width: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(slab arrays, sampling arrays) of an all-padding step of this shape."""
+        slab = self.slab_builder.padding_slab(bucket, width)
+        return slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
+
+    def follow(self) -> int:
+        """Multi-host, on every process but the leader: runs the leader's steps until it shuts down
+        (see `fastgen_jax.distributed`); returns the number of steps run."""
+        return self.runner.follow(self._padding_plan)
+
+    def close(self) -> None:
+        """Multi-host, on the leader: releases the followers. A no-op in a single process."""
+        self.runner.stop_followers()
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass and returns what it produced for each request it sampled."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgen_jax import parallel
+from fastgen_jax import distributed, parallel
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.models import AttentionMetadata, build_model, init_kv_cache, kv_bytes_per_page
@@ -156,20 +156,40 @@ class ModelRunner:
         """Compiles every (slab arrays, sampling arrays) shape given, e.g. one per bucket."""
         from tqdm.auto import tqdm
 
+        plans = list(slabs)
         for arrays, sampling in tqdm(
-            list(slabs),
+            plans,
             desc="compiling step programs",
             unit="program",
             disable=not progress,
             leave=False,
         ):
             self.compile(arrays, sampling)
+        if distributed.is_multiprocess():
+            distributed.warm_broadcasts(plans)
 
     def execute(
         self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
     ) -> tuple[jax.Array, ...]:
         """Runs one step; returns (tokens i32[S], logprobs f32[S], top_ids i32[S, K], top_logprobs
-        f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`)."""
+        f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`). In a multi-host group
+        the leader first sends the step to the other processes (`fastgen_jax.distributed`)."""
+        if distributed.is_multiprocess():
+            distributed.send_plan((arrays, sampling))
+        return self._launch(arrays, sampling)
+
+    def follow(self, template) -> int:
+        """A multi-host follower: runs the leader's steps until it stops (see `distributed.follow`)."""
+        return distributed.follow(template, lambda plan: self._launch(*plan))
+
+    def stop_followers(self) -> None:
+        """The multi-host leader, shutting down: lets the followers' `follow` return."""
+        if distributed.is_multiprocess() and distributed.is_leader():
+            distributed.send_stop()
+
+    def _launch(
+        self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
+    ) -> tuple[jax.Array, ...]:
         key = _shape_key(arrays)
         try:
             executable = self._executables[key]

@@ -99,15 +99,51 @@ def main(argv: list[str]) -> None:
     _configure_logging()
     from fastgen_jax.checkpoints import CheckpointError
     from fastgen_jax.config import ConfigError
-    from fastgen_jax.server.app import build_app
-    from fastgen_jax.server.http import Server, bind, url_of
+    from fastgen_jax.server.http import bind
 
+    errors = (CheckpointError, ConfigError, ValueError, OSError, OverflowError)
     try:
+        if _join_process_group():
+            return _follow()
         sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
         engines = build_engines()
-    except (CheckpointError, ConfigError, ValueError, OSError, OverflowError) as e:
+    except errors as e:
         sys.exit(f"error: {e}")
+    try:
+        _serve(engines, sock)
+    finally:
+        engines[0].close()  # multi-host: the followers exit too
+
+
+def _join_process_group() -> bool:
+    """Multi-host (JAX_COORDINATOR_ADDRESS etc. set): joins; True on a follower process."""
+    from fastgen_jax import distributed
+
+    if distributed.launch_from_env() is None:
+        return False
+    if FLAGS.replicas != 1:
+        raise ValueError(
+            f"--replicas={FLAGS.replicas}: a multi-host group serves one engine; run one server per "
+            "group of hosts behind a load balancer for more"
+        )
+    distributed.initialize_from_env()
+    return not distributed.is_leader()
+
+
+def _follow() -> None:
+    import jax
+
+    [engine] = build_engines()
+    print(f"fastgen-jax: process {jax.process_index()} following process 0", flush=True)
+    steps = engine.follow()
+    print(f"fastgen-jax: process {jax.process_index()} ran {steps} steps; the leader stopped", flush=True)
+
+
+def _serve(engines, sock) -> None:
     import uvicorn
+
+    from fastgen_jax.server.app import build_app
+    from fastgen_jax.server.http import Server, url_of
 
     name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
     engine = engines[0]
