@@ -5,7 +5,10 @@
 #      against the HBM and matmul rooflines (bench_step_roofline.py);
 #   3. a short bench_serving.py sweep for both policies on SmolLM2 (compare_policies.sh, gpu preset
 #      scaled down);
-#   4. Hugging Face transformers' continuous batching on the GPU as a peer (bench_offline.py).
+#   4. Hugging Face transformers' continuous batching on the GPU as a peer (bench_offline.py);
+#   5. tensor parallelism over every GPU the machine has (1, 2, 4, 8): same greedy tokens as one GPU,
+#      weights per device, decode throughput (check_tensor_parallel.py; one GPU checks the sharded
+#      code path at degree 1).
 # Results land in docs/benchmarks/ with the card named; bring them back through $OUT.
 #
 # The GPU image has no internet and lacks some of our dependencies (fastapi, uvicorn, pydantic, gguf):
@@ -33,5 +36,7 @@ step timeout 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL=checkpoints/
   bash scripts/compare_policies.sh --clients=4,16 --requests_per_client=2 --extra_requests=8
 step timeout 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_len=1200 --gen_len=60 \
   --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
+step timeout 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
+  --output="$OUT/tensor_parallel_${card}.json"
 [ -n "${OUT_COPY:-}" ] && cp -r "$OUT"/. "$OUT_COPY"/
 exit "$status"
