@@ -70,6 +70,8 @@ class EngineStats:
     free_pages: int = 0
     total_pages: int = 0
     preemptions: int = 0
+    token_budget: int = 0  # of the last step: fixed, or chosen by the budget controller
+    token_budget_changes: int = 0  # steps whose budget differed from the step before
 
 
 class LLMEngine:
@@ -100,7 +102,9 @@ class LLMEngine:
         )
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
-        self.stats = EngineStats(total_pages=resolved.num_pages - 1)
+        self.stats = EngineStats(
+            total_pages=resolved.num_pages - 1, token_budget=self.engine_config.token_budget
+        )
         self.refresh_stats()
         self._warm_programs = 0
         if warmup:

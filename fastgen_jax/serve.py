@@ -33,6 +33,12 @@ flags.DEFINE_float(
 flags.DEFINE_integer("max_queue", 1024, "Requests allowed to wait beyond --max_num_seqs; more get 429.")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request body accepted; larger ones get 413.")
 flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds in-flight requests may take to finish on shutdown.")
+flags.DEFINE_string(
+    "request_log",
+    None,
+    "Append one JSON line per finished request (arrival, prompt and output tokens, SLA verdict) to this "
+    "file; `python -m fastgen_jax.benchmarks.trace` turns it into a trace to replay.",
+)
 
 
 def _kv_cache_bytes(checkpoint) -> int | None:
@@ -78,6 +84,17 @@ def _configure_logging() -> None:
     server_log.propagate = False
 
 
+def _banner(name: str, url: str, engine, sla) -> str:
+    """The line that says where the server listens (scripts wait for it: keep " on <url> ")."""
+    config = engine.engine_config
+    budget = f"auto up to {config.token_budget}" if config.adaptive_budget else config.token_budget
+    return (
+        f"fastgen-jax serving {name!r} on {url} (OpenAI API under /v1; max_model_len "
+        f"{engine.max_model_len}, token budget {budget}; SLA: first token within prompt/"
+        f"{sla.prompt_rate:g} s, {sla.token_rate:g} tokens/s)"
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -88,6 +105,7 @@ def main(argv: list[str]) -> None:
     from fastgen_jax.server.http import Server, bind, url_of
 
     try:
+        sla = engine_flags.sla()
         sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
         engine = build_engine()
     except (CheckpointError, ConfigError, ValueError, OSError, OverflowError) as e:
@@ -101,6 +119,8 @@ def main(argv: list[str]) -> None:
         api_key=FLAGS.api_key,
         max_queue=FLAGS.max_queue,
         max_request_bytes=FLAGS.max_request_bytes,
+        sla=sla,
+        request_log=FLAGS.request_log,
     )
     config = uvicorn.Config(
         application,
@@ -108,11 +128,7 @@ def main(argv: list[str]) -> None:
         access_log=False,  # the app logs one line per request itself
         timeout_graceful_shutdown=FLAGS.shutdown_timeout,
     )
-    print(
-        f"fastgen-jax serving {name!r} on {url_of(sock)} (OpenAI API under /v1; "
-        f"max_model_len {engine.max_model_len}, token budget {engine.engine_config.token_budget})",
-        flush=True,
-    )
+    print(_banner(name, url_of(sock), engine, sla), flush=True)
     Server(config).run(sockets=[sock])
     print("fastgen-jax: shut down", flush=True)
 

@@ -44,6 +44,8 @@ from fastgen_jax.server.protocol import (
     TokenizeRequest,
     template_messages,
 )
+from fastgen_jax.server.request_log import RequestLog
+from fastgen_jax.sla import SLA
 from fastgen_jax.tokenizer import TokenizerError
 
 log = logging.getLogger("fastgen_jax.server")
@@ -54,15 +56,20 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 class ServerState:
     """What the handlers share: the engine bridge, metrics and the served model's name."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, max_queue: int):
+    def __init__(
+        self, engine: LLMEngine, model_name: str, max_queue: int, sla: SLA, request_log: str | None = None
+    ):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
-        self.metrics = ServerMetrics(engine, lambda: self.async_engine.num_outstanding)
+        self.metrics = ServerMetrics(engine, lambda: self.async_engine.num_outstanding, sla)
+        self.request_log = RequestLog(request_log) if request_log else None
         self.async_engine = AsyncEngine(engine, max_queue, on_finish=self._finished)
         self.created = int(time.time())
 
     def _finished(self, tracked, out, now: float) -> None:
-        self.metrics.request_finished(tracked.arrival, tracked.first_token, out, now)
+        verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now)
+        if self.request_log is not None:
+            self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -478,9 +485,13 @@ def build_app(
     api_key: str | None = None,
     max_queue: int = 1024,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    sla: SLA | None = None,
+    request_log: str | None = None,
 ) -> FastAPI:
-    """The server for one warmed-up engine; the app's lifespan runs the engine thread."""
-    state = ServerState(engine, model_name, max_queue)
+    """The server for one warmed-up engine; the app's lifespan runs the engine thread. `/metrics`
+    judges finished requests by `sla` (default: FastGen's 512 prompt tokens/s, 4 tokens/s), and
+    `request_log` names a JSONL file that gets a line per finished request."""
+    state = ServerState(engine, model_name, max_queue, sla or SLA(), request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -489,6 +500,8 @@ def build_app(
             yield
         finally:
             await asyncio.to_thread(state.async_engine.stop)
+            if state.request_log is not None:
+                state.request_log.close()
 
     app = FastAPI(title="fastgen-jax", lifespan=lifespan)
     app.state.server = state

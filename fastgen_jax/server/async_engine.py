@@ -64,7 +64,11 @@ class _Tracked:
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
     arrival: float
-    first_token: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)  # when each step's tokens left
+
+    @property
+    def first_token(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
 
 
 class RequestGroup:
@@ -234,8 +238,8 @@ class AsyncEngine:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            if t.first_token is None and out.new_token_ids:
-                t.first_token = now
+            if out.new_token_ids:
+                t.token_times.append(now)
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release()

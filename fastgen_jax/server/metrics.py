@@ -1,9 +1,20 @@
 """Prometheus metrics for `GET /metrics`, in a registry of the server's own.
 
-Queue, KV-page and token counts are read from the engine's stats at scrape time (the engine thread
-keeps them current after every step and every add or abort). Latency histograms are observed by the
-engine thread as each request finishes: time to first token, time per output token after the first,
-end-to-end latency. Names follow vLLM's, with the `fastgen_` prefix.
+Queue, KV-page and token counts and the token budget of the last step are read from the engine's
+stats at scrape time (the engine thread keeps them current after every step and every add or abort).
+Everything else is observed by the engine thread as each request finishes: time to first token, time
+per output token after the first, end-to-end latency, the prompt and generation lengths
+(`fastgen_request_prompt_tokens`, `fastgen_request_generation_tokens`: what the traffic looks like),
+and the SLA verdict (`fastgen.sla`, judged on the times the server emitted the tokens):
+
+  fastgen_sla_requests_total{part="prompt"|"generation"|"both", outcome="met"|"missed"}
+
+counts every request that finished with "stop" or "length" once per part. Aborted requests (the client
+left, or the server shut down) are not judged: they show up in
+`fastgen_requests_finished_total{finish_reason="abort"}` only. SLA attainment right now is
+`rate(fastgen_sla_requests_total{part="both",outcome="met"}[5m]) /
+rate(fastgen_requests_judged_total[5m])`; the SLA itself is exported as `fastgen_sla_prompt_rate` and
+`fastgen_sla_token_rate`. Names follow vLLM's, with the `fastgen_` prefix.
 """
 
 from __future__ import annotations
@@ -13,14 +24,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.sla import SLA, Verdict
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_LENGTH_BUCKETS = tuple(2**i for i in range(16))  # 1 ... 32768 tokens
 
 
 class _EngineCollector:
-    def __init__(self, engine: LLMEngine, in_flight):
-        self.engine, self.in_flight = engine, in_flight
+    def __init__(self, engine: LLMEngine, in_flight, sla: SLA):
+        self.engine, self.in_flight, self.sla = engine, in_flight, sla
 
     def collect(self):
         s = self.engine.stats
@@ -32,6 +45,12 @@ class _EngineCollector:
             "kv_pages_used": ("KV pages holding tokens", used),
             "kv_pages_total": ("KV pages in the pool", s.total_pages),
             "kv_cache_usage": ("Fraction of KV pages in use", used / max(s.total_pages, 1)),
+            "token_budget": (
+                "Token budget of the last step (chosen step by step with --token_budget=auto)",
+                s.token_budget,
+            ),
+            "sla_prompt_rate": ("SLA: prompt tokens/s the first token may take", self.sla.prompt_rate),
+            "sla_token_rate": ("SLA: tokens/s the EMA of token gaps must sustain", self.sla.token_rate),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"fastgen_{name}", doc, value=value)
@@ -40,15 +59,20 @@ class _EngineCollector:
             "prompt_tokens": ("Prompt tokens computed (recomputed ones count again)", s.prompt_tokens),
             "generation_tokens": ("Tokens generated", s.generation_tokens),
             "steps": ("Forward passes run", s.steps),
+            "token_budget_changes": (
+                "Steps whose token budget differed from the step before",
+                s.token_budget_changes,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"fastgen_{name}", doc, value=value)
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine, in_flight):
+    def __init__(self, engine: LLMEngine, in_flight, sla: SLA):
+        self.sla = sla
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, in_flight))
+        self.registry.register(_EngineCollector(engine, in_flight, sla))
         self.ttft = Histogram(
             "fastgen_time_to_first_token_seconds",
             "From arrival to the first generated token",
@@ -74,14 +98,62 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def request_finished(self, arrival: float, first_token: float | None, out: RequestOutput, now: float):
-        self.finished.labels(out.finish_reason or "abort").inc()
-        if first_token is None:
-            return
+        self.prompt_tokens = Histogram(
+            "fastgen_request_prompt_tokens",
+            "Prompt length of each finished request",
+            buckets=_LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.generation_tokens = Histogram(
+            "fastgen_request_generation_tokens",
+            "Tokens generated for each finished request (aborted ones: until the abort)",
+            buckets=_LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.judged = Counter(
+            "fastgen_requests_judged",
+            "Requests judged against the SLA (finished with stop or length)",
+            registry=self.registry,
+        )
+        self.sla_requests = Counter(
+            "fastgen_sla_requests",
+            "Judged requests by SLA part (prompt: first-token time; generation: EMA of token gaps; both)"
+            " and outcome (met, missed)",
+            ["part", "outcome"],
+            registry=self.registry,
+        )
+        for part in ("prompt", "generation", "both"):  # every series exists from the start
+            for outcome in ("met", "missed"):
+                self.sla_requests.labels(part, outcome)
+
+    def request_finished(
+        self, arrival: float, token_times: list[float], out: RequestOutput, now: float
+    ) -> Verdict | None:
+        """Observes a request as it finishes (`token_times`: when its tokens were emitted); returns its
+        SLA verdict, None when it was not judged."""
+        reason = out.finish_reason or "abort"
+        self.finished.labels(reason).inc()
+        self.prompt_tokens.observe(out.prompt_length)
+        self.generation_tokens.observe(out.generated_length)
+        if not token_times:
+            return None
+        first_token = token_times[0]
         self.ttft.observe(first_token - arrival)
         self.e2e.observe(now - arrival)
         if out.generated_length > 1:
             self.tpot.observe((now - first_token) / (out.generated_length - 1))
+        return None if reason == "abort" else self._judge(arrival, token_times, out.prompt_length)
+
+    def _judge(self, arrival: float, token_times: list[float], prompt_tokens: int) -> Verdict:
+        verdict = self.sla.judge(arrival, prompt_tokens, token_times)
+        self.judged.inc()
+        for part, met in (
+            ("prompt", verdict.prompt),
+            ("generation", verdict.generation),
+            ("both", verdict.both),
+        ):
+            self.sla_requests.labels(part, "met" if met else "missed").inc()
+        return verdict
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
