@@ -72,7 +72,8 @@ def summarize(records: Sequence[RequestRecord], wall_seconds: float, sla: SLA) -
     ttfts = [r.ttft for r in done]
     tpots = [t for r in done if (t := r.tpot) is not None]
     itls = [gap for r in done for gap in r.itls]
-    met = sum(sla.met(r) for r in done)
+    verdicts = [sla.judge(r.send_time, r.prompt_tokens, r.chunk_times) for r in done]
+    met = sum(v.both for v in verdicts)
     rps = len(done) / wall_seconds if wall_seconds > 0 else 0.0
     summary = {
         "requests": len(records),
@@ -82,6 +83,8 @@ def summarize(records: Sequence[RequestRecord], wall_seconds: float, sla: SLA) -
         "output_tokens_per_s": sum(r.output_tokens for r in done) / wall_seconds if wall_seconds > 0 else 0.0,
         "prompt_tokens_per_s": sum(r.prompt_tokens for r in done) / wall_seconds if wall_seconds > 0 else 0.0,
         "sla_fraction": met / len(records) if records else 0.0,
+        "sla_prompt_fraction": sum(v.prompt for v in verdicts) / len(records) if records else 0.0,
+        "sla_generation_fraction": sum(v.generation for v in verdicts) / len(records) if records else 0.0,
         "effective_throughput_rps": met / wall_seconds if wall_seconds > 0 else 0.0,
         "latency_mean": _mean(latencies),
         "ttft_mean": _mean(ttfts),
