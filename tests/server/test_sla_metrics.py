@@ -59,6 +59,8 @@ def test_requests_meeting_an_easy_sla_are_counted_met_with_their_lengths(engine)
         assert metric(url, "fastgen_request_generation_tokens_sum") == 12
         assert metric(url, 'fastgen_request_generation_tokens_bucket{le="2.0"}') == 1
         assert metric(url, "fastgen_sla_prompt_rate") == 0.001
+        assert metric(url, "fastgen_token_budget") == TINY_CONFIG.token_budget  # fixed: never changes
+        assert metric(url, "fastgen_token_budget_changes_total") == 0
 
 
 def test_requests_missing_an_impossible_sla_are_counted_missed_by_part(engine):
