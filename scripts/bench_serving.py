@@ -126,7 +126,7 @@ def server_attainment(before: dict[str, float], after: dict[str, float]) -> dict
     return {
         part: (after[f"{part}_met"] - before[f"{part}_met"]) / judged
         for part in ("prompt", "generation", "both")
-    } | {"judged": judged}
+    } | {"judged": judged, "prompt_rate": after.get("prompt_rate"), "token_rate": after.get("token_rate")}
 
 
 def start_our_server(sla: SLA):
@@ -236,6 +236,8 @@ def print_attainment(summary: dict) -> None:
         for part, key in (("prompt", "sla_prompt_fraction"), ("generation", "sla_generation_fraction"),
                           ("both", "sla_fraction"))
     ]  # fmt: skip
+    if (server["prompt_rate"], server["token_rate"]) != (FLAGS.prompt_rate, FLAGS.token_rate):
+        print(f"note: the server judges by another SLA ({server['prompt_rate']:g}, {server['token_rate']:g})")
     print(
         f"{x_key(mode())} {summary[x_key(mode())]:g}: SLA attainment, benchmark vs server /metrics "
         f"({summary['requests']} sent, {server['judged']:g} judged): " + ", ".join(parts)

@@ -3,7 +3,7 @@
 # per budget (scripts/bench_serving.py starts our server each time), then a table of effective
 # throughput per budget and client count (markdown + JSON) and the sweeps drawn on the same plots.
 #
-#   bash scripts/sweep_budgets.sh                          # CPU preset, SmolLM2 (~30 minutes on 2 cores)
+#   bash scripts/sweep_budgets.sh          # CPU preset, SmolLM2: five sweeps the size of compare_policies.sh's
 #   BUDGETS="128 auto" bash scripts/sweep_budgets.sh --clients=4 --requests_per_client=1 --extra_requests=0
 #   PRESET=gpu MODEL=checkpoints/llama2-7b-random bash scripts/sweep_budgets.sh
 #

@@ -203,7 +203,8 @@ async def _workers(client, model, pending, clients, records, on_done=None) -> No
 
 def sla_counters(url: str) -> dict[str, float]:
     """Our server's SLA counters from /metrics: "judged", then "<part>_<outcome>" for each part
-    (prompt, generation, both) and outcome (met, missed)."""
+    (prompt, generation, both) and outcome (met, missed), and the SLA it judges by ("prompt_rate",
+    "token_rate")."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -212,6 +213,8 @@ def sla_counters(url: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name == "fastgen_requests_judged_total":
                 counts["judged"] = sample.value
+            elif sample.name in ("fastgen_sla_prompt_rate", "fastgen_sla_token_rate"):
+                counts[sample.name.removeprefix("fastgen_sla_")] = sample.value
             elif sample.name == "fastgen_sla_requests_total":
                 counts[f"{sample.labels['part']}_{sample.labels['outcome']}"] = sample.value
     return counts
