@@ -12,7 +12,30 @@ flags.DEFINE_string(
     "checkpoints/smollm2-135m-instruct",
     "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
 )
-flags.DEFINE_integer("token_budget", 512, "Tokens per forward pass (Dynamic SplitFuse budget).")
+flags.DEFINE_string(
+    "token_budget",
+    "512",
+    "Tokens per forward pass (Dynamic SplitFuse budget), or 'auto': each step picks among the compiled "
+    "budgets up to --max_token_budget the largest that keeps decoding within --sla_token_rate.",
+)
+flags.register_validator(
+    "token_budget",
+    lambda v: v == "auto" or v.lstrip("-").isdigit(),
+    "--token_budget must be an integer or auto",
+)
+flags.DEFINE_integer("max_token_budget", 512, "The largest budget --token_budget=auto may choose.")
+flags.DEFINE_float(
+    "sla_prompt_rate",
+    512.0,
+    "SLA: the first token is due within prompt_tokens / this many seconds (FastGen's 512 tokens/s; "
+    "/metrics counts requests meeting and missing it).",
+)
+flags.DEFINE_float(
+    "sla_token_rate",
+    4.0,
+    "SLA: the EMA (span 16) of a request's token gaps must stay at or below 1 / this many seconds "
+    "(FastGen: 2, 4 or 6 tokens/s); --token_budget=auto keeps running sequences within it.",
+)
 flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward pass.")
 flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
@@ -34,8 +57,11 @@ def engine_config(kv_cache_bytes: int | None = None):
     """The EngineConfig the flags describe; `kv_cache_bytes` overrides --kv_cache_gib."""
     from fastgen_jax.config import EngineConfig
 
+    auto = FLAGS.token_budget == "auto"
     return EngineConfig(
-        token_budget=FLAGS.token_budget,
+        token_budget=FLAGS.max_token_budget if auto else int(FLAGS.token_budget),
+        adaptive_budget=auto,
+        sla_token_rate=FLAGS.sla_token_rate,
         max_num_seqs=FLAGS.max_num_seqs,
         max_model_len=FLAGS.max_model_len,
         page_size=FLAGS.page_size,
@@ -44,3 +70,10 @@ def engine_config(kv_cache_bytes: int | None = None):
         policy=FLAGS.policy,
         tensor_parallel=FLAGS.tensor_parallel,
     )
+
+
+def sla():
+    """The SLA the flags describe: what /metrics judges requests by."""
+    from fastgen_jax.sla import SLA
+
+    return SLA(FLAGS.sla_prompt_rate, FLAGS.sla_token_rate)

@@ -4,6 +4,8 @@ One `step()`:
 
 1. `Scheduler.schedule()` picks this pass's tokens under the token budget: one for every decoding
    sequence, then prompt chunks in arrival order (Dynamic SplitFuse), evicting when KV pages run out.
+   With `adaptive_budget` the `BudgetController` first picks this step's budget among the compiled
+   buckets, and afterwards learns from the step's measured time.
 2. `SlabBuilder.build()` packs them into static-shaped arrays (a bucket of T rows, W page columns).
 3. `ModelRunner.execute()` runs the precompiled program for (T, W): the model writes the new K/V into
    the donated page pool, computes logits only for the rows that need a token, and samples on device.
@@ -27,6 +29,7 @@ import numpy as np
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import (
+    BudgetController,
     Scheduler,
     SchedulerOutput,
     Sequence,
@@ -70,6 +73,8 @@ class EngineStats:
     free_pages: int = 0
     total_pages: int = 0
     preemptions: int = 0
+    token_budget: int = 0  # of the last step: fixed, or chosen by the budget controller
+    token_budget_changes: int = 0  # steps whose budget differed from the step before
 
 
 class LLMEngine:
@@ -96,12 +101,19 @@ class LLMEngine:
             self.engine_config, num_pages=resolved.num_pages, max_model_len=resolved.max_model_len
         )
         self.slab_builder = SlabBuilder.for_scheduler(self.scheduler)
+        self.budget_controller = (
+            BudgetController(self.engine_config.token_buckets, self.engine_config.sla_token_rate)
+            if self.engine_config.adaptive_budget
+            else None
+        )
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
         self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
-        self.stats = EngineStats(total_pages=resolved.num_pages - 1)
+        self.stats = EngineStats(
+            total_pages=resolved.num_pages - 1, token_budget=self.engine_config.token_budget
+        )
         self.refresh_stats()
         self._warm_programs = 0
         if warmup:
@@ -174,6 +186,7 @@ class LLMEngine:
         if state is None:
             return None
         self.scheduler.abort(request_id)
+        self._forget(request_id)
         return state.abort()
 
     def has_unfinished(self) -> bool:
@@ -190,6 +203,21 @@ class LLMEngine:
         plans = (self._padding_plan(bucket, width) for bucket, width in self.slab_builder.shapes())
         self.runner.warmup(plans, progress=progress)
         self._warm_programs = self.runner.num_compiled
+        if self.budget_controller is not None:
+            self._profile_buckets()
+
+    def _profile_buckets(self) -> None:
+        """Seeds the budget controller with each bucket's time for an empty step (best of two)."""
+        width = self.slab_builder.page_table_widths[0]
+        for bucket in self.slab_builder.token_buckets:
+            slab = self.slab_builder.padding_slab(bucket, width)
+            arrays, sampling = slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                np.asarray(self.runner.execute(arrays, sampling)[0])
+                times.append(time.perf_counter() - start)
+            self.budget_controller.seed(bucket, min(times))
 
     def _padding_plan(self, bucket: int, width: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(slab arrays, sampling arrays) of an all-padding step of this shape."""
@@ -208,7 +236,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass and returns what it produced for each request it sampled."""
         start = time.perf_counter()
-        output = self.scheduler.schedule()
+        budget = self._choose_budget()
+        output = self.scheduler.schedule(budget)
         if output.is_empty:
             return []
         try:
@@ -230,8 +259,20 @@ class LLMEngine:
         self._count_tokens(output)
         self.scheduler.postprocess(output, tokens)
         results = self._process_samples(output, tokens, logprobs, top)
-        self._count_step(start, launched, returned)
+        self._count_step(start, launched, returned, budget)
+        if self.budget_controller is not None:
+            end = time.perf_counter()
+            self.budget_controller.step_done(slab.bucket, output.scheduled, end - start, end)
         return results
+
+    def _choose_budget(self) -> int | None:
+        if self.budget_controller is None:
+            return None
+        return self.budget_controller.choose_for(self.scheduler.running)
+
+    def _forget(self, request_id: str) -> None:
+        if self.budget_controller is not None:
+            self.budget_controller.forget(request_id)
 
     def _sampling_arrays(self, output: SchedulerOutput, slab: Slab) -> dict[str, np.ndarray]:
         arrays = sampling_arrays(slab.kv_lens.shape[0])
@@ -265,6 +306,7 @@ class LLMEngine:
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._states[entry.seq.request_id]
+                self._forget(entry.seq.request_id)
             results.append(result)
         return results
 
@@ -275,8 +317,11 @@ class LLMEngine:
                 self.stats.prompt_tokens += entry.num_new_tokens
             self.stats.generation_tokens += entry.needs_sample
 
-    def _count_step(self, start: float, launched: float, returned: float) -> None:
+    def _count_step(self, start: float, launched: float, returned: float, budget: int | None) -> None:
         s = self.stats
+        budget = self.engine_config.token_budget if budget is None else budget
+        s.token_budget_changes += s.steps > 0 and budget != s.token_budget
+        s.token_budget = budget
         s.steps += 1
         s.host_seconds += (launched - start) + (time.perf_counter() - returned)
         s.device_seconds += returned - launched

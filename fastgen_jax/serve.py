@@ -41,6 +41,12 @@ flags.DEFINE_integer(
     "with the least outstanding work.",
     lower_bound=1,
 )
+flags.DEFINE_string(
+    "request_log",
+    None,
+    "Append one JSON line per finished request (arrival, prompt and output tokens, SLA verdict) to this "
+    "file; `python -m fastgen_jax.benchmarks.trace` turns it into a trace to replay.",
+)
 
 
 def _kv_cache_bytes(checkpoint) -> int | None:
@@ -93,6 +99,18 @@ def _configure_logging() -> None:
     server_log.propagate = False
 
 
+def _banner(name: str, url: str, engines, sla) -> str:
+    """The line that says where the server listens (scripts wait for it: keep " on <url> ")."""
+    engine, config = engines[0], engines[0].engine_config
+    budget = f"auto up to {config.token_budget}" if config.adaptive_budget else config.token_budget
+    return (
+        f"fastgen-jax serving {name!r} on {url} (OpenAI API under /v1; max_model_len "
+        f"{engine.max_model_len}, token budget {budget}; {len(engines)} replica(s) x "
+        f"{config.tensor_parallel} device(s); SLA: first token within prompt/"
+        f"{sla.prompt_rate:g} s, {sla.token_rate:g} tokens/s)"
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -103,6 +121,7 @@ def main(argv: list[str]) -> None:
 
     errors = (CheckpointError, ConfigError, ValueError, OSError, OverflowError)
     try:
+        sla = engine_flags.sla()
         if _join_process_group():
             return _follow()
         sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
@@ -110,7 +129,7 @@ def main(argv: list[str]) -> None:
     except errors as e:
         sys.exit(f"error: {e}")
     try:
-        _serve(engines, sock)
+        _serve(engines, sock, sla)
     finally:
         engines[0].close()  # multi-host: the followers exit too
 
@@ -139,20 +158,21 @@ def _follow() -> None:
     print(f"fastgen-jax: process {jax.process_index()} ran {steps} steps; the leader stopped", flush=True)
 
 
-def _serve(engines, sock) -> None:
+def _serve(engines, sock, sla) -> None:
     import uvicorn
 
     from fastgen_jax.server.app import build_app
     from fastgen_jax.server.http import Server, url_of
 
     name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
-    engine = engines[0]
     application = build_app(
         engines,
         name,
         api_key=FLAGS.api_key,
         max_queue=FLAGS.max_queue,
         max_request_bytes=FLAGS.max_request_bytes,
+        sla=sla,
+        request_log=FLAGS.request_log,
     )
     config = uvicorn.Config(
         application,
@@ -160,12 +180,7 @@ def _serve(engines, sock) -> None:
         access_log=False,  # the app logs one line per request itself
         timeout_graceful_shutdown=FLAGS.shutdown_timeout,
     )
-    print(
-        f"fastgen-jax serving {name!r} on {url_of(sock)} (OpenAI API under /v1; "
-        f"max_model_len {engine.max_model_len}, token budget {engine.engine_config.token_budget}, "
-        f"{len(engines)} replica(s) x {FLAGS.tensor_parallel} device(s))",
-        flush=True,
-    )
+    print(_banner(name, url_of(sock), engines, sla), flush=True)
     Server(config).run(sockets=[sock])
     print("fastgen-jax: shut down", flush=True)
 

@@ -6,6 +6,14 @@
     # start our server with a policy, sweep, stop it (what compare_policies.sh does)
     python scripts/bench_serving.py --serve_model=checkpoints/smollm2-135m-instruct --policy=prefill_first
 
+    # replay a trace of real traffic (python -m fastgen_jax.benchmarks.trace writes one from
+    # `serve --request_log`), open loop at its own pace (--trace_speed=2 sends twice as fast)
+    python scripts/bench_serving.py --url=http://127.0.0.1:8000 --trace=trace.jsonl --trace_speed=1.0
+
+    # a load step: 2 closed-loop clients, 16 once half the requests are done; prints the SLA
+    # attainment the benchmark measured beside the one the server's /metrics counted
+    python scripts/bench_serving.py --serve_model=checkpoints/smollm2-135m-instruct --load_step=2,16
+
 For each point (a client count, or a Poisson rate) it sends `clients x requests_per_client +
 extra_requests` measured requests after `warmup` unmeasured ones, every request streamed with
 `ignore_eos` so prompt and generation lengths hold (Normal(mean, 0.3 x mean), clipped). It prints a
@@ -13,7 +21,8 @@ table, writes raw per-request JSON plus the summary (`<output_dir>/serving_<labe
 unless --noplot. The SLA for effective throughput is stated in the output: TTFT <= prompt_tokens /
 --prompt_rate and EMA(span 16) of token gaps <= 1 / --token_rate. FastGen's GPU values are 512 and
 2-6; a 2-core CPU is ~100x slower, so pick rates to match the hardware (the CPU defaults below).
-`scripts/plot_serving.py` draws several result files on the same plots.
+`scripts/plot_serving.py` draws several result files on the same plots. A server started here gets
+the benchmark's SLA as its --sla_prompt_rate/--sla_token_rate, so its /metrics judge the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import time
 
 from absl import app, flags
 
-from fastgen_jax.benchmarks.load import Workload, closed_loop, poisson, start_server
+from fastgen_jax.benchmarks.load import Workload, closed_loop, load_step, poisson, sla_counters, start_server
+from fastgen_jax.benchmarks.plots import x_key
 from fastgen_jax.benchmarks.serving_metrics import SLA, summarize
 
 FLAGS = flags.FLAGS
@@ -39,6 +49,10 @@ flags.DEFINE_list("serve_flags", [], "More flags for the started server, e.g. to
 flags.DEFINE_string("label", None, "Name of this system in tables and plots (default: the policy).")
 flags.DEFINE_list("clients", ["1", "2", "4", "8"], "Closed-loop client counts, one point each.")
 flags.DEFINE_list("rates", [], "Poisson request rates (per second); replaces --clients when given.")
+flags.DEFINE_string("trace", None, "Replay this JSONL trace open loop (one point) instead of --clients.")
+flags.DEFINE_float("trace_speed", 1.0, "Trace replay pace: request i is sent at arrival_i / speed.")
+flags.DEFINE_list("load_step", [], "Two client counts, e.g. 2,16: one closed-loop point whose clients jump.")
+flags.DEFINE_integer("load_step_after", None, "Finished requests before the jump (default: half of them).")
 flags.DEFINE_integer("requests_per_client", 4, "Measured requests per client (FastGen: 4).")
 flags.DEFINE_integer("extra_requests", 32, "Measured requests added to each point (FastGen: 32).")
 flags.DEFINE_integer("warmup", None, "Unmeasured requests before each point (default: the client count).")
@@ -53,20 +67,80 @@ flags.DEFINE_string("output_dir", "docs/benchmarks", "Where the JSON (and plots)
 flags.DEFINE_bool("plot", True, "Draw the plots for this run alone.")
 
 
-def run_point(url: str, workload: Workload, point: float, poisson_mode: bool, index: int):
+def mode() -> str:
+    if FLAGS.trace:
+        return "trace"
+    if FLAGS.load_step:
+        return "load_step"
+    return "poisson" if FLAGS.rates else "closed_loop"
+
+
+def points() -> list[float]:
+    if FLAGS.trace:
+        return [FLAGS.trace_speed]
+    if FLAGS.load_step:
+        return [float(FLAGS.load_step[-1])]
+    return [float(x) for x in (FLAGS.rates or FLAGS.clients)]
+
+
+def run_point(url: str, workload: Workload, point: float, index: int):
+    """Warm-up, then the measured requests: (records, wall seconds, the server's SLA attainment)."""
     from tqdm.auto import tqdm
 
-    clients = 1 if poisson_mode else int(point)
-    measured = (clients if not poisson_mode else 8) * FLAGS.requests_per_client + FLAGS.extra_requests
-    warmup = FLAGS.warmup if FLAGS.warmup is not None else clients
-    requests = workload.requests(warmup + measured, FLAGS.seed + index)
-    name = f"rate {point:g}/s" if poisson_mode else f"{clients} clients"
-    with tqdm(total=measured, desc=name, unit="req", leave=False) as bar:
-        if poisson_mode:
-            coro = poisson(url, requests[warmup:], point, FLAGS.seed, bar.update)
-        else:
-            coro = closed_loop(url, requests, clients, warmup, bar.update)
-        return asyncio.run(coro)
+    if FLAGS.trace:
+        from fastgen_jax.benchmarks.trace import read_trace, replay
+
+        entries = read_trace(FLAGS.trace)
+        total, name = len(entries), f"trace x{point:g}"
+        coro = lambda done: replay(url, entries, point, FLAGS.seed, done)
+    else:
+        clients = int(FLAGS.load_step[0]) if FLAGS.load_step else 1 if FLAGS.rates else int(point)
+        senders = sum(int(c) for c in FLAGS.load_step) if FLAGS.load_step else 8 if FLAGS.rates else clients
+        total = senders * FLAGS.requests_per_client + FLAGS.extra_requests
+        warmup = FLAGS.warmup if FLAGS.warmup is not None else clients
+        requests = workload.requests(warmup + total, FLAGS.seed + index)
+        asyncio.run(closed_loop(url, requests[:warmup], clients, warmup=warmup))
+        name, coro = f"{clients} clients", measured_load(url, requests[warmup:], point, clients)
+    before = scrape(url)
+    with tqdm(total=total, desc=name, unit="req", leave=False) as bar:
+        records, wall = asyncio.run(coro(bar.update))
+    return records, wall, server_attainment(before, scrape(url))
+
+
+def measured_load(url: str, requests: list, point: float, clients: int):
+    """A function of the progress callback that returns the coroutine sending `requests`."""
+    if FLAGS.rates:
+        return lambda done: poisson(url, requests, point, FLAGS.seed, done)
+    if FLAGS.load_step:
+        after = int(FLAGS.load_step[1])
+        step_after = FLAGS.load_step_after if FLAGS.load_step_after is not None else len(requests) // 2
+        return lambda done: load_step(url, requests, (clients, after), step_after, done)
+    return lambda done: closed_loop(url, requests, clients, on_done=done)
+
+
+def server_attainment(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """The fraction of the requests the server judged in between that met each part of the SLA."""
+    judged = after.get("judged", 0.0) - before.get("judged", 0.0)
+    if not judged:
+        return None
+    return {
+        part: (after[f"{part}_met"] - before[f"{part}_met"]) / judged
+        for part in ("prompt", "generation", "both")
+    } | {"judged": judged, "prompt_rate": after.get("prompt_rate"), "token_rate": after.get("token_rate")}
+
+
+def start_our_server(sla: SLA):
+    serve_flags = [f"--{f}" for f in FLAGS.serve_flags]
+    return start_server(
+        [
+            f"--model={FLAGS.serve_model}",
+            f"--policy={FLAGS.policy}",
+            f"--sla_prompt_rate={sla.prompt_rate}",
+            f"--sla_token_rate={sla.token_rate}",
+            *serve_flags,
+        ],
+        echo=True,
+    )
 
 
 def main(argv):
@@ -81,19 +155,18 @@ def main(argv):
         FLAGS.prompt_mean, FLAGS.gen_mean, FLAGS.prompt_max, FLAGS.gen_max or 2 * FLAGS.gen_mean
     )
     sla = SLA(FLAGS.prompt_rate, FLAGS.token_rate)
-    poisson_mode = bool(FLAGS.rates)
-    points = [float(x) for x in (FLAGS.rates or FLAGS.clients)]
-    proc, url = (
-        (None, FLAGS.url) if FLAGS.url else start_server(FLAGS.serve_model, FLAGS.policy, FLAGS.serve_flags)
-    )
+    if FLAGS.load_step and len(FLAGS.load_step) != 2:
+        raise app.UsageError(f"--load_step takes two client counts, got {FLAGS.load_step}")
+    proc, url = (None, FLAGS.url) if FLAGS.url else start_our_server(sla)
     results = []
     try:
-        for i, point in enumerate(points):
-            records, wall = run_point(url, workload, point, poisson_mode, i)
+        for i, point in enumerate(points()):
+            records, wall, server_sla = run_point(url, workload, point, i)
             summary = summarize(records, wall, sla)
-            summary["rate" if poisson_mode else "clients"] = point
+            summary[x_key(mode())] = point
+            summary["server_sla"] = server_sla
             results.append({"summary": summary, "records": [dataclasses.asdict(r) for r in records]})
-            print_row(summary, poisson_mode, header=i == 0)
+            print_row(summary, header=i == 0)
     finally:
         if proc:
             proc.send_signal(signal.SIGTERM)
@@ -106,7 +179,9 @@ def main(argv):
         "serve_flags": FLAGS.serve_flags,
         "workload": dataclasses.asdict(workload),
         "sla": dataclasses.asdict(sla),
-        "mode": "poisson" if poisson_mode else "closed_loop",
+        "mode": mode(),
+        "trace": FLAGS.trace,
+        "load_step": FLAGS.load_step,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "points": results,
@@ -117,6 +192,8 @@ def main(argv):
         json.dump(report, f)
     print(f"SLA: TTFT <= prompt_tokens / {sla.prompt_rate:g} s and EMA(span {sla.ema_span}) of token gaps "
           f"<= {1 / sla.token_rate:.3g} s; wrote {path}")  # fmt: skip
+    for p in results:
+        print_attainment(p["summary"])
     if FLAGS.plot:
         from fastgen_jax.benchmarks.plots import plot_reports
 
@@ -140,14 +217,43 @@ COLUMNS = [
 ]
 
 
-def print_row(summary: dict, poisson_mode: bool, header: bool) -> None:
-    first = ("rate/s", "rate") if poisson_mode else ("clients", "clients")
+def scrape(url: str) -> dict[str, float]:
+    """The server's SLA counters; empty for a server that has none (not ours)."""
+    try:
+        return sla_counters(url)
+    except Exception:  # noqa: BLE001 - any server may be measured; its metrics are optional
+        return {}
+
+
+def print_attainment(summary: dict) -> None:
+    """SLA attainment by part as the benchmark measured it (client chunk times) and as the server's
+    /metrics counted it (server emit times), side by side."""
+    server = summary["server_sla"]
+    if server is None:
+        return
+    parts = [
+        f"{part} {summary[key]:.1%} vs {server[part]:.1%}"
+        for part, key in (("prompt", "sla_prompt_fraction"), ("generation", "sla_generation_fraction"),
+                          ("both", "sla_fraction"))
+    ]  # fmt: skip
+    if (server["prompt_rate"], server["token_rate"]) != (FLAGS.prompt_rate, FLAGS.token_rate):
+        print(f"note: the server judges by another SLA ({server['prompt_rate']:g}, {server['token_rate']:g})")
+    print(
+        f"{x_key(mode())} {summary[x_key(mode())]:g}: SLA attainment, benchmark vs server /metrics "
+        f"({summary['requests']} sent, {server['judged']:g} judged): " + ", ".join(parts)
+    )
+
+
+def print_row(summary: dict, header: bool) -> None:
+    key = x_key(mode())
     if header:
-        print(" | ".join(f"{h:>9}" for h in [first[0], *(c[0] for c in COLUMNS)]))
-    cells = [f"{summary[first[1]]:g}"]
-    for _, key, fmt in COLUMNS:
-        value = summary[key]
+        print(" | ".join(f"{h:>9}" for h in [key, *(c[0] for c in COLUMNS), "server SLA %"]))
+    cells = [f"{summary[key]:g}"]
+    for _, name, fmt in COLUMNS:
+        value = summary[name]
         cells.append("-" if value is None else fmt.format(value))
+    server = summary["server_sla"]
+    cells.append("-" if server is None else f"{server['both']:.0%}")
     print(" | ".join(f"{c:>9}" for c in cells), flush=True)
 
 

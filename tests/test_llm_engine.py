@@ -97,6 +97,24 @@ def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget):
     assert engine.stats.compiled_after_warmup == 0
 
 
+def test_an_adaptive_budget_changes_step_by_step_and_keeps_greedy_outputs(tiny_dir, tiny_workload):
+    short = [i for i, (p, n) in enumerate(zip(*tiny_workload[:2], strict=True)) if len(p) + n <= 128]
+    prompts, num_new, expected = ([x[i] for i in short] for x in tiny_workload)
+    config = EngineConfig(
+        token_budget=64,  # small shapes: 12 programs to compile
+        adaptive_budget=True,
+        sla_token_rate=1e4,  # 0.1 ms between tokens: no step fits while fresh sequences decode
+        max_num_seqs=32,
+        max_model_len=128,
+        page_size=16,
+    )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    assert len(prompts) >= 4 and run_all(engine, prompts, num_new) == expected
+    assert engine.stats.token_budget_changes > 0
+    assert engine.stats.token_budget in config.token_buckets
+    assert engine.stats.compiled_after_warmup == 0
+
+
 def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
     _, model = tiny_dir
     rng = np.random.default_rng(5)

@@ -1,5 +1,6 @@
-"""Load for a running OpenAI-compatible server, the way FastGen measured: closed-loop clients, or an
-open-loop Poisson stream of requests as `vllm bench serve` sends.
+"""Load for a running OpenAI-compatible server, the way FastGen measured: closed-loop clients (also
+with a step in their number mid-run), or open loop: a Poisson stream of requests as `vllm bench serve`
+sends, or requests at given times (trace replay, `benchmarks.trace`).
 
 Prompts are token ids (the completions API takes them), so their lengths are exact whatever the
 server's tokenizer; lengths follow Normal(mean, 0.3 x mean), clipped, and every request sets
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
 import re
@@ -101,38 +103,54 @@ async def closed_loop(
 ) -> tuple[list[RequestRecord], float]:
     """`clients` workers, each sending its next request when its last one ends. The first `warmup`
     requests are sent the same way but left out of the records and the wall time."""
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+    async with _client(url, clients) as client:
         model = await served_model(client)
-
-        async def run(batch, records):
-            pending = iter(batch)
-
-            async def worker():
-                for prompt, gen in pending:
-                    records.append(await stream_request(client, model, prompt, gen))
-                    if on_done and records is not warm:
-                        on_done()
-
-            await asyncio.gather(*(worker() for _ in range(clients)))
-
-        warm: list[RequestRecord] = []
-        await run(requests[:warmup], warm)
+        await _workers(client, model, iter(requests[:warmup]), clients, [])
         records: list[RequestRecord] = []
         start = time.perf_counter()
-        await run(requests[warmup:], records)
+        await _workers(client, model, iter(requests[warmup:]), clients, records, on_done)
         return records, time.perf_counter() - start
 
 
-async def poisson(
+async def load_step(
     url: str,
     requests: list[tuple[list[int], int]],
-    rate: float,
-    seed: int = 0,
+    clients: tuple[int, int],
+    step_after: int,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """Open loop: request i is sent at the i-th arrival of a Poisson process of `rate` per second."""
-    rng = random.Random(seed)
+    """Closed loop whose client count jumps from clients[0] to clients[1] once `step_after` requests
+    have finished; every worker takes the next request of the same list."""
+    before, after = clients
+    async with _client(url, after) as client:
+        model = await served_model(client)
+        pending, records = iter(requests), []
+        stepped = asyncio.Event()
+
+        def done():
+            if len(records) >= step_after:
+                stepped.set()
+            if on_done:
+                on_done()
+
+        async def join_later():
+            await stepped.wait()
+            await _workers(client, model, pending, after - before, records, done)
+
+        start = time.perf_counter()
+        first = asyncio.ensure_future(_workers(client, model, pending, before, records, done))
+        first.add_done_callback(lambda _: stepped.set())  # fewer requests than step_after
+        await asyncio.gather(first, join_later())
+        return records, time.perf_counter() - start
+
+
+async def open_loop(
+    url: str,
+    requests: list[tuple[list[int], int]],
+    send_times: list[float],
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Request i is sent `send_times[i]` seconds after the start (ascending), whatever is in flight."""
     async with httpx.AsyncClient(
         base_url=url, timeout=None, limits=httpx.Limits(max_connections=None)
     ) as client:
@@ -145,13 +163,61 @@ async def poisson(
                 on_done()
             return record
 
-        tasks, at = [], 0.0
-        for prompt, gen in requests:
-            at += rng.expovariate(rate)
+        tasks = []
+        for (prompt, gen), at in zip(requests, send_times, strict=True):
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             tasks.append(asyncio.create_task(one(prompt, gen)))
         records = await asyncio.gather(*tasks)
         return list(records), time.perf_counter() - start
+
+
+async def poisson(
+    url: str,
+    requests: list[tuple[list[int], int]],
+    rate: float,
+    seed: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> tuple[list[RequestRecord], float]:
+    """Open loop: request i is sent at the i-th arrival of a Poisson process of `rate` per second."""
+    rng = random.Random(seed)
+    send_times = list(itertools.accumulate(rng.expovariate(rate) for _ in requests))
+    return await open_loop(url, requests, send_times, on_done)
+
+
+def _client(url: str, clients: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    return httpx.AsyncClient(base_url=url, timeout=None, limits=limits)
+
+
+async def _workers(client, model, pending, clients, records, on_done=None) -> None:
+    """`clients` workers that take requests from the iterator `pending` until it is empty."""
+
+    async def worker():
+        for prompt, gen in pending:
+            records.append(await stream_request(client, model, prompt, gen))
+            if on_done:
+                on_done()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+
+
+def sla_counters(url: str) -> dict[str, float]:
+    """Our server's SLA counters from /metrics: "judged", then "<part>_<outcome>" for each part
+    (prompt, generation, both) and outcome (met, missed), and the SLA it judges by ("prompt_rate",
+    "token_rate")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fastgen_requests_judged_total":
+                counts["judged"] = sample.value
+            elif sample.name in ("fastgen_sla_prompt_rate", "fastgen_sla_token_rate"):
+                counts[sample.name.removeprefix("fastgen_sla_")] = sample.value
+            elif sample.name == "fastgen_sla_requests_total":
+                counts[f"{sample.labels['part']}_{sample.labels['outcome']}"] = sample.value
+    return counts
 
 
 def start_server(flags: list[str], echo: bool = False) -> tuple[subprocess.Popen, str]:

@@ -14,8 +14,13 @@ import numpy as np
 from fastgen_jax.benchmarks.serving_metrics import RequestRecord
 
 
+def x_key(mode: str | None) -> str:
+    """The summary field a benchmark mode varies from point to point."""
+    return {"poisson": "rate", "trace": "trace_speed"}.get(mode or "", "clients")
+
+
 def _x_key(report: dict[str, Any]) -> str:
-    return "rate" if report.get("mode") == "poisson" else "clients"
+    return x_key(report.get("mode"))
 
 
 def plot_reports(reports: list[dict[str, Any]], prefix: str) -> list[str]:

@@ -4,12 +4,9 @@ A `RequestRecord` holds when a request was sent, when each streamed chunk arrive
 counts. `summarize(records, wall_seconds, sla)` gives throughput, latency percentiles, time to first
 token (TTFT), time per output token (TPOT: (end - first token) / (output tokens - 1)), inter-token
 latency (ITL: gaps between chunk arrivals) and FastGen's **effective throughput**: requests per second
-times the fraction that meet the SLA, where a request meets it when
-
-  (a) TTFT <= prompt_tokens / prompt_rate seconds (FastGen: prompt_rate 512 tokens/s), and
-  (b) the exponential moving average (span 16, alpha = 2 / (span + 1), seeded with the first gap) of
-      its inter-token latencies stays at or below 1 / token_rate seconds after the first token
-      (FastGen: token_rate 2, 4 or 6 tokens/s).
+times the fraction that meet the SLA (`fastgen_jax.sla`, the definition the server's /metrics judges
+by too): TTFT <= prompt_tokens / prompt_rate and the EMA (span 16) of inter-token latencies <=
+1 / token_rate.
 
 Pure Python and numpy: no jax, no HTTP; the unit tests feed it hand-made timelines.
 """
@@ -20,6 +17,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+
+from fastgen_jax.sla import SLA, ema_series
+
+__all__ = ["SLA", "RequestRecord", "ema_series", "percentile", "summarize"]
 
 
 @dataclasses.dataclass
@@ -55,27 +56,6 @@ class RequestRecord:
         return (self.chunk_times[-1] - self.chunk_times[0]) / (self.output_tokens - 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class SLA:
-    prompt_rate: float = 512.0  # tokens/s of prompt the first token may take
-    token_rate: float = 4.0  # generated tokens/s the EMA of token gaps must keep up with
-    ema_span: int = 16
-
-    def met(self, r: RequestRecord) -> bool:
-        if not r.ok or r.ttft > r.prompt_tokens / self.prompt_rate:
-            return False
-        ema = ema_series(r.itls, self.ema_span)
-        return not ema or max(ema) <= 1.0 / self.token_rate
-
-
-def ema_series(values: Sequence[float], span: int) -> list[float]:
-    """Exponential moving average with alpha = 2 / (span + 1), seeded with the first value."""
-    alpha, out = 2.0 / (span + 1), []
-    for v in values:
-        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
-    return out
-
-
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile by linear interpolation (numpy's default); None for no values."""
     return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else None
@@ -92,7 +72,8 @@ def summarize(records: Sequence[RequestRecord], wall_seconds: float, sla: SLA) -
     ttfts = [r.ttft for r in done]
     tpots = [t for r in done if (t := r.tpot) is not None]
     itls = [gap for r in done for gap in r.itls]
-    met = sum(sla.met(r) for r in done)
+    verdicts = [sla.judge(r.send_time, r.prompt_tokens, r.chunk_times) for r in done]
+    met = sum(v.both for v in verdicts)
     rps = len(done) / wall_seconds if wall_seconds > 0 else 0.0
     summary = {
         "requests": len(records),
@@ -102,6 +83,8 @@ def summarize(records: Sequence[RequestRecord], wall_seconds: float, sla: SLA) -
         "output_tokens_per_s": sum(r.output_tokens for r in done) / wall_seconds if wall_seconds > 0 else 0.0,
         "prompt_tokens_per_s": sum(r.prompt_tokens for r in done) / wall_seconds if wall_seconds > 0 else 0.0,
         "sla_fraction": met / len(records) if records else 0.0,
+        "sla_prompt_fraction": sum(v.prompt for v in verdicts) / len(records) if records else 0.0,
+        "sla_generation_fraction": sum(v.generation for v in verdicts) / len(records) if records else 0.0,
         "effective_throughput_rps": met / wall_seconds if wall_seconds > 0 else 0.0,
         "latency_mean": _mean(latencies),
         "ttft_mean": _mean(ttfts),

@@ -3,7 +3,8 @@
 numpy only: nothing under `fastgen_jax.engine` imports jax, so scheduling can be tested and reasoned
 about without a device. One step, as `llm_engine` drives it:
 
-    output = scheduler.schedule()              # which tokens of which sequences
+    budget = controller.choose_for(running)     # with an adaptive budget: this step's token budget
+    output = scheduler.schedule(budget)        # which tokens of which sequences
     slab = slab_builder.build(output)          # static-shaped numpy arrays for the compiled step
     sampled = runner.step(slab)                # device: model + sampling -> i32[S]
     scheduler.postprocess(output, sampled)     # advance computed tokens, append sampled ones
@@ -11,11 +12,13 @@ about without a device. One step, as `llm_engine` drives it:
 """
 
 from fastgen_jax.engine.batch import Slab, SlabBuilder
+from fastgen_jax.engine.budget import BudgetController, StepTimeModel
 from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
 
 __all__ = [
+    "BudgetController",
     "NULL_PAGE",
     "OutOfPagesError",
     "PageAllocator",
@@ -27,5 +30,6 @@ __all__ = [
     "SequenceStatus",
     "Slab",
     "SlabBuilder",
+    "StepTimeModel",
     "pages_for",
 ]

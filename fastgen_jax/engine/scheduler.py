@@ -4,8 +4,8 @@
 `postprocess()`, then checks stop conditions and calls `finish()`. schedule and postprocess must
 alternate.
 
-Dynamic SplitFuse ("splitfuse", DeepSpeed-FastGen), each step at most `token_budget` tokens and
-`max_num_seqs` sequences:
+Dynamic SplitFuse ("splitfuse", DeepSpeed-FastGen), each step at most `token_budget` tokens (or the
+smaller budget the caller passes for this step, `engine.budget`) and `max_num_seqs` sequences:
   1. Decodes first. Every running sequence past its prefill gets one token. When its next token
      needs a page and none is free, the newest running sequence is preempted (pages freed, queued
      for recompute) until one is; the sequence may end up preempting itself.
@@ -99,6 +99,7 @@ class Scheduler:
         self._requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._in_flight: SchedulerOutput | None = None
+        self._step_budget = config.token_budget
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -162,10 +163,14 @@ class Scheduler:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
-        """Composes the next step. Empty only when there is nothing to do."""
+    def schedule(self, token_budget: int | None = None) -> SchedulerOutput:
+        """Composes the next step, of at most `token_budget` tokens (default and cap: the configured
+        budget; never fewer than the running sequences, so every decode fits). Empty only when there
+        is nothing to do."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called before postprocess() of the previous step")
+        cap = self.config.token_budget
+        self._step_budget = cap if token_budget is None else max(min(token_budget, cap), len(self.running))
         out = SchedulerOutput(page_tables=self.page_tables)
         if self.config.policy == "splitfuse":
             self._schedule_decodes(out)
@@ -289,10 +294,10 @@ class Scheduler:
         out.num_tokens += num_new
 
     def _budget_left(self, out: SchedulerOutput) -> int:
-        return self.config.token_budget - out.num_tokens
+        return self._step_budget - out.num_tokens
 
     def _has_room(self, out: SchedulerOutput) -> bool:
-        return out.num_tokens < self.config.token_budget and len(out.scheduled) < self.config.max_num_seqs
+        return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
 
 
 def _arrival(seq: Sequence) -> int:

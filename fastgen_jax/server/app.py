@@ -44,6 +44,8 @@ from fastgen_jax.server.protocol import (
     template_messages,
 )
 from fastgen_jax.server.replicas import ReplicaRouter
+from fastgen_jax.server.request_log import RequestLog
+from fastgen_jax.sla import SLA
 from fastgen_jax.tokenizer import TokenizerError
 
 log = logging.getLogger("fastgen_jax.server")
@@ -55,15 +57,25 @@ class ServerState:
     """What the handlers share: the engine bridge (one replica or several), metrics and the served
     model's name. The replicas serve the same model, so the first one answers questions about it."""
 
-    def __init__(self, engines: list[LLMEngine], model_name: str, max_queue: int):
+    def __init__(
+        self,
+        engines: list[LLMEngine],
+        model_name: str,
+        max_queue: int,
+        sla: SLA,
+        request_log: str | None = None,
+    ):
         self.engine, self.model_name = engines[0], model_name
         self.tokenizer = self.engine.tokenizer
+        self.request_log = RequestLog(request_log) if request_log else None
         self.async_engine = ReplicaRouter(engines, max_queue, on_finish=self._finished)
-        self.metrics = ServerMetrics(self.async_engine.replicas)
+        self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
 
     def _finished(self, tracked, out, now: float) -> None:
-        self.metrics.request_finished(tracked.arrival, tracked.first_token, out, now)
+        verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now)
+        if self.request_log is not None:
+            self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -479,10 +491,15 @@ def build_app(
     api_key: str | None = None,
     max_queue: int = 1024,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    sla: SLA | None = None,
+    request_log: str | None = None,
 ) -> FastAPI:
     """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
-    its own devices, balanced by outstanding work); the app's lifespan runs the engine threads."""
-    state = ServerState(engine if isinstance(engine, list) else [engine], model_name, max_queue)
+    its own devices, balanced by outstanding work); the app's lifespan runs the engine threads.
+    `/metrics` judges finished requests by `sla` (default: FastGen's 512 prompt tokens/s, 4 tokens/s),
+    and `request_log` names a JSONL file that gets a line per finished request."""
+    engines = engine if isinstance(engine, list) else [engine]
+    state = ServerState(engines, model_name, max_queue, sla or SLA(), request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -491,6 +508,8 @@ def build_app(
             yield
         finally:
             await asyncio.to_thread(state.async_engine.stop)
+            if state.request_log is not None:
+                state.request_log.close()
 
     app = FastAPI(title="fastgen-jax", lifespan=lifespan)
     app.state.server = state

@@ -64,11 +64,15 @@ class _Tracked:
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
     arrival: float
-    first_token: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)  # when each step's tokens left
     work: int = 0  # tokens still to process: the prompt until its first token, then what is left to generate
 
     def __post_init__(self):
         self.work = len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
+
+    @property
+    def first_token(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
 
 
 class RequestGroup:
@@ -266,9 +270,9 @@ class AsyncEngine:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            self._progress(t, out)
-            if t.first_token is None and out.new_token_ids:
-                t.first_token = now
+            self._progress(t, out)  # before the token time: it looks for the first token
+            if out.new_token_ids:
+                t.token_times.append(now)
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release(t)

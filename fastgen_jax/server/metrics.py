@@ -1,11 +1,23 @@
 """Prometheus metrics for `GET /metrics`, in a registry of the server's own.
 
-Queue, KV-page and token counts are read from the engines' stats at scrape time (each engine thread
-keeps them current after every step and every add or abort): unlabelled families are the sums over
-the replicas, and `fastgen_replica_*{replica="i"}` families give each replica's own figures, including
-the outstanding work the load balancer compares and how many requests it was sent. Latency histograms
-are observed by the engine threads as each request finishes: time to first token, time per output
-token after the first, end-to-end latency. Names follow vLLM's, with the `fastgen_` prefix.
+Queue, KV-page and token counts and the token budget of the last step are read from the engines'
+stats at scrape time (each engine thread keeps them current after every step and every add or abort):
+unlabelled families are the sums over the replicas (the budget: the largest), and
+`fastgen_replica_*{replica="i"}` families give each replica's own figures, including the outstanding
+work the load balancer compares and how many requests it was sent. Everything else is observed by the
+engine threads as each request finishes: time to first token, time per output token after the first,
+end-to-end latency, the prompt and generation lengths (`fastgen_request_prompt_tokens`,
+`fastgen_request_generation_tokens`: what the traffic looks like), and the SLA verdict (`fastgen.sla`,
+judged on the times the server emitted the tokens):
+
+  fastgen_sla_requests_total{part="prompt"|"generation"|"both", outcome="met"|"missed"}
+
+counts every request that finished with "stop" or "length" once per part. Aborted requests (the client
+left, or the server shut down) are not judged: they show up in
+`fastgen_requests_finished_total{finish_reason="abort"}` only. SLA attainment right now is
+`rate(fastgen_sla_requests_total{part="both",outcome="met"}[5m]) /
+rate(fastgen_requests_judged_total[5m])`; the SLA itself is exported as `fastgen_sla_prompt_rate` and
+`fastgen_sla_token_rate`. Names follow vLLM's, with the `fastgen_` prefix.
 """
 
 from __future__ import annotations
@@ -15,9 +27,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastgen_jax.output_processor import RequestOutput
 from fastgen_jax.server.async_engine import AsyncEngine
+from fastgen_jax.sla import SLA, Verdict
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_LENGTH_BUCKETS = tuple(2**i for i in range(16))  # 1 ... 32768 tokens
 
 
 def _figures(r: AsyncEngine) -> tuple[dict, dict]:
@@ -30,12 +44,20 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
         "requests_in_flight": ("Requests admitted by the server and not finished", r.num_outstanding),
         "kv_pages_used": ("KV pages holding tokens", used),
         "kv_pages_total": ("KV pages in the pool", s.total_pages),
+        "token_budget": (
+            "Token budget of the last step (chosen step by step with --token_budget=auto)",
+            s.token_budget,
+        ),
     }
     counters = {
         "preemptions": ("Sequences evicted to free KV pages", s.preemptions),
         "prompt_tokens": ("Prompt tokens computed (recomputed ones count again)", s.prompt_tokens),
         "generation_tokens": ("Tokens generated", s.generation_tokens),
         "steps": ("Forward passes run", s.steps),
+        "token_budget_changes": (
+            "Steps whose token budget differed from the step before",
+            s.token_budget_changes,
+        ),
     }
     return gauges, counters
 
@@ -46,18 +68,19 @@ _PER_REPLICA = (
     "requests_in_flight",
     "kv_pages_used",
     "generation_tokens",
+    "token_budget",
 )
 
 
 class _EngineCollector:
-    def __init__(self, replicas: list[AsyncEngine]):
-        self.replicas = replicas
+    def __init__(self, replicas: list[AsyncEngine], sla: SLA):
+        self.replicas, self.sla = replicas, sla
 
     def collect(self):
         figures = [_figures(r) for r in self.replicas]  # [(gauges, counters)] per replica
         for kind, family in ((0, GaugeMetricFamily), (1, CounterMetricFamily)):
             for name, (doc, _) in figures[0][kind].items():
-                total = sum(f[kind][name][1] for f in figures)
+                total = (max if name == "token_budget" else sum)(f[kind][name][1] for f in figures)
                 yield family(f"fastgen_{name}", doc, value=total)
                 if name in _PER_REPLICA:
                     metric = family(f"fastgen_replica_{name}", f"{doc}, per replica", labels=["replica"])
@@ -68,6 +91,16 @@ class _EngineCollector:
         total = sum(f[0]["kv_pages_total"][1] for f in figures)
         usage = used / max(total, 1)
         yield GaugeMetricFamily("fastgen_kv_cache_usage", "Fraction of KV pages in use", value=usage)
+        yield GaugeMetricFamily(
+            "fastgen_sla_prompt_rate",
+            "SLA: prompt tokens/s the first token may take",
+            value=self.sla.prompt_rate,
+        )
+        yield GaugeMetricFamily(
+            "fastgen_sla_token_rate",
+            "SLA: tokens/s the EMA of token gaps must sustain",
+            value=self.sla.token_rate,
+        )
         work = GaugeMetricFamily(
             "fastgen_replica_outstanding_work_tokens",
             "Tokens the replica's admitted requests still need (what the load balancer compares)",
@@ -86,9 +119,10 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, replicas: list[AsyncEngine]):
+    def __init__(self, replicas: list[AsyncEngine], sla: SLA):
+        self.sla = sla
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(replicas))
+        self.registry.register(_EngineCollector(replicas, sla))
         self.ttft = Histogram(
             "fastgen_time_to_first_token_seconds",
             "From arrival to the first generated token",
@@ -114,14 +148,62 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def request_finished(self, arrival: float, first_token: float | None, out: RequestOutput, now: float):
-        self.finished.labels(out.finish_reason or "abort").inc()
-        if first_token is None:
-            return
+        self.prompt_tokens = Histogram(
+            "fastgen_request_prompt_tokens",
+            "Prompt length of each finished request",
+            buckets=_LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.generation_tokens = Histogram(
+            "fastgen_request_generation_tokens",
+            "Tokens generated for each finished request (aborted ones: until the abort)",
+            buckets=_LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.judged = Counter(
+            "fastgen_requests_judged",
+            "Requests judged against the SLA (finished with stop or length)",
+            registry=self.registry,
+        )
+        self.sla_requests = Counter(
+            "fastgen_sla_requests",
+            "Judged requests by SLA part (prompt: first-token time; generation: EMA of token gaps; both)"
+            " and outcome (met, missed)",
+            ["part", "outcome"],
+            registry=self.registry,
+        )
+        for part in ("prompt", "generation", "both"):  # every series exists from the start
+            for outcome in ("met", "missed"):
+                self.sla_requests.labels(part, outcome)
+
+    def request_finished(
+        self, arrival: float, token_times: list[float], out: RequestOutput, now: float
+    ) -> Verdict | None:
+        """Observes a request as it finishes (`token_times`: when its tokens were emitted); returns its
+        SLA verdict, None when it was not judged."""
+        reason = out.finish_reason or "abort"
+        self.finished.labels(reason).inc()
+        self.prompt_tokens.observe(out.prompt_length)
+        self.generation_tokens.observe(out.generated_length)
+        if not token_times:
+            return None
+        first_token = token_times[0]
         self.ttft.observe(first_token - arrival)
         self.e2e.observe(now - arrival)
         if out.generated_length > 1:
             self.tpot.observe((now - first_token) / (out.generated_length - 1))
+        return None if reason == "abort" else self._judge(arrival, token_times, out.prompt_length)
+
+    def _judge(self, arrival: float, token_times: list[float], prompt_tokens: int) -> Verdict:
+        verdict = self.sla.judge(arrival, prompt_tokens, token_times)
+        self.judged.inc()
+        for part, met in (
+            ("prompt", verdict.prompt),
+            ("generation", verdict.generation),
+            ("both", verdict.both),
+        ):
+            self.sla_requests.labels(part, "met" if met else "missed").inc()
+        return verdict
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,6 +53,24 @@ def test_a_long_prompt_is_split_by_the_budget_and_only_its_last_chunk_samples():
     assert seq.num_computed_tokens == 21 and seq.all_token_ids[-2:] == [TOKEN, TOKEN]
 
 
+def test_a_step_budget_below_the_configured_one_cuts_prompts_shorter_but_never_a_decode():
+    s = make_scheduler(budget=8, max_num_seqs=4)
+    for rid in "abc":
+        add(s, rid, 1)
+    add(s, "d", 20)
+    assert step(s) == [("a", 1, 0, True), ("b", 1, 0, True), ("c", 1, 0, True), ("d", 5, 0, False)]
+    output = s.schedule(token_budget=2)  # fewer than the 4 running: all of them still get a token
+    assert [(e.seq.request_id, e.num_new_tokens) for e in output.scheduled] == [
+        ("a", 1),
+        ("b", 1),
+        ("c", 1),
+        ("d", 1),
+    ]
+    s.postprocess(output, {e.seq.request_id: TOKEN for e in output.scheduled})
+    output = s.schedule(token_budget=64)  # capped at the configured 8
+    assert output.num_tokens == 8
+
+
 def test_decodes_come_first_then_the_cut_prompt_then_waiting_prompts_fill_the_budget():
     s = make_scheduler(budget=8)
     add(s, "a", 3)

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from fastgen_jax.benchmarks.load import Workload, closed_loop, poisson
+from fastgen_jax.benchmarks.load import Workload, closed_loop, load_step, poisson, sla_counters
 from fastgen_jax.benchmarks.serving_metrics import SLA, summarize
 from tests.server.conftest import TINY_CONFIG, make_engine, serving
 
@@ -41,3 +41,15 @@ def test_poisson_sends_every_request_with_its_lengths(url):
     records, wall = asyncio.run(poisson(url, requests, rate=20.0, seed=0))
     check(records, requests)
     assert wall > 0
+
+
+def test_a_load_step_sends_every_request_and_the_server_judges_each(url):
+    requests = WORKLOAD.requests(8, seed=3)
+    before = sla_counters(url)
+    records, _ = asyncio.run(load_step(url, requests, clients=(1, 4), step_after=2))
+    check(records, requests)
+    after = sla_counters(url)
+    assert after["judged"] - before["judged"] == 8
+    for part in ("prompt", "generation", "both"):
+        met, missed = (after[f"{part}_{o}"] - before[f"{part}_{o}"] for o in ("met", "missed"))
+        assert met + missed == 8

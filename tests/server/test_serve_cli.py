@@ -70,6 +70,8 @@ def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_random_dir):
     [
         (["--model=/no/such/model"], "error: no checkpoint at /no/such/model"),
         (["--token_budget=0"], "token_budget must be positive"),
+        (["--token_budget=lots"], "--token_budget must be an integer or auto"),
+        (["--sla_token_rate=0"], "SLA rates and span must be positive"),
         (["--kv_memory_fraction=1.5"], "--kv_memory_fraction must be in (0, 1)"),
         (["--policy=fastest"], "policy"),
     ],

@@ -1,0 +1,196 @@
+"""The adaptive token budget (`--token_budget=auto`): each step's budget, chosen among the compiled ones.
+
+A bigger budget moves prompts faster (first tokens sooner, more throughput) but makes the step longer,
+and every decoding sequence waits that long for its next token. The SLA bounds that wait through the
+EMA (span 16) of each request's token gaps: at most 1 / R seconds (`fastgen_jax.sla`). So before each
+step the controller
+
+1. predicts the step's seconds for every token bucket from an online model (`StepTimeModel`): least
+   squares of measured step seconds on [1, bucket tokens, attended (query, key) pairs], weighted
+   towards recent steps, so it follows a load change or a machine that slows down; warm-up timings of
+   each bucket may seed it, but nothing needs profiling offline;
+2. works out the longest gap every decoding sequence can take: a sequence whose gap EMA is e can take
+   a gap g with alpha * g + (1 - alpha) * e <= margin / R, one with no gap yet g <= margin / R, and a
+   sequence that already missed the SLA does not count; never more than `max_burst` x margin / R, so
+   a step that runs longer than predicted cannot cost much (and the choice settles on the buckets
+   either side of margin / R instead of swinging between the smallest and the largest);
+3. picks the largest bucket predicted to fit that gap (moving up needs `hysteresis` of slack, so
+   noise does not flip it), the smallest bucket with room beside the decodes when none fits, and the
+   largest bucket when nothing is decoding.
+
+It only ever picks from `token_buckets`, so nothing new is compiled. numpy only, like all of
+`fastgen_jax.engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.sequence import Sequence as Seq
+from fastgen_jax.sla import ema_alpha
+
+
+def attended_pairs(num_new_tokens: int, start_position: int) -> int:
+    """(query, key) pairs that causal attention visits for new tokens at start_position onwards."""
+    q = num_new_tokens
+    return q * start_position + q * (q + 1) // 2
+
+
+class _Moments:
+    """Exponentially weighted sums x x^T and x t of a least-squares fit."""
+
+    def __init__(self, dim: int, forgetting: float):
+        self.forgetting = forgetting
+        self.gram = np.zeros((dim, dim))
+        self.moment = np.zeros(dim)
+
+    def add(self, x: np.ndarray, t: float) -> None:
+        self.gram = self.forgetting * self.gram + np.outer(x, x)
+        self.moment = self.forgetting * self.moment + x * t
+
+    def solve(self, ridge: float, prior: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(self.gram + ridge * np.eye(len(prior)), self.moment + ridge * prior)
+
+
+class StepTimeModel:
+    """Step seconds ~ theta . [1, tokens / scale, pairs / scale^2], fitted online.
+
+    Two fits: every step ever seen (the prior) and recent steps (forgetting factor `forgetting`, about
+    1 / (1 - forgetting) steps of memory) regularized towards the prior, so a bucket that has not run
+    lately is still predicted from what was learnt of it before.
+    """
+
+    def __init__(self, token_scale: int, forgetting: float = 0.95, ridge: float = 0.5):
+        self.token_scale = float(token_scale)
+        self.ridge = ridge
+        self._all = _Moments(3, 1.0)
+        self._recent = _Moments(3, forgetting)
+        self._theta: np.ndarray | None = np.zeros(3)
+
+    def features(self, tokens: int, pairs: float) -> np.ndarray:
+        return np.array([1.0, tokens / self.token_scale, pairs / self.token_scale**2])
+
+    def observe(self, tokens: int, pairs: float, seconds: float) -> None:
+        x = self.features(tokens, pairs)
+        self._all.add(x, seconds)
+        self._recent.add(x, seconds)
+        self._theta = None
+
+    def predict(self, tokens: int, pairs: float) -> float:
+        if self._theta is None:
+            prior = self._all.solve(1e-6, np.zeros(3))
+            self._theta = self._recent.solve(self.ridge, prior)
+        return float(self.features(tokens, pairs) @ self._theta)
+
+
+@dataclasses.dataclass
+class _Gaps:
+    """One decoding request's token gaps so far."""
+
+    last: float  # when its last token came
+    ema: float | None = None
+    missed: bool = False  # the EMA has been above 1 / R: the SLA is lost for it
+
+
+class BudgetController:
+    """Chooses each step's token budget (see the module docstring)."""
+
+    def __init__(
+        self,
+        buckets: Sequence[int],
+        token_rate: float,
+        ema_span: int = 16,
+        margin: float = 0.85,
+        hysteresis: float = 0.1,
+        max_burst: float = 2.0,
+        model: StepTimeModel | None = None,
+    ):
+        self.buckets = tuple(sorted(buckets))
+        self.max_gap = 1.0 / token_rate
+        self.target_gap = margin * self.max_gap
+        self.alpha = ema_alpha(ema_span)
+        self.hysteresis = hysteresis
+        self.max_burst = max_burst
+        self.model = model or StepTimeModel(self.buckets[-1])
+        self.budget = self.buckets[-1]
+        self.changes = 0
+        self._gaps: dict[str, _Gaps] = {}
+
+    # -- learning ---------------------------------------------------------------------------------
+
+    def seed(self, bucket: int, seconds: float) -> None:
+        """A profiled step of `bucket` tokens with no context (e.g. a padding step at warm-up)."""
+        self.model.observe(bucket, 0, seconds)
+
+    def step_done(self, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float, now: float) -> None:
+        """Learns from a finished step (padded to `bucket`) and notes the tokens it gave at `now`."""
+        scheduled = list(scheduled)
+        pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
+        self.model.observe(bucket, pairs, seconds)
+        self.tokens_emitted([e.seq.request_id for e in scheduled if e.needs_sample], now)
+
+    def tokens_emitted(self, request_ids: Iterable[str], now: float) -> None:
+        for rid in request_ids:
+            gaps = self._gaps.get(rid)
+            if gaps is None:
+                self._gaps[rid] = _Gaps(now)
+                continue
+            gap = now - gaps.last
+            gaps.ema = gap if gaps.ema is None else self.alpha * gap + (1 - self.alpha) * gaps.ema
+            gaps.missed |= gaps.ema > self.max_gap
+            gaps.last = now
+
+    def forget(self, request_id: str) -> None:
+        self._gaps.pop(request_id, None)
+
+    # -- choosing ---------------------------------------------------------------------------------
+
+    def allowed_gap(self, request_ids: Iterable[str]) -> float:
+        """The longest next gap that keeps every listed request's EMA within the target (inf when
+        none of them can still meet the SLA)."""
+        allowed = math.inf
+        for rid in request_ids:
+            gaps = self._gaps.get(rid)
+            if gaps is None or gaps.ema is None:
+                allowed = min(allowed, self.target_gap)
+            elif not gaps.missed:
+                allowed = min(allowed, (self.target_gap - (1 - self.alpha) * gaps.ema) / self.alpha)
+        return allowed if allowed == math.inf else min(allowed, self.max_burst * self.target_gap)
+
+    def choose(self, num_decodes: int, decode_pairs: int, prompt_start: int, allowed_gap: float) -> int:
+        """The budget of the next step: `num_decodes` sequences decode (attending `decode_pairs`
+        pairs), and the prompt to continue has `prompt_start` tokens computed already."""
+        if num_decodes == 0 or allowed_gap == math.inf:
+            return self._set(self.buckets[-1])
+        room = [b for b in self.buckets if b > num_decodes] or [self.buckets[-1]]
+        fitting = [b for b in room if self._fits(b, num_decodes, decode_pairs, prompt_start, allowed_gap)]
+        return self._set(fitting[-1] if fitting else room[0])
+
+    def choose_for(self, running: Iterable[Seq]) -> int:
+        """`choose` for the scheduler's running sequences."""
+        decoding, prompt_start = [], None
+        for seq in running:
+            if not seq.is_prefilling:
+                decoding.append(seq)
+            elif prompt_start is None:
+                prompt_start = seq.num_computed_tokens
+        pairs = sum(s.num_computed_tokens + 1 for s in decoding)
+        allowed = self.allowed_gap(s.request_id for s in decoding)
+        return self.choose(len(decoding), pairs, prompt_start or 0, allowed)
+
+    def _fits(self, bucket: int, num_decodes: int, decode_pairs: int, prompt_start: int, gap: float) -> bool:
+        """Whether a full step of `bucket` tokens is predicted to fit `gap` (with hysteresis upwards)."""
+        pairs = decode_pairs + attended_pairs(bucket - num_decodes, prompt_start)
+        seconds = self.model.predict(bucket, pairs)
+        slack = 1 + self.hysteresis if bucket > self.budget else 1.0
+        return seconds * slack <= gap
+
+    def _set(self, budget: int) -> int:
+        self.changes += budget != self.budget
+        self.budget = budget
+        return budget
