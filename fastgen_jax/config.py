@@ -230,6 +230,8 @@ class EngineConfig:
       whose predicted step time keeps decoding sequences within `sla_token_rate`. Compiles nothing new.
     sla_token_rate: generated tokens/s per sequence the adaptive budget protects (the SLA's rate R:
       the EMA of each sequence's token gaps stays at or below 1 / R seconds).
+    sla_prompt_rate: the SLA's prompt rate P (first token within prompt_tokens / P seconds); the
+      adaptive budget stops protecting the token gaps of a request that has missed it.
     token_buckets: slab sizes a step is padded up to; each is compiled once at start-up. Defaults to
       powers of two from 16 up to the budget.
     max_num_seqs: sequences in one forward pass (decoding plus prompt chunks).
@@ -248,6 +250,7 @@ class EngineConfig:
     token_budget: int = 512
     adaptive_budget: bool = False
     sla_token_rate: float = 4.0
+    sla_prompt_rate: float = 512.0
     token_buckets: tuple[int, ...] | None = None
     max_num_seqs: int = 256
     page_size: int = 16
@@ -265,8 +268,11 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.tensor_parallel <= 0:
             raise ConfigError(f"tensor_parallel must be positive, got {self.tensor_parallel}")
-        if self.sla_token_rate <= 0:
-            raise ConfigError(f"sla_token_rate must be positive, got {self.sla_token_rate}")
+        if self.sla_token_rate <= 0 or self.sla_prompt_rate <= 0:
+            raise ConfigError(
+                f"sla_token_rate and sla_prompt_rate must be positive, got {self.sla_token_rate}, "
+                f"{self.sla_prompt_rate}"
+            )
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
         if self.num_pages is not None and self.num_pages <= 1:

@@ -62,6 +62,7 @@ def engine_config(kv_cache_bytes: int | None = None):
         token_budget=FLAGS.max_token_budget if auto else int(FLAGS.token_budget),
         adaptive_budget=auto,
         sla_token_rate=FLAGS.sla_token_rate,
+        sla_prompt_rate=FLAGS.sla_prompt_rate,
         max_num_seqs=FLAGS.max_num_seqs,
         max_model_len=FLAGS.max_model_len,
         page_size=FLAGS.page_size,

@@ -102,7 +102,11 @@ class LLMEngine:
         )
         self.slab_builder = SlabBuilder.for_scheduler(self.scheduler)
         self.budget_controller = (
-            BudgetController(self.engine_config.token_buckets, self.engine_config.sla_token_rate)
+            BudgetController(
+                self.engine_config.token_buckets,
+                self.engine_config.sla_token_rate,
+                prompt_rate=self.engine_config.sla_prompt_rate,
+            )
             if self.engine_config.adaptive_budget
             else None
         )
@@ -154,6 +158,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
         self.scheduler.add(Sequence(request_id, ids, max_tokens, params))
+        if self.budget_controller is not None:
+            self.budget_controller.arrived(request_id, time.perf_counter(), len(ids))
         self._states[request_id] = RequestState(
             request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids
         )

@@ -11,7 +11,10 @@ step the controller
    each bucket may seed it, but nothing needs profiling offline;
 2. works out the longest gap every decoding sequence can take: a sequence whose gap EMA is e can take
    a gap g with alpha * g + (1 - alpha) * e <= margin / R, one with no gap yet g <= margin / R, and a
-   sequence that already missed the SLA does not count; never more than `max_burst` x margin / R, so
+   sequence that already missed the SLA does not count (its EMA went above 1 / R, or, when the
+   controller knows the prompt rate P, its first token came later than prompt_tokens / P after it
+   arrived: slowing steps for it would delay prompts and buy nothing); never more than `max_burst` x
+   margin / R, so
    a step that runs longer than predicted cannot cost much (and the choice settles on the buckets
    either side of margin / R instead of swinging between the smallest and the largest);
 3. picks the largest bucket predicted to fit that gap (moving up needs `hysteresis` of slack, so
@@ -109,6 +112,7 @@ class BudgetController:
         hysteresis: float = 0.1,
         max_burst: float = 2.0,
         model: StepTimeModel | None = None,
+        prompt_rate: float | None = None,
     ):
         self.buckets = tuple(sorted(buckets))
         self.max_gap = 1.0 / token_rate
@@ -119,7 +123,9 @@ class BudgetController:
         self.model = model or StepTimeModel(self.buckets[-1])
         self.budget = self.buckets[-1]
         self.changes = 0
+        self.prompt_rate = prompt_rate
         self._gaps: dict[str, _Gaps] = {}
+        self._deadlines: dict[str, float] = {}  # first-token deadlines of requests with no token yet
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -134,11 +140,17 @@ class BudgetController:
         self.model.observe(bucket, pairs, seconds)
         self.tokens_emitted([e.seq.request_id for e in scheduled if e.needs_sample], now)
 
+    def arrived(self, request_id: str, now: float, prompt_tokens: int) -> None:
+        """Notes a new request, so that a first token later than the prompt SLA marks it missed."""
+        if self.prompt_rate is not None:
+            self._deadlines[request_id] = now + prompt_tokens / self.prompt_rate
+
     def tokens_emitted(self, request_ids: Iterable[str], now: float) -> None:
         for rid in request_ids:
             gaps = self._gaps.get(rid)
             if gaps is None:
-                self._gaps[rid] = _Gaps(now)
+                deadline = self._deadlines.pop(rid, math.inf)
+                self._gaps[rid] = _Gaps(now, missed=now > deadline)
                 continue
             gap = now - gaps.last
             gaps.ema = gap if gaps.ema is None else self.alpha * gap + (1 - self.alpha) * gaps.ema
@@ -147,6 +159,7 @@ class BudgetController:
 
     def forget(self, request_id: str) -> None:
         self._gaps.pop(request_id, None)
+        self._deadlines.pop(request_id, None)
 
     # -- choosing ---------------------------------------------------------------------------------
 
@@ -156,9 +169,11 @@ class BudgetController:
         allowed = math.inf
         for rid in request_ids:
             gaps = self._gaps.get(rid)
+            if gaps is not None and gaps.missed:
+                continue
             if gaps is None or gaps.ema is None:
                 allowed = min(allowed, self.target_gap)
-            elif not gaps.missed:
+            else:
                 allowed = min(allowed, (self.target_gap - (1 - self.alpha) * gaps.ema) / self.alpha)
         return allowed if allowed == math.inf else min(allowed, self.max_burst * self.target_gap)
 

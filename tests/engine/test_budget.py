@@ -188,3 +188,18 @@ def test_step_done_learns_the_padded_bucket_and_the_attended_pairs():
     assert attended_pairs(1, 9) == 10 and attended_pairs(20, 0) == 210
     assert c.model.predict(64, 220) == pytest.approx(0.3, rel=0.01)
     assert c.allowed_gap(["a"]) == pytest.approx(c.target_gap)  # "a" got its first token at 5.0
+
+
+def test_a_request_whose_first_token_missed_the_prompt_sla_is_not_protected():
+    c = BudgetController(BUCKETS, RATE, prompt_rate=100.0)  # first token within prompt_tokens / 100 s
+    c.arrived("late", 0.0, prompt_tokens=100)  # deadline 1.0 s
+    c.arrived("on_time", 0.0, prompt_tokens=100)
+    c.tokens_emitted(["late"], 1.5)
+    c.tokens_emitted(["on_time"], 0.9)
+    assert c.allowed_gap(["late"]) == math.inf  # nothing to protect: the largest budget is allowed
+    assert c.allowed_gap(["late", "on_time"]) == pytest.approx(c.target_gap)
+    assert c.choose(1, 100, 0, c.allowed_gap(["late"])) == 512
+    without_rate = BudgetController(BUCKETS, RATE)  # the prompt rate unknown: every request counts
+    without_rate.arrived("late", 0.0, prompt_tokens=100)
+    without_rate.tokens_emitted(["late"], 1.5)
+    assert without_rate.allowed_gap(["late"]) == pytest.approx(c.target_gap)
