@@ -118,7 +118,6 @@ def follow(template: Callable[[int, int], Plan], execute: Callable[[Plan], objec
 
 def warm_broadcasts(plans: list[Plan]) -> None:
     """Every process, in the same order: runs each plan shape's broadcast once, so that serving
-    compiles nothing, not even the broadcasts."""
+    compiles nothing, not even the broadcasts. (On a follower `send_plan` receives the leader's.)"""
     for plan in plans:
-        _broadcast(_header(_STOP, plan))
-        _broadcast(plan)
+        send_plan(plan)

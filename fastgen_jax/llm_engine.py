@@ -216,8 +216,7 @@ class LLMEngine:
         """Seeds the budget controller with each bucket's time for an empty step (best of two)."""
         width = self.slab_builder.page_table_widths[0]
         for bucket in self.slab_builder.token_buckets:
-            slab = self.slab_builder.padding_slab(bucket, width)
-            arrays, sampling = slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
+            arrays, sampling = self._padding_plan(bucket, width)
             times = []
             for _ in range(2):
                 start = time.perf_counter()

@@ -101,6 +101,7 @@ class ModelRunner:
         if len(devices) != tp:
             raise ConfigError(f"tensor_parallel={tp} needs {tp} devices, got {len(devices)}")
         self.mesh = parallel.make_mesh(devices)
+        self._multiprocess = distributed.is_multiprocess()
         self.model_config = parallel.shard_config(model_config, tp)
         self.engine_config = engine_config
         self.dtype = jnp.dtype(dtype)
@@ -165,7 +166,7 @@ class ModelRunner:
             leave=False,
         ):
             self.compile(arrays, sampling)
-        if distributed.is_multiprocess():
+        if self._multiprocess:
             distributed.warm_broadcasts(plans)
 
     def execute(
@@ -174,7 +175,7 @@ class ModelRunner:
         """Runs one step; returns (tokens i32[S], logprobs f32[S], top_ids i32[S, K], top_logprobs
         f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`). In a multi-host group
         the leader first sends the step to the other processes (`fastgen_jax.distributed`)."""
-        if distributed.is_multiprocess():
+        if self._multiprocess:
             distributed.send_plan((arrays, sampling))
         return self._launch(arrays, sampling)
 
@@ -184,7 +185,7 @@ class ModelRunner:
 
     def stop_followers(self) -> None:
         """The multi-host leader, shutting down: lets the followers' `follow` return."""
-        if distributed.is_multiprocess() and distributed.is_leader():
+        if self._multiprocess and distributed.is_leader():
             distributed.send_stop()
 
     def _launch(

@@ -55,7 +55,6 @@ def _kv_cache_bytes(checkpoint) -> int | None:
     if not 0.0 < FLAGS.kv_memory_fraction < 1.0:
         raise ValueError(f"--kv_memory_fraction must be in (0, 1), got {FLAGS.kv_memory_fraction}")
     import jax
-    import numpy as np
 
     # One replica's share: its --tensor_parallel devices' memory, or on a CPU its part of host RAM.
     stats = jax.devices()[0].memory_stats() or {}
@@ -63,7 +62,7 @@ def _kv_cache_bytes(checkpoint) -> int | None:
         total = stats["bytes_limit"] * FLAGS.tensor_parallel
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // FLAGS.replicas
-    weights = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))  # no copy to host
     budget = int(total * FLAGS.kv_memory_fraction) - weights
     if budget <= 0:
         raise ValueError(

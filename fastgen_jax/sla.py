@@ -22,8 +22,13 @@ def ema_series(values: Sequence[float], span: int) -> list[float]:
     """Exponential moving average with alpha = 2 / (span + 1), seeded with the first value."""
     alpha, out = ema_alpha(span), []
     for v in values:
-        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+        out.append(ema_update(out[-1] if out else None, v, alpha))
     return out
+
+
+def ema_update(previous: float | None, value: float, alpha: float) -> float:
+    """The next EMA after `value`; the first value seeds it."""
+    return value if previous is None else alpha * value + (1 - alpha) * previous
 
 
 def ema_alpha(span: int) -> float:

@@ -151,9 +151,7 @@ async def open_loop(
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Request i is sent `send_times[i]` seconds after the start (ascending), whatever is in flight."""
-    async with httpx.AsyncClient(
-        base_url=url, timeout=None, limits=httpx.Limits(max_connections=None)
-    ) as client:
+    async with _client(url, None) as client:
         model = await served_model(client)
         start = time.perf_counter()
 
@@ -184,9 +182,12 @@ async def poisson(
     return await open_loop(url, requests, send_times, on_done)
 
 
-def _client(url: str, clients: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    return httpx.AsyncClient(base_url=url, timeout=None, limits=limits)
+def _client(url: str, clients: int | None) -> httpx.AsyncClient:
+    """A client for `clients` concurrent streams (None: as many as the load needs)."""
+    n = None if clients is None else clients + 4
+    return httpx.AsyncClient(
+        base_url=url, timeout=None, limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    )
 
 
 async def _workers(client, model, pending, clients, records, on_done=None) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fastgen_jax.engine.scheduler import ScheduledSeq
 from fastgen_jax.engine.sequence import Sequence as Seq
-from fastgen_jax.sla import ema_alpha
+from fastgen_jax.sla import ema_alpha, ema_update
 
 
 def attended_pairs(num_new_tokens: int, start_position: int) -> int:
@@ -153,7 +153,7 @@ class BudgetController:
                 self._gaps[rid] = _Gaps(now, missed=now > deadline)
                 continue
             gap = now - gaps.last
-            gaps.ema = gap if gaps.ema is None else self.alpha * gap + (1 - self.alpha) * gaps.ema
+            gaps.ema = ema_update(gaps.ema, gap, self.alpha)
             gaps.missed |= gaps.ema > self.max_gap
             gaps.last = now
 

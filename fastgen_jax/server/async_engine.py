@@ -192,13 +192,13 @@ class AsyncEngine:
             self._work -= t.work
             t.work = 0
 
-    def _progress(self, t: _Tracked, out: RequestOutput) -> None:
+    @staticmethod
+    def _progress(t: _Tracked, out: RequestOutput) -> int:
+        """Takes what `out` did off `t.work` (engine thread only); returns that many tokens."""
         answered = t.first_token is None and out.new_token_ids  # the prompt is done with its first token
-        done = len(out.new_token_ids) + (out.prompt_length if answered else 0)
-        with self._lock:
-            done = min(done, t.work)
-            self._work -= done
-            t.work -= done
+        done = min(len(out.new_token_ids) + (out.prompt_length if answered else 0), t.work)
+        t.work -= done
+        return done
 
     # ------------------------------------------------------------------ engine thread
 
@@ -266,11 +266,13 @@ class AsyncEngine:
         self.last_step_failed = False
         now = time.monotonic()
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        done = sum(self._progress(t, out) for out in outputs if (t := self._tracked.get(out.request_id)))
+        with self._lock:  # once a step, not once a token
+            self._work -= done
         for out in outputs:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            self._progress(t, out)  # before the token time: it looks for the first token
             if out.new_token_ids:
                 t.token_times.append(now)
             if out.finished:
