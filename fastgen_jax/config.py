@@ -245,6 +245,8 @@ class EngineConfig:
       interpreter: any backend, slow; for tests).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
+    enable_prefix_caching: keep the KV of full pages after their sequences end and reuse it for any
+      later prompt that starts with the same tokens (`engine.page_allocator`).
     """
 
     token_budget: int = 512
@@ -260,6 +262,7 @@ class EngineConfig:
     policy: str = "splitfuse"
     attention_impl: str = "auto"
     tensor_parallel: int = 1
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.token_budget <= 0:

@@ -45,6 +45,12 @@ flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Schedu
 flags.DEFINE_integer(
     "tensor_parallel", 1, "Devices each engine's step is split over (heads and MLP sharded).", lower_bound=1
 )
+flags.DEFINE_boolean(
+    "enable_prefix_caching",
+    True,
+    "Reuse the KV of full pages of earlier prompts (and answers) that a new prompt starts with; "
+    "--noenable_prefix_caching computes every prompt from scratch.",
+)
 flags.DEFINE_enum(
     "dtype",
     None,
@@ -70,6 +76,7 @@ def engine_config(kv_cache_bytes: int | None = None):
         kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else int(FLAGS.kv_cache_gib * (1 << 30)),
         policy=FLAGS.policy,
         tensor_parallel=FLAGS.tensor_parallel,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
     )
 
 

@@ -70,11 +70,14 @@ class EngineStats:
     compiled_after_warmup: int = 0
     running: int = 0
     waiting: int = 0
-    free_pages: int = 0
+    free_pages: int = 0  # pages not in use: free or cached (an allocation may evict cached ones)
     total_pages: int = 0
     preemptions: int = 0
     token_budget: int = 0  # of the last step: fixed, or chosen by the budget controller
     token_budget_changes: int = 0  # steps whose budget differed from the step before
+    cached_pages: int = 0  # pages no sequence owns that hold a cached prefix (part of free_pages)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # of those, tokens served from the cache instead of computed
 
 
 class LLMEngine:
@@ -144,8 +147,10 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt_token_ids: SequenceABC[int] | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Queues a request (text, or token ids) and returns its id."""
+        """Queues a request (text, or token ids) and returns its id. Requests share cached prompt
+        pages only when their `cache_salt` is equal (None is a salt like any other)."""
         params = (sampling_params or SamplingParams()).with_seed()
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
@@ -157,7 +162,7 @@ class LLMEngine:
         if request_id in self._states:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
-        self.scheduler.add(Sequence(request_id, ids, max_tokens, params))
+        self.scheduler.add(Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt))
         if self.budget_controller is not None:
             self.budget_controller.arrived(request_id, time.perf_counter(), len(ids))
         self._states[request_id] = RequestState(
@@ -197,6 +202,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._states)
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix page (benchmarks start cold with it); returns how many."""
+        forgotten = self.scheduler.reset_prefix_cache()
+        self.refresh_stats()
+        return forgotten
 
     @property
     def num_unfinished(self) -> int:
@@ -303,6 +314,7 @@ class LLMEngine:
             if not entry.needs_sample:
                 continue
             state = self._states[entry.seq.request_id]
+            state.num_cached_tokens = max(0, entry.seq.num_cached_tokens)
             k = entry.seq.sampling_params.top_logprobs
             alternatives = None
             if k and top is not None:
@@ -339,4 +351,7 @@ class LLMEngine:
         s = self.stats
         s.running, s.waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.free_pages = self.scheduler.num_free_pages
+        s.cached_pages = self.scheduler.num_cached_pages
         s.preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = self.scheduler.prefix_cache_queries
+        s.prefix_cache_hits = self.scheduler.prefix_cache_hits

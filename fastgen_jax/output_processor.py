@@ -28,6 +28,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
 
 
 class RequestState:
@@ -50,6 +51,7 @@ class RequestState:
         self.text = ""  # everything detokenized so far (cut at a stop string when one matched)
         self.num_emitted_chars = 0
         self.finish_reason: str | None = None
+        self.num_cached_tokens = 0  # set by the engine once the prompt is admitted
         self._hold_back = max((len(s) for s in params.stop), default=1) - 1
 
     @property
@@ -107,4 +109,5 @@ class RequestState:
             finished=self.finished,
             finish_reason=self.finish_reason,
             new_logprobs=logprobs,
+            num_cached_tokens=self.num_cached_tokens,
         )

@@ -22,6 +22,18 @@ budget is the exception: it is split into budget-sized chunks, still with no dec
 done, so a step never exceeds the budget. Otherwise the step decodes every running sequence as
 above.
 
+Prefix caching (`enable_prefix_caching`, the default): a full page becomes a cached page (indexed by
+its content key, see `page_allocator`) as soon as the step that wrote its KV is postprocessed, so
+requests that run together share it, not only later ones. At admission a sequence takes over the
+longest cached chain of full pages its tokens start with (at most up to the page before its last
+token, which is always computed so there is a logit to sample) and counts those tokens as computed:
+only the rest is ever scheduled, and admission asks only for the pages the hit does not cover. A
+waiting sequence whose next page another running sequence is computing right now (a burst sharing
+a system prompt, the `n` choices of one prompt) is passed over until that page is cached, so the
+prefix is computed once; the sequences behind it are admitted meanwhile (looking at most
+`max_num_seqs` passed-over sequences deep), and since the running sequence progresses every step,
+nothing waits for ever. Preempted sequences hit their own cached pages when they are readmitted.
+
 Why nothing stalls: at most min(max_num_seqs, token_budget) sequences run, so every decode fits a
 step and a prompt chunk still has room; preemption takes the newest sequence, so the oldest one
 makes progress every step; and the pool is checked at construction to hold one sequence of
@@ -40,7 +52,7 @@ from collections.abc import Sequence as SequenceABC
 import numpy as np
 
 from fastgen_jax.config import ConfigError, EngineConfig
-from fastgen_jax.engine.page_allocator import PageAllocator, PageTables
+from fastgen_jax.engine.page_allocator import NULL_PAGE, PageAllocator, PageKey, PageTables
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
 
 _RUNNING = SequenceStatus.RUNNING
@@ -100,6 +112,10 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._in_flight: SchedulerOutput | None = None
         self._step_budget = config.token_budget
+        self.prefix_caching = config.enable_prefix_caching
+        self._pending: dict[PageKey, Sequence] = {}  # prompt pages being computed -> their sequence
+        self.prefix_cache_queries = 0  # tokens looked up at admission (every admission)
+        self.prefix_cache_hits = 0  # of those, tokens served from the cache
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -113,12 +129,22 @@ class Scheduler:
 
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        """Pages not in use: free, or cached and evictable."""
+        return self.allocator.num_available
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages no sequence owns that hold a cached prefix page."""
+        return self.allocator.num_cached
 
     @property
     def page_usage(self) -> float:
-        """Fraction of the usable KV pages owned by sequences."""
+        """Fraction of the usable KV pages in use by sequences."""
         return self.allocator.usage
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached page (for benchmarks); returns how many were forgotten."""
+        return self.allocator.reset_cache()
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -207,6 +233,8 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += entry.num_new_tokens
+            if self.prefix_caching:
+                self._cache_written_pages(seq, entry.start_position)
             if entry.needs_sample:
                 seq.append_token(token)
 
@@ -230,21 +258,69 @@ class Scheduler:
             self._admit_waiting(out, allow_split)
 
     def _admit_waiting(self, out: SchedulerOutput, allow_split: bool) -> None:
-        while self.waiting and self._has_room(out) and len(self.running) < self._max_running:
-            seq = self.waiting[0]
-            num_new = seq.num_remaining_prefill_tokens
+        i, passed_over = 0, 0
+        while i < len(self.waiting) and self._has_room(out) and len(self.running) < self._max_running:
+            seq = self.waiting[i]
+            hit = self._cached_prefix(seq)
+            if hit is None:  # its next page is being computed by a running sequence: wait for it
+                i, passed_over = i + 1, passed_over + 1
+                if passed_over > self.config.max_num_seqs:
+                    return
+                continue
+            num_new = seq.num_prefill_tokens - len(hit) * self.page_size
             budget = self._budget_left(out)
             if num_new > budget and not (allow_split or out.is_empty):
                 return
-            num_pages = pages_for(min(num_new + 1, self.max_model_len), self.page_size)
-            if not self.allocator.can_allocate(num_pages):
+            num_pages = pages_for(min(seq.num_prefill_tokens + 1, self.max_model_len), self.page_size)
+            num_pages -= len(hit)
+            revived = sum(1 for page in hit if not self.allocator.refcount(page))  # cached, not in use
+            if not self.allocator.can_allocate(num_pages + revived):
                 return
-            self.waiting.popleft()
-            seq.page_table = self.allocator.allocate(num_pages)
-            seq.page_table_row = self.page_tables.add_row(seq.page_table)
-            seq.status = _RUNNING
-            bisect.insort(self.running, seq, key=_arrival)
+            del self.waiting[i]
+            self._start(seq, hit, num_pages)
             self._push(out, seq, min(num_new, budget))
+
+    def _cached_prefix(self, seq: Sequence) -> list[int] | None:
+        """Pages of the longest cached prefix `seq` may take over (never its last token's page), or
+        None while its next page is being computed by another running sequence."""
+        if not self.prefix_caching:
+            return []
+        keys = seq.page_keys((seq.num_prefill_tokens - 1) // self.page_size, self.page_size)
+        hit = self.allocator.match(keys)
+        if len(hit) < len(keys):
+            holder = self._pending.get(keys[len(hit)])
+            if holder is not None and holder is not seq:
+                return None
+        return hit
+
+    def _start(self, seq: Sequence, hit: list[int], num_new_pages: int) -> None:
+        """Makes `seq` running with the cached pages `hit` plus `num_new_pages` new ones."""
+        self.allocator.touch(hit)
+        seq.page_table = hit + self.allocator.allocate(num_new_pages)
+        seq.page_table_row = self.page_tables.add_row(seq.page_table)
+        seq.num_computed_tokens = len(hit) * self.page_size
+        seq.status = _RUNNING
+        bisect.insort(self.running, seq, key=_arrival)
+        if not self.prefix_caching:
+            return
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        self.prefix_cache_queries += seq.num_prefill_tokens
+        self.prefix_cache_hits += seq.num_computed_tokens
+        for key in seq.page_keys(seq.num_prefill_tokens // self.page_size, self.page_size)[len(hit) :]:
+            self._pending.setdefault(key, seq)
+
+    def _cache_written_pages(self, seq: Sequence, start: int) -> None:
+        """Indexes the pages of `seq` that the step from position `start` filled."""
+        first, end = start // self.page_size, seq.num_computed_tokens // self.page_size
+        if first == end:
+            return
+        keys = seq.page_keys(end, self.page_size)
+        for i in range(first, end):
+            parent = self.allocator.holder(keys[i - 1]) if i else NULL_PAGE
+            self.allocator.cache(seq.page_table[i], keys[i], NULL_PAGE if parent is None else parent)
+            if self._pending.get(keys[i]) is seq:
+                del self._pending[keys[i]]
 
     def _make_room_for_decode(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Gets `seq` the page for its next token, preempting the newest sequences if need be.
@@ -281,11 +357,20 @@ class Scheduler:
         del self._requests[seq.request_id]
 
     def _drop_pages(self, seq: Sequence) -> None:
-        self.allocator.free(seq.page_table)
+        if self._pending and seq.status is _RUNNING:
+            self._forget_pending(seq)
+        self.allocator.free(reversed(seq.page_table))  # deepest first: evicted before their parents
         if seq.page_table_row >= 0:
             self.page_tables.free_row(seq.page_table_row)
         seq.page_table = []
         seq.page_table_row = -1
+
+    def _forget_pending(self, seq: Sequence) -> None:
+        """Drops the pages `seq` was going to compute from the pending map (it stops running)."""
+        first, end = seq.num_computed_tokens // self.page_size, seq.num_prefill_tokens // self.page_size
+        for key in seq.page_keys(end, self.page_size)[first:]:
+            if self._pending.get(key) is seq:
+                del self._pending[key]
 
     def _push(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens

@@ -15,6 +15,8 @@ import enum
 from collections.abc import Iterable
 from typing import Any
 
+from fastgen_jax.engine.page_allocator import ROOT_HASH, PageKey, page_keys
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -42,6 +44,7 @@ class Sequence:
         prompt_token_ids: Iterable[int],
         max_tokens: int,
         sampling_params: Any = None,
+        cache_salt: str | None = None,
     ):
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -60,6 +63,9 @@ class Sequence:
         self.num_prefill_tokens = len(prompt)  # grows to num_tokens on preemption
         self.page_table: list[int] = []  # page ids; page i holds positions [i*P, (i+1)*P)
         self.page_table_row = -1  # its row in the scheduler's PageTables while running
+        self.cache_salt = cache_salt  # prefix-cache pages are shared only among equal salts
+        self.num_cached_tokens = -1  # prompt tokens served from the prefix cache at first admission
+        self._page_keys: list[PageKey] = []  # keys of the first full pages of all_token_ids
 
     def __repr__(self) -> str:
         return (
@@ -104,6 +110,15 @@ class Sequence:
         """Pages to add so that the KV of `num_new_tokens` more tokens fits."""
         needed = pages_for(self.num_computed_tokens + num_new_tokens, page_size)
         return max(0, needed - len(self.page_table))
+
+    def page_keys(self, num_pages: int, page_size: int) -> list[PageKey]:
+        """Prefix-cache keys of the first `num_pages` full pages of the tokens (computed once)."""
+        have = len(self._page_keys)
+        if have < num_pages:
+            parent = hash(self._page_keys[-1]) if have else ROOT_HASH
+            tokens = self._token_ids[: num_pages * page_size]
+            self._page_keys += page_keys(tokens, page_size, self.cache_salt, have, parent)
+        return self._page_keys[:num_pages]
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -114,11 +114,11 @@ def test_a_padding_slab_has_the_shapes_of_a_real_one_and_no_sequence():
 
 def test_a_slab_built_from_the_scheduler_covers_its_whole_step():
     scheduler = Scheduler(CONFIG)
-    for request_id, prompt_len in (("a", 10), ("b", 9)):
-        scheduler.add(Sequence(request_id, range(1, prompt_len + 1), max_tokens=4))
+    for request_id, first, prompt_len in (("a", 1, 10), ("b", 21, 9)):  # no shared prefix
+        scheduler.add(Sequence(request_id, range(first, first + prompt_len), max_tokens=4))
     slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(scheduler.schedule())
     assert slab.cu_q_lens.tolist() == [0, 10, 16, 16, 16]  # b is cut after 6 tokens
-    assert slab.token_ids.tolist() == [*range(1, 11), *range(1, 7)]
+    assert slab.token_ids.tolist() == [*range(1, 11), *range(21, 27)]
     assert slab.page_indices[:2].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
     assert slab.sample_mask.tolist() == [True, False, False, False]
 

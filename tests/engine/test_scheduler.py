@@ -1,5 +1,6 @@
 """Scheduler: Dynamic SplitFuse and prefill-first steps, admission, preemption, finish and abort."""
 
+import collections
 import dataclasses
 import random
 
@@ -14,8 +15,11 @@ from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, SlabBuilder,
 TOKEN = 7  # every "sampled" token in these tests
 
 
-def make_scheduler(policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, num_pages=33, max_model_len=64):
+def make_scheduler(
+    policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, num_pages=33, max_model_len=64, caching=True
+):
     config = EngineConfig(
+        enable_prefix_caching=caching,
         token_budget=budget,
         max_num_seqs=max_num_seqs,
         page_size=page_size,
@@ -27,7 +31,9 @@ def make_scheduler(policy="splitfuse", budget=8, max_num_seqs=4, page_size=4, nu
 
 
 def add(scheduler, request_id, prompt_len, max_tokens=8):
-    seq = Sequence(request_id, range(100, 100 + prompt_len), max_tokens)
+    """A request whose prompt shares no prefix with any other (the prefix cache stays out of it)."""
+    first = 1000 * (1 + sum(map(ord, request_id)))
+    seq = Sequence(request_id, range(first, first + prompt_len), max_tokens)
     scheduler.add(seq)
     return seq
 
@@ -124,16 +130,19 @@ def test_a_decode_that_needs_a_page_preempts_the_newest_sequence():
     assert list(s.waiting) == [b] and a.status is SequenceStatus.RUNNING
 
 
-def test_a_preempted_sequence_recomputes_its_prompt_and_generated_tokens_then_decodes():
-    s = make_scheduler(budget=16, page_size=4, num_pages=5, max_model_len=16)
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_preempted_sequence_recomputes_its_prompt_and_generated_tokens_then_decodes(caching):
+    s = make_scheduler(budget=16, page_size=4, num_pages=5, max_model_len=16, caching=caching)
     add(s, "a", 3)
     b = add(s, "b", 7)
     step(s)
     step(s)
     step(s)  # b preempted with 9 tokens
     s.finish("a")
-    assert step(s) == [("b", 9, 0, True)]
-    assert b.all_token_ids == [*range(100, 107), TOKEN, TOKEN, TOKEN]
+    # With the prefix cache, b's two full pages (8 tokens) were cached when it was preempted, and
+    # nothing evicted them: it recomputes only its last token.
+    assert step(s) == ([("b", 1, 8, True)] if caching else [("b", 9, 0, True)])
+    assert b.all_token_ids[7:] == [TOKEN, TOKEN, TOKEN]
     assert step(s) == [("b", 1, 9, True)]
 
 
@@ -303,6 +312,9 @@ class Request:
     max_tokens: int
     abort_step: int | None  # abort at this step, if still unfinished
     abort_in_flight: bool  # ... between schedule() and postprocess()
+    family: int = 0
+    shared: int = 0
+    cache_salt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +336,7 @@ def workloads(draw, policy, max_spare_pages=4, max_requests=8):
         num_pages=num_pages,
         max_model_len=max_model_len,
         policy=policy,
+        enable_prefix_caching=draw(st.sampled_from([True, True, False])),
     )
     requests = [draw(requests_of(str(i), max_model_len)) for i in range(draw(st.integers(1, max_requests)))]
     return Workload(config, requests, draw(st.integers(0, 2**32)))
@@ -342,7 +355,19 @@ def requests_of(draw, request_id, max_model_len):
         max_tokens=draw(st.integers(1, longest) | st.just(longest)),
         abort_step=draw(st.none() | st.none() | st.integers(arrival, arrival + 20)),
         abort_in_flight=draw(st.booleans()),
+        # Prompts of one family share their first `shared` tokens, so the prefix cache has hits.
+        family=draw(st.integers(0, 2)),
+        shared=draw(st.integers(0, prompt_len)),
+        cache_salt=draw(st.sampled_from([None, None, "tenant"])),
     )
+
+
+def prompt_of(r):
+    """Tokens 1-9 in the family's pattern for the shared part, then 10-14 depending on the request."""
+    return [
+        1 + (i * 7 + r.family) % 9 if i < r.shared else 10 + (i + int(r.request_id)) % 5
+        for i in range(r.prompt_len)
+    ]
 
 
 class Simulation:
@@ -357,6 +382,10 @@ class Simulation:
         self.seqs: dict[str, Sequence] = {}
         self.next_position: dict[str, int] = {}  # where the next scheduled chunk must start
         self.tokens: dict[str, list[int]] = {}  # what each sequence must hold
+        # What the device's KV cache holds: (page, offset) -> (salt, every token up to that position),
+        # which is what the KV of a token depends on. Written as the steps run.
+        self.kv: dict[tuple[int, int], tuple] = {}
+        self.cached_tokens = 0  # tokens admissions took from the prefix cache
 
     def run(self) -> int:
         """Steps until every request is done; returns the number of steps."""
@@ -372,7 +401,7 @@ class Simulation:
     def add_arrivals(self, step):
         for r in self.requests:
             if r.arrival_step == step:
-                seq = Sequence(r.request_id, [1 + (i % 9) for i in range(r.prompt_len)], r.max_tokens)
+                seq = Sequence(r.request_id, prompt_of(r), r.max_tokens, cache_salt=r.cache_salt)
                 self.scheduler.add(seq)
                 self.seqs[r.request_id] = seq
                 self.next_position[r.request_id] = 0
@@ -392,6 +421,7 @@ class Simulation:
         self.check_limits(output)
         self.check_positions(output)
         self.check_pages(output)
+        self.check_kv(output)
         self.check_queues()
         self.check_policy(output, decoding)
         if not output.is_empty:
@@ -416,16 +446,50 @@ class Simulation:
         for e in output.scheduled:
             end = e.start_position + e.num_new_tokens
             assert e.num_new_tokens >= 1
-            assert e.start_position == self.next_position[e.seq.request_id] == e.seq.num_computed_tokens
+            expected = self.next_position[e.seq.request_id]
+            if e.start_position != expected:  # admitted with a prefix-cache hit of whole pages
+                assert self.config.enable_prefix_caching and expected == 0
+                assert e.start_position % self.config.page_size == 0
+                assert e.start_position < e.seq.num_prefill_tokens, "the last token is always computed"
+                self.cached_tokens += e.start_position
+            assert e.start_position == e.seq.num_computed_tokens
             assert end <= e.seq.num_tokens
             assert e.needs_sample == (end == e.seq.num_tokens)
             self.next_position[e.seq.request_id] = end
 
+    def check_kv(self, output):
+        """Every token a step attends to has the KV of exactly its sequence's tokens (and salt), and a
+        step writes only pages its sequence owns alone."""
+        s, page_size = self.scheduler, self.config.page_size
+        for e in output.scheduled:
+            seq, tokens = e.seq, self.tokens[e.seq.request_id]
+            for pos in range(e.start_position):
+                slot = (seq.page_table[pos // page_size], pos % page_size)
+                assert self.kv.get(slot) == (seq.cache_salt, tuple(tokens[: pos + 1])), "wrong KV read"
+        for e in output.scheduled:  # then the step writes its new tokens
+            seq, tokens = e.seq, self.tokens[e.seq.request_id]
+            for pos in range(e.start_position, e.start_position + e.num_new_tokens):
+                page = seq.page_table[pos // page_size]
+                assert s.allocator.refcount(page) == 1, "a shared page was written"
+                self.kv[(page, pos % page_size)] = (seq.cache_salt, tuple(tokens[: pos + 1]))
+
     def check_pages(self, output):
         s, page_size = self.scheduler, self.config.page_size
-        owned = [page for seq in s.running for page in seq.page_table]
-        assert len(owned) == len(set(owned)) and 0 not in owned
-        assert len(owned) + s.num_free_pages == self.config.num_pages - 1
+        allocator = s.allocator
+        owners = collections.Counter(page for seq in s.running for page in seq.page_table)
+        assert 0 not in owners and all(len(set(seq.page_table)) == len(seq.page_table) for seq in s.running)
+        assert len(owners) + s.num_free_pages == self.config.num_pages - 1
+        for page, n in owners.items():  # a page in use is owned exactly by the sequences holding it
+            assert allocator.refcount(page) == n
+            salts = {seq.cache_salt for seq in s.running if page in seq.page_table}
+            assert len(salts) == 1, "different cache salts share a page"
+        free, cached = set(allocator._free), set(allocator._evictable)
+        in_use = {p for p in range(1, self.config.num_pages) if allocator.refcount(p) > 0}
+        assert not (free & cached) and not (free & in_use) and not (cached & in_use), "one state per page"
+        assert free | cached | in_use == set(range(1, self.config.num_pages))
+        assert all(allocator.key(p) is not None for p in cached) and all(
+            allocator.key(p) is None for p in free
+        )
         assert all(seq.page_table == [] and seq.page_table_row == -1 for seq in s.waiting)
         rows = [seq.page_table_row for seq in s.running]
         assert len(set(rows)) == len(rows) and min(rows, default=0) >= 0
@@ -500,6 +564,7 @@ class Simulation:
 
     def check_all_done(self):
         assert self.scheduler.num_free_pages == self.config.num_pages - 1
+        assert self.scheduler.allocator.num_used == 0, "a page is in use after every request ended"
         for seq in self.seqs.values():
             assert seq.is_finished and seq.page_table == []
             if seq.status is SequenceStatus.FINISHED_LENGTH:
