@@ -52,7 +52,11 @@ ROOT_HASH = 0
 
 
 def page_keys(
-    token_ids: Sequence[int], page_size: int, extra: Hashable = None, start: int = 0, parent_hash: int = ROOT_HASH
+    token_ids: Sequence[int],
+    page_size: int,
+    extra: Hashable = None,
+    start: int = 0,
+    parent_hash: int = ROOT_HASH,
 ) -> list[PageKey]:
     """Keys of the full pages of `token_ids` from page `start` on (`parent_hash`: the key hash of page
     start - 1). `extra` goes into every key, so different salts never share a page."""
