@@ -146,7 +146,7 @@ def _requests(
                 params = body.sampling_params(tokens, logprobs, top_logprobs, i)
             except SamplingParamsError as e:
                 raise APIError(400, str(e)) from None
-            out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params))
+            out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt))
     capacity = state.async_engine.capacity
     if len(out) > capacity:
         raise APIError(400, f"the request asks for {len(out)} sequences; at most {capacity} fit", "n")
@@ -305,6 +305,11 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         if not state.async_engine.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         return {"status": "ok"}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Forgets every cached prefix page (benchmarks start cold with it); behind the API key."""
+        return {"status": "ok", "pages_forgotten": await state.async_engine.reset_prefix_cache()}
 
     @app.get("/metrics")
     async def metrics():

@@ -21,6 +21,7 @@ once instead of waiting.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -28,6 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.output_processor import RequestOutput
@@ -53,6 +55,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None  # prefix-cache pages are shared only among equal salts
 
 
 @dataclasses.dataclass
@@ -186,6 +189,15 @@ class AsyncEngine:
             self._commands.put(("add", tracked))
         return RequestGroup(self._commands, requests, sink)
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if not self._accepting or not self._thread.is_alive():
+                raise EngineStoppedError("the server is shutting down")
+            self._commands.put(("call", (fn, future)))
+        return await asyncio.wrap_future(future)
+
     def _release(self, t: _Tracked) -> None:
         with self._lock:
             self._outstanding -= 1
@@ -227,6 +239,8 @@ class AsyncEngine:
                 return False
             if kind == "add":
                 self._add(payload)
+            elif kind == "call":
+                _call(self.engine, *payload)
             else:
                 self._abort(payload)
         if took:
@@ -238,7 +252,10 @@ class AsyncEngine:
             r = t.request
             try:
                 self.engine.add_request(
-                    sampling_params=r.params, request_id=r.request_id, prompt_token_ids=r.prompt_token_ids
+                    sampling_params=r.params,
+                    request_id=r.request_id,
+                    prompt_token_ids=r.prompt_token_ids,
+                    cache_salt=r.cache_salt,
                 )
             except Exception as error:  # noqa: BLE001 - answer the handler whatever went wrong
                 self._release(t)
@@ -324,6 +341,8 @@ class AsyncEngine:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if kind == "call":
+                payload[1].set_exception(EngineStoppedError("the server is shutting down"))
             if kind == "add":
                 for t in payload:
                     self._release(t)
@@ -336,6 +355,13 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop has closed; nobody is listening
                 pass
+
+
+def _call(engine: LLMEngine, fn: Callable[[LLMEngine], Any], future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(fn(engine))
+    except Exception as error:  # noqa: BLE001 - the caller gets it
+        future.set_exception(error)
 
 
 def _deliver(items: list) -> None:

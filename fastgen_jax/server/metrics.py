@@ -42,7 +42,12 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
         "requests_running": ("Requests with KV pages in the engine", s.running),
         "requests_waiting": ("Requests queued for their first pass", s.waiting),
         "requests_in_flight": ("Requests admitted by the server and not finished", r.num_outstanding),
-        "kv_pages_used": ("KV pages holding tokens", used),
+        "kv_pages_used": ("KV pages in use by running requests", used),
+        "kv_pages_cached": (
+            "KV pages no request owns that hold a cached prefix (reused by later prompts, evicted when "
+            "pages run out)",
+            s.cached_pages,
+        ),
         "kv_pages_total": ("KV pages in the pool", s.total_pages),
         "token_budget": (
             "Token budget of the last step (chosen step by step with --token_budget=auto)",
@@ -53,6 +58,14 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
         "preemptions": ("Sequences evicted to free KV pages", s.preemptions),
         "prompt_tokens": ("Prompt tokens computed (recomputed ones count again)", s.prompt_tokens),
         "generation_tokens": ("Tokens generated", s.generation_tokens),
+        "prefix_cache_queries": (
+            "Prompt tokens looked up in the prefix cache when their requests were admitted",
+            s.prefix_cache_queries,
+        ),
+        "prefix_cache_hits": (
+            "Prompt tokens served from the prefix cache instead of computed",
+            s.prefix_cache_hits,
+        ),
         "steps": ("Forward passes run", s.steps),
         "token_budget_changes": (
             "Steps whose token budget differed from the step before",
@@ -67,7 +80,10 @@ _PER_REPLICA = (
     "requests_waiting",
     "requests_in_flight",
     "kv_pages_used",
+    "kv_pages_cached",
     "generation_tokens",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
     "token_budget",
 )
 

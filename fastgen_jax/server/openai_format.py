@@ -26,6 +26,7 @@ class Choice:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     generated_length: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
@@ -33,6 +34,7 @@ class Choice:
         self.logprobs += out.new_logprobs or []
         self.top_logprobs += out.new_top_logprobs or []
         self.generated_length = out.generated_length
+        self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 
@@ -56,6 +58,7 @@ class Formatter:
         self.prompt_lengths, self.n, self.want_logprobs = prompt_lengths, n, logprobs
         self.created = int(time.time())
         self.generated = {}  # choice index -> tokens generated so far
+        self.cached = {}  # choice index -> its prompt tokens served from the prefix cache
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -66,10 +69,22 @@ class Formatter:
             "choices": choices,
         }
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage. Like prompt_tokens, cached_tokens counts each prompt once, however many
+        choices it has: the tokens of it that were served from the prefix cache rather than computed
+        (its least cached choice; the others share the pages that choice computed)."""
         prompt = sum(self.prompt_lengths)
         completion = sum(self.generated.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        choices = range(self.n)
+        cached = sum(
+            min(self.cached.get(p * self.n + i, 0) for i in choices) for p in range(len(self.prompt_lengths))
+        )
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._envelope(self.chunk_object_name, []), "usage": self.usage()}
@@ -79,6 +94,7 @@ class Formatter:
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
         self.generated[index] = out.generated_length
+        self.cached[index] = out.num_cached_tokens
         return self._chunks(index, out)
 
     def _chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
@@ -87,6 +103,7 @@ class Formatter:
     def response(self, choices: list[Choice]) -> dict[str, Any]:
         for i, c in enumerate(choices):
             self.generated[i] = c.generated_length
+            self.cached[i] = c.num_cached_tokens
         return {**self._envelope(self.object_name, self._choices(choices)), "usage": self.usage()}
 
     def _choices(self, choices: list[Choice]) -> list[dict[str, Any]]:

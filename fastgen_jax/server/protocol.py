@@ -55,6 +55,8 @@ class _SamplingFields(_Request):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's: requests share cached prompt KV only with requests of the same salt (tenant isolation)
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     # extensions (vLLM's names)
     top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] = 0
     min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0

@@ -56,6 +56,11 @@ class ReplicaRouter:
     def num_outstanding(self) -> int:
         return sum(r.num_outstanding for r in self.replicas)
 
+    async def reset_prefix_cache(self) -> int:
+        """Forgets every replica's cached prefix pages; returns how many pages were forgotten."""
+        counts = [await r.call(LLMEngine.reset_prefix_cache) for r in self.replicas if r.accepting]
+        return sum(counts)
+
     def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
         """Queues the group on the least-loaded replica; QueueFullError when every one is full."""
         with self._lock:

@@ -58,6 +58,8 @@ BAD_REQUESTS = [
     ("temperature negative", "/v1/chat/completions", chat(temperature=-0.1), 400, "temperature"),
     ("top_p 0", "/v1/completions", completion(top_p=0), 400, "top_p"),
     ("top_p above 1", "/v1/chat/completions", chat(top_p=1.5), 400, "top_p"),
+    ("cache_salt empty", "/v1/chat/completions", chat(cache_salt=""), 400, "cache_salt"),
+    ("cache_salt not a string", "/v1/completions", completion(cache_salt=7), 400, "cache_salt"),
     ("n 0", "/v1/completions", completion(n=0), 400, "n"),
     ("min_tokens above max_tokens", "/v1/completions", completion(min_tokens=9), 400, "min_tokens"),
     ("empty stop string", "/v1/completions", completion(stop=[""]), 400, "stop"),
@@ -137,6 +139,9 @@ def test_missing_or_wrong_api_key_gets_401(server):
             )
             assert_error(r, 401)
             assert r.json()["error"]["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        assert_error(httpx.post(url + "/reset_prefix_cache", headers=headers), 401)
+    assert httpx.post(url + "/reset_prefix_cache", headers=AUTH).json()["status"] == "ok"
     assert httpx.get(url + "/health").status_code == 200  # load balancers probe without a key
     assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
 

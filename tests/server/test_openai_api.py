@@ -169,3 +169,64 @@ def test_mii_style_client_generates_and_streams(client, server):
     with pytest.raises(ClientError, match="max_tokens") as error:
         c.generate("x", max_new_tokens=0)
     assert error.value.status == 400
+
+
+# -- prefix caching ---------------------------------------------------------------------------------
+
+SYSTEM = (
+    "You are a meticulous assistant for a travel agency. Answer in one short sentence. Always name "
+    "the country first, then the city, and never invent facts you are unsure about. "
+) * 4
+
+
+def ask(client, question, **kw):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=12, **kw
+    )
+
+
+def test_cached_tokens_report_what_the_engine_skipped_and_change_nothing_else(client, server):
+    url, engine = server
+    assert httpx.post(f"{url}/reset_prefix_cache").json()["status"] == "ok"
+    cold = ask(client, "Where is Lyon?", extra_body={"cache_salt": "cold-run"})
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    for question in ("Where is Lyon?", "Where is Kyoto?"):
+        computed, hits = engine.stats.prompt_tokens, engine.stats.prefix_cache_hits
+        r = ask(client, question)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        assert cached == engine.stats.prefix_cache_hits - hits
+        assert r.usage.prompt_tokens - cached == engine.stats.prompt_tokens - computed
+        if question == "Where is Lyon?":
+            assert cached == 0  # the salted run's pages are not shared with unsalted requests
+            assert r.choices[0].message.content == cold.choices[0].message.content
+        else:  # the system prompt's full pages were computed by the request before
+            assert cached >= 100 and cached % engine.engine_config.page_size == 0
+
+
+def test_n_choices_count_the_cached_tokens_of_their_prompt_once(client, server):
+    url, _ = server
+    httpx.post(f"{url}/reset_prefix_cache")
+    prompt = SYSTEM + "Name three rivers."
+    first = client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, n=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nothing was cached before it
+    assert len({c.text for c in first.choices}) == 1
+    again = client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, n=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 100
+    assert [c.text for c in again.choices] == [first.choices[0].text] * 2
+
+
+def test_streamed_usage_has_cached_tokens_and_metrics_count_the_cache(client, server):
+    url, _ = server
+    ask(client, "Where is Porto?")
+    chunks = list(ask(client, "Where is Porto?", stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 100
+    text = httpx.get(f"{url}/metrics").text
+    for name in (
+        "fastgen_prefix_cache_queries_total",
+        "fastgen_prefix_cache_hits_total",
+        "fastgen_kv_pages_cached",
+    ):
+        assert f"\n{name} " in text
+    forgotten = httpx.post(f"{url}/reset_prefix_cache").json()["pages_forgotten"]
+    assert forgotten > 0 and "\nfastgen_kv_pages_cached 0.0" in httpx.get(f"{url}/metrics").text
