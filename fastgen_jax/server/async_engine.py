@@ -68,7 +68,10 @@ class _Tracked:
     sink: asyncio.Queue
     arrival: float
     token_times: list[float] = dataclasses.field(default_factory=list)  # when each step's tokens left
-    work: int = 0  # tokens still to process: the prompt until its first token, then what is left to generate
+    # tokens still to process: the prompt (less what the prefix cache is expected to serve) until its
+    # first token, then what is left to generate
+    work: int = 0
+    expected_cached: int = 0  # prompt tokens a router expects the prefix cache to serve
 
     def __post_init__(self):
         self.work = len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
@@ -170,11 +173,18 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ handler side (event loop)
 
-    def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
-        """Queues `requests` to run together; raises QueueFullError or EngineStoppedError at once."""
+    def submit(
+        self, requests: list[GenerationRequest], expected_cached: list[int] | None = None
+    ) -> RequestGroup:
+        """Queues `requests` to run together; raises QueueFullError or EngineStoppedError at once.
+        `expected_cached`: prompt tokens of each request the prefix cache is expected to serve (a
+        router's estimate), left out of the outstanding work."""
         loop, sink = asyncio.get_running_loop(), asyncio.Queue()
         arrival = time.monotonic()
         tracked = [_Tracked(r, i, loop, sink, arrival) for i, r in enumerate(requests)]
+        for t, cached in zip(tracked, expected_cached or (), strict=False):
+            t.expected_cached = min(cached, len(t.request.prompt_token_ids) - 1)
+            t.work -= t.expected_cached
         with self._lock:  # the engine thread stops accepting under this lock, so no add is orphaned
             if not self._accepting or not self._thread.is_alive():
                 raise EngineStoppedError("the server is shutting down")
@@ -208,7 +218,8 @@ class AsyncEngine:
     def _progress(t: _Tracked, out: RequestOutput) -> int:
         """Takes what `out` did off `t.work` (engine thread only); returns that many tokens."""
         answered = t.first_token is None and out.new_token_ids  # the prompt is done with its first token
-        done = min(len(out.new_token_ids) + (out.prompt_length if answered else 0), t.work)
+        prompt = out.prompt_length - t.expected_cached if answered else 0
+        done = min(len(out.new_token_ids) + prompt, t.work)
         t.work -= done
         return done
 

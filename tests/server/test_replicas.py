@@ -91,3 +91,49 @@ def test_the_balancer_sends_work_to_the_replica_with_least_outstanding_tokens(ti
         assert [r.outstanding_work for r in router.replicas] == [0, 0]
     finally:
         router.stop()
+
+
+@pytest.mark.parametrize("cache_aware", [True, False])
+def test_the_cache_aware_balancer_keeps_a_prefix_on_its_replica_within_a_bounded_margin(
+    tiny_random_dir, cache_aware
+):
+    engines = replica_engines(tiny_random_dir, tensor_parallel=1, replicas=2)
+    router = ReplicaRouter(engines, cache_aware=cache_aware)
+    router.start()
+    system = [list(range(300, 430)), list(range(500, 630))]  # two 130-token system prompts: 2 pages each
+
+    def request(name: str, prompt: list[int], new: int) -> GenerationRequest:
+        return GenerationRequest(name, prompt, SamplingParams(max_new_tokens=new, ignore_eos=True))
+
+    async def run(batch):
+        outs = {}
+        groups = [router.submit([r]) for r in batch]
+        for group in groups:
+            async for _, out in group:
+                outs[out.request_id] = out
+        return outs
+
+    try:
+        # a (system 0) and b (system 1) spread over the replicas; c and d follow their prefixes, although
+        # least work alone would send c to replica 1 (its outstanding work is lower: b is shorter).
+        batch = [
+            request("a", system[0] + [1, 2, 3], 8),
+            request("b", system[1] + [4], 2),
+            request("c", system[0] + [5, 6], 8),
+            request("d", system[1] + [7, 8, 9], 8),
+        ]
+        outs = asyncio.run(run(batch))
+        assert [r.routed for r in router.replicas] == [2, 2]
+        # Least work alone sends c to replica 1 (b is shorter than a) and d to replica 0: no hits.
+        hits = 128 if cache_aware else 0  # two 64-token pages of the system prompt
+        assert [outs[x].num_cached_tokens for x in "abcd"] == [0, 0, hits, hits]
+        # A replica whose outstanding work exceeds the other's by more than the tokens a hit saves
+        # does not get the request: e (system 0) would wait behind a long job on replica 0.
+        long_job = request("long", list(range(700, 900)), 50)  # replica 0 (both idle: the lowest index)
+        outs = asyncio.run(run([long_job, request("e", system[0] + [10], 4)]))
+        assert [r.routed for r in router.replicas] == [3, 3]
+        if cache_aware:  # (least work had sent c, of system 0, to replica 1)
+            assert outs["e"].num_cached_tokens == 0
+        assert [r.outstanding_work for r in router.replicas] == [0, 0]
+    finally:
+        router.stop()
