@@ -41,6 +41,13 @@ flags.DEFINE_integer(
     "with the least outstanding work.",
     lower_bound=1,
 )
+flags.DEFINE_boolean(
+    "cache_aware_routing",
+    True,
+    "With --replicas > 1: send a request to the replica that already holds the longest cached prefix "
+    "of its prompt unless it is busier than the least-loaded one by more than the hit saves; "
+    "--nocache_aware_routing balances by outstanding work alone.",
+)
 flags.DEFINE_string(
     "request_log",
     None,
@@ -172,6 +179,7 @@ def _serve(engines, sock, sla) -> None:
         max_request_bytes=FLAGS.max_request_bytes,
         sla=sla,
         request_log=FLAGS.request_log,
+        cache_aware_routing=FLAGS.cache_aware_routing,
     )
     config = uvicorn.Config(
         application,

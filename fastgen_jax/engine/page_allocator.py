@@ -27,8 +27,8 @@ read it freely (its contents are garbage that masking ignores); usable pages are
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Hashable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,9 +39,9 @@ class OutOfPagesError(RuntimeError):
     """More pages were asked for than are free. The scheduler checks first, so this is a bug."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PageKey:
-    """The content of one full KV page: what it holds and everything before it."""
+class PageKey(NamedTuple):
+    """The content of one full KV page: what it holds and everything before it. A tuple, so that
+    building and hashing one is cheap (a decoding sequence makes one per page it fills)."""
 
     parent_hash: int  # `hash` of the previous page's key; ROOT_HASH for a sequence's first page
     token_ids: tuple[int, ...]  # the page_size tokens whose KV the page holds

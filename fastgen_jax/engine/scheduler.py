@@ -228,12 +228,16 @@ class Scheduler:
             raise RuntimeError("postprocess() got an output that is not the step in flight")
         self._in_flight = None
         tokens = _tokens_per_slot(output, sampled_token_ids)
+        # A page of the prefix cache is filled when end % page_size < tokens written; without the cache
+        # the modulus is never below 0. (Locals: this loop runs once per sequence per step.)
+        page_size = self.page_size if self.prefix_caching else 1 << 62
         for entry, token in zip(output.scheduled, tokens, strict=True):
             seq = entry.seq
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens += entry.num_new_tokens
-            if self.prefix_caching:
+            n = entry.num_new_tokens
+            end = seq.num_computed_tokens = seq.num_computed_tokens + n
+            if end % page_size < n:
                 self._cache_written_pages(seq, entry.start_position)
             if entry.needs_sample:
                 seq.append_token(token)
@@ -285,7 +289,8 @@ class Scheduler:
         None while its next page is being computed by another running sequence."""
         if not self.prefix_caching:
             return []
-        keys = seq.page_keys((seq.num_prefill_tokens - 1) // self.page_size, self.page_size)
+        usable = (seq.num_prefill_tokens - 1) // self.page_size
+        keys = seq.page_keys(usable, self.page_size)[:usable]
         hit = self.allocator.match(keys)
         if len(hit) < len(keys):
             holder = self._pending.get(keys[len(hit)])
@@ -307,7 +312,8 @@ class Scheduler:
             seq.num_cached_tokens = seq.num_computed_tokens
         self.prefix_cache_queries += seq.num_prefill_tokens
         self.prefix_cache_hits += seq.num_computed_tokens
-        for key in seq.page_keys(seq.num_prefill_tokens // self.page_size, self.page_size)[len(hit) :]:
+        end = seq.num_prefill_tokens // self.page_size
+        for key in seq.page_keys(end, self.page_size)[len(hit) : end]:
             self._pending.setdefault(key, seq)
 
     def _cache_written_pages(self, seq: Sequence, start: int) -> None:
@@ -315,11 +321,13 @@ class Scheduler:
         first, end = start // self.page_size, seq.num_computed_tokens // self.page_size
         if first == end:
             return
-        keys = seq.page_keys(end, self.page_size)
+        keys, pages, allocator = seq.page_keys(end, self.page_size), seq.page_table, self.allocator
         for i in range(first, end):
-            parent = self.allocator.holder(keys[i - 1]) if i else NULL_PAGE
-            self.allocator.cache(seq.page_table[i], keys[i], NULL_PAGE if parent is None else parent)
-            if self._pending.get(keys[i]) is seq:
+            parent = NULL_PAGE
+            if i:  # the page indexed under the previous key: usually this sequence's own
+                parent = pages[i - 1] if allocator.key(pages[i - 1]) is keys[i - 1] else allocator.holder(keys[i - 1])
+            allocator.cache(pages[i], keys[i], NULL_PAGE if parent is None else parent)
+            if self._pending and self._pending.get(keys[i]) is seq:
                 del self._pending[keys[i]]
 
     def _make_room_for_decode(self, seq: Sequence, out: SchedulerOutput) -> bool:
@@ -368,7 +376,7 @@ class Scheduler:
     def _forget_pending(self, seq: Sequence) -> None:
         """Drops the pages `seq` was going to compute from the pending map (it stops running)."""
         first, end = seq.num_computed_tokens // self.page_size, seq.num_prefill_tokens // self.page_size
-        for key in seq.page_keys(end, self.page_size)[first:]:
+        for key in seq.page_keys(end, self.page_size)[first:end]:
             if self._pending.get(key) is seq:
                 del self._pending[key]
 

@@ -112,13 +112,14 @@ class Sequence:
         return max(0, needed - len(self.page_table))
 
     def page_keys(self, num_pages: int, page_size: int) -> list[PageKey]:
-        """Prefix-cache keys of the first `num_pages` full pages of the tokens (computed once)."""
+        """Prefix-cache keys of the first `num_pages` full pages of the tokens (each computed once).
+        The list is the sequence's own and may hold more keys than asked for: do not mutate it."""
         have = len(self._page_keys)
         if have < num_pages:
             parent = hash(self._page_keys[-1]) if have else ROOT_HASH
-            tokens = self._token_ids[: num_pages * page_size]
-            self._page_keys += page_keys(tokens, page_size, self.cache_salt, have, parent)
-        return self._page_keys[:num_pages]
+            tokens = self._token_ids[have * page_size : num_pages * page_size]
+            self._page_keys += page_keys(tokens, page_size, self.cache_salt, 0, parent)
+        return self._page_keys
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -64,11 +64,14 @@ class ServerState:
         max_queue: int,
         sla: SLA,
         request_log: str | None = None,
+        cache_aware_routing: bool = True,
     ):
         self.engine, self.model_name = engines[0], model_name
         self.tokenizer = self.engine.tokenizer
         self.request_log = RequestLog(request_log) if request_log else None
-        self.async_engine = ReplicaRouter(engines, max_queue, on_finish=self._finished)
+        self.async_engine = ReplicaRouter(
+            engines, max_queue, on_finish=self._finished, cache_aware=cache_aware_routing
+        )
         self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
 
@@ -498,13 +501,15 @@ def build_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     sla: SLA | None = None,
     request_log: str | None = None,
+    cache_aware_routing: bool = True,
 ) -> FastAPI:
     """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
     its own devices, balanced by outstanding work); the app's lifespan runs the engine threads.
     `/metrics` judges finished requests by `sla` (default: FastGen's 512 prompt tokens/s, 4 tokens/s),
-    and `request_log` names a JSONL file that gets a line per finished request."""
+    `request_log` names a JSONL file that gets a line per finished request, and `cache_aware_routing`
+    lets replicas keep the prompts whose prefixes they hold (`server.replicas`)."""
     engines = engine if isinstance(engine, list) else [engine]
-    state = ServerState(engines, model_name, max_queue, sla or SLA(), request_log)
+    state = ServerState(engines, model_name, max_queue, sla or SLA(), request_log, cache_aware_routing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
