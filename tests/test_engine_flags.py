@@ -34,3 +34,11 @@ def test_the_defaults_are_fastgens_sla():
     parse()
     assert engine_flags.sla() == SLA(prompt_rate=512.0, token_rate=4.0)
     assert engine_flags.engine_config(kv_cache_bytes=1 << 20).token_budget == 512
+
+
+@flagsaver.flagsaver
+def test_prefix_caching_is_on_unless_turned_off():
+    parse()
+    assert engine_flags.engine_config(kv_cache_bytes=1 << 20).enable_prefix_caching
+    parse("--noenable_prefix_caching")
+    assert not engine_flags.engine_config(kv_cache_bytes=1 << 20).enable_prefix_caching
