@@ -245,8 +245,8 @@ class EngineConfig:
       interpreter: any backend, slow; for tests).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
-    enable_prefix_caching: keep the KV of full pages after their sequences end and reuse it for any
-      later prompt that starts with the same tokens (`engine.page_allocator`).
+    enable_prefix_caching: share the KV of full pages, as soon as it is written and after their
+      sequences end, with any prompt that starts with the same tokens (`engine.page_allocator`).
     """
 
     token_budget: int = 512

@@ -114,9 +114,16 @@ def engine_totals(router) -> dict:
 
 
 def set_caching(router, enabled: bool) -> None:
-    for r in router.replicas:
-        r.engine.scheduler.prefix_caching = enabled
-        r.engine.reset_prefix_cache()
+    """Switches the (idle) engines' prefix cache on or off and empties it, on their own threads."""
+
+    def switch(engine):
+        engine.scheduler.prefix_caching = enabled
+        return engine.reset_prefix_cache()
+
+    async def all_replicas():
+        return [await r.call(switch) for r in router.replicas]
+
+    asyncio.run(all_replicas())
 
 
 def measure(router, caching: bool, body) -> dict:

@@ -12,8 +12,10 @@ only decides which sequence owns which page id. Every usable page is in exactly 
 
 `allocate` takes free pages first and only then evicts cached ones, least recently used first
 (dropping their keys); a page in use is never handed out. `free` drops owners; a page whose last owner
-lets go becomes cached if it has a key, else free. Callers free a sequence's pages deepest first, so the
-deepest page of a chain is evicted before its parents.
+lets go becomes cached if it has a key, else free. Callers free a sequence's pages deepest first and
+index only chains of one sequence's own pages, and a hit takes a chain from its root, so a parent is
+always used at least as recently as its children: the deepest page of a chain is evicted first, and a
+parent page id stored in the index never refers to a page that was evicted and reused.
 
 A key names a page's content exactly: the page's token ids, its parent's hash (the hash of the keys of
 every page before it) and the extra keys that change KV for the same tokens (a tenant's cache salt).
@@ -192,14 +194,8 @@ class PageAllocator:
         self._check_owned(page, 1, "cached")
         if self._keys[page] is not None:
             return False
-        holder = self._index.get(key)
-        if holder is not None:
-            if self._refcounts[holder] or self._parents[holder] == parent:
-                return False
-            # A cached page whose parent was evicted: unreachable, so the new chain takes its key.
-            del self._evictable[holder]
-            self._uncache(holder)
-            self._free.append(holder)
+        if key in self._index:
+            return False
         self._keys[page] = key
         self._parents[page] = parent
         self._index[key] = page
@@ -211,10 +207,6 @@ class PageAllocator:
         if page is None or self._parents[page] != parent:
             return None
         return page
-
-    def holder(self, key: PageKey) -> int | None:
-        """The page indexed under `key`, whatever its parent; None if none is."""
-        return self._index.get(key)
 
     def match(self, keys: Iterable[PageKey]) -> list[int]:
         """The pages of the longest cached chain that starts `keys` (a prefix-cache hit)."""

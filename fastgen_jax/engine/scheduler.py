@@ -13,8 +13,11 @@ smaller budget the caller passes for this step, `engine.budget`) and `max_num_se
      in arrival order, each taking min(remaining prompt, remaining budget) tokens.
   3. A waiting sequence is admitted only when pages for its whole prompt plus its first generated
      token are free; they are allocated at admission, so a started prefill never runs out of pages.
-     Admission is strictly first-come first-served (the head of the queue blocks the rest) and is
-     skipped in a step that preempted, so a sequence is never evicted and readmitted at once.
+     Admission is first-come first-served (the head of the queue blocks the rest; with the prefix
+     cache, a sequence waiting for a page another one is computing is passed over, see below) and is
+     skipped in a step that preempted, so a sequence is never evicted and readmitted at once. Pages
+     count as free when no sequence owns them (cached pages are evicted for them), and a prefix-cache
+     hit needs pages only for what it does not cover.
 
 "prefill_first" (vLLM of 2023): if prompt work can be scheduled the step runs prompts only and
 the decodes wait. Whole prompts only, as many as fit the budget; a prompt longer than the whole
@@ -322,13 +325,17 @@ class Scheduler:
         if first == end:
             return
         keys, pages, allocator = seq.page_keys(end, self.page_size), seq.page_table, self.allocator
+        if self._pending:
+            for key in keys[first:end]:
+                if self._pending.get(key) is seq:
+                    del self._pending[key]
         for i in range(first, end):
-            parent = NULL_PAGE
-            if i:  # the page indexed under the previous key: usually this sequence's own
-                parent = pages[i - 1] if allocator.key(pages[i - 1]) is keys[i - 1] else allocator.holder(keys[i - 1])
-            allocator.cache(pages[i], keys[i], NULL_PAGE if parent is None else parent)
-            if self._pending and self._pending.get(keys[i]) is seq:
-                del self._pending[keys[i]]
+            # Only a chain of this sequence's own pages is indexed: a page's parent is then always
+            # freed after it, hence evicted after it, so a parent page id in the index is never stale.
+            # A page after one that another sequence cached first (or after a cache reset) is not.
+            if i and allocator.key(pages[i - 1]) != keys[i - 1]:
+                break
+            allocator.cache(pages[i], keys[i], pages[i - 1] if i else NULL_PAGE)
 
     def _make_room_for_decode(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Gets `seq` the page for its next token, preempting the newest sequences if need be.

@@ -164,8 +164,9 @@ class AsyncEngine:
 
     @property
     def outstanding_work(self) -> int:
-        """Tokens the admitted requests still need: whole prompts not yet answered plus tokens still
-        allowed to be generated. What a load balancer compares."""
+        """Tokens the admitted requests still need: prompts not yet answered (less the tokens a router
+        expects the prefix cache to serve) plus tokens still allowed to be generated. What a load
+        balancer compares."""
         return self._work
 
     def has_room(self, n: int) -> bool:
@@ -352,7 +353,7 @@ class AsyncEngine:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "call":
+            if kind == "call" and payload[1].set_running_or_notify_cancel():
                 payload[1].set_exception(EngineStoppedError("the server is shutting down"))
             if kind == "add":
                 for t in payload:
@@ -369,6 +370,8 @@ class AsyncEngine:
 
 
 def _call(engine: LLMEngine, fn: Callable[[LLMEngine], Any], future: concurrent.futures.Future) -> None:
+    if not future.set_running_or_notify_cancel():  # the caller gave up waiting: skip it
+        return
     try:
         future.set_result(fn(engine))
     except Exception as error:  # noqa: BLE001 - the caller gets it

@@ -59,11 +59,12 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
         "prompt_tokens": ("Prompt tokens computed (recomputed ones count again)", s.prompt_tokens),
         "generation_tokens": ("Tokens generated", s.generation_tokens),
         "prefix_cache_queries": (
-            "Prompt tokens looked up in the prefix cache when their requests were admitted",
+            "Tokens looked up in the prefix cache at admission (prompts; prompt and generated tokens "
+            "of preempted requests readmitted)",
             s.prefix_cache_queries,
         ),
         "prefix_cache_hits": (
-            "Prompt tokens served from the prefix cache instead of computed",
+            "Tokens of those found in the prefix cache instead of computed",
             s.prefix_cache_hits,
         ),
         "steps": ("Forward passes run", s.steps),

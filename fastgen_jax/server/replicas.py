@@ -114,6 +114,9 @@ class ReplicaRouter:
 
     async def reset_prefix_cache(self) -> int:
         """Forgets every replica's cached prefix pages; returns how many pages were forgotten."""
+        with self._lock:
+            if self.index is not None:
+                self.index = PrefixIndex(self.index.page_size, self.index.capacity)
         counts = [await r.call(LLMEngine.reset_prefix_cache) for r in self.replicas if r.accepting]
         return sum(counts)
 
@@ -139,9 +142,10 @@ class ReplicaRouter:
                 return r.outstanding_work - saved, r.num_outstanding, i
 
             chosen = min(open_, key=cost)
+            group = self.replicas[chosen].submit(requests, expected if chosen == owner else None)
             if self.index is not None:
                 self.index.record(keys, chosen)
-            return self.replicas[chosen].submit(requests, expected if chosen == owner else None)
+            return group
 
 
 def _expected_hits(requests: list[GenerationRequest], cached: int) -> list[int]:

@@ -264,3 +264,21 @@ def test_eviction_under_pressure_keeps_outputs_consistent_and_ends_with_no_page_
     simulation.run()  # checks KV contents, page states and salts at every step
     assert simulation.cached_tokens > 50 and simulation.scheduler.allocator.num_evictions > 0
     assert simulation.scheduler.num_preemptions > 0
+
+
+def test_a_reset_while_a_request_runs_leaves_no_unreachable_page_in_the_index():
+    s = make_scheduler(budget=8)
+    prompt = list(range(1, 18))  # 17 tokens: four full pages, computed over three steps
+    x = Sequence("x", prompt, max_tokens=1)
+    s.add(x)
+    out = s.schedule()
+    s.postprocess(out, [TOKEN])
+    assert s.reset_prefix_cache() == 2  # x's first two pages
+    run(s)  # x's later pages follow pages without keys: not indexed
+    y = Sequence("y", prompt, max_tokens=1)
+    s.add(y)
+    run(s)
+    z = Sequence("z", prompt, max_tokens=1)
+    s.add(z)
+    run(s)
+    assert (y.num_cached_tokens, z.num_cached_tokens) == (0, 16)

@@ -137,3 +137,17 @@ def test_the_cache_aware_balancer_keeps_a_prefix_on_its_replica_within_a_bounded
         assert [r.outstanding_work for r in router.replicas] == [0, 0]
     finally:
         router.stop()
+
+
+def test_a_call_whose_caller_gave_up_is_skipped_without_harm():
+    import concurrent.futures
+
+    from fastgen_jax.server.async_engine import _call
+
+    future = concurrent.futures.Future()
+    future.cancel()
+    _call(None, lambda engine: 1 / 0, future)  # neither runs nor raises
+    assert future.cancelled()
+    future = concurrent.futures.Future()
+    _call(None, lambda engine: 1 / 0, future)
+    assert isinstance(future.exception(), ZeroDivisionError)
