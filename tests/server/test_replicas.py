@@ -68,9 +68,20 @@ def test_two_replicas_of_tensor_parallel_2_serve_32_streams_like_one_device(tiny
     assert per_replica(text, "fastgen_replica_outstanding_work_tokens") == {"0": 0.0, "1": 0.0}
 
 
-def test_the_balancer_sends_work_to_the_replica_with_least_outstanding_tokens(tiny_random_dir):
-    engines = replica_engines(tiny_random_dir, tensor_parallel=1, replicas=2)
-    router = ReplicaRouter(engines)
+@pytest.fixture(scope="module")
+def two_engines(tiny_random_dir):
+    """Two one-device replicas, shared by the balancer tests (each starts with empty prefix caches)."""
+    return replica_engines(tiny_random_dir, tensor_parallel=1, replicas=2)
+
+
+def fresh(engines):
+    for e in engines:
+        e.reset_prefix_cache()
+    return engines
+
+
+def test_the_balancer_sends_work_to_the_replica_with_least_outstanding_tokens(two_engines):
+    router = ReplicaRouter(fresh(two_engines))
     router.start()
 
     def request(i: int, prompt_len: int, new: int) -> GenerationRequest:
@@ -95,10 +106,9 @@ def test_the_balancer_sends_work_to_the_replica_with_least_outstanding_tokens(ti
 
 @pytest.mark.parametrize("cache_aware", [True, False])
 def test_the_cache_aware_balancer_keeps_a_prefix_on_its_replica_within_a_bounded_margin(
-    tiny_random_dir, cache_aware
+    two_engines, cache_aware
 ):
-    engines = replica_engines(tiny_random_dir, tensor_parallel=1, replicas=2)
-    router = ReplicaRouter(engines, cache_aware=cache_aware)
+    router = ReplicaRouter(fresh(two_engines), cache_aware=cache_aware)
     router.start()
     system = [list(range(300, 430)), list(range(500, 630))]  # two 130-token system prompts: 2 pages each
 
