@@ -165,7 +165,7 @@ def run_batch(
         runner.run(_jobs(fmt, input_path, done))
     summary.seconds = time.perf_counter() - runner.start
     if ordered:
-        out.close()
+        out.flush()
         output.rewrite_in_order(output_path, _positions(fmt, input_path))
     return summary
 
