@@ -195,5 +195,5 @@ def test_simple_lines_take_openai_field_names():
     assert fields == dict(
         max_new_tokens=8, min_new_tokens=2, stop=("\n",), logprobs=True, top_logprobs=3, seed=1
     )
-    with pytest.raises(ValueError, match="max_tokens repeats max_new_tokens: give one of them"):
+    with pytest.raises(ValueError, match="max_new_tokens and max_tokens are one setting: give one of them"):
         _sampling_fields({"max_new_tokens": 8, "max_tokens": 8})

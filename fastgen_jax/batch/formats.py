@@ -246,12 +246,13 @@ class SimpleFormat:
 
 def _sampling_fields(record: Record) -> Record:
     """`SamplingParams` keyword arguments from a line's fields, OpenAI's names mapped onto ours."""
-    fields = {}
+    fields, named = {}, {}
     for name, value in record.items():
         target = _ALIASES.get(name, name)
         if target in fields:
-            raise LineError("invalid_line", f"{name} repeats {target}: give one of them")
-        fields[target] = value
+            both = " and ".join(sorted((named[target], name)))
+            raise LineError("invalid_line", f"{both} are one setting: give one of them")
+        fields[target], named[target] = value, name
     logprobs = fields.get("logprobs")
     if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # OpenAI completions: top-N count
         fields["logprobs"] = True
