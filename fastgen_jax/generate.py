@@ -36,7 +36,7 @@ flags.DEFINE_bool("ordered", False, "At the end, rewrite --output in input order
 flags.DEFINE_integer(
     "max_in_flight", None, "Sequences in the engine at once (default: twice --max_num_seqs).", lower_bound=1
 )
-flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_bool("progress", True, "Show progress bars (compiling, then the batch) on stderr.")
 # Defaults of --prompt and of simple lines; OpenAI Batch bodies take the server's defaults instead.
 flags.DEFINE_integer("max_new_tokens", 256, "Default tokens to generate per request.")
 flags.DEFINE_float("temperature", 0.0, "Default sampling temperature (0 = greedy).")
@@ -98,11 +98,16 @@ def run_file(engine) -> bool:
         max_in_flight=FLAGS.max_in_flight,
         progress=FLAGS.progress,
     )
-    if FLAGS.output is None:
-        summary = run_batch(engine, fmt, FLAGS.input, sys.stdout, **options)
-    else:
-        with open(FLAGS.output, "a" if FLAGS.resume else "w", encoding="utf-8") as out:
-            summary = run_batch(engine, fmt, FLAGS.input, out, **options)
+    try:
+        if FLAGS.output is None:
+            summary = run_batch(engine, fmt, FLAGS.input, sys.stdout, **options)
+        else:
+            with open(FLAGS.output, "a" if FLAGS.resume else "w", encoding="utf-8") as out:
+                summary = run_batch(engine, fmt, FLAGS.input, out, **options)
+    except KeyboardInterrupt:
+        if FLAGS.output is None:
+            sys.exit("interrupted")
+        sys.exit(f"interrupted: the results so far are in {FLAGS.output}; rerun with --resume to go on")
     print(summary.line(), file=sys.stderr)
     return summary.any_failed
 
@@ -137,7 +142,8 @@ def main(argv: list[str]) -> None:
         default_params()
         if FLAGS.input is not None:
             check_batch_flags()
-        engine = LLMEngine.from_pretrained(FLAGS.model, engine_flags.engine_config(), FLAGS.dtype)
+        config = engine_flags.engine_config()
+        engine = LLMEngine.from_pretrained(FLAGS.model, config, FLAGS.dtype, progress=FLAGS.progress)
         if FLAGS.prompt is not None:
             return run_prompt(engine, FLAGS.prompt, FLAGS.chat)
         failed = run_file(engine)

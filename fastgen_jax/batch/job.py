@@ -13,6 +13,7 @@ Where the pending requests could be reordered (e.g. to group shared prefixes for
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -171,7 +172,8 @@ def run_batch(
 
 
 def _positions(fmt: Format, input_path: str):
-    """Maps an output line to the number of the input line it answers."""
+    """Maps an output line to the number of the input line it answers (answers to lines no longer
+    in the input go last)."""
     fmt.restart()
     lines = {fmt.read(line, text)[0]: line for line, text in output.input_lines(input_path)}
-    return lambda record: lines[fmt.key_of(record)]
+    return lambda record: lines.get(fmt.key_of(record), math.inf)
