@@ -3,6 +3,8 @@ limits, defined once so both CLIs can live in one process, and mapped onto `Engi
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 FLAGS = flags.FLAGS
@@ -11,6 +13,11 @@ flags.DEFINE_string(
     "model",
     "checkpoints/smollm2-135m-instruct",
     "Converted checkpoint dir, Hugging Face model dir, or .gguf file.",
+)
+flags.DEFINE_string(
+    "served_model_name",
+    None,
+    "Name requests pass as `model` (default: the model dir's name); others are answered 404.",
 )
 flags.DEFINE_string(
     "token_budget",
@@ -85,3 +92,8 @@ def sla():
     from fastgen_jax.sla import SLA
 
     return SLA(FLAGS.sla_prompt_rate, FLAGS.sla_token_rate)
+
+
+def served_model_name() -> str:
+    """The name requests must give as `model` (server and batch job alike)."""
+    return FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))

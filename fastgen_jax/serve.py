@@ -19,9 +19,6 @@ from absl import app, flags, logging
 from fastgen_jax import engine_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "served_model_name", None, "Name clients pass as `model` (default: the model dir's name)."
-)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the server to the network).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0 picks a free one).")
 flags.DEFINE_string("api_key", None, "If set, every request needs 'Authorization: Bearer <key>'.")
@@ -170,7 +167,7 @@ def _serve(engines, sock, sla) -> None:
     from fastgen_jax.server.app import build_app
     from fastgen_jax.server.http import Server, url_of
 
-    name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model))
+    name = engine_flags.served_model_name()
     application = build_app(
         engines,
         name,

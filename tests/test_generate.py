@@ -52,13 +52,15 @@ def test_cli_prompt_prints_the_answer(smollm2_dir):
     assert result.stdout.strip() == "The capital of France is Paris."
 
 
-def test_cli_batch_keeps_order_and_reports_bad_lines(smollm2_dir, tmp_path):
+def test_cli_batch_takes_openai_names_reports_bad_lines_and_orders(smollm2_dir, tmp_path):
     lines = [
         json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
         "{this is not json",
         json.dumps({"prompt": "Once upon a time", "max_new_tokens": 5, "ignore_eos": True}),
         json.dumps({"prompt": "Hi", "temperature": -1}),
         json.dumps({"prompt": "Hi", "colour": "blue"}),
+        json.dumps({"prompt": "Once upon a time", "max_tokens": 5, "stop": [" the"], "n": 2, "seed": 3}),
+        json.dumps({"prompt": "Hi", "max_tokens": 5, "max_new_tokens": 5}),
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     result = cli(
@@ -66,16 +68,31 @@ def test_cli_batch_keeps_order_and_reports_bad_lines(smollm2_dir, tmp_path):
         f"--input={tmp_path / 'in.jsonl'}",
         f"--output={tmp_path / 'out.jsonl'}",
         "--max_new_tokens=24",
+        "--ordered",
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # some lines failed
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["line"] for r in out] == [1, 2, 3, 4, 5]
+    assert [r["line"] for r in out] == [1, 2, 3, 4, 5, 6, 7]
     assert out[0]["generated_text"] == "The capital of France is Paris."
     assert out[2]["generated_length"] == 5 and out[2]["finish_reason"] == "length"
     assert "not valid JSON" in out[1]["error"]
     assert "temperature must be in [0.0, 100.0], got -1" in out[3]["error"]
     assert "unknown field(s) ['colour']" in out[4]["error"]
-    assert "error: input line 2:" in result.stderr and "3 of 5 input lines failed" in result.stderr
+    assert out[6]["error"] == "max_new_tokens and max_tokens are one setting: give one of them"
+    choices = out[5]["choices"]
+    assert len(choices) == 2 and all(c["generated_length"] <= 5 for c in choices)
+    assert all(" the" not in c["generated_text"] for c in choices)
+    assert "error: input line 2:" in result.stderr
+    assert "batch: 3 ok, 4 failed;" in result.stderr
+
+
+def test_cli_batch_will_not_overwrite_results(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "Hi"}\n')
+    (tmp_path / "out.jsonl").write_text('{"line": 1, "generated_text": "kept"}\n')
+    result = cli(f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}")
+    assert result.returncode == 1
+    assert "already holds results: pass --resume to continue it, or remove it" in result.stderr
+    assert (tmp_path / "out.jsonl").read_text() == '{"line": 1, "generated_text": "kept"}\n'
 
 
 def test_cli_names_a_missing_model(tmp_path):

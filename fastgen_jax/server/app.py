@@ -2,8 +2,9 @@
 
 `build_app(engine, ...)` returns a FastAPI app whose lifespan starts and stops the engine thread.
 Every request passes `_HTTPGuard` first (API key, body size limit, one access-log line); handlers turn
-the body into engine requests, checking everything the engine would refuse, so that a bad request
-gets its 400 before a stream starts. Errors of every kind leave as OpenAI-style JSON bodies.
+the body into engine requests with `RequestBuilder` (shared with the offline batch job), which checks
+everything the engine would refuse, so that a bad request gets its
+400 before a stream starts. Errors of every kind leave as OpenAI-style JSON bodies.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,36 +23,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fastgen_jax.llm_engine import LLMEngine, RequestError
-from fastgen_jax.sampling_params import SamplingParamsError
+from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.server.async_engine import (
     EngineStepError,
     EngineStoppedError,
-    GenerationRequest,
     QueueFullError,
     RequestGroup,
 )
 from fastgen_jax.server.metrics import ServerMetrics
-from fastgen_jax.server.openai_format import ChatFormatter, Choice, CompletionFormatter, Formatter
+from fastgen_jax.server.openai_format import Choice, Formatter
 from fastgen_jax.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    template_messages,
 )
 from fastgen_jax.server.replicas import ReplicaRouter
+from fastgen_jax.server.request_builder import PreparedRequest, RequestBuilder, validation_error
 from fastgen_jax.server.request_log import RequestLog
 from fastgen_jax.sla import SLA
-from fastgen_jax.tokenizer import TokenizerError
 
 log = logging.getLogger("fastgen_jax.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 
 
-class ServerState:
+class ServerState(RequestBuilder):
     """What the handlers share: the engine bridge (one replica or several), metrics and the served
     model's name. The replicas serve the same model, so the first one answers questions about it."""
 
@@ -66,12 +62,11 @@ class ServerState:
         request_log: str | None = None,
         cache_aware_routing: bool = True,
     ):
-        self.engine, self.model_name = engines[0], model_name
-        self.tokenizer = self.engine.tokenizer
         self.request_log = RequestLog(request_log) if request_log else None
         self.async_engine = ReplicaRouter(
             engines, max_queue, on_finish=self._finished, cache_aware=cache_aware_routing
         )
+        super().__init__(engines[0], model_name, self.async_engine.capacity)
         self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
 
@@ -80,83 +75,12 @@ class ServerState:
         if self.request_log is not None:
             self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict)
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                "model",
-                code="model_not_found",
-            )
-
-    def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> int:
-        """Validates a tokenized prompt; returns max_tokens (the rest of the context when None)."""
-        if max_tokens is None:
-            max_tokens = max(self.engine.max_model_len - len(ids), 1)
-        try:
-            self.engine.check_prompt(ids, max_tokens)
-        except RequestError as e:
-            field = "max_tokens" if e.param == "max_tokens" else param  # the prompt, as the client named it
-            message = str(e) if str(e).startswith(field) else f"{field}: {e}"
-            raise APIError(400, message, field) from None
-        return max_tokens
-
-    def encode(self, text: str, param: str) -> list[int]:
-        if not text:
-            raise APIError(400, f"{param} is empty", param)
-        return self.tokenizer.encode(text)
-
-    def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
-        try:
-            return self.tokenizer.encode_chat(
-                template_messages(body.messages), body.add_generation_prompt, **kwargs
-            )
-        except TokenizerError as e:
-            raise APIError(400, str(e), "messages") from None
-
 
 # ---------------------------------------------------------------------- generation routes
 
 
-def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [state.encode(prompt, "prompt")]
-    if not prompt:
-        raise APIError(400, "prompt is empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    prompts = [state.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
-    if any(not p for p in prompts):
-        raise APIError(400, "prompt holds an empty prompt", "prompt")
-    return prompts
-
-
-def _requests(
-    state: ServerState,
-    request_id: str,
-    body,
-    prompts: list[list[int]],
-    max_tokens: int | None,
-    logprobs: bool,
-    top_logprobs: int,
-    param: str,
-) -> list[GenerationRequest]:
-    out = []
-    for ids in prompts:
-        tokens = state.check_prompt(ids, max_tokens, param)
-        for i in range(body.n):
-            try:
-                params = body.sampling_params(tokens, logprobs, top_logprobs, i)
-            except SamplingParamsError as e:
-                raise APIError(400, str(e)) from None
-            out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt))
-    capacity = state.async_engine.capacity
-    if len(out) > capacity:
-        raise APIError(400, f"the request asks for {len(out)} sequences; at most {capacity} fit", "n")
-    return out
-
-
-async def _run(request: Request, state: ServerState, body, requests, formatter: Formatter) -> Response:
+async def _run(request: Request, state: ServerState, body, prepared: PreparedRequest) -> Response:
+    requests, formatter = prepared.requests, prepared.formatter
     group = state.async_engine.submit(requests)
     request.scope["fastgen.log"] = f"id={formatter.request_id} n={len(requests)}"
     if body.stream:
@@ -239,46 +163,13 @@ def _note_usage(request: Request, usage: dict[str, int], reasons: list[str | Non
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        state.check_model(body.model)
-        body.check_unsupported()
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", "echo")
-        prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # off the event loop
-        logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
-        requests = _requests(
-            state, request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt"
-        )
-        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
-        formatter = CompletionFormatter(
-            request_id,
-            state.model_name,
-            state.tokenizer,
-            [len(p) for p in prompts],
-            body.n,
-            body.logprobs is not None,
-            echo_texts=echo,
-        )
-        return await _run(request, state, body, requests, formatter)
+        prepared = await asyncio.to_thread(state.completion, body)  # tokenizing: off the event loop
+        return await _run(request, state, body, prepared)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.check_model(body.model)
-        body.check_unsupported()
-        ids = await asyncio.to_thread(state.encode_chat, body, body.chat_template_kwargs or {})
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = _requests(
-            state, request_id, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
-        )
-        formatter = ChatFormatter(
-            request_id,
-            state.model_name,
-            state.tokenizer,
-            [len(ids)],
-            body.n,
-            body.logprobs,
-        )
-        return await _run(request, state, body, requests, formatter)
+        prepared = await asyncio.to_thread(state.chat, body)
+        return await _run(request, state, body, prepared)
 
 
 # ---------------------------------------------------------------------- other routes
@@ -342,20 +233,6 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 # ---------------------------------------------------------------------- errors
 
 
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    error = exc.errors()[0]
-    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
-    if error.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
-    if not loc:
-        return APIError(400, f"the request body must be a JSON object: {error.get('msg')}")
-    field = ".".join(loc)
-    return APIError(400, f"{field}: {error.get('msg')}", loc[0])
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     def reply(request: Request, error: APIError) -> JSONResponse:
         request.scope["fastgen.log"] = f"error: {error.message}"
@@ -366,8 +243,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return reply(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return reply(request, _validation_error(exc))
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        return reply(request, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

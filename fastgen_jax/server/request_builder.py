@@ -1,0 +1,170 @@
+"""OpenAI request bodies -> engine requests plus the formatter of their answer.
+
+The server's handlers and the offline batch job (`fastgen_jax.batch`) both go through a
+`RequestBuilder`, so a body is checked the same way (same fields, limits and error messages) and its
+answer rendered by the same `Formatter`, whether it came over HTTP or from a batch file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from typing import Any
+
+from fastgen_jax.llm_engine import LLMEngine, RequestError
+from fastgen_jax.sampling_params import SamplingParamsError
+from fastgen_jax.server.async_engine import GenerationRequest
+from fastgen_jax.server.openai_format import ChatFormatter, CompletionFormatter, Formatter
+from fastgen_jax.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    template_messages,
+)
+from fastgen_jax.tokenizer import TokenizerError
+
+
+@dataclasses.dataclass
+class PreparedRequest:
+    """An API request made ready: its engine requests (choice i is `requests[i]`) and its formatter."""
+
+    requests: list[GenerationRequest]
+    formatter: Formatter
+
+
+class RequestBuilder:
+    """Checks bodies against one engine and model name; `capacity` caps the sequences one request
+    may ask for (prompts x n)."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, capacity: int):
+        self.engine, self.model_name, self.capacity = engine, model_name, capacity
+        self.tokenizer = engine.tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                code="model_not_found",
+            )
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """Validates a tokenized prompt; returns max_tokens (the rest of the context when None)."""
+        if max_tokens is None:
+            max_tokens = max(self.engine.max_model_len - len(ids), 1)
+        try:
+            self.engine.check_prompt(ids, max_tokens)
+        except RequestError as e:
+            field = "max_tokens" if e.param == "max_tokens" else param  # the prompt, as the client named it
+            message = str(e) if str(e).startswith(field) else f"{field}: {e}"
+            raise APIError(400, message, field) from None
+        return max_tokens
+
+    def encode(self, text: str, param: str) -> list[int]:
+        if not text:
+            raise APIError(400, f"{param} is empty", param)
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
+        try:
+            return self.tokenizer.encode_chat(
+                template_messages(body.messages), body.add_generation_prompt, **kwargs
+            )
+        except TokenizerError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    # ------------------------------------------------------------------ the two generation routes
+
+    def completion(self, body: CompletionRequest) -> PreparedRequest:
+        """A /v1/completions body made ready; APIError says what the client must fix."""
+        self.check_model(body.model)
+        body.check_unsupported()
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", "echo")
+        prompts = self._completion_prompts(body.prompt)
+        logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
+        requests = self._requests(
+            request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt"
+        )
+        echo = [self.tokenizer.decode(p) for p in prompts] if body.echo else None
+        formatter = CompletionFormatter(
+            request_id,
+            self.model_name,
+            self.tokenizer,
+            [len(p) for p in prompts],
+            body.n,
+            logprobs,
+            echo_texts=echo,
+        )
+        return PreparedRequest(requests, formatter)
+
+    def chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+        """A /v1/chat/completions body made ready; APIError says what the client must fix."""
+        self.check_model(body.model)
+        body.check_unsupported()
+        ids = self.encode_chat(body, body.chat_template_kwargs or {})
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        requests = self._requests(
+            request_id, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
+        )
+        formatter = ChatFormatter(
+            request_id, self.model_name, self.tokenizer, [len(ids)], body.n, body.logprobs
+        )
+        return PreparedRequest(requests, formatter)
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.encode(prompt, "prompt")]
+        if not prompt:
+            raise APIError(400, "prompt is empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        prompts = [self.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt holds an empty prompt", "prompt")
+        return prompts
+
+    def _requests(
+        self,
+        request_id: str,
+        body,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int,
+        param: str,
+    ) -> list[GenerationRequest]:
+        out = []
+        for ids in prompts:
+            tokens = self.check_prompt(ids, max_tokens, param)
+            for i in range(body.n):
+                try:
+                    params = body.sampling_params(tokens, logprobs, top_logprobs, i)
+                except SamplingParamsError as e:
+                    raise APIError(400, str(e)) from None
+                out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt))
+        if len(out) > self.capacity:
+            message = f"the request asks for {len(out)} sequences; at most {self.capacity} fit"
+            raise APIError(400, message, "n")
+        return out
+
+
+# ---------------------------------------------------------------------- validation errors
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The 400 for a body the request model rejects (pydantic's `errors()`), naming the first field."""
+    error = errors[0]
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    if error.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object: {error.get('msg')}")
+    field = ".".join(loc)
+    return APIError(400, f"{field}: {error.get('msg')}", loc[0])
