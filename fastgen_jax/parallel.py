@@ -9,7 +9,8 @@ of an unchanged model):
 - MLP: w_gate/w_up split over the hidden (intermediate) axis, w_down over its input rows;
 - embedding and LM head: split over the model width, so a token lookup stays local and the logits are
   one all-reduce;
-- norm scales: replicated (a few KiB).
+- norm scales: replicated (a few KiB);
+- mixture-of-experts weights (router, experts, shared expert): replicated for now.
 
 The step stays one jitted program: XLA's partitioner places the all-reduces after wo and w_down, and
 attention runs per shard under `shard_map` (see `fastgen_jax.attention`), so the Pallas kernel and the
@@ -124,7 +125,10 @@ _WIDTH_SPLIT = ("embed", "lm_head")  # [vocab, hidden], split over hidden
 
 
 def _leaf_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
+    """The leaf's name for the rules above; experts (under "moe") are replicated for now, so their
+    leaves get a name no rule lists."""
+    keys = [str(getattr(p, "key", p)) for p in path]
+    return f"moe/{keys[-1]}" if "moe" in keys else keys[-1]
 
 
 def _spec(name: str, ndim: int, layout: HeadLayout) -> P:
