@@ -19,7 +19,9 @@ class ConfigError(ValueError):
 
 ROPE_SCALING_TYPES = ("llama3", "linear", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-HIDDEN_ACTS = ("silu", "gelu_tanh")
+HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu", "relu")
+NORM_KINDS = ("rms", "layer")
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm's too)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096
@@ -96,6 +98,14 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's intermediate width
     norm_topk_prob: bool = True  # renormalise the chosen experts' router weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert behind a sigmoid gate
+    norm_kind: str = "rms"  # "layer": LayerNorm with a bias (Falcon, OPT)
+    mlp_gated: bool = True  # False: down(act(up(x))) without a gate (Falcon, OPT)
+    mlp_bias: bool = False  # biases on the MLP projections (OPT, Falcon with `bias`)
+    attn_out_bias: bool = False  # a bias on the attention output projection (OPT, Falcon with `bias`)
+    parallel_attn: bool = False  # attention and MLP read the same layer input, one residual (Falcon)
+    parallel_norms: int = 1  # with parallel_attn: one shared norm, or 2 (attention's and the MLP's)
+    position_embedding: str = "rope"  # "learned": a position table added to the embeddings (OPT)
+    learned_pos_offset: int = 0  # OPT's table starts at row 2
 
     def __post_init__(self):
         for name in (
@@ -120,6 +130,9 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        for name, allowed in (("norm_kind", NORM_KINDS), ("position_embedding", POSITION_EMBEDDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
         if self.layer_types is not None:

@@ -25,6 +25,8 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": ("moe", "qwen3_moe"),
     "Gemma2ForCausalLM": ("gemma", "gemma2"),
     "Gemma3ForCausalLM": ("gemma", "gemma3_text"),
+    "FalconForCausalLM": ("falcon", "falcon"),
+    "OPTForCausalLM": ("llama", "opt"),
 }
 MODEL_TYPES = {model_type: arch for arch, (_, model_type) in ARCHITECTURES.items()}
 
@@ -37,7 +39,11 @@ _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(qk_norm=True, norm_topk_prob=False),
     "gemma2": _GEMMA,
     "gemma3_text": dict(_GEMMA, qk_norm=True),
+    "falcon": dict(norm_kind="layer", mlp_gated=False, hidden_act="gelu"),
+    "opt": dict(norm_kind="layer", mlp_gated=False, position_embedding="learned", learned_pos_offset=2),
 }
+# Families whose config.json names its fields otherwise: their own reader replaces _common_fields.
+_OWN_READERS = {}  # filled below the readers
 _DEFAULT_BIAS = ("qwen2", "qwen2_moe")  # q/k/v biases unless the config says otherwise
 
 
@@ -50,8 +56,9 @@ def fields_from_hf(d: dict[str, Any]) -> dict[str, Any]:
     architecture = _architecture_of(d)
     model_type = ARCHITECTURES[architecture][1]
     try:
+        common = _OWN_READERS.get(model_type, _common_fields)
         fields = {
-            **_common_fields(d, architecture, model_type),
+            **common(d, architecture, model_type),
             **_rope_fields(d, model_type),
             **_FAMILY_FIELDS.get(model_type, {}),
             **_gemma_fields(d),
@@ -93,6 +100,75 @@ def _common_fields(d: dict[str, Any], architecture: str, model_type: str) -> dic
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
     )
+
+
+def _falcon_fields(d: dict[str, Any], architecture: str, model_type: str) -> dict[str, Any]:
+    """Falcon: the 7B layout (multi-query, parallel attention and MLP under one LayerNorm) and the new
+    decoder architecture (grouped KV heads, a LayerNorm each); ALiBi variants are refused."""
+    if d.get("alibi"):
+        raise ConfigError("Falcon with alibi=true (ALiBi positions) is not supported; only rotary Falcon")
+    hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+    new_arch = bool(d.get("new_decoder_architecture"))
+    kv_heads = (
+        int(d.get("num_kv_heads") or heads) if new_arch else (1 if d.get("multi_query", True) else heads)
+    )
+    parallel = new_arch or bool(d.get("parallel_attn", True))
+    if new_arch and not d.get("parallel_attn", True) and d.get("num_ln_in_parallel_attn") == 1:
+        raise ConfigError(
+            "Falcon with new_decoder_architecture, parallel_attn=false and one norm is not supported"
+        )
+    bias = bool(d.get("bias", False))
+    renamed = {
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "intermediate_size": int(d.get("ffn_hidden_size") or 4 * hidden),
+        "sliding_window": None,
+    }
+    fields = _common_fields({**d, **renamed}, architecture, model_type)
+    fields.update(
+        rms_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_bias=bias,
+        attn_out_bias=bias,
+        mlp_bias=bias,
+        parallel_attn=parallel,
+        parallel_norms=int(d.get("num_ln_in_parallel_attn") or 2) if new_arch else 1,
+    )
+    return fields
+
+
+def _opt_fields(d: dict[str, Any], architecture: str, model_type: str) -> dict[str, Any]:
+    """OPT: learned positions (offset 2), pre-LayerNorm, ReLU, biases everywhere."""
+    hidden = int(d["hidden_size"])
+    if not d.get("do_layer_norm_before", True):
+        raise ConfigError(
+            "OPT with do_layer_norm_before=false (opt-350m's post-norm layout) is not supported"
+        )
+    if int(d.get("word_embed_proj_dim") or hidden) != hidden:
+        raise ConfigError(
+            "OPT with word_embed_proj_dim != hidden_size (projected embeddings) is not supported"
+        )
+    if d.get("layer_norm_elementwise_affine") is False or d.get("_remove_final_layer_norm"):
+        raise ConfigError("OPT without affine LayerNorms or without its final LayerNorm is not supported")
+    bias = bool(d.get("enable_bias", True))
+    fields = _common_fields(
+        {**d, "intermediate_size": d["ffn_dim"], "sliding_window": None}, architecture, model_type
+    )
+    fields.update(
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_bias=bias,
+        attn_out_bias=bias,
+        mlp_bias=bias,
+    )
+    act = d.get("activation_function", "relu")
+    if act not in ("relu", "gelu"):
+        raise ConfigError(f"unsupported OPT activation_function {act!r} (supported: relu, gelu)")
+    fields["hidden_act"] = act
+    return fields
+
+
+_OWN_READERS.update(falcon=_falcon_fields, opt=_opt_fields)
 
 
 def _rope_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -163,7 +239,7 @@ def _gemma_fields(d: dict[str, Any]) -> dict[str, Any]:
         if d.get(theirs) is not None:
             fields[ours] = float(d[theirs])
     act = d.get("hidden_activation") or d.get("hidden_act")
-    if act is not None:
+    if act is not None and "activation_function" not in d and "activation" not in d:
         if act not in ("silu", "gelu_pytorch_tanh"):
             raise ConfigError(f"unsupported hidden_act {act!r} (supported: silu, gelu_pytorch_tanh)")
         fields["hidden_act"] = "silu" if act == "silu" else "gelu_tanh"
@@ -249,7 +325,33 @@ def hf_from_config(c: ModelConfig) -> dict[str, Any]:
         d[theirs] = getattr(c, ours)
     if c.num_experts:
         d.update(_hf_moe(c, model_type))
+    if model_type == "falcon":
+        d.update(_hf_falcon(c))
+    if model_type == "opt":
+        d.update(
+            ffn_dim=c.intermediate_size,
+            do_layer_norm_before=True,
+            word_embed_proj_dim=c.hidden_size,
+            enable_bias=c.attention_bias,
+            activation_function=c.hidden_act,
+        )
     return d
+
+
+def _hf_falcon(c: ModelConfig) -> dict[str, Any]:
+    new_arch = c.parallel_norms == 2 or c.num_kv_heads not in (1, c.num_heads)
+    return dict(
+        new_decoder_architecture=new_arch,
+        multi_query=c.num_kv_heads == 1,
+        num_kv_heads=c.num_kv_heads,
+        num_ln_in_parallel_attn=c.parallel_norms if new_arch else None,
+        parallel_attn=c.parallel_attn,
+        bias=c.attention_bias,
+        alibi=False,
+        ffn_hidden_size=c.intermediate_size,
+        layer_norm_epsilon=c.rms_norm_eps,
+        activation=c.hidden_act,
+    )
 
 
 def _hf_rope_scaling(s: RopeScaling) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fastgen_jax.checkpoints.common import CheckpointError, load_config
-from fastgen_jax.checkpoints.hf_layouts import layer_specs
+from fastgen_jax.checkpoints.hf_layouts import global_names, layer_specs
 from fastgen_jax.config import ModelConfig
 
 _SAFETENSORS_DTYPES = {
@@ -94,31 +94,42 @@ def hf_tensors_to_params(
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for astype)
 
     dtype = np.dtype(dtype)
-    embed = _get(tensors, "model.embed_tokens.weight", source)
-    _check_shape("model.embed_tokens.weight", embed, (c.vocab_size, c.hidden_size), source)
+    names = global_names(c)
+    embed = _get(tensors, names["embed"], source)
+    _check_shape(names["embed"], embed, (c.vocab_size, c.hidden_size), source)
     layers: dict[str, Any] = {}
     for path, read in layer_specs(c).items():
-        per_layer = [read(_layer_getter(tensors, i, source)) for i in range(c.num_layers)]
+        per_layer = [
+            read(_layer_getter(tensors, f"{names['layers']}.{i}", source)) for i in range(c.num_layers)
+        ]
         node = layers
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = np.stack(per_layer).astype(dtype)
-    params = {
-        "embed": np.asarray(embed).astype(dtype),
-        "layers": layers,
-        "final_norm": {"scale": np.asarray(_get(tensors, "model.norm.weight", source)).astype(dtype)},
-    }
+    params = {"embed": np.asarray(embed).astype(dtype), "layers": layers, "final_norm": {}}
+    params["final_norm"]["scale"] = np.asarray(_get(tensors, names["final_norm"] + ".weight", source)).astype(
+        dtype
+    )
+    if c.norm_kind == "layer":
+        params["final_norm"]["bias"] = np.asarray(
+            _get(tensors, names["final_norm"] + ".bias", source)
+        ).astype(dtype)
+    if c.position_embedding == "learned":
+        table = _get(tensors, names["pos_embed"], source)
+        rows = c.max_position_embeddings + c.learned_pos_offset
+        _check_shape(names["pos_embed"], table, (rows, c.hidden_size), source)
+        params["pos_embed"] = np.asarray(table).astype(dtype)
     if not c.tie_word_embeddings:
-        lm_head = _get(tensors, "lm_head.weight", source)
-        _check_shape("lm_head.weight", lm_head, (c.vocab_size, c.hidden_size), source)
+        lm_head = _get(tensors, names["lm_head"], source)
+        _check_shape(names["lm_head"], lm_head, (c.vocab_size, c.hidden_size), source)
         params["lm_head"] = np.asarray(lm_head).astype(dtype)
     _check_layer_shapes(c, layers, source)
     return {"params": params}
 
 
-def _layer_getter(tensors: Mapping[str, np.ndarray], layer: int, source: str):
+def _layer_getter(tensors: Mapping[str, np.ndarray], prefix: str, source: str):
     def get(suffix: str) -> np.ndarray:
-        return np.asarray(_get(tensors, f"model.layers.{layer}.{suffix}", source), np.float32)
+        return np.asarray(_get(tensors, f"{prefix}.{suffix}", source), np.float32)
 
     return get
 
@@ -136,7 +147,7 @@ def _check_layer_shapes(c: ModelConfig, layers: dict[str, Any], source: str):
         expected[("moe", "w_gate")] = (n, e, hid, f)
         expected[("moe", "w_down")] = (n, e, f, hid)
     else:
-        expected[("mlp", "w_gate")] = (n, hid, c.intermediate_size)
+        expected[("mlp", "w_up")] = (n, hid, c.intermediate_size)
         expected[("mlp", "w_down")] = (n, c.intermediate_size, hid)
     for (group, name), shape in expected.items():
         _check_shape(f"{group}/{name}", layers[group][name], shape, source)

@@ -66,6 +66,28 @@ FAMILY_SHAPES = {
         rope_local_theta=10000.0,
         rope_theta=1000000.0,
     ),
+    "tiny-falcon": dict(
+        architecture="FalconForCausalLM",
+        norm_kind="layer",
+        mlp_gated=False,
+        hidden_act="gelu",
+        parallel_attn=True,
+        parallel_norms=2,
+        tie_word_embeddings=True,
+    ),
+    "tiny-opt": dict(
+        architecture="OPTForCausalLM",
+        num_kv_heads=4,
+        norm_kind="layer",
+        mlp_gated=False,
+        hidden_act="relu",
+        attention_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        position_embedding="learned",
+        learned_pos_offset=2,
+        tie_word_embeddings=True,
+    ),
 }
 ALL_SHAPES = (*SHAPES, *FAMILY_SHAPES)
 
@@ -100,8 +122,11 @@ def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.3, dtype=
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
-        if str(getattr(path[-1], "key", path[-1])) == "scale":
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
             return np.full(shape.shape, 0.0 if config.norm_plus_one else 1.0, dtype)
+        if name == "bias" or name.startswith("b"):  # norm and projection biases
+            return np.zeros(shape.shape, dtype)
         return (rng.standard_normal(shape.shape, np.float32) * scale).astype(dtype)
 
     import jax

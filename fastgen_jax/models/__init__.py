@@ -13,13 +13,19 @@ import jax.numpy as jnp
 from fastgen_jax.attention import Attention, get_attention
 from fastgen_jax.config import ConfigError, ModelConfig
 from fastgen_jax.hf_config import ARCHITECTURES
+from fastgen_jax.models.falcon import FalconDecoderLayer
 from fastgen_jax.models.gemma import GemmaDecoderLayer
 from fastgen_jax.models.layers import CausalLM, init_kv_cache, kv_bytes_per_page
 from fastgen_jax.models.llama import LlamaDecoderLayer
 from fastgen_jax.models.metadata import AttentionMetadata
 from fastgen_jax.models.moe import MoEDecoderLayer
 
-FAMILY_LAYERS = {"llama": LlamaDecoderLayer, "moe": MoEDecoderLayer, "gemma": GemmaDecoderLayer}
+FAMILY_LAYERS = {
+    "llama": LlamaDecoderLayer,
+    "moe": MoEDecoderLayer,
+    "gemma": GemmaDecoderLayer,
+    "falcon": FalconDecoderLayer,
+}
 MODEL_REGISTRY = {arch: FAMILY_LAYERS[family] for arch, (family, _) in ARCHITECTURES.items()}
 
 

@@ -123,12 +123,38 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale
 
 
-def norm(config: ModelConfig, dtype, name: str) -> RMSNorm:
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with a scale and a bias, computed in float32 (Falcon, OPT)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        centred = xf - xf.mean(axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def norm(config: ModelConfig, dtype, name: str) -> nn.Module:
+    if config.norm_kind == "layer":
+        return LayerNorm(config.rms_norm_eps, dtype, name=name)
     return RMSNorm(config.rms_norm_eps, dtype, config.norm_plus_one, name=name)
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
 def activation(config: ModelConfig):
-    return jax.nn.silu if config.hidden_act == "silu" else lambda x: jax.nn.gelu(x, approximate=True)
+    return _ACTIVATIONS[config.hidden_act]
 
 
 class PagedAttention(nn.Module):
@@ -147,9 +173,10 @@ class PagedAttention(nn.Module):
         if c.qk_norm:
             q = norm(c, self.dtype, "q_norm")(q)
             k = norm(c, self.dtype, "k_norm")(k)
-        inv_freq, rope_scale = self._rope(layer)
-        q = apply_rope(q, md.positions, inv_freq, rope_scale)
-        k = apply_rope(k, md.positions, inv_freq, rope_scale)
+        if c.position_embedding == "rope":
+            inv_freq, rope_scale = self._rope(layer)
+            q = apply_rope(q, md.positions, inv_freq, rope_scale)
+            k = apply_rope(k, md.positions, inv_freq, rope_scale)
         k_pages, v_pages = kv_cache
         pages_per_layer = k_pages.shape[1] // c.num_layers
         slots = _layer_slots(md.slot_mapping, layer.index, pages_per_layer, k_pages.shape)
@@ -167,7 +194,10 @@ class PagedAttention(nn.Module):
             logit_softcap=c.attn_logit_softcap,
         )
         wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
-        return jnp.einsum("thk,hkd->td", out, wo), (k_pages, v_pages)
+        out = jnp.einsum("thk,hkd->td", out, wo)
+        if c.attn_out_bias:
+            out = out + self.param("bo", nn.initializers.zeros, (c.hidden_size,), self.dtype)
+        return out, (k_pages, v_pages)
 
     def _project(self, x):
         c = self.config
@@ -208,7 +238,8 @@ _init = nn.initializers.normal(0.02)
 
 
 class MLP(nn.Module):
-    """The gated MLP: down(act(x @ gate) * (x @ up)), `intermediate` wide (default: the config's)."""
+    """The gated MLP, down(act(x @ gate) * (x @ up)), or without `mlp_gated` down(act(x @ up)), with
+    biases when `mlp_bias`; `intermediate` wide (default: the config's)."""
 
     config: ModelConfig
     dtype: jnp.dtype
@@ -218,10 +249,18 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         f = self.intermediate or c.intermediate_size
-        w_gate = self.param("w_gate", _init, (c.hidden_size, f), self.dtype)
-        w_up = self.param("w_up", _init, (c.hidden_size, f), self.dtype)
-        w_down = self.param("w_down", _init, (f, c.hidden_size), self.dtype)
-        return (activation(c)(x @ w_gate) * (x @ w_up)) @ w_down
+        up = self._linear(x, "up", c.hidden_size, f)
+        if c.mlp_gated:
+            hidden = activation(c)(self._linear(x, "gate", c.hidden_size, f)) * up
+        else:
+            hidden = activation(c)(up)
+        return self._linear(hidden, "down", f, c.hidden_size)
+
+    def _linear(self, x, name: str, n_in: int, n_out: int):
+        y = x @ self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
+        if self.config.mlp_bias:
+            y = y + self.param(f"b_{name}", nn.initializers.zeros, (n_out,), self.dtype)
+        return y
 
 
 # ----------------------------------------------------------------------------- the causal LM shell
@@ -246,6 +285,10 @@ class CausalLM(nn.Module):
         c = self.config
         embedding = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
         h = embedding[token_ids]  # [T, hidden]
+        if c.position_embedding == "learned":  # OPT: a table of max positions (+ its offset) rows
+            rows = c.max_position_embeddings + c.learned_pos_offset
+            table = self.param("pos_embed", _init, (rows, c.hidden_size), self.dtype)
+            h = h + table[md.positions + c.learned_pos_offset]
         if c.embed_scale:
             h = h * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         layers = nn.scan(

@@ -1,5 +1,6 @@
 """The Llama layout: Llama 2/3, Mistral, Qwen2, Qwen3 (q/k norm), Phi-3 (its fused projections are
-split when the checkpoint is read) and SmolLM2.
+split when the checkpoint is read), SmolLM2, and OPT (LayerNorms, a non-gated ReLU MLP, biases and
+learned positions: all configuration of the shared blocks).
 
     h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
 """

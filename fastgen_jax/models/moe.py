@@ -8,10 +8,11 @@ Routing, as all three define it: softmax over the router logits in float32, the 
 to sum to one. The experts then run as a grouped matmul over the token rows sorted by expert
 (`jax.lax.ragged_dot`), so a step's cost follows the experts its tokens chose, not all of them.
 
-On the CPU, XLA lowers `ragged_dot` to a dense matmul over every expert with a mask, which costs as
-much as running all experts. There a slab whose assignments (rows x top-k) are few gathers just the
-chosen experts' weights per assignment instead; which formulation a slab size gets was measured
-(`scripts/bench_moe.py`) and is a static choice per compiled slab size, so nothing recompiles.
+On the CPU, XLA lowers `ragged_dot` to a masked matmul over every expert, slower there than plainly
+running every expert (`experts_dense`). So on the CPU a slab whose assignments (rows x top-k) are no
+more than the experts (decode steps) gathers just the chosen experts' weights per assignment, and a
+larger one runs every expert densely. The rule comes from `scripts/bench_moe.py` (README) and is a
+static choice per compiled slab size, so nothing recompiles.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def default_expert_impl(num_rows: int, k: int, num_experts: int) -> str:
     if jax.default_backend() != "cpu":
         return "ragged"
     few = num_rows * k <= CPU_GATHER_MAX_ASSIGNMENTS_PER_EXPERT * num_experts
-    return "gathered" if few else "ragged"
+    return "gathered" if few else "dense"
 
 
 class SparseMoE(nn.Module):
