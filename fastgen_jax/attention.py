@@ -84,11 +84,20 @@ _PAGES = P(AXIS)  # [kv_heads, pages, page_size, head_dim]
 
 
 def _per_shard(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs) -> Callable:
-    """`fn` run on each device's slice of the heads; keyword arguments are static settings."""
+    """`fn` run on each device's slice of the heads. Keyword arguments are settings: Python values
+    stay static, arrays (a layer's traced sliding window) enter replicated."""
 
-    def call(*args, **static):
-        body = functools.partial(fn, **static)
-        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+    def call(*args, **kwargs):
+        traced = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+        static = {k: v for k, v in kwargs.items() if k not in traced}
+
+        def body(*a):
+            return fn(*a[: len(args)], **dict(zip(traced, a[len(args) :], strict=True)), **static)
+
+        specs = (*in_specs, *(P() for _ in traced))
+        return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(
+            *args, *traced.values()
+        )
 
     return call
 

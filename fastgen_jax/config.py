@@ -12,39 +12,58 @@ import json
 import os
 from typing import Any
 
-# `architectures` entries and `model_type` values of config.json that the Llama-family
-# implementation serves. Kept here (not in models/) so host code can validate a config without jax.
-LLAMA_FAMILY_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-)
-LLAMA_FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
 
 class ConfigError(ValueError):
     """A config.json (or engine option) that we cannot serve, with a message naming the field."""
 
 
+ROPE_SCALING_TYPES = ("llama3", "linear", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu", "relu")
+NORM_KINDS = ("rms", "layer")
+POSITION_EMBEDDINGS = ("rope", "learned")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 style frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+    """RoPE frequency scaling (`rope_scaling` / `rope_parameters` of config.json).
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    llama3: frequency-dependent division by `factor` between `low_freq_factor` and `high_freq_factor`.
+    linear: every frequency divided by `factor` (Gemma 3's global layers).
+    longrope: per-frequency divisors, `short_factor` up to `original_max_position_embeddings` and
+      `long_factor` beyond, and cos/sin scaled by `attention_factor` (Phi-3). The model picks one set
+      once, from the engine's longest sequence, because a cached key cannot be re-rotated later.
+    """
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None
 
     def __post_init__(self):
+        if self.kind not in ROPE_SCALING_TYPES:
+            raise ConfigError(
+                f"unsupported rope_scaling type {self.kind!r} (supported: {ROPE_SCALING_TYPES})"
+            )
         if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= 0:
             raise ConfigError(f"rope_scaling factors must be positive: {self}")
-        if self.high_freq_factor <= self.low_freq_factor:
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(f"rope_scaling needs high_freq_factor > low_freq_factor: {self}")
+        if self.kind == "longrope" and len(self.short_factor) != len(self.long_factor):
+            raise ConfigError(f"rope_scaling short_factor and long_factor differ in length: {self}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Shape of a decoder-only model, for every family `fastgen_jax.hf_config.ARCHITECTURES` lists.
+
+    The fields past `eos_token_ids` switch on what a family adds to the Llama layout; their defaults
+    are Llama's, so a Llama config sets none of them.
+    """
 
     architecture: str
     vocab_size: int
@@ -54,15 +73,39 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm's too)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    sliding_window: int | None = None  # Mistral: each token sees at most this many previous keys
+    sliding_window: int | None = None  # keys a token sees at most, on the layers `layer_types` says
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: all sliding
+    partial_rotary_factor: float = 1.0  # share of head_dim that RoPE rotates (the leading part)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # activation of the gated MLP, one of HIDDEN_ACTS
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight) (Gemma)
+    post_norms: bool = False  # norms after attention and after the MLP too (Gemma 2/3)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this), not 1/sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # cap * tanh(score / cap) on attention scores (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the vocabulary logits (Gemma 2)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3)
+    num_experts: int = 0  # mixture of experts when positive (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate width
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert behind a sigmoid gate
+    norm_kind: str = "rms"  # "layer": LayerNorm with a bias (Falcon, OPT)
+    mlp_gated: bool = True  # False: down(act(up(x))) without a gate (Falcon, OPT)
+    mlp_bias: bool = False  # biases on the MLP projections (OPT, Falcon with `bias`)
+    attn_out_bias: bool = False  # a bias on the attention output projection (OPT, Falcon with `bias`)
+    parallel_attn: bool = False  # attention and MLP read the same layer input, one residual (Falcon)
+    parallel_norms: int = 1  # with parallel_attn: one shared norm, or 2 (attention's and the MLP's)
+    position_embedding: str = "rope"  # "learned": a position table added to the embeddings (OPT)
+    learned_pos_offset: int = 0  # OPT's table starts at row 2
 
     def __post_init__(self):
         for name in (
@@ -81,52 +124,51 @@ class ModelConfig:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ConfigError(
+                f"head_dim * partial_rotary_factor must be even for RoPE, got {self.rotary_dim}"
+            )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        for name, allowed in (("norm_kind", NORM_KINDS), ("position_embedding", POSITION_EMBEDDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ConfigError(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ConfigError(
+                    f"layer_types must list one of {LAYER_TYPES} per layer, got {self.layer_types}"
+                )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
+                f"1..num_experts={self.num_experts}"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
 
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: the layer attends to every earlier key)."""
+        if self.sliding_window is None:
+            return (None,) * self.num_layers
+        types = self.layer_types or ("sliding_attention",) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Builds a config from the fields of a Hugging Face config.json."""
-        architecture = _architecture_of(d)
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            eos = d.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            window = d.get("sliding_window")
-            if d.get("use_sliding_window") is False:  # Qwen2 lists a window it does not use
-                window = None
-            return cls(
-                architecture=architecture,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(_rope_field(d, "rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling_of(d),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", architecture == "Qwen2ForCausalLM")),
-                sliding_window=int(window) if window else None,
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+        """Builds a config from the fields of a Hugging Face config.json (see `hf_config`)."""
+        from fastgen_jax import hf_config
+
+        return cls(**hf_config.fields_from_hf(d))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
@@ -143,72 +185,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The inverse of `from_hf_dict`: a config.json that transformers can also read."""
-        model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}.get(
-            self.architecture, "llama"
-        )
-        d: dict[str, Any] = {
-            "architectures": [self.architecture],
-            "model_type": model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids)
-            if len(self.eos_token_ids) != 1
-            else self.eos_token_ids[0],
-        }
-        if self.rope_scaling is not None:
-            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-        if self.sliding_window is not None:
-            d["sliding_window"] = self.sliding_window
-        return d
+        from fastgen_jax import hf_config
 
-
-def _architecture_of(d: dict[str, Any]) -> str:
-    archs = d.get("architectures") or []
-    for arch in archs:
-        if arch in LLAMA_FAMILY_ARCHITECTURES:
-            return arch
-    model_type = d.get("model_type")
-    if not archs and model_type in LLAMA_FAMILY_MODEL_TYPES:
-        return LLAMA_FAMILY_ARCHITECTURES[LLAMA_FAMILY_MODEL_TYPES.index(model_type)]
-    raise ConfigError(
-        f"unsupported architecture {archs or model_type!r}: fastgen-jax serves "
-        f"{', '.join(LLAMA_FAMILY_ARCHITECTURES)}"
-    )
-
-
-def _rope_field(d: dict[str, Any], name: str, default: Any) -> Any:
-    # transformers 5 moved rope settings into `rope_parameters`; older files keep them top level.
-    params = d.get("rope_parameters") or {}
-    return d.get(name, params.get(name, default)) or default
-
-
-def _rope_scaling_of(d: dict[str, Any]) -> RopeScaling | None:
-    scaling = d.get("rope_scaling") or d.get("rope_parameters") or None
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
-    return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+        return hf_config.hf_from_config(self)
 
 
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first")

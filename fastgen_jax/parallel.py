@@ -6,10 +6,13 @@ of an unchanged model):
 
 - attention: wq/wk/wv (and their biases) split over heads, wo over its input heads; each device keeps
   the KV pages of its own KV heads, so the cache is split over heads too;
-- MLP: w_gate/w_up split over the hidden (intermediate) axis, w_down over its input rows;
+- MLP: w_gate/w_up (and their biases) split over the hidden (intermediate) axis, w_down over its
+  input rows;
 - embedding and LM head: split over the model width, so a token lookup stays local and the logits are
   one all-reduce;
-- norm scales: replicated (a few KiB).
+- norm scales: replicated (a few KiB);
+- mixture of experts: each expert's (and the shared expert's) intermediate axis split like the MLP's,
+  padded alike; the router replicated.
 
 The step stays one jitted program: XLA's partitioner places the all-reduces after wo and w_down, and
 attention runs per shard under `shard_map` (see `fastgen_jax.attention`), so the Pallas kernel and the
@@ -67,6 +70,8 @@ class HeadLayout:
     num_heads: int  # after padding
     intermediate_size: int  # after padding
     shard_width: bool  # embedding / LM head split over the model width
+    moe_intermediate_size: int = 0  # each expert's, after padding
+    shared_expert_intermediate_size: int = 0  # after padding
 
 
 def head_layout(config: ModelConfig, tp: int) -> HeadLayout:
@@ -79,8 +84,20 @@ def head_layout(config: ModelConfig, tp: int) -> HeadLayout:
     else:
         new_kvh = -(-kvh // tp) * tp
     new_h = h if repeat > 1 else new_kvh * group
-    intermediate = -(-config.intermediate_size // tp) * tp
-    return HeadLayout(tp, repeat, new_kvh, new_h, intermediate, config.hidden_size % tp == 0)
+    return HeadLayout(
+        tp,
+        repeat,
+        new_kvh,
+        new_h,
+        _round_up(config.intermediate_size, tp),
+        config.hidden_size % tp == 0,
+        _round_up(config.moe_intermediate_size, tp),
+        _round_up(config.shared_expert_intermediate_size, tp),
+    )
+
+
+def _round_up(n: int, tp: int) -> int:
+    return -(-n // tp) * tp
 
 
 def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
@@ -91,6 +108,8 @@ def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
         num_heads=layout.num_heads,
         num_kv_heads=layout.num_kv_heads,
         intermediate_size=layout.intermediate_size,
+        moe_intermediate_size=layout.moe_intermediate_size,
+        shared_expert_intermediate_size=layout.shared_expert_intermediate_size,
     )
 
 
@@ -118,13 +137,26 @@ _LAYER_RULES = {
     "wo": (1, lambda x, lay: _pad_axis(x, 1, lay.num_heads)),
     "w_gate": (2, lambda x, lay: _pad_axis(x, 2, lay.intermediate_size)),
     "w_up": (2, lambda x, lay: _pad_axis(x, 2, lay.intermediate_size)),
+    "b_gate": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
+    "b_up": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
     "w_down": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
+    # Experts [layers, experts, in, out]: each expert's intermediate axis is split, like the MLP's.
+    "moe/w_gate": (3, lambda x, lay: _pad_axis(x, 3, lay.moe_intermediate_size)),
+    "moe/w_up": (3, lambda x, lay: _pad_axis(x, 3, lay.moe_intermediate_size)),
+    "moe/w_down": (2, lambda x, lay: _pad_axis(x, 2, lay.moe_intermediate_size)),
+    "moe/shared/w_gate": (2, lambda x, lay: _pad_axis(x, 2, lay.shared_expert_intermediate_size)),
+    "moe/shared/w_up": (2, lambda x, lay: _pad_axis(x, 2, lay.shared_expert_intermediate_size)),
+    "moe/shared/w_down": (1, lambda x, lay: _pad_axis(x, 1, lay.shared_expert_intermediate_size)),
 }
 _WIDTH_SPLIT = ("embed", "lm_head")  # [vocab, hidden], split over hidden
 
 
 def _leaf_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
+    """The leaf's name for the rules above: its own name, or "moe/[shared/]name" inside a MoE block."""
+    keys = [str(getattr(p, "key", p)) for p in path]
+    if "moe" in keys:
+        return "/".join(keys[keys.index("moe") :])
+    return keys[-1]
 
 
 def _spec(name: str, ndim: int, layout: HeadLayout) -> P:

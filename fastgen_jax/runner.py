@@ -114,7 +114,7 @@ class ModelRunner:
             out_shardings=kv_sharding,
         )()
         attention = get_attention(engine_config.attention_impl).over(self.mesh)
-        self._model = build_model(self.model_config, self.dtype, attention)
+        self._model = build_model(self.model_config, self.dtype, attention, r.max_model_len)
         self._replicated = parallel.replicated(self.mesh)
         self._jitted = jax.jit(
             self._step,

@@ -120,6 +120,7 @@ def _query_block_table(
 
 def ragged_paged_attention_kernel(
     block_table_ref,  # i32[5, num_blocks]: see `_query_block_table`
+    window_ref,  # i32[1]: the sliding window (read only when `has_window`)
     page_indices_ref,  # i32[S, W_padded]
     q_ref,  # [T + block_q, group_padded, head_dim]: this program's KV head
     k_pages_ref,  # [total_num_pages, page_size, head_dim]: this program's KV head
@@ -127,12 +128,14 @@ def ragged_paged_attention_kernel(
     o_ref,  # [T + block_q, group_padded, head_dim]
     *,
     sm_scale: float,
-    sliding_window: int | None,
+    has_window: bool,
+    logit_softcap: float | None,
     block_q: int,
     pages_per_block: int,
     mask_value: float,
 ):
     block = pl.program_id(0)
+    sliding_window = window_ref[0] if has_window else None
     num_rows = block_table_ref[2, block]
 
     @pl.when(num_rows > 0)
@@ -157,7 +160,10 @@ def ragged_paged_attention_kernel(
             k = k_pages_ref[pages].reshape(block_kv, head_dim)  # [C, D]
             v = v_pages_ref[pages].reshape(block_kv, head_dim)  # [C, D]
             s = _dot(q, k, precision, transpose_b=True)  # [M, C]
-            s = s * (sm_scale * LOG2_E)  # log2 domain: exp2 below
+            if logit_softcap is None:
+                s = s * (sm_scale * LOG2_E)  # log2 domain: exp2 below
+            else:
+                s = (logit_softcap * LOG2_E) * jnp.tanh(s * (sm_scale / logit_softcap))
             if masked:
                 kv_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
                 visible = (kv_pos <= q_pos[:, None]) & (kv_pos < kv_len)
@@ -194,7 +200,7 @@ def _dot(a: jax.Array, b: jax.Array, precision, transpose_b: bool = False) -> ja
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _kv_tile_bounds(first_pos, num_rows, kv_len, block_kv: int, sliding_window: int | None):
+def _kv_tile_bounds(first_pos, num_rows, kv_len, block_kv: int, sliding_window):
     """KV tiles a query block visits: masked [lo, full_lo), unmasked [full_lo, full_hi), masked
     [full_hi, hi). Unmasked tiles lie wholly inside every row's causal range and window."""
     last_pos = first_pos + num_rows - 1
@@ -238,7 +244,7 @@ def supports(q: jax.Array, k_pages: jax.Array) -> bool:
     return True
 
 
-def _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window) -> None:
+def _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs) -> None:
     num_slots = kv_lens.shape[0]
     expected = {
         "kv_lens": (kv_lens, (num_slots,)),
@@ -249,15 +255,22 @@ def _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, sliding_windo
     for name, (x, shape) in expected.items():
         if x.shape != shape or x.dtype != jnp.int32:
             raise ValueError(f"{name}: {x.shape=} {x.dtype=}, expected int32{list(shape)}")
-    if sliding_window is not None and sliding_window < 1:
+
+
+def ragged_paged_attention(*args, sliding_window: int | jax.Array | None = None, **kwargs) -> jax.Array:
+    """Attention of every slab row over its own sequence's paged K/V: see `_ragged_paged_attention`.
+
+    A Python int `sliding_window` is checked here, before jit turns it into a traced value."""
+    if isinstance(sliding_window, int) and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be positive")
+    return _ragged_paged_attention(*args, sliding_window=sliding_window, **kwargs)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
         "sm_scale",
-        "sliding_window",
+        "logit_softcap",
         "pages_per_block",
         "block_rows",
         "num_warps",
@@ -266,7 +279,7 @@ def _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, sliding_windo
         "debug",
     ),
 )
-def ragged_paged_attention(
+def _ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
     v_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
@@ -276,7 +289,8 @@ def ragged_paged_attention(
     num_seqs: jax.Array,  # i32[1]
     *,
     sm_scale: float,
-    sliding_window: int | None = None,
+    sliding_window: int | jax.Array | None = None,
+    logit_softcap: float | None = None,
     pages_per_block: int | None = None,
     block_rows: int | None = None,
     num_warps: int | None = None,
@@ -289,11 +303,13 @@ def ragged_paged_attention(
     Tile parameters left as None come from `tiles.get_tile_sizes(head_dim, page_size, dtype)`:
     `pages_per_block` pages per KV tile, `block_rows` query-tile rows (tokens x padded group).
     `interpret=True` runs the kernel through the Pallas interpreter (any backend, slowly).
+    `sliding_window` may be traced (a per-layer value of a scanned layer stack); `logit_softcap`
+    (static) caps scores as cap * tanh(s / cap) before the softmax.
     """
     if pltriton is None:
         raise NotImplementedError(f"this JAX ({jax.__version__}) has no Pallas Triton back end")
     _validate_layout(q, k_pages, v_pages)
-    _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window)
+    _validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs)
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     tiles = get_tile_sizes(head_dim, page_size, q.dtype)
@@ -318,11 +334,13 @@ def ragged_paged_attention(
     width = page_indices.shape[1]
     page_indices = jnp.pad(page_indices, ((0, 0), (0, -width % pages_per_block)))
     block_table = _query_block_table(cu_q_lens, kv_lens, num_seqs, num_rows, block_q, num_blocks)
+    window = jnp.reshape(jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32), (1,))
 
     kernel = functools.partial(
         ragged_paged_attention_kernel,
         sm_scale=sm_scale,
-        sliding_window=sliding_window,
+        has_window=sliding_window is not None,
+        logit_softcap=logit_softcap,
         block_q=block_q,
         pages_per_block=pages_per_block,
         mask_value=DEFAULT_MASK_VALUE,
@@ -333,12 +351,19 @@ def ragged_paged_attention(
     out = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),
-        in_specs=[whole(block_table), whole(page_indices), per_head_q, per_head_kv, per_head_kv],
+        in_specs=[
+            whole(block_table),
+            whole(window),
+            whole(page_indices),
+            per_head_q,
+            per_head_kv,
+            per_head_kv,
+        ],
         out_specs=per_head_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_triton_compiler_params(num_warps or tiles.num_warps, num_stages or tiles.num_stages),
         interpret=interpret,
         debug=debug,
         name=f"ragged_paged_attention_{block_q=}_{pages_per_block=}",
-    )(block_table, page_indices, q, k_pages, v_pages)
+    )(block_table, window, page_indices, q, k_pages, v_pages)
     return out[:num_rows, :, :group].reshape(num_rows, num_q_heads, head_dim)

@@ -59,7 +59,9 @@ def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
     return seq, q_pos, valid
 
 
-def _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, *, block_len, sliding_window, per_row):
+def _walk_pages(
+    qg, q_pos, kv_len, gather, first_block, num_blocks, *, block_len, sliding_window, logit_softcap, per_row
+):
     """Online softmax over page blocks [first_block, num_blocks) of keys and values from `gather(b)`:
     f32[KVH, R, C, D] each when every row has its own (`per_row`), f32[KVH, C, D] when all rows share
     one sequence. qg f32[R, KVH, G, D] (already scaled); q_pos, kv_len i32[R]. Returns unnormalised
@@ -71,6 +73,8 @@ def _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, *, block_len
         m, denom, acc = carry  # [R, KVH, G], [R, KVH, G], [R, KVH, G, D]
         k, v = gather(b)
         s = jnp.einsum(f"tkgd,{kv}->tkgc", qg, k)  # [R, KVH, G, C]
+        if logit_softcap is not None:
+            s = logit_softcap * jnp.tanh(s / logit_softcap)
         kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [C]
         mask = _mask(kv_pos, q_pos, kv_len, sliding_window)[:, None, None, :]  # [R, 1, 1, C]
         s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
@@ -94,7 +98,18 @@ def _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, *, block_len
 
 
 def _attend_rows(
-    qg, seq, q_pos, kv_len, valid, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+    qg,
+    seq,
+    q_pos,
+    kv_len,
+    valid,
+    k_pages,
+    v_pages,
+    page_indices,
+    *,
+    sliding_window,
+    logit_softcap,
+    pages_per_block,
 ):
     """Rows that may belong to different sequences: each gathers its own sequence's pages, only as
     far as the longest real row's context reaches. seq, q_pos, kv_len i32[R]; valid bool[R]."""
@@ -110,11 +125,22 @@ def _attend_rows(
     longest = jnp.max(jnp.where(valid, kv_len, 0))
     num_blocks = jnp.minimum((longest + block_len - 1) // block_len, page_indices.shape[1] // pages_per_block)
     return _walk_pages(qg, q_pos, kv_len, gather, 0, num_blocks, block_len=block_len,
-                       sliding_window=sliding_window, per_row=True)  # fmt: skip
+                       sliding_window=sliding_window, logit_softcap=logit_softcap, per_row=True)  # fmt: skip
 
 
 def _attend_one_sequence(
-    qg, s, q_pos, valid, kv_lens, k_pages, v_pages, page_indices, *, sliding_window, pages_per_block
+    qg,
+    s,
+    q_pos,
+    valid,
+    kv_lens,
+    k_pages,
+    v_pages,
+    page_indices,
+    *,
+    sliding_window,
+    logit_softcap,
+    pages_per_block,
 ):
     """Rows that all belong to sequence `s`: each block of its pages is gathered once for all rows,
     and only blocks a real row can see are visited, so the cost follows the context, not the padded
@@ -140,7 +166,7 @@ def _attend_one_sequence(
     )
     kv_len = jnp.broadcast_to(kv_lens[s], q_pos.shape)
     return _walk_pages(qg, q_pos, kv_len, gather, first_block, num_blocks, block_len=block_len,
-                       sliding_window=sliding_window, per_row=False)  # fmt: skip
+                       sliding_window=sliding_window, logit_softcap=logit_softcap, per_row=False)  # fmt: skip
 
 
 def _mask(kv_pos, q_pos, kv_len, sliding_window):
@@ -151,7 +177,7 @@ def _mask(kv_pos, q_pos, kv_len, sliding_window):
     return mask
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "pages_per_block", "block_rows"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "logit_softcap", "pages_per_block", "block_rows"))
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_pages: jax.Array,  # [num_kv_heads, total_num_pages, page_size, head_dim]
@@ -162,7 +188,8 @@ def ragged_paged_attention_reference(
     num_seqs: jax.Array,  # i32[1]
     *,
     sm_scale: float,
-    sliding_window: int | None = None,
+    sliding_window: int | jax.Array | None = None,
+    logit_softcap: float | None = None,
     pages_per_block: int = 8,
     block_rows: int = 32,
 ) -> jax.Array:  # [T, num_q_heads, head_dim], q.dtype
@@ -176,6 +203,10 @@ def ragged_paged_attention_reference(
     a real row can see. So a step's cost follows its real tokens and their real context, not the
     padded page-table width: prompt rows pay attention over their context, decode rows one read of
     theirs, and fusing decodes with a prompt chunk (Dynamic SplitFuse) costs what the two cost apart.
+
+    `sliding_window` may be a traced i32[] (a per-layer value inside a scanned layer stack): each
+    row then sees keys at positions > its own minus the window. `logit_softcap` (static) replaces a
+    score s by cap * tanh(s / cap) before the softmax (Gemma 2).
     """
     num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[0]
@@ -209,6 +240,7 @@ def ragged_paged_attention_reference(
                     v_pages,
                     page_indices,
                     sliding_window=sliding_window,
+                    logit_softcap=logit_softcap,
                     pages_per_block=pages_per_block,
                 ),
                 lambda: mixed(qb, sb, pb, vb),
@@ -226,6 +258,7 @@ def ragged_paged_attention_reference(
             v_pages,
             page_indices,
             sliding_window=sliding_window,
+            logit_softcap=logit_softcap,
             pages_per_block=pages_per_block,
         )
 

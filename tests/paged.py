@@ -52,11 +52,13 @@ def paged_logits(
     slab=None,
     dtype=jnp.float32,
     attention=None,
+    max_model_len=None,
 ) -> np.ndarray:
     """Logits f32[len(token_ids), vocab] computed chunk by chunk through the paged cache.
 
     Pages are handed out in a scrambled order so that page-table indirection is really exercised.
-    `attention` is a resolved `fastgen_jax.attention.Attention` (default: the platform's).
+    `attention` is a resolved `fastgen_jax.attention.Attention` (default: the platform's);
+    `max_model_len` the engine's longest sequence (LongRoPE models choose their factors by it).
     """
     token_ids = list(token_ids)
     n = len(token_ids)
@@ -66,7 +68,7 @@ def paged_logits(
     pages = list(np.random.default_rng(0).permutation(np.arange(1, num_pages))[: -(-n // page_size)])
     width = 1 << max(0, (len(pages) - 1).bit_length())
     slab = slab or max(chunks)
-    model = build_model(config, dtype, attention)
+    model = build_model(config, dtype, attention, max_model_len)
     step = jax.jit(model.apply)
     params = jax.device_put(params)  # once, not on every call
     kv = init_kv_cache(config, num_pages, page_size, dtype)

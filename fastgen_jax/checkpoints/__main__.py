@@ -17,11 +17,11 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
-    from fastgen_jax.checkpoints.random_model import SHAPES
+    from fastgen_jax.checkpoints.random_model import ALL_SHAPES
 
     usage = (
         "usage: python -m fastgen_jax.checkpoints fetch <model>  (models: " + ", ".join(KNOWN_MODELS) + ")\n"
-        "       python -m fastgen_jax.checkpoints random <shape>  (shapes: " + ", ".join(SHAPES) + ")"
+        "       python -m fastgen_jax.checkpoints random <shape>  (shapes: " + ", ".join(ALL_SHAPES) + ")"
     )
     if len(argv) != 3 or argv[1] not in ("fetch", "random"):
         raise SystemExit(usage)
@@ -37,11 +37,11 @@ def make_random(shape: str) -> str:
 
     from absl import flags
 
-    from fastgen_jax.checkpoints.random_model import SHAPES, make_random_checkpoint
+    from fastgen_jax.checkpoints.random_model import ALL_SHAPES, make_random_checkpoint
     from fastgen_jax.tokenizer import Tokenizer
 
-    if shape not in SHAPES:
-        raise CheckpointError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if shape not in ALL_SHAPES:
+        raise CheckpointError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
     source = flags.FLAGS.tokenizer_from
     if not os.path.isdir(source):
         raise CheckpointError(f"--tokenizer_from={source} is not a model directory (fetch one first)")

@@ -8,15 +8,13 @@ import os
 import pathlib
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fastgen_jax.config import ModelConfig
-
-if TYPE_CHECKING:
-    pass
 from fastgen_jax.checkpoints.common import CheckpointError, load_config
+from fastgen_jax.checkpoints.hf_layouts import global_names, layer_specs
+from fastgen_jax.config import ModelConfig
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -75,27 +73,6 @@ def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _layer_tensor_specs(c: ModelConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
-    """HF per-layer name suffix -> (our path under params/layers, transform of the HF array)."""
-    h, kvh, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-    specs = {
-        "input_layernorm.weight": (("attn_norm", "scale"), lambda w: w),
-        "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
-        "self_attn.q_proj.weight": (("attn", "wq"), lambda w: w.T.reshape(hid, h, d)),
-        "self_attn.k_proj.weight": (("attn", "wk"), lambda w: w.T.reshape(hid, kvh, d)),
-        "self_attn.v_proj.weight": (("attn", "wv"), lambda w: w.T.reshape(hid, kvh, d)),
-        "self_attn.o_proj.weight": (("attn", "wo"), lambda w: w.T.reshape(h, d, hid)),
-        "mlp.gate_proj.weight": (("mlp", "w_gate"), lambda w: w.T),
-        "mlp.up_proj.weight": (("mlp", "w_up"), lambda w: w.T),
-        "mlp.down_proj.weight": (("mlp", "w_down"), lambda w: w.T),
-    }
-    if c.attention_bias:
-        specs["self_attn.q_proj.bias"] = (("attn", "bq"), lambda b: b.reshape(h, d))
-        specs["self_attn.k_proj.bias"] = (("attn", "bk"), lambda b: b.reshape(kvh, d))
-        specs["self_attn.v_proj.bias"] = (("attn", "bv"), lambda b: b.reshape(kvh, d))
-    return specs
-
-
 def _get(tensors: Mapping[str, np.ndarray], name: str, source: str) -> np.ndarray:
     try:
         return tensors[name]
@@ -113,42 +90,65 @@ def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...], source: s
 def hf_tensors_to_params(
     c: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=np.float32, source: str = "checkpoint"
 ) -> dict[str, Any]:
-    """Converts Hugging Face Llama-family tensor names and layouts into our stacked pytree."""
+    """Converts a Hugging Face checkpoint's tensors into our stacked pytree (see `hf_layouts`)."""
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for astype)
 
     dtype = np.dtype(dtype)
-    embed = _get(tensors, "model.embed_tokens.weight", source)
-    _check_shape("model.embed_tokens.weight", embed, (c.vocab_size, c.hidden_size), source)
-    layers: dict[str, dict[str, np.ndarray]] = {}
-    for suffix, (path, transform) in _layer_tensor_specs(c).items():
+    names = global_names(c)
+    embed = _get(tensors, names["embed"], source)
+    _check_shape(names["embed"], embed, (c.vocab_size, c.hidden_size), source)
+    layers: dict[str, Any] = {}
+    for path, read in layer_specs(c).items():
         per_layer = [
-            transform(np.asarray(_get(tensors, f"model.layers.{i}.{suffix}", source), np.float32))
-            for i in range(c.num_layers)
+            read(_layer_getter(tensors, f"{names['layers']}.{i}", source)) for i in range(c.num_layers)
         ]
-        layers.setdefault(path[0], {})[path[1]] = np.stack(per_layer).astype(dtype)
-    params = {
-        "embed": np.asarray(embed).astype(dtype),
-        "layers": layers,
-        "final_norm": {"scale": np.asarray(_get(tensors, "model.norm.weight", source)).astype(dtype)},
-    }
+        node = layers
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = np.stack(per_layer).astype(dtype)
+    params = {"embed": np.asarray(embed).astype(dtype), "layers": layers, "final_norm": {}}
+    params["final_norm"]["scale"] = np.asarray(_get(tensors, names["final_norm"] + ".weight", source)).astype(
+        dtype
+    )
+    if c.norm_kind == "layer":
+        params["final_norm"]["bias"] = np.asarray(
+            _get(tensors, names["final_norm"] + ".bias", source)
+        ).astype(dtype)
+    if c.position_embedding == "learned":
+        table = _get(tensors, names["pos_embed"], source)
+        rows = c.max_position_embeddings + c.learned_pos_offset
+        _check_shape(names["pos_embed"], table, (rows, c.hidden_size), source)
+        params["pos_embed"] = np.asarray(table).astype(dtype)
     if not c.tie_word_embeddings:
-        lm_head = _get(tensors, "lm_head.weight", source)
-        _check_shape("lm_head.weight", lm_head, (c.vocab_size, c.hidden_size), source)
+        lm_head = _get(tensors, names["lm_head"], source)
+        _check_shape(names["lm_head"], lm_head, (c.vocab_size, c.hidden_size), source)
         params["lm_head"] = np.asarray(lm_head).astype(dtype)
     _check_layer_shapes(c, layers, source)
     return {"params": params}
 
 
-def _check_layer_shapes(c: ModelConfig, layers: dict[str, dict[str, np.ndarray]], source: str):
-    n, hid, f = c.num_layers, c.hidden_size, c.intermediate_size
+def _layer_getter(tensors: Mapping[str, np.ndarray], prefix: str, source: str):
+    def get(suffix: str) -> np.ndarray:
+        return np.asarray(_get(tensors, f"{prefix}.{suffix}", source), np.float32)
+
+    return get
+
+
+def _check_layer_shapes(c: ModelConfig, layers: dict[str, Any], source: str):
+    n, hid = c.num_layers, c.hidden_size
     expected = {
         ("attn", "wq"): (n, hid, c.num_heads, c.head_dim),
         ("attn", "wk"): (n, hid, c.num_kv_heads, c.head_dim),
         ("attn", "wo"): (n, c.num_heads, c.head_dim, hid),
-        ("mlp", "w_gate"): (n, hid, f),
-        ("mlp", "w_down"): (n, f, hid),
         ("attn_norm", "scale"): (n, hid),
     }
+    if c.num_experts:
+        e, f = c.num_experts, c.moe_intermediate_size
+        expected[("moe", "w_gate")] = (n, e, hid, f)
+        expected[("moe", "w_down")] = (n, e, f, hid)
+    else:
+        expected[("mlp", "w_up")] = (n, hid, c.intermediate_size)
+        expected[("mlp", "w_down")] = (n, c.intermediate_size, hid)
     for (group, name), shape in expected.items():
         _check_shape(f"{group}/{name}", layers[group][name], shape, source)
 

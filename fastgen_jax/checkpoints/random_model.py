@@ -1,17 +1,19 @@
-"""Small random Llama models with a real tokenizer: for server tests, soak runs and host-side benchmarks.
+"""Small random models of every family with a real tokenizer: for server tests, soak runs and host-side
+benchmarks.
 
 The weights are random (normal, std `scale`), so the text is gibberish, but every code path a real
-model takes (tokenizer, chat template, EOS, paged attention, sampling) runs, and a step costs little.
+model takes (tokenizer, chat template, EOS, paged attention, routing, sampling) runs, and a step costs
+little.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
 from fastgen_jax.checkpoints.converted import save_checkpoint
-from fastgen_jax.checkpoints.hf import _layer_tensor_specs, hf_tensors_to_params
 from fastgen_jax.config import ModelConfig
 from fastgen_jax.tokenizer import Tokenizer
 
@@ -21,55 +23,81 @@ SHAPES = {
     "llama2-7b": (4096, 32, 32, 32, 11008, 32000, 4096),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 8192),
 }
+_TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+# Tiny shapes of the other families: the "tiny" shape under another architecture, plus its switches.
+FAMILY_SHAPES = {
+    "tiny-qwen3": dict(architecture="Qwen3ForCausalLM", qk_norm=True),
+    "tiny-phi3": dict(architecture="Phi3ForCausalLM"),
+    "tiny-mixtral": dict(architecture="MixtralForCausalLM", **{**_TINY_MOE, "moe_intermediate_size": 128}),
+    "tiny-qwen2-moe": dict(
+        architecture="Qwen2MoeForCausalLM",
+        attention_bias=True,
+        norm_topk_prob=False,
+        shared_expert_intermediate_size=96,
+        **_TINY_MOE,
+    ),
+    "tiny-qwen3-moe": dict(
+        architecture="Qwen3MoeForCausalLM", qk_norm=True, norm_topk_prob=False, **_TINY_MOE
+    ),
+    "tiny-gemma2": dict(
+        architecture="Gemma2ForCausalLM",
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        hidden_act="gelu_tanh",
+        tie_word_embeddings=True,
+        query_pre_attn_scalar=16.0,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        sliding_window=64,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+    "tiny-gemma3": dict(
+        architecture="Gemma3ForCausalLM",
+        norm_plus_one=True,
+        post_norms=True,
+        embed_scale=True,
+        hidden_act="gelu_tanh",
+        tie_word_embeddings=True,
+        qk_norm=True,
+        query_pre_attn_scalar=16.0,
+        sliding_window=64,
+        layer_types=("sliding_attention", "full_attention"),
+        rope_local_theta=10000.0,
+        rope_theta=1000000.0,
+    ),
+    "tiny-falcon": dict(
+        architecture="FalconForCausalLM",
+        norm_kind="layer",
+        mlp_gated=False,
+        hidden_act="gelu",
+        parallel_attn=True,
+        parallel_norms=2,
+        tie_word_embeddings=True,
+    ),
+    "tiny-opt": dict(
+        architecture="OPTForCausalLM",
+        num_kv_heads=4,
+        norm_kind="layer",
+        mlp_gated=False,
+        hidden_act="relu",
+        attention_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        position_embedding="learned",
+        learned_pos_offset=2,
+        tie_word_embeddings=True,
+    ),
+}
+ALL_SHAPES = (*SHAPES, *FAMILY_SHAPES)
 
 
-def random_hf_tensors(
-    config: ModelConfig, seed: int = 0, scale: float = 0.3, dtype=np.float32
-) -> dict[str, np.ndarray]:
-    """Hugging Face-named tensors of the right shapes for `config`."""
-    c, rng = config, np.random.default_rng(seed)
-    h, kvh, d, hid, f = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
-    shapes = {
-        "input_layernorm.weight": (hid,),
-        "post_attention_layernorm.weight": (hid,),
-        "self_attn.q_proj.weight": (h * d, hid),
-        "self_attn.k_proj.weight": (kvh * d, hid),
-        "self_attn.v_proj.weight": (kvh * d, hid),
-        "self_attn.o_proj.weight": (hid, h * d),
-        "mlp.gate_proj.weight": (f, hid),
-        "mlp.up_proj.weight": (f, hid),
-        "mlp.down_proj.weight": (hid, f),
-    }
-    assert set(shapes) <= set(_layer_tensor_specs(c))
-
-    def normal(shape):
-        return (rng.standard_normal(shape, np.float32) * scale).astype(dtype)
-
-    tensors = {
-        "model.embed_tokens.weight": normal((c.vocab_size, hid)),
-        "model.norm.weight": np.ones(hid, dtype),
-        "lm_head.weight": normal((c.vocab_size, hid)),
-    }
-    for i in range(c.num_layers):
-        for name, shape in shapes.items():
-            norm = name.endswith("layernorm.weight")
-            tensors[f"model.layers.{i}.{name}"] = np.ones(shape, dtype) if norm else normal(shape)
-    return tensors
-
-
-def make_random_checkpoint(
-    out_dir: str | os.PathLike,
-    tokenizer: Tokenizer,
-    shape: str = "tiny",
-    seed: int = 0,
-    dtype: str = "float32",
-) -> ModelConfig:
-    """Writes a converted checkpoint (loadable by `load_checkpoint`) of a random Llama of a named
-    `shape` (see SHAPES) over `tokenizer`. Weights of large shapes are scaled down (std 0.02) so
-    activations stay finite in bfloat16."""
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
-    hidden, layers, heads, kv_heads, intermediate, vocab, positions = SHAPES[shape]
+def shape_config(shape: str, tokenizer: Tokenizer) -> ModelConfig:
+    """The ModelConfig of a named shape (see SHAPES and FAMILY_SHAPES) over `tokenizer`."""
+    extra = FAMILY_SHAPES.get(shape, {})
+    hidden, layers, heads, kv_heads, intermediate, vocab, positions = SHAPES[
+        "tiny" if shape in FAMILY_SHAPES else shape
+    ]
     config = ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=vocab or tokenizer.vocab_size,
@@ -83,8 +111,43 @@ def make_random_checkpoint(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=tokenizer.eos_token_ids,
     )
-    scale = 0.3 if shape == "tiny" else 0.02
-    np_dtype = np.dtype(dtype)
-    params = hf_tensors_to_params(config, random_hf_tensors(config, seed, scale, np_dtype), np_dtype)
+    return dataclasses.replace(config, **extra)
+
+
+def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.3, dtype=np.float32):
+    """{"params": ...} of random weights in our layout for `config`: norm weights at their neutral
+    value (1, or 0 for (1 + w) norms), everything else normal with std `scale`."""
+    from fastgen_jax.models import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.full(shape.shape, 0.0 if config.norm_plus_one else 1.0, dtype)
+        if name == "bias" or name.startswith("b"):  # norm and projection biases
+            return np.zeros(shape.shape, dtype)
+        return (rng.standard_normal(shape.shape, np.float32) * scale).astype(dtype)
+
+    import jax
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
+
+
+def make_random_checkpoint(
+    out_dir: str | os.PathLike,
+    tokenizer: Tokenizer,
+    shape: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
+) -> ModelConfig:
+    """Writes a converted checkpoint (loadable by `load_checkpoint`) of a random model of a named
+    `shape` (see SHAPES, FAMILY_SHAPES) over `tokenizer`. Weights of large shapes are scaled down
+    (std 0.02) so activations stay finite in bfloat16."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    config = shape_config(shape, tokenizer)
+    scale = 0.3 if shape not in ("llama2-7b", "llama3-8b") else 0.02
+    params = random_params(config, seed, scale, np.dtype(dtype))
     save_checkpoint(out_dir, config, params, tokenizer, source=f"random (seed {seed})")
     return config

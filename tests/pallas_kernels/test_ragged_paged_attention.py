@@ -79,15 +79,14 @@ def make_inputs(
     )
 
 
-def assert_matches_reference(args, *, sliding_window=None, interpret=True, **tiles):
+def assert_matches_reference(args, *, sliding_window=None, logit_softcap=None, interpret=True, **tiles):
     """Runs kernel and reference on `args`, prints the max errors, checks them and the padding."""
     q = args[0]
     sm_scale = q.shape[-1] ** -0.5
+    settings = dict(sm_scale=sm_scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
     with jax.default_matmul_precision("highest"):  # on a GPU, no TF32 in the oracle
-        expected = ragged_paged_attention_reference(*args, sm_scale=sm_scale, sliding_window=sliding_window)
-    got = ragged_paged_attention(
-        *args, sm_scale=sm_scale, sliding_window=sliding_window, interpret=interpret, **tiles
-    )
+        expected = ragged_paged_attention_reference(*args, **settings)
+    got = ragged_paged_attention(*args, **settings, interpret=interpret, **tiles)
     assert got.shape == q.shape and got.dtype == q.dtype
     got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
     num_tokens = int(args[5][args[6][0]])
@@ -252,6 +251,25 @@ def test_bad_inputs_raise_value_error(change, message):
     args = change(make_inputs([(3, 2)], group=2))
     with pytest.raises(ValueError, match=message):
         ragged_paged_attention(*args, sm_scale=0.125, interpret=True)
+
+
+def test_logit_softcap():
+    """Gemma 2's cap * tanh(s / cap) on the scores, in the kernel's log2 domain."""
+    seqs = [(0, 9), (5, 1), (12, 6)]
+    assert_matches_reference(make_inputs(seqs, group=2, seed=3), logit_softcap=0.7, pages_per_block=1)
+
+
+def test_traced_per_layer_window_matches_a_static_one():
+    """A window that is a traced value (one per layer of a scanned stack) gives what the same window
+    as a Python int gives; a global layer's NO_WINDOW sees every key."""
+    seqs = [(3, 9), (20, 1), (0, 12)]
+    args = make_inputs(seqs, group=2, seed=5)
+    settings = dict(sm_scale=0.25, interpret=True, pages_per_block=1)
+    kernel = jax.jit(lambda w, *a: ragged_paged_attention(*a, sliding_window=w, **settings))
+    for window, static in ((4, 4), (1 << 30, None)):
+        got = np.asarray(kernel(jnp.int32(window), *args))
+        expected = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.25, sliding_window=static))
+        np.testing.assert_allclose(got, expected, **TOLERANCES["float32"])
 
 
 def test_nonpositive_sliding_window_raises():

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_pages_reference
 
 
-def numpy_oracle(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, window):
+def numpy_oracle(
+    q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, window, softcap=None
+):
     num_rows, num_heads, head_dim = q.shape
     kvh, _, page_size, _ = k_pages.shape
     group = num_heads // kvh
@@ -23,6 +25,8 @@ def numpy_oracle(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs
             lo = 0 if window is None else max(0, pos - window + 1)
             for h in range(num_heads):
                 scores = k[h // group, lo : pos + 1] @ q[r, h] * sm_scale
+                if softcap is not None:
+                    scores = softcap * np.tanh(scores / softcap)
                 p = np.exp(scores - scores.max())
                 out[r, h] = (p / p.sum()) @ v[h // group, lo : pos + 1]
     return out
@@ -37,13 +41,15 @@ def ragged_batches(draw):
     q_lens = [draw(st.integers(0, 40)) for _ in range(num_seqs)]
     ctx = [draw(st.integers(0, 60)) for _ in range(num_seqs)]
     window = draw(st.sampled_from([None, 5, 17]))
-    return page_size, kvh, group, num_slots, q_lens, ctx, window
+    softcap = draw(st.sampled_from([None, 1.5]))
+    traced = draw(st.booleans())  # the window as an array, as a scanned layer stack passes it
+    return page_size, kvh, group, num_slots, q_lens, ctx, window, softcap, traced
 
 
 @settings(max_examples=20, deadline=None)
 @given(ragged_batches(), st.integers(0, 2**31 - 1))
 def test_reference_matches_the_numpy_loop(batch, seed):
-    page_size, kvh, group, num_slots, q_lens, ctx, window = batch
+    page_size, kvh, group, num_slots, q_lens, ctx, window, softcap, traced = batch
     rng = np.random.default_rng(seed)
     head_dim, slab = 8, 256  # up to 6 sequences of 40 new tokens
     kv_lens = np.zeros(num_slots, np.int32)
@@ -68,7 +74,9 @@ def test_reference_matches_the_numpy_loop(batch, seed):
     written = write_kv_pages_reference(jnp.asarray(k_pages), jnp.asarray(v_pages), new_k, new_v, slots)
     k_pages, v_pages = (np.asarray(x) for x in written)
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu, np.array([len(q_lens)], np.int32))
-    ours = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.3, sliding_window=window))
-    expected = numpy_oracle(*args[:-1], len(q_lens), 0.3, window)
+    window_arg = jnp.int32(window) if traced and window is not None else window
+    settings = dict(sm_scale=0.3, sliding_window=window_arg, logit_softcap=softcap)
+    ours = np.asarray(ragged_paged_attention_reference(*args, **settings))
+    expected = numpy_oracle(*args[:-1], len(q_lens), 0.3, window, softcap)
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-4)
     assert not ours[cu[len(q_lens)] :].any()  # padding rows are zero
