@@ -268,6 +268,9 @@ class LLMEngine:
         if self.budget_controller is not None:
             end = time.perf_counter()
             self.budget_controller.step_done(slab.bucket, output.scheduled, end - start, end)
+            for result in results:  # after step_done, which would note their last tokens again
+                if result.finished:
+                    self._forget(result.request_id)
         return results
 
     def _choose_budget(self) -> int | None:
@@ -311,7 +314,6 @@ class LLMEngine:
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._states[entry.seq.request_id]
-                self._forget(entry.seq.request_id)
             results.append(result)
         return results
 
