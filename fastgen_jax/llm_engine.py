@@ -57,6 +57,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+class StepError(RuntimeError):
+    """A forward pass failed (the cause is chained). `request_ids` were in it; the engine is consistent
+    and can go on: their tokens were not advanced, and the next step schedules them again unless they
+    are aborted."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(f"a forward pass of {len(request_ids)} request(s) failed")
+        self.request_ids = request_ids
+
+
 @dataclasses.dataclass
 class EngineStats:
     """Counters since start-up. Times are seconds; host time excludes the wait for the device."""
@@ -229,6 +239,12 @@ class LLMEngine:
         slab = self.slab_builder.padding_slab(bucket, width)
         return slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
 
+    def probe(self) -> None:
+        """Runs one all-padding step of the smallest shape and waits for it: raises if the device
+        cannot run a step (after a failure, this tells a broken device from a bad batch)."""
+        bucket, width = min(self.slab_builder.shapes())
+        np.asarray(self.runner.execute(*self._padding_plan(bucket, width))[0])
+
     def follow(self) -> int:
         """Multi-host, on every process but the leader: runs the leader's steps until it shuts down
         (see `fastgen_jax.distributed`); returns the number of steps run."""
@@ -257,8 +273,11 @@ class LLMEngine:
                 e.seq.sampling_params.top_logprobs for e in output.scheduled
             ):
                 top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
-        except BaseException:
+        except Exception as error:
             self.scheduler.abandon(output)  # so the engine can go on once the caller has dealt with it
+            raise StepError([e.seq.request_id for e in output.scheduled]) from error
+        except BaseException:
+            self.scheduler.abandon(output)
             raise
         returned = time.perf_counter()
         self._count_tokens(output)

@@ -1,16 +1,19 @@
 """The HTTP application: OpenAI-compatible routes over one `AsyncEngine`.
 
 `build_app(engine, ...)` returns a FastAPI app whose lifespan starts and stops the engine thread.
-Every request passes `_HTTPGuard` first (API key, body size limit, one access-log line); handlers turn
-the body into engine requests, checking everything the engine would refuse, so that a bad request
-gets its 400 before a stream starts. Errors of every kind leave as OpenAI-style JSON bodies.
+Every request passes `HTTPGuard` first (API key, body limits, stalled peers, one access-log line);
+handlers turn the body into engine requests, checking everything the engine would refuse, so that a
+bad request gets its 400 before a stream starts. Costs are bounded before they are paid: the number of
+sequences a request asks for (prompts x n) is checked before any prompt is tokenized, and tokenizing,
+chat templates and building a whole response run on worker threads, never on the event loop. Errors
+of every kind leave as OpenAI-style JSON bodies; a server-side failure says only that it happened and
+the request id, and the details go to the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import re
@@ -27,12 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastgen_jax.llm_engine import LLMEngine, RequestError
 from fastgen_jax.sampling_params import SamplingParamsError
 from fastgen_jax.server.async_engine import (
+    ClientTooSlowError,
     EngineStepError,
     EngineStoppedError,
     GenerationRequest,
     QueueFullError,
     RequestGroup,
 )
+from fastgen_jax.server.guard import HTTPGuard, loggable
 from fastgen_jax.server.metrics import ServerMetrics
 from fastgen_jax.server.openai_format import ChatFormatter, Choice, CompletionFormatter, Formatter
 from fastgen_jax.server.protocol import (
@@ -51,6 +56,7 @@ from fastgen_jax.tokenizer import TokenizerError
 log = logging.getLogger("fastgen_jax.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_MAX_STREAM_LAG = 1024
 
 
 class ServerState:
@@ -64,13 +70,22 @@ class ServerState:
         max_queue: int,
         sla: SLA,
         request_log: str | None = None,
+        max_seqs_per_request: int | None = None,
+        max_stream_lag: int = DEFAULT_MAX_STREAM_LAG,
+        step_timeout: float | None = None,
+        on_stall=None,
     ):
         self.engine, self.model_name = engines[0], model_name
         self.tokenizer = self.engine.tokenizer
         self.request_log = RequestLog(request_log) if request_log else None
-        self.async_engine = ReplicaRouter(engines, max_queue, on_finish=self._finished)
+        self.async_engine = ReplicaRouter(
+            engines, max_queue, on_finish=self._finished, step_timeout=step_timeout, on_stall=on_stall
+        )
         self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
+        slots = min(e.engine_config.max_num_seqs for e in engines)
+        self.max_seqs_per_request = min(max_seqs_per_request or max(slots // 2, 1), slots)
+        self.max_stream_lag = max_stream_lag
 
     def _finished(self, tracked, out, now: float) -> None:
         verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now)
@@ -86,6 +101,22 @@ class ServerState:
                 code="model_not_found",
             )
 
+    def check_count(self, num_prompts: int, n: int) -> None:
+        """Before any per-prompt work: a request may ask for at most max_seqs_per_request sequences."""
+        if num_prompts * n > self.max_seqs_per_request:
+            raise APIError(
+                400,
+                f"n: the request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                f"at most {self.max_seqs_per_request} per request (--max_seqs_per_request)",
+                "n",
+            )
+
+    def check_stop_token_ids(self, ids: list[int] | None) -> None:
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in ids or () if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"stop_token_ids must lie in [0, {vocab}); got {bad[:5]}", "stop_token_ids")
+
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> int:
         """Validates a tokenized prompt; returns max_tokens (the rest of the context when None)."""
         if max_tokens is None:
@@ -98,10 +129,13 @@ class ServerState:
             raise APIError(400, message, field) from None
         return max_tokens
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, **kwargs) -> list[int]:
         if not text:
             raise APIError(400, f"{param} is empty", param)
-        return self.tokenizer.encode(text)
+        try:
+            return self.tokenizer.encode(text, **kwargs)
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param} holds a lone UTF-16 surrogate (not valid Unicode)", param) from None
 
     def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
         try:
@@ -110,9 +144,20 @@ class ServerState:
             )
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
+        except UnicodeEncodeError:  # e.g. in a field of a message other than its content
+            raise APIError(
+                400, "messages hold a lone UTF-16 surrogate (not valid Unicode)", "messages"
+            ) from None
 
 
 # ---------------------------------------------------------------------- generation routes
+
+
+def _num_prompts(prompt: Any) -> int:
+    """How many prompts `prompt` holds (the schema bounds the list), before tokenizing any."""
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
 
 
 def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
@@ -154,7 +199,8 @@ def _requests(
 
 
 async def _run(request: Request, state: ServerState, body, requests, formatter: Formatter) -> Response:
-    group = state.async_engine.submit(requests)
+    lag = state.max_stream_lag * len(requests) if body.stream else None  # a plain request drains its queue
+    group = state.async_engine.submit(requests, max_pending=lag)
     request.scope["fastgen.log"] = f"id={formatter.request_id} n={len(requests)}"
     if body.stream:
         return StreamingResponse(
@@ -166,11 +212,23 @@ async def _run(request: Request, state: ServerState, body, requests, formatter: 
     try:
         if not await _until_disconnect(request, _collect(group, choices)):
             return Response(status_code=499)  # the client has gone; its requests were aborted
+    except EngineStepError:
+        raise _server_failure(formatter.request_id) from None
     finally:
         group.close()
+    content, usage = await asyncio.to_thread(_render, formatter, choices)  # per-token work: off the loop
+    _note_usage(request, usage, [c.finish_reason for c in choices])
+    return Response(content, media_type="application/json")
+
+
+def _render(formatter: Formatter, choices: list[Choice]) -> tuple[bytes, dict[str, int]]:
     result = formatter.response(choices)
-    _note_usage(request, result["usage"], [c.finish_reason for c in choices])
-    return JSONResponse(result)
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode(), result["usage"]
+
+
+def _server_failure(request_id: str) -> APIError:
+    """What a client is told when generation failed on the server (the log has the details)."""
+    return APIError(500, f"generation failed on the server (request {request_id})", type="server_error")
 
 
 async def _collect(group: RequestGroup, choices: list[Choice]) -> None:
@@ -215,8 +273,13 @@ async def _event_stream(
         if include_usage:
             yield _sse(formatter.usage_chunk())
         _note_usage(request, formatter.usage(), list(reasons.values()))
-    except (EngineStepError, EngineStoppedError) as e:
-        yield _sse(APIError(500, str(e), type="server_error").body())
+    except EngineStepError:
+        yield _sse(_server_failure(formatter.request_id).body())
+    except EngineStoppedError as e:
+        yield _sse(APIError(503, str(e), type="server_error").body())
+    except ClientTooSlowError as e:
+        request.scope["fastgen.log"] = f"{request.scope.get('fastgen.log', '')} aborted: {e}"
+        yield _sse(APIError(408, str(e), code="client_too_slow").body())
     finally:
         group.close()
     yield "data: [DONE]\n\n"
@@ -240,12 +303,18 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         body.check_unsupported()
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "echo")
+        state.check_count(_num_prompts(body.prompt), body.n)
+        state.check_stop_token_ids(body.stop_token_ids)
         prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)  # off the event loop
         logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
         requests = _requests(
             state, request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt"
         )
-        echo = [state.tokenizer.decode(p) for p in prompts] if body.echo else None
+        echo = (
+            await asyncio.to_thread(lambda: [state.tokenizer.decode(p) for p in prompts])
+            if body.echo
+            else None
+        )
         formatter = CompletionFormatter(
             request_id,
             state.model_name,
@@ -261,6 +330,8 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.check_model(body.model)
         body.check_unsupported()
+        state.check_count(1, body.n)
+        state.check_stop_token_ids(body.stop_token_ids)
         ids = await asyncio.to_thread(state.encode_chat, body, body.chat_template_kwargs or {})
         max_tokens = body.max_completion_tokens or body.max_tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -302,9 +373,18 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health():
+        """Liveness: the engine threads run. 503 means restart the process."""
         if not state.async_engine.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: some replica runs and its last forward pass (or probe) worked. 503 means send
+        traffic elsewhere for now; the engine probes itself until a step works again."""
+        replicas = state.async_engine.readiness()
+        body = {"status": "ready" if any(r["ready"] for r in replicas) else "unready", "replicas": replicas}
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -316,9 +396,11 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.prompt is not None:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(
+                state.encode, body.prompt, "prompt", add_special_tokens=body.add_special_tokens
+            )
         else:
-            ids = state.encode_chat(body, {})
+            ids = await asyncio.to_thread(state.encode_chat, body, {})
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -328,13 +410,13 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens must lie in [0, {vocab}); got {bad[:5]}", "tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)}
 
 
 # ---------------------------------------------------------------------- errors
 
 
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\]|[A-Z]\w*)$")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -376,109 +458,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineStepError)
     async def step_failed(request: Request, exc: EngineStepError):
-        return reply(request, APIError(500, str(exc), type="server_error"))
+        return reply(request, _server_failure("unknown"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return reply(request, APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
-
-# ---------------------------------------------------------------------- middleware
-
-
-class _HTTPGuard:
-    """Pure ASGI middleware: API key, request size limit, and one info log line per request."""
-
-    def __init__(self, app, api_key: str | None, max_request_bytes: int):
-        self.app, self.api_key, self.max_request_bytes = app, api_key, max_request_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [0]
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_headers(scope)
-            if not any(k == b"content-type" for k, _ in scope["headers"]):
-                # the API speaks JSON only; parse bodies sent without a content type as JSON too
-                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
-            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
-                if body is None:
-                    return  # the client left while sending
-                if isinstance(body, APIError):
-                    error = body
-                else:
-                    receive = _replay(body, receive)
-            if error is not None:
-                scope["fastgen.log"] = f"error: {error.message}"
-                response = JSONResponse(error.body(), status_code=error.status)
-                return await response(scope, receive, send_logged)
-            await self.app(scope, receive, send_logged)
-        finally:
-            log.info(
-                "%s %s %d %.3fs %s",
-                scope["method"],
-                scope["path"],
-                status[0],
-                time.perf_counter() - start,
-                scope.get("fastgen.log", ""),
-            )
-
-    def _check_headers(self, scope) -> APIError | None:
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                what = "is missing" if not given else "is wrong"
-                return APIError(
-                    401,
-                    f"the API key {what}: send 'Authorization: Bearer <key>'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-            return self._too_large()
-        return None
-
-    def _too_large(self) -> APIError:
-        return APIError(
-            413, f"the request body exceeds {self.max_request_bytes} bytes", code="request_too_large"
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        log.error(
+            "unexpected error %s in %s %s", error_id, request.method, loggable(request.url.path), exc_info=exc
         )
-
-    async def _read_body(self, receive) -> bytes | APIError | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                return self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+        return reply(request, APIError(500, f"internal error (id {error_id})", type="server_error"))
 
 
 # ---------------------------------------------------------------------- the app
@@ -493,13 +481,36 @@ def build_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     sla: SLA | None = None,
     request_log: str | None = None,
+    max_seqs_per_request: int | None = None,
+    max_stream_lag: int = DEFAULT_MAX_STREAM_LAG,
+    body_timeout: float = 30.0,
+    send_timeout: float = 60.0,
+    step_timeout: float | None = None,
+    on_stall=None,
 ) -> FastAPI:
     """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
     its own devices, balanced by outstanding work); the app's lifespan runs the engine threads.
     `/metrics` judges finished requests by `sla` (default: FastGen's 512 prompt tokens/s, 4 tokens/s),
-    and `request_log` names a JSONL file that gets a line per finished request."""
+    and `request_log` names a JSONL file that gets a line per finished request.
+
+    Limits (the README lists them with their flags): a request asks for at most `max_seqs_per_request`
+    sequences, prompts x n (default half the smallest replica's max_num_seqs); a stream whose client
+    leaves more than `max_stream_lag` outputs per sequence unread is aborted; a body must arrive
+    within `body_timeout` seconds and a client that reads nothing for `send_timeout` seconds is cut
+    off. A forward pass running longer than `step_timeout` seconds (None: no watchdog) fails its
+    replica's requests and calls `on_stall(replica_index)` (serve exits the process)."""
     engines = engine if isinstance(engine, list) else [engine]
-    state = ServerState(engines, model_name, max_queue, sla or SLA(), request_log)
+    state = ServerState(
+        engines,
+        model_name,
+        max_queue,
+        sla or SLA(),
+        request_log,
+        max_seqs_per_request=max_seqs_per_request,
+        max_stream_lag=max_stream_lag,
+        step_timeout=step_timeout,
+        on_stall=on_stall,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -516,5 +527,11 @@ def build_app(
     _add_generation_routes(app, state)
     _add_info_routes(app, state)
     _add_error_handlers(app)
-    app.add_middleware(_HTTPGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(
+        HTTPGuard,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
+        body_timeout=body_timeout,
+        send_timeout=send_timeout,
+    )
     return app
