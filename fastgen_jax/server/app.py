@@ -37,7 +37,7 @@ from fastgen_jax.server.async_engine import (
     QueueFullError,
     RequestGroup,
 )
-from fastgen_jax.server.guard import HTTPGuard, loggable
+from fastgen_jax.server.guard import HTTPGuard, check_api_key, loggable
 from fastgen_jax.server.metrics import ServerMetrics
 from fastgen_jax.server.openai_format import ChatFormatter, Choice, CompletionFormatter, Formatter
 from fastgen_jax.server.protocol import (
@@ -420,7 +420,9 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # Of a union's alternatives, the one that says what is wrong with the value (not just its type).
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     if error.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
@@ -499,6 +501,7 @@ def build_app(
     within `body_timeout` seconds and a client that reads nothing for `send_timeout` seconds is cut
     off. A forward pass running longer than `step_timeout` seconds (None: no watchdog) fails its
     replica's requests and calls `on_stall(replica_index)` (serve exits the process)."""
+    check_api_key(api_key)  # the middleware is only built at the first request: fail now
     engines = engine if isinstance(engine, list) else [engine]
     state = ServerState(
         engines,

@@ -133,7 +133,7 @@ class RequestGroup:
         return self
 
     async def __anext__(self) -> tuple[int, RequestOutput]:
-        if not self._remaining:
+        if not self._remaining and not self._sink.overflowed:  # an overflow left its error to read
             raise StopAsyncIteration
         item = await self._sink.get()
         if isinstance(item, BaseException):
