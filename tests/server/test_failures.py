@@ -2,6 +2,7 @@
 (readiness) tell a dead process from a replica that is recovering; the router routes around a failing
 replica and /metrics counts its failures; a stuck step trips the watchdog."""
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from fastgen_jax.parallel import device_groups
 from tests.server.conftest import TINY_CONFIG, make_engine, metric, serving
+from tests.server.test_concurrency import load_soak_module
 
 
 def completion(**fields):
@@ -65,9 +67,15 @@ def test_only_the_requests_in_the_failed_step_fail(engine):
     engine.runner.execute = real_execute
 
 
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (see tests/conftest.py)")
-def test_the_router_sends_work_around_a_failing_replica(tiny_random_dir):
-    engines = [make_engine_on(tiny_random_dir, group) for group in device_groups(1, 2)]
+@pytest.fixture(scope="module")
+def two_engines(tiny_random_dir):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (see tests/conftest.py)")
+    return [make_engine_on(tiny_random_dir, group) for group in device_groups(1, 2)]
+
+
+def test_the_router_sends_work_around_a_failing_replica(two_engines):
+    engines = two_engines
     real_execute = engines[0].runner.execute
     broken = [True]
 
@@ -92,6 +100,22 @@ def test_the_router_sends_work_around_a_failing_replica(tiny_random_dir):
         broken[0] = False  # the device comes back: the next probe (within seconds) finds it
         wait_for(lambda: httpx.get(url + "/ready").json()["replicas"][0]["ready"], timeout=20)
         assert metric(url, 'fastgen_replica_ready{replica="0"}') == 1
+
+
+def test_a_short_chaos_soak_ends_every_request_cleanly_and_replica_0_keeps_serving(two_engines):
+    soak = load_soak_module()
+    with soak.chaos_server(two_engines, failure_rate=0.05, seed=3) as url:
+        result = asyncio.run(
+            soak.run_chaos_load(url, num_requests=150, concurrency=16, seed=3, request_timeout=60)
+        )
+        assert result["failed"] == 0 and result["hung"] == 0, result["failures"]
+        assert result["ok"] > 50 and result["rejected"] > 0 and result["aborted"] > 0, result
+        assert result["clean_error"] > 0, result  # replica 1's failures reached clients as clean errors
+        assert not any(soak.server_idle(url).values())
+        figures = soak.replica_figures(url)
+        assert figures["step_failures_total"]["0"] == 0 and figures["step_failures_total"]["1"] > 0
+        assert figures["requests_routed_total"]["0"] > 0
+    assert all(e.scheduler.num_free_pages == e.stats.total_pages for e in two_engines)
 
 
 def make_engine_on(model_dir, devices):
