@@ -334,7 +334,12 @@ def chaos_engines(model_dir: str):
 
 
 def chaos_main() -> None:
+    import logging
+
     from tqdm.auto import tqdm
+
+    for name in ("httpx", "fastgen_jax.server"):  # a line per request would drown the table
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from fastgen_jax.checkpoints.random_model import make_random_checkpoint
     from fastgen_jax.tokenizer import Tokenizer
