@@ -57,7 +57,7 @@ def one_device_texts(model_dir) -> list[str]:
 
 def test_two_processes_serve_one_tensor_parallel_engine_and_exit_together(tiny_random_dir):
     coordinator = f"127.0.0.1:{free_port()}"
-    leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4")
+    leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4", "--max_seqs_per_request=4")
     follower = launch(tiny_random_dir, 1, coordinator, "--tensor_parallel=4")
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in leader.stdout], daemon=True).start()
