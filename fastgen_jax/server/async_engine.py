@@ -383,12 +383,15 @@ class AsyncEngine:
 
     def _probe(self) -> None:
         self._probes += 1
+        self._step_started = time.monotonic()  # the watchdog guards a probe like any step
         try:
             self.engine.probe()
         except Exception:  # noqa: BLE001 - still broken: try again later
             log.exception("probe step %d after a failure failed", self._probes)
             self._mark_failed()
             return
+        finally:
+            self._step_started = None
         log.warning("probe step worked; the replica serves again")
         self._recovered()
 
