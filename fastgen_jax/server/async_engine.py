@@ -25,7 +25,9 @@ others stay queued. The replica is then not ready (`last_step_failed`) until a s
 no traffic comes to make one, the thread probes the device itself (`LLMEngine.probe`) with a growing
 pause. With `step_timeout`, a watchdog thread notices a step far past its time (a multi-host
 collective whose peer died never returns and cannot be cancelled): it fails the replica's requests,
-marks it dead and calls `on_stall`, which in `serve` exits the process so that it is restarted.
+marks it dead and calls `on_stall`, which in `serve` exits the process so that it is restarted. A
+replica whose every step and probe has failed for `step_timeout` seconds (a peer that died and made
+the collectives raise) is given up the same way.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class AsyncEngine:
         self.step_timeout, self.on_stall = step_timeout, on_stall
         self.stalled = False
         self._step_started: float | None = None  # monotonic start of the step running now
+        self._failing_since: float | None = None  # first failure of the current streak
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle (any thread)
@@ -371,12 +374,19 @@ class AsyncEngine:
         self.engine.refresh_stats()
 
     def _mark_failed(self) -> None:
+        now = time.monotonic()
         self.last_step_failed = True  # /ready says 503 until a step or a probe works again
         self.failed_steps += 1
-        self._probe_at = time.monotonic() + PROBE_PAUSES[min(self._probes, len(PROBE_PAUSES) - 1)]
+        self._failing_since = self._failing_since or now
+        self._probe_at = now + PROBE_PAUSES[min(self._probes, len(PROBE_PAUSES) - 1)]
+        if self.step_timeout is not None and now - self._failing_since > self.step_timeout:
+            log.critical(
+                "every step and probe has failed for over %g s; the replica is dead", self.step_timeout
+            )
+            self._give_up()
 
     def _recovered(self) -> None:
-        self.last_step_failed, self._probe_at, self._probes = False, None, 0
+        self.last_step_failed, self._probe_at, self._probes, self._failing_since = False, None, 0, None
 
     def _until_probe(self) -> float | None:
         return None if self._probe_at is None else max(self._probe_at - time.monotonic(), 0.0)
@@ -413,18 +423,23 @@ class AsyncEngine:
             started = self._step_started
             if started is not None and time.monotonic() - started > self.step_timeout:
                 log.critical("a forward pass has run for over %g s; the replica is stuck", self.step_timeout)
-                self.stalled = True
-                batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-                tracked = list(self._tracked.values())
-                self._tracked.clear()  # should the step ever return, its outputs go nowhere
-                for t in tracked:
-                    self._release(t)
-                    batches[t.loop].append((t.sink, EngineStepError("the engine is stuck")))
-                self._post(batches)
-                if self.on_stall is not None:
-                    self.on_stall()
+                self._give_up()
                 return
             time.sleep(min(self.step_timeout / 10, 1.0))
+
+    def _give_up(self) -> None:
+        """The replica is dead (stuck, or failing for step_timeout): fail every request, stop taking
+        new ones (/health says 503) and call `on_stall`."""
+        self.stalled = True
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        tracked = list(self._tracked.values())
+        self._tracked.clear()  # should a stuck step ever return, its outputs go nowhere
+        for t in tracked:
+            self._release(t)
+            batches[t.loop].append((t.sink, EngineStepError("the engine is stuck")))
+        self._post(batches)
+        if self.on_stall is not None:
+            self.on_stall()
 
     def _end_all(self) -> None:
         """On stop: every request still running finishes with reason "abort"."""
