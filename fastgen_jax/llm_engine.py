@@ -57,6 +57,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+class StepError(RuntimeError):
+    """A forward pass failed (the cause is chained). `request_ids` were in it; the engine is consistent
+    and can go on: their tokens were not advanced, and the next step schedules them again unless they
+    are aborted."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(f"a forward pass of {len(request_ids)} request(s) failed")
+        self.request_ids = request_ids
+
+
 @dataclasses.dataclass
 class EngineStats:
     """Counters since start-up. Times are seconds; host time excludes the wait for the device."""
@@ -240,6 +250,12 @@ class LLMEngine:
         slab = self.slab_builder.padding_slab(bucket, width)
         return slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
 
+    def probe(self) -> None:
+        """Runs one all-padding step of the smallest shape and waits for it: raises if the device
+        cannot run a step (after a failure, this tells a broken device from a bad batch)."""
+        bucket, width = min(self.slab_builder.shapes())
+        np.asarray(self.runner.execute(*self._padding_plan(bucket, width))[0])
+
     def follow(self) -> int:
         """Multi-host, on every process but the leader: runs the leader's steps until it shuts down
         (see `fastgen_jax.distributed`); returns the number of steps run."""
@@ -268,8 +284,11 @@ class LLMEngine:
                 e.seq.sampling_params.top_logprobs for e in output.scheduled
             ):
                 top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
-        except BaseException:
+        except Exception as error:
             self.scheduler.abandon(output)  # so the engine can go on once the caller has dealt with it
+            raise StepError([e.seq.request_id for e in output.scheduled]) from error
+        except BaseException:
+            self.scheduler.abandon(output)
             raise
         returned = time.perf_counter()
         self._count_tokens(output)
@@ -279,6 +298,9 @@ class LLMEngine:
         if self.budget_controller is not None:
             end = time.perf_counter()
             self.budget_controller.step_done(slab.bucket, output.scheduled, end - start, end)
+            for result in results:  # after step_done, which would note their last tokens again
+                if result.finished:
+                    self._forget(result.request_id)
         return results
 
     def _choose_budget(self) -> int | None:
@@ -323,7 +345,6 @@ class LLMEngine:
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._states[entry.seq.request_id]
-                self._forget(entry.seq.request_id)
             results.append(result)
         return results
 

@@ -48,8 +48,9 @@ class RequestState:
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.token_ids: list[int] = []
-        self.text = ""  # everything detokenized so far (cut at a stop string when one matched)
-        self.num_emitted_chars = 0
+        # Detokenized text not yet handed out: at most the held-back tail between steps, so a step
+        # costs O(its own text), never O(everything generated so far).
+        self._unsent = ""
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0  # set by the engine once the prompt is admitted
         self._hold_back = max((len(s) for s in params.stop), default=1) - 1
@@ -74,7 +75,7 @@ class RequestState:
             n >= self.params.max_new_tokens or self.prompt_length + n >= self.max_model_len
         ):
             self.finish_reason = "length"
-            self.text += self.detokenizer.flush()
+            self._unsent += self.detokenizer.flush()
         output = self._output([token_id], [logprob] if self.params.logprobs else None)
         if self.params.top_logprobs:
             output.new_top_logprobs = [top or []]
@@ -85,21 +86,18 @@ class RequestState:
         return self._output([], [] if self.params.logprobs else None)
 
     def _add_text(self, delta: str, may_stop: bool) -> None:
-        start = max(0, len(self.text) - self._hold_back)
-        self.text += delta
+        start = max(0, len(self._unsent) - self._hold_back)  # a match starts in the held-back tail or later
+        self._unsent += delta
         if not (may_stop and self.params.stop):
             return
-        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        hits = [i for s in self.params.stop if (i := self._unsent.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self._unsent = self._unsent[: min(hits)]
             self.finish_reason = "stop"
 
     def _output(self, token_ids: list[int], logprobs: list[float] | None) -> RequestOutput:
-        end = (
-            len(self.text) if self.finished else max(self.num_emitted_chars, len(self.text) - self._hold_back)
-        )
-        new_text = self.text[self.num_emitted_chars : end]
-        self.num_emitted_chars = end
+        end = len(self._unsent) if self.finished else max(0, len(self._unsent) - self._hold_back)
+        new_text, self._unsent = self._unsent[:end], self._unsent[end:]
         return RequestOutput(
             request_id=self.request_id,
             new_token_ids=token_ids,

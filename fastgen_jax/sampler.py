@@ -3,8 +3,10 @@
 Each row draws with its own key, `fold_in(PRNGKey(seed), num_generated)`, so a request's text depends
 only on its seed and its own logits, never on what else shares the batch.
 
-Temperature 0 means greedy. top_k 0 and top_p 1.0 switch those filters off; the sort they need only
-runs when some row in the batch asks for a filter.
+Temperature 0 means greedy, and so does any temperature below `MIN_TEMPERATURE` (as in vLLM):
+dividing logits by a tinier one overflows float32 and would turn the row into NaNs. top_k 0 and top_p
+1.0 switch those filters off; the sort they need only runs when some row in the batch asks for a
+filter.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from flax import struct
 
 NEG_INF = -jnp.inf
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit); a static shape
+MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (logits / T stays finite above it)
 
 
 @struct.dataclass
 class SamplingArrays:
-    temperature: jax.Array  # f32[S]; 0 = greedy
+    temperature: jax.Array  # f32[S]; below MIN_TEMPERATURE (0 included) = greedy
     top_k: jax.Array  # i32[S]; 0 = no limit
     top_p: jax.Array  # f32[S]; 1.0 = no limit
     seed: jax.Array  # u32[S]
@@ -64,7 +67,7 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, ...]:
     zeros). A batch that is greedy throughout skips the random draw entirely.
     """
     logits = logits.astype(jnp.float32)  # [S, V]
-    greedy = s.temperature <= 0.0
+    greedy = s.temperature < MIN_TEMPERATURE
     argmax = jnp.argmax(logits, axis=-1)
 
     def draw_some(logits):

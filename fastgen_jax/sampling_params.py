@@ -20,8 +20,9 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """How to generate for one request.
 
-    temperature 0 means greedy. top_k 0 and top_p 1.0 mean no filter. `seed` None draws a random seed
-    when the request is added; a given seed reproduces the same text whatever else is running.
+    temperature 0 means greedy (so does any temperature below 1e-5, `sampler.MIN_TEMPERATURE`). top_k
+    0 and top_p 1.0 mean no filter. `seed` None draws a random seed when the request is added; a
+    given seed reproduces the same text whatever else is running.
     `stop` strings may span several tokens; they are matched on the detokenized text and are not
     included in the output. `stop_token_ids` end generation like EOS does (the token is not shown).
     `min_new_tokens` suppresses every stop condition until that many tokens exist. `logprobs` reports

@@ -5,7 +5,9 @@
 
 Loads the checkpoint, compiles every step program (start-up is the only time anything compiles),
 then serves `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`, `/detokenize`,
-`/health` and `/metrics`. SIGINT or SIGTERM shut it down gracefully (exit status 0).
+`/health` (liveness), `/ready` (readiness) and `/metrics`. SIGINT or SIGTERM shut it down gracefully
+(exit status 0). A forward pass stuck for --step_timeout seconds (a multi-host peer that died) makes
+the process exit with status 3, so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 
@@ -31,6 +34,30 @@ flags.DEFINE_float(
 flags.DEFINE_integer("max_queue", 1024, "Requests allowed to wait beyond --max_num_seqs; more get 429.")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request body accepted; larger ones get 413.")
 flags.DEFINE_float("shutdown_timeout", 30.0, "Seconds in-flight requests may take to finish on shutdown.")
+flags.DEFINE_integer(
+    "max_seqs_per_request",
+    None,
+    "Sequences (prompts x n) one request may ask for; more get 400 (default: half of --max_num_seqs).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "max_stream_lag",
+    1024,
+    "Outputs per sequence a streaming client may leave unread; beyond it the request is aborted and "
+    "its KV pages freed.",
+    lower_bound=1,
+)
+flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to send a request's headers.")
+flags.DEFINE_float("body_timeout", 30.0, "Seconds a request body may take to arrive after its headers (408).")
+flags.DEFINE_float(
+    "send_timeout", 60.0, "Seconds a client may read nothing of a response before it is cut off."
+)
+flags.DEFINE_float(
+    "step_timeout",
+    300.0,
+    "A forward pass running longer is stuck (e.g. a multi-host peer died): the server fails its "
+    "requests and exits with status 3 so that it is restarted.",
+)
 flags.DEFINE_integer(
     "replicas",
     1,
@@ -120,11 +147,13 @@ def main(argv: list[str]) -> None:
     _configure_logging()
     from fastgen_jax.checkpoints import CheckpointError
     from fastgen_jax.config import ConfigError
+    from fastgen_jax.server.guard import check_api_key
     from fastgen_jax.server.http import bind
 
     errors = (CheckpointError, ConfigError, ValueError, OSError, OverflowError)
     try:
         sla = engine_flags.sla()
+        check_api_key(FLAGS.api_key)
         if _join_process_group():
             return _follow()
         sock = bind(FLAGS.host, FLAGS.port)  # fail fast, before minutes of compiling
@@ -134,7 +163,25 @@ def main(argv: list[str]) -> None:
     try:
         _serve(engines, sock, sla)
     finally:
+        if not all(_engine_threads_done()):  # stuck in a collective: close() would block as well
+            print(
+                "fastgen-jax: an engine thread is stuck; exiting without releasing the followers", flush=True
+            )
+            os._exit(1)
         engines[0].close()  # multi-host: the followers exit too
+
+
+def _engine_threads_done() -> list[bool]:
+    return [not t.is_alive() for t in threading.enumerate() if t.name == "fastgen-engine"]
+
+
+def _exit_stuck(replica: int) -> None:
+    """Called by the watchdog of a replica whose step is stuck: the requests have their errors; give
+    the event loop a moment to send them, then exit so that the process is restarted."""
+    std_logging.getLogger("fastgen_jax.server").critical(
+        "replica %d is stuck; exiting with status 3", replica
+    )
+    threading.Timer(1.0, os._exit, (3,)).start()
 
 
 def _join_process_group() -> bool:
@@ -165,7 +212,7 @@ def _serve(engines, sock, sla) -> None:
     import uvicorn
 
     from fastgen_jax.server.app import build_app
-    from fastgen_jax.server.http import Server, url_of
+    from fastgen_jax.server.http import Server, protocol, url_of
 
     name = engine_flags.served_model_name()
     application = build_app(
@@ -177,12 +224,19 @@ def _serve(engines, sock, sla) -> None:
         sla=sla,
         request_log=FLAGS.request_log,
         cache_aware_routing=FLAGS.cache_aware_routing,
+        max_seqs_per_request=FLAGS.max_seqs_per_request,
+        max_stream_lag=FLAGS.max_stream_lag,
+        body_timeout=FLAGS.body_timeout,
+        send_timeout=FLAGS.send_timeout,
+        step_timeout=FLAGS.step_timeout,
+        on_stall=_exit_stuck,
     )
     config = uvicorn.Config(
         application,
         log_level="warning",
         access_log=False,  # the app logs one line per request itself
         timeout_graceful_shutdown=FLAGS.shutdown_timeout,
+        http=protocol(FLAGS.header_timeout),
     )
     print(_banner(name, url_of(sock), engines, sla), flush=True)
     Server(config).run(sockets=[sock])

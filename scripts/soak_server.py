@@ -10,11 +10,23 @@ fraction --abort_fraction of them disconnect early (a stream closed after a few 
 request cancelled while in flight). Every other request must succeed with a well-formed answer. At
 the end the server must show no running requests and no used KV pages, and exit 0 on SIGTERM.
 Prints a table, writes JSON (default docs/benchmarks/soak_cpu.json), exits 1 on any failure.
+
+    python scripts/soak_server.py --chaos                  # 2,000 requests against two replicas
+
+--chaos serves two replicas of the tiny model in this process (2 CPU devices) and mixes in the abuse:
+clients that disconnect, streams whose reader stalls for seconds, malformed or oversized bodies, and
+forward passes of replica 1 that fail at random (--failure_rate, injected by wrapping its runner: a
+test-only hook, no server flag). Every request must end within --request_timeout seconds as
+completed, aborted by its client or a clean error (an OpenAI error body; a stream's error chunk then
+[DONE]); replica 0 must serve throughout with no failure; afterwards nothing may run and no KV page may
+be in use. The RSS sampled is this process's (server and clients together). Writes
+docs/benchmarks/soak_chaos_cpu.json.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -23,6 +35,9 @@ import signal
 import sys
 import tempfile
 import time
+
+if __name__ == "__main__" and "--chaos" in sys.argv:  # before jax is imported: two CPU devices
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
 
 import httpx
 from absl import app, flags
@@ -41,7 +56,10 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "tokenizer_from", "checkpoints/smollm2-135m-instruct", "Model dir whose tokenizer to use."
     )
-    flags.DEFINE_string("output", "docs/benchmarks/soak_cpu.json", "Where to write the JSON results.")
+    flags.DEFINE_string("output", None, "Where to write the JSON results (default: docs/benchmarks/).")
+    flags.DEFINE_bool("chaos", False, "Two in-process replicas, abusive clients and injected step failures.")
+    flags.DEFINE_float("failure_rate", 0.02, "--chaos: fraction of replica 1's forward passes that fail.")
+    flags.DEFINE_float("request_timeout", 120.0, "--chaos: a request taking longer counts as hung.")
 
 
 WORDS = "the a of river light stone quick brown fox jumps over lazy dog model token page budget".split()
@@ -150,8 +168,236 @@ def rss_mib(pid: int) -> float:
     return kb / 1024
 
 
+# ---------------------------------------------------------------------- chaos
+
+MALFORMED = [
+    ("/v1/completions", b'{"prompt": "x",'),
+    ("/v1/completions", b"[1, 2]"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": "ten"}'),
+    ("/v1/completions", b'{"prompt": "\\ud800"}'),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop": ["s"] * 1000}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop_token_ids": [-1]}).encode()),
+    ("/v1/completions", json.dumps({"prompt": [[5]] * 64, "n": 4}).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "hacker", "content": "x"}]}).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": []}).encode()),
+    ("/detokenize", json.dumps({"tokens": [-5]}).encode()),
+]
+SERVER_FAILURE = re.compile(r"generation failed on the server \(request \S+\)")
+
+
+def _clean_error(status: int, payload: dict) -> bool:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not (isinstance(error, dict) and error.get("message") and error.get("type")):
+        return False
+    return status != 500 or bool(SERVER_FAILURE.fullmatch(error["message"]))
+
+
+async def _chaos_plain(client, path: str, body: dict) -> str:
+    r = await client.post(path, json=body)
+    if r.status_code == 200:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text[:200]
+        return "ok"
+    assert _clean_error(r.status_code, r.json()), f"{path} -> {r.status_code} {r.text[:200]}"
+    return "clean_error"
+
+
+async def _chaos_stream(client, path: str, body: dict, stall: float | None, leave_after: int | None) -> str:
+    chunks, finish, error = 0, None, None
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            assert _clean_error(r.status_code, json.loads(await r.aread())), f"{path} -> {r.status_code}"
+            return "clean_error"
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                if error is not None:
+                    return (
+                        "too_slow"
+                        if error.get("error", {}).get("code") == "client_too_slow"
+                        else "clean_error"
+                    )
+                assert finish in ("stop", "length"), f"stream ended without a finish reason ({finish})"
+                return "ok"
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                assert _clean_error(500 if chunk["error"]["type"] == "server_error" else 400, chunk), chunk
+                error = chunk
+                continue
+            chunks += 1
+            finish = chunk["choices"][0]["finish_reason"] or finish if chunk["choices"] else finish
+            if leave_after is not None and chunks >= leave_after:
+                return "aborted"  # leaving the block closes the connection mid-stream
+            if stall is not None and chunks == 1:
+                await asyncio.sleep(stall)  # reads nothing meanwhile
+    raise AssertionError("stream closed without [DONE]")
+
+
+async def _chaos_one(client, rng: random.Random, model: str, max_tokens: int) -> str:
+    kind = rng.choices(["plain", "disconnect", "stall", "malformed"], [0.55, 0.2, 0.1, 0.15])[0]
+    if kind == "malformed":
+        path, raw = rng.choice(MALFORMED)
+        r = await client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500 and _clean_error(r.status_code, r.json()), (path, r.status_code)
+        return "rejected"
+    path, body = _request(rng, max_tokens, model)
+    if kind == "stall":
+        body = {**body, "stream": True, "max_tokens": 150, "ignore_eos": True}
+        return await _chaos_stream(client, path, body, stall=rng.uniform(0.5, 3.0), leave_after=None)
+    if kind == "disconnect":
+        body = {**body, "stream": True}
+        return await _chaos_stream(client, path, body, stall=None, leave_after=rng.randint(1, 4))
+    if body["stream"]:
+        return await _chaos_stream(client, path, body, stall=None, leave_after=None)
+    return await _chaos_plain(client, path, body)
+
+
+async def run_chaos_load(
+    url: str, num_requests: int, concurrency: int, max_tokens: int = 48, seed: int = 0,
+    request_timeout: float = 120.0, on_progress=None,
+) -> dict:  # fmt: skip
+    """The chaos mix (see the module docstring); returns the count of each outcome and the failures."""
+    rng = random.Random(seed)
+    seeds = [rng.randrange(2**32) for _ in range(num_requests)]
+    counts = dict.fromkeys(("ok", "aborted", "too_slow", "clean_error", "rejected", "failed", "hung"), 0)
+    failures, next_index = [], iter(range(num_requests))
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout + 30) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+
+        async def worker():
+            for i in next_index:
+                try:
+                    work = _chaos_one(client, random.Random(seeds[i]), model, max_tokens)
+                    counts[await asyncio.wait_for(work, request_timeout)] += 1
+                except TimeoutError:
+                    counts["hung"] += 1
+                    failures.append(f"request {i}: no end within {request_timeout} s")
+                except (AssertionError, httpx.HTTPError, KeyError, ValueError) as e:
+                    counts["failed"] += 1
+                    failures.append(f"request {i}: {type(e).__name__}: {e}")
+                if on_progress:
+                    on_progress(i)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {**counts, "failures": failures[:20]}
+
+
+def inject_step_failures(engine, rate: float, seed: int = 0) -> None:
+    """Test-only hook: makes `rate` of the engine's forward passes (probes included) raise."""
+    real_execute, rng = engine.runner.execute, random.Random(seed)
+
+    def execute(*args):
+        if rng.random() < rate:
+            raise RuntimeError("chaos: injected step failure")
+        return real_execute(*args)
+
+    engine.runner.execute = execute
+
+
+@contextlib.contextmanager
+def chaos_server(engines, failure_rate: float, seed: int = 0):
+    """Serves `engines` as replicas on loopback with small stream buffers (so stalled readers are
+    noticed) and failures injected into the last replica; yields the URL."""
+    import socket
+
+    from fastgen_jax.server import build_app
+    from fastgen_jax.server.http import ServerThread
+
+    inject_step_failures(engines[-1], failure_rate, seed)
+    app = build_app(engines, "tiny", max_stream_lag=8, body_timeout=5.0, send_timeout=10.0)
+    thread = ServerThread(app, header_timeout=5.0)
+    thread.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # back-pressure after kilobytes
+    with thread as url:
+        yield url
+
+
+def replica_figures(url: str) -> dict[str, dict[str, float]]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for name in ("requests_routed_total", "step_failures_total"):
+        pattern = rf'^fastgen_replica_{name}{{replica="(\d+)"}} (\S+)$'
+        out[name] = {m[0]: float(m[1]) for m in re.findall(pattern, text, re.M)}
+    return out
+
+
+def chaos_engines(model_dir: str):
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.llm_engine import LLMEngine
+    from fastgen_jax.parallel import device_groups
+
+    config = EngineConfig(token_budget=128, max_num_seqs=32, max_model_len=512, num_pages=600)
+    return [
+        LLMEngine.from_pretrained(model_dir, config, "float32", progress=False, devices=group)
+        for group in device_groups(1, 2)
+    ]
+
+
+def chaos_main() -> None:
+    import logging
+
+    from tqdm.auto import tqdm
+
+    for name in ("httpx", "fastgen_jax.server"):  # a line per request would drown the table
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    from fastgen_jax.checkpoints.random_model import make_random_checkpoint
+    from fastgen_jax.tokenizer import Tokenizer
+
+    tmp = tempfile.TemporaryDirectory()
+    make_random_checkpoint(tmp.name, Tokenizer.from_hf_dir(FLAGS.tokenizer_from))
+    engines = chaos_engines(tmp.name)
+    bar, rss = tqdm(total=FLAGS.num_requests, desc="chaos", unit="req"), []
+
+    def progress(i):
+        bar.update()
+        if bar.n % max(FLAGS.num_requests // 50, 1) == 0:
+            rss.append((bar.n, round(rss_mib(os.getpid()), 1)))
+
+    with chaos_server(engines, FLAGS.failure_rate, FLAGS.seed) as url:
+        rss.append((0, round(rss_mib(os.getpid()), 1)))
+        start = time.perf_counter()
+        result = asyncio.run(
+            run_chaos_load(url, FLAGS.num_requests, FLAGS.concurrency, FLAGS.max_tokens, FLAGS.seed,
+                           FLAGS.request_timeout, progress)
+        )  # fmt: skip
+        elapsed = time.perf_counter() - start
+        bar.close()
+        idle, replicas = server_idle(url), replica_figures(url)
+        free = [e.scheduler.num_free_pages == e.stats.total_pages for e in engines]
+    report = {
+        "num_requests": FLAGS.num_requests,
+        "concurrency": FLAGS.concurrency,
+        "failure_rate_replica_1": FLAGS.failure_rate,
+        "seconds": round(elapsed, 1),
+        **result,
+        "after": idle,
+        "all_pages_free": all(free),
+        "replicas": replicas,
+        "rss_mib": rss,
+    }
+    for k, v in report.items():
+        if k not in ("failures", "rss_mib"):
+            print(f"{k:<24} {v}")
+    for failure in result["failures"]:
+        print("  ", failure)
+    if rss:
+        print(f"{'RSS MiB start/peak/end':<24} {rss[0][1]} / {max(v for _, v in rss)} / {rss[-1][1]}")
+    output = FLAGS.output or "docs/benchmarks/soak_chaos_cpu.json"
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(report, f, indent=2)
+    ok = (
+        result["failed"] == 0 and result["hung"] == 0 and not any(idle.values()) and all(free)
+        and replicas["step_failures_total"].get("0") == 0 and result["ok"] > 0
+    )  # fmt: skip
+    sys.exit(0 if ok else 1)
+
+
 def main(argv):
     del argv
+    if FLAGS.chaos:
+        return chaos_main()
     import logging
 
     from tqdm.auto import tqdm
@@ -205,12 +451,12 @@ def main(argv):
         "exit_code": exit_code,
     }
     _print_table(report)
-    if FLAGS.output:
-        os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            json.dump(report, f, indent=2)
-        if rss:
-            plot_rss(rss, FLAGS.output.removesuffix(".json") + "_rss.png")
+    output = FLAGS.output or "docs/benchmarks/soak_cpu.json"
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(report, f, indent=2)
+    if rss:
+        plot_rss(rss, output.removesuffix(".json") + "_rss.png")
     ok = result["failed"] == 0 and not any(idle.values()) and exit_code in (None, 0)
     sys.exit(0 if ok else 1)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastgen_jax import checkpoints
-from fastgen_jax.checkpoints import CheckpointError, load_checkpoint, load_gguf
+from fastgen_jax.checkpoints import CheckpointError, load_checkpoint, load_gguf, read_safetensors
 
 
 def test_converted_checkpoint_restores_the_gguf_conversion(smollm2_gguf, smollm2_dir):
@@ -140,3 +140,48 @@ def test_cli_reports_a_bad_model_name_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "error: unknown model 'no-such-model'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _safetensors_with_header(path, header: dict, data: bytes = b"\0" * 16) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    "info, complaint",
+    [
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}, "outside the 16 data bytes"),
+        ({"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}, "malformed"),
+        ({"dtype": "F32", "shape": [4]}, "malformed: 'data_offsets'"),
+        ({"dtype": "F32", "shape": "four", "data_offsets": [0, 16]}, "malformed"),
+        ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "malformed"),
+        ({"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}, "unsupported safetensors dtype"),
+        ("not an object", "malformed"),
+    ],
+)
+def test_malformed_safetensors_tensors_are_checkpoint_errors(tmp_path, info, complaint):
+    path = tmp_path / "model.safetensors"
+    _safetensors_with_header(path, {"w": info})
+    with pytest.raises(CheckpointError, match=complaint):
+        read_safetensors(path)
+
+
+def test_a_well_formed_safetensors_file_reads_back(tmp_path):
+    path = tmp_path / "model.safetensors"
+    data = np.arange(4, dtype=np.float32)
+    _safetensors_with_header(
+        path, {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, data.tobytes()
+    )
+    np.testing.assert_array_equal(read_safetensors(path)["w"], data.reshape(2, 2))
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", 7])
+def test_a_weight_map_entry_outside_the_model_dir_is_refused(tmp_path, smollm2_dir, entry):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((smollm2_dir / "config.json").read_text())
+    _safetensors_with_header(tmp_path / "outside.safetensors", {})
+    index = {"weight_map": {"model.embed_tokens.weight": entry}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="points outside"):
+        load_checkpoint(model)

@@ -113,6 +113,26 @@ def test_an_adaptive_budget_changes_step_by_step_and_keeps_greedy_outputs(tiny_d
     assert engine.stats.token_budget_changes > 0
     assert engine.stats.token_budget in config.token_buckets
     assert engine.stats.compiled_after_warmup == 0
+    assert engine.budget_controller.num_tracked == 0  # every finished request was forgotten
+
+
+def test_the_budget_controller_forgets_every_finished_or_aborted_request(tiny_dir):
+    config = EngineConfig(
+        token_budget=64, adaptive_budget=True, sla_prompt_rate=512.0, max_num_seqs=32, max_model_len=128
+    )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    prompts, num_new = mixed_workload(200, TINY_VOCAB, 60, seed=5)
+    for round_ in range(0, 200, 40):  # many requests, in waves, some aborted mid-way
+        run_all(engine, prompts[round_ : round_ + 20], num_new[round_ : round_ + 20])
+        ids = [
+            engine.add_request(prompt_token_ids=p, sampling_params=SamplingParams(max_new_tokens=20))
+            for p in prompts[round_ + 20 : round_ + 40]
+        ]
+        engine.step()
+        engine.step()
+        for request_id in ids:
+            engine.abort(request_id)
+        assert engine.budget_controller.num_tracked == 0
 
 
 def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):

@@ -101,3 +101,17 @@ def test_top_logprobs_are_the_largest_entries_of_log_softmax():
     )
     assert np.asarray(top_ids)[0, 0] == np.asarray(tokens)[0]  # greedy: the best is the one drawn
     np.testing.assert_allclose(np.asarray(logprobs)[0], np.asarray(top_logprobs)[0, 0], atol=1e-6)
+
+
+def test_tiny_temperatures_are_greedy_and_every_row_stays_finite():
+    # logits / 1e-30 overflows float32; below MIN_TEMPERATURE a row is treated as greedy.
+    temperatures = [1e-37, 1e-30, 1e-12, 9.99e-6, 1e-5, 1e-4, 1.0, 2.0]
+    logits = random_logits(len(temperatures), seed=3) * 1000  # large logits make overflow likelier
+    for top_p in (1.0, 0.9):
+        tokens, logprobs = run(
+            logits, temperature=temperatures, top_p=top_p, seed=np.arange(8), logprobs=True
+        )
+        np.testing.assert_array_equal(tokens[:4], logits[:4].argmax(-1))
+        assert ((tokens >= 0) & (tokens < VOCAB)).all(), tokens
+        assert np.isfinite(logprobs).all(), logprobs
+        np.testing.assert_array_equal(tokens[4:6], logits[4:6].argmax(-1))  # 1e-5 with gaps of ~1000

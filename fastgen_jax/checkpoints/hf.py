@@ -41,22 +41,33 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-maps every tensor of a .safetensors file (bf16 included, which numpy lacks)."""
+    """Memory-maps every tensor of a .safetensors file (bf16 included, which numpy lacks). A header
+    that does not describe the file (offsets out of range, a shape that does not fit its bytes, a
+    field missing) is a CheckpointError naming the tensor."""
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: its header is not an object")
+    return {name: _tensor(data, name, info, path) for name, info in header.items() if name != "__metadata__"}
+
+
+def _tensor(data: np.ndarray, name: str, info: Any, path) -> np.ndarray:
+    try:
+        start, end = (int(x) for x in info["data_offsets"])
         dtype = _np_dtype(info["dtype"])
-        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-    return tensors
+        shape = tuple(int(d) for d in info["shape"])
+        if not 0 <= start <= end <= data.shape[0]:
+            raise ValueError(f"data_offsets [{start}, {end}) outside the {data.shape[0]} data bytes")
+        return data[start:end].view(dtype).reshape(shape)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensor {name!r} is malformed: {e}") from None
 
 
 def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -64,13 +75,22 @@ def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is corrupt: {e}") from None
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
+        return [_inside(model_dir, name, index) for name in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {model_dir}")
     return files
+
+
+def _inside(model_dir: pathlib.Path, name: Any, index: pathlib.Path) -> pathlib.Path:
+    """A weight_map entry as a path; it must name a file inside the model directory."""
+    root = model_dir.resolve()
+    if not isinstance(name, str) or not (root / name).resolve().is_relative_to(root):
+        raise CheckpointError(f"{index}: weight_map entry {name!r} points outside {model_dir}")
+    return model_dir / name
 
 
 def _get(tensors: Mapping[str, np.ndarray], name: str, source: str) -> np.ndarray:

@@ -157,6 +157,11 @@ class BudgetController:
             gaps.missed |= gaps.ema > self.max_gap
             gaps.last = now
 
+    @property
+    def num_tracked(self) -> int:
+        """Requests the controller holds state for (each is forgotten when it finishes)."""
+        return len(self._gaps) + len(self._deadlines)
+
     def forget(self, request_id: str) -> None:
         self._gaps.pop(request_id, None)
         self._deadlines.pop(request_id, None)

@@ -1,20 +1,24 @@
 """The HTTP application: OpenAI-compatible routes over one `AsyncEngine`.
 
 `build_app(engine, ...)` returns a FastAPI app whose lifespan starts and stops the engine thread.
-Every request passes `_HTTPGuard` first (API key, body size limit, one access-log line); handlers turn
-the body into engine requests with `RequestBuilder` (shared with the offline batch job), which checks
-everything the engine would refuse, so that a bad request gets its
-400 before a stream starts. Errors of every kind leave as OpenAI-style JSON bodies.
+Every request passes `HTTPGuard` first (API key, body limits, stalled peers, one access-log line);
+handlers turn the body into engine requests with `RequestBuilder` (shared with the offline batch job),
+which checks everything the engine would refuse, so that a bad request gets its 400 before a stream
+starts. Costs are bounded before they are paid: the number of sequences a request asks for (prompts x
+n) is checked before any prompt is tokenized, and tokenizing, chat templates and building a whole
+response run on worker threads, never on the event loop. Errors of every kind leave as OpenAI-style
+JSON bodies; a server-side failure says only that it happened and the request id, and the details go
+to the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,11 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.server.async_engine import (
+    ClientTooSlowError,
     EngineStepError,
     EngineStoppedError,
     QueueFullError,
     RequestGroup,
 )
+from fastgen_jax.server.guard import HTTPGuard, check_api_key, loggable
 from fastgen_jax.server.metrics import ServerMetrics
 from fastgen_jax.server.openai_format import Choice, Formatter
 from fastgen_jax.server.protocol import (
@@ -47,6 +53,7 @@ from fastgen_jax.sla import SLA
 log = logging.getLogger("fastgen_jax.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_MAX_STREAM_LAG = 1024
 
 
 class ServerState(RequestBuilder):
@@ -61,14 +68,26 @@ class ServerState(RequestBuilder):
         sla: SLA,
         request_log: str | None = None,
         cache_aware_routing: bool = True,
+        max_seqs_per_request: int | None = None,
+        max_stream_lag: int = DEFAULT_MAX_STREAM_LAG,
+        step_timeout: float | None = None,
+        on_stall=None,
     ):
         self.request_log = RequestLog(request_log) if request_log else None
         self.async_engine = ReplicaRouter(
-            engines, max_queue, on_finish=self._finished, cache_aware=cache_aware_routing
+            engines,
+            max_queue,
+            on_finish=self._finished,
+            cache_aware=cache_aware_routing,
+            step_timeout=step_timeout,
+            on_stall=on_stall,
         )
-        super().__init__(engines[0], model_name, self.async_engine.capacity)
+        slots = min(e.engine_config.max_num_seqs for e in engines)
+        max_seqs = min(max_seqs_per_request or max(slots // 2, 1), slots)
+        super().__init__(engines[0], model_name, self.async_engine.capacity, max_seqs)
         self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
+        self.max_stream_lag = max_stream_lag
 
     def _finished(self, tracked, out, now: float) -> None:
         verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now)
@@ -81,7 +100,8 @@ class ServerState(RequestBuilder):
 
 async def _run(request: Request, state: ServerState, body, prepared: PreparedRequest) -> Response:
     requests, formatter = prepared.requests, prepared.formatter
-    group = state.async_engine.submit(requests)
+    lag = state.max_stream_lag * len(requests) if body.stream else None  # a plain request drains its queue
+    group = state.async_engine.submit(requests, max_pending=lag)
     request.scope["fastgen.log"] = f"id={formatter.request_id} n={len(requests)}"
     if body.stream:
         return StreamingResponse(
@@ -93,11 +113,23 @@ async def _run(request: Request, state: ServerState, body, prepared: PreparedReq
     try:
         if not await _until_disconnect(request, _collect(group, choices)):
             return Response(status_code=499)  # the client has gone; its requests were aborted
+    except EngineStepError:
+        raise _server_failure(formatter.request_id) from None
     finally:
         group.close()
+    content, usage = await asyncio.to_thread(_render, formatter, choices)  # per-token work: off the loop
+    _note_usage(request, usage, [c.finish_reason for c in choices])
+    return Response(content, media_type="application/json")
+
+
+def _render(formatter: Formatter, choices: list[Choice]) -> tuple[bytes, dict[str, Any]]:
     result = formatter.response(choices)
-    _note_usage(request, result["usage"], [c.finish_reason for c in choices])
-    return JSONResponse(result)
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode(), result["usage"]
+
+
+def _server_failure(request_id: str) -> APIError:
+    """What a client is told when generation failed on the server (the log has the details)."""
+    return APIError(500, f"generation failed on the server (request {request_id})", type="server_error")
 
 
 async def _collect(group: RequestGroup, choices: list[Choice]) -> None:
@@ -142,8 +174,13 @@ async def _event_stream(
         if include_usage:
             yield _sse(formatter.usage_chunk())
         _note_usage(request, formatter.usage(), list(reasons.values()))
-    except (EngineStepError, EngineStoppedError) as e:
-        yield _sse(APIError(500, str(e), type="server_error").body())
+    except EngineStepError:
+        yield _sse(_server_failure(formatter.request_id).body())
+    except EngineStoppedError as e:
+        yield _sse(APIError(503, str(e), type="server_error").body())
+    except ClientTooSlowError as e:
+        request.scope["fastgen.log"] = f"{request.scope.get('fastgen.log', '')} aborted: {e}"
+        yield _sse(APIError(408, str(e), code="client_too_slow").body())
     finally:
         group.close()
     yield "data: [DONE]\n\n"
@@ -196,6 +233,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health():
+        """Liveness: the engine threads run. 503 means restart the process."""
         if not state.async_engine.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         return {"status": "ok"}
@@ -204,6 +242,14 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     async def reset_prefix_cache():
         """Forgets every cached prefix page (benchmarks start cold with it); behind the API key."""
         return {"status": "ok", "pages_forgotten": await state.async_engine.reset_prefix_cache()}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: some replica runs and its last forward pass (or probe) worked. 503 means send
+        traffic elsewhere for now; the engine probes itself until a step works again."""
+        replicas = state.async_engine.readiness()
+        body = {"status": "ready" if any(r["ready"] for r in replicas) else "unready", "replicas": replicas}
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -215,9 +261,11 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.prompt is not None:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(
+                state.encode, body.prompt, "prompt", add_special_tokens=body.add_special_tokens
+            )
         else:
-            ids = state.encode_chat(body, {})
+            ids = await asyncio.to_thread(state.encode_chat, body, {})
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -227,7 +275,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens must lie in [0, {vocab}); got {bad[:5]}", "tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)}
 
 
 # ---------------------------------------------------------------------- errors
@@ -261,109 +309,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineStepError)
     async def step_failed(request: Request, exc: EngineStepError):
-        return reply(request, APIError(500, str(exc), type="server_error"))
+        return reply(request, _server_failure("unknown"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return reply(request, APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
-
-# ---------------------------------------------------------------------- middleware
-
-
-class _HTTPGuard:
-    """Pure ASGI middleware: API key, request size limit, and one info log line per request."""
-
-    def __init__(self, app, api_key: str | None, max_request_bytes: int):
-        self.app, self.api_key, self.max_request_bytes = app, api_key, max_request_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [0]
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_headers(scope)
-            if not any(k == b"content-type" for k, _ in scope["headers"]):
-                # the API speaks JSON only; parse bodies sent without a content type as JSON too
-                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
-            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
-                if body is None:
-                    return  # the client left while sending
-                if isinstance(body, APIError):
-                    error = body
-                else:
-                    receive = _replay(body, receive)
-            if error is not None:
-                scope["fastgen.log"] = f"error: {error.message}"
-                response = JSONResponse(error.body(), status_code=error.status)
-                return await response(scope, receive, send_logged)
-            await self.app(scope, receive, send_logged)
-        finally:
-            log.info(
-                "%s %s %d %.3fs %s",
-                scope["method"],
-                scope["path"],
-                status[0],
-                time.perf_counter() - start,
-                scope.get("fastgen.log", ""),
-            )
-
-    def _check_headers(self, scope) -> APIError | None:
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                what = "is missing" if not given else "is wrong"
-                return APIError(
-                    401,
-                    f"the API key {what}: send 'Authorization: Bearer <key>'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-            return self._too_large()
-        return None
-
-    def _too_large(self) -> APIError:
-        return APIError(
-            413, f"the request body exceeds {self.max_request_bytes} bytes", code="request_too_large"
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        log.error(
+            "unexpected error %s in %s %s", error_id, request.method, loggable(request.url.path), exc_info=exc
         )
-
-    async def _read_body(self, receive) -> bytes | APIError | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                return self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+        return reply(request, APIError(500, f"internal error (id {error_id})", type="server_error"))
 
 
 # ---------------------------------------------------------------------- the app
@@ -379,14 +333,39 @@ def build_app(
     sla: SLA | None = None,
     request_log: str | None = None,
     cache_aware_routing: bool = True,
+    max_seqs_per_request: int | None = None,
+    max_stream_lag: int = DEFAULT_MAX_STREAM_LAG,
+    body_timeout: float = 30.0,
+    send_timeout: float = 60.0,
+    step_timeout: float | None = None,
+    on_stall=None,
 ) -> FastAPI:
     """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
     its own devices, balanced by outstanding work); the app's lifespan runs the engine threads.
     `/metrics` judges finished requests by `sla` (default: FastGen's 512 prompt tokens/s, 4 tokens/s),
     `request_log` names a JSONL file that gets a line per finished request, and `cache_aware_routing`
-    lets replicas keep the prompts whose prefixes they hold (`server.replicas`)."""
+    lets replicas keep the prompts whose prefixes they hold (`server.replicas`).
+
+    Limits (the README lists them with their flags): a request asks for at most `max_seqs_per_request`
+    sequences, prompts x n (default half the smallest replica's max_num_seqs); a stream whose client
+    leaves more than `max_stream_lag` outputs per sequence unread is aborted; a body must arrive
+    within `body_timeout` seconds and a client that reads nothing for `send_timeout` seconds is cut
+    off. A forward pass running longer than `step_timeout` seconds (None: no watchdog) fails its
+    replica's requests and calls `on_stall(replica_index)` (serve exits the process)."""
+    check_api_key(api_key)  # the middleware is only built at the first request: fail now
     engines = engine if isinstance(engine, list) else [engine]
-    state = ServerState(engines, model_name, max_queue, sla or SLA(), request_log, cache_aware_routing)
+    state = ServerState(
+        engines,
+        model_name,
+        max_queue,
+        sla or SLA(),
+        request_log,
+        cache_aware_routing=cache_aware_routing,
+        max_seqs_per_request=max_seqs_per_request,
+        max_stream_lag=max_stream_lag,
+        step_timeout=step_timeout,
+        on_stall=on_stall,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -403,5 +382,11 @@ def build_app(
     _add_generation_routes(app, state)
     _add_info_routes(app, state)
     _add_error_handlers(app)
-    app.add_middleware(_HTTPGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(
+        HTTPGuard,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
+        body_timeout=body_timeout,
+        send_timeout=send_timeout,
+    )
     return app

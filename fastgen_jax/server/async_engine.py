@@ -15,7 +15,19 @@ A handler never waits on a step, only on its queue, and the engine never waits o
 that stops iterating (client gone, stream cancelled) aborts what it still has running in `finally`;
 the abort frees the KV pages at the engine thread's next turn. Admission is bounded: at most
 `max_num_seqs + max_queue` requests are in the engine at once, and more raise `QueueFullError` at
-once instead of waiting.
+once instead of waiting. A handler's queue is bounded too (`max_pending`): a stream whose client stops
+reading would otherwise buffer every token while its pages stay held, so past the bound the group is
+aborted at once, its buffered outputs dropped, and the handler finds `ClientTooSlowError` when it
+next reads.
+
+Failures. A forward pass that raises fails only the requests that were in it (`StepError`); the
+others stay queued. The replica is then not ready (`last_step_failed`) until a step works again; when
+no traffic comes to make one, the thread probes the device itself (`LLMEngine.probe`) with a growing
+pause. With `step_timeout`, a watchdog thread notices a step far past its time (a multi-host
+collective whose peer died never returns and cannot be cancelled): it fails the replica's requests,
+marks it dead and calls `on_stall`, which in `serve` exits the process so that it is restarted. A
+replica whose every step and probe has failed for `step_timeout` seconds (a peer that died and made
+the collectives raise) is given up the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from fastgen_jax.llm_engine import LLMEngine
+from fastgen_jax.llm_engine import LLMEngine, StepError
 from fastgen_jax.output_processor import RequestOutput
 from fastgen_jax.sampling_params import SamplingParams
 
@@ -48,6 +60,38 @@ class EngineStoppedError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A forward pass failed; the requests in it are ended with this error."""
+
+
+class ClientTooSlowError(RuntimeError):
+    """The client left too many outputs unread; its requests were aborted and their pages freed."""
+
+
+PROBE_PAUSES = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before each probe of a failed replica
+
+
+class OutputQueue(asyncio.Queue):
+    """A handler's queue that holds at most `max_pending` outputs: one more and it drops what it holds,
+    keeps only a ClientTooSlowError and calls `on_overflow` (which aborts the group)."""
+
+    def __init__(self, max_pending: int | None = None):
+        super().__init__()
+        self.max_pending, self.overflowed = max_pending, False
+        self.on_overflow: Callable[[], None] = lambda: None
+
+    def put_nowait(self, item) -> None:
+        if self.overflowed:
+            return
+        super().put_nowait(item)
+        if self.max_pending is not None and self.qsize() > self.max_pending:
+            self.overflowed = True
+            while not self.empty():
+                self.get_nowait()
+            super().put_nowait(
+                ClientTooSlowError(
+                    f"the client left more than {self.max_pending} outputs unread; the request was aborted"
+                )
+            )
+            self.on_overflow()
 
 
 @dataclasses.dataclass
@@ -88,15 +132,16 @@ class RequestGroup:
     the group is garbage-collected, so a response that never started cannot leak KV pages.
     """
 
-    def __init__(self, commands: queue.SimpleQueue, requests: list[GenerationRequest], sink: asyncio.Queue):
+    def __init__(self, commands: queue.SimpleQueue, requests: list[GenerationRequest], sink: OutputQueue):
         self._commands, self._requests, self._sink = commands, requests, sink
         self._remaining = set(range(len(requests)))
+        sink.on_overflow = self.close
 
     def __aiter__(self) -> RequestGroup:
         return self
 
     async def __anext__(self) -> tuple[int, RequestOutput]:
-        if not self._remaining:
+        if not self._remaining and not self._sink.overflowed:  # an overflow left its error to read
             raise StopAsyncIteration
         item = await self._sink.get()
         if isinstance(item, BaseException):
@@ -121,24 +166,40 @@ FinishHook = Callable[[_Tracked, RequestOutput, float], None]
 class AsyncEngine:
     """Owns the engine thread; every `LLMEngine` call happens on it."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 1024, on_finish: FinishHook | None = None):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queue: int = 1024,
+        on_finish: FinishHook | None = None,
+        step_timeout: float | None = None,
+        on_stall: Callable[[], None] | None = None,
+    ):
         self.engine = engine
         self.capacity = engine.engine_config.max_num_seqs + max_queue
         self.on_finish = on_finish
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only (and the watchdog, once it stalled)
         self._lock = threading.Lock()
         self._outstanding = 0  # admitted and not yet finished; guarded by _lock
         self._work = 0  # their `_Tracked.work`, summed; guarded by _lock
         self.routed = 0  # requests ever submitted (a router's tally)
         self._accepting = True
         self.last_step_failed = False
+        self.failed_steps = 0  # forward passes (and probes) that raised, ever
+        self._probes = 0  # probes since the last failure
+        self._probe_at: float | None = None  # when to probe the device next (after a failure)
+        self.step_timeout, self.on_stall = step_timeout, on_stall
+        self.stalled = False
+        self._step_started: float | None = None  # monotonic start of the step running now
+        self._failing_since: float | None = None  # first failure of the current streak
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle (any thread)
 
     def start(self) -> None:
         self._thread.start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch, name="fastgen-watchdog", daemon=True).start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stops taking requests, aborts those still running (their streams end) and joins."""
@@ -151,11 +212,11 @@ class AsyncEngine:
     @property
     def accepting(self) -> bool:
         """The thread runs and takes requests (a failed step does not stop it)."""
-        return self._thread.is_alive() and self._accepting
+        return self._thread.is_alive() and self._accepting and not self.stalled
 
     @property
-    def alive(self) -> bool:
-        """Serving: accepting, and its last forward pass (if any) worked."""
+    def ready(self) -> bool:
+        """Serving: accepting, and its last forward pass (or probe), if any, worked."""
         return self.accepting and not self.last_step_failed
 
     @property
@@ -175,19 +236,23 @@ class AsyncEngine:
     # ------------------------------------------------------------------ handler side (event loop)
 
     def submit(
-        self, requests: list[GenerationRequest], expected_cached: list[int] | None = None
+        self,
+        requests: list[GenerationRequest],
+        max_pending: int | None = None,
+        expected_cached: list[int] | None = None,
     ) -> RequestGroup:
         """Queues `requests` to run together; raises QueueFullError or EngineStoppedError at once.
+        More than `max_pending` outputs left unread abort the group (see `OutputQueue`).
         `expected_cached`: prompt tokens of each request the prefix cache is expected to serve (a
         router's estimate), left out of the outstanding work."""
-        loop, sink = asyncio.get_running_loop(), asyncio.Queue()
+        loop, sink = asyncio.get_running_loop(), OutputQueue(max_pending)
         arrival = time.monotonic()
         tracked = [_Tracked(r, i, loop, sink, arrival) for i, r in enumerate(requests)]
         for t, cached in zip(tracked, expected_cached or (), strict=False):
             t.expected_cached = min(cached, len(t.request.prompt_token_ids) - 1)
             t.work -= t.expected_cached
         with self._lock:  # the engine thread stops accepting under this lock, so no add is orphaned
-            if not self._accepting or not self._thread.is_alive():
+            if not self.accepting:
                 raise EngineStoppedError("the server is shutting down")
             if self._outstanding + len(requests) > self.capacity:
                 raise QueueFullError(
@@ -228,9 +293,11 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while self._take_commands(block=not self.engine.has_unfinished()):
+            while self._take_commands(block=not self.engine.has_unfinished(), timeout=self._until_probe()):
                 if self.engine.has_unfinished():
                     self._step()
+                elif self._probe_at is not None and time.monotonic() >= self._probe_at:
+                    self._probe()
         except BaseException:  # noqa: BLE001 - the thread must hand every request an answer
             log.exception("engine thread died")
         finally:
@@ -238,12 +305,12 @@ class AsyncEngine:
                 self._accepting = False
             self._end_all()
 
-    def _take_commands(self, block: bool) -> bool:
-        """Applies pending commands (waiting for one if `block`); False once told to stop."""
+    def _take_commands(self, block: bool, timeout: float | None = None) -> bool:
+        """Applies pending commands (waiting up to `timeout` for one if `block`); False once told to stop."""
         took = False
         while True:
             try:
-                kind, payload = self._commands.get(block=block and not took)
+                kind, payload = self._commands.get(block=block and not took, timeout=timeout)
             except queue.Empty:
                 break
             took = True
@@ -285,14 +352,15 @@ class AsyncEngine:
                     self._finished(t, out, time.monotonic())
 
     def _step(self) -> None:
+        self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as error:  # noqa: BLE001 - fail the requests, keep serving
-            log.exception("engine step failed; ending the %d requests in flight", len(self._tracked))
-            self.last_step_failed = True  # /health says 503 until a step works again
-            self._fail_all(EngineStepError(f"generation failed: {error}"))
+            self._step_failed(error)
             return
-        self.last_step_failed = False
+        finally:
+            self._step_started = None
+        self._recovered()
         now = time.monotonic()
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         done = sum(self._progress(t, out) for out in outputs if (t := self._tracked.get(out.request_id)))
@@ -319,14 +387,91 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - bookkeeping must never stop the engine
             log.exception("finish hook failed for %s", out.request_id)
 
-    def _fail_all(self, error: BaseException) -> None:
+    # ------------------------------------------------------------------ failures (engine thread)
+
+    def _step_failed(self, error: Exception) -> None:
+        """Fails the requests that were in the failed step (all of them if the step failed before it
+        knew which), logs the details against their ids, and schedules a probe."""
+        ids = error.request_ids if isinstance(error, StepError) else list(self._tracked)
+        cause = error.__cause__ if isinstance(error, StepError) and error.__cause__ else error
+        log.error(
+            "forward pass failed; failing its %d request(s) %s (%d others stay queued)",
+            len(ids),
+            ids[:8],
+            max(len(self._tracked) - len(ids), 0),
+            exc_info=cause,
+        )
+        self._mark_failed()
+        self._fail(ids, EngineStepError("generation failed"))
+        self.engine.refresh_stats()
+
+    def _mark_failed(self) -> None:
+        now = time.monotonic()
+        self.last_step_failed = True  # /ready says 503 until a step or a probe works again
+        self.failed_steps += 1
+        self._failing_since = self._failing_since or now
+        self._probe_at = now + PROBE_PAUSES[min(self._probes, len(PROBE_PAUSES) - 1)]
+        if self.step_timeout is not None and now - self._failing_since > self.step_timeout:
+            log.critical(
+                "every step and probe has failed for over %g s; the replica is dead", self.step_timeout
+            )
+            self._give_up()
+
+    def _recovered(self) -> None:
+        self.last_step_failed, self._probe_at, self._probes, self._failing_since = False, None, 0, None
+
+    def _until_probe(self) -> float | None:
+        return None if self._probe_at is None else max(self._probe_at - time.monotonic(), 0.0)
+
+    def _probe(self) -> None:
+        self._probes += 1
+        self._step_started = time.monotonic()  # the watchdog guards a probe like any step
+        try:
+            self.engine.probe()
+        except Exception:  # noqa: BLE001 - still broken: try again later
+            log.exception("probe step %d after a failure failed", self._probes)
+            self._mark_failed()
+            return
+        finally:
+            self._step_started = None
+        log.warning("probe step worked; the replica serves again")
+        self._recovered()
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for rid, t in list(self._tracked.items()):
+        for rid in request_ids:
+            t = self._tracked.pop(rid, None)
             self.engine.abort(rid)
-            self._release(t)
-            batches[t.loop].append((t.sink, error))
-        self._tracked.clear()
+            if t is not None:
+                self._release(t)
+                batches[t.loop].append((t.sink, error))
         self._post(batches)
+
+    def _watch(self) -> None:
+        """Watchdog thread: a step running past `step_timeout` is stuck for good (see the module
+        docstring); fail every request (the engine thread is blocked, so nothing else touches them),
+        stop accepting and call `on_stall`."""
+        while self._thread.is_alive() and not self.stalled:
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout:
+                log.critical("a forward pass has run for over %g s; the replica is stuck", self.step_timeout)
+                self._give_up()
+                return
+            time.sleep(min(self.step_timeout / 10, 1.0))
+
+    def _give_up(self) -> None:
+        """The replica is dead (stuck, or failing for step_timeout): fail every request, stop taking
+        new ones (/health says 503) and call `on_stall`."""
+        self.stalled = True
+        batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        tracked = list(self._tracked.values())
+        self._tracked.clear()  # should a stuck step ever return, its outputs go nowhere
+        for t in tracked:
+            self._release(t)
+            batches[t.loop].append((t.sink, EngineStepError("the engine is stuck")))
+        self._post(batches)
+        if self.on_stall is not None:
+            self.on_stall()
 
     def _end_all(self) -> None:
         """On stop: every request still running finishes with reason "abort"."""

@@ -4,11 +4,12 @@ Queue, KV-page and token counts and the token budget of the last step are read f
 stats at scrape time (each engine thread keeps them current after every step and every add or abort):
 unlabelled families are the sums over the replicas (the budget: the largest), and
 `fastgen_replica_*{replica="i"}` families give each replica's own figures, including the outstanding
-work the load balancer compares and how many requests it was sent. Everything else is observed by the
-engine threads as each request finishes: time to first token, time per output token after the first,
-end-to-end latency, the prompt and generation lengths (`fastgen_request_prompt_tokens`,
-`fastgen_request_generation_tokens`: what the traffic looks like), and the SLA verdict (`fastgen.sla`,
-judged on the times the server emitted the tokens):
+work the load balancer compares, how many requests it was sent, its failed forward passes
+(`fastgen_replica_step_failures_total`) and whether it is ready (`fastgen_replica_ready`).
+Everything else is observed by the engine threads as each request finishes: time to first token,
+time per output token after the first, end-to-end latency, the prompt and generation lengths
+(`fastgen_request_prompt_tokens`, `fastgen_request_generation_tokens`: what the traffic looks like),
+and the SLA verdict (`fastgen.sla`, judged on the times the server emitted the tokens):
 
   fastgen_sla_requests_total{part="prompt"|"generation"|"both", outcome="met"|"missed"}
 
@@ -128,11 +129,20 @@ class _EngineCollector:
             "Requests the load balancer sent to the replica",
             labels=["replica"],
         )
+        failures = CounterMetricFamily(
+            "fastgen_replica_step_failures",
+            "Forward passes (and probes after one) that failed on the replica",
+            labels=["replica"],
+        )
+        ready = GaugeMetricFamily(
+            "fastgen_replica_ready", "1 while the replica's last forward pass worked", labels=["replica"]
+        )
         for i, r in enumerate(self.replicas):
             work.add_metric([str(i)], r.outstanding_work)
             routed.add_metric([str(i)], r.routed)
-        yield work
-        yield routed
+            failures.add_metric([str(i)], r.failed_steps)
+            ready.add_metric([str(i)], float(r.ready))
+        yield from (work, routed, failures, ready)
 
 
 class ServerMetrics:

@@ -20,7 +20,7 @@ from fastgen_jax.tokenizer import Tokenizer
 class Choice:
     """A whole choice, gathered from its outputs (non-streamed responses)."""
 
-    text: str = ""
+    text_parts: list[str] = dataclasses.field(default_factory=list)  # joined once, at the end
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
@@ -29,7 +29,7 @@ class Choice:
     num_cached_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
-        self.text += out.new_text
+        self.text_parts.append(out.new_text)
         self.token_ids += out.new_token_ids
         self.logprobs += out.new_logprobs or []
         self.top_logprobs += out.new_top_logprobs or []
@@ -37,6 +37,10 @@ class Choice:
         self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
 
 
 class Formatter:

@@ -3,13 +3,18 @@
 Field names and defaults follow OpenAI's API (temperature 1.0, completions `max_tokens` 16), with
 vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens`.
 Ranges are checked here so that a 400 names the field as the client spelled it.
+
+Every list and string whose length decides how much work a request makes has a bound here, checked by
+pydantic before anything else runs (a list over its bound costs one error, not one per item; lists of
+token ids also stop at their first bad item): see the `MAX_*` constants, which the README lists. Text
+fields refuse lone UTF-16 surrogates ("\ud800" in JSON), which no tokenizer can encode.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from fastgen_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -32,6 +37,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_PROMPTS = 64  # prompts in one completions request (a list of strings or of token-id lists)
+MAX_PROMPT_TOKEN_IDS = 1 << 17  # token ids in one prompt (or one /detokenize call)
+MAX_MESSAGES = 1024  # chat messages in one request
+MAX_CONTENT_PARTS = 256  # text parts in one message
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM does not limit them
+MAX_STOP_CHARS = 256  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_DICT_ITEMS = 64  # entries in chat_template_kwargs, logit_bias, response_format; items in tools
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's set
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenIds = Annotated[list[int], Field(max_length=MAX_PROMPT_TOKEN_IDS, fail_fast=True)]
+StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -49,11 +78,11 @@ class _SamplingFields(_Request):
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_DICT_ITEMS)] | None = None
     user: str | None = None
     # vLLM's: requests share cached prompt KV only with requests of the same salt (tenant isolation)
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
@@ -61,7 +90,7 @@ class _SamplingFields(_Request):
     top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] = 0
     min_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
     skip_special_tokens: bool = True
 
     def check_unsupported(self) -> None:
@@ -106,7 +135,12 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -127,25 +161,25 @@ _RESERVED_TEMPLATE_KEYS = {"chat_template", "messages", "add_generation_prompt",
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Literal[CHAT_ROLES]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    response_format: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_DICT_ITEMS)] | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -166,15 +200,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 class TokenizeRequest(_Request):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

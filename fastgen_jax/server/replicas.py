@@ -18,14 +18,18 @@ submitted group to one replica:
   wins. The index is never asked of the replicas (it may be stale when one evicted pages; then the
   request merely computes its prompt), and it forgets its least recently used keys beyond a bound.
 
-A replica that is full or stopped is skipped. One replica is the common case and goes through the
-same code.
+A replica that is full or stopped is skipped, and one that is not ready (its last forward pass
+failed) is chosen only when no ready replica has room: it has no outstanding work, so it would otherwise
+win every pick and fail everything while the healthy ones idle. One replica is the common case and goes
+through the same code.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
+from collections.abc import Callable
 
 from fastgen_jax.engine.page_allocator import page_keys
 from fastgen_jax.llm_engine import LLMEngine
@@ -82,10 +86,15 @@ class ReplicaRouter:
         max_queue: int = 1024,
         on_finish: FinishHook | None = None,
         cache_aware: bool = True,
+        step_timeout: float | None = None,
+        on_stall: Callable[[int], None] | None = None,
     ):
         if not engines:
             raise ValueError("a router needs at least one engine")
-        self.replicas = [AsyncEngine(e, max_queue, on_finish) for e in engines]
+        self.replicas = [
+            AsyncEngine(e, max_queue, on_finish, step_timeout, on_stall and functools.partial(on_stall, i))
+            for i, e in enumerate(engines)
+        ]
         self.capacity = min(r.capacity for r in self.replicas)  # what one group may ask for
         config = engines[0].engine_config
         use_index = cache_aware and config.enable_prefix_caching and len(engines) > 1
@@ -105,8 +114,15 @@ class ReplicaRouter:
 
     @property
     def alive(self) -> bool:
-        """Every replica serving (a replica whose last step failed makes /health say 503)."""
-        return all(r.alive for r in self.replicas)
+        """Liveness: every replica's engine thread runs (a failed step does not count; a stuck one does)."""
+        return all(r.accepting for r in self.replicas)
+
+    def readiness(self) -> list[dict]:
+        """Each replica's state, for /ready."""
+        return [
+            {"replica": i, "ready": r.ready, "failed_steps": r.failed_steps}
+            for i, r in enumerate(self.replicas)
+        ]
 
     @property
     def num_outstanding(self) -> int:
@@ -120,12 +136,12 @@ class ReplicaRouter:
         counts = [await r.call(LLMEngine.reset_prefix_cache) for r in self.replicas if r.accepting]
         return sum(counts)
 
-    def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
+    def submit(self, requests: list[GenerationRequest], max_pending: int | None = None) -> RequestGroup:
         """Queues the group on the replica chosen as the module docstring says; QueueFullError when
         every one is full."""
         keys = self.index.keys(requests[0]) if self.index is not None and requests else []
         with self._lock:
-            # A replica whose last step failed still takes requests: its next good step clears it.
+            # A replica whose last step failed still takes requests when no ready one has room.
             serving = [i for i, r in enumerate(self.replicas) if r.accepting]
             if not serving:
                 raise EngineStoppedError("no replica is serving")
@@ -136,13 +152,13 @@ class ReplicaRouter:
             owner, depth = self.index.match(keys) if keys else (None, 0)
             expected = _expected_hits(requests, depth * self.index.page_size if keys else 0)
 
-            def cost(i: int) -> tuple[int, int, int]:
+            def cost(i: int) -> tuple[bool, int, int, int]:
                 r = self.replicas[i]
                 saved = sum(expected) if i == owner else 0
-                return r.outstanding_work - saved, r.num_outstanding, i
+                return not r.ready, r.outstanding_work - saved, r.num_outstanding, i
 
             chosen = min(open_, key=cost)
-            group = self.replicas[chosen].submit(requests, expected if chosen == owner else None)
+            group = self.replicas[chosen].submit(requests, max_pending, expected if chosen == owner else None)
             if self.index is not None:
                 self.index.record(keys, chosen)
             return group

@@ -26,6 +26,13 @@ from fastgen_jax.server.protocol import (
 from fastgen_jax.tokenizer import TokenizerError
 
 
+def _num_prompts(prompt: Any) -> int:
+    """How many prompts `prompt` holds (the schema bounds the list), before tokenizing any."""
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
 @dataclasses.dataclass
 class PreparedRequest:
     """An API request made ready: its engine requests (choice i is `requests[i]`) and its formatter."""
@@ -35,12 +42,32 @@ class PreparedRequest:
 
 
 class RequestBuilder:
-    """Checks bodies against one engine and model name; `capacity` caps the sequences one request
-    may ask for (prompts x n)."""
+    """Checks bodies against one engine and model name; one request may ask for at most
+    `max_seqs_per_request` sequences (prompts x n; default and cap: `capacity`), checked before any
+    prompt is tokenized."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, capacity: int):
+    def __init__(
+        self, engine: LLMEngine, model_name: str, capacity: int, max_seqs_per_request: int | None = None
+    ):
         self.engine, self.model_name, self.capacity = engine, model_name, capacity
+        self.max_seqs_per_request = min(max_seqs_per_request or capacity, capacity)
         self.tokenizer = engine.tokenizer
+
+    def check_count(self, num_prompts: int, n: int) -> None:
+        """Before any per-prompt work: a request may ask for at most max_seqs_per_request sequences."""
+        if num_prompts * n > self.max_seqs_per_request:
+            raise APIError(
+                400,
+                f"n: the request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                f"at most {self.max_seqs_per_request} per request (--max_seqs_per_request)",
+                "n",
+            )
+
+    def check_stop_token_ids(self, ids: list[int] | None) -> None:
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in ids or () if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"stop_token_ids must lie in [0, {vocab}); got {bad[:5]}", "stop_token_ids")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -63,10 +90,13 @@ class RequestBuilder:
             raise APIError(400, message, field) from None
         return max_tokens
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, **kwargs) -> list[int]:
         if not text:
             raise APIError(400, f"{param} is empty", param)
-        return self.tokenizer.encode(text)
+        try:
+            return self.tokenizer.encode(text, **kwargs)
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param} holds a lone UTF-16 surrogate (not valid Unicode)", param) from None
 
     def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
         try:
@@ -75,6 +105,10 @@ class RequestBuilder:
             )
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
+        except UnicodeEncodeError:  # e.g. in a field of a message other than its content
+            raise APIError(
+                400, "messages hold a lone UTF-16 surrogate (not valid Unicode)", "messages"
+            ) from None
 
     # ------------------------------------------------------------------ the two generation routes
 
@@ -84,6 +118,8 @@ class RequestBuilder:
         body.check_unsupported()
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", "echo")
+        self.check_count(_num_prompts(body.prompt), body.n)
+        self.check_stop_token_ids(body.stop_token_ids)
         prompts = self._completion_prompts(body.prompt)
         logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
         requests = self._requests(
@@ -105,6 +141,8 @@ class RequestBuilder:
         """A /v1/chat/completions body made ready; APIError says what the client must fix."""
         self.check_model(body.model)
         body.check_unsupported()
+        self.check_count(1, body.n)
+        self.check_stop_token_ids(body.stop_token_ids)
         ids = self.encode_chat(body, body.chat_template_kwargs or {})
         max_tokens = body.max_completion_tokens or body.max_tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -155,12 +193,13 @@ class RequestBuilder:
 
 # ---------------------------------------------------------------------- validation errors
 
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\]|[A-Z]\w*)$")
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """The 400 for a body the request model rejects (pydantic's `errors()`), naming the first field."""
-    error = errors[0]
+    # Of a union's alternatives, the one that says what is wrong with the value (not just its type).
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     if error.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")

@@ -2,7 +2,9 @@
 is disturbed: a stream running meanwhile completes with the same text, and the server keeps serving."""
 
 import json
+import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -178,7 +180,7 @@ def test_a_failed_forward_pass_ends_its_requests_with_500_and_the_server_goes_on
 
     def fail_once(*args):
         engine.runner.execute = real_execute  # the next step runs for real
-        raise RuntimeError("device fell over")
+        raise RuntimeError("device fell over at /secret/path shape=(64, 8)")
 
     engine.runner.execute = fail_once  # fails inside step(), after the scheduler composed it
     try:
@@ -186,8 +188,18 @@ def test_a_failed_forward_pass_ends_its_requests_with_500_and_the_server_goes_on
     finally:
         engine.runner.execute = real_execute
     assert_error(r, 500)
-    assert "device fell over" in r.json()["error"]["message"]
-    assert httpx.get(url + "/health").status_code == 503  # until a forward pass works again
+    message = r.json()["error"]["message"]
+    assert "secret" not in message and "fell over" not in message  # the details stay in the log
+    assert re.fullmatch(r"generation failed on the server \(request cmpl-[0-9a-f]{32}\)", message)
+    assert httpx.get(url + "/health").status_code == 200  # alive: no restart needed
+    for _ in range(100):  # the engine probes itself within a second and is ready again
+        if httpx.get(url + "/ready").status_code == 200:
+            break
+        time.sleep(0.05)
+    assert httpx.get(url + "/ready").json()["replicas"] == [{"replica": 0, "ready": True, "failed_steps": 1}]
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == engine.stats.total_pages
+    assert (
+        metric(url, "fastgen_kv_pages_used", AUTH) == 0 and metric(url, "fastgen_requests_running", AUTH) == 0
+    )
+    assert metric(url, 'fastgen_replica_step_failures_total{replica="0"}', AUTH) == 1
     assert post(url, "/v1/completions", completion(max_tokens=5)).status_code == 200
-    assert httpx.get(url + "/health").status_code == 200

@@ -57,7 +57,7 @@ def one_device_texts(model_dir) -> list[str]:
 
 def test_two_processes_serve_one_tensor_parallel_engine_and_exit_together(tiny_random_dir):
     coordinator = f"127.0.0.1:{free_port()}"
-    leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4")
+    leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4", "--max_seqs_per_request=4")
     follower = launch(tiny_random_dir, 1, coordinator, "--tensor_parallel=4")
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in leader.stdout], daemon=True).start()
@@ -97,3 +97,25 @@ def test_a_bad_multihost_launch_is_named_before_joining(tiny_random_dir, env, fl
         env={**os.environ, **env},
     )
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_when_a_follower_dies_the_leader_fails_its_requests_and_exits_nonzero(tiny_random_dir):
+    coordinator = f"127.0.0.1:{free_port()}"
+    leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4", "--step_timeout=5")
+    follower = launch(tiny_random_dir, 1, coordinator, "--tensor_parallel=4")
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in leader.stdout], daemon=True).start()
+    try:
+        url = wait_for_url(leader, lines, timeout=300)
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        follower.kill()
+        follower.wait(30)
+        # A collective with a dead peer raises (gloo) or hangs (the watchdog ends it): a clean 500 either way.
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and "generation failed on the server" in r.json()["error"]["message"]
+        assert leader.wait(60) == 3  # given up after --step_timeout: stuck, or failing throughout
+        assert "exiting with status 3" in leader.stderr.read()
+    finally:
+        leader.kill()
+        follower.kill()

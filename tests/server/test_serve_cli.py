@@ -74,6 +74,7 @@ def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_random_dir):
         (["--sla_token_rate=0"], "SLA rates and span must be positive"),
         (["--kv_memory_fraction=1.5"], "--kv_memory_fraction must be in (0, 1)"),
         (["--policy=fastest"], "policy"),
+        (["--api_key=clé"], "--api_key must be non-empty printable ASCII without spaces"),
     ],
 )
 def test_bad_flags_exit_with_a_message(tiny_random_dir, flags, message):
