@@ -451,9 +451,8 @@ def main(argv):
 
     workloads = FLAGS.workloads.split(",")
     config = EngineConfig(
-        token_budget=FLAGS.token_budget,
-        token_buckets=(64, FLAGS.token_budget),
-        max_num_seqs=64,
+        token_budget=FLAGS.token_budget,  # the server's default buckets: 16, 32, ... up to the budget
+        max_num_seqs=256,
         max_model_len=1536,
         num_pages=2048,
     )
@@ -472,14 +471,18 @@ def main(argv):
     }
     try:
         if "shared" in workloads:
+            print("workload: shared", flush=True)
             report["shared"] = shared_prefix(router, tokenizer)
         if "multiturn" in workloads:
+            print("workload: multiturn", flush=True)
             report["multiturn"] = multi_turn(router, tokenizer)
     finally:
         router.stop()
     if "host" in workloads:
+        print("workload: host", flush=True)
         report["host"] = host_cost(router)
     if "replicas" in workloads:
+        print("workload: replicas", flush=True)
         report["replicas"] = replicas(engines, tokenizer)
     print_tables(report)
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
