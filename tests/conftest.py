@@ -9,8 +9,8 @@ import pytest
 # Each test process (an xdist worker, and the servers it starts) compiles into a fresh persistent
 # compilation cache of its own: never into another worker's or another run's cache (a write into a
 # cache shared by both workers and earlier runs crashed a worker once).
-if "FASTGEN_JAX_COMPILATION_CACHE" not in os.environ:
-    os.environ["FASTGEN_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="fastgen-xla-")
+# (Set in every process that imports this file: xdist workers inherit the controller's environment.)
+os.environ["FASTGEN_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="fastgen-xla-")
 
 # Before anything imports jax: the CPU backend then offers 4 devices (the default device stays the
 # first, so single-device tests are unaffected). A GPU machine's devices are not changed by it.
