@@ -6,8 +6,11 @@ so a new kernel plugs in here and nowhere else.
 - "reference": pure JAX (`pallas_kernels.reference`), any backend.
 - "pallas": the Pallas ragged paged attention kernel, compiled through Triton; GPU only.
 - "pallas_interpret": the same kernel run by the Pallas interpreter on any backend (slow; tests).
-- "auto": "pallas" on a GPU, "reference" elsewhere. Shapes the kernel cannot take (a head_dim that
-  is not a power of two, say) quietly use the reference instead; an explicit "pallas" raises.
+- "cpu": the C++ ragged paged attention kernel (`cpu_kernels`, XLA FFI), CPU only. It is compiled
+  on first use (see `cpu_kernels.build`); an explicit "cpu" that cannot be built raises.
+- "auto": "pallas" on a GPU, "cpu" on a CPU, falling back to "reference" (with one log line) when
+  the CPU kernel cannot be built. Shapes the Pallas kernel cannot take (a head_dim that is not a
+  power of two, say) quietly use the reference instead; an explicit "pallas" raises.
 
 The K/V write is the reference XLA scatter for every choice: it moves only the step's new rows, and
 a fused write would race with the kernel's programs reading those rows.
@@ -21,24 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import cpu_kernels
 from fastgen_jax.config import ATTENTION_IMPLS, ConfigError
 from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
-KERNEL_IMPLS = ("pallas", "pallas_interpret")
+KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Attention:
     """A resolved attention implementation (hashable, so models can hold it as a static field).
 
-    impl: "reference", "pallas" or "pallas_interpret".
+    impl: "reference", "pallas", "pallas_interpret" or "cpu".
     fallback: use the reference for shapes the kernel does not support instead of raising.
     mesh: the tensor-parallel mesh the heads are split over (None: one device).
     """
@@ -67,6 +73,8 @@ class Attention:
     def paged_attention(self) -> Callable[..., jax.Array]:
         if self.impl == "reference":
             attend = reference.ragged_paged_attention_reference
+        elif self.impl == "cpu":
+            attend = cpu_kernels.ragged_paged_attention.ragged_paged_attention
         else:
             attend = functools.partial(
                 ragged_paged_attention.ragged_paged_attention,
@@ -118,12 +126,32 @@ def get_attention(impl: str = "auto") -> Attention:
     """Resolves `EngineConfig.attention_impl` for the current default backend."""
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    on_gpu = jax.default_backend() == "gpu"
+    backend = jax.default_backend()
     if impl == "auto":
-        return Attention("pallas", fallback=True) if on_gpu else Attention("reference")
-    if impl == "pallas" and not on_gpu:
+        if backend == "gpu":
+            return Attention("pallas", fallback=True)
+        if backend == "cpu" and _cpu_kernel_error() is None:
+            return Attention("cpu")
+        return Attention("reference")
+    if impl == "pallas" and backend != "gpu":
         raise ConfigError(
-            f"attention_impl='pallas' needs a GPU (backend is {jax.default_backend()!r}); "
+            f"attention_impl='pallas' needs a GPU (backend is {backend!r}); "
             "use 'pallas_interpret' to run the kernel through the interpreter"
         )
+    if impl == "cpu":
+        if backend != "cpu":
+            raise ConfigError(f"attention_impl='cpu' needs the CPU backend (backend is {backend!r})")
+        if (error := _cpu_kernel_error()) is not None:
+            raise ConfigError(f"attention_impl='cpu': the kernel is unavailable: {error}")
     return Attention(impl)
+
+
+@functools.cache
+def _cpu_kernel_error() -> str | None:
+    """None once the CPU kernel is built and registered, else why not (said once in the log)."""
+    try:
+        cpu_kernels.build.load()
+    except cpu_kernels.build.KernelBuildError as error:
+        log.warning("CPU attention kernel unavailable, using the reference: %s", str(error).splitlines()[0])
+        return str(error)
+    return None

@@ -191,7 +191,7 @@ class ModelConfig:
 
 
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first")
-ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
 
 
 def _default_token_buckets(budget: int) -> tuple[int, ...]:
@@ -219,9 +219,10 @@ class EngineConfig:
     kv_cache_bytes: memory for the KV pool when num_pages is None.
     max_model_len: longest sequence (prompt + generation); None means the model's limit.
     policy: "splitfuse" (Dynamic SplitFuse) or "prefill_first" (whole prompts first, no splitting).
-    attention_impl: "auto" (the Pallas kernel on GPU, the reference elsewhere), "reference" (pure
-      JAX), "pallas" (the GPU kernel) or "pallas_interpret" (the kernel through the Pallas
-      interpreter: any backend, slow; for tests).
+    attention_impl: "auto" (the Pallas kernel on GPU, the C++ kernel on CPU when it builds, else the
+      reference), "reference" (pure JAX), "pallas" (the GPU kernel), "pallas_interpret" (the kernel
+      through the Pallas interpreter: any backend, slow; for tests) or "cpu" (the C++ CPU kernel,
+      `cpu_kernels`; raises if it cannot be built).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their

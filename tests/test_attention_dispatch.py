@@ -1,8 +1,10 @@
 """`get_attention`: which implementation each `attention_impl` resolves to, and that the Pallas
-kernel (through the interpreter on the CPU) gives a model the same logits and tokens as the
-reference."""
+kernel (through the interpreter on the CPU) and the C++ CPU kernel give a model the same logits and
+tokens as the reference."""
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 import tokenizers
 
+import cpu_kernels
+from fastgen_jax import attention as attention_module
 from fastgen_jax.attention import Attention, get_attention
 from fastgen_jax.checkpoints import Checkpoint
 from fastgen_jax.config import ATTENTION_IMPLS, ConfigError, EngineConfig, ModelConfig
@@ -54,7 +58,7 @@ def random_params(config: ModelConfig, seed=0):
 
 
 def test_every_impl_is_an_engine_config_choice():
-    assert set(ATTENTION_IMPLS) == {"auto", "reference", "pallas", "pallas_interpret"}
+    assert set(ATTENTION_IMPLS) == {"auto", "reference", "pallas", "pallas_interpret", "cpu"}
     for impl in ATTENTION_IMPLS:
         assert EngineConfig(attention_impl=impl).attention_impl == impl
     with pytest.raises(ConfigError, match="attention_impl"):
@@ -62,11 +66,44 @@ def test_every_impl_is_an_engine_config_choice():
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU resolution")
-def test_auto_is_the_reference_on_cpu():
+def test_auto_is_the_cpu_kernel_on_cpu():
     attention = get_attention("auto")
-    assert attention == REFERENCE
-    assert attention.paged_attention is reference.ragged_paged_attention_reference
+    assert attention == Attention("cpu")
+    assert attention.paged_attention is cpu_kernels.ragged_paged_attention.ragged_paged_attention
     assert attention.write_kv is reference.write_kv_pages_reference
+
+
+@pytest.fixture
+def broken_cpu_kernel(monkeypatch):
+    """A CPU kernel whose build fails, with the resolution caches cleared before and after."""
+
+    def fail():
+        raise cpu_kernels.build.KernelBuildError("g++ failed (exit 1): no compiler here")
+
+    monkeypatch.setattr(cpu_kernels.build, "load", fail)
+    for cached in (get_attention, attention_module._cpu_kernel_error):
+        cached.cache_clear()
+    yield
+    for cached in (get_attention, attention_module._cpu_kernel_error):
+        cached.cache_clear()
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU resolution")
+def test_auto_falls_back_to_the_reference_with_one_log_line_when_the_cpu_kernel_fails(
+    broken_cpu_kernel, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="fastgen_jax.attention"):
+        assert get_attention("auto") == REFERENCE
+        get_attention("reference")
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU attention kernel unavailable, using the reference: g++ failed (exit 1): no compiler here"
+    ]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU resolution")
+def test_explicit_cpu_kernel_that_fails_to_build_is_a_config_error(broken_cpu_kernel):
+    with pytest.raises(ConfigError, match="attention_impl='cpu'.*no compiler here"):
+        get_attention("cpu")
 
 
 @pytest.mark.gpu
@@ -130,6 +167,12 @@ def test_tiny_model_logits_match_the_reference(sliding_window):
     assert_same_logits(KERNEL, sliding_window)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the C++ kernel runs on the CPU backend")
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_tiny_model_logits_with_the_cpu_kernel_match_the_reference(sliding_window):
+    assert_same_logits(Attention("cpu"), sliding_window)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sliding_window", [None, 5])
 def test_tiny_model_logits_with_the_compiled_kernel_on_gpu(sliding_window):
@@ -173,6 +216,13 @@ def test_engine_greedy_tokens_match_the_reference():
     prompts = [rng.integers(3, 61, n).tolist() for n in (21, 3, 9)]
     expected = engine_greedy_tokens("reference", prompts, 6)
     assert engine_greedy_tokens("pallas_interpret", prompts, 6) == expected
+
+
+@pytest.mark.skipif(ON_GPU, reason="the C++ kernel runs on the CPU backend")
+def test_engine_greedy_tokens_with_the_cpu_kernel_match_the_reference():
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 61, n).tolist() for n in (21, 3, 9)]
+    assert engine_greedy_tokens("cpu", prompts, 6) == engine_greedy_tokens("reference", prompts, 6)
 
 
 @pytest.mark.gpu

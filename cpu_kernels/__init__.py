@@ -1,0 +1,12 @@
+"""Attention kernels for the CPU, run inside the compiled step through XLA's FFI. Only jax and the
+standard library: nothing here knows about sequences or configs.
+
+- `ragged_paged_attention`: a C++ ragged paged attention kernel with the contract of
+  `pallas_kernels.reference.ragged_paged_attention_reference`.
+- `build`: compiles the C++ source with the system compiler against the headers of the JAX installed
+  at run time, once per (source, JAX version, CPU), into a user cache directory.
+"""
+
+from cpu_kernels import build, ragged_paged_attention
+
+__all__ = ["build", "ragged_paged_attention"]

@@ -1,0 +1,90 @@
+"""Builds and registers the C++ kernels: compiled on first use, not at install time.
+
+Why at first use: the FFI headers must be those of the JAX that runs the kernel (`jax.ffi.include_dir()`),
+and that JAX is only known for sure at run time (pip's build isolation would compile against whatever
+JAX it installs into a throw-away build environment, and a later `pip install -U jax` would leave a
+stale binary). So the first process that needs a kernel compiles it with the system C++ compiler
+(`$CXX`, default `g++`; C++17) into `$FASTGEN_KERNEL_CACHE` (default `~/.cache/fastgen_jax/kernels`),
+named by a hash of the source, the compiler flags, the JAX version and this CPU's features, and every
+later process loads that file. The build writes to a temporary name and renames it, so concurrent
+processes (test workers, replicas) never load a half-written library. `-march=native` is safe because
+the hash includes the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+
+import jax
+
+SOURCE = pathlib.Path(__file__).with_name("ragged_paged_attention.cc")
+# Fast math without -ffinite-math-only: reductions vectorise, while -inf still means "no key yet".
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros")  # fmt: skip
+TARGETS = {"fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention"}
+
+
+class KernelBuildError(RuntimeError):
+    """The kernel library could not be compiled or loaded here."""
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def library_path() -> pathlib.Path:
+    """Where the library for this source, JAX and CPU lives (it may not be built yet)."""
+    compiler = os.environ.get("CXX", "g++")
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join((compiler, *FLAGS)).encode(), jax.__version__.encode(),
+                 platform.machine().encode(), _cpu_features().encode()):  # fmt: skip
+        key.update(part)
+    default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "fastgen_jax"
+    cache = pathlib.Path(os.environ.get("FASTGEN_KERNEL_CACHE", default / "kernels"))
+    return cache / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+
+
+def compile_library(path: pathlib.Path) -> None:
+    """Compiles the source into `path` (atomically); raises KernelBuildError with the compiler's words."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        os.unlink(tmp)
+        raise KernelBuildError(f"cannot run {compiler!r}: {error}") from error
+    if done.returncode:
+        os.unlink(tmp)
+        raise KernelBuildError(f"{compiler} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    os.replace(tmp, path)
+
+
+@functools.cache
+def load() -> pathlib.Path:
+    """Builds the library if needed, loads it and registers its FFI targets with XLA (once per process).
+    Returns the library's path; raises KernelBuildError if it cannot."""
+    path = library_path()
+    if not path.exists():
+        compile_library(path)
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+        for target, symbol in TARGETS.items():
+            capsule = jax.ffi.pycapsule(getattr(library, symbol))
+            jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    except (OSError, AttributeError) as error:
+        raise KernelBuildError(f"cannot load {path}: {error}") from error
+    return path

@@ -1,0 +1,336 @@
+"""Where a step's time goes on this machine: matmuls, attention, KV writes, sampling and the host, each
+beside its floor.
+
+    python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
+    python scripts/profile_step.py --attention_impl=cpu_ragged   # the same with another kernel
+
+Step kinds, each run through the real engine (`LLMEngine.step()`, warm-up skipped, so the first step
+of a shape compiles it and is not timed):
+- decode-only: `--decode_seqs` sequences (each kind's value) at contexts `--contexts`;
+- prompt-only: one prompt chunk of `--token_budget` tokens, no context;
+- fused: `--fused_decodes` decodes at context 512 beside a prompt chunk filling the budget.
+
+For each kind the step's slab (the exact arrays the runner was given) is captured, and then:
+- step: the median wall time of `engine.step()` (host work included);
+- device: the compiled step program alone on those arrays; host = step - device;
+- matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
+  plus the LM head over the logits rows, as one program of plain `x @ w` (random weights of the
+  model's shapes);
+- attention: the configured attention implementation on the captured metadata, once per layer
+  over the engine's own KV pool;
+- kv_write: the K/V scatter of the slab's rows into every layer's pages (donated pool);
+- sampling: `sampler.sample` on logits of the captured shape;
+- other: device - (matmuls + attention + kv_write + sampling): norms, RoPE, embedding, residuals.
+
+Floors, from two ceilings measured here first (a large f32 matmul, FLOP/s; a large reduction, bytes
+read/s): matmuls max(FLOPs / rate, weight bytes / bandwidth); attention the K/V bytes every real row
+must read (each sequence's visible keys once per layer) / bandwidth, or its FLOPs / rate if larger;
+kv_write the new rows' K/V bytes / bandwidth; sampling the logits' bytes / bandwidth. Medians of
+`--repeats` runs. Prints a table and writes JSON (`--output`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "/work/main/checkpoints/smollm2-135m-instruct", "Model directory.")
+flags.DEFINE_list("contexts", ["128", "512", "2048"], "Contexts of the decode-only steps.")
+flags.DEFINE_list("decode_seqs", ["1", "8", "32"], "Sequences in the decode-only steps.")
+flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of the fused step.")
+flags.DEFINE_integer("token_budget", 256, "Tokens per step (the prompt chunk's length).")
+flags.DEFINE_string("attention_impl", "auto", "EngineConfig.attention_impl.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per figure (median reported).")
+flags.DEFINE_string("output", "docs/benchmarks/cpu_step_profile.json", "JSON output path.")
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of `fn()` (which must block), after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings() -> tuple[float, float]:
+    """(f32 matmul FLOP/s, bandwidth bytes/s read), measured on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 1024
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1 << 24,), jnp.float32)  # 64 MiB, past the caches
+    # A reduction reads without allocating: a fresh output buffer would time page faults instead.
+    mm, read = jax.jit(lambda a, b: a @ b), jax.jit(lambda x: x.sum())
+    t_mm = median_time(lambda: mm(a, a).block_until_ready(), 5)
+    t_read = median_time(lambda: read(x).block_until_ready(), 5)
+    return 2 * n**3 / t_mm, x.nbytes / t_read
+
+
+class Capture:
+    """Wraps `runner.execute` to keep the last step's (arrays, sampling)."""
+
+    def __init__(self, runner):
+        self.runner, self.last = runner, None
+        inner = runner.execute
+
+        def execute(arrays, sampling):
+            self.last = ({k: v.copy() for k, v in arrays.items()}, {k: v.copy() for k, v in sampling.items()})
+            return inner(arrays, sampling)
+
+        runner.execute = execute
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    """Distinct token ids per seed, so no two prompts share cached pages."""
+    return [(seed * 7919 + i * 31) % 40000 + 100 for i in range(length)]
+
+
+def timed_engine_steps(engine, repeats: int, keep) -> float:
+    """Median `engine.step()` time over steps for which `keep(outputs)` holds."""
+    times = []
+    while len(times) < repeats:
+        start = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - start
+        if keep(outs):
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def decode_kind(engine, capture, seqs: int, context: int, seed: int):
+    from fastgen_jax.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=4 * FLAGS.repeats + 8, ignore_eos=True)
+    ids = [engine.add_request(prompt_token_ids=prompt(seed + i, context), sampling_params=params)
+           for i in range(seqs)]  # fmt: skip
+    while any(len(o.new_token_ids) == 0 for o in engine.step()) or engine.scheduler.num_waiting:
+        pass  # prefill until every sequence decodes
+    engine.step()  # compiles this shape if it is new
+    t = timed_engine_steps(engine, FLAGS.repeats, lambda outs: len(outs) == seqs)
+    for i in ids:
+        engine.abort(i)
+    return t, capture.last
+
+
+def prompt_kind(engine, capture, decodes: int, seed: int):
+    """A full-budget prompt chunk, alone or beside `decodes` decodes at context 512."""
+    from fastgen_jax.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    ids = [engine.add_request(prompt_token_ids=prompt(seed + i, 512), sampling_params=params)
+           for i in range(decodes)]  # fmt: skip
+    while any(len(o.new_token_ids) == 0 for o in engine.step()) or engine.scheduler.num_waiting:
+        pass  # prefill until every sequence decodes
+    times, slab = [], None
+    for r in range(FLAGS.repeats + 1):
+        chunk = FLAGS.token_budget - decodes
+        rid = engine.add_request(prompt_token_ids=prompt(seed + 1000 + r, 4 * chunk), sampling_params=params)
+        start = time.perf_counter()
+        engine.step()
+        if r:  # the first compiles
+            times.append(time.perf_counter() - start)
+        slab = capture.last
+        engine.abort(rid)
+    for i in ids:
+        engine.abort(i)
+    return statistics.median(times), slab
+
+
+def components(engine, arrays, sampling) -> dict[str, float]:
+    """Seconds of the device program and of each part, on the captured slab."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastgen_jax.models.metadata import AttentionMetadata
+    from fastgen_jax.sampler import SamplingArrays, sample
+    from pallas_kernels.reference import write_kv_pages_reference
+
+    runner, c = engine.runner, engine.model_config
+    key = (int(arrays["token_ids"].shape[0]), int(arrays["page_indices"].shape[1]))
+    executable = runner._executables[key]
+    args = runner._device_args(arrays, sampling)
+
+    def device():
+        out, runner.kv_cache = executable(runner.params, runner.kv_cache, *args)
+        jax.block_until_ready(out)
+
+    rows, logits_rows = arrays["token_ids"].shape[0], arrays["logits_indices"].shape[0]
+    L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
+    kvd = c.num_kv_heads * c.head_dim
+    shapes = {"q": (d, hd), "k": (d, kvd), "v": (d, kvd), "o": (hd, d), "gate": (d, f), "up": (d, f)}
+    weights = {n: jnp.full((L, *s), 0.01, runner.dtype) for n, s in {**shapes, "down": (f, d)}.items()}
+    head = jnp.full((c.vocab_size, d), 0.01, runner.dtype)
+    x = jnp.ones((rows, d), runner.dtype)
+
+    @jax.jit
+    def matmuls(x, weights, head):
+        def layer(h, w):
+            q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+            h = h + (q + jnp.pad(k + v, ((0, 0), (0, hd - kvd)))) @ w["o"]
+            return h + (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"], None
+
+        h, _ = jax.lax.scan(layer, x, weights)
+        return h[:logits_rows] @ head.T
+
+    md = AttentionMetadata.from_arrays(arrays)
+    k_pages = runner.kv_cache[0]  # only its shape: `device()` donates the cache it reads
+    pages_per_layer = k_pages.shape[1] // L
+    attend = runner._model.attention.paged_attention
+    q = jnp.full((rows, c.num_heads, c.head_dim), 0.1, runner.dtype)
+
+    @jax.jit
+    def attention(q, k_pages, v_pages, md):
+        def layer(acc, i):
+            out = attend(q, k_pages, v_pages, md.kv_lens, md.page_indices + i * pages_per_layer,
+                         md.cu_q_lens, md.num_seqs, sm_scale=0.125)  # fmt: skip
+            return acc + out, None
+
+        acc, _ = jax.lax.scan(layer, jnp.zeros_like(q), jnp.arange(L))
+        return acc
+
+    kv = jnp.ones((rows, c.num_kv_heads, c.head_dim), runner.dtype)
+    slots = jnp.asarray(arrays["slot_mapping"])
+
+    @jax.jit
+    def kv_write(pages, kv, slots):
+        def layer(pages, i):
+            in_range = slots < pages_per_layer * pages[0].shape[2]
+            s = jnp.where(in_range, slots + i * pages_per_layer * pages[0].shape[2], 2**30)
+            return write_kv_pages_reference(*pages, kv, kv, s), None
+
+        pages, _ = jax.lax.scan(layer, pages, jnp.arange(L))
+        return pages
+
+    pool = [jnp.zeros_like(k_pages), jnp.zeros_like(k_pages)]
+    kv_write_donated = jax.jit(kv_write, donate_argnums=0)
+
+    def write():
+        pool[:] = kv_write_donated(tuple(pool), kv, slots)
+        jax.block_until_ready(pool)
+
+    logits = jnp.full((logits_rows, c.vocab_size), 0.5, jnp.float32)
+    s = SamplingArrays(**{n: jnp.asarray(sampling[n]) for n in SamplingArrays.__dataclass_fields__})
+    sampler = jax.jit(sample)
+    r = FLAGS.repeats
+    out = {
+        "device": median_time(device, r),
+        "matmuls": median_time(lambda: matmuls(x, weights, head).block_until_ready(), r),
+        "attention": median_time(lambda: attention(q, *runner.kv_cache, md).block_until_ready(), r),
+        "kv_write": median_time(write, r),
+        "sampling": median_time(lambda: jax.block_until_ready(sampler(logits, s)), r),
+    }
+    out["other"] = out["device"] - out["matmuls"] - out["attention"] - out["kv_write"] - out["sampling"]
+    return out
+
+
+def floors(engine, arrays, rate: float, bandwidth: float) -> dict[str, float]:
+    """Seconds each part must take at least on this machine (see the module docstring)."""
+    import numpy as np
+
+    c, size = engine.model_config, engine.runner.dtype.itemsize
+    real = int(arrays["cu_q_lens"][int(arrays["num_seqs"][0])])
+    logits_rows = len(arrays["logits_indices"])
+    d, f, hd = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
+    kvd = c.num_kv_heads * c.head_dim
+    layer_params = d * hd * 2 + d * kvd * 2 + 3 * d * f
+    head_params = c.vocab_size * d
+    matmul_flops = 2 * real * c.num_layers * layer_params + 2 * logits_rows * head_params
+    matmul_bytes = (c.num_layers * layer_params + head_params) * size
+    n = int(arrays["num_seqs"][0])
+    kv_lens = arrays["kv_lens"][:n].astype(np.int64)
+    q_lens = np.diff(arrays["cu_q_lens"][: n + 1]).astype(np.int64)
+    kv_read = 2 * c.num_layers * kvd * int(kv_lens.sum()) * size
+    # Visible (query, key) pairs: each new row sees the keys before it and itself.
+    pairs = int(np.sum(q_lens * (kv_lens - q_lens) + q_lens * (q_lens + 1) // 2))
+    attention_flops = 4 * c.num_layers * hd * pairs
+    return {
+        "matmuls": max(matmul_flops / rate, matmul_bytes / bandwidth),
+        "attention": max(kv_read / bandwidth, attention_flops / rate),
+        "kv_write": 2 * c.num_layers * kvd * real * size / bandwidth,
+        "sampling": logits_rows * c.vocab_size * 4 / bandwidth,
+        "weights_read": matmul_bytes / bandwidth,
+    }
+
+
+PARTS = ("matmuls", "attention", "kv_write", "sampling", "other", "host")
+
+
+def report_row(name: str, step: float, parts: dict, floor: dict, arrays) -> dict:
+    parts = {**parts, "host": step - parts["device"]}
+    return {
+        "kind": name,
+        "slab_rows": int(arrays["token_ids"].shape[0]),
+        "page_table_width": int(arrays["page_indices"].shape[1]),
+        "step_ms": step * 1e3,
+        "device_ms": parts["device"] * 1e3,
+        **{f"{p}_ms": parts[p] * 1e3 for p in PARTS},
+        **{f"{p}_floor_ms": v * 1e3 for p, v in floor.items()},
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'kind':>22} {'step':>7} {'device':>7} " + " ".join(f"{p:>16}" for p in PARTS[:4])
+          + f" {'other':>7} {'host':>7}  (ms; part/floor)")  # fmt: skip
+    for r in rows:
+        cells = " ".join(f"{r[p + '_ms']:>7.2f}/{r[p + '_floor_ms']:<8.2f}" for p in PARTS[:4])
+        print(f"{r['kind']:>22} {r['step_ms']:>7.2f} {r['device_ms']:>7.2f} {cells} "
+              f"{r['other_ms']:>7.2f} {r['host_ms']:>7.2f}")  # fmt: skip
+
+
+def main(argv):
+    del argv
+    from fastgen_jax.checkpoints import load_checkpoint
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.llm_engine import LLMEngine
+
+    contexts = [int(x) for x in FLAGS.contexts]
+    seqs = [int(x) for x in FLAGS.decode_seqs]
+    checkpoint = load_checkpoint(FLAGS.model, "float32")
+    max_len = max(max(contexts) + 8 * FLAGS.repeats, 4 * FLAGS.token_budget) + 64
+    config = EngineConfig(
+        token_budget=FLAGS.token_budget,
+        max_num_seqs=max(max(seqs), FLAGS.fused_decodes + 1),
+        max_model_len=max_len,
+        num_pages=max(seqs) * (-(-max_len // 16)) + 4 * FLAGS.token_budget // 16 + 64,
+        attention_impl=FLAGS.attention_impl,
+        enable_prefix_caching=False,
+        adaptive_budget=False,
+    )
+    engine = LLMEngine(checkpoint, config, "float32", warmup=False, progress=False)
+    capture = Capture(engine.runner)
+    rate, bandwidth = ceilings()
+    print(f"matmul {rate / 1e9:.1f} GFLOP/s, bandwidth {bandwidth / 1e9:.1f} GB/s (f32, measured here)")
+    rows = []
+    kinds = [
+        (f"decode {b}x{ctx}", lambda b=b, ctx=ctx: decode_kind(engine, capture, b, ctx, 1000 * (b + ctx)))
+        for ctx in contexts
+        for b in seqs
+    ]
+    fused = FLAGS.fused_decodes
+    kinds.append((f"prompt {FLAGS.token_budget}", lambda: prompt_kind(engine, capture, 0, 50_000)))
+    kinds.append((f"fused {fused}+chunk", lambda: prompt_kind(engine, capture, fused, 60_000)))
+    for name, run in kinds:
+        step, (arrays, sampling) = run()
+        parts = components(engine, arrays, sampling)
+        rows.append(report_row(name, step, parts, floors(engine, arrays, rate, bandwidth), arrays))
+        print_table(rows[-1:])
+    print()
+    print_table(rows)
+    os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        summary = {"model": FLAGS.model, "attention_impl": FLAGS.attention_impl, "load": os.getloadavg()}
+        summary |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
+        json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
