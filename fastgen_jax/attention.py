@@ -57,6 +57,12 @@ class Attention:
         if self.impl not in ("reference", *KERNEL_IMPLS):
             raise ConfigError(f"unresolved attention impl {self.impl!r}")
 
+    @property
+    def cost_follows_context(self) -> bool:
+        """Whether a wider page table costs nothing (the kernel walks only the pages a sequence
+        uses), so one page-table width serves every step."""
+        return self.impl == "cpu"
+
     def over(self, mesh: Mesh | None) -> Attention:
         """This implementation, run per shard over `mesh` when it has more than one device."""
         return dataclasses.replace(self, mesh=mesh if mesh is not None and mesh.size > 1 else None)

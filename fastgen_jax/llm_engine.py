@@ -113,7 +113,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.engine_config, num_pages=resolved.num_pages, max_model_len=resolved.max_model_len
         )
-        self.slab_builder = SlabBuilder.for_scheduler(self.scheduler)
+        one_width = self.runner.attention.cost_follows_context  # then W costs nothing: compile one
+        self.slab_builder = SlabBuilder.for_scheduler(self.scheduler, one_width)
         self.budget_controller = (
             BudgetController(
                 self.engine_config.token_buckets,

@@ -113,8 +113,8 @@ class ModelRunner:
             lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, self.dtype),
             out_shardings=kv_sharding,
         )()
-        attention = get_attention(engine_config.attention_impl).over(self.mesh)
-        self._model = build_model(self.model_config, self.dtype, attention, r.max_model_len)
+        self.attention = get_attention(engine_config.attention_impl).over(self.mesh)
+        self._model = build_model(self.model_config, self.dtype, self.attention, r.max_model_len)
         self._replicated = parallel.replicated(self.mesh)
         self._jitted = jax.jit(
             self._step,

@@ -4,7 +4,9 @@ One fixed workload runs through both engines in one process:
 
 - `--num_requests` requests, all queued at once (offline, no arrival process);
 - prompt and generation lengths drawn from Normal(mean, 0.3 x mean), as in the FastGen benchmarks,
-  rounded and clipped to [1, 2 x mean], with a fixed `--seed`;
+  rounded and clipped to [1, 2 x mean], with a fixed `--seed`; or, with `--workload=w0` (the W0 of
+  issue 19), prompt lengths uniform in [64, 256] and exactly 64 generated tokens each
+  (`--prompt_len`/`--gen_len` are then unused);
 - prompts are random token ids from the vocabulary, so both engines get the very same ids with no
   tokenizer in between;
 - greedy decoding with end-of-sequence disabled (`ignore_eos=True` for us, `eos_token_id=-1` for
@@ -42,6 +44,7 @@ Timings on a shared CPU are noisy; the JSON records the load average before and 
     python scripts/bench_offline.py                  # the default workload, both engines
     python scripts/bench_offline.py --quick          # a tiny smoke test
     python scripts/bench_offline.py --engine_only    # ours only
+    python scripts/bench_offline.py --workload=w0    # W0: 32 requests, prompts U[64, 256], 64 new
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 256, "Sequences per forward
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 1024, "Longest sequence for our engine.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page (both engines).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul for GFLOP/s.")
+_WORKLOAD = flags.DEFINE_enum(
+    "workload", "normal", ["normal", "w0"], "Length distribution: normal (FastGen's) or w0 (see above)."
+)
 _ENGINE_ONLY = flags.DEFINE_bool("engine_only", False, "Skip transformers; run our engine only.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
@@ -84,6 +90,9 @@ _OUTPUT_JSON = flags.DEFINE_string(
     "docs/benchmarks/offline_cpu.json",
     "Where to write results; a markdown table goes next to it (.md). Empty: write nothing.",
 )
+
+W0_PROMPT_LENS = (64, 256)  # --workload=w0: uniform prompt lengths, inclusive
+W0_GEN_LEN = 64  # --workload=w0: generated tokens per request
 
 # --quick overrides these flags: 8 short requests, small limits so warm-up compiles few programs.
 _QUICK_SETTINGS = {
@@ -112,6 +121,7 @@ class BenchConfig:
     matmul_size: int
     engine_only: bool
     quick: bool
+    workload: str = "normal"
 
     def __post_init__(self):
         for name in (
@@ -126,10 +136,14 @@ class BenchConfig:
         ):
             if getattr(self, name) <= 0:
                 raise app.UsageError(f"--{name} must be positive, got {getattr(self, name)}")
-        longest = 2 * self.prompt_len + 2 * self.gen_len
+        longest = (
+            W0_PROMPT_LENS[1] + W0_GEN_LEN
+            if self.workload == "w0"
+            else 2 * self.prompt_len + 2 * self.gen_len
+        )
         if longest > self.max_model_len:
             raise app.UsageError(
-                f"the longest request ({longest} tokens: 2 x prompt_len + 2 x gen_len) exceeds "
+                f"the longest request ({longest} tokens: 2 x prompt_len + 2 x gen_len, or W0's) exceeds "
                 f"--max_model_len={self.max_model_len}"
             )
 
@@ -165,6 +179,7 @@ def config_from_flags() -> BenchConfig:
             "matmul_size",
             "engine_only",
             "quick",
+            "workload",
         )
     }
     if values["quick"]:
@@ -194,8 +209,13 @@ def normal_lengths(rng: np.random.Generator, n: int, mean: int) -> list[int]:
 
 def make_workload(cfg: BenchConfig, vocab_size: int) -> Workload:
     rng = np.random.default_rng(cfg.seed)
-    prompt_lens = normal_lengths(rng, cfg.num_requests, cfg.prompt_len)
-    gen_lens = normal_lengths(rng, cfg.num_requests, cfg.gen_len)
+    if cfg.workload == "w0":
+        low, high = W0_PROMPT_LENS
+        prompt_lens = [int(n) for n in rng.integers(low, high + 1, size=cfg.num_requests)]
+        gen_lens = [W0_GEN_LEN] * cfg.num_requests
+    else:
+        prompt_lens = normal_lengths(rng, cfg.num_requests, cfg.prompt_len)
+        gen_lens = normal_lengths(rng, cfg.num_requests, cfg.gen_len)
     prompts = [rng.integers(0, vocab_size, size=n).tolist() for n in prompt_lens]
     return Workload(prompts, gen_lens)
 

@@ -117,6 +117,19 @@ def test_the_pallas_kernel_runs_per_shard_like_the_reference(smollm2_dir, tmp_pa
     assert np.abs(kernel - reference).max() < LOGIT_TOL
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel runs on the CPU backend")
+def test_the_cpu_kernel_runs_per_shard_like_the_reference(smollm2):
+    """SmolLM2's 3 KV heads padded to 4 on 2 and 4 devices, each device's kernel on its own pages."""
+    ids = smollm2.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    chunks = [len(ids) - 4, 1, 3]
+    reference = paged_logits(
+        smollm2.config, smollm2.params, ids, chunks=chunks, attention=get_attention("reference")
+    )
+    kernel = logits_over_tp(smollm2, ids, chunks, impl="cpu")
+    for tp in TP_SIZES:
+        assert np.abs(kernel[tp] - reference).max() < LOGIT_TOL, tp
+
+
 def test_parameters_and_kv_pages_are_split_not_replicated(smollm2):
     whole = sum(x.nbytes for x in jax.tree.leaves(smollm2.params))
     for tp in (2, 4):

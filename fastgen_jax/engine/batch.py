@@ -4,7 +4,9 @@ Shapes depend only on the bucket T (the smallest of `token_buckets` that holds t
 tokens), the sequence slots S = min(max_num_seqs, T) and the page-table width W (pages of the step's
 longest context, rounded up to a power of two, capped at the pages of max_model_len). The model
 compiles once per (T, W); `SlabBuilder.page_table_widths` lists every W so the runner can compile
-them all upfront.
+them all upfront. When the attention's cost already follows each sequence's real context (the CPU
+kernel reads only the pages it needs), `one_width` keeps a single W, the cap: one program per
+bucket instead of one per (bucket, width), so start-up compiles several times fewer.
 
 Slot i holds the i-th scheduled sequence (decodes first, then prompt chunks); its new tokens are the
 slab rows cu_q_lens[i]:cu_q_lens[i+1]. Padding is inert by construction: padding rows write their
@@ -70,7 +72,7 @@ class Slab:
 class SlabBuilder:
     """Builds a `Slab` from a `SchedulerOutput`; knows every shape the model is compiled for."""
 
-    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int):
+    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int, one_width: bool = False):
         if num_pages * config.page_size >= 2**31:
             raise ConfigError(f"{num_pages=} x page_size={config.page_size} overflows int32 slots")
         self.page_size = config.page_size
@@ -78,12 +80,13 @@ class SlabBuilder:
         self.max_num_seqs = config.max_num_seqs
         self.token_buckets: tuple[int, ...] = tuple(config.token_buckets)
         self.max_pages_per_seq = pages_for(max_model_len, config.page_size)
-        self.page_table_widths = _widths_up_to(self.max_pages_per_seq)
+        cap = self.max_pages_per_seq
+        self.page_table_widths = (cap,) if one_width else _widths_up_to(cap)
 
     @classmethod
-    def for_scheduler(cls, scheduler: Scheduler) -> SlabBuilder:
+    def for_scheduler(cls, scheduler: Scheduler, one_width: bool = False) -> SlabBuilder:
         """A builder for the steps of `scheduler` (same config, pool and max_model_len)."""
-        return cls(scheduler.config, scheduler.num_pages, scheduler.max_model_len)
+        return cls(scheduler.config, scheduler.num_pages, scheduler.max_model_len, one_width)
 
     @property
     def padding_slot(self) -> int:
@@ -107,6 +110,8 @@ class SlabBuilder:
         """Page-table width for a step whose longest context spans `num_pages` pages."""
         if num_pages > self.max_pages_per_seq:
             raise ValueError(f"a context of {num_pages} pages exceeds max_model_len")
+        if len(self.page_table_widths) == 1:
+            return self.page_table_widths[0]
         return min(1 << max(0, num_pages - 1).bit_length(), self.max_pages_per_seq)
 
     def build(self, output: SchedulerOutput) -> Slab:

@@ -47,6 +47,10 @@ def test_serves_then_shuts_down_gracefully_on_sigterm(tiny_random_dir):
     proc, lines = start(f"--model={tiny_random_dir}", "--port=0", "--served_model_name=tiny", *SMALL)
     try:
         url = wait_for_url(proc, lines)
+        ready = lines.get(timeout=30)
+        assert re.fullmatch(
+            r"fastgen-jax: ready in \d+\.\d s; compiled [1-9]\d* programs in \d+\.\d s\n", ready
+        )
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 100, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
