@@ -8,8 +8,9 @@
 // Work items are (sequence, KV head, block of query rows); they are spread over XLA's intra-op
 // thread pool, the calling thread taking its share, so nothing waits on a pool that is busy. Each
 // item walks its sequence's pages through the page table (no gather is materialised), one page at a
-// time: scores of the block's rows x group query heads against the page's keys, then an online
-// softmax update of their running max, denominator and output.
+// time: for each of the block's rows x group query heads, its scores against the page's visible
+// keys (dot products vectorised over head_dim), their exponentials (vectorised over keys through
+// glibc's vector math), and an online softmax update of its running max, denominator and output.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -46,7 +47,7 @@ inline float to_float(uint16_t x) {
   return f;
 }
 
-// Keys [ps, D] of one page as floats: the page itself for f32, a converted copy for bf16.
+// Rows [ps, D] of one page as floats: the page itself for f32, a converted copy for bf16.
 inline const float* page_rows(const float* page, int64_t, float*) { return page; }
 inline const float* page_rows(const uint16_t* page, int64_t n, float* buffer) {
   for (int64_t i = 0; i < n; ++i) buffer[i] = to_float(page[i]);
@@ -66,6 +67,9 @@ struct Params {
   int64_t window;
 };
 
+// The minimum score: finite (unlike -inf) so the fast-math build stays exact about "no key yet".
+constexpr float kMinScore = -1e30f;
+
 template <typename KV>
 void attend(const Params& p, const Item& item) {
   const Shapes& s = p.shape;
@@ -76,7 +80,7 @@ void attend(const Params& p, const Item& item) {
   const KV* k_head = static_cast<const KV*>(p.k_pages) + item.kv_head * s.num_pages * ps * D;
   const KV* v_head = static_cast<const KV*>(p.v_pages) + item.kv_head * s.num_pages * ps * D;
 
-  std::vector<float> qs(R * D), acc(R * D, 0.0f), m(R, -INFINITY), l(R, 0.0f);
+  std::vector<float> qs(R * D), acc(R * D, 0.0f), m(R, kMinScore), l(R, 0.0f);
   std::vector<int64_t> lo(item.num_rows), hi(item.num_rows);
   std::vector<float> k_buf(ps * D), v_buf(ps * D), scores(ps);
   int64_t first_key = kv_len, last_key = 0;
@@ -99,29 +103,38 @@ void attend(const Params& p, const Item& item) {
     const float* k = page_rows(k_head + physical * ps * D, ps * D, k_buf.data());
     const float* v = page_rows(v_head + physical * ps * D, ps * D, v_buf.data());
     for (int64_t r = 0; r < item.num_rows; ++r) {
-      const int64_t begin = std::max(lo[r], page * ps), end = std::min(hi[r], (page + 1) * ps);
+      // Keys [begin, end) of this page, relative to the page's first key.
+      const int64_t begin = std::max(lo[r], page * ps) - page * ps;
+      const int64_t end = std::min(hi[r], (page + 1) * ps) - page * ps;
       if (begin >= end) continue;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t i = r * G + g;
         const float* qv = &qs[i * D];
-        float block_max = -INFINITY;
-        for (int64_t key = begin; key < end; ++key) {
-          const float* kv = k + (key - page * ps) * D;
+        float* sc = scores.data();
+        for (int64_t j = begin; j < end; ++j) {
+          const float* kj = k + j * D;
           float dot = 0.0f;
-          for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-          if (p.softcap > 0.0f) dot = p.softcap * std::tanh(dot / p.softcap);
-          scores[key - begin] = dot;
-          block_max = std::max(block_max, dot);
+          for (int64_t d = 0; d < D; ++d) dot += qv[d] * kj[d];
+          sc[j] = dot;
         }
-        const float m_new = std::max(m[i], block_max);
+        if (p.softcap > 0.0f) {
+          const float inv = 1.0f / p.softcap;
+          for (int64_t j = begin; j < end; ++j) sc[j] = p.softcap * std::tanh(sc[j] * inv);
+        }
+        float m_new = m[i];
+        for (int64_t j = begin; j < end; ++j) m_new = std::max(m_new, sc[j]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = begin; j < end; ++j) {
+          sc[j] = std::exp(sc[j] - m_new);
+          sum += sc[j];
+        }
         const float alpha = std::exp(m[i] - m_new);
         float* a = &acc[i * D];
-        float sum = 0.0f;
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-        for (int64_t key = begin; key < end; ++key) {
-          const float w = std::exp(scores[key - begin] - m_new);
-          sum += w;
-          const float* vv = v + (key - page * ps) * D;
+        for (int64_t j = begin; j < end; ++j) {
+          const float w = sc[j];
+          const float* vv = v + j * D;
           for (int64_t d = 0; d < D; ++d) a[d] += w * vv[d];
         }
         l[i] = l[i] * alpha + sum;

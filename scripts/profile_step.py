@@ -4,15 +4,16 @@ beside its floor.
     python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
     python scripts/profile_step.py --attention_impl=cpu_ragged   # the same with another kernel
 
-Step kinds, each run through the real engine (`LLMEngine.step()`, warm-up skipped, so the first step
-of a shape compiles it and is not timed):
+Step kinds, each a slab built as the engine's `SlabBuilder` would (same bucket, slots and page-table
+width), with every sequence's pages scattered over the pool; no prefill is run, since attention costs
+the same over any key values (a 32 x 2k decode would otherwise need 64k prompt tokens first):
 - decode-only: `--decode_seqs` sequences (each kind's value) at contexts `--contexts`;
 - prompt-only: one prompt chunk of `--token_budget` tokens, no context;
-- fused: `--fused_decodes` decodes at context 512 beside a prompt chunk filling the budget.
+- fused: `--fused_decodes` decodes at context 512 beside a prompt chunk (after 256 tokens of its
+  prompt) filling the budget.
 
-For each kind the step's slab (the exact arrays the runner was given) is captured, and then:
-- step: the median wall time of `engine.step()` (host work included);
-- device: the compiled step program alone on those arrays; host = step - device;
+For each kind:
+- device: the engine's compiled step program (the runner's executable) on the slab;
 - matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
   plus the LM head over the logits rows, as one program of plain `x @ w` (random weights of the
   model's shapes);
@@ -21,6 +22,8 @@ For each kind the step's slab (the exact arrays the runner was given) is capture
 - kv_write: the K/V scatter of the slab's rows into every layer's pages (donated pool);
 - sampling: `sampler.sample` on logits of the captured shape;
 - other: device - (matmuls + attention + kv_write + sampling): norms, RoPE, embedding, residuals.
+The host's share is measured once, on real sequences decoding through `LLMEngine.step()`: its median
+time minus the device program's on the same slab.
 
 Floors, from two ceilings measured here first (a large f32 matmul, FLOP/s; a large reduction, bytes
 read/s): matmuls max(FLOPs / rate, weight bytes / bandwidth); attention the K/V bytes every real row
@@ -45,7 +48,8 @@ flags.DEFINE_list("decode_seqs", ["1", "8", "32"], "Sequences in the decode-only
 flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of the fused step.")
 flags.DEFINE_integer("token_budget", 256, "Tokens per step (the prompt chunk's length).")
 flags.DEFINE_string("attention_impl", "auto", "EngineConfig.attention_impl.")
-flags.DEFINE_integer("repeats", 5, "Timed runs per figure (median reported).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median reported).")
+flags.DEFINE_integer("max_kv_tokens", 16384, "Skip decode kinds holding more keys (the KV pool's memory).")
 flags.DEFINE_string("output", "docs/benchmarks/cpu_step_profile.json", "JSON output path.")
 
 
@@ -75,77 +79,65 @@ def ceilings() -> tuple[float, float]:
     return 2 * n**3 / t_mm, x.nbytes / t_read
 
 
-class Capture:
-    """Wraps `runner.execute` to keep the last step's (arrays, sampling)."""
+def synthetic_slab(engine, seqs: list[tuple[int, int]], rng) -> dict:
+    """Slab arrays for `seqs`, (context, new tokens) per sequence, their pages scattered over the pool
+    as a long-running server's are. No prefill runs: attention reads whatever the pages hold, which
+    costs the same as real keys."""
+    import numpy as np
 
-    def __init__(self, runner):
-        self.runner, self.last = runner, None
-        inner = runner.execute
-
-        def execute(arrays, sampling):
-            self.last = ({k: v.copy() for k, v in arrays.items()}, {k: v.copy() for k, v in sampling.items()})
-            return inner(arrays, sampling)
-
-        runner.execute = execute
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    """Distinct token ids per seed, so no two prompts share cached pages."""
-    return [(seed * 7919 + i * 31) % 40000 + 100 for i in range(length)]
-
-
-def timed_engine_steps(engine, repeats: int, keep) -> float:
-    """Median `engine.step()` time over steps for which `keep(outputs)` holds."""
-    times = []
-    while len(times) < repeats:
-        start = time.perf_counter()
-        outs = engine.step()
-        elapsed = time.perf_counter() - start
-        if keep(outs):
-            times.append(elapsed)
-    return statistics.median(times)
+    builder = engine.slab_builder
+    ps = builder.page_size
+    rows = sum(new for _, new in seqs)
+    bucket = builder.bucket_for(rows)
+    pages_needed = [-(-(c + n) // ps) for c, n in seqs]
+    width = builder.width_for(max(pages_needed))
+    pool = rng.permutation(np.arange(1, builder.num_pages))
+    slab = builder.padding_slab(bucket, width).arrays()
+    first_page, row = 0, 0
+    for i, ((context, new), used) in enumerate(zip(seqs, pages_needed, strict=True)):
+        pages = pool[first_page : first_page + used]
+        first_page += used
+        slab["page_indices"][i, :used] = pages
+        slab["kv_lens"][i] = context + new
+        pos = np.arange(context, context + new)
+        slab["positions"][row : row + new] = pos
+        slab["slot_mapping"][row : row + new] = pages[pos // ps] * ps + pos % ps
+        slab["token_ids"][row : row + new] = rng.integers(100, 40000, new)
+        row += new
+        slab["cu_q_lens"][i + 1 :] = row
+        slab["logits_indices"][i] = row - 1
+        slab["sample_mask"][i] = True
+    slab["num_seqs"][0] = len(seqs)
+    return slab
 
 
-def decode_kind(engine, capture, seqs: int, context: int, seed: int):
+def host_time(engine, seqs: int) -> tuple[float, float]:
+    """(median engine.step() seconds, of which device) for `seqs` real sequences decoding at a short
+    context: the host's share (schedule, slab, sampling settings, outputs) barely depends on context."""
     from fastgen_jax.sampling_params import SamplingParams
 
+    captured = []
+    inner = engine.runner.execute
+    engine.runner.execute = lambda a, s: captured.append((a, s)) or inner(a, s)
     params = SamplingParams(max_new_tokens=4 * FLAGS.repeats + 8, ignore_eos=True)
-    ids = [engine.add_request(prompt_token_ids=prompt(seed + i, context), sampling_params=params)
-           for i in range(seqs)]  # fmt: skip
+    ids = [engine.add_request(prompt_token_ids=[100 + i] * 16, sampling_params=params) for i in range(seqs)]
     while any(len(o.new_token_ids) == 0 for o in engine.step()) or engine.scheduler.num_waiting:
         pass  # prefill until every sequence decodes
     engine.step()  # compiles this shape if it is new
-    t = timed_engine_steps(engine, FLAGS.repeats, lambda outs: len(outs) == seqs)
-    for i in ids:
-        engine.abort(i)
-    return t, capture.last
-
-
-def prompt_kind(engine, capture, decodes: int, seed: int):
-    """A full-budget prompt chunk, alone or beside `decodes` decodes at context 512."""
-    from fastgen_jax.sampling_params import SamplingParams
-
-    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
-    ids = [engine.add_request(prompt_token_ids=prompt(seed + i, 512), sampling_params=params)
-           for i in range(decodes)]  # fmt: skip
-    while any(len(o.new_token_ids) == 0 for o in engine.step()) or engine.scheduler.num_waiting:
-        pass  # prefill until every sequence decodes
-    times, slab = [], None
-    for r in range(FLAGS.repeats + 1):
-        chunk = FLAGS.token_budget - decodes
-        rid = engine.add_request(prompt_token_ids=prompt(seed + 1000 + r, 4 * chunk), sampling_params=params)
+    times = []
+    while len(times) < FLAGS.repeats:
         start = time.perf_counter()
-        engine.step()
-        if r:  # the first compiles
+        outs = engine.step()
+        if len(outs) == seqs:
             times.append(time.perf_counter() - start)
-        slab = capture.last
-        engine.abort(rid)
+    engine.runner.execute = inner
+    device = components(engine, *captured[-1], parts=False)["device"]
     for i in ids:
         engine.abort(i)
-    return statistics.median(times), slab
+    return statistics.median(times), device
 
 
-def components(engine, arrays, sampling) -> dict[str, float]:
+def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]:
     """Seconds of the device program and of each part, on the captured slab."""
     import jax
     import jax.numpy as jnp
@@ -155,6 +147,7 @@ def components(engine, arrays, sampling) -> dict[str, float]:
     from pallas_kernels.reference import write_kv_pages_reference
 
     runner, c = engine.runner, engine.model_config
+    runner.compile(arrays, sampling)
     key = (int(arrays["token_ids"].shape[0]), int(arrays["page_indices"].shape[1]))
     executable = runner._executables[key]
     args = runner._device_args(arrays, sampling)
@@ -162,6 +155,9 @@ def components(engine, arrays, sampling) -> dict[str, float]:
     def device():
         out, runner.kv_cache = executable(runner.params, runner.kv_cache, *args)
         jax.block_until_ready(out)
+
+    if not parts:
+        return {"device": median_time(device, FLAGS.repeats)}
 
     rows, logits_rows = arrays["token_ids"].shape[0], arrays["logits_indices"].shape[0]
     L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
@@ -261,74 +257,83 @@ def floors(engine, arrays, rate: float, bandwidth: float) -> dict[str, float]:
     }
 
 
-PARTS = ("matmuls", "attention", "kv_write", "sampling", "other", "host")
+PARTS = ("matmuls", "attention", "kv_write", "sampling")
 
 
-def report_row(name: str, step: float, parts: dict, floor: dict, arrays) -> dict:
-    parts = {**parts, "host": step - parts["device"]}
+def report_row(name: str, parts: dict, floor: dict, arrays) -> dict:
     return {
         "kind": name,
         "slab_rows": int(arrays["token_ids"].shape[0]),
         "page_table_width": int(arrays["page_indices"].shape[1]),
-        "step_ms": step * 1e3,
-        "device_ms": parts["device"] * 1e3,
-        **{f"{p}_ms": parts[p] * 1e3 for p in PARTS},
+        **{f"{p}_ms": v * 1e3 for p, v in parts.items()},
         **{f"{p}_floor_ms": v * 1e3 for p, v in floor.items()},
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'kind':>22} {'step':>7} {'device':>7} " + " ".join(f"{p:>16}" for p in PARTS[:4])
-          + f" {'other':>7} {'host':>7}  (ms; part/floor)")  # fmt: skip
+    head = " ".join(f"{p:>16}" for p in PARTS)
+    print(f"{'kind':>18} {'device':>7} {'floor':>7} {head} {'other':>7}  (ms: measured/floor)")
     for r in rows:
-        cells = " ".join(f"{r[p + '_ms']:>7.2f}/{r[p + '_floor_ms']:<8.2f}" for p in PARTS[:4])
-        print(f"{r['kind']:>22} {r['step_ms']:>7.2f} {r['device_ms']:>7.2f} {cells} "
-              f"{r['other_ms']:>7.2f} {r['host_ms']:>7.2f}")  # fmt: skip
+        cells = " ".join(f"{r[p + '_ms']:>7.2f}/{r[p + '_floor_ms']:<8.2f}" for p in PARTS)
+        floor = sum(r[p + "_floor_ms"] for p in PARTS)
+        print(f"{r['kind']:>18} {r['device_ms']:>7.2f} {floor:>7.2f} {cells} {r['other_ms']:>7.2f}")
+
+
+def step_kinds(contexts: list[int], seqs: list[int]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(name, [(context, new tokens) per sequence]) for every step kind profiled."""
+    budget, fused = FLAGS.token_budget, FLAGS.fused_decodes
+    kinds = [(f"decode {b}x{ctx}", [(ctx - 1, 1)] * b) for ctx in contexts for b in seqs
+             if b * ctx <= FLAGS.max_kv_tokens]  # fmt: skip
+    kinds.append((f"prompt {budget}", [(0, budget)]))
+    kinds.append((f"fused {fused}+{budget - fused}", [(511, 1)] * fused + [(256, budget - fused)]))
+    return kinds
 
 
 def main(argv):
     del argv
+    import numpy as np
+
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.config import EngineConfig
     from fastgen_jax.llm_engine import LLMEngine
+    from fastgen_jax.runner import sampling_arrays
 
     contexts = [int(x) for x in FLAGS.contexts]
     seqs = [int(x) for x in FLAGS.decode_seqs]
-    checkpoint = load_checkpoint(FLAGS.model, "float32")
-    max_len = max(max(contexts) + 8 * FLAGS.repeats, 4 * FLAGS.token_budget) + 64
+    max_len = max(max(contexts), 1024) + 8 * FLAGS.repeats + 64
+    kinds = step_kinds(contexts, seqs)
     config = EngineConfig(
         token_budget=FLAGS.token_budget,
         max_num_seqs=max(max(seqs), FLAGS.fused_decodes + 1),
         max_model_len=max_len,
-        num_pages=max(seqs) * (-(-max_len // 16)) + 4 * FLAGS.token_budget // 16 + 64,
+        num_pages=max(sum(-(-(c + n) // 16) for c, n in s) for _, s in kinds) + 64,
+        page_size=16,
         attention_impl=FLAGS.attention_impl,
         enable_prefix_caching=False,
-        adaptive_budget=False,
     )
-    engine = LLMEngine(checkpoint, config, "float32", warmup=False, progress=False)
-    capture = Capture(engine.runner)
+    engine = LLMEngine(
+        load_checkpoint(FLAGS.model, "float32"), config, "float32", warmup=False, progress=False
+    )
     rate, bandwidth = ceilings()
     print(f"matmul {rate / 1e9:.1f} GFLOP/s, bandwidth {bandwidth / 1e9:.1f} GB/s (f32, measured here)")
+    rng = np.random.default_rng(0)
     rows = []
-    kinds = [
-        (f"decode {b}x{ctx}", lambda b=b, ctx=ctx: decode_kind(engine, capture, b, ctx, 1000 * (b + ctx)))
-        for ctx in contexts
-        for b in seqs
-    ]
-    fused = FLAGS.fused_decodes
-    kinds.append((f"prompt {FLAGS.token_budget}", lambda: prompt_kind(engine, capture, 0, 50_000)))
-    kinds.append((f"fused {fused}+chunk", lambda: prompt_kind(engine, capture, fused, 60_000)))
-    for name, run in kinds:
-        step, (arrays, sampling) = run()
+    for name, kind in kinds:
+        arrays = synthetic_slab(engine, kind, rng)
+        sampling = sampling_arrays(arrays["kv_lens"].shape[0])
         parts = components(engine, arrays, sampling)
-        rows.append(report_row(name, step, parts, floors(engine, arrays, rate, bandwidth), arrays))
+        rows.append(report_row(name, parts, floors(engine, arrays, rate, bandwidth), arrays))
         print_table(rows[-1:])
+    step, device = host_time(engine, max(seqs))
     print()
     print_table(rows)
+    print(f"host: engine.step() {step * 1e3:.2f} ms, of which device {device * 1e3:.2f} ms, for {max(seqs)} "
+          f"sequences decoding at context 16-40")  # fmt: skip
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
     with open(FLAGS.output, "w") as f:
         summary = {"model": FLAGS.model, "attention_impl": FLAGS.attention_impl, "load": os.getloadavg()}
         summary |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
+        summary |= {"host": {"sequences": max(seqs), "step_ms": step * 1e3, "device_ms": device * 1e3}}
         json.dump(summary, f, indent=2)
 
 
