@@ -296,7 +296,9 @@ def main(argv):
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.config import EngineConfig
     from fastgen_jax.llm_engine import LLMEngine
-    from fastgen_jax.runner import sampling_arrays
+    from fastgen_jax.runner import enable_compilation_cache, sampling_arrays
+
+    enable_compilation_cache()  # the parts' programs repeat across kinds of the same shapes
 
     contexts = [int(x) for x in FLAGS.contexts]
     seqs = [int(x) for x in FLAGS.decode_seqs]
