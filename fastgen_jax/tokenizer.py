@@ -211,6 +211,10 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ ids and text
 
+    def to_json(self) -> str:
+        """The backend as `tokenizer.json` text (what grammar engines build their vocabulary from)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text map to their ids."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
