@@ -12,7 +12,8 @@ One `step()`:
    The call returns at once; the step blocks only when it reads the sampled ids back.
    Rows of requests with structured outputs get a token bitmask from `GuidedDecoder` (built here,
    `_add_token_bitmask`, only when such a row samples); the sampler applies it on device.
-4. `Scheduler.postprocess()` advances every sequence (and `GuidedDecoder` each constrained one's matcher); each `RequestState` detokenizes its new token and
+4. `Scheduler.postprocess()` advances every sequence (`GuidedDecoder` each constrained one's
+   matcher); each `RequestState` detokenizes its new token and
    checks stop conditions, and finished sequences give their pages back at once.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
@@ -131,7 +132,9 @@ class LLMEngine:
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
         self._states: dict[str, RequestState] = {}
-        self.guided = GuidedDecoder(self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids)
+        self.guided = GuidedDecoder(
+            self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
+        )
         self._ids = itertools.count()
         self.stats = EngineStats(
             total_pages=resolved.num_pages - 1, token_budget=self.engine_config.token_budget

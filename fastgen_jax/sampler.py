@@ -70,7 +70,9 @@ def apply_token_bitmask(logits: jax.Array, token_bitmask: jax.Array) -> jax.Arra
     return jnp.where(allowed, logits, NEG_INF)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, token_bitmask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+def sample(
+    logits: jax.Array, s: SamplingArrays, token_bitmask: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
     """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S], the most
     likely tokens i32[S, K] and their log-probabilities f32[S, K]), K = min(MAX_TOP_LOGPROBS, V).
 
@@ -83,7 +85,9 @@ def sample(logits: jax.Array, s: SamplingArrays, token_bitmask: jax.Array | None
     model_logits = logits
     if token_bitmask is not None:  # unpacked only when some row is constrained
         unconstrained = jnp.all(token_bitmask == -1)
-        logits = jax.lax.cond(unconstrained, lambda x: x, lambda x: apply_token_bitmask(x, token_bitmask), logits)
+        logits = jax.lax.cond(
+            unconstrained, lambda x: x, lambda x: apply_token_bitmask(x, token_bitmask), logits
+        )
     greedy = s.temperature < MIN_TEMPERATURE
     argmax = jnp.argmax(logits, axis=-1)
 

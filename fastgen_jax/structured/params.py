@@ -83,7 +83,9 @@ class StructuredOutputs:
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.regex)
         if kind == "choice":  # Lark string literals are JSON strings
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps, self.choice)))
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(map(json.dumps, self.choice))
+            )
         text = gbnf_to_lark(self.grammar) if "::=" in self.grammar else self.grammar
         return llguidance.LLMatcher.grammar_from_lark(text)
 

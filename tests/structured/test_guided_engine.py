@@ -106,12 +106,17 @@ def test_a_constrained_request_cut_by_max_tokens_says_length(engine):
     [
         (dict(regex="a(b", param="guided_regex"), "guided_regex"),
         (dict(grammar="start: missing_rule", param="guided_grammar"), "guided_grammar"),
-        (dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}, param="guided_json"), "guided_json"),
+        (
+            dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}, param="guided_json"),
+            "guided_json",
+        ),
     ],
 )
 def test_a_constraint_that_does_not_compile_names_its_field(engine, spec, param):
     with pytest.raises(RequestError) as error:
-        engine.add_request(prompt_token_ids=[5], sampling_params=SamplingParams(structured_outputs=StructuredOutputs(**spec)))
+        engine.add_request(
+            prompt_token_ids=[5], sampling_params=SamplingParams(structured_outputs=StructuredOutputs(**spec))
+        )
     assert error.value.param == param and str(error.value).startswith(param)
     assert not engine.has_unfinished()
 
