@@ -1,6 +1,7 @@
 """Structured outputs and tool calls over HTTP, through the official `openai` client, on a tiny random
 model: whatever gibberish the weights prefer, the grammar decides the shape of the answer."""
 
+import dataclasses
 import json
 import re
 from typing import Literal
@@ -41,6 +42,7 @@ TIME = {
         },
     },
 }
+CONFIG = dataclasses.replace(TINY_CONFIG, max_model_len=1024)  # room for the tools' system prompt
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -52,7 +54,7 @@ class Pet(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tiny_random_dir):
-    engine = make_engine(tiny_random_dir, TINY_CONFIG)
+    engine = make_engine(tiny_random_dir, CONFIG)
     with serving(engine, model_name="tiny") as url:
         yield url, engine
 
