@@ -267,6 +267,12 @@ class Tokenizer:
         """The default chat template, or None when the model has none."""
         return self._chat_templates.get("default")
 
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat templates render a `tools` list (a "tool_use" one, or a default that
+        reads `tools`); when not, the server writes tools into the prompt itself."""
+        return "tool_use" in self._chat_templates or "tools" in (self.chat_template or "")
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -189,7 +189,7 @@ class RequestBuilder:
         them; for one that does not, they and the tool turns are written out by hand
         (`tools.render_without_template_tools`)."""
         messages, kwargs = template_messages(body.messages), dict(body.chat_template_kwargs or {})
-        if "tools" in (self.tokenizer.chat_template or ""):
+        if self.tokenizer.takes_tools:
             if tools and choice != "none":
                 kwargs["tools"] = [t.signature() for t in tools]
             return messages, kwargs
