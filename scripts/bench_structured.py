@@ -146,7 +146,9 @@ def _markdown(result: dict) -> str:
 
 def main(argv):
     del argv
-    engine = LLMEngine.from_pretrained(FLAGS.model, EngineConfig(token_budget=256, max_num_seqs=32))
+    engine = LLMEngine.from_pretrained(
+        FLAGS.model, EngineConfig(token_budget=256, max_num_seqs=32, max_model_len=2048)
+    )
     timer = HostTimer(engine)
     load_before = os.getloadavg()[0]
     runs = [measure(engine, timer, c, k) for c in (1, 32) for k in (False, True)]
