@@ -147,7 +147,7 @@ def _markdown(result: dict) -> str:
 def main(argv):
     del argv
     engine = LLMEngine.from_pretrained(
-        FLAGS.model, EngineConfig(token_budget=256, max_num_seqs=32, max_model_len=2048)
+        FLAGS.model, EngineConfig(token_budget=128, max_num_seqs=32, max_model_len=1024, num_pages=1300)
     )
     timer = HostTimer(engine)
     load_before = os.getloadavg()[0]

@@ -237,7 +237,7 @@ def main(argv):
     del argv
     import os
 
-    config = EngineConfig(token_budget=256, max_num_seqs=32, max_model_len=2048)
+    config = EngineConfig(token_budget=128, max_num_seqs=32, max_model_len=1024, num_pages=1300)
     engine = LLMEngine.from_pretrained(FLAGS.model, config)
     result = run_check(engine, FLAGS.num_json, FLAGS.num_choice, FLAGS.num_regex, FLAGS.max_tokens)
     result.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs", load_average=os.getloadavg()[0])
