@@ -10,7 +10,10 @@ One `step()`:
 3. `ModelRunner.execute()` runs the precompiled program for (T, W): the model writes the new K/V into
    the donated page pool, computes logits only for the rows that need a token, and samples on device.
    The call returns at once; the step blocks only when it reads the sampled ids back.
-4. `Scheduler.postprocess()` advances every sequence; each `RequestState` detokenizes its new token and
+   Rows of requests with structured outputs get a token bitmask from `GuidedDecoder` (built here,
+   `_add_token_bitmask`, only when such a row samples); the sampler applies it on device.
+4. `Scheduler.postprocess()` advances every sequence (`GuidedDecoder` each constrained one's
+   matcher); each `RequestState` detokenizes its new token and
    checks stop conditions, and finished sequences give their pages back at once.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
@@ -26,6 +29,7 @@ from collections.abc import Sequence as SequenceABC
 
 import numpy as np
 
+from fastgen_jax import distributed
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import (
@@ -40,6 +44,7 @@ from fastgen_jax.engine import (
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache, sampling_arrays
 from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.structured import GuidedDecoder, StructuredOutputsError
 
 _FINISH_STATUS = {
     "stop": SequenceStatus.FINISHED_STOPPED,
@@ -128,6 +133,9 @@ class LLMEngine:
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
         self._states: dict[str, RequestState] = {}
+        self.guided = GuidedDecoder(
+            self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
+        )
         self._ids = itertools.count()
         self.stats = EngineStats(
             total_pages=resolved.num_pages - 1, token_budget=self.engine_config.token_budget
@@ -173,6 +181,8 @@ class LLMEngine:
         if request_id in self._states:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
+        if params.structured_outputs is not None:
+            self._add_guided(request_id, params)
         self.scheduler.add(Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt))
         if self.budget_controller is not None:
             self.budget_controller.arrived(request_id, time.perf_counter(), len(ids))
@@ -180,6 +190,15 @@ class LLMEngine:
             request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids
         )
         return request_id
+
+    def _add_guided(self, request_id: str, params: SamplingParams) -> None:
+        spec = params.structured_outputs
+        if distributed.is_multiprocess():
+            raise RequestError("structured outputs are not supported in a multi-host group", spec.param)
+        try:
+            self.guided.add(request_id, spec)
+        except StructuredOutputsError as error:
+            raise RequestError(str(error), error.param) from None
 
     def check_prompt(self, ids: list[int], max_new_tokens: int = 1) -> None:
         """Raises RequestError unless `ids` plus `max_new_tokens` generated tokens fit the engine."""
@@ -209,6 +228,7 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         self._forget(request_id)
+        self.guided.remove(request_id)
         return state.abort()
 
     def has_unfinished(self) -> bool:
@@ -276,6 +296,7 @@ class LLMEngine:
         try:
             slab = self.slab_builder.build(output)
             arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
+            self._add_token_bitmask(output, sampling)
             self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
             launched = time.perf_counter()
             tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
@@ -325,6 +346,19 @@ class LLMEngine:
             arrays["logprobs"][i] = params.logprobs
         return arrays
 
+    def _add_token_bitmask(self, output: SchedulerOutput, sampling: dict[str, np.ndarray]) -> None:
+        """Adds `token_bitmask` to the sampling arrays when a constrained sequence samples this step
+        (its matcher must have seen the previous step's token: no overlap for it)."""
+        if not len(self.guided):
+            return
+        rows = [
+            (i, e.seq.request_id)
+            for i, e in enumerate(output.scheduled)
+            if e.needs_sample and e.seq.request_id in self.guided
+        ]
+        if rows:
+            sampling["token_bitmask"] = self.guided.bitmask(rows, len(sampling["temperature"]))
+
     def _process_samples(
         self,
         output: SchedulerOutput,
@@ -342,10 +376,12 @@ class LLMEngine:
             alternatives = None
             if k and top is not None:
                 alternatives = [(int(t), float(v)) for t, v in zip(top[0][i, :k], top[1][i, :k], strict=True)]
+            self.guided.advance(entry.seq.request_id, int(tokens[i]))
             result = state.add_token(int(tokens[i]), float(logprobs[i]), alternatives)
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._states[entry.seq.request_id]
+                self.guided.remove(entry.seq.request_id)
             results.append(result)
         return results
 

@@ -5,6 +5,10 @@ executable per (T, W) pair ahead of time (`warmup`) and afterwards only ever cal
 a shape it has not compiled is an error, never a silent recompile. The KV cache is donated to every
 step, so XLA updates it in place. Sampling happens inside the same program; the step returns device
 arrays and does not wait for them, so the caller decides when to block.
+
+Structured outputs enter as one optional entry of the sampling arrays, `token_bitmask`
+(i32[S, ceil(V/32)], see `sampler.apply_token_bitmask`). A step without it gets an all-ones mask
+that stays on the device, so every step runs the same program and only constrained steps send one.
 """
 
 from __future__ import annotations
@@ -125,15 +129,22 @@ class ModelRunner:
                 self._replicated,
                 self._replicated,
                 self._replicated,
+                self._replicated,
             ),
             out_shardings=(self._replicated, kv_sharding),
         )
         self._executables: dict[tuple[int, int], Any] = {}
+        self._all_allowed: dict[int, jax.Array] = {}  # rows -> an all-ones token bitmask on device
         self.compile_seconds = 0.0
 
-    def _step(self, params, kv_cache, token_ids, md: AttentionMetadata, sampling: SamplingArrays):
+    @property
+    def token_bitmask_words(self) -> int:
+        """int32 words in one row of the token bitmask: ceil(vocab / 32) of the logits' vocabulary."""
+        return -(-self.model_config.vocab_size // 32)
+
+    def _step(self, params, kv_cache, token_ids, md: AttentionMetadata, sampling: SamplingArrays, bitmask):
         logits, kv_cache = self._model.apply(params, token_ids, kv_cache, md)
-        return sample(logits, sampling), kv_cache
+        return sample(logits, sampling, bitmask), kv_cache
 
     @property
     def num_compiled(self) -> int:
@@ -202,7 +213,17 @@ class ModelRunner:
     def _device_args(self, arrays, sampling):
         md = AttentionMetadata.from_arrays(arrays)
         s = SamplingArrays(**{f: sampling[f] for f in SamplingArrays.__dataclass_fields__})
-        return jax.device_put((arrays["token_ids"], md, s), self._replicated)
+        args = jax.device_put((arrays["token_ids"], md, s), self._replicated)
+        bitmask = sampling.get("token_bitmask")
+        if bitmask is None:
+            return (*args, self._all_allowed_bitmask(len(sampling["temperature"])))
+        return (*args, jax.device_put(bitmask, self._replicated))
+
+    def _all_allowed_bitmask(self, rows: int) -> jax.Array:
+        if rows not in self._all_allowed:
+            ones = np.full((rows, self.token_bitmask_words), -1, np.int32)
+            self._all_allowed[rows] = jax.device_put(ones, self._replicated)
+        return self._all_allowed[rows]
 
 
 def _shape_key(arrays: dict[str, np.ndarray]) -> tuple[int, int]:

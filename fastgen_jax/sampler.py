@@ -7,6 +7,10 @@ Temperature 0 means greedy, and so does any temperature below `MIN_TEMPERATURE` 
 dividing logits by a tinier one overflows float32 and would turn the row into NaNs. top_k 0 and top_p
 1.0 switch those filters off; the sort they need only runs when some row in the batch asks for a
 filter.
+
+A token bitmask (i32[S, ceil(V/32)], bit j of word i allows token 32 * i + j) constrains rows to what
+a grammar allows (`fastgen_jax.structured`); an all-ones row is exactly no constraint, so one program
+serves constrained and unconstrained steps alike.
 """
 
 from __future__ import annotations
@@ -58,15 +62,32 @@ def _draw(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
     return jnp.minimum(drawn, scaled.shape[-1] - 1)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, ...]:
+def apply_token_bitmask(logits: jax.Array, token_bitmask: jax.Array) -> jax.Array:
+    """Sets to -inf the logits f32[S, V] whose bit in token_bitmask i32[S, ceil(V/32)] is clear."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = (token_bitmask.astype(jnp.uint32)[:, :, None] >> shifts) & 1  # [S, W, 32]
+    allowed = bits.reshape(bits.shape[0], -1)[:, : logits.shape[-1]].astype(bool)  # [S, V]
+    return jnp.where(allowed, logits, NEG_INF)
+
+
+def sample(
+    logits: jax.Array, s: SamplingArrays, token_bitmask: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
     """Draws one token per row. Returns (token ids i32[S], their log-probabilities f32[S], the most
     likely tokens i32[S, K] and their log-probabilities f32[S, K]), K = min(MAX_TOP_LOGPROBS, V).
 
     Log-probabilities are of the model's own distribution (before temperature and filters), as
     OpenAI-style APIs report them; they and the top-K are computed only when some row asks (else
-    zeros). A batch that is greedy throughout skips the random draw entirely.
+    zeros). A batch that is greedy throughout skips the random draw entirely. `token_bitmask` limits
+    each row's draw (greedy included) to its allowed tokens; log-probabilities stay the model's.
     """
     logits = logits.astype(jnp.float32)  # [S, V]
+    model_logits = logits
+    if token_bitmask is not None:  # unpacked only when some row is constrained
+        unconstrained = jnp.all(token_bitmask == -1)
+        logits = jax.lax.cond(
+            unconstrained, lambda x: x, lambda x: apply_token_bitmask(x, token_bitmask), logits
+        )
     greedy = s.temperature < MIN_TEMPERATURE
     argmax = jnp.argmax(logits, axis=-1)
 
@@ -93,5 +114,5 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, ...]:
             jnp.zeros((rows, k), jnp.float32),
         )
 
-    logprobs, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.logprobs), with_logprobs, without, logits)
+    logprobs, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.logprobs), with_logprobs, without, model_logits)
     return tokens, logprobs, top_ids, top_logprobs

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastgen_jax.structured import StructuredOutputs
 
 MAX_TOP_LOGPROBS = 20  # equals sampler.MAX_TOP_LOGPROBS (this module stays free of jax)
 
@@ -27,6 +31,8 @@ class SamplingParams:
     included in the output. `stop_token_ids` end generation like EOS does (the token is not shown).
     `min_new_tokens` suppresses every stop condition until that many tokens exist. `logprobs` reports
     each generated token's log-probability, `top_logprobs` (<= 20) also that many likeliest tokens.
+    `structured_outputs` constrains the output to a JSON schema, regex, choice or grammar
+    (`fastgen_jax.structured`); a constrained request still ends at EOS, stop strings or max_new_tokens.
     """
 
     max_new_tokens: int = 256
@@ -41,6 +47,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -67,6 +74,13 @@ class SamplingParams:
             raise SamplingParamsError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParamsError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if self.structured_outputs is not None:
+            from fastgen_jax.structured import StructuredOutputs
+
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise SamplingParamsError(
+                    f"structured_outputs must be a StructuredOutputs, got {self.structured_outputs!r}"
+                )
 
     def with_seed(self) -> SamplingParams:
         """A copy whose seed is fixed (drawn at random when none was given)."""

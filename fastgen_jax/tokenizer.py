@@ -211,6 +211,10 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ ids and text
 
+    def to_json(self) -> str:
+        """The backend as `tokenizer.json` text (what grammar engines build their vocabulary from)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text map to their ids."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -262,6 +266,12 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         """The default chat template, or None when the model has none."""
         return self._chat_templates.get("default")
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat templates render a `tools` list (a "tool_use" one, or a default that
+        reads `tools`); when not, the server writes tools into the prompt itself."""
+        return "tool_use" in self._chat_templates or "tools" in (self.chat_template or "")
 
     def apply_chat_template(
         self,

@@ -44,6 +44,28 @@ GOOD = {
         },
     ),
     "echo": ("/v1/completions", {"prompt": "Hello", "echo": True, "max_tokens": 4, "temperature": 0}),
+    "json-answer": (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Name a city and its country as JSON."}],
+            "temperature": 0,
+            "max_tokens": 60,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "city",
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "city": {"type": "string", "maxLength": 20},
+                            "country": {"enum": ["France", "Japan"]},
+                        },
+                        "required": ["city", "country"],
+                    },
+                },
+            },
+        },
+    ),
 }
 REFUSED = {  # valid lines whose bodies the server refuses
     "hot": ("/v1/completions", {"prompt": "Hi", "temperature": 7}),
@@ -82,6 +104,7 @@ def test_openai_batch_file_is_answered_line_by_line_as_the_server_answers(engine
         batch_line("seeded-n2", *GOOD["seeded-n2"]),
         batch_line("other-model", *REFUSED["other-model"]),
         batch_line("echo", *GOOD["echo"]),
+        batch_line("json-answer", *GOOD["json-answer"]),
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     builder = RequestBuilder(engine, "smollm2", engine.engine_config.max_num_seqs + 1024)
@@ -94,7 +117,7 @@ def test_openai_batch_file_is_answered_line_by_line_as_the_server_answers(engine
     results = [json.loads(x) for x in open(path)]
     assert [r["custom_id"] for r in results] == [
         "chat-france", "colours", None, "two-prompts", "embed", "hot", "chat-france", "seeded-n2",
-        "other-model", "echo",
+        "other-model", "echo", "json-answer",
     ]  # fmt: skip
     by_id = {r["custom_id"]: r for r in results if "line" not in r}
     for cid in GOOD:
@@ -117,7 +140,9 @@ def test_openai_batch_file_is_answered_line_by_line_as_the_server_answers(engine
         "code": "duplicate_custom_id",
         "message": "line 8: custom_id 'chat-france' appears on an earlier line",
     }
-    assert (summary.ok, summary.failed, summary.any_failed) == (5, 5, True)
+    answer = json.loads(by_id["json-answer"]["response"]["body"]["choices"][0]["message"]["content"])
+    assert set(answer) == {"city", "country"} and answer["country"] in ("France", "Japan")
+    assert (summary.ok, summary.failed, summary.any_failed) == (6, 5, True)
 
 
 @pytest.mark.slow  # two CLI runs (start-up and compile each)

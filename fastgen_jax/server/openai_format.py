@@ -4,6 +4,11 @@ One `Formatter` serves one HTTP request: `chunks(index, out)` turns a `RequestOu
 stream chunks it warrants (none for an output whose text is still held back by a stop string),
 `usage_chunk()` ends a stream that asked for `include_usage`, and `response(choices)` builds the whole
 body of a non-streamed request from each choice's collected outputs.
+
+A chat request with tools has a `tool_parser` (`fastgen_jax.structured.tools.PARSERS`): its calls
+come back as `tool_calls` with `finish_reason: "tool_calls"`. Streamed, the text that may be a call is
+held back (all of it under the "json" parser, from `<tool_call>` on under "hermes") and the calls go
+out at the end as OpenAI sends them: a delta with each call's id, type and name, then its arguments.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from typing import Any
 
 from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.structured import tools as tool_calls
 from fastgen_jax.tokenizer import Tokenizer
 
 
@@ -170,9 +176,12 @@ class ChatFormatter(Formatter):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tool_parser: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()
+        self.tool_parser = tool_parser
+        self.text: dict[int, str] = {}  # with a tool parser: choice index -> its text so far
+        self.sent: dict[int, int] = {}  # and how many characters of it went out as content
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         token = self._token(token_id)
@@ -202,24 +211,68 @@ class ChatFormatter(Formatter):
             }
             chunks.append(self._envelope(self.chunk_object_name, [role]))
         logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs)
-        if out.new_text or out.finished or (logprobs and out.new_token_ids):
-            delta = {"content": out.new_text} if out.new_text else {}
-            choice = {
-                "index": index,
-                "delta": delta,
-                "logprobs": logprobs,
-                "finish_reason": out.finish_reason,
-            }
+        content, calls = (out.new_text, []) if self.tool_parser is None else self._tool_text(index, out)
+        finish_reason = _finish_reason(out.finish_reason, calls)
+        if content or (out.finished and not calls) or (logprobs and out.new_token_ids):
+            delta = {"content": content} if content else {}
+            reason = None if calls else finish_reason
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             chunks.append(self._envelope(self.chunk_object_name, [choice]))
+        if calls:
+            chunks += [self._delta_chunk(index, {"tool_calls": d}) for d in _call_deltas(calls)]
+            chunks.append(self._delta_chunk(index, {}, finish_reason))
         return chunks
+
+    def _delta_chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope(self.chunk_object_name, [choice])
+
+    def _tool_text(self, index: int, out: RequestOutput) -> tuple[str, list[tool_calls.ToolCall]]:
+        """(content to send now, the calls once the choice is finished) under the tool parser."""
+        text = self.text[index] = self.text.get(index, "") + out.new_text
+        sent = self.sent.get(index, 0)
+        if out.finished:
+            content, calls = tool_calls.PARSERS[self.tool_parser](text)
+            if calls:  # the content is what came before the calls, some of it already sent
+                end = tool_calls.held_back(text) if self.tool_parser == "hermes" else 0
+                self.sent[index] = max(sent, end)
+                return text[sent:end], calls
+            self.sent[index] = len(text)
+            return text[sent:], []
+        end = 0 if self.tool_parser == "json" else tool_calls.held_back(text)
+        self.sent[index] = max(sent, end)
+        return text[sent:end], []
 
     def _choices(self, choices: list[Choice]) -> list[dict[str, Any]]:
         return [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                **self._message(c),
                 "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
-                "finish_reason": c.finish_reason,
             }
             for i, c in enumerate(choices)
         ]
+
+    def _message(self, c: Choice) -> dict[str, Any]:
+        text, calls = c.text, []
+        if self.tool_parser is not None:
+            text, calls = tool_calls.PARSERS[self.tool_parser](text)
+        message = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        return {"message": message, "finish_reason": _finish_reason(c.finish_reason, calls)}
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """OpenAI's: a choice that ended by itself with calls ended for them."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _call_deltas(calls: list[tool_calls.ToolCall]) -> list[list[dict[str, Any]]]:
+    """Stream deltas for the calls: per call, one naming it and one carrying its arguments."""
+    deltas = []
+    for i, call in enumerate(calls):
+        function = {"name": call.name, "arguments": ""}
+        deltas.append([{"index": i, "id": call.id, "type": "function", "function": function}])
+        deltas.append([{"index": i, "function": {"arguments": call.arguments}}])
+    return deltas

@@ -1,7 +1,8 @@
 """The OpenAI wire format: request bodies (pydantic), their sampling settings, and error bodies.
 
 Field names and defaults follow OpenAI's API (temperature 1.0, completions `max_tokens` 16), with
-vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens`.
+vLLM's extensions `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens`, and
+its structured-output fields (`guided_*`, `structured_outputs`; read by `guided_fields`).
 Ranges are checked here so that a 400 names the field as the client spelled it.
 
 Every list and string whose length decides how much work a request makes has a bound here, checked by
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from fastgen_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from fastgen_jax.structured.params import MAX_CHOICES
 
 
 class APIError(Exception):
@@ -92,6 +94,13 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
     skip_special_tokens: bool = True
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
+    guided_json: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(max_length=MAX_CHOICES)] | None = None
+    guided_grammar: Text | None = None
+    structured_outputs: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -176,17 +185,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_DICT_ITEMS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported", "response_format")
-        if self.tools:
-            raise APIError(400, "tools are not supported", "tools")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         for key, value in (self.chat_template_kwargs or {}).items():

@@ -3,6 +3,9 @@
 The server's handlers and the offline batch job (`fastgen_jax.batch`) both go through a
 `RequestBuilder`, so a body is checked the same way (same fields, limits and error messages) and its
 answer rendered by the same `Formatter`, whether it came over HTTP or from a batch file.
+
+Structured outputs are compiled here (the server builds requests on a worker thread, so a schema is
+never compiled on the event loop), through the engine's grammar cache, so a bad one is a 400.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from fastgen_jax.llm_engine import LLMEngine, RequestError
 from fastgen_jax.sampling_params import SamplingParamsError
 from fastgen_jax.server.async_engine import GenerationRequest
+from fastgen_jax.server.guided_fields import structured_outputs
 from fastgen_jax.server.openai_format import ChatFormatter, CompletionFormatter, Formatter
 from fastgen_jax.server.protocol import (
     APIError,
@@ -23,6 +27,8 @@ from fastgen_jax.server.protocol import (
     TokenizeRequest,
     template_messages,
 )
+from fastgen_jax.structured import StructuredOutputs, StructuredOutputsError
+from fastgen_jax.structured import tools as tool_calls
 from fastgen_jax.tokenizer import TokenizerError
 
 
@@ -98,11 +104,13 @@ class RequestBuilder:
         except UnicodeEncodeError:
             raise APIError(400, f"{param} holds a lone UTF-16 surrogate (not valid Unicode)", param) from None
 
-    def encode_chat(self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict) -> list[int]:
+    def encode_chat(
+        self, body: ChatCompletionRequest | TokenizeRequest, kwargs: dict, messages: list | None = None
+    ) -> list[int]:
+        """The chat prompt's ids; `messages` (default: the body's) as the template gets them."""
+        messages = template_messages(body.messages) if messages is None else messages
         try:
-            return self.tokenizer.encode_chat(
-                template_messages(body.messages), body.add_generation_prompt, **kwargs
-            )
+            return self.tokenizer.encode_chat(messages, body.add_generation_prompt, **kwargs)
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from None
         except UnicodeEncodeError:  # e.g. in a field of a message other than its content
@@ -120,10 +128,11 @@ class RequestBuilder:
             raise APIError(400, "echo with logprobs is not supported", "echo")
         self.check_count(_num_prompts(body.prompt), body.n)
         self.check_stop_token_ids(body.stop_token_ids)
+        spec = self.compile(structured_outputs, body)
         prompts = self._completion_prompts(body.prompt)
         logprobs, request_id = body.logprobs is not None, f"cmpl-{uuid.uuid4().hex}"
         requests = self._requests(
-            request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt"
+            request_id, body, prompts, body.max_tokens, logprobs, body.logprobs or 0, "prompt", spec
         )
         echo = [self.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormatter(
@@ -143,16 +152,48 @@ class RequestBuilder:
         body.check_unsupported()
         self.check_count(1, body.n)
         self.check_stop_token_ids(body.stop_token_ids)
-        ids = self.encode_chat(body, body.chat_template_kwargs or {})
+        spec = self.compile(structured_outputs, body)
+        tools, choice = self.compile(_chat_tools, body)
+        if choice not in ("none", "auto"):
+            if spec is not None:
+                raise APIError(
+                    400, f"tool_choice {choice!r} cannot be combined with {spec.param}", spec.param
+                )
+            spec = self.compile(lambda _: tool_calls.call_constraint(tools, choice), body)
+        messages, kwargs = self._chat_messages(body, tools, choice)
+        ids = self.encode_chat(body, kwargs, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = self._requests(
-            request_id, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages"
+            request_id, body, [ids], max_tokens, body.logprobs, body.top_logprobs or 0, "messages", spec
         )
+        parser = None if choice == "none" else "hermes" if choice == "auto" else "json"
         formatter = ChatFormatter(
-            request_id, self.model_name, self.tokenizer, [len(ids)], body.n, body.logprobs
+            request_id, self.model_name, self.tokenizer, [len(ids)], body.n, body.logprobs, tool_parser=parser
         )
         return PreparedRequest(requests, formatter)
+
+    def compile(self, read, body):
+        """`read(body)`, a StructuredOutputs (compiled now, through the engine's cache, so that a
+        constraint that does not compile is a 400 naming its field) or anything else."""
+        try:
+            value = read(body)
+            if isinstance(value, StructuredOutputs):
+                self.engine.guided.compile(value)
+            return value
+        except StructuredOutputsError as e:
+            raise APIError(400, str(e), e.param) from None
+
+    def _chat_messages(self, body: ChatCompletionRequest, tools: list, choice: str) -> tuple[list, dict]:
+        """The conversation and variables for the template: the tools go to a template that takes
+        them; for one that does not, they and the tool turns are written out by hand
+        (`tools.render_without_template_tools`)."""
+        messages, kwargs = template_messages(body.messages), dict(body.chat_template_kwargs or {})
+        if self.tokenizer.takes_tools:
+            if tools and choice != "none":
+                kwargs["tools"] = [t.signature() for t in tools]
+            return messages, kwargs
+        return tool_calls.render_without_template_tools(messages, tools, choice), kwargs
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -175,6 +216,7 @@ class RequestBuilder:
         logprobs: bool,
         top_logprobs: int,
         param: str,
+        spec: StructuredOutputs | None = None,
     ) -> list[GenerationRequest]:
         out = []
         for ids in prompts:
@@ -182,6 +224,7 @@ class RequestBuilder:
             for i in range(body.n):
                 try:
                     params = body.sampling_params(tokens, logprobs, top_logprobs, i)
+                    params = dataclasses.replace(params, structured_outputs=spec)
                 except SamplingParamsError as e:
                     raise APIError(400, str(e)) from None
                 out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt))
@@ -189,6 +232,11 @@ class RequestBuilder:
             message = f"the request asks for {len(out)} sequences; at most {self.capacity} fit"
             raise APIError(400, message, "n")
         return out
+
+
+def _chat_tools(body: ChatCompletionRequest) -> tuple[list[tool_calls.Tool], str]:
+    tools = tool_calls.parse_tools(body.tools or [])
+    return tools, tool_calls.parse_tool_choice(body.tool_choice, tools)
 
 
 # ---------------------------------------------------------------------- validation errors

@@ -1,7 +1,11 @@
 """SmolLM2-135M-Instruct behind the server, driven by the official `openai` package and our client."""
 
+import json
+from typing import Literal
+
 import httpx
 import openai
+import pydantic
 import pytest
 
 import fastgen_jax
@@ -27,7 +31,8 @@ def client(server):
 
 
 def chat(client, **kw):
-    return client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, **kw)
+    kw.setdefault("messages", FRANCE)
+    return client.chat.completions.create(model="smollm2", temperature=0, **kw)
 
 
 def test_models_lists_the_served_model(client, server):
@@ -230,3 +235,46 @@ def test_streamed_usage_has_cached_tokens_and_metrics_count_the_cache(client, se
         assert f"\n{name} " in text
     forgotten = httpx.post(f"{url}/reset_prefix_cache").json()["pages_forgotten"]
     assert forgotten > 0 and "\nfastgen_kv_pages_cached 0.0" in httpx.get(f"{url}/metrics").text
+
+
+class Pet(pydantic.BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    age: int = pydantic.Field(ge=0, le=30)
+    name: str = pydantic.Field(max_length=16)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_parse_and_a_named_tool_call_round_trip(client):
+    r = client.chat.completions.parse(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Invent a pet with a kind, an age and a name."}],
+        response_format=Pet,
+        temperature=0,
+        max_tokens=60,
+    )
+    assert isinstance(r.choices[0].message.parsed, Pet)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = chat(client, messages=messages, tools=[WEATHER_TOOL], tool_choice=named, max_tokens=60)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    messages += [
+        r.choices[0].message.model_dump(),
+        {"role": "tool", "tool_call_id": call.id, "content": "21 C"},
+    ]
+    answer = chat(client, messages=messages, tools=[WEATHER_TOOL], max_tokens=40)
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
