@@ -20,6 +20,7 @@ import threading
 from absl import app, flags, logging
 
 from fastgen_jax import engine_flags
+from fastgen_jax.reasoning import REASONING_PARSER_CHOICES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the server to the network).")
@@ -71,6 +72,13 @@ flags.DEFINE_boolean(
     "With --replicas > 1: send a request to the replica that already holds the longest cached prefix "
     "of its prompt unless it is busier than the least-loaded one by more than the hit saves; "
     "--nocache_aware_routing balances by outstanding work alone.",
+)
+flags.DEFINE_enum(
+    "reasoning_parser",
+    "auto",
+    REASONING_PARSER_CHOICES,
+    "Split a thinking model's <think>...</think> from its chat answers into message.reasoning_content "
+    "(streamed deltas too), as vLLM does; auto: for the families that think (Qwen3, Qwen3-MoE).",
 )
 flags.DEFINE_string(
     "request_log",
@@ -230,6 +238,7 @@ def _serve(engines, sock, sla) -> None:
         send_timeout=FLAGS.send_timeout,
         step_timeout=FLAGS.step_timeout,
         on_stall=_exit_stuck,
+        reasoning_parser=FLAGS.reasoning_parser,
     )
     config = uvicorn.Config(
         application,

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.reasoning import ReasoningSplitter, ThinkTags
 from fastgen_jax.tokenizer import Tokenizer
 
 
@@ -167,12 +168,40 @@ class CompletionFormatter(Formatter):
 
 
 class ChatFormatter(Formatter):
+    """Chat bodies and chunks. With `reasoning` tags (a thinking model), each choice's text is split
+    into `reasoning_content` and `content` (`fastgen_jax.reasoning`); `in_reasoning`: the prompt already
+    opened the block."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reasoning: ThinkTags | None = None, in_reasoning: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()
+        self.reasoning, self.in_reasoning = reasoning, in_reasoning
+        self.splitters: dict[int, ReasoningSplitter] = {}  # choice index -> its streamed text's splitter
+
+    def _delta(self, index: int, out: RequestOutput) -> dict[str, str]:
+        """The new text of a streamed output, as content or as reasoning and content."""
+        if self.reasoning is None:
+            return {"content": out.new_text} if out.new_text else {}
+        splitter = self.splitters.setdefault(index, ReasoningSplitter(self.reasoning, self.in_reasoning))
+        reasoning, content = splitter.feed(out.new_text)
+        if out.finished:
+            rest_reasoning, rest_content = splitter.finish()
+            reasoning, content = reasoning + rest_reasoning, content + rest_content
+        delta = {"reasoning_content": reasoning} if reasoning else {}
+        return {**delta, "content": content} if content else delta
+
+    def _message(self, text: str) -> dict[str, Any]:
+        if self.reasoning is None:
+            return {"role": "assistant", "content": text}
+        reasoning, content = ReasoningSplitter(self.reasoning, self.in_reasoning).split(text)
+        return {
+            "role": "assistant",
+            "content": content if content or not reasoning else None,
+            "reasoning_content": reasoning or None,
+        }
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         token = self._token(token_id)
@@ -202,8 +231,8 @@ class ChatFormatter(Formatter):
             }
             chunks.append(self._envelope(self.chunk_object_name, [role]))
         logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs)
-        if out.new_text or out.finished or (logprobs and out.new_token_ids):
-            delta = {"content": out.new_text} if out.new_text else {}
+        delta = self._delta(index, out)
+        if delta or out.finished or (logprobs and out.new_token_ids):
             choice = {
                 "index": index,
                 "delta": delta,
@@ -217,7 +246,7 @@ class ChatFormatter(Formatter):
         return [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": self._message(c.text),
                 "logprobs": self._logprobs(c.token_ids, c.logprobs, c.top_logprobs),
                 "finish_reason": c.finish_reason,
             }
