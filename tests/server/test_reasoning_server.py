@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from fastgen_jax.checkpoints.random_model import make_random_checkpoint
+from fastgen_jax.config import EngineConfig
 from fastgen_jax.tokenizer import Tokenizer
-from tests.server.conftest import TINY_CONFIG, make_engine, serving
+from tests.server.conftest import make_engine, serving
 
 THINKING_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -19,6 +20,8 @@ THINKING_TEMPLATE = (
     "{% else %}<think>\n{% endif %}{% endif %}"
 )
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+# One slab size and few sequences: a single compiled step keeps start-up short.
+CONFIG = EngineConfig(token_budget=32, token_buckets=(32,), max_num_seqs=2, max_model_len=128, num_pages=24)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def engine(smollm2_dir, tmp_path_factory):
     config_path.write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
     model_dir = tmp_path_factory.mktemp("tiny-qwen3")
     make_random_checkpoint(model_dir, Tokenizer.from_hf_dir(tokenizer_dir), shape="tiny-qwen3")
-    return make_engine(model_dir, TINY_CONFIG)
+    return make_engine(model_dir, CONFIG)
 
 
 def _chat(url: str, **extra) -> dict:
