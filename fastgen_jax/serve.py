@@ -22,6 +22,7 @@ import time
 from absl import app, flags, logging
 
 from fastgen_jax import engine_flags
+from fastgen_jax.reasoning import REASONING_PARSER_CHOICES
 
 _STARTED = time.perf_counter()  # this module is the entry point: its import is the process start
 
@@ -75,6 +76,13 @@ flags.DEFINE_boolean(
     "With --replicas > 1: send a request to the replica that already holds the longest cached prefix "
     "of its prompt unless it is busier than the least-loaded one by more than the hit saves; "
     "--nocache_aware_routing balances by outstanding work alone.",
+)
+flags.DEFINE_enum(
+    "reasoning_parser",
+    "auto",
+    REASONING_PARSER_CHOICES,
+    "Split a thinking model's <think>...</think> from its chat answers into message.reasoning_content "
+    "(streamed deltas too), as vLLM does; auto: for the families that think (Qwen3, Qwen3-MoE).",
 )
 flags.DEFINE_string(
     "request_log",
@@ -241,6 +249,7 @@ def _serve(engines, sock, sla) -> None:
         send_timeout=FLAGS.send_timeout,
         step_timeout=FLAGS.step_timeout,
         on_stall=_exit_stuck,
+        reasoning_parser=FLAGS.reasoning_parser,
     )
     config = uvicorn.Config(
         application,

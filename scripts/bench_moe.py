@@ -22,6 +22,13 @@ flags.DEFINE_integer("top_k", 2, "experts per token")
 flags.DEFINE_list("rows", ["1", "8", "32", "128", "512"], "slab sizes")
 flags.DEFINE_list("experts", ["4", "16", "64"], "numbers of experts")
 flags.DEFINE_integer("repeats", 10, "timed calls per case (best is reported)")
+flags.DEFINE_float(
+    "max_gathered_gib",
+    1.0,
+    "skip (print '-') the gathered formulation where its copies of the chosen experts' weights would "
+    "exceed this many GiB (rows x top_k x 3 x hidden x intermediate x 4 bytes; 512 rows are 6 GiB at "
+    "the defaults, more than a small machine holds; the engine never gathers for slabs that large)",
+)
 FLAGS = flags.FLAGS
 
 
@@ -47,14 +54,20 @@ def time_case(impl: str, rows: int, num_experts: int) -> float:
     return best * 1e3
 
 
+def fits(impl: str, rows: int) -> bool:
+    gathered_bytes = rows * FLAGS.top_k * 3 * FLAGS.hidden * FLAGS.intermediate * 4
+    return impl != "gathered" or gathered_bytes <= FLAGS.max_gathered_gib * (1 << 30)
+
+
 def main(_):
     print(f"backend={jax.default_backend()} hidden={FLAGS.hidden} intermediate={FLAGS.intermediate} "
           f"top_k={FLAGS.top_k}; best of {FLAGS.repeats}, ms")  # fmt: skip
     print(f"{'experts':>8} {'rows':>6} " + " ".join(f"{impl:>9}" for impl in EXPERTS))
     for num_experts in map(int, FLAGS.experts):
         for rows in map(int, FLAGS.rows):
-            times = [time_case(impl, rows, num_experts) for impl in EXPERTS]
-            print(f"{num_experts:>8} {rows:>6} " + " ".join(f"{t:>9.3f}" for t in times), flush=True)
+            times = [time_case(impl, rows, num_experts) if fits(impl, rows) else None for impl in EXPERTS]
+            cells = [f"{t:>9.3f}" if t is not None else f"{'-':>9}" for t in times]
+            print(f"{num_experts:>8} {rows:>6} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Three sources, one result (`Checkpoint`: config, parameter pytree, tokenizer):
 - a Hugging Face model directory: config.json, one or many `*.safetensors` (with their index),
   tokenizer.json and tokenizer_config.json; read without torch;
-- a GGUF file of a Llama-architecture model, dequantized with the `gguf` package; llama.cpp's converter
-  permutes the q/k projection rows for its interleaved RoPE, which we undo;
+- a GGUF file (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE), dequantized with the
+  `gguf` package; llama.cpp's converter permutes the llama architecture's q/k projection rows for its
+  interleaved RoPE and stacks experts, which we undo (`gguf_file`);
 - a converted directory written by `save_checkpoint`: config.json, tokenizer files and `params/`
   (orbax), so a second start skips conversion.
 

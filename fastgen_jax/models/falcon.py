@@ -10,29 +10,18 @@ when the checkpoint is read. A Falcon without `parallel_attn` runs the Llama ord
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from fastgen_jax.attention import Attention
-from fastgen_jax.config import ModelConfig
-from fastgen_jax.models.layers import MLP, LayerSettings, PagedAttention, norm
-from fastgen_jax.models.metadata import AttentionMetadata
+from fastgen_jax.models.layers import DecoderLayer
 
 
-class FalconDecoderLayer(nn.Module):
-    config: ModelConfig
-    attention: Attention
-    dtype: jnp.dtype
-    max_model_len: int
-
-    @nn.compact
-    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata):
-        h, kv_cache = carry
+class FalconDecoderLayer(DecoderLayer):
+    @nn.nowrap
+    def residual_block(self, h, attend):
         c = self.config
-        attn = PagedAttention(c, self.attention, self.dtype, self.max_model_len, name="attn")
-        attn_in = norm(c, self.dtype, "attn_norm")(h)
-        attn_out, kv_cache = attn(attn_in, kv_cache, layer, md)
+        attn_in = self.norm("attn_norm")(h)
+        attn_out = attend(attn_in)
         if not c.parallel_attn:
             h = h + attn_out
-            return (h + MLP(c, self.dtype, name="mlp")(norm(c, self.dtype, "mlp_norm")(h)), kv_cache), None
-        mlp_in = norm(c, self.dtype, "mlp_norm")(h) if c.parallel_norms == 2 else attn_in
-        return (h + attn_out + MLP(c, self.dtype, name="mlp")(mlp_in), kv_cache), None
+            return h + self.mlp(self.norm("mlp_norm")(h))
+        mlp_in = self.norm("mlp_norm")(h) if c.parallel_norms == 2 else attn_in
+        return h + attn_out + self.mlp(mlp_in)

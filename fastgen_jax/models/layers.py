@@ -16,8 +16,8 @@ KV cache layout: a pair (k_pages, v_pages), each [num_kv_heads, num_layers * num
 head_dim]. Layer l owns pages l * num_pages .. (l + 1) * num_pages - 1, so attention sees one flat page
 pool and a layer only offsets its page table; the heads axis comes first so it can be sharded.
 
-A family module (llama.py, moe.py, gemma.py) writes only its decoder layer from these pieces; the
-registry in `__init__` pairs it with `CausalLM`.
+A family module (llama.py, moe.py, gemma.py, falcon.py) writes only its `DecoderLayer`'s residual
+block from these pieces; the registry in `__init__` pairs it with `CausalLM`.
 """
 
 from __future__ import annotations
@@ -263,15 +263,51 @@ class MLP(nn.Module):
         return y
 
 
-# ----------------------------------------------------------------------------- the causal LM shell
+# ----------------------------------------------------------------------------- the layer and the shell
+
+
+class DecoderLayer(nn.Module):
+    """One layer of the scanned stack, as `CausalLM` calls it: `layer((h, kv_cache), settings, md) ->
+    ((h, kv_cache), None)`. It owns the attention over the paged cache; a family subclasses it and
+    writes only `residual_block(h, attend)` (decorated `nn.nowrap`, so its blocks are this layer's):
+    the order of its norms, attention and MLP, where `attend(x)` runs attention on `x`, writing the
+    layer's keys and values, and returns its output."""
+
+    config: ModelConfig
+    attention: Attention
+    dtype: jnp.dtype
+    max_model_len: int
+
+    @nn.compact
+    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata):
+        h, kv_cache = carry
+        attn = PagedAttention(self.config, self.attention, self.dtype, self.max_model_len, name="attn")
+        cache = [kv_cache]
+
+        def attend(x):
+            out, cache[0] = attn(x, cache[0], layer, md)
+            return out
+
+        return (self.residual_block(h, attend), cache[0]), None
+
+    @nn.nowrap
+    def norm(self, name: str) -> nn.Module:
+        return norm(self.config, self.dtype, name)
+
+    @nn.nowrap
+    def mlp(self, x):
+        return MLP(self.config, self.dtype, name="mlp")(x)
+
+    @nn.nowrap
+    def residual_block(self, h, attend):  # h: [T, hidden]
+        raise NotImplementedError
 
 
 class CausalLM(nn.Module):
     """Embedding, the scanned stack of `layer_cls`, final norm and LM head. Returns (logits
     f32[R, vocab] for the rows in `md.logits_indices`, the updated KV cache).
 
-    `layer_cls(config, attention, dtype, max_model_len)` is called as
-    `layer((h, kv_cache), settings, md) -> ((h, kv_cache), None)`.
+    `layer_cls` is a `DecoderLayer`.
     """
 
     config: ModelConfig

@@ -8,26 +8,12 @@ learned positions: all configuration of the shared blocks).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from fastgen_jax.attention import Attention
-from fastgen_jax.config import ModelConfig
-from fastgen_jax.models.layers import MLP, LayerSettings, PagedAttention, norm
-from fastgen_jax.models.metadata import AttentionMetadata
+from fastgen_jax.models.layers import DecoderLayer
 
 
-class LlamaDecoderLayer(nn.Module):
-    config: ModelConfig
-    attention: Attention
-    dtype: jnp.dtype
-    max_model_len: int
-
-    @nn.compact
-    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata):
-        h, kv_cache = carry
-        c = self.config
-        attn = PagedAttention(c, self.attention, self.dtype, self.max_model_len, name="attn")
-        attn_out, kv_cache = attn(norm(c, self.dtype, "attn_norm")(h), kv_cache, layer, md)
-        h = h + attn_out
-        h = h + MLP(c, self.dtype, name="mlp")(norm(c, self.dtype, "mlp_norm")(h))
-        return (h, kv_cache), None
+class LlamaDecoderLayer(DecoderLayer):
+    @nn.nowrap
+    def residual_block(self, h, attend):
+        h = h + attend(self.norm("attn_norm")(h))
+        return h + self.mlp(self.norm("mlp_norm")(h))

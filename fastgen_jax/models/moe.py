@@ -21,10 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastgen_jax.attention import Attention
 from fastgen_jax.config import ModelConfig
-from fastgen_jax.models.layers import MLP, LayerSettings, PagedAttention, activation, norm
-from fastgen_jax.models.metadata import AttentionMetadata
+from fastgen_jax.models.layers import MLP, DecoderLayer, activation
 
 _init = nn.initializers.normal(0.02)
 EXPERT_IMPLS = ("ragged", "gathered", "dense")
@@ -108,18 +106,10 @@ class SparseMoE(nn.Module):
         return out
 
 
-class MoEDecoderLayer(nn.Module):
-    config: ModelConfig
-    attention: Attention
-    dtype: jnp.dtype
-    max_model_len: int
+class MoEDecoderLayer(DecoderLayer):
+    """The Llama order with the MLP replaced by `SparseMoE`."""
 
-    @nn.compact
-    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata):
-        h, kv_cache = carry
-        c = self.config
-        attn = PagedAttention(c, self.attention, self.dtype, self.max_model_len, name="attn")
-        attn_out, kv_cache = attn(norm(c, self.dtype, "attn_norm")(h), kv_cache, layer, md)
-        h = h + attn_out
-        h = h + SparseMoE(c, self.dtype, name="moe")(norm(c, self.dtype, "mlp_norm")(h))
-        return (h, kv_cache), None
+    @nn.nowrap
+    def residual_block(self, h, attend):
+        h = h + attend(self.norm("attn_norm")(h))
+        return h + SparseMoE(self.config, self.dtype, name="moe")(self.norm("mlp_norm")(h))

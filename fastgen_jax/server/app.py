@@ -72,6 +72,7 @@ class ServerState(RequestBuilder):
         max_stream_lag: int = DEFAULT_MAX_STREAM_LAG,
         step_timeout: float | None = None,
         on_stall=None,
+        reasoning_parser: str = "auto",
     ):
         self.request_log = RequestLog(request_log) if request_log else None
         self.async_engine = ReplicaRouter(
@@ -84,7 +85,7 @@ class ServerState(RequestBuilder):
         )
         slots = min(e.engine_config.max_num_seqs for e in engines)
         max_seqs = min(max_seqs_per_request or max(slots // 2, 1), slots)
-        super().__init__(engines[0], model_name, self.async_engine.capacity, max_seqs)
+        super().__init__(engines[0], model_name, self.async_engine.capacity, max_seqs, reasoning_parser)
         self.metrics = ServerMetrics(self.async_engine.replicas, sla)
         self.created = int(time.time())
         self.max_stream_lag = max_stream_lag
@@ -339,6 +340,7 @@ def build_app(
     send_timeout: float = 60.0,
     step_timeout: float | None = None,
     on_stall=None,
+    reasoning_parser: str = "auto",
 ) -> FastAPI:
     """The server for one warmed-up engine, or for replicas of one model (a list of engines, each on
     its own devices, balanced by outstanding work); the app's lifespan runs the engine threads.
@@ -351,7 +353,9 @@ def build_app(
     leaves more than `max_stream_lag` outputs per sequence unread is aborted; a body must arrive
     within `body_timeout` seconds and a client that reads nothing for `send_timeout` seconds is cut
     off. A forward pass running longer than `step_timeout` seconds (None: no watchdog) fails its
-    replica's requests and calls `on_stall(replica_index)` (serve exits the process)."""
+    replica's requests and calls `on_stall(replica_index)` (serve exits the process).
+    `reasoning_parser` (auto, none or a name in `fastgen_jax.reasoning.REASONING_PARSERS`) splits a thinking
+    model's chat answers into reasoning_content and content; auto does so for the Qwen3 families."""
     check_api_key(api_key)  # the middleware is only built at the first request: fail now
     engines = engine if isinstance(engine, list) else [engine]
     state = ServerState(
@@ -365,6 +369,7 @@ def build_app(
         max_stream_lag=max_stream_lag,
         step_timeout=step_timeout,
         on_stall=on_stall,
+        reasoning_parser=reasoning_parser,
     )
 
     @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from fastgen_jax.output_processor import RequestOutput
+from fastgen_jax.reasoning import ReasoningSplitter, ThinkTags
 from fastgen_jax.structured import tools as tool_calls
 from fastgen_jax.tokenizer import Tokenizer
 
@@ -173,15 +174,39 @@ class CompletionFormatter(Formatter):
 
 
 class ChatFormatter(Formatter):
+    """Chat bodies and chunks. With `reasoning` tags (a thinking model), each choice's text is split
+    into `reasoning_content` and `content` (`fastgen_jax.reasoning`); `in_reasoning`: the prompt already
+    opened the block."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, tool_parser: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        tool_parser: str | None = None,
+        reasoning: ThinkTags | None = None,
+        in_reasoning: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.started: set[int] = set()
         self.tool_parser = tool_parser
-        self.text: dict[int, str] = {}  # with a tool parser: choice index -> its text so far
+        self.text: dict[int, str] = {}  # with a tool parser: choice index -> its content so far
         self.sent: dict[int, int] = {}  # and how many characters of it went out as content
+        self.reasoning, self.in_reasoning = reasoning, in_reasoning
+        self.splitters: dict[int, ReasoningSplitter] = {}  # choice index -> its streamed text's splitter
+
+    def _split_delta(self, index: int, out: RequestOutput) -> tuple[str, str]:
+        """(reasoning, content) of a streamed output's new text."""
+        if self.reasoning is None:
+            return "", out.new_text
+        splitter = self.splitters.setdefault(index, ReasoningSplitter(self.reasoning, self.in_reasoning))
+        reasoning, content = splitter.feed(out.new_text)
+        if out.finished:
+            rest_reasoning, rest_content = splitter.finish()
+            reasoning, content = reasoning + rest_reasoning, content + rest_content
+        return reasoning, content
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         token = self._token(token_id)
@@ -211,10 +236,15 @@ class ChatFormatter(Formatter):
             }
             chunks.append(self._envelope(self.chunk_object_name, [role]))
         logprobs = self._logprobs(out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs)
-        content, calls = (out.new_text, []) if self.tool_parser is None else self._tool_text(index, out)
+        reasoning, new_content = self._split_delta(index, out)
+        content, calls = new_content, []
+        if self.tool_parser is not None:
+            content, calls = self._tool_text(index, new_content, out.finished)
         finish_reason = _finish_reason(out.finish_reason, calls)
-        if content or (out.finished and not calls) or (logprobs and out.new_token_ids):
-            delta = {"content": content} if content else {}
+        if reasoning or content or (out.finished and not calls) or (logprobs and out.new_token_ids):
+            delta = {"reasoning_content": reasoning} if reasoning else {}
+            if content:
+                delta["content"] = content
             reason = None if calls else finish_reason
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             chunks.append(self._envelope(self.chunk_object_name, [choice]))
@@ -227,11 +257,11 @@ class ChatFormatter(Formatter):
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope(self.chunk_object_name, [choice])
 
-    def _tool_text(self, index: int, out: RequestOutput) -> tuple[str, list[tool_calls.ToolCall]]:
+    def _tool_text(self, index: int, new: str, finished: bool) -> tuple[str, list[tool_calls.ToolCall]]:
         """(content to send now, the calls once the choice is finished) under the tool parser."""
-        text = self.text[index] = self.text.get(index, "") + out.new_text
+        text = self.text[index] = self.text.get(index, "") + new
         sent = self.sent.get(index, 0)
-        if out.finished:
+        if finished:
             content, calls = tool_calls.PARSERS[self.tool_parser](text)
             if calls:  # the content is what came before the calls, some of it already sent
                 end = tool_calls.held_back(text) if self.tool_parser == "hermes" else 0
@@ -254,10 +284,15 @@ class ChatFormatter(Formatter):
         ]
 
     def _message(self, c: Choice) -> dict[str, Any]:
-        text, calls = c.text, []
+        text, calls, reasoning = c.text, [], None
+        if self.reasoning is not None:
+            reasoning, text = ReasoningSplitter(self.reasoning, self.in_reasoning).split(text)
         if self.tool_parser is not None:
             text, calls = tool_calls.PARSERS[self.tool_parser](text)
         message = {"role": "assistant", "content": text}
+        if self.reasoning is not None:
+            message["content"] = text if text or not reasoning else None
+            message["reasoning_content"] = reasoning or None
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
         return {"message": message, "finish_reason": _finish_reason(c.finish_reason, calls)}

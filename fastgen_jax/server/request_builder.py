@@ -15,7 +15,9 @@ import re
 import uuid
 from typing import Any
 
+from fastgen_jax.hf_config import ARCHITECTURES
 from fastgen_jax.llm_engine import LLMEngine, RequestError
+from fastgen_jax.reasoning import prompt_opens_reasoning, resolve_reasoning_parser
 from fastgen_jax.sampling_params import SamplingParamsError
 from fastgen_jax.server.async_engine import GenerationRequest
 from fastgen_jax.server.guided_fields import structured_outputs
@@ -50,14 +52,22 @@ class PreparedRequest:
 class RequestBuilder:
     """Checks bodies against one engine and model name; one request may ask for at most
     `max_seqs_per_request` sequences (prompts x n; default and cap: `capacity`), checked before any
-    prompt is tokenized."""
+    prompt is tokenized. `reasoning_parser` (`fastgen_jax.reasoning`; auto: by the model's family) splits
+    a thinking model's chat answers into reasoning_content and content."""
 
     def __init__(
-        self, engine: LLMEngine, model_name: str, capacity: int, max_seqs_per_request: int | None = None
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        capacity: int,
+        max_seqs_per_request: int | None = None,
+        reasoning_parser: str = "auto",
     ):
         self.engine, self.model_name, self.capacity = engine, model_name, capacity
         self.max_seqs_per_request = min(max_seqs_per_request or capacity, capacity)
         self.tokenizer = engine.tokenizer
+        model_type = ARCHITECTURES[engine.model_config.architecture][1]
+        self.reasoning = resolve_reasoning_parser(reasoning_parser, model_type)
 
     def check_count(self, num_prompts: int, n: int) -> None:
         """Before any per-prompt work: a request may ask for at most max_seqs_per_request sequences."""
@@ -169,7 +179,15 @@ class RequestBuilder:
         )
         parser = None if choice == "none" else "hermes" if choice == "auto" else "json"
         formatter = ChatFormatter(
-            request_id, self.model_name, self.tokenizer, [len(ids)], body.n, body.logprobs, tool_parser=parser
+            request_id,
+            self.model_name,
+            self.tokenizer,
+            [len(ids)],
+            body.n,
+            body.logprobs,
+            tool_parser=parser,
+            reasoning=self.reasoning,
+            in_reasoning=self._opens_reasoning(ids),
         )
         return PreparedRequest(requests, formatter)
 
@@ -194,6 +212,12 @@ class RequestBuilder:
                 kwargs["tools"] = [t.signature() for t in tools]
             return messages, kwargs
         return tool_calls.render_without_template_tools(messages, tools, choice), kwargs
+
+    def _opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """Whether the rendered chat prompt leaves the model inside its reasoning block."""
+        if self.reasoning is None:
+            return False
+        return prompt_opens_reasoning(self.reasoning, self.tokenizer.decode(prompt_ids[-8:]))
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -5,11 +5,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
-from fastgen_jax.checkpoints import load_hf_dir
 from fastgen_jax.config import ConfigError, ModelConfig
+from tests.models import tiny_hf
+from tests.models.tiny_hf import DROP, hf_logits
 from tests.paged import paged_logits
 
 TOL = 1e-4
@@ -29,7 +29,6 @@ COMMON = dict(
 )
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 _rng = np.random.default_rng(0)
-DROP = object()  # a COMMON field this family's config class does not take
 _NOT_LLAMA_NAMED = dict(head_dim=DROP, intermediate_size=DROP, num_key_value_heads=DROP)
 
 TINY_MODELS = {
@@ -110,27 +109,7 @@ def tiny_model(request, tmp_path_factory):
 
 def make_tiny_model(name, path, **overrides):
     """A random-weight transformers model saved as safetensors, and our conversion of it."""
-    config_cls, extra = TINY_MODELS[name]
-    torch.manual_seed(0)
-    fields = {**COMMON, **extra, **overrides}
-    hf_config = config_cls(**{k: v for k, v in fields.items() if v is not DROP})
-    hf_model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():  # random norms and biases too, so a misplaced one cannot hide
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            if "gate" in pname and "proj" not in pname:  # routers: clear winners, no near-ties
-                p.mul_(10.0)
-    hf_model.save_pretrained(path, safe_serialization=True)
-    config, params = load_hf_dir(path)
-    return name, hf_model, config, params
-
-
-def hf_logits(hf_model, ids):
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].numpy()
+    return tiny_hf.make_tiny_model(TINY_MODELS, COMMON, name, path, **overrides)
 
 
 @pytest.mark.parametrize("length", [1, 6, 17, 40])
@@ -147,10 +126,7 @@ def test_logits_match_transformers(tiny_model, length):
 
 def test_chunked_prefill_matches_transformers(tiny_model):
     name, hf_model, config, params = tiny_model
-    ids = np.random.default_rng(7).integers(3, config.vocab_size, 37).tolist()
-    # Chunks that start and end mid-page, a one-token chunk, and a padded slab.
-    chunked = paged_logits(config, params, ids, chunks=[5, 11, 1, 13, 7], page_size=8, slab=16)
-    diff = np.abs(chunked - hf_logits(hf_model, ids)).max()
+    diff = tiny_hf.chunked_prefill_diff(hf_model, config, params)
     print(f"{name} chunked length=37 max|diff|={diff:.2e}")
     assert diff < TOL
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
-from fastgen_jax.checkpoints import load_hf_dir
+from tests.models import tiny_hf
+from tests.models.tiny_hf import hf_logits
 from tests.paged import paged_logits
 
 TOL = 1e-4
@@ -51,24 +51,7 @@ def tiny_model(request, tmp_path_factory):
 
 def make_tiny_model(name, path):
     """A random-weight transformers model saved as safetensors, and our conversion of it."""
-    config_cls, extra = TINY_MODELS[name]
-    torch.manual_seed(0)
-    hf_config = config_cls(**{**COMMON, **extra})
-    hf_model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():  # random norms too, so a misplaced norm weight cannot hide
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    hf_model.save_pretrained(path, safe_serialization=True)
-    config, params = load_hf_dir(path)
-    return name, hf_model, config, params
-
-
-def hf_logits(hf_model, ids):
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].numpy()
+    return tiny_hf.make_tiny_model(TINY_MODELS, COMMON, name, path)
 
 
 @pytest.mark.parametrize("length", [1, 5, 17, 40])
