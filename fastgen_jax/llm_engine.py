@@ -20,6 +20,27 @@ from one clock, `time.monotonic`: a step's outputs carry the time the step hande
 (`RequestOutput.time`), the instant the budget controller notes too and the one the server's SLA
 judge reads.
 
+Overlap (`EngineConfig.async_scheduling`, the default; `--noasync_scheduling` turns it off). While
+step N runs on the device the host schedules, plans and launches step N+1, assuming every running
+sequence survives step N and gets one token (the scheduler counts N's tokens as computed and its
+samples as pending). A decode of step N+1 whose input is N's sampled token names N's slot
+(`StepPlan.previous_slot`) and the compiled step gathers the token from N's output on the device, so
+the launch never waits for the host. Then N's tokens are read back and processed (detokenize, stop
+checks) while N+1 computes. A sequence that finished in N (a stop, EOS, its length) or was aborted
+wasted its N+1 row: the row is discarded and the pages were freed when it finished (the device runs
+steps in order, so a page freed after N+1 launched is reused only by a later step). A sequence
+preempted while N ran keeps N's token and recomputes it. Prefix-cache pages are indexed only once the
+step that wrote them has been read back. If reading step N fails, step N+1 (which took N's donated
+KV cache and tokens) fails with it: both are rolled back and one StepError names both steps' requests.
+The budget controller decides from one-step-old timings.
+
+Work whose next step needs step N's result on the host must sit out one overlapped step: a grammar
+mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the draft continues
+from N's tokens), a composer that may skip a decode on what N produced. The rule for such features:
+flag the sequence (e.g. `needs_host_sync`) and have the scheduler leave it out of the step composed
+while N is in flight (it is then scheduled in N+2, after N's results are processed, at the cost of
+one step of its latency), or turn overlap off for the whole engine.
+
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
 loop and hands the `RequestOutput`s to its clients.
 """
@@ -294,9 +315,9 @@ class LLMEngine:
             self.budget_controller.step_done(
                 current.plan.bucket, current.output.scheduled, done - start, done
             )
-            for result in results:  # after step_done, which would note their last tokens again
-                if result.finished:
-                    self._forget(result.request_id)
+            for entry in current.output.scheduled:  # after step_done, which noted their tokens again
+                if entry.seq.is_finished:  # now, or earlier (an overlapped step's discarded work)
+                    self._forget(entry.seq.request_id)
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results

@@ -165,12 +165,13 @@ def test_overlapped_steps_stop_abort_share_and_preempt_exactly_like_one_at_a_tim
     """Stop tokens mid-batch (the overlapped next step already computed one token too many), aborts
     while a step is in flight, the same prompt twice (n > 1: a shared prefix), and a pool small
     enough to preempt: every output is the one-request-at-a-time greedy answer, cut where it must."""
-    short = [i for i, (p, n) in enumerate(zip(*tiny_workload[:2], strict=True)) if len(p) + n <= 120][:10]
-    prompts, num_new, expected = ([x[i] for i in short] for x in tiny_workload)
+    fits = [i for i, (p, n) in enumerate(zip(*tiny_workload[:2], strict=True)) if len(p) + n <= 120]
+    fits = sorted(fits, key=lambda i: -len(tiny_workload[0][i]))[:10]  # the longest first
+    prompts, num_new, expected = ([x[i] for i in fits] for x in tiny_workload)
     prompts, num_new, expected = prompts + prompts[:2], num_new + num_new[:2], expected + expected[:2]
     config = EngineConfig(
-        token_budget=64, max_num_seqs=16, max_model_len=128, page_size=16, num_pages=17
-    )  # 16 usable pages for 12 requests of up to 8 pages: preemption
+        token_budget=64, max_num_seqs=16, max_model_len=128, page_size=16, num_pages=9
+    )  # 8 usable pages (one sequence of max_model_len) for 12 requests of up to 8 pages: preemption
     engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
     stops = [len(e) // 2 if i % 3 == 0 else None for i, e in enumerate(expected)]  # stop at that token
     ids = []
@@ -199,7 +200,8 @@ def test_overlapped_steps_stop_abort_share_and_preempt_exactly_like_one_at_a_tim
             assert (got, reasons[i]) == (e[: first + 1], "stop")
         else:
             assert (got, reasons[i]) == (e, "length")
-    assert engine.stats.preemptions > 0 and engine.stats.compiled_after_warmup == 0
+    assert engine.stats.preemptions > 0 and engine.stats.prefix_cache_hits > 0
+    assert engine.stats.compiled_after_warmup == 0
     assert engine.scheduler.num_free_pages == engine.stats.total_pages
 
 

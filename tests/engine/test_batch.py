@@ -171,3 +171,28 @@ def test_a_sequence_without_pages_for_its_tokens_is_refused():
 def test_an_empty_step_has_no_plan():
     with pytest.raises(ValueError, match="empty step"):
         StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(SchedulerOutput())
+
+
+def test_request_limits_are_checked_in_one_place():
+    from fastgen_jax.engine import EngineLimits, RequestError, check_request
+
+    limits = EngineLimits(num_pages=9, page_size=4, max_model_len=32, vocab_size=100, kv_cache_bytes=0)
+    check_request(limits, [1] * 31, 1)
+    cases = [
+        ([], 1, "prompt", "empty"),
+        ([1] * 32, 1, "prompt", "32 tokens"),
+        ([1] * 30, 3, "max_tokens", ""),
+    ]
+    cases.append(([100], 1, "prompt", r"\[0, 100\)"))
+    for ids, max_tokens, param, message in cases:
+        with pytest.raises(RequestError, match=message) as error:
+            check_request(limits, ids, max_tokens)
+        assert error.value.param == param
+
+
+def test_limits_that_cannot_hold_one_sequence_are_refused():
+    from fastgen_jax.config import ConfigError
+    from fastgen_jax.engine import EngineLimits
+
+    with pytest.raises(ConfigError, match="num_pages=8 .* max_model_len=32"):
+        EngineLimits(num_pages=8, page_size=4, max_model_len=32, vocab_size=100, kv_cache_bytes=0)

@@ -264,7 +264,7 @@ def test_the_step_scheduled_beside_one_in_flight_decodes_the_token_that_step_sam
 
 def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again():
     s = make_scheduler()
-    a = add(s, "a", 5, max_tokens=1)
+    add(s, "a", 5, max_tokens=1)
     s.schedule()
     assert s.schedule().is_empty  # its one token is being sampled: the engine will finish it
 
