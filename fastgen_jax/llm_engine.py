@@ -307,6 +307,7 @@ class LLMEngine:
         returned = time.monotonic()
         self.scheduler.postprocess(current.output, tokens)
         results = self._process_samples(current.output, tokens, logprobs, top)
+        self.stats.generation_tokens += len(results)
         done = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
         for result in results:
             result.time = done
@@ -404,11 +405,11 @@ class LLMEngine:
         return results
 
     def _count_tokens(self, output: SchedulerOutput) -> None:
-        """Call at launch: prefill tokens (recomputation included) and sampled tokens."""
+        """Call at launch: prefill tokens (recomputation included). Generated tokens are counted as
+        they are handed out (an overlapped step's discarded samples are not)."""
         for entry in output.scheduled:
             if entry.start_position < entry.seq.num_prefill_tokens:
                 self.stats.prompt_tokens += entry.num_new_tokens
-            self.stats.generation_tokens += entry.needs_sample
 
     def _count_step(self, start: float, launched: float, returned: float, budget: int | None) -> None:
         s = self.stats
