@@ -227,6 +227,8 @@ class EngineConfig:
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their
       sequences end, with any prompt that starts with the same tokens (`engine.page_allocator`).
+    async_scheduling: overlap the host's work with the device's: schedule and plan step N+1 while step
+      N runs, and read N's tokens back while N+1 runs (`llm_engine`). Off: one step at a time.
     """
 
     token_budget: int = 512
@@ -243,6 +245,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     tensor_parallel: int = 1
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if self.token_budget <= 0:

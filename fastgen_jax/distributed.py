@@ -7,12 +7,12 @@ Every process (one per host) runs the same command with the standard `jax.distri
 
 `initialize_from_env()` then calls `jax.distributed.initialize`, after which `jax.devices()` lists the
 devices of all processes and one `Mesh` covers them. Only process 0, the leader, runs the HTTP server,
-the scheduler and the slab builder. The step program is SPMD across processes, so every process must
-launch it with the same inputs: before each step the leader broadcasts the step's plan, a header
-i32[3] (op, token bucket T, page-table width W) and then the slab and sampling arrays themselves. The
-arrays' shapes follow from (T, W) alone, so a follower builds a padding slab of that shape as the
-receiving template, launches the same compiled program on its devices and drops the outputs (they
-are replicated; the leader reads its own copy). When the leader shuts down it broadcasts a stop header
+the scheduler and the step planner. The step program is SPMD across processes, so every process must
+launch it with the same inputs: before each step the leader broadcasts a header i32[3] (op, token
+bucket T, page-table width W) and then the step's `StepPlan` itself, as one pytree. The plan's shapes
+follow from (T, W) alone, so a follower builds a padding plan of that shape as the receiving
+template, launches the same compiled program on its devices and drops the outputs (they are
+replicated; the leader reads its own copy). When the leader shuts down it broadcasts a stop header
 and the followers exit. The broadcasts are JAX collectives (`multihost_utils.broadcast_one_to_all`), so
 the plan travels the same interconnect as the model's all-reduces; no other transport is involved.
 """
@@ -26,10 +26,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from fastgen_jax.models.metadata import StepPlan
+
 log = logging.getLogger(__name__)
 
 _STOP, _STEP = 0, 1
-Plan = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (slab arrays, sampling arrays)
 
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -85,15 +86,13 @@ def _broadcast(tree):
     )  # bools come back as ints
 
 
-def _header(op: int, plan: Plan | None) -> np.ndarray:
-    if plan is None:
-        return np.asarray([op, 0, 0], np.int32)
-    arrays = plan[0]
-    return np.asarray([op, arrays["token_ids"].shape[0], arrays["page_indices"].shape[1]], np.int32)
+def _header(op: int, plan: StepPlan | None) -> np.ndarray:
+    bucket, width = (0, 0) if plan is None else plan.shape
+    return np.asarray([op, bucket, width], np.int32)
 
 
-def send_plan(plan: Plan) -> None:
-    """Leader: hands this step's slab to every follower (call right before launching the step)."""
+def send_plan(plan: StepPlan) -> None:
+    """Leader: hands this step's plan to every follower (call right before launching the step)."""
     _broadcast(_header(_STEP, plan))
     _broadcast(plan)
 
@@ -103,20 +102,20 @@ def send_stop() -> None:
     _broadcast(_header(_STOP, None))
 
 
-def follow(template: Callable[[int, int], Plan], execute: Callable[[Plan], object]) -> int:
+def follow(padding: Callable[[int, int], StepPlan], execute: Callable[[StepPlan], object]) -> int:
     """Follower: runs the leader's steps until it stops; returns how many it ran.
 
-    `template(T, W)` gives arrays of a step's shapes; `execute(plan)` launches the step program."""
+    `padding(T, W)` gives a plan of a step's shapes; `execute(plan)` launches the step program."""
     steps = 0
     while True:
         op, bucket, width = (int(x) for x in _broadcast(_header(_STOP, None)))
         if op == _STOP:
             return steps
-        execute(_broadcast(template(bucket, width)))
+        execute(_broadcast(padding(bucket, width)))
         steps += 1
 
 
-def warm_broadcasts(plans: list[Plan]) -> None:
+def warm_broadcasts(plans: list[StepPlan]) -> None:
     """Every process, in the same order: runs each plan shape's broadcast once, so that serving
     compiles nothing, not even the broadcasts. (On a follower `send_plan` receives the leader's.)"""
     for plan in plans:

@@ -58,6 +58,12 @@ flags.DEFINE_boolean(
     "Reuse the KV of full pages of earlier prompts (and answers) that a new prompt starts with; "
     "--noenable_prefix_caching computes every prompt from scratch.",
 )
+flags.DEFINE_boolean(
+    "async_scheduling",
+    True,
+    "Schedule and plan the next step while the device runs this one (overlap); "
+    "--noasync_scheduling runs one step at a time (for debugging and comparison).",
+)
 flags.DEFINE_enum(
     "dtype",
     None,
@@ -84,6 +90,7 @@ def engine_config(kv_cache_bytes: int | None = None):
         policy=FLAGS.policy,
         tensor_parallel=FLAGS.tensor_parallel,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
+        async_scheduling=FLAGS.async_scheduling,
     )
 
 

@@ -1,4 +1,4 @@
-"""The engine: the only module that wires scheduler, slab builder, model runner and output processing.
+"""The engine: the only module that wires scheduler, step planner, model runner and output processing.
 
 One `step()`:
 
@@ -6,15 +6,45 @@ One `step()`:
    sequence, then prompt chunks in arrival order (Dynamic SplitFuse), evicting when KV pages run out.
    With `adaptive_budget` the `BudgetController` first picks this step's budget among the compiled
    buckets, and afterwards learns from the step's measured time.
-2. `SlabBuilder.build()` packs them into static-shaped arrays (a bucket of T rows, W page columns).
+2. `StepPlanner.build()` packs them into a `StepPlan`: every array the step reads (token slab,
+   attention metadata, sampling settings), static-shaped (a bucket of T rows, W page columns).
 3. `ModelRunner.execute()` runs the precompiled program for (T, W): the model writes the new K/V into
    the donated page pool, computes logits only for the rows that need a token, and samples on device.
    The call returns at once; the step blocks only when it reads the sampled ids back.
-   Rows of requests with structured outputs get a token bitmask from `GuidedDecoder` (built here,
-   `_add_token_bitmask`, only when such a row samples); the sampler applies it on device.
+   Rows of requests with structured outputs get a token bitmask from `GuidedDecoder` (built at
+   launch, `_token_bitmask`, only when such a row samples); the sampler applies it on device.
 4. `Scheduler.postprocess()` advances every sequence (`GuidedDecoder` each constrained one's
-   matcher); each `RequestState` detokenizes its new token and
-   checks stop conditions, and finished sequences give their pages back at once.
+   matcher); each request's `RequestState` detokenizes its new token and checks stop conditions, and
+   finished sequences give their pages back at once.
+
+Each request is one `Request` record here: its `Sequence` (tokens, pages: what the scheduler runs)
+and its `RequestState` (detokenizer, stop conditions), created and dropped together. Times come
+from one clock, `time.monotonic`: a step's outputs carry the time the step handed them out
+(`RequestOutput.time`), the instant the budget controller notes too and the one the server's SLA
+judge reads.
+
+Overlap (`EngineConfig.async_scheduling`, the default; `--noasync_scheduling` turns it off). While
+step N runs on the device the host schedules, plans and launches step N+1, assuming every running
+sequence survives step N and gets one token (the scheduler counts N's tokens as computed and its
+samples as pending). A decode of step N+1 whose input is N's sampled token names N's slot
+(`StepPlan.previous_slot`) and the compiled step gathers the token from N's output on the device, so
+the launch never waits for the host. Then N's tokens are read back and processed (detokenize, stop
+checks) while N+1 computes. A sequence that finished in N (a stop, EOS, its length) or was aborted
+wasted its N+1 row: the row is discarded and the pages were freed when it finished (the device runs
+steps in order, so a page freed after N+1 launched is reused only by a later step). A sequence
+preempted while N ran keeps N's token and recomputes it. Prefix-cache pages are indexed only once the
+step that wrote them has been read back. If reading step N fails, step N+1 (which took N's donated
+KV cache and tokens) fails with it: both are rolled back and one StepError names both steps' requests.
+The budget controller decides from one-step-old timings.
+
+Work whose next step needs step N's result on the host must sit out one overlapped step: a grammar
+mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the draft continues
+from N's tokens), a composer that may skip a decode on what N produced. The rule for such features:
+the sequence is flagged `Sequence.needs_host_sync` and the scheduler leaves it out of the step
+composed while its token of step N is in flight (it is scheduled in N+2, after N's results are
+processed, at the cost of one step of its latency), or overlap is turned off for the whole engine.
+Requests with structured outputs are flagged so: a constrained sequence decodes every other step
+under overlap, and unconstrained ones beside it are unaffected.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
 loop and hands the `RequestOutput`s to its clients.
@@ -34,15 +64,17 @@ from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import (
     BudgetController,
+    RequestError,
     Scheduler,
     SchedulerOutput,
     Sequence,
     SequenceStatus,
-    Slab,
-    SlabBuilder,
+    StepPlan,
+    StepPlanner,
+    check_request,
 )
 from fastgen_jax.output_processor import RequestOutput, RequestState
-from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache, sampling_arrays
+from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache
 from fastgen_jax.sampling_params import SamplingParams
 from fastgen_jax.structured import GuidedDecoder, StructuredOutputsError
 
@@ -53,15 +85,6 @@ _FINISH_STATUS = {
 }
 
 
-class RequestError(ValueError):
-    """A request the engine cannot take (empty or too long prompt, bad settings); says why, and
-    `param` names the offending input ("prompt", "max_tokens", ...) when there is one."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 class StepError(RuntimeError):
     """A forward pass failed (the cause is chained). `request_ids` were in it; the engine is consistent
     and can go on: their tokens were not advanced, and the next step schedules them again unless they
@@ -70,6 +93,25 @@ class StepError(RuntimeError):
     def __init__(self, request_ids: list[str]):
         super().__init__(f"a forward pass of {len(request_ids)} request(s) failed")
         self.request_ids = request_ids
+
+
+@dataclasses.dataclass
+class Request:
+    """One request in the engine: the sequence the scheduler runs and the state that turns its tokens
+    into output (the tokens themselves live in `seq` only)."""
+
+    seq: Sequence
+    output: RequestState
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step on the device: what was scheduled, its plan, and its results (device arrays, unread)."""
+
+    output: SchedulerOutput
+    plan: StepPlan
+    sampled: tuple
+    budget: int | None
 
 
 @dataclasses.dataclass
@@ -113,13 +155,13 @@ class LLMEngine:
         self.runner = ModelRunner(
             checkpoint.config, checkpoint.params, self.engine_config, dtype or default_dtype(), devices
         )
-        resolved = self.runner.resolved
-        self.max_model_len = resolved.max_model_len
+        self.limits = self.runner.limits
+        self.max_model_len = self.limits.max_model_len
         self.scheduler = Scheduler(
-            self.engine_config, num_pages=resolved.num_pages, max_model_len=resolved.max_model_len
+            self.engine_config, num_pages=self.limits.num_pages, max_model_len=self.limits.max_model_len
         )
         one_width = self.runner.attention.cost_follows_context  # then W costs nothing: compile one
-        self.slab_builder = SlabBuilder.for_scheduler(self.scheduler, one_width)
+        self.planner = StepPlanner.for_scheduler(self.scheduler, one_width)
         self.budget_controller = (
             BudgetController(
                 self.engine_config.token_buckets,
@@ -132,13 +174,14 @@ class LLMEngine:
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
-        self._states: dict[str, RequestState] = {}
+        self._requests: dict[str, Request] = {}
+        self._in_flight: _Launched | None = None  # launched, tokens not yet read (overlap only)
         self.guided = GuidedDecoder(
             self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
         )
         self._ids = itertools.count()
         self.stats = EngineStats(
-            total_pages=resolved.num_pages - 1, token_budget=self.engine_config.token_budget
+            total_pages=self.limits.num_pages - 1, token_budget=self.engine_config.token_budget
         )
         self.refresh_stats()
         self._warm_programs = 0
@@ -178,17 +221,20 @@ class LLMEngine:
         ids = [int(t) for t in prompt_token_ids]
         self.check_prompt(ids)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._states:
+        if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         max_tokens = min(params.max_new_tokens, self.max_model_len - len(ids))
         if params.structured_outputs is not None:
             self._add_guided(request_id, params)
-        self.scheduler.add(Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt))
+        seq = Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt)
+        seq.needs_host_sync = params.structured_outputs is not None  # its mask needs its last token
+        self.scheduler.add(seq)
         if self.budget_controller is not None:
-            self.budget_controller.arrived(request_id, time.perf_counter(), len(ids))
-        self._states[request_id] = RequestState(
+            self.budget_controller.arrived(request_id, time.monotonic(), len(ids))
+        state = RequestState(
             request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids
         )
+        self._requests[request_id] = Request(seq, state)
         return request_id
 
     def _add_guided(self, request_id: str, params: SamplingParams) -> None:
@@ -201,38 +247,24 @@ class LLMEngine:
             raise RequestError(str(error), error.param) from None
 
     def check_prompt(self, ids: list[int], max_new_tokens: int = 1) -> None:
-        """Raises RequestError unless `ids` plus `max_new_tokens` generated tokens fit the engine."""
-        if not ids:
-            raise RequestError("prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens; the context holds "
-                f"{self.max_model_len} (max_model_len) including at least one "
-                "generated token",
-                "prompt",
-            )
-        if len(ids) + max_new_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the context of "
-                f"{self.max_model_len} tokens (max_model_len)",
-                "max_tokens",
-            )
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        """Raises RequestError unless `ids` plus `max_new_tokens` generated tokens fit the engine
+        (`engine.check_request` against `self.limits`, the check the server runs too)."""
+        check_request(self.limits, ids, max_new_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request now and frees its KV pages; None if it is unknown or already done."""
-        state = self._states.pop(request_id, None)
-        if state is None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
             return None
         self.scheduler.abort(request_id)
         self._forget(request_id)
         self.guided.remove(request_id)
-        return state.abort()
+        out = request.output.abort()
+        out.time = time.monotonic()
+        return out
 
     def has_unfinished(self) -> bool:
-        return bool(self._states)
+        return bool(self._requests)
 
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix page (benchmarks start cold with it); returns how many."""
@@ -242,13 +274,13 @@ class LLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._states)
+        return len(self._requests)
 
     # ------------------------------------------------------------------ stepping
 
     def warmup(self, progress: bool = True) -> None:
         """Compiles one program per (token bucket, page-table width): none is compiled later."""
-        plans = (self._padding_plan(bucket, width) for bucket, width in self.slab_builder.shapes())
+        plans = (self.planner.padding(bucket, width) for bucket, width in self.planner.shapes())
         self.runner.warmup(plans, progress=progress)
         self._warm_programs = self.runner.num_compiled
         if self.budget_controller is not None:
@@ -256,74 +288,111 @@ class LLMEngine:
 
     def _profile_buckets(self) -> None:
         """Seeds the budget controller with each bucket's time for an empty step (best of two)."""
-        width = self.slab_builder.page_table_widths[0]
-        for bucket in self.slab_builder.token_buckets:
-            arrays, sampling = self._padding_plan(bucket, width)
+        width = self.planner.page_table_widths[0]
+        for bucket in self.planner.token_buckets:
+            plan = self.planner.padding(bucket, width)
             times = []
             for _ in range(2):
-                start = time.perf_counter()
-                np.asarray(self.runner.execute(arrays, sampling)[0])
-                times.append(time.perf_counter() - start)
+                start = time.monotonic()
+                np.asarray(self.runner.execute(plan)[0])
+                times.append(time.monotonic() - start)
             self.budget_controller.seed(bucket, min(times))
-
-    def _padding_plan(self, bucket: int, width: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(slab arrays, sampling arrays) of an all-padding step of this shape."""
-        slab = self.slab_builder.padding_slab(bucket, width)
-        return slab.arrays(), sampling_arrays(slab.kv_lens.shape[0])
 
     def probe(self) -> None:
         """Runs one all-padding step of the smallest shape and waits for it: raises if the device
         cannot run a step (after a failure, this tells a broken device from a bad batch)."""
-        bucket, width = min(self.slab_builder.shapes())
-        np.asarray(self.runner.execute(*self._padding_plan(bucket, width))[0])
+        bucket, width = min(self.planner.shapes())
+        np.asarray(self.runner.execute(self.planner.padding(bucket, width))[0])
 
     def follow(self) -> int:
         """Multi-host, on every process but the leader: runs the leader's steps until it shuts down
         (see `fastgen_jax.distributed`); returns the number of steps run."""
-        return self.runner.follow(self._padding_plan)
+        return self.runner.follow(self.planner.padding)
 
     def close(self) -> None:
         """Multi-host, on the leader: releases the followers. A no-op in a single process."""
         self.runner.stop_followers()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one forward pass and returns what it produced for each request it sampled."""
-        start = time.perf_counter()
+        """Returns what one forward pass produced for each request it sampled. With
+        `async_scheduling` (overlap) it first launches the next step, then reads this one back (see
+        the module docstring); otherwise it launches a step and reads it back."""
+        start = time.monotonic()
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                return []
+        current = self._in_flight
+        # Overlap: step N+1 is scheduled, planned and launched before step N's tokens are read. If
+        # this raises (StepError for N+1's requests), N stays in flight for the next call.
+        self._in_flight = self._launch() if self.engine_config.async_scheduling else None
+        launched = time.monotonic()
+        tokens, logprobs, top = self._read(current)
+        returned = time.monotonic()
+        self.scheduler.postprocess(current.output, tokens)
+        results = self._process_samples(current.output, tokens, logprobs, top)
+        self.stats.generation_tokens += len(results)
+        done = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
+        for result in results:
+            result.time = done
+        self._count_step(start, launched, returned, current.budget)
+        if self.budget_controller is not None:
+            self.budget_controller.step_done(
+                current.plan.bucket, current.output.scheduled, done - start, done
+            )
+            for entry in current.output.scheduled:  # after step_done, which noted their tokens again
+                if entry.seq.is_finished:  # now, or earlier (an overlapped step's discarded work)
+                    self._forget(entry.seq.request_id)
+        if not self._requests and self._in_flight is not None:
+            self._discard_in_flight()
+        return results
+
+    def _launch(self) -> _Launched | None:
+        """Schedules, plans and launches a step (not waiting for it); None when there is nothing to do."""
         budget = self._choose_budget()
         output = self.scheduler.schedule(budget)
         if output.is_empty:
-            return []
+            return None
         try:
-            slab = self.slab_builder.build(output)
-            arrays, sampling = slab.arrays(), self._sampling_arrays(output, slab)
-            self._add_token_bitmask(output, sampling)
-            self.runner.compile(arrays, sampling)  # a no-op unless warm-up was skipped
-            launched = time.perf_counter()
-            tokens, logprobs, top_ids, top_logprobs = self.runner.execute(arrays, sampling)
-            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
-            top = None
-            if sampling["logprobs"].any() and any(
-                e.seq.sampling_params.top_logprobs for e in output.scheduled
-            ):
-                top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
+            plan = self.planner.build(output)
+            self.runner.compile(plan)  # a no-op unless warm-up was skipped
+            sampled = self.runner.execute(plan, self._token_bitmask(output, plan))
         except Exception as error:
             self.scheduler.abandon(output)  # so the engine can go on once the caller has dealt with it
             raise StepError([e.seq.request_id for e in output.scheduled]) from error
         except BaseException:
             self.scheduler.abandon(output)
             raise
-        returned = time.perf_counter()
         self._count_tokens(output)
-        self.scheduler.postprocess(output, tokens)
-        results = self._process_samples(output, tokens, logprobs, top)
-        self._count_step(start, launched, returned, budget)
-        if self.budget_controller is not None:
-            end = time.perf_counter()
-            self.budget_controller.step_done(slab.bucket, output.scheduled, end - start, end)
-            for result in results:  # after step_done, which would note their last tokens again
-                if result.finished:
-                    self._forget(result.request_id)
-        return results
+        return _Launched(output, plan, sampled, budget)
+
+    def _read(self, launched: _Launched) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        """Waits for a step's tokens and log-probabilities (top ones only when some request asks).
+        If it failed, the step after it (which took its KV cache and tokens) failed too: both are
+        rolled back and one StepError names the requests of both."""
+        tokens, logprobs, top_ids, top_logprobs = launched.sampled
+        try:
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
+            top = None
+            if launched.plan.sampling.logprobs.any() and any(
+                e.seq.sampling_params.top_logprobs for e in launched.output.scheduled
+            ):
+                top = np.asarray(top_ids), np.asarray(top_logprobs)  # copied only when asked for
+        except BaseException as error:
+            failed = [launched] if self._in_flight is None else [launched, self._in_flight]
+            self._in_flight = None
+            for step in reversed(failed):  # newest first
+                self.scheduler.abandon(step.output)
+            if not isinstance(error, Exception):
+                raise
+            raise StepError([e.seq.request_id for step in failed for e in step.output.scheduled]) from error
+        return tokens, logprobs, top
+
+    def _discard_in_flight(self) -> None:
+        """Waits for the step in flight when no request is left: it holds only discarded work."""
+        launched, self._in_flight = self._in_flight, None
+        tokens, _, _ = self._read(launched)
+        self.scheduler.postprocess(launched.output, tokens)
 
     def _choose_budget(self) -> int | None:
         if self.budget_controller is None:
@@ -334,30 +403,18 @@ class LLMEngine:
         if self.budget_controller is not None:
             self.budget_controller.forget(request_id)
 
-    def _sampling_arrays(self, output: SchedulerOutput, slab: Slab) -> dict[str, np.ndarray]:
-        arrays = sampling_arrays(slab.kv_lens.shape[0])
-        for i, entry in enumerate(output.scheduled):
-            params: SamplingParams = entry.seq.sampling_params
-            arrays["temperature"][i] = params.temperature
-            arrays["top_k"][i] = params.top_k
-            arrays["top_p"][i] = params.top_p
-            arrays["seed"][i] = params.seed
-            arrays["step"][i] = entry.seq.num_output_tokens
-            arrays["logprobs"][i] = params.logprobs
-        return arrays
-
-    def _add_token_bitmask(self, output: SchedulerOutput, sampling: dict[str, np.ndarray]) -> None:
-        """Adds `token_bitmask` to the sampling arrays when a constrained sequence samples this step
-        (its matcher must have seen the previous step's token: no overlap for it)."""
+    def _token_bitmask(self, output: SchedulerOutput, plan: StepPlan) -> np.ndarray | None:
+        """The token bitmask of a step in which a constrained sequence samples, else None. Its
+        matcher has seen every token it sampled: such a sequence sits out the step composed while its
+        last token was in flight (`Sequence.needs_host_sync`)."""
         if not len(self.guided):
-            return
+            return None
         rows = [
             (i, e.seq.request_id)
             for i, e in enumerate(output.scheduled)
             if e.needs_sample and e.seq.request_id in self.guided
         ]
-        if rows:
-            sampling["token_bitmask"] = self.guided.bitmask(rows, len(sampling["temperature"]))
+        return self.guided.bitmask(rows, plan.num_slots) if rows else None
 
     def _process_samples(
         self,
@@ -366,11 +423,12 @@ class LLMEngine:
         logprobs: np.ndarray,
         top: tuple[np.ndarray, np.ndarray] | None,
     ) -> list[RequestOutput]:
+        """Hands each sampled token to its request's output state."""
         results = []
         for i, entry in enumerate(output.scheduled):
-            if not entry.needs_sample:
+            if not entry.needs_sample or entry.seq.is_finished:  # finished: extra work of an overlap
                 continue
-            state = self._states[entry.seq.request_id]
+            state = self._requests[entry.seq.request_id].output
             state.num_cached_tokens = max(0, entry.seq.num_cached_tokens)
             k = entry.seq.sampling_params.top_logprobs
             alternatives = None
@@ -380,17 +438,17 @@ class LLMEngine:
             result = state.add_token(int(tokens[i]), float(logprobs[i]), alternatives)
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
-                del self._states[entry.seq.request_id]
+                del self._requests[entry.seq.request_id]
                 self.guided.remove(entry.seq.request_id)
             results.append(result)
         return results
 
     def _count_tokens(self, output: SchedulerOutput) -> None:
-        """Call before postprocess: prefill tokens (recomputation included) and sampled tokens."""
+        """Call at launch: prefill tokens (recomputation included). Generated tokens are counted as
+        they are handed out (an overlapped step's discarded samples are not)."""
         for entry in output.scheduled:
-            if entry.seq.is_prefilling:
+            if entry.start_position < entry.seq.num_prefill_tokens:
                 self.stats.prompt_tokens += entry.num_new_tokens
-            self.stats.generation_tokens += entry.needs_sample
 
     def _count_step(self, start: float, launched: float, returned: float, budget: int | None) -> None:
         s = self.stats
@@ -398,7 +456,7 @@ class LLMEngine:
         s.token_budget_changes += s.steps > 0 and budget != s.token_budget
         s.token_budget = budget
         s.steps += 1
-        s.host_seconds += (launched - start) + (time.perf_counter() - returned)
+        s.host_seconds += (launched - start) + (time.monotonic() - returned)
         s.device_seconds += returned - launched
         s.compiled_programs = self.runner.num_compiled
         s.compiled_after_warmup = self.runner.num_compiled - self._warm_programs

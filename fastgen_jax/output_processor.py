@@ -29,9 +29,13 @@ class RequestOutput:
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    time: float = 0.0  # time.monotonic() when the engine had these tokens (or the abort): the one clock
 
 
 class RequestState:
+    """A request's output side: detokenizer, stop conditions and what was handed out. Its tokens live
+    in the engine's `Sequence` only; this counts them."""
+
     def __init__(
         self,
         request_id: str,
@@ -47,7 +51,7 @@ class RequestState:
         self.max_model_len = max_model_len
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self.token_ids: list[int] = []
+        self.num_generated = 0
         # Detokenized text not yet handed out: at most the held-back tail between steps, so a step
         # costs O(its own text), never O(everything generated so far).
         self._unsent = ""
@@ -64,8 +68,8 @@ class RequestState:
     ) -> RequestOutput:
         """Processes one sampled token (with its top alternatives, if asked) and returns the delta a
         client should see."""
-        self.token_ids.append(token_id)
-        n = len(self.token_ids)
+        self.num_generated += 1
+        n = self.num_generated
         may_stop = n > self.params.min_new_tokens
         if may_stop and (token_id in self.eos_token_ids or token_id in self.params.stop_token_ids):
             self.finish_reason = "stop"
@@ -103,7 +107,7 @@ class RequestState:
             new_token_ids=token_ids,
             new_text=new_text,
             prompt_length=self.prompt_length,
-            generated_length=len(self.token_ids),
+            generated_length=self.num_generated,
             finished=self.finished,
             finish_reason=self.finish_reason,
             new_logprobs=logprobs,

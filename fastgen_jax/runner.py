@@ -1,23 +1,31 @@
-"""The device side of a step: parameters and KV pages on device, one compiled program per slab shape.
+"""The device side of a step: parameters and KV pages on device, one compiled program per plan shape.
 
-A slab's shapes depend only on its token bucket T and page-table width W, so the runner compiles one
-executable per (T, W) pair ahead of time (`warmup`) and afterwards only ever calls those executables:
-a shape it has not compiled is an error, never a silent recompile. The KV cache is donated to every
-step, so XLA updates it in place. Sampling happens inside the same program; the step returns device
-arrays and does not wait for them, so the caller decides when to block.
+A `StepPlan`'s shapes depend only on its token bucket T and page-table width W, so the runner
+compiles one executable per (T, W) pair (`warmup` does all of them ahead of time, `compile` one) and
+`execute` only ever calls those executables: it never compiles, and a shape not compiled is an error.
+(The engine compiles a step's shape itself before executing it, which is a no-op unless warm-up was
+skipped; `stats.compiled_after_warmup` counts such late compilations.) The plan enters the program as
+one pytree. The KV cache is donated to every step, so XLA updates it in place.
 
-Structured outputs enter as one optional entry of the sampling arrays, `token_bitmask`
-(i32[S, ceil(V/32)], see `sampler.apply_token_bitmask`). A step without it gets an all-ones mask
-that stays on the device, so every step runs the same program and only constrained steps send one.
+Steps chain on the device: each step also returns its sampled tokens padded to i32[max_num_seqs]
+(`sampled_tokens`, kept here like the KV cache) and the next step takes them as an input, so a
+decode row whose input token the previous step sampled (`StepPlan.previous_slot`) reads it there:
+the engine can launch step N+1 before step N's tokens reach the host (overlap). A plan with no
+sequence (warm-up, a probe) passes the previous tokens through unchanged. Sampling happens inside
+the same program; the step returns device arrays and does not wait for them, so the caller decides
+when to block.
+
+Structured outputs enter as the step's last argument, a token bitmask i32[S, ceil(V/32)] (see
+`sampler.apply_token_bitmask`), kept out of the plan so that a step without constrained rows sends
+none: it gets an all-ones mask that stays on the device, so every step runs the same program.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -27,8 +35,9 @@ import numpy as np
 from fastgen_jax import distributed, parallel
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
-from fastgen_jax.models import AttentionMetadata, build_model, init_kv_cache, kv_bytes_per_page
-from fastgen_jax.sampler import SamplingArrays, sample
+from fastgen_jax.engine import EngineLimits, pages_for
+from fastgen_jax.models import StepPlan, build_model, init_kv_cache, kv_bytes_per_page
+from fastgen_jax.sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +60,9 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-@dataclasses.dataclass(frozen=True)
-class ResolvedEngine:
-    """Engine limits found at run time (not configuration): the KV pool size and the longest sequence."""
-
-    num_pages: int
-    page_size: int
-    max_model_len: int
-    kv_cache_bytes: int
-
-
-def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedEngine:
+def resolve_limits(model: ModelConfig, engine: EngineConfig, dtype, vocab_size: int) -> EngineLimits:
+    """The KV pool and sequence limits for `model` on this device (`vocab_size`: the checkpoint's,
+    which tensor-parallel padding of `model` does not change)."""
     max_model_len = engine.max_model_len or model.max_position_embeddings
     if max_model_len > model.max_position_embeddings:
         raise ConfigError(
@@ -69,19 +70,13 @@ def resolve_engine(model: ModelConfig, engine: EngineConfig, dtype) -> ResolvedE
             f"max_position_embeddings={model.max_position_embeddings}"
         )
     page_bytes = kv_bytes_per_page(model, engine.page_size, dtype)
-    pages_per_seq = -(-max_model_len // engine.page_size)
     if engine.num_pages is not None:
         num_pages = engine.num_pages
     else:
         # Never more than every sequence slot at full length could use (+1 for the scratch page).
+        pages_per_seq = pages_for(max_model_len, engine.page_size)
         num_pages = min(engine.kv_cache_bytes // page_bytes, engine.max_num_seqs * pages_per_seq + 1)
-    if num_pages - 1 < pages_per_seq:
-        raise ConfigError(
-            f"the KV pool ({num_pages} pages of {engine.page_size} tokens) cannot hold one "
-            f"sequence of max_model_len={max_model_len}; raise num_pages/kv_cache_bytes or "
-            "lower max_model_len"
-        )
-    return ResolvedEngine(num_pages, engine.page_size, max_model_len, num_pages * page_bytes)
+    return EngineLimits(num_pages, engine.page_size, max_model_len, vocab_size, num_pages * page_bytes)
 
 
 class ModelRunner:
@@ -109,10 +104,10 @@ class ModelRunner:
         self.model_config = parallel.shard_config(model_config, tp)
         self.engine_config = engine_config
         self.dtype = jnp.dtype(dtype)
-        self.resolved = resolve_engine(self.model_config, engine_config, self.dtype)
+        self.limits = resolve_limits(self.model_config, engine_config, self.dtype, model_config.vocab_size)
         self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
         kv_sharding = parallel.kv_sharding(self.mesh)
-        r = self.resolved
+        r = self.limits
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool
             lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, self.dtype),
             out_shardings=kv_sharding,
@@ -120,6 +115,7 @@ class ModelRunner:
         self.attention = get_attention(engine_config.attention_impl).over(self.mesh)
         self._model = build_model(self.model_config, self.dtype, self.attention, r.max_model_len)
         self._replicated = parallel.replicated(self.mesh)
+        self.sampled_tokens = jax.device_put(np.zeros(engine_config.max_num_seqs, np.int32), self._replicated)
         self._jitted = jax.jit(
             self._step,
             donate_argnums=(1,),
@@ -129,9 +125,8 @@ class ModelRunner:
                 self._replicated,
                 self._replicated,
                 self._replicated,
-                self._replicated,
             ),
-            out_shardings=(self._replicated, kv_sharding),
+            out_shardings=(self._replicated, kv_sharding, self._replicated),
         )
         self._executables: dict[tuple[int, int], Any] = {}
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> an all-ones token bitmask on device
@@ -142,82 +137,72 @@ class ModelRunner:
         """int32 words in one row of the token bitmask: ceil(vocab / 32) of the logits' vocabulary."""
         return -(-self.model_config.vocab_size // 32)
 
-    def _step(self, params, kv_cache, token_ids, md: AttentionMetadata, sampling: SamplingArrays, bitmask):
-        logits, kv_cache = self._model.apply(params, token_ids, kv_cache, md)
-        return sample(logits, sampling, bitmask), kv_cache
+    def _step(self, params, kv_cache, previous_tokens, plan: StepPlan, token_bitmask):
+        """previous_tokens i32[max_num_seqs]: the last step's sampled tokens (see the module docstring)."""
+        from_previous = previous_tokens[jnp.maximum(plan.previous_slot, 0)]  # [T]
+        token_ids = jnp.where(plan.previous_slot >= 0, from_previous, plan.token_ids)
+        logits, kv_cache = self._model.apply(params, token_ids, kv_cache, plan.attention)
+        sampled = sample(logits, plan.sampling, token_bitmask)
+        tokens = previous_tokens.at[: sampled[0].shape[0]].set(sampled[0])
+        tokens = jnp.where(plan.attention.num_seqs[0] > 0, tokens, previous_tokens)
+        return sampled, kv_cache, tokens
 
     @property
     def num_compiled(self) -> int:
         return len(self._executables)
 
-    def compile(self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]) -> None:
-        """Compiles the executable for the shapes of `arrays` (a padding slab is enough)."""
-        key = _shape_key(arrays)
-        if key in self._executables:
+    def compile(self, plan: StepPlan) -> None:
+        """Compiles the executable for the shape of `plan` (a padding plan is enough)."""
+        if plan.shape in self._executables:
             return
         start = time.perf_counter()
-        args = self._device_args(arrays, sampling)
-        self._executables[key] = self._jitted.lower(self.params, self.kv_cache, *args).compile()
+        args = jax.device_put(plan, self._replicated)
+        lowered = self._jitted.lower(
+            self.params, self.kv_cache, self.sampled_tokens, args, self._bitmask(plan, None)
+        )
+        self._executables[plan.shape] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
-    def warmup(
-        self,
-        slabs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
-        progress: bool = True,
-    ) -> None:
-        """Compiles every (slab arrays, sampling arrays) shape given, e.g. one per bucket."""
+    def warmup(self, plans: Iterable[StepPlan], progress: bool = True) -> None:
+        """Compiles the program of every plan's shape, e.g. one padding plan per (bucket, width)."""
         from tqdm.auto import tqdm
 
-        plans = list(slabs)
-        for arrays, sampling in tqdm(
-            plans,
-            desc="compiling step programs",
-            unit="program",
-            disable=not progress,
-            leave=False,
+        plans = list(plans)
+        for plan in tqdm(
+            plans, desc="compiling step programs", unit="program", disable=not progress, leave=False
         ):
-            self.compile(arrays, sampling)
+            self.compile(plan)
         if self._multiprocess:
             distributed.warm_broadcasts(plans)
 
-    def execute(
-        self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
-    ) -> tuple[jax.Array, ...]:
+    def execute(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """Runs one step; returns (tokens i32[S], logprobs f32[S], top_ids i32[S, K], top_logprobs
         f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`). In a multi-host group
-        the leader first sends the step to the other processes (`fastgen_jax.distributed`)."""
+        the leader first sends the plan to the other processes (`fastgen_jax.distributed`; the engine
+        refuses constrained requests there, so followers always run with the all-ones mask)."""
         if self._multiprocess:
-            distributed.send_plan((arrays, sampling))
-        return self._launch(arrays, sampling)
+            distributed.send_plan(plan)
+        return self._launch(plan, token_bitmask)
 
-    def follow(self, template) -> int:
+    def follow(self, padding: Callable[[int, int], StepPlan]) -> int:
         """A multi-host follower: runs the leader's steps until it stops (see `distributed.follow`)."""
-        return distributed.follow(template, lambda plan: self._launch(*plan))
+        return distributed.follow(padding, self._launch)
 
     def stop_followers(self) -> None:
         """The multi-host leader, shutting down: lets the followers' `follow` return."""
         if self._multiprocess and distributed.is_leader():
             distributed.send_stop()
 
-    def _launch(
-        self, arrays: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
-    ) -> tuple[jax.Array, ...]:
-        key = _shape_key(arrays)
+    def _launch(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         try:
-            executable = self._executables[key]
+            executable = self._executables[plan.shape]
         except KeyError:
-            raise RuntimeError(f"no compiled step for slab shape {key}; warm-up missed it") from None
-        sampled, self.kv_cache = executable(self.params, self.kv_cache, *self._device_args(arrays, sampling))
+            raise RuntimeError(f"no compiled step for plan shape {plan.shape}; warm-up missed it") from None
+        args = jax.device_put(plan, self._replicated)
+        sampled, self.kv_cache, self.sampled_tokens = executable(
+            self.params, self.kv_cache, self.sampled_tokens, args, self._bitmask(plan, token_bitmask)
+        )
         return sampled
-
-    def _device_args(self, arrays, sampling):
-        md = AttentionMetadata.from_arrays(arrays)
-        s = SamplingArrays(**{f: sampling[f] for f in SamplingArrays.__dataclass_fields__})
-        args = jax.device_put((arrays["token_ids"], md, s), self._replicated)
-        bitmask = sampling.get("token_bitmask")
-        if bitmask is None:
-            return (*args, self._all_allowed_bitmask(len(sampling["temperature"])))
-        return (*args, jax.device_put(bitmask, self._replicated))
 
     def _all_allowed_bitmask(self, rows: int) -> jax.Array:
         if rows not in self._all_allowed:
@@ -225,18 +210,7 @@ class ModelRunner:
             self._all_allowed[rows] = jax.device_put(ones, self._replicated)
         return self._all_allowed[rows]
 
-
-def _shape_key(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
-    return int(arrays["token_ids"].shape[0]), int(arrays["page_indices"].shape[1])
-
-
-def sampling_arrays(num_slots: int) -> dict[str, np.ndarray]:
-    """Host buffers for per-slot sampling settings, defaulting to greedy."""
-    return {
-        "temperature": np.zeros(num_slots, np.float32),
-        "top_k": np.zeros(num_slots, np.int32),
-        "top_p": np.ones(num_slots, np.float32),
-        "seed": np.zeros(num_slots, np.uint32),
-        "step": np.zeros(num_slots, np.int32),
-        "logprobs": np.zeros(num_slots, bool),
-    }
+    def _bitmask(self, plan: StepPlan, token_bitmask: np.ndarray | None) -> jax.Array:
+        if token_bitmask is None:
+            return self._all_allowed_bitmask(plan.num_slots)
+        return jax.device_put(token_bitmask, self._replicated)

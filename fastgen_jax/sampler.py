@@ -17,21 +17,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+
+from fastgen_jax.models.metadata import SamplingArrays  # the pytree; fields defined in engine.batch
 
 NEG_INF = -jnp.inf
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit); a static shape
 MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (logits / T stays finite above it)
-
-
-@struct.dataclass
-class SamplingArrays:
-    temperature: jax.Array  # f32[S]; below MIN_TEMPERATURE (0 included) = greedy
-    top_k: jax.Array  # i32[S]; 0 = no limit
-    top_p: jax.Array  # f32[S]; 1.0 = no limit
-    seed: jax.Array  # u32[S]
-    step: jax.Array  # i32[S]: tokens the request has generated so far (makes each draw fresh)
-    logprobs: jax.Array  # bool[S]: the request wants log-probabilities
 
 
 def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -542,7 +542,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workload = make_workload(cfg, model_config.vocab_size)
     counts = param_counts(engine)
     results = {"fastgen-jax": run_ours(engine, workload)}
-    num_pages = engine.runner.resolved.num_pages
+    num_pages = engine.limits.num_pages
     del engine  # give its KV pool back before transformers allocates its own
     if not cfg.engine_only:
         results["transformers"] = run_transformers(cfg, workload, num_pages)

@@ -8,7 +8,10 @@
 #   4. Hugging Face transformers' continuous batching on the GPU as a peer (bench_offline.py);
 #   5. tensor parallelism over every GPU the machine has (1, 2, 4, 8): same greedy tokens as one GPU,
 #      weights per device, decode throughput (check_tensor_parallel.py; one GPU checks the sharded
-#      code path at degree 1).
+#      code path at degree 1);
+#   6. steps per second of steady decoding with overlap (async_scheduling) off and on, for the tiny
+#      random model and SmolLM2 (bench_host_step.py --measure=overlap): where a step takes about a
+#      millisecond, the host work it hides is most of it.
 # Results land in docs/benchmarks/ with the card named; bring them back through $OUT.
 #
 # The GPU image has no internet and lacks some of our dependencies (fastapi, uvicorn, pydantic, gguf):
@@ -38,5 +41,9 @@ step timeout 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_l
   --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
 step timeout 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/tensor_parallel_${card}.json"
+step timeout 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
+  --output_json="$OUT/host_step_overlap_tiny_${card}.json"
+step timeout 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
+  --model=checkpoints/smollm2-135m-instruct --output_json="$OUT/host_step_overlap_smollm2_${card}.json"
 [ -n "${OUT_COPY:-}" ] && cp -r "$OUT"/. "$OUT_COPY"/
 exit "$status"

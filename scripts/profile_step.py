@@ -79,36 +79,34 @@ def ceilings() -> tuple[float, float]:
     return 2 * n**3 / t_mm, x.nbytes / t_read
 
 
-def synthetic_slab(engine, seqs: list[tuple[int, int]], rng) -> dict:
-    """Slab arrays for `seqs`, (context, new tokens) per sequence, their pages scattered over the pool
+def synthetic_plan(engine, seqs: list[tuple[int, int]], rng):
+    """A `StepPlan` for `seqs`, (context, new tokens) per sequence, their pages scattered over the pool
     as a long-running server's are. No prefill runs: attention reads whatever the pages hold, which
     costs the same as real keys."""
     import numpy as np
 
-    builder = engine.slab_builder
-    ps = builder.page_size
+    planner = engine.planner
+    ps = planner.page_size
     rows = sum(new for _, new in seqs)
-    bucket = builder.bucket_for(rows)
     pages_needed = [-(-(c + n) // ps) for c, n in seqs]
-    width = builder.width_for(max(pages_needed))
-    pool = rng.permutation(np.arange(1, builder.num_pages))
-    slab = builder.padding_slab(bucket, width).arrays()
+    plan = planner.padding(planner.bucket_for(rows), planner.width_for(max(pages_needed)))
+    md = plan.attention  # frozen, but its numpy arrays are filled in place
+    pool = rng.permutation(np.arange(1, planner.num_pages))
     first_page, row = 0, 0
     for i, ((context, new), used) in enumerate(zip(seqs, pages_needed, strict=True)):
         pages = pool[first_page : first_page + used]
         first_page += used
-        slab["page_indices"][i, :used] = pages
-        slab["kv_lens"][i] = context + new
+        md.page_indices[i, :used] = pages
+        md.kv_lens[i] = context + new
         pos = np.arange(context, context + new)
-        slab["positions"][row : row + new] = pos
-        slab["slot_mapping"][row : row + new] = pages[pos // ps] * ps + pos % ps
-        slab["token_ids"][row : row + new] = rng.integers(100, 40000, new)
+        md.positions[row : row + new] = pos
+        md.slot_mapping[row : row + new] = pages[pos // ps] * ps + pos % ps
+        plan.token_ids[row : row + new] = rng.integers(100, 40000, new)
         row += new
-        slab["cu_q_lens"][i + 1 :] = row
-        slab["logits_indices"][i] = row - 1
-        slab["sample_mask"][i] = True
-    slab["num_seqs"][0] = len(seqs)
-    return slab
+        md.cu_q_lens[i + 1 :] = row
+        md.logits_indices[i] = row - 1
+    md.num_seqs[0] = len(seqs)
+    return plan
 
 
 def host_time(engine, seqs: int) -> tuple[float, float]:
@@ -118,7 +116,7 @@ def host_time(engine, seqs: int) -> tuple[float, float]:
 
     captured = []
     inner = engine.runner.execute
-    engine.runner.execute = lambda a, s: captured.append((a, s)) or inner(a, s)
+    engine.runner.execute = lambda plan, mask=None: captured.append(plan) or inner(plan, mask)
     params = SamplingParams(max_new_tokens=4 * FLAGS.repeats + 8, ignore_eos=True)
     ids = [engine.add_request(prompt_token_ids=[100 + i] * 16, sampling_params=params) for i in range(seqs)]
     while any(len(o.new_token_ids) == 0 for o in engine.step()) or engine.scheduler.num_waiting:
@@ -131,35 +129,33 @@ def host_time(engine, seqs: int) -> tuple[float, float]:
         if len(outs) == seqs:
             times.append(time.perf_counter() - start)
     engine.runner.execute = inner
-    device = components(engine, *captured[-1], parts=False)["device"]
+    device = components(engine, captured[-1], parts=False)["device"]
     for i in ids:
         engine.abort(i)
     return statistics.median(times), device
 
 
-def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]:
-    """Seconds of the device program and of each part, on the captured slab."""
+def components(engine, plan, parts: bool = True) -> dict[str, float]:
+    """Seconds of the device program and of each part, on a step plan."""
     import jax
     import jax.numpy as jnp
 
-    from fastgen_jax.models.metadata import AttentionMetadata
-    from fastgen_jax.sampler import SamplingArrays, sample
+    from fastgen_jax.sampler import sample
     from pallas_kernels.reference import write_kv_pages_reference
 
     runner, c = engine.runner, engine.model_config
-    runner.compile(arrays, sampling)
-    key = (int(arrays["token_ids"].shape[0]), int(arrays["page_indices"].shape[1]))
-    executable = runner._executables[key]
-    args = runner._device_args(arrays, sampling)
+    runner.compile(plan)
+    executable = runner._executables[plan.shape]
+    args = (jax.device_put(plan, runner._replicated), runner._bitmask(plan, None))
 
     def device():
-        out, runner.kv_cache = executable(runner.params, runner.kv_cache, *args)
+        out, runner.kv_cache, _ = executable(runner.params, runner.kv_cache, runner.sampled_tokens, *args)
         jax.block_until_ready(out)
 
     if not parts:
         return {"device": median_time(device, FLAGS.repeats)}
 
-    rows, logits_rows = arrays["token_ids"].shape[0], arrays["logits_indices"].shape[0]
+    rows, logits_rows = plan.bucket, plan.num_slots
     L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
     kvd = c.num_kv_heads * c.head_dim
     shapes = {"q": (d, hd), "k": (d, kvd), "v": (d, kvd), "o": (hd, d), "gate": (d, f), "up": (d, f)}
@@ -177,7 +173,7 @@ def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]
         h, _ = jax.lax.scan(layer, x, weights)
         return h[:logits_rows] @ head.T
 
-    md = AttentionMetadata.from_arrays(arrays)
+    md = jax.device_put(plan.attention)
     k_pages = runner.kv_cache[0]  # only its shape: `device()` donates the cache it reads
     pages_per_layer = k_pages.shape[1] // L
     attend = runner._model.attention.paged_attention
@@ -194,7 +190,7 @@ def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]
         return acc
 
     kv = jnp.ones((rows, c.num_kv_heads, c.head_dim), runner.dtype)
-    slots = jnp.asarray(arrays["slot_mapping"])
+    slots = jnp.asarray(plan.attention.slot_mapping)
 
     @jax.jit
     def kv_write(pages, kv, slots):
@@ -214,7 +210,7 @@ def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]
         jax.block_until_ready(pool)
 
     logits = jnp.full((logits_rows, c.vocab_size), 0.5, jnp.float32)
-    s = SamplingArrays(**{n: jnp.asarray(sampling[n]) for n in SamplingArrays.__dataclass_fields__})
+    s = jax.device_put(plan.sampling)
     sampler = jax.jit(sample)
     r = FLAGS.repeats
     out = {
@@ -228,22 +224,23 @@ def components(engine, arrays, sampling, parts: bool = True) -> dict[str, float]
     return out
 
 
-def floors(engine, arrays, rate: float, bandwidth: float) -> dict[str, float]:
+def floors(engine, plan, rate: float, bandwidth: float) -> dict[str, float]:
     """Seconds each part must take at least on this machine (see the module docstring)."""
     import numpy as np
 
     c, size = engine.model_config, engine.runner.dtype.itemsize
-    real = int(arrays["cu_q_lens"][int(arrays["num_seqs"][0])])
-    logits_rows = len(arrays["logits_indices"])
+    md = plan.attention
+    real = int(md.cu_q_lens[int(md.num_seqs[0])])
+    logits_rows = plan.num_slots
     d, f, hd = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
     kvd = c.num_kv_heads * c.head_dim
     layer_params = d * hd * 2 + d * kvd * 2 + 3 * d * f
     head_params = c.vocab_size * d
     matmul_flops = 2 * real * c.num_layers * layer_params + 2 * logits_rows * head_params
     matmul_bytes = (c.num_layers * layer_params + head_params) * size
-    n = int(arrays["num_seqs"][0])
-    kv_lens = arrays["kv_lens"][:n].astype(np.int64)
-    q_lens = np.diff(arrays["cu_q_lens"][: n + 1]).astype(np.int64)
+    n = int(md.num_seqs[0])
+    kv_lens = md.kv_lens[:n].astype(np.int64)
+    q_lens = np.diff(md.cu_q_lens[: n + 1]).astype(np.int64)
     kv_read = 2 * c.num_layers * kvd * int(kv_lens.sum()) * size
     # Visible (query, key) pairs: each new row sees the keys before it and itself.
     pairs = int(np.sum(q_lens * (kv_lens - q_lens) + q_lens * (q_lens + 1) // 2))
@@ -260,11 +257,11 @@ def floors(engine, arrays, rate: float, bandwidth: float) -> dict[str, float]:
 PARTS = ("matmuls", "attention", "kv_write", "sampling")
 
 
-def report_row(name: str, parts: dict, floor: dict, arrays) -> dict:
+def report_row(name: str, parts: dict, floor: dict, plan) -> dict:
     return {
         "kind": name,
-        "slab_rows": int(arrays["token_ids"].shape[0]),
-        "page_table_width": int(arrays["page_indices"].shape[1]),
+        "slab_rows": plan.bucket,
+        "page_table_width": plan.page_table_width,
         **{f"{p}_ms": v * 1e3 for p, v in parts.items()},
         **{f"{p}_floor_ms": v * 1e3 for p, v in floor.items()},
     }
@@ -296,7 +293,7 @@ def main(argv):
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.config import EngineConfig
     from fastgen_jax.llm_engine import LLMEngine
-    from fastgen_jax.runner import enable_compilation_cache, sampling_arrays
+    from fastgen_jax.runner import enable_compilation_cache
 
     enable_compilation_cache()  # the parts' programs repeat across kinds of the same shapes
 
@@ -321,10 +318,9 @@ def main(argv):
     rng = np.random.default_rng(0)
     rows = []
     for name, kind in kinds:
-        arrays = synthetic_slab(engine, kind, rng)
-        sampling = sampling_arrays(arrays["kv_lens"].shape[0])
-        parts = components(engine, arrays, sampling)
-        rows.append(report_row(name, parts, floors(engine, arrays, rate, bandwidth), arrays))
+        plan = synthetic_plan(engine, kind, rng)
+        parts = components(engine, plan)
+        rows.append(report_row(name, parts, floors(engine, plan, rate, bandwidth), plan))
         print_table(rows[-1:])
     step, device = host_time(engine, max(seqs))
     print()

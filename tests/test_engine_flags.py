@@ -42,3 +42,11 @@ def test_prefix_caching_is_on_unless_turned_off():
     assert engine_flags.engine_config(kv_cache_bytes=1 << 20).enable_prefix_caching
     parse("--noenable_prefix_caching")
     assert not engine_flags.engine_config(kv_cache_bytes=1 << 20).enable_prefix_caching
+
+
+@flagsaver.flagsaver
+def test_overlap_is_on_unless_turned_off():
+    parse()
+    assert engine_flags.engine_config(kv_cache_bytes=1 << 20).async_scheduling
+    parse("--noasync_scheduling")
+    assert not engine_flags.engine_config(kv_cache_bytes=1 << 20).async_scheduling

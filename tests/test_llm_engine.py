@@ -82,18 +82,18 @@ def tiny_workload(tiny_dir):
     return prompts, num_new, [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
 
 
-@pytest.mark.parametrize("budget", [64, 128, 512])
-def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget):
+# Overlap (async_scheduling) is the default; one budget also runs one step at a time.
+@pytest.mark.parametrize("budget, overlap", [(64, True), (128, True), (512, True), (128, False)])
+def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget, overlap):
     prompts, num_new, expected = tiny_workload
-    engine = LLMEngine(
-        load_checkpoint(tiny_dir[0]),
-        EngineConfig(token_budget=budget, max_num_seqs=32, max_model_len=512, page_size=16),
-        progress=False,
+    config = EngineConfig(
+        token_budget=budget, max_num_seqs=32, max_model_len=512, page_size=16, async_scheduling=overlap
     )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
     assert run_all(engine, prompts, num_new) == expected
     # Splitting happened (prompts of 300 tokens under a budget of 64/128) and nothing recompiled.
     assert engine.stats.prompt_tokens == sum(map(len, prompts))
-    assert engine.stats.compiled_programs == len(engine.slab_builder.shapes())
+    assert engine.stats.compiled_programs == len(engine.planner.shapes())
     assert engine.stats.compiled_after_warmup == 0
 
 
@@ -135,7 +135,8 @@ def test_the_budget_controller_forgets_every_finished_or_aborted_request(tiny_di
         assert engine.budget_controller.num_tracked == 0
 
 
-def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir, overlap):
     _, model = tiny_dir
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, TINY_VOCAB, int(n)).tolist() for n in rng.integers(20, 100, 16)]
@@ -144,13 +145,99 @@ def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir):
     # 16 usable pages of 16 tokens (one max_model_len sequence) for 16 requests of ~130 tokens.
     engine = LLMEngine(
         load_checkpoint(tiny_dir[0]),
-        EngineConfig(token_budget=128, max_num_seqs=32, max_model_len=256, page_size=16, num_pages=17),
+        EngineConfig(
+            token_budget=128,
+            max_num_seqs=32,
+            max_model_len=256,
+            page_size=16,
+            num_pages=17,
+            async_scheduling=overlap,
+        ),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
     assert engine.stats.preemptions >= 10
     assert engine.stats.free_pages == engine.stats.total_pages
     assert engine.stats.compiled_after_warmup == 0
+
+
+def test_overlapped_steps_stop_abort_share_and_preempt_exactly_like_one_at_a_time(tiny_dir, tiny_workload):
+    """Stop tokens mid-batch (the overlapped next step already computed one token too many), aborts
+    while a step is in flight, the same prompt twice (n > 1: a shared prefix), and a pool small
+    enough to preempt: every output is the one-request-at-a-time greedy answer, cut where it must."""
+    fits = [i for i, (p, n) in enumerate(zip(*tiny_workload[:2], strict=True)) if len(p) + n <= 120]
+    fits = sorted(fits, key=lambda i: -len(tiny_workload[0][i]))[:10]  # the longest first
+    prompts, num_new, expected = ([x[i] for i in fits] for x in tiny_workload)
+    prompts, num_new, expected = prompts + prompts[:2], num_new + num_new[:2], expected + expected[:2]
+    config = EngineConfig(
+        token_budget=64, max_num_seqs=16, max_model_len=128, page_size=16, num_pages=9
+    )  # 8 usable pages (one sequence of max_model_len) for 12 requests of up to 8 pages: preemption
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    stops = [len(e) // 2 if i % 3 == 0 else None for i, e in enumerate(expected)]  # stop at that token
+    ids = []
+    for p, n, e, stop in zip(prompts, num_new, expected, stops, strict=True):
+        stop_ids = [] if stop is None else [e[stop]]
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True, stop_token_ids=stop_ids)
+        ids.append(engine.add_request(prompt_token_ids=p, sampling_params=params))
+    aborted = {ids[1], ids[4]}
+    tokens, reasons = {i: [] for i in ids}, {}
+    for step in range(10_000):
+        if not engine.has_unfinished():
+            break
+        if step == 3:  # before either can have its (at least 4) tokens
+            for i in aborted:
+                reasons[i] = engine.abort(i).finish_reason
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    for i, e, stop in zip(ids, expected, stops, strict=True):
+        got = tokens[i]
+        if i in aborted:
+            assert reasons[i] == "abort" and got == e[: len(got)]
+        elif stop is not None:
+            first = e.index(e[stop])  # the stop token may occur earlier in the answer
+            assert (got, reasons[i]) == (e[: first + 1], "stop")
+        else:
+            assert (got, reasons[i]) == (e, "length")
+    assert engine.stats.preemptions > 0 and engine.stats.prefix_cache_hits > 0
+    assert engine.stats.compiled_after_warmup == 0
+    assert engine.scheduler.num_free_pages == engine.stats.total_pages
+
+
+class _ReadLog:
+    """A sampled-token array whose reading back to the host is logged (a runner double's output)."""
+
+    def __init__(self, array, events, step):
+        self.array, self.events, self.step = array, events, step
+
+    def __array__(self, dtype=None, copy=None):
+        self.events.append(("read", self.step))
+        return np.asarray(self.array, dtype)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are_read(tiny_dir, overlap):
+    config = EngineConfig(
+        token_budget=64, token_buckets=(64,), max_num_seqs=8, max_model_len=64, async_scheduling=overlap
+    )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    events, execute = [], engine.runner.execute
+
+    def logged_execute(plan):
+        step = sum(kind == "launch" for kind, _ in events)
+        events.append(("launch", step))
+        tokens, *rest = execute(plan)
+        return (_ReadLog(tokens, events, step), *rest)
+
+    engine.runner.execute = logged_execute
+    rng = np.random.default_rng(3)
+    run_all(engine, [rng.integers(3, TINY_VOCAB, 10).tolist() for _ in range(4)], [12] * 4)
+    launches = [step for kind, step in events if kind == "launch"]
+    assert len(launches) >= 12
+    for step in launches[1:]:  # the device never waits for the host to read a step and plan the next
+        launch, read = events.index(("launch", step)), events.index(("read", step - 1))
+        assert (launch < read) == overlap
 
 
 def test_prefill_first_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload):

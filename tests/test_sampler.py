@@ -4,17 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgen_jax.runner import sampling_arrays
 from fastgen_jax.sampler import SamplingArrays, sample
 
 VOCAB = 50
 
 
-def run(logits, **settings):
-    arrays = sampling_arrays(logits.shape[0])
-    for name, value in settings.items():
-        arrays[name][:] = value
-    tokens, logprobs, _, _ = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
+def settings(rows, **values) -> SamplingArrays:
+    """Greedy settings for `rows` rows, then the given fields overwritten."""
+    arrays = SamplingArrays.greedy(rows)
+    for name, value in values.items():
+        getattr(arrays, name)[:] = value
+    return arrays
+
+
+def run(logits, **values):
+    tokens, logprobs, _, _ = jax.jit(sample)(jnp.asarray(logits), settings(logits.shape[0], **values))
     return np.asarray(tokens), np.asarray(logprobs)
 
 
@@ -80,19 +84,14 @@ def test_new_settings_do_not_recompile():
     jitted = jax.jit(lambda logits, settings: sample(logits, settings))  # a cache of its own
     logits = jnp.asarray(random_logits(4))
     for temperature, top_k, top_p in [(0.0, 0, 1.0), (0.7, 10, 0.9), (1.3, 0, 0.5)]:
-        arrays = sampling_arrays(4)
-        arrays["temperature"][:] = temperature
-        arrays["top_k"][:] = top_k
-        arrays["top_p"][:] = top_p
-        jitted(logits, SamplingArrays(**arrays))
+        jitted(logits, settings(4, temperature=temperature, top_k=top_k, top_p=top_p))
     assert jitted._cache_size() == 1
 
 
 def test_top_logprobs_are_the_largest_entries_of_log_softmax():
     logits = random_logits(3)
-    arrays = sampling_arrays(3)
-    arrays["logprobs"][:] = [True, False, True]
-    tokens, logprobs, top_ids, top_logprobs = jax.jit(sample)(jnp.asarray(logits), SamplingArrays(**arrays))
+    arrays = settings(3, logprobs=[True, False, True])
+    tokens, logprobs, top_ids, top_logprobs = jax.jit(sample)(jnp.asarray(logits), arrays)
     log_softmax = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
     order = np.argsort(-log_softmax, axis=-1)[:, :20]
     np.testing.assert_array_equal(np.asarray(top_ids), order)

@@ -1,35 +1,41 @@
-"""The host side of the engine: sequences, the KV page pool, the scheduler and the token slab.
+"""The host side of the engine: sequences, the KV page pool, the scheduler and the step plan.
 
 numpy only: nothing under `fastgen_jax.engine` imports jax, so scheduling can be tested and reasoned
 about without a device. One step, as `llm_engine` drives it:
 
     budget = controller.choose_for(running)     # with an adaptive budget: this step's token budget
     output = scheduler.schedule(budget)        # which tokens of which sequences
-    slab = slab_builder.build(output)          # static-shaped numpy arrays for the compiled step
-    sampled = runner.step(slab)                # device: model + sampling -> i32[S]
+    plan = planner.build(output)               # StepPlan: every array of the compiled step, numpy
+    sampled = runner.execute(plan)[0]          # device: model + sampling -> i32[S]
     scheduler.postprocess(output, sampled)     # advance computed tokens, append sampled ones
     # then check stop conditions and call scheduler.finish(seq, reason) for the finished ones
 """
 
-from fastgen_jax.engine.batch import Slab, SlabBuilder
+from fastgen_jax.engine.batch import AttentionMetadata, SamplingArrays, StepPlan, StepPlanner
 from fastgen_jax.engine.budget import BudgetController, StepTimeModel
+from fastgen_jax.engine.limits import EngineLimits, RequestError, check_request
 from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
 
 __all__ = [
+    "AttentionMetadata",
+    "SamplingArrays",
     "BudgetController",
+    "EngineLimits",
     "NULL_PAGE",
     "OutOfPagesError",
     "PageAllocator",
     "PageTables",
+    "RequestError",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerOutput",
     "Sequence",
     "SequenceStatus",
-    "Slab",
-    "SlabBuilder",
+    "StepPlan",
+    "StepPlanner",
     "StepTimeModel",
+    "check_request",
     "pages_for",
 ]

@@ -1,17 +1,32 @@
-"""The token slab: one step's scheduled tokens as static-shaped numpy arrays for the compiled model.
+"""The step plan: every array one compiled step reads, built on the host (numpy only).
 
-Shapes depend only on the bucket T (the smallest of `token_buckets` that holds the step's
-tokens), the sequence slots S = min(max_num_seqs, T) and the page-table width W (pages of the step's
-longest context, rounded up to a power of two, capped at the pages of max_model_len). The model
-compiles once per (T, W); `SlabBuilder.page_table_widths` lists every W so the runner can compile
-them all upfront. When the attention's cost already follows each sequence's real context (the CPU
-kernel reads only the pages it needs), `one_width` keeps a single W, the cap: one program per
-bucket instead of one per (bucket, width), so start-up compiles several times fewer.
+A `StepPlan` is the one thing that crosses from the host side to the device for a step: the token
+slab (`token_ids`), the attention metadata every attention layer reads (`AttentionMetadata`) and the
+per-slot sampling settings (`SamplingArrays`). Each field is defined once, below, with its dtype,
+shape and padding value. The runner hands the plan to the compiled step as a pytree (the jax side
+registers the three classes), the multi-host leader broadcasts it as one, and warm-up compiles one
+program per padding plan, so no layer looks a field up by a string.
+
+Shapes depend only on the bucket T (the smallest of `token_buckets` that holds the step's tokens),
+the sequence slots S = min(max_num_seqs, T) and the page-table width W (pages of the step's longest
+context, rounded up to a power of two, capped at the pages of max_model_len). The step compiles once
+per (T, W); `StepPlanner.page_table_widths` lists every W so the runner can compile them all upfront.
+When the attention's cost already follows each sequence's real context (the CPU kernel reads only
+the pages it needs), `one_width` keeps a single W, the cap: one program per bucket instead of one per
+(bucket, width), so start-up compiles several times fewer.
 
 Slot i holds the i-th scheduled sequence (decodes first, then prompt chunks); its new tokens are the
 slab rows cu_q_lens[i]:cu_q_lens[i+1]. Padding is inert by construction: padding rows write their
 K/V to slot num_pages * page_size, one past the cache (a scatter with mode="drop" discards it),
-unused slots have kv_lens 0 and an empty query range, and page-table padding points at page 0.
+unused slots have kv_lens 0 and an empty query range, page-table padding points at page 0, and
+unused slots sample greedily with no log-probabilities (their tokens are never read).
+
+Adding a step input (e.g. a per-slot token mask for constrained sampling, or more logit rows for
+speculative verification) is a change in this module: a field on the class it belongs to, with its
+dtype/shape/padding comment, filled in `StepPlanner.build` and `StepPlanner.padding`. The runner,
+the broadcast and warm-up carry it unchanged; only the code that reads it on the device changes.
+Keep every field always present (padding that means "no effect", e.g. an all-allowed mask) rather
+than optional: an optional field would change the pytree and compile a second program per shape.
 """
 
 from __future__ import annotations
@@ -29,48 +44,99 @@ _I32 = np.int32
 
 
 @dataclasses.dataclass(frozen=True)
-class Slab:
-    """One step's device inputs (see the module docstring) plus the host's map back to requests."""
+class AttentionMetadata:
+    """What a forward pass needs to know about the slab besides its token ids (see the module
+    docstring). An explicit argument of every model call, never a global; on the device the fields
+    are jax arrays of the same shapes."""
 
-    token_ids: np.ndarray  # i32[T]; padding 0
-    positions: np.ndarray  # i32[T]; padding 0
-    slot_mapping: np.ndarray  # i32[T]; page_id * page_size + offset; padding num_pages * page_size
-    cu_q_lens: np.ndarray  # i32[S + 1]; unused slots repeat the last value
-    kv_lens: np.ndarray  # i32[S]; context length after this step; unused slots 0
-    page_indices: np.ndarray  # i32[S, W]; padding NULL_PAGE
-    num_seqs: np.ndarray  # i32[1]; used slots
-    logits_indices: np.ndarray  # i32[S]; slab row of each slot's last new token; unused slots 0
-    sample_mask: np.ndarray  # bool[S]; the slot's token is sampled (decode, or prompt's last chunk)
-    request_ids: list[str]  # [num_seqs]; request of each used slot
-    num_tokens: int  # real (unpadded) rows
+    positions: np.ndarray  # i32[T]: position of each slab row in its sequence; padding 0
+    slot_mapping: np.ndarray  # i32[T]: KV slot page * page_size + offset; padding num_pages * page_size
+    kv_lens: np.ndarray  # i32[S]: keys per slot after this step; unused slots 0
+    page_indices: np.ndarray  # i32[S, W]: each slot's KV pages in order; padding NULL_PAGE
+    cu_q_lens: np.ndarray  # i32[S + 1]: slot s owns rows cu_q_lens[s]:cu_q_lens[s + 1]; unused repeat
+    num_seqs: np.ndarray  # i32[1]: slots in use
+    logits_indices: np.ndarray  # i32[S]: slab row of each slot's last new token; unused slots 0
 
-    ARRAY_NAMES = (
-        "token_ids",
-        "positions",
-        "slot_mapping",
-        "cu_q_lens",
-        "kv_lens",
-        "page_indices",
-        "num_seqs",
-        "logits_indices",
-        "sample_mask",
-    )
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The device inputs by name."""
-        return {name: getattr(self, name) for name in self.ARRAY_NAMES}
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-slot sampling settings, as arrays so a new temperature never recompiles."""
+
+    temperature: np.ndarray  # f32[S]: below sampler.MIN_TEMPERATURE (0 included) = greedy; padding 0
+    top_k: np.ndarray  # i32[S]: 0 = no limit; padding 0
+    top_p: np.ndarray  # f32[S]: 1.0 = no limit; padding 1.0
+    seed: np.ndarray  # u32[S]; padding 0
+    step: np.ndarray  # i32[S]: tokens the request has generated so far (makes each draw fresh)
+    logprobs: np.ndarray  # bool[S]: the request wants log-probabilities; padding False
+
+    @classmethod
+    def greedy(cls, num_slots: int) -> SamplingArrays:
+        """Every slot greedy, no log-probabilities: the padding value of every field."""
+        return cls(
+            temperature=np.zeros(num_slots, np.float32),
+            top_k=np.zeros(num_slots, _I32),
+            top_p=np.ones(num_slots, np.float32),
+            seed=np.zeros(num_slots, np.uint32),
+            step=np.zeros(num_slots, _I32),
+            logprobs=np.zeros(num_slots, bool),
+        )
+
+    @classmethod
+    def for_step(cls, entries: list[ScheduledSeq], num_slots: int) -> SamplingArrays:
+        """Each scheduled sequence's `SamplingParams` (greedy when it has none), padding after them."""
+        rows = [_sampling_row(e) for e in entries]
+        columns = list(zip(*rows, strict=True))
+        dtypes = (np.float32, _I32, np.float32, np.uint32, _I32, bool)
+        greedy = cls.greedy(num_slots)
+        arrays = [getattr(greedy, f.name) for f in dataclasses.fields(cls)]
+        for column, dtype, out in zip(columns, dtypes, arrays, strict=True):
+            out[: len(entries)] = np.asarray(column, dtype)
+        return cls(*arrays)
+
+
+def _sampling_row(entry: ScheduledSeq) -> tuple:
+    """(temperature, top_k, top_p, seed, step, logprobs) of one scheduled sequence."""
+    p = entry.seq.sampling_params
+    if p is None:
+        return 0.0, 0, 1.0, 0, entry.output_index, False
+    return p.temperature, p.top_k, p.top_p, p.seed, entry.output_index, p.logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Every array one compiled step reads (see the module docstring): a frozen pytree of numpy
+    arrays on the host, of jax arrays inside the step."""
+
+    token_ids: np.ndarray  # i32[T]: the slab, each scheduled sequence's new tokens in slot order; padding 0
+    # i32[T]: for a decode row whose input token the step in flight samples (overlap), that step's
+    # slot; the device reads the token from that step's output instead of token_ids. Else -1.
+    previous_slot: np.ndarray
+    attention: AttentionMetadata
+    sampling: SamplingArrays
 
     @property
     def bucket(self) -> int:
+        """T, the slab rows."""
         return self.token_ids.shape[0]
 
     @property
     def page_table_width(self) -> int:
-        return self.page_indices.shape[1]
+        """W, the page-table columns."""
+        return self.attention.page_indices.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(T, W): the compiled program this plan runs."""
+        return self.bucket, self.page_table_width
+
+    @property
+    def num_slots(self) -> int:
+        """S, the sequence slots."""
+        return self.attention.kv_lens.shape[0]
 
 
-class SlabBuilder:
-    """Builds a `Slab` from a `SchedulerOutput`; knows every shape the model is compiled for."""
+class StepPlanner:
+    """Builds the `StepPlan` of a `SchedulerOutput`; knows every shape the step is compiled for."""
 
     def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int, one_width: bool = False):
         if num_pages * config.page_size >= 2**31:
@@ -84,8 +150,8 @@ class SlabBuilder:
         self.page_table_widths = (cap,) if one_width else _widths_up_to(cap)
 
     @classmethod
-    def for_scheduler(cls, scheduler: Scheduler, one_width: bool = False) -> SlabBuilder:
-        """A builder for the steps of `scheduler` (same config, pool and max_model_len)."""
+    def for_scheduler(cls, scheduler: Scheduler, one_width: bool = False) -> StepPlanner:
+        """A planner for the steps of `scheduler` (same config, pool and max_model_len)."""
         return cls(scheduler.config, scheduler.num_pages, scheduler.max_model_len, one_width)
 
     @property
@@ -114,10 +180,11 @@ class SlabBuilder:
             return self.page_table_widths[0]
         return min(1 << max(0, num_pages - 1).bit_length(), self.max_pages_per_seq)
 
-    def build(self, output: SchedulerOutput) -> Slab:
+    def build(self, output: SchedulerOutput) -> StepPlan:
+        """The plan of a scheduled step: slot i is `output.scheduled[i]`."""
         entries = output.scheduled
         if not entries:
-            raise ValueError("cannot build a slab for an empty step")
+            raise ValueError("cannot plan an empty step")
         n = len(entries)
         q_lens = np.fromiter((e.num_new_tokens for e in entries), _I32, n)
         starts = np.fromiter((e.start_position for e in entries), _I32, n)
@@ -130,35 +197,38 @@ class SlabBuilder:
         token_ids, positions, slot_mapping = self._token_rows(
             entries, q_lens, starts, cu_q_lens, page_indices, bucket
         )
-        return Slab(
-            token_ids=token_ids,
+        previous_slot = np.full(bucket, -1, _I32)
+        waiting = [
+            (int(cu_q_lens[i]), e.previous_slot) for i, e in enumerate(entries) if e.previous_slot >= 0
+        ]
+        if waiting:
+            rows, slots = zip(*waiting, strict=True)
+            previous_slot[list(rows)] = slots
+        attention = AttentionMetadata(
             positions=positions,
             slot_mapping=slot_mapping,
-            cu_q_lens=cu_q_lens,
             kv_lens=_padded(kv_lens, num_slots),
             page_indices=page_indices,
+            cu_q_lens=cu_q_lens,
             num_seqs=np.array([n], _I32),
             logits_indices=_padded(cu_q_lens[1 : n + 1] - 1, num_slots),
-            sample_mask=_padded(np.fromiter((e.needs_sample for e in entries), bool, n), num_slots),
-            request_ids=[e.seq.request_id for e in entries],
-            num_tokens=int(cu_q_lens[n]),
         )
+        return StepPlan(token_ids, previous_slot, attention, SamplingArrays.for_step(entries, num_slots))
 
-    def padding_slab(self, bucket: int, width: int) -> Slab:
-        """A slab of shape (bucket, width) with no sequence in it: compiles and runs as a no-op."""
+    def padding(self, bucket: int, width: int) -> StepPlan:
+        """A plan of shape (bucket, width) with no sequence in it: compiles and runs as a no-op."""
         num_slots = self.num_slots_for(bucket)
-        return Slab(
-            token_ids=np.zeros(bucket, _I32),
+        attention = AttentionMetadata(
             positions=np.zeros(bucket, _I32),
             slot_mapping=np.full(bucket, self.padding_slot, _I32),
-            cu_q_lens=np.zeros(num_slots + 1, _I32),
             kv_lens=np.zeros(num_slots, _I32),
             page_indices=np.full((num_slots, width), NULL_PAGE, _I32),
+            cu_q_lens=np.zeros(num_slots + 1, _I32),
             num_seqs=np.zeros(1, _I32),
             logits_indices=np.zeros(num_slots, _I32),
-            sample_mask=np.zeros(num_slots, bool),
-            request_ids=[],
-            num_tokens=0,
+        )
+        return StepPlan(
+            np.zeros(bucket, _I32), np.full(bucket, -1, _I32), attention, SamplingArrays.greedy(num_slots)
         )
 
     def _page_indices(self, output: SchedulerOutput, seq_pages: np.ndarray, num_slots: int) -> np.ndarray:
@@ -203,7 +273,7 @@ def _new_token_ids(entries: list[ScheduledSeq]) -> list[int]:
     tokens: list[int] = []
     for e in entries:
         if e.num_new_tokens == 1:  # a decode: index, do not slice (the common case, 256 a step)
-            tokens.append(e.seq.all_token_ids[e.start_position])
+            tokens.append(0 if e.previous_slot >= 0 else e.seq.all_token_ids[e.start_position])
         else:
             tokens.extend(e.seq.all_token_ids[e.start_position : e.start_position + e.num_new_tokens])
     return tokens

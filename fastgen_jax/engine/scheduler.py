@@ -1,8 +1,19 @@
 """The scheduler: which tokens of which sequences go into the next forward pass.
 
 `schedule()` composes one step; the engine runs it on the device and hands the sampled tokens to
-`postprocess()`, then checks stop conditions and calls `finish()`. schedule and postprocess must
-alternate.
+`postprocess()`, then checks stop conditions and calls `finish()`.
+
+Steps in flight. `schedule()` counts the step's tokens as computed at once and each token it samples
+as pending (`Sequence.num_pending_tokens`), so the next step can be scheduled while this one still
+runs on the device (the engine's overlap): it assumes every running sequence survives and gets its
+token. A decode whose input token is still pending names the slot of the step in flight that samples
+it (`ScheduledSeq.previous_slot`); the device takes the token from that step's output. At most two
+steps are in flight; `postprocess()` takes them oldest first and appends the tokens; a sequence that
+finished or was aborted meanwhile is skipped (its extra work is discarded), one preempted meanwhile
+only keeps its token. A sequence whose next step needs its last token on the host
+(`Sequence.needs_host_sync`: a grammar-constrained one) sits out any step composed while that token
+is pending. `abandon()` rolls a failed step back, newest first. Without overlap the engine
+simply postprocesses each step before scheduling the next.
 
 Dynamic SplitFuse ("splitfuse", DeepSpeed-FastGen), each step at most `token_budget` tokens (or the
 smaller budget the caller passes for this step, `engine.budget`) and `max_num_seqs` sequences:
@@ -55,10 +66,12 @@ from collections.abc import Sequence as SequenceABC
 import numpy as np
 
 from fastgen_jax.config import ConfigError, EngineConfig
+from fastgen_jax.engine.limits import check_pool_holds_a_sequence
 from fastgen_jax.engine.page_allocator import NULL_PAGE, PageAllocator, PageKey, PageTables
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
 
 _RUNNING = SequenceStatus.RUNNING
+MAX_STEPS_IN_FLIGHT = 2  # one running on the device, the next one scheduled beside it
 
 
 @dataclasses.dataclass(slots=True)
@@ -69,6 +82,8 @@ class ScheduledSeq:
     num_new_tokens: int
     start_position: int  # seq.num_computed_tokens when scheduled
     needs_sample: bool  # a decode, or the chunk that ends the prompt
+    output_index: int = 0  # tokens the sequence had generated (pending ones included) when scheduled
+    previous_slot: int = -1  # a decode whose input is pending: its slot in the step in flight
 
 
 @dataclasses.dataclass
@@ -104,7 +119,7 @@ class Scheduler:
         self.page_size = config.page_size
         self.num_pages = _resolve("num_pages", num_pages, config.num_pages)
         self.max_model_len = _resolve("max_model_len", max_model_len, config.max_model_len)
-        _check_pool_holds_a_sequence(self.num_pages, self.max_model_len, self.page_size)
+        check_pool_holds_a_sequence(self.num_pages, self.max_model_len, self.page_size)
         self.allocator = PageAllocator(self.num_pages)
         self._max_running = min(config.max_num_seqs, config.token_budget)
         self.page_tables = PageTables(self._max_running, pages_for(self.max_model_len, self.page_size))
@@ -113,8 +128,9 @@ class Scheduler:
         self.num_preemptions = 0
         self._requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
-        self._in_flight: SchedulerOutput | None = None
+        self._in_flight: collections.deque[SchedulerOutput] = collections.deque()  # oldest first
         self._step_budget = config.token_budget
+        self._pending_slots: dict[int, int] = {}  # of the schedule() running now
         self.prefix_caching = config.enable_prefix_caching
         self._pending: dict[PageKey, Sequence] = {}  # prompt pages being computed -> their sequence
         self.prefix_cache_queries = 0  # tokens looked up at admission (every admission)
@@ -196,8 +212,9 @@ class Scheduler:
         """Composes the next step, of at most `token_budget` tokens (default and cap: the configured
         budget; never fewer than the running sequences, so every decode fits). Empty only when there
         is nothing to do."""
-        if self._in_flight is not None:
-            raise RuntimeError("schedule() called before postprocess() of the previous step")
+        if len(self._in_flight) >= MAX_STEPS_IN_FLIGHT:
+            raise RuntimeError(f"schedule() called with {MAX_STEPS_IN_FLIGHT} steps in flight")
+        self._pending_slots = self._slots_sampled_in_flight()
         cap = self.config.token_budget
         self._step_budget = cap if token_budget is None else max(min(token_budget, cap), len(self.running))
         out = SchedulerOutput(page_tables=self.page_tables)
@@ -209,14 +226,28 @@ class Scheduler:
             if out.is_empty:
                 self._schedule_decodes(out)
         if not out.is_empty:
-            self._in_flight = out
+            self._in_flight.append(out)
         return out
 
+    def _slots_sampled_in_flight(self) -> dict[int, int]:
+        """id(seq) -> its slot in the newest step in flight, for the sequences that step samples."""
+        if not self._in_flight:
+            return {}
+        return {id(e.seq): i for i, e in enumerate(self._in_flight[-1].scheduled) if e.needs_sample}
+
     def abandon(self, output: SchedulerOutput) -> None:
-        """Forgets the step in flight after its forward pass failed. Nothing advances: its tokens are
-        scheduled again by the next `schedule()`, and the pages they got stay with their sequences."""
-        if output is self._in_flight:
-            self._in_flight = None
+        """Rolls back the newest step in flight after its forward pass failed: its tokens count as not
+        computed again (the next `schedule()` schedules them again), its samples as not pending, and
+        the pages they got stay with their sequences. With two steps in flight, abandon both, newest
+        first."""
+        if not self._in_flight or output is not self._in_flight[-1]:
+            return
+        self._in_flight.pop()
+        for entry in output.scheduled:
+            seq = entry.seq
+            seq.num_pending_tokens -= entry.needs_sample
+            if seq.status is _RUNNING:
+                seq.num_computed_tokens = entry.start_position
 
     def postprocess(self, output: SchedulerOutput, sampled_token_ids: SampledTokens) -> None:
         """Records a finished step: advances the computed tokens and appends sampled ones.
@@ -227,9 +258,9 @@ class Scheduler:
         """
         if output.is_empty:
             return
-        if output is not self._in_flight:
-            raise RuntimeError("postprocess() got an output that is not the step in flight")
-        self._in_flight = None
+        if not self._in_flight or output is not self._in_flight[0]:
+            raise RuntimeError("postprocess() got an output that is not the oldest step in flight")
+        self._in_flight.popleft()
         tokens = _tokens_per_slot(output, sampled_token_ids)
         # A page of the prefix cache is filled when end % page_size < tokens written; without the cache
         # the modulus is never below 0. (Locals: this loop runs once per sequence per step.)
@@ -238,12 +269,16 @@ class Scheduler:
             seq = entry.seq
             if seq.is_finished:
                 continue
-            n = entry.num_new_tokens
-            end = seq.num_computed_tokens = seq.num_computed_tokens + n
-            if end % page_size < n:
-                self._cache_written_pages(seq, entry.start_position)
             if entry.needs_sample:
+                seq.num_pending_tokens -= 1
                 seq.append_token(token)
+            if seq.status is not _RUNNING:  # preempted while the step ran: its pages are gone
+                seq.num_prefill_tokens = seq.num_tokens
+                continue
+            n = entry.num_new_tokens
+            end = entry.start_position + n
+            if end % page_size < n:
+                self._cache_written_pages(seq, entry.start_position, end)
 
     # -- policy pieces ----------------------------------------------------------------------------
 
@@ -253,6 +288,10 @@ class Scheduler:
                 continue
             if not self._has_room(out):
                 break  # only reachable if the running limit is broken
+            if seq.num_pending_tokens and (
+                seq.needs_host_sync or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+            ):
+                continue  # the step in flight samples its last token, or one its next step depends on
             _check_not_past_max_tokens(seq)
             if self._make_room_for_decode(seq, out):
                 self._push(out, seq, 1)
@@ -319,9 +358,9 @@ class Scheduler:
         for key in seq.page_keys(end, self.page_size)[len(hit) : end]:
             self._pending.setdefault(key, seq)
 
-    def _cache_written_pages(self, seq: Sequence, start: int) -> None:
-        """Indexes the pages of `seq` that the step from position `start` filled."""
-        first, end = start // self.page_size, seq.num_computed_tokens // self.page_size
+    def _cache_written_pages(self, seq: Sequence, start: int, stop: int) -> None:
+        """Indexes the pages of `seq` that a step writing positions [start, stop) filled."""
+        first, end = start // self.page_size, stop // self.page_size
         if first == end:
             return
         keys, pages, allocator = seq.page_keys(end, self.page_size), seq.page_table, self.allocator
@@ -381,17 +420,26 @@ class Scheduler:
         seq.page_table_row = -1
 
     def _forget_pending(self, seq: Sequence) -> None:
-        """Drops the pages `seq` was going to compute from the pending map (it stops running)."""
-        first, end = seq.num_computed_tokens // self.page_size, seq.num_prefill_tokens // self.page_size
-        for key in seq.page_keys(end, self.page_size)[first:end]:
+        """Drops the pages `seq` was going to compute from the pending map (it stops running). From
+        its first page: a step in flight may not have cached the pages counted as computed yet."""
+        end = seq.num_prefill_tokens // self.page_size
+        for key in seq.page_keys(end, self.page_size)[:end]:
             if self._pending.get(key) is seq:
                 del self._pending[key]
 
     def _push(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        """Adds `num_new` tokens of `seq` to the step and counts them as computed (see the module
+        docstring: steps in flight)."""
         start = seq.num_computed_tokens
         needs_sample = start + num_new >= seq.num_prefill_tokens
-        out.scheduled.append(ScheduledSeq(seq, num_new, start, needs_sample))
+        pending = seq.num_pending_tokens
+        previous_slot = self._pending_slots[id(seq)] if pending else -1
+        out.scheduled.append(
+            ScheduledSeq(seq, num_new, start, needs_sample, seq.num_output_tokens + pending, previous_slot)
+        )
         out.num_tokens += num_new
+        seq.num_computed_tokens = start + num_new
+        seq.num_pending_tokens = pending + needs_sample
 
     def _budget_left(self, out: SchedulerOutput) -> int:
         return self._step_budget - out.num_tokens
@@ -411,15 +459,6 @@ def _resolve(name: str, given: int | None, configured: int | None) -> int:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
-
-
-def _check_pool_holds_a_sequence(num_pages: int, max_model_len: int, page_size: int) -> None:
-    needed = pages_for(max_model_len, page_size)
-    if num_pages - 1 < needed:
-        raise ConfigError(
-            f"num_pages={num_pages} (page 0 reserved) cannot hold one sequence of max_model_len="
-            f"{max_model_len} at page_size={page_size}: need num_pages >= {needed + 1}"
-        )
 
 
 def _check_not_past_max_tokens(seq: Sequence) -> None:

@@ -1,6 +1,8 @@
 """One request as the scheduler sees it: its tokens, how many have KV in the cache, and its pages.
 
-A sequence computes tokens [num_computed_tokens, num_tokens) in order. While
+A sequence computes tokens [num_computed_tokens, num_tokens) in order. While a step runs on the
+device (and the next one is scheduled beside it) the token it samples is pending: counted in
+`num_pending_tokens`, not yet in the token list. While
 `num_computed_tokens < num_prefill_tokens` it is prefilling: it runs its prompt in chunks and only
 the chunk that ends the prompt samples a token. After that it decodes: each step computes the KV of
 its last token and samples the next one.
@@ -59,7 +61,13 @@ class Sequence:
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.arrival_index = -1  # set by Scheduler.add; orders the queues
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        # tokens whose KV is in the cache once the steps scheduled so far have run (the scheduler counts
+        # a step's tokens as computed when it schedules them; a failed step rolls them back)
+        self.num_computed_tokens = 0
+        self.num_pending_tokens = 0  # sampled by a step in flight, not yet read back (0 or 1)
+        # Its next step needs its last token on the host (a grammar mask): never scheduled while a
+        # token of it is pending (the scheduler's "steps in flight").
+        self.needs_host_sync = False
         self.num_prefill_tokens = len(prompt)  # grows to num_tokens on preemption
         self.page_table: list[int] = []  # page ids; page i holds positions [i*P, (i+1)*P)
         self.page_table_row = -1  # its row in the scheduler's PageTables while running

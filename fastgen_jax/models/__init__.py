@@ -17,7 +17,7 @@ from fastgen_jax.models.falcon import FalconDecoderLayer
 from fastgen_jax.models.gemma import GemmaDecoderLayer
 from fastgen_jax.models.layers import CausalLM, init_kv_cache, kv_bytes_per_page
 from fastgen_jax.models.llama import LlamaDecoderLayer
-from fastgen_jax.models.metadata import AttentionMetadata
+from fastgen_jax.models.metadata import AttentionMetadata, SamplingArrays, StepPlan
 from fastgen_jax.models.moe import MoEDecoderLayer
 
 FAMILY_LAYERS = {
@@ -79,4 +79,6 @@ __all__ = [
     "init_kv_cache",
     "kv_bytes_per_page",
     "param_shapes",
+    "SamplingArrays",
+    "StepPlan",
 ]

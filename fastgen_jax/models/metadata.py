@@ -1,27 +1,27 @@
-"""Attention metadata: what a forward pass needs to know about the token slab besides the token ids.
+"""The step plan on the device: the host's `StepPlan`, `AttentionMetadata` and `SamplingArrays`
+(defined once, in `fastgen_jax.engine.batch`, which never imports jax) registered as pytrees here,
+so a plan passes through jit whole and its fields arrive as jax arrays of the same shapes.
 
-It is an explicit argument of every model call (a pytree), never a global. Shapes are static given the
-slab size T, the number of sequence slots S and the page-table width W, so each (T, S, W) compiles once.
+Attention metadata is an explicit argument of every model call, never a global. Shapes are static
+given the slab size T, the number of sequence slots S and the page-table width W, so each (T, S, W)
+compiles once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import numpy as np
-from flax import struct
+
+from fastgen_jax.engine.batch import AttentionMetadata, SamplingArrays, StepPlan
 
 
-@struct.dataclass
-class AttentionMetadata:
-    positions: jax.Array  # i32[T]: position of each slab row in its sequence
-    slot_mapping: jax.Array  # i32[T]: KV slot (page * page_size + offset) per row; out of range = padding
-    kv_lens: jax.Array  # i32[S]: keys per sequence slot after this step (0 for empty slots)
-    page_indices: jax.Array  # i32[S, W]: each slot's KV pages, in order
-    cu_q_lens: jax.Array  # i32[S + 1]: slot s owns slab rows cu_q_lens[s]:cu_q_lens[s + 1]
-    num_seqs: jax.Array  # i32[1]: slots in use
-    logits_indices: jax.Array  # i32[R]: slab rows whose vocabulary logits are wanted
+def _register(cls) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
 
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> AttentionMetadata:
-        """Builds metadata from a dict of host arrays keyed by the field names (extra keys ignored)."""
-        return cls(**{f: arrays[f] for f in cls.__dataclass_fields__})
+
+for _cls in (AttentionMetadata, SamplingArrays, StepPlan):
+    _register(_cls)
+
+__all__ = ["AttentionMetadata", "SamplingArrays", "StepPlan"]

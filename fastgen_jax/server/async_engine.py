@@ -371,7 +371,7 @@ class AsyncEngine:
             if t is None:
                 continue
             if out.new_token_ids:
-                t.token_times.append(now)
+                t.token_times.append(out.time)  # the engine's clock, which its budget controller reads
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release(t)

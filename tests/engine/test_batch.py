@@ -1,4 +1,6 @@
-"""SlabBuilder: a scheduled step as static-shaped arrays, checked value by value."""
+"""StepPlanner: a scheduled step as a StepPlan of static-shaped arrays, checked value by value."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,8 +13,10 @@ from fastgen_jax.engine import (
     SchedulerOutput,
     Sequence,
     SequenceStatus,
-    SlabBuilder,
+    StepPlan,
+    StepPlanner,
 )
+from fastgen_jax.sampling_params import SamplingParams
 
 CONFIG = EngineConfig(
     token_budget=16,
@@ -41,23 +45,33 @@ def mixed_step():
     tables = PageTables(max_seqs=4, max_pages_per_seq=8)
     a = running_seq(tables, "a", [11, 12, 13, 14, 15], [16], num_computed=5, page_table=[3, 7])
     b = running_seq(tables, "b", [21, 22, 23, 24], [25, 26, 27, 28], 7, page_table=[5, 2])
+    b.sampling_params = SamplingParams(temperature=0.5, top_k=7, top_p=0.75, seed=42, logprobs=True)
     c = running_seq(tables, "c", list(range(31, 44)), [], 6, page_table=[9, 4, 12, 6])
     return SchedulerOutput(
         page_tables=tables,
         scheduled=[
-            ScheduledSeq(a, 1, 5, True),
-            ScheduledSeq(b, 1, 7, True),
+            ScheduledSeq(a, 1, 5, True, output_index=1),
+            ScheduledSeq(b, 1, 7, True, output_index=4),
             ScheduledSeq(c, 3, 6, False),
         ],
         num_tokens=5,
     )
 
 
+def arrays(plan: StepPlan) -> dict[str, np.ndarray]:
+    """Every array of a plan by field name (attention and sampling fields flattened)."""
+    md, sampling = plan.attention, plan.sampling
+    fields = {"token_ids": plan.token_ids, "previous_slot": plan.previous_slot}
+    for part in (md, sampling):
+        fields |= {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    return fields
+
+
 def test_a_mixed_step_becomes_these_exact_arrays():
-    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
-    arrays = {name: value.tolist() for name, value in slab.arrays().items()}
-    assert arrays == {
+    plan = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
+    assert {name: value.tolist() for name, value in arrays(plan).items()} == {
         "token_ids": [16, 28, 37, 38, 39, 0, 0, 0],
+        "previous_slot": [-1] * 8,  # every input token is on the host
         "positions": [5, 7, 6, 7, 8, 0, 0, 0],
         # a: page 7 offset 1; b: page 2 offset 3; c: page 4 offsets 2, 3 then page 12 offset 0;
         # padding rows: 16 pages * 4 = 64, one past the cache.
@@ -68,33 +82,50 @@ def test_a_mixed_step_becomes_these_exact_arrays():
         "page_indices": [[3, 7, 0, 0], [5, 2, 0, 0], [9, 4, 12, 0], [0, 0, 0, 0]],
         "num_seqs": [3],
         "logits_indices": [0, 1, 4, 0],
-        "sample_mask": [True, True, False, False],
+        # a and c carry no SamplingParams (greedy); b's below. Padding: greedy, top_p 1.
+        "temperature": [0.0, 0.5, 0.0, 0.0],
+        "top_k": [0, 7, 0, 0],
+        "top_p": [1.0, 0.75, 1.0, 1.0],
+        "seed": [0, 42, 0, 0],
+        "step": [1, 4, 0, 0],  # tokens generated so far
+        "logprobs": [False, True, False, False],
     }
-    assert slab.request_ids == ["a", "b", "c"] and slab.num_tokens == 5
-    assert (slab.bucket, slab.page_table_width) == (8, 4)
+    assert plan.shape == (8, 4) and plan.num_slots == 4
 
 
-def test_slab_arrays_are_int32_except_the_sample_mask():
-    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
-    dtypes = {name: value.dtype for name, value in slab.arrays().items()}
-    assert dtypes.pop("sample_mask") == np.bool_
+def test_a_decode_whose_input_is_still_on_the_device_reads_it_from_the_step_in_flight():
+    output = mixed_step()
+    a = output.scheduled[0]
+    a.seq.num_pending_tokens, a.previous_slot = 1, 3  # slot 3 of the step in flight samples its input
+    a.start_position = a.seq.num_tokens  # the position of that pending token
+    plan = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(output)
+    assert plan.token_ids.tolist()[:2] == [0, 28]  # a's input is not on the host: a placeholder
+    assert plan.previous_slot.tolist() == [3, -1, -1, -1, -1, -1, -1, -1]
+    assert plan.attention.positions.tolist()[:2] == [6, 7]
+
+
+def test_plan_arrays_are_int32_except_sampling_settings():
+    plan = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
+    dtypes = {name: value.dtype for name, value in arrays(plan).items()}
+    assert (dtypes.pop("temperature"), dtypes.pop("top_p")) == (np.float32, np.float32)
+    assert (dtypes.pop("seed"), dtypes.pop("logprobs")) == (np.uint32, np.bool_)
     assert set(dtypes.values()) == {np.dtype(np.int32)}
 
 
 def test_the_bucket_is_the_smallest_that_holds_the_step():
-    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)
+    builder = StepPlanner(CONFIG, num_pages=16, max_model_len=32)
     assert [builder.bucket_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError, match="exceed the largest bucket 16"):
         builder.bucket_for(17)
 
 
 def test_sequence_slots_are_the_sequence_limit_or_the_bucket_whichever_is_smaller():
-    builder = SlabBuilder(EngineConfig(token_budget=64, max_num_seqs=24), num_pages=9, max_model_len=128)
+    builder = StepPlanner(EngineConfig(token_budget=64, max_num_seqs=24), num_pages=9, max_model_len=128)
     assert [builder.num_slots_for(b) for b in (16, 32, 64)] == [16, 24, 24]
 
 
 def test_page_table_widths_are_powers_of_two_capped_at_max_model_len():
-    builder = SlabBuilder(CONFIG, num_pages=64, max_model_len=100)  # 25 pages of 4 tokens
+    builder = StepPlanner(CONFIG, num_pages=64, max_model_len=100)  # 25 pages of 4 tokens
     assert builder.page_table_widths == (1, 2, 4, 8, 16, 25)
     assert [builder.width_for(n) for n in (1, 2, 3, 5, 16, 17, 25)] == [1, 2, 4, 8, 16, 25, 25]
 
@@ -114,27 +145,33 @@ def test_one_width_is_the_cap_for_every_context():
 
 
 def test_shapes_pair_every_bucket_with_every_width():
-    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)  # 8 pages of 4 tokens
+    builder = StepPlanner(CONFIG, num_pages=16, max_model_len=32)  # 8 pages of 4 tokens
     assert builder.shapes() == [(8, 1), (8, 2), (8, 4), (8, 8), (16, 1), (16, 2), (16, 4), (16, 8)]
 
 
-def test_a_padding_slab_has_the_shapes_of_a_real_one_and_no_sequence():
-    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32)
-    padding = builder.padding_slab(bucket=8, width=4)
-    real = builder.build(mixed_step())
-    assert {k: v.shape for k, v in padding.arrays().items()} == {k: v.shape for k, v in real.arrays().items()}
-    assert padding.num_seqs.tolist() == [0] and (padding.slot_mapping == 64).all()
+def test_a_padding_plan_has_the_shapes_of_a_real_one_and_no_sequence():
+    planner = StepPlanner(CONFIG, num_pages=16, max_model_len=32)
+    padding = planner.padding(bucket=8, width=4)
+    real = planner.build(mixed_step())
+    assert {k: v.shape for k, v in arrays(padding).items()} == {k: v.shape for k, v in arrays(real).items()}
+    assert {k: v.dtype for k, v in arrays(padding).items()} == {k: v.dtype for k, v in arrays(real).items()}
+    assert padding.attention.num_seqs.tolist() == [0] and (padding.attention.slot_mapping == 64).all()
 
 
-def test_a_slab_built_from_the_scheduler_covers_its_whole_step():
+def test_a_plan_built_from_the_scheduler_covers_its_whole_step():
     scheduler = Scheduler(CONFIG)
     for request_id, first, prompt_len in (("a", 1, 10), ("b", 21, 9)):  # no shared prefix
         scheduler.add(Sequence(request_id, range(first, first + prompt_len), max_tokens=4))
-    slab = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(scheduler.schedule())
-    assert slab.cu_q_lens.tolist() == [0, 10, 16, 16, 16]  # b is cut after 6 tokens
-    assert slab.token_ids.tolist() == [*range(1, 11), *range(21, 27)]
-    assert slab.page_indices[:2].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
-    assert slab.sample_mask.tolist() == [True, False, False, False]
+    plan = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(scheduler.schedule())
+    assert plan.attention.cu_q_lens.tolist() == [0, 10, 16, 16, 16]  # b is cut after 6 tokens
+    assert plan.token_ids.tolist() == [*range(1, 11), *range(21, 27)]
+    assert plan.attention.page_indices[:2].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
+
+
+def test_a_plan_is_frozen():
+    plan = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.token_ids = np.zeros(8, np.int32)
 
 
 def test_a_sequence_without_pages_for_its_tokens_is_refused():
@@ -142,9 +179,34 @@ def test_a_sequence_without_pages_for_its_tokens_is_refused():
     seq = running_seq(tables, "a", [1, 2, 3, 4, 5], [], num_computed=0, page_table=[3])
     output = SchedulerOutput([ScheduledSeq(seq, 5, 0, True)], num_tokens=5, page_tables=tables)
     with pytest.raises(ValueError, match="lacks pages"):
-        SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(output)
+        StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(output)
 
 
-def test_an_empty_step_has_no_slab():
+def test_an_empty_step_has_no_plan():
     with pytest.raises(ValueError, match="empty step"):
-        SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(SchedulerOutput())
+        StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(SchedulerOutput())
+
+
+def test_request_limits_are_checked_in_one_place():
+    from fastgen_jax.engine import EngineLimits, RequestError, check_request
+
+    limits = EngineLimits(num_pages=9, page_size=4, max_model_len=32, vocab_size=100, kv_cache_bytes=0)
+    check_request(limits, [1] * 31, 1)
+    cases = [
+        ([], 1, "prompt", "empty"),
+        ([1] * 32, 1, "prompt", "32 tokens"),
+        ([1] * 30, 3, "max_tokens", ""),
+    ]
+    cases.append(([100], 1, "prompt", r"\[0, 100\)"))
+    for ids, max_tokens, param, message in cases:
+        with pytest.raises(RequestError, match=message) as error:
+            check_request(limits, ids, max_tokens)
+        assert error.value.param == param
+
+
+def test_limits_that_cannot_hold_one_sequence_are_refused():
+    from fastgen_jax.config import ConfigError
+    from fastgen_jax.engine import EngineLimits
+
+    with pytest.raises(ConfigError, match="num_pages=8 .* max_model_len=32"):
+        EngineLimits(num_pages=8, page_size=4, max_model_len=32, vocab_size=100, kv_cache_bytes=0)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgen_jax.config import SCHEDULING_POLICIES, ConfigError, EngineConfig
-from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, SlabBuilder, pages_for
+from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, StepPlanner, pages_for
 
 TOKEN = 7  # every "sampled" token in these tests
 
@@ -221,7 +221,7 @@ def test_a_request_aborted_while_its_step_runs_is_skipped_by_postprocess():
     output = s.schedule()
     s.abort("a")
     s.postprocess(output, [TOKEN])
-    assert seq.num_computed_tokens == 0 and seq.output_token_ids == []
+    assert seq.output_token_ids == [] and seq.page_table == [] and s.allocator.num_cached == 0
 
 
 def test_postprocess_takes_tokens_aligned_with_the_slots():
@@ -234,15 +234,65 @@ def test_postprocess_takes_tokens_aligned_with_the_slots():
     assert b.num_computed_tokens == 6
 
 
-def test_schedule_and_postprocess_must_alternate():
+def test_at_most_two_steps_are_in_flight_and_they_are_postprocessed_oldest_first():
     s = make_scheduler()
     add(s, "a", 5)
-    output = s.schedule()
-    with pytest.raises(RuntimeError, match="before postprocess"):
+    first, second = s.schedule(), s.schedule()  # overlap: the second is scheduled while the first runs
+    with pytest.raises(RuntimeError, match="2 steps in flight"):
         s.schedule()
-    s.postprocess(output, [TOKEN])
-    with pytest.raises(RuntimeError, match="not the step in flight"):
-        s.postprocess(output, [TOKEN])
+    with pytest.raises(RuntimeError, match="not the oldest step in flight"):
+        s.postprocess(second, [TOKEN])
+    s.postprocess(first, [TOKEN])
+    s.postprocess(second, [TOKEN + 1])
+    with pytest.raises(RuntimeError, match="not the oldest step in flight"):
+        s.postprocess(second, [TOKEN])
+
+
+def test_the_step_scheduled_beside_one_in_flight_decodes_the_token_that_step_samples():
+    s = make_scheduler()
+    a, b = add(s, "a", 5), add(s, "b", 3)
+    first = s.schedule()  # both prompts; b in slot 1
+    assert (a.num_computed_tokens, a.num_pending_tokens) == (5, 1)  # counted at once; token pending
+    second = s.schedule()
+    rows = [(e.seq.request_id, e.start_position, e.previous_slot, e.output_index) for e in second.scheduled]
+    assert rows == [("a", 5, 0, 1), ("b", 3, 1, 1)]  # inputs: the first step's slots 0 and 1
+    s.postprocess(first, [41, 42])
+    s.postprocess(second, [43, 44])
+    assert a.output_token_ids == [41, 43] and b.output_token_ids == [42, 44]
+    assert (a.num_computed_tokens, a.num_pending_tokens) == (6, 0)
+
+
+def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again():
+    s = make_scheduler()
+    add(s, "a", 5, max_tokens=1)
+    s.schedule()
+    assert s.schedule().is_empty  # its one token is being sampled: the engine will finish it
+
+
+def test_abandoning_both_steps_in_flight_rolls_every_sequence_back():
+    s = make_scheduler()
+    a = add(s, "a", 5)
+    first = s.schedule()
+    second = s.schedule()
+    s.abandon(second)
+    s.abandon(first)
+    assert (a.num_computed_tokens, a.num_pending_tokens, a.output_token_ids) == (0, 0, [])
+    assert step(s) == [("a", 5, 0, True)]  # the prompt runs again
+
+
+def test_a_sequence_preempted_while_its_step_runs_keeps_that_token_and_recomputes_it():
+    s = make_scheduler(budget=16, page_size=4, num_pages=4, max_model_len=8)  # 3 usable pages
+    a, b = add(s, "a", 3, max_tokens=5), add(s, "b", 6, max_tokens=2)  # a: 1 page, b: 2
+    first = s.schedule()
+    second = s.schedule()  # both decode, inputs pending
+    s.postprocess(first, [41, 42])
+    third = s.schedule()  # a's next token needs a page; none is free: b (newest) goes, mid-flight
+    assert [e.seq.request_id for e in third.scheduled] == ["a"] and third.preempted == [b]
+    s.postprocess(second, [43, 44])  # b's token of the second step is kept and joins its recompute
+    assert b.output_token_ids == [42, 44] and b.status is SequenceStatus.WAITING
+    assert (b.num_prefill_tokens, b.num_computed_tokens, b.num_pending_tokens) == (8, 0, 0)
+    s.postprocess(third, [45])
+    assert a.output_token_ids == [41, 43, 45]
 
 
 def test_an_empty_step_means_nothing_to_do():
@@ -376,7 +426,7 @@ class Simulation:
     def __init__(self, workload: Workload):
         self.config = config = workload.config
         self.scheduler = Scheduler(config)
-        self.builder = SlabBuilder.for_scheduler(self.scheduler)
+        self.builder = StepPlanner.for_scheduler(self.scheduler)
         self.requests = workload.requests
         self.rng = random.Random(workload.seed)
         self.seqs: dict[str, Sequence] = {}
@@ -425,7 +475,7 @@ class Simulation:
         self.check_queues()
         self.check_policy(output, decoding)
         if not output.is_empty:
-            self.check_slab(output)
+            self.check_plan(output)
         self.abort_due(step, in_flight=True)
         sampled = [self.rng.randrange(VOCAB) for _ in output.scheduled]
         s.postprocess(output, sampled)
@@ -452,7 +502,9 @@ class Simulation:
                 assert e.start_position % self.config.page_size == 0
                 assert e.start_position < e.seq.num_prefill_tokens, "the last token is always computed"
                 self.cached_tokens += e.start_position
-            assert e.start_position == e.seq.num_computed_tokens
+            # schedule() counts a step's tokens as computed at once (so the next step can be scheduled
+            # while this one runs); abandon() would roll them back
+            assert end == e.seq.num_computed_tokens
             assert end <= e.seq.num_tokens
             assert e.needs_sample == (end == e.seq.num_tokens)
             self.next_position[e.seq.request_id] = end
@@ -529,25 +581,25 @@ class Simulation:
     def has_room_left(self, output):
         return output.num_tokens < self.config.token_budget and output.num_seqs < self.config.max_num_seqs
 
-    def check_slab(self, output):
-        slab = self.builder.build(output)
-        page_size, n = self.config.page_size, output.num_seqs
-        assert slab.bucket == self.builder.bucket_for(output.num_tokens)
-        assert slab.cu_q_lens.shape == (min(self.config.max_num_seqs, slab.bucket) + 1,)
-        assert slab.page_table_width in self.builder.page_table_widths
-        assert slab.num_seqs.tolist() == [n] and slab.num_tokens == output.num_tokens
+    def check_plan(self, output):
+        plan = self.builder.build(output)
+        md, page_size, n = plan.attention, self.config.page_size, output.num_seqs
+        assert plan.bucket == self.builder.bucket_for(output.num_tokens)
+        assert md.cu_q_lens.shape == (min(self.config.max_num_seqs, plan.bucket) + 1,)
+        assert plan.page_table_width in self.builder.page_table_widths
+        assert md.num_seqs.tolist() == [n] and md.cu_q_lens[n] == output.num_tokens
         for i, e in enumerate(output.scheduled):
-            rows = slice(slab.cu_q_lens[i], slab.cu_q_lens[i + 1])
+            rows = slice(md.cu_q_lens[i], md.cu_q_lens[i + 1])
             pos = np.arange(e.start_position, e.start_position + e.num_new_tokens)
             pages = np.array(e.seq.page_table)[pos // page_size]
-            assert slab.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
-            assert slab.positions[rows].tolist() == pos.tolist()
-            assert slab.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
-            assert slab.kv_lens[i] == pos[-1] + 1 and slab.logits_indices[i] == rows.stop - 1
-            assert slab.sample_mask[i] == e.needs_sample
+            assert plan.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
+            assert md.positions[rows].tolist() == pos.tolist()
+            assert md.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
+            assert md.kv_lens[i] == pos[-1] + 1 and md.logits_indices[i] == rows.stop - 1
+            assert plan.sampling.step[i] == e.seq.num_output_tokens
         padding = slice(output.num_tokens, None)
-        assert (slab.slot_mapping[padding] == self.config.num_pages * page_size).all()
-        assert not slab.kv_lens[n:].any() and not slab.sample_mask[n:].any()
+        assert (md.slot_mapping[padding] == self.config.num_pages * page_size).all()
+        assert not md.kv_lens[n:].any() and (md.cu_q_lens[n:] == md.cu_q_lens[n]).all()
 
     def record_and_finish(self, output, sampled):
         for e, token in zip(output.scheduled, sampled, strict=True):
