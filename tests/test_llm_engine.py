@@ -224,10 +224,10 @@ def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are
     engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
     events, execute = [], engine.runner.execute
 
-    def logged_execute(plan):
+    def logged_execute(plan, token_bitmask=None):
         step = sum(kind == "launch" for kind, _ in events)
         events.append(("launch", step))
-        tokens, *rest = execute(plan)
+        tokens, *rest = execute(plan, token_bitmask)
         return (_ReadLog(tokens, events, step), *rest)
 
     engine.runner.execute = logged_execute

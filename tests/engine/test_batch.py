@@ -132,16 +132,16 @@ def test_page_table_widths_are_powers_of_two_capped_at_max_model_len():
 
 def test_one_width_is_the_cap_for_every_context():
     """For an attention whose cost follows the real context: one program per bucket."""
-    builder = SlabBuilder(CONFIG, num_pages=16, max_model_len=32, one_width=True)  # 8 pages of 4 tokens
+    builder = StepPlanner(CONFIG, num_pages=16, max_model_len=32, one_width=True)  # 8 pages of 4 tokens
     assert builder.page_table_widths == (8,)
     assert [builder.width_for(n) for n in (1, 2, 5, 8)] == [8, 8, 8, 8]
     assert builder.shapes() == [(8, 8), (16, 8)]
-    slab = builder.build(mixed_step())
-    assert slab.page_table_width == 8
-    narrow = SlabBuilder(CONFIG, num_pages=16, max_model_len=32).build(mixed_step())
-    used = narrow.page_indices.shape[1]
-    np.testing.assert_array_equal(slab.page_indices[:, :used], narrow.page_indices)
-    assert not slab.page_indices[:, used:].any()  # the extra columns point at page 0
+    plan = builder.build(mixed_step())
+    assert plan.page_table_width == 8
+    narrow = StepPlanner(CONFIG, num_pages=16, max_model_len=32).build(mixed_step()).attention.page_indices
+    used = narrow.shape[1]
+    np.testing.assert_array_equal(plan.attention.page_indices[:, :used], narrow)
+    assert not plan.attention.page_indices[:, used:].any()  # the extra columns point at page 0
 
 
 def test_shapes_pair_every_bucket_with_every_width():
