@@ -16,6 +16,7 @@ from fastgen_jax.engine.budget import BudgetController, StepTimeModel
 from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
+from fastgen_jax.engine.sla_policy import RequestSLA, SlaComposer
 
 __all__ = [
     "BudgetController",
@@ -23,11 +24,13 @@ __all__ = [
     "OutOfPagesError",
     "PageAllocator",
     "PageTables",
+    "RequestSLA",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerOutput",
     "Sequence",
     "SequenceStatus",
+    "SlaComposer",
     "Slab",
     "SlabBuilder",
     "StepTimeModel",
