@@ -167,9 +167,9 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add(self, seq: Sequence, sla: RequestSLA | None = None) -> None:
-        """Queues a new sequence behind every earlier one; `sla` (policy "sla" only) replaces the
-        engine's default SLA for it."""
+    def add(self, seq: Sequence, sla: RequestSLA | None = None, arrival: float | None = None) -> None:
+        """Queues a new sequence behind every earlier one. Policy "sla" only: `sla` replaces the
+        engine's default SLA for it, and `arrival` (on the composer's clock) is when it arrived."""
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.num_output_tokens or seq.page_table:
@@ -183,7 +183,7 @@ class Scheduler:
         self.waiting.append(seq)
         self._requests[seq.request_id] = seq
         if self.sla is not None:
-            self.sla.arrived(seq.request_id, seq.num_prompt_tokens, sla)
+            self.sla.arrived(seq.request_id, seq.num_prompt_tokens, sla, arrival)
 
     def finish(
         self, seq_or_id: Sequence | str, reason: SequenceStatus = SequenceStatus.FINISHED_STOPPED
@@ -315,7 +315,7 @@ class Scheduler:
         decodes = [(s, sla.records[s.request_id]) for s in self.running if not s.is_prefilling]
         prompts = self._prompt_candidates()
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
-        choice = sla.compose(decodes, prompts, self._step_budget, sla.step_seconds(self._step_budget, pairs))
+        choice = sla.compose(decodes, prompts, self._step_budget, lambda n: sla.step_seconds(n, pairs))
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)

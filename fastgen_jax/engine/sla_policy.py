@@ -5,7 +5,7 @@ prompt_tokens / P seconds of arrival, and the EMA of its token gaps within 1 / R
 gives every decode its token and then fills the step with prompts in arrival order; on a machine
 where every token of a step costs time, prompts beside decodes then reach their first token late.
 This policy looks at who can still meet their SLA, using the step-time model the budget controller
-learns (`budget.StepTimeModel`, T = the predicted seconds of a full step of this budget):
+learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
 
 1. Prompts (chunks of running prefills and waiting prompts) in order of (priority, first-token
    deadline), earliest first. Walking that order, a prompt is *feasible* if its uncached remainder
@@ -15,7 +15,9 @@ learns (`budget.StepTimeModel`, T = the predicted seconds of a full step of this
    use, so its first token comes as early as the order allows.
 2. Decodes get their token unless the feasible prompts need their room this step: the EDF
    feasibility test gives the fewest prompt tokens this step that keeps every feasible prompt on time
-   (max over i of work_i - (steps_i - 1) x room). Only then are decodes deferred, those already lost
+   (max over i of work_i - (steps_i - 1) x room), or a prompt that ends in this step is due before a
+   step carrying every decode would end (a leaner step lands it in time: what prefill-first gets
+   right). Only then are decodes deferred, those already lost
    first (their gap EMA went above 1 / R or their first token was late), then those whose gap EMA
    can take one more step (the gap if served next step, now + 2T - last token, keeps the EMA within
    `margin` / R), most slack first. A decode whose next gap would break its bound is never deferred.
@@ -33,8 +35,9 @@ defaults where given. With a prefix cache the scheduler passes each waiting prom
 remainder, so predictions count only the tokens that will be computed.
 
 State per request lives in one `SlaRecord` the scheduler keeps on the composer, fed with arrival
-and token times from an injectable clock (`time.perf_counter` in the engine, a simulated one in
-tests). numpy only, like all of `fastgen_jax.engine`.
+and token times from an injectable clock (`time.monotonic` in the engine, the server's clock, so the
+server can pass the time a request really arrived; a simulated one in tests). numpy only, like all
+of `fastgen_jax.engine`.
 
 With overlap scheduling (step N+1 composed while step N runs), a deferred decode gets no token in
 step N: a composer must not assume it has one in step N+1; its record's skip count says so.
@@ -120,7 +123,7 @@ class SlaComposer:
         self,
         default_sla: RequestSLA,
         model=None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.monotonic,
         ema_span: int = 16,
         margin: float = 0.9,
         max_skips: int = 4,
@@ -141,10 +144,14 @@ class SlaComposer:
 
     # -- timing -----------------------------------------------------------------------------------
 
-    def arrived(self, request_id: str, prompt_tokens: int, sla: RequestSLA | None = None) -> SlaRecord:
+    def arrived(
+        self, request_id: str, prompt_tokens: int, sla: RequestSLA | None = None, arrival: float | None = None
+    ) -> SlaRecord:
+        """Starts a request's record; `arrival` (default: now, on `clock`) is when the SLA's clock
+        started for it, e.g. when the server received it."""
         sla = sla or self.default_sla
-        now = self.clock()
-        record = SlaRecord(sla, now, now + prompt_tokens / sla.prompt_rate)
+        arrival = self.clock() if arrival is None else arrival
+        record = SlaRecord(sla, arrival, arrival + prompt_tokens / sla.prompt_rate)
         self.records[request_id] = record
         return record
 
@@ -179,15 +186,20 @@ class SlaComposer:
         decodes: list[tuple[Hashable, SlaRecord]],
         prompts: list[PromptCandidate],
         budget: int,
-        step: float,
+        step_seconds: Callable[[int], float],
     ) -> Composition:
         """Chooses this step's work: `decodes` want one token each, `prompts` their remainders, in a
-        step of `budget` tokens predicted to take `step` seconds when full."""
+        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n)."""
         now = self.clock()
-        deferrable = self._deferrable(decodes, now, step)
+        work = sum(p.remaining for p in prompts)
+        full = step_seconds(min(budget, len(decodes) + work))  # every decode served
+        deferrable = self._deferrable(decodes, now, full)
         room = budget - len(decodes) + len(deferrable)  # for prompts, when every deferrable decode waits
-        feasible, hopeless, urgent = self._triage(prompts, room, now, step)
-        shortfall = _prompt_tokens_needed(feasible, room, now, step) - (budget - len(decodes))
+        lean = step_seconds(min(budget, budget - room + work))
+        feasible, hopeless, urgent = self._triage(prompts, room, now, lean)
+        shortfall = _prompt_tokens_needed(feasible, room, now, lean) - (budget - len(decodes))
+        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full):
+            shortfall = len(deferrable)
         deferred = set(deferrable[: max(shortfall, 0)])
         order = [PromptChoice(p.key, True) for p in urgent]
         order += [PromptChoice(p.key, False) for p in feasible + hopeless]
@@ -267,6 +279,19 @@ def _by_arrival(p: PromptCandidate) -> float:
 
 def _steps_for(tokens: int, room: int) -> int:
     return -(-tokens // room) if room > 0 else (0 if tokens == 0 else 1 << 30)
+
+
+def _first_token_needs_lean_step(feasible: list[PromptCandidate], room: int, now: float, full: float) -> bool:
+    """Whether a prompt that ends in this step is due before a step with every decode would end (so
+    the decodes that can wait should, to make the step shorter)."""
+    work = 0
+    for p in feasible:
+        work += p.remaining
+        if work > room:
+            return False
+        if p.record.due() < now + full:
+            return True
+    return False
 
 
 def _prompt_tokens_needed(feasible: list[PromptCandidate], room: int, now: float, step: float) -> int:

@@ -59,7 +59,7 @@ def test_prompts_go_by_deadline_and_hopeless_ones_last_in_arrival_order():
     loose = prompt(c, "loose", 60)  # due at 0.7 s
     mid = prompt(c, "mid", 20)  # due at 0.3 s
     clock.now = 0.15
-    choice = c.compose([], [late, tight, loose, mid], budget=16, step=0.05)
+    choice = c.compose([], [late, tight, loose, mid], budget=16, step_seconds=lambda n: 0.05)
     # "late" needs 2 steps (0.1 s) and has 0.05 s; "tight" is past due; "mid" needs 2 steps of its
     # 0.15 s; "loose" after it 5 steps (80 tokens) of its 0.55 s
     assert [p.key for p in choice.prompts] == ["mid", "loose", "late", "tight"]
@@ -71,7 +71,7 @@ def test_a_higher_priority_prompt_goes_before_an_earlier_deadline():
     c = composer(clock)
     normal = prompt(c, "normal", 10)
     premium = prompt(c, "premium", 50, sla=RequestSLA(100.0, 4.0, priority=1))
-    choice = c.compose([], [normal, premium], budget=64, step=0.1)
+    choice = c.compose([], [normal, premium], budget=64, step_seconds=lambda n: 0.1)
     assert [p.key for p in choice.prompts] == ["premium", "normal"]
 
 
@@ -81,10 +81,10 @@ def test_decodes_are_deferred_only_when_feasible_prompts_need_their_room():
     clock.now = 1.0
     relaxed = [decoding(c, f"d{i}", last=0.95, ema=0.05) for i in range(4)]  # far under 0.25 s
     roomy = prompt(c, "roomy", 100)  # due at 2 s: 9 steps of 0.1 s needed, 10 available
-    choice = c.compose(relaxed, [roomy], budget=16, step=0.1)
+    choice = c.compose(relaxed, [roomy], budget=16, step_seconds=lambda n: 0.1)
     assert choice.deferred == [] and [p.key for p in choice.prompts] == ["roomy"]
     tight = prompt(c, "tight", 14)  # due at 1.14 s: needs all 14 tokens in this step
-    choice = c.compose(relaxed, [tight], budget=16, step=0.1)
+    choice = c.compose(relaxed, [tight], budget=16, step_seconds=lambda n: 0.1)
     assert len(choice.deferred) == 2 and len(choice.decodes) == 2  # 16 - 4 = 12 room, 14 needed
 
 
@@ -97,7 +97,7 @@ def test_a_decode_whose_next_gap_would_break_its_bound_is_never_deferred():
     lost[1].missed = True
     far = decoding(c, "far", last=0.99, ema=0.02)
     tight = prompt(c, "tight", 15)  # due 1.15 s
-    choice = c.compose([near, lost, far], [tight], budget=16, step=0.1)
+    choice = c.compose([near, lost, far], [tight], budget=16, step_seconds=lambda n: 0.1)
     assert choice.decodes == ["near"] and set(choice.deferred) == {"lost", "far"}
 
 
@@ -108,7 +108,7 @@ def test_a_decode_is_deferred_at_most_max_skips_steps_in_a_row():
     lost[1].missed = True
     for expected in (["lost"], ["lost"], []):
         tight = prompt(c, "tight", 16)
-        choice = c.compose([lost], [tight], budget=16, step=0.1)
+        choice = c.compose([lost], [tight], budget=16, step_seconds=lambda n: 0.1)
         assert choice.deferred == expected
         c.served(choice, [tight], {"tight"}, clock.now)
 
@@ -120,10 +120,10 @@ def test_a_prompt_passed_over_max_pass_over_steps_goes_first_as_urgent():
     quick = RequestSLA(prompt_rate=10.0)
     for _ in range(3):
         fresh = prompt(c, "fresh", 10, sla=quick)  # due at 1 s: feasible
-        choice = c.compose([], [old, fresh], budget=16, step=0.21)
+        choice = c.compose([], [old, fresh], budget=16, step_seconds=lambda n: 0.21)
         assert choice.prompts[0].key == "fresh"
         c.served(choice, [old, fresh], {"fresh"}, clock.now)
-    choice = c.compose([], [old, prompt(c, "fresh", 10, sla=quick)], budget=16, step=0.21)
+    choice = c.compose([], [old, prompt(c, "fresh", 10, sla=quick)], budget=16, step_seconds=lambda n: 0.21)
     assert choice.prompts[0] == type(choice.prompts[0])("old", True)
 
 
@@ -255,7 +255,9 @@ def test_sla_in_a_pool_of_one_sequence_never_deadlocks(workload, slas, machine):
 def test_no_model_means_no_deferral():
     c = SlaComposer(RequestSLA())
     assert c.step_seconds(64, 0) == 0.0
-    choice = c.compose([decoding(c, "d", 0.0, 0.1)], [prompt(c, "p", 10**6)], budget=2, step=0.0)
+    choice = c.compose(
+        [decoding(c, "d", 0.0, 0.1)], [prompt(c, "p", 10**6)], budget=2, step_seconds=lambda n: 0.0
+    )
     assert choice.decodes == ["d"] and math.isfinite(c.records["p"].deadline)
 
 
