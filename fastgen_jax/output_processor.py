@@ -29,6 +29,7 @@ class RequestOutput:
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
+    admission_slack: float | None = None  # policy "sla": seconds of slack its prompt had when admitted
 
 
 class RequestState:

@@ -56,7 +56,8 @@ from fastgen_jax.sla import ema_alpha, ema_update
 @dataclasses.dataclass(frozen=True)
 class RequestSLA:
     """One request's SLA: first token within prompt_tokens / prompt_rate s, token-gap EMA within
-    1 / token_rate s; a higher priority is served first among the prompts that can still meet theirs."""
+    1 / token_rate s. A lower `priority` is served earlier among the prompts that can still meet
+    their deadline (vLLM's convention; default 0)."""
 
     prompt_rate: float = 512.0
     token_rate: float = 4.0
@@ -215,13 +216,13 @@ class SlaComposer:
         urgent = sorted((p for p in prompts if p.record.passed_over >= self.max_pass_over), key=_by_arrival)
         rest = [p for p in prompts if p.record.passed_over < self.max_pass_over]
         feasible, hopeless, work = [], [], 0
-        for p in sorted(rest, key=lambda p: (-p.record.sla.priority, p.record.due())):
+        for p in sorted(rest, key=lambda p: (p.record.sla.priority, p.record.due())):
             if _steps_for(work + p.remaining, room) * step <= p.record.due() - now and not p.record.missed:
                 feasible.append(p)
                 work += p.remaining
             else:
                 hopeless.append(p)
-        hopeless.sort(key=lambda p: (-p.record.sla.priority, p.record.arrival))
+        hopeless.sort(key=lambda p: (p.record.sla.priority, p.record.arrival))
         return feasible, hopeless, urgent
 
     def _deferrable(self, decodes: list[tuple[Hashable, SlaRecord]], now: float, step: float) -> list:

@@ -25,9 +25,9 @@ def bursts(n, every, size, seed):
 
 
 def premium_mix(n, rate, seed):
-    """A quarter of the requests with a tighter SLA of their own and priority 1."""
+    """A quarter of the requests with a tighter SLA of their own and priority -1 (served earlier)."""
     shapes = fastgen_shaped(n, rate, seed=seed)
-    tight = RequestSLA(prompt_rate=512, token_rate=4, priority=1)
+    tight = RequestSLA(prompt_rate=512, token_rate=4, priority=-1)
     return [dataclasses.replace(a, sla=tight if i % 4 == 0 else None) for i, a in enumerate(shapes)]
 
 

@@ -66,11 +66,11 @@ def test_prompts_go_by_deadline_and_hopeless_ones_last_in_arrival_order():
     assert not any(p.urgent for p in choice.prompts)
 
 
-def test_a_higher_priority_prompt_goes_before_an_earlier_deadline():
+def test_a_lower_priority_value_goes_before_an_earlier_deadline():
     clock = Clock()
     c = composer(clock)
     normal = prompt(c, "normal", 10)
-    premium = prompt(c, "premium", 50, sla=RequestSLA(100.0, 4.0, priority=1))
+    premium = prompt(c, "premium", 50, sla=RequestSLA(100.0, 4.0, priority=-1))
     choice = c.compose([], [normal, premium], budget=64, step_seconds=lambda n: 0.1)
     assert [p.key for p in choice.prompts] == ["premium", "normal"]
 
@@ -232,7 +232,7 @@ slas = st.lists(
         RequestSLA,
         prompt_rate=st.sampled_from([0.5, 2.0, 20.0, 1000.0]),
         token_rate=st.sampled_from([0.5, 2.0, 8.0]),
-        priority=st.integers(0, 1),
+        priority=st.integers(-1, 1),
     ),
     min_size=1,
     max_size=4,
