@@ -1,6 +1,7 @@
-"""A simulated machine for comparing composer policies: the real `Scheduler` on a clock where a step
-takes a + b x (tokens in the step) seconds, requests arriving at given times, every request judged
-by the SLA judge (`fastgen_jax.sla`) on the times its tokens came. No model, no device.
+"""A simulated machine for comparing composer policies (`scripts/simulate_policies.py`, the tests):
+the real `Scheduler` on a clock where a step takes a + b x (tokens in the step) seconds, requests
+arriving at given times, every request judged by the SLA judge (`fastgen_jax.sla`) on the times its
+tokens came. No model, no device.
 
 The "sla" policy's step-time model is learnt online from the simulated steps (`StepTimeModel`, as
 the engine does), and its clock is the simulated one.
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
+from fastgen_jax.benchmarks import trace
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import BudgetController, Scheduler, Sequence, SequenceStatus, StepTimeModel
 from fastgen_jax.engine.budget import attended_pairs
@@ -36,14 +36,10 @@ class Machine:
         return self.seconds_per_step + self.seconds_per_token * tokens
 
 
-def fastgen_shaped(n, rate, seed=0, prompt_mean=512, prompt_sd=154, gen_mean=32, gen_sd=10, max_prompt=900):
-    """FastGen's workload scaled to a CPU (as scripts/compare_policies.sh): normal prompt and generation
-    lengths, Poisson arrivals at `rate` per second."""
-    rng = np.random.default_rng(seed)
-    times = np.cumsum(rng.exponential(1 / rate, n))
-    prompts = np.clip(rng.normal(prompt_mean, prompt_sd, n), 16, max_prompt).astype(int)
-    gens = np.clip(rng.normal(gen_mean, gen_sd, n), 4, 2 * gen_mean).astype(int)
-    return [Arrival(float(t), int(p), int(g)) for t, p, g in zip(times, prompts, gens, strict=True)]
+def fastgen_shaped(n, rate, seed=0, prompt_mean=512, gen_mean=32, prompt_max=900):
+    """FastGen's workload scaled to a CPU, as the benchmarks' synthetic trace draws it."""
+    entries = trace.fastgen_shaped(n, rate, seed, prompt_mean, gen_mean, prompt_max)
+    return [Arrival(e.arrival, e.prompt_tokens, e.output_tokens) for e in entries]
 
 
 def run(
