@@ -323,11 +323,15 @@ class Scheduler:
 
     def _fill_with_deferred(self, out: SchedulerOutput, choice: Composition) -> None:
         """Gives deferred decodes the room the prompts left after all (at the front of the slab), as
-        long as no page has to be freed for them."""
+        long as no page has to be freed for them, unless the step would be empty: then as splitfuse
+        does (the newest sequences are preempted), so a step with work to do is never empty."""
         for seq in list(choice.deferred):
             if not self._has_room(out) or seq.status is not _RUNNING:
                 continue
-            if seq.num_computed_tokens >= len(seq.page_table) * self.page_size:
+            if out.is_empty:
+                if not self._make_room_for_decode(seq, out):
+                    continue
+            elif seq.num_computed_tokens >= len(seq.page_table) * self.page_size:
                 if not self.allocator.can_allocate(1):
                     continue
                 self._add_page(seq)
@@ -363,7 +367,7 @@ class Scheduler:
             reserve -= c.urgent and running
             if not self._has_room(out):
                 break
-            cap = self._budget_left(out) - (0 if c.urgent and running else reserve)
+            cap = self._budget_left(out) - reserve  # reserve: the urgent running prefills after this one
             if cap <= 0:
                 continue
             if running:
