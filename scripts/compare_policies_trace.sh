@@ -12,12 +12,14 @@ OUT=${OUT:-docs/benchmarks}
 N=${N:-32}
 RATE=${RATE:-0.1}
 NAME=${NAME:-trace_cpu}
+PROMPT_RATE=${PROMPT_RATE:-256}  # the SLA of the CPU preset; scale both down on a loaded machine
+TOKEN_RATE=${TOKEN_RATE:-2}
 POLICIES=${POLICIES:-splitfuse prefill_first sla}
 TRACE="$OUT/${NAME}.jsonl"
 python -m fastgen_jax.benchmarks.trace --fastgen_shaped="$N" --rate="$RATE" "$TRACE"
 for policy in $POLICIES; do
   python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${policy}" \
-    --output_dir="$OUT" --noplot --trace="$TRACE" --prompt_rate=256 --token_rate=2 \
+    --output_dir="$OUT" --noplot --trace="$TRACE" --prompt_rate="$PROMPT_RATE" --token_rate="$TOKEN_RATE" \
     --serve_flags=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048 "$@"
 done
 python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "$OUT"/serving_"${NAME}"_*.json
