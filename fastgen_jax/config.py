@@ -190,7 +190,7 @@ class ModelConfig:
         return hf_config.hf_from_config(self)
 
 
-SCHEDULING_POLICIES = ("splitfuse", "prefill_first")
+SCHEDULING_POLICIES = ("splitfuse", "prefill_first", "sla")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
 
 
@@ -218,7 +218,8 @@ class EngineConfig:
     num_pages: KV pages in the pool; None means as many as `kv_cache_bytes` allows.
     kv_cache_bytes: memory for the KV pool when num_pages is None.
     max_model_len: longest sequence (prompt + generation); None means the model's limit.
-    policy: "splitfuse" (Dynamic SplitFuse) or "prefill_first" (whole prompts first, no splitting).
+    policy: "splitfuse" (Dynamic SplitFuse), "prefill_first" (whole prompts first, no splitting) or
+      "sla" (SplitFuse filled by SLA slack: `engine.sla_policy`; sla_* rates are its default SLA).
     attention_impl: "auto" (the Pallas kernel on GPU, the C++ kernel on CPU when it builds, else the
       reference), "reference" (pure JAX), "pallas" (the GPU kernel), "pallas_interpret" (the kernel
       through the Pallas interpreter: any backend, slow; for tests) or "cpu" (the C++ CPU kernel,

@@ -48,7 +48,7 @@ flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + generation.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("kv_pages", None, "KV pages in the pool (default: from --kv_cache_gib).")
 flags.DEFINE_float("kv_cache_gib", 2.0, "Memory for the KV pool when --kv_pages is not given.")
-flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Scheduling policy.")
+flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first", "sla"], "Scheduling policy.")
 flags.DEFINE_integer(
     "tensor_parallel", 1, "Devices each engine's step is split over (heads and MLP sharded).", lower_bound=1
 )

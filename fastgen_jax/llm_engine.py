@@ -65,14 +65,17 @@ from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import (
     BudgetController,
     RequestError,
+    RequestSLA,
     Scheduler,
     SchedulerOutput,
     Sequence,
     SequenceStatus,
     StepPlan,
     StepPlanner,
+    StepTimeModel,
     check_request,
 )
+from fastgen_jax.engine.budget import attended_pairs
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache
 from fastgen_jax.sampling_params import SamplingParams
@@ -135,6 +138,8 @@ class EngineStats:
     cached_pages: int = 0  # pages no sequence owns that hold a cached prefix (part of free_pages)
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
     prefix_cache_hits: int = 0  # of those, tokens served from the cache instead of computed
+    deferred_decodes: int = 0  # policy "sla": decode steps deferred for prompts that needed the room
+    prompts_past_deadline: int = 0  # policy "sla": requests whose prompt ran past its first-token deadline
 
 
 class LLMEngine:
@@ -171,6 +176,11 @@ class LLMEngine:
             if self.engine_config.adaptive_budget
             else None
         )
+        if self.scheduler.sla is not None:  # the composer predicts steps with the controller's model
+            controller = self.budget_controller
+            self.scheduler.sla.model = (
+                controller.model if controller else StepTimeModel(self.engine_config.token_budget)
+            )
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
@@ -210,9 +220,13 @@ class LLMEngine:
         request_id: str | None = None,
         prompt_token_ids: SequenceABC[int] | None = None,
         cache_salt: str | None = None,
+        sla: RequestSLA | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queues a request (text, or token ids) and returns its id. Requests share cached prompt
-        pages only when their `cache_salt` is equal (None is a salt like any other)."""
+        pages only when their `cache_salt` is equal (None is a salt like any other). Policy "sla":
+        `sla` is the request's own SLA (default: the engine's), `arrival_time` (time.monotonic) when
+        its SLA's clock started (default: now)."""
         params = (sampling_params or SamplingParams()).with_seed()
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
@@ -228,7 +242,7 @@ class LLMEngine:
             self._add_guided(request_id, params)
         seq = Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt)
         seq.needs_host_sync = params.structured_outputs is not None  # its mask needs its last token
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, sla, arrival_time)
         if self.budget_controller is not None:
             self.budget_controller.arrived(request_id, time.monotonic(), len(ids))
         state = RequestState(
@@ -283,11 +297,13 @@ class LLMEngine:
         plans = (self.planner.padding(bucket, width) for bucket, width in self.planner.shapes())
         self.runner.warmup(plans, progress=progress)
         self._warm_programs = self.runner.num_compiled
-        if self.budget_controller is not None:
+        if self.budget_controller is not None or self.scheduler.sla is not None:
             self._profile_buckets()
 
     def _profile_buckets(self) -> None:
-        """Seeds the budget controller with each bucket's time for an empty step (best of two)."""
+        """Seeds the step-time model (the budget controller's, or the SLA composer's) with each
+        bucket's time for an empty step (best of two)."""
+        model = self.budget_controller.model if self.budget_controller else self.scheduler.sla.model
         width = self.planner.page_table_widths[0]
         for bucket in self.planner.token_buckets:
             plan = self.planner.padding(bucket, width)
@@ -296,7 +312,7 @@ class LLMEngine:
                 start = time.monotonic()
                 np.asarray(self.runner.execute(plan)[0])
                 times.append(time.monotonic() - start)
-            self.budget_controller.seed(bucket, min(times))
+            model.observe(bucket, 0, min(times))
 
     def probe(self) -> None:
         """Runs one all-padding step of the smallest shape and waits for it: raises if the device
@@ -343,6 +359,10 @@ class LLMEngine:
             for entry in current.output.scheduled:  # after step_done, which noted their tokens again
                 if entry.seq.is_finished:  # now, or earlier (an overlapped step's discarded work)
                     self._forget(entry.seq.request_id)
+        elif self.scheduler.sla is not None:
+            scheduled = current.output.scheduled
+            pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
+            self.scheduler.sla.model.observe(current.plan.bucket, pairs, done - start)
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
@@ -430,18 +450,25 @@ class LLMEngine:
                 continue
             state = self._requests[entry.seq.request_id].output
             state.num_cached_tokens = max(0, entry.seq.num_cached_tokens)
+            slack = self._admission_slack(entry.seq)
             k = entry.seq.sampling_params.top_logprobs
             alternatives = None
             if k and top is not None:
                 alternatives = [(int(t), float(v)) for t, v in zip(top[0][i, :k], top[1][i, :k], strict=True)]
             self.guided.advance(entry.seq.request_id, int(tokens[i]))
             result = state.add_token(int(tokens[i]), float(logprobs[i]), alternatives)
+            result.admission_slack = slack
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._requests[entry.seq.request_id]
                 self.guided.remove(entry.seq.request_id)
             results.append(result)
         return results
+
+    def _admission_slack(self, seq: Sequence) -> float | None:
+        """Policy "sla": the request's first-token deadline less now and its predicted prefill time,
+        when it was admitted (read before a finished request's record goes)."""
+        return None if self.scheduler.sla is None else self.scheduler.sla.admission_slack(seq.request_id)
 
     def _count_tokens(self, output: SchedulerOutput) -> None:
         """Call at launch: prefill tokens (recomputation included). Generated tokens are counted as
@@ -471,3 +498,6 @@ class LLMEngine:
         s.preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries = self.scheduler.prefix_cache_queries
         s.prefix_cache_hits = self.scheduler.prefix_cache_hits
+        if self.scheduler.sla is not None:
+            s.deferred_decodes = self.scheduler.sla.deferred_decodes
+            s.prompts_past_deadline = self.scheduler.sla.prompts_past_deadline

@@ -30,6 +30,7 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
     time: float = 0.0  # time.monotonic() when the engine had these tokens (or the abort): the one clock
+    admission_slack: float | None = None  # policy "sla": seconds of slack its prompt had when admitted
 
 
 class RequestState:

@@ -44,7 +44,9 @@ from fastgen_jax.benchmarks.serving_metrics import SLA, summarize
 FLAGS = flags.FLAGS
 flags.DEFINE_string("url", None, "Server to measure; without it --serve_model starts ours.")
 flags.DEFINE_string("serve_model", None, "Start `python -m fastgen_jax.serve` on this model.")
-flags.DEFINE_enum("policy", "splitfuse", ["splitfuse", "prefill_first"], "Policy of the started server.")
+flags.DEFINE_enum(
+    "policy", "splitfuse", ["splitfuse", "prefill_first", "sla"], "Policy of the started server."
+)
 flags.DEFINE_list("serve_flags", [], "More flags for the started server, e.g. token_budget=256.")
 flags.DEFINE_string("label", None, "Name of this system in tables and plots (default: the policy).")
 flags.DEFINE_list("clients", ["1", "2", "4", "8"], "Closed-loop client counts, one point each.")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Dynamic SplitFuse against prefill-first scheduling on the same build: one closed-loop sweep per
-# policy (scripts/bench_serving.py starts our server each time), then both drawn on the same plots.
+# Dynamic SplitFuse, prefill-first and the deadline-aware "sla" policy on the same build: one
+# closed-loop sweep per policy (scripts/bench_serving.py starts our server each time), then all drawn
+# on the same plots, and sla compared with each FastGen policy in a table.
 #
-#   bash scripts/compare_policies.sh                 # CPU preset, SmolLM2 (under 20 minutes on 2 cores)
+#   bash scripts/compare_policies.sh                 # CPU preset, SmolLM2 (under 30 minutes on 2 cores)
+#   POLICIES="splitfuse sla" NAME=cpu_run2 bash scripts/compare_policies.sh --clients=4,8  # a repeat
 #   PRESET=gpu MODEL=checkpoints/llama2-7b-random bash scripts/compare_policies.sh
 #   bash scripts/compare_policies.sh --clients=1,4   # extra flags go to bench_serving.py
 #
@@ -28,11 +30,24 @@ case "$PRESET" in
           --serve_flags=token_budget=768,max_num_seqs=256,max_model_len=4200,kv_memory_fraction=0.85) ;;
   *) echo "PRESET must be cpu or gpu, got $PRESET" >&2; exit 2 ;;
 esac
-for policy in splitfuse prefill_first; do
+POLICIES=${POLICIES:-splitfuse prefill_first sla}
+files=()
+for policy in $POLICIES; do
   python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${policy}" \
     --output_dir="$OUT" --noplot "${ARGS[@]}" "$@"
+  files+=("$OUT/serving_${NAME}_${policy}.json")
 done
-python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" \
-  "$OUT/serving_${NAME}_splitfuse.json" "$OUT/serving_${NAME}_prefill_first.json"
-python scripts/summarize_policies.py "$OUT/serving_${NAME}_splitfuse.json" "$OUT/serving_${NAME}_prefill_first.json" \
-  | tee "$OUT/serving_${NAME}_comparison.md"
+python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${files[@]}"
+summary="$OUT/serving_${NAME}_comparison.md"
+: > "$summary"
+for other in splitfuse prefill_first; do
+  if [[ -f "$OUT/serving_${NAME}_sla.json" && -f "$OUT/serving_${NAME}_${other}.json" ]]; then
+    python scripts/summarize_policies.py "$OUT/serving_${NAME}_sla.json" "$OUT/serving_${NAME}_${other}.json" \
+      | tee -a "$summary"
+    echo | tee -a "$summary"
+  fi
+done
+if [[ -f "$OUT/serving_${NAME}_splitfuse.json" && -f "$OUT/serving_${NAME}_prefill_first.json" ]]; then
+  python scripts/summarize_policies.py "$OUT/serving_${NAME}_splitfuse.json" \
+    "$OUT/serving_${NAME}_prefill_first.json" | tee -a "$summary"
+fi

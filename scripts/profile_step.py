@@ -4,7 +4,7 @@ beside its floor.
     python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
     python scripts/profile_step.py --attention_impl=cpu_ragged   # the same with another kernel
 
-Step kinds, each a slab built as the engine's `SlabBuilder` would (same bucket, slots and page-table
+Step kinds, each a slab built as the engine's `StepPlanner` would (same bucket, slots and page-table
 width), with every sequence's pages scattered over the pool; no prefill is run, since attention costs
 the same over any key values (a 32 x 2k decode would otherwise need 64k prompt tokens first):
 - decode-only: `--decode_seqs` sequences (each kind's value) at contexts `--contexts`;

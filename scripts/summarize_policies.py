@@ -3,6 +3,7 @@ effective throughput, P99 inter-token latency and mean latency, with their ratio
 
     python scripts/summarize_policies.py serving_cpu_splitfuse.json serving_cpu_prefill_first.json
     python scripts/summarize_policies.py A.json B.json --token_rate=1   # re-judge the raw records
+    python scripts/summarize_policies.py --rows A.json B.json C.json    # one row per file and point
 
 With --prompt_rate/--token_rate the SLA is re-applied to the recorded timelines (no rerun needed).
 """
@@ -53,6 +54,26 @@ def compare(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
+def rows(reports: list[dict]) -> str:
+    """One row per report and point: SLA attainment by part, effective throughput and latencies."""
+    lines = [
+        "| system | point | requests | SLA met | first token met | generation met | eff. rps | rps | "
+        "TTFT mean (s) | ITL p99 (s) |",
+        "|" + " --- |" * 10,
+    ]
+    for r in reports:
+        for p in r["points"]:
+            s = p["summary"]
+            point = next(f"{k} {s[k]:g}" for k in ("clients", "rate", "trace_speed") if k in s)
+            lines.append(
+                f"| {r['label']} | {point} | {s['requests']} | {s['sla_fraction']:.0%} | "
+                f"{s['sla_prompt_fraction']:.0%} | {s['sla_generation_fraction']:.0%} | "
+                f"{s['effective_throughput_rps']:.3f} | {s['throughput_rps']:.3f} | {s['ttft_mean']:.2f} | "
+                f"{_cell(s['itl_p99'], '{:.2f}')} |"
+            )
+    return "\n".join(lines)
+
+
 def rejudge(report: dict, sla: SLA) -> dict:
     """The report with every point summarized again under `sla`."""
     for p in report["points"]:
@@ -65,17 +86,22 @@ def rejudge(report: dict, sla: SLA) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("first")
-    parser.add_argument("second")
+    parser.add_argument("files", nargs="+", help="two reports to compare, or any number with --rows")
+    parser.add_argument("--rows", action="store_true", help="one row per report and point instead")
     parser.add_argument("--prompt_rate", type=float, help="re-judge with this SLA prompt rate")
     parser.add_argument("--token_rate", type=float, help="re-judge with this SLA token rate")
     args = parser.parse_args()
-    with open(args.first) as f, open(args.second) as g:
-        a, b = json.load(f), json.load(g)
+    if not args.rows and len(args.files) != 2:
+        parser.error("give two reports to compare, or --rows")
+    reports = []
+    for path in args.files:
+        with open(path) as f:
+            reports.append(json.load(f))
     if args.prompt_rate or args.token_rate:
-        sla = SLA(args.prompt_rate or a["sla"]["prompt_rate"], args.token_rate or a["sla"]["token_rate"])
-        a, b = rejudge(a, sla), rejudge(b, sla)
-    print(compare(a, b))
+        first = reports[0]["sla"]
+        sla = SLA(args.prompt_rate or first["prompt_rate"], args.token_rate or first["token_rate"])
+        reports = [rejudge(r, sla) for r in reports]
+    print(rows(reports) if args.rows else compare(*reports))
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are
         assert (launch < read) == overlap
 
 
-def test_prefill_first_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload):
+@pytest.mark.parametrize("policy", ["prefill_first", "sla"])
+def test_every_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload, policy):
     prompts, num_new, expected = tiny_workload
     engine = LLMEngine(
         load_checkpoint(tiny_dir[0]),
@@ -249,11 +250,16 @@ def test_prefill_first_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workl
             max_num_seqs=32,
             max_model_len=512,
             page_size=16,
-            policy="prefill_first",
+            policy=policy,
+            # "sla": tight prompt deadlines, loose token gaps, so decodes are deferred for prompts
+            sla_prompt_rate=20_000.0,
+            sla_token_rate=0.1,
         ),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
+    if policy == "sla":
+        assert engine.stats.steps > 0 and engine.scheduler.sla.records == {}  # every record forgotten
 
 
 def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):

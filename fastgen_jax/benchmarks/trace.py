@@ -13,7 +13,11 @@ and replay it with `scripts/bench_serving.py --trace=trace.jsonl --trace_speed=1
 sent at arrival_i / speed, with a prompt of exactly prompt_tokens random token ids, max_tokens =
 output_tokens and `ignore_eos`, so the server does the same work whatever the model would have said.
 Log lines with no generated token (aborted before the first one) are left out: they cannot be asked
-for again.
+for again. With no log at hand, `--fastgen_shaped=N --rate=R` writes a synthetic trace of FastGen's
+shape: N Poisson arrivals at R per second, prompt and generation lengths ~ Normal(mean, 0.3 x mean)
+as `bench_serving.py`'s closed loop draws them:
+
+    python -m fastgen_jax.benchmarks.trace --fastgen_shaped=32 --rate=0.1 trace.jsonl
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ def from_request_log(lines: Iterable[str], since: float | None = None) -> list[T
     return [
         TraceEntry(round(e["arrival"] - start, 6), int(e["prompt_tokens"]), int(e["output_tokens"]))
         for e in logged
+    ]
+
+
+def fastgen_shaped(
+    n: int, rate: float, seed: int = 0, prompt_mean: int = 512, gen_mean: int = 32, prompt_max: int = 900
+) -> list[TraceEntry]:
+    """n requests of FastGen's shape (Normal(mean, 0.3 x mean) lengths, clipped to [1, max]; generations
+    at most 2 x gen_mean) arriving as a Poisson process of `rate` per second."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+
+    def lengths(mean, high):
+        return np.clip(np.rint(rng.normal(mean, 0.3 * mean, n)), 1, high).astype(int)
+
+    prompts, gens = lengths(prompt_mean, prompt_max), lengths(gen_mean, 2 * gen_mean)
+    start = arrivals[0]
+    return [
+        TraceEntry(round(float(t - start), 6), int(p), int(g))
+        for t, p, g in zip(arrivals, prompts, gens, strict=True)
     ]
 
 
@@ -86,12 +109,24 @@ async def replay(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Writes a replayable trace from a server's request log.")
-    parser.add_argument("request_log", help="the file `serve --request_log` wrote")
+    parser.add_argument("request_log", nargs="?", help="the file `serve --request_log` wrote")
     parser.add_argument("trace", help="the JSONL trace to write")
     parser.add_argument("--since", type=float, help="only requests that arrived at or after this epoch time")
+    parser.add_argument("--fastgen_shaped", type=int, help="write this many synthetic requests instead")
+    parser.add_argument("--rate", type=float, default=0.1, help="their Poisson arrival rate (per second)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    with open(args.request_log) as f:
-        entries = from_request_log(f, args.since)
+    if (args.request_log is None) == (args.fastgen_shaped is None):
+        parser.error("give a request log or --fastgen_shaped=N, not both")
+    if args.fastgen_shaped is not None:
+        if args.fastgen_shaped < 1 or args.rate <= 0:
+            parser.error(
+                f"--fastgen_shaped must be >= 1 and --rate > 0, got {args.fastgen_shaped}, {args.rate}"
+            )
+        entries = fastgen_shaped(args.fastgen_shaped, args.rate, args.seed)
+    else:
+        with open(args.request_log) as f:
+            entries = from_request_log(f, args.since)
     write_trace(entries, args.trace)
     span = entries[-1].arrival if entries else 0.0
     print(f"wrote {len(entries)} requests over {span:.1f} s to {args.trace}")

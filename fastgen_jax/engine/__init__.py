@@ -17,6 +17,7 @@ from fastgen_jax.engine.limits import EngineLimits, RequestError, check_request
 from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
+from fastgen_jax.engine.sla_policy import RequestSLA, SlaComposer
 
 __all__ = [
     "AttentionMetadata",
@@ -28,11 +29,13 @@ __all__ = [
     "PageAllocator",
     "PageTables",
     "RequestError",
+    "RequestSLA",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerOutput",
     "Sequence",
     "SequenceStatus",
+    "SlaComposer",
     "StepPlan",
     "StepPlanner",
     "StepTimeModel",

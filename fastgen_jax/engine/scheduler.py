@@ -36,6 +36,13 @@ budget is the exception: it is split into budget-sized chunks, still with no dec
 done, so a step never exceeds the budget. Otherwise the step decodes every running sequence as
 above.
 
+"sla" (`sla_policy`): the same mixed steps, filled by SLA slack instead of by kind. Prompts go by
+earliest first-token deadline among those that can still make it, hopeless ones after them with what
+is left; a decode is deferred only when the prompts need its room and its token-gap EMA can take a
+step more, at most `max_skips` steps in a row; a prompt is passed over at most `max_pass_over` steps
+in a row before it goes first (a waiting one then blocks later admissions, as first-come first-served
+does). Admission asks for the same pages as above, so pages are never over-committed.
+
 Prefix caching (`enable_prefix_caching`, the default): a full page becomes a cached page (indexed by
 its content key, see `page_allocator`) as soon as the step that wrote its KV is postprocessed, so
 requests that run together share it, not only later ones. At admission a sequence takes over the
@@ -69,6 +76,7 @@ from fastgen_jax.config import ConfigError, EngineConfig
 from fastgen_jax.engine.limits import check_pool_holds_a_sequence
 from fastgen_jax.engine.page_allocator import NULL_PAGE, PageAllocator, PageKey, PageTables
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
+from fastgen_jax.engine.sla_policy import Composition, PromptCandidate, RequestSLA, SlaComposer
 
 _RUNNING = SequenceStatus.RUNNING
 MAX_STEPS_IN_FLIGHT = 2  # one running on the device, the next one scheduled beside it
@@ -135,6 +143,7 @@ class Scheduler:
         self._pending: dict[PageKey, Sequence] = {}  # prompt pages being computed -> their sequence
         self.prefix_cache_queries = 0  # tokens looked up at admission (every admission)
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
+        self.sla = _sla_composer(config) if config.policy == "sla" else None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -174,8 +183,9 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
-        """Queues a new sequence behind every earlier one."""
+    def add(self, seq: Sequence, sla: RequestSLA | None = None, arrival: float | None = None) -> None:
+        """Queues a new sequence behind every earlier one. Policy "sla" only: `sla` replaces the
+        engine's default SLA for it, and `arrival` (on the composer's clock) is when it arrived."""
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.num_output_tokens or seq.page_table:
@@ -188,6 +198,8 @@ class Scheduler:
         seq.arrival_index = next(self._arrivals)
         self.waiting.append(seq)
         self._requests[seq.request_id] = seq
+        if self.sla is not None:
+            self.sla.arrived(seq.request_id, seq.num_prompt_tokens, sla, arrival)
 
     def finish(
         self, seq_or_id: Sequence | str, reason: SequenceStatus = SequenceStatus.FINISHED_STOPPED
@@ -221,6 +233,8 @@ class Scheduler:
         if self.config.policy == "splitfuse":
             self._schedule_decodes(out)
             self._schedule_prompts(out, allow_split=True)
+        elif self.sla is not None:
+            self._schedule_by_sla(out)
         else:
             self._schedule_prompts(out, allow_split=False)
             if out.is_empty:
@@ -279,19 +293,19 @@ class Scheduler:
             end = entry.start_position + n
             if end % page_size < n:
                 self._cache_written_pages(seq, entry.start_position, end)
+        if self.sla is not None:
+            self.sla.tokens_emitted(e.seq.request_id for e in output.scheduled if e.needs_sample)
 
     # -- policy pieces ----------------------------------------------------------------------------
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+    def _schedule_decodes(self, out: SchedulerOutput, deferred: frozenset = frozenset()) -> None:
         for seq in list(self.running):  # a copy: preemption removes sequences from running
-            if seq.status is not _RUNNING or seq.is_prefilling:
+            if seq.status is not _RUNNING or seq.is_prefilling or seq in deferred:
                 continue
             if not self._has_room(out):
                 break  # only reachable if the running limit is broken
-            if seq.num_pending_tokens and (
-                seq.needs_host_sync or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
-            ):
-                continue  # the step in flight samples its last token, or one its next step depends on
+            if _waits_for_step_in_flight(seq):
+                continue
             _check_not_past_max_tokens(seq)
             if self._make_room_for_decode(seq, out):
                 self._push(out, seq, 1)
@@ -317,14 +331,104 @@ class Scheduler:
             budget = self._budget_left(out)
             if num_new > budget and not (allow_split or out.is_empty):
                 return
-            num_pages = pages_for(min(seq.num_prefill_tokens + 1, self.max_model_len), self.page_size)
-            num_pages -= len(hit)
-            revived = sum(1 for page in hit if not self.allocator.refcount(page))  # cached, not in use
-            if not self.allocator.can_allocate(num_pages + revived):
+            num_pages = self._pages_to_admit(seq, hit)
+            if num_pages is None:
                 return
             del self.waiting[i]
             self._start(seq, hit, num_pages)
             self._push(out, seq, min(num_new, budget))
+
+    def _pages_to_admit(self, seq: Sequence, hit: list[int]) -> int | None:
+        """New pages `seq` takes at admission (its whole prompt and first token, less the cache hit),
+        or None when they are not free."""
+        num_pages = pages_for(min(seq.num_prefill_tokens + 1, self.max_model_len), self.page_size) - len(hit)
+        revived = sum(1 for page in hit if not self.allocator.refcount(page))  # cached, not in use
+        return num_pages if self.allocator.can_allocate(num_pages + revived) else None
+
+    # -- the "sla" policy: the composer decides, these pieces carry it out (see sla_policy) --------
+
+    def _schedule_by_sla(self, out: SchedulerOutput) -> None:
+        sla = self.sla
+        decodes = [(s, sla.records[s.request_id]) for s in self.running if not s.is_prefilling]
+        prompts = self._prompt_candidates()
+        pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
+        choice = sla.compose(decodes, prompts, self._step_budget, lambda n: sla.step_seconds(n, pairs))
+        self._schedule_decodes(out, frozenset(choice.deferred))
+        given = self._serve_prompts(out, choice)
+        self._fill_with_deferred(out, choice)
+        sla.served(choice, prompts, given, sla.clock())
+
+    def _fill_with_deferred(self, out: SchedulerOutput, choice: Composition) -> None:
+        """Gives deferred decodes the room the prompts left after all (at the front of the slab), as
+        long as no page has to be freed for them, unless the step would be empty: then as splitfuse
+        does (the newest sequences are preempted), so a step with work to do is never empty."""
+        for seq in list(choice.deferred):
+            if not self._has_room(out) or seq.status is not _RUNNING or _waits_for_step_in_flight(seq):
+                continue
+            if out.is_empty:
+                if not self._make_room_for_decode(seq, out):
+                    continue
+            elif seq.num_computed_tokens >= len(seq.page_table) * self.page_size:
+                if not self.allocator.can_allocate(1):
+                    continue
+                self._add_page(seq)
+            self._push(out, seq, 1, front=True)
+            choice.deferred.remove(seq)
+            choice.decodes.append(seq)
+
+    def _prompt_candidates(self) -> list[PromptCandidate]:
+        """Started prefills, then waiting prompts (the first 2 x max_num_seqs of the queue that are not
+        waiting for a page another sequence computes), each with its uncached remainder."""
+        records = self.sla.records
+        out = [
+            PromptCandidate(s, records[s.request_id], s.num_remaining_prefill_tokens, True)
+            for s in self.running
+            if s.is_prefilling
+        ]
+        for seq in itertools.islice(self.waiting, 2 * self.config.max_num_seqs):
+            hit = self._cached_prefix(seq)
+            if hit is not None:
+                remaining = seq.num_prefill_tokens - len(hit) * self.page_size
+                out.append(PromptCandidate(seq, records[seq.request_id], remaining, False))
+        return out
+
+    def _serve_prompts(self, out: SchedulerOutput, choice: Composition) -> set:
+        """Gives prompts tokens in the composer's order; returns those served. One token is held back
+        for each urgent running prefill still to come, so each gets one; an urgent waiting prompt that
+        cannot be admitted stops later admissions."""
+        reserve = sum(1 for c in choice.prompts if c.urgent and c.key.status is _RUNNING)
+        admitting, given = not out.preempted, set()
+        for c in choice.prompts:
+            seq, running = c.key, c.key.status is _RUNNING
+            reserve -= c.urgent and running
+            if not self._has_room(out):
+                break
+            cap = self._budget_left(out) - reserve  # reserve: the urgent running prefills after this one
+            if cap <= 0:
+                continue
+            if running:
+                self._push(out, seq, min(seq.num_remaining_prefill_tokens, cap))
+            elif admitting and self._admit_by_sla(seq, out, cap):
+                pass
+            else:
+                admitting &= not c.urgent
+                continue
+            given.add(seq)
+        return given
+
+    def _admit_by_sla(self, seq: Sequence, out: SchedulerOutput, cap: int) -> bool:
+        if len(self.running) >= self._max_running:
+            return False
+        hit = self._cached_prefix(seq)
+        num_pages = None if hit is None else self._pages_to_admit(seq, hit)
+        if num_pages is None:
+            return False
+        self.waiting.remove(seq)
+        self._start(seq, hit, num_pages)
+        step = self.sla.step_seconds(self._step_budget, 0)
+        self.sla.admitted(self.sla.records[seq.request_id], seq.num_remaining_prefill_tokens, cap, step)
+        self._push(out, seq, min(seq.num_remaining_prefill_tokens, cap))
+        return True
 
     def _cached_prefix(self, seq: Sequence) -> list[int] | None:
         """Pages of the longest cached prefix `seq` may take over (never its last token's page), or
@@ -388,10 +492,13 @@ class Scheduler:
             self._preempt(victim, out)
             if victim is seq:
                 return False
+        self._add_page(seq)
+        return True
+
+    def _add_page(self, seq: Sequence) -> None:
         [page] = self.allocator.allocate(1)
         seq.page_table.append(page)
         self.page_tables.append(seq.page_table_row, page)
-        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -409,6 +516,8 @@ class Scheduler:
         self._drop_pages(seq)
         seq.status = status
         del self._requests[seq.request_id]
+        if self.sla is not None:
+            self.sla.forget(seq.request_id)
 
     def _drop_pages(self, seq: Sequence) -> None:
         if self._pending and seq.status is _RUNNING:
@@ -427,16 +536,16 @@ class Scheduler:
             if self._pending.get(key) is seq:
                 del self._pending[key]
 
-    def _push(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        """Adds `num_new` tokens of `seq` to the step and counts them as computed (see the module
-        docstring: steps in flight)."""
+    def _push(self, out: SchedulerOutput, seq: Sequence, num_new: int, front: bool = False) -> None:
+        """Adds `num_new` tokens of `seq` to the step (at its end, or first: `front`) and counts them
+        as computed (see the module docstring: steps in flight)."""
         start = seq.num_computed_tokens
         needs_sample = start + num_new >= seq.num_prefill_tokens
         pending = seq.num_pending_tokens
         previous_slot = self._pending_slots[id(seq)] if pending else -1
-        out.scheduled.append(
-            ScheduledSeq(seq, num_new, start, needs_sample, seq.num_output_tokens + pending, previous_slot)
-        )
+        output_index = seq.num_output_tokens + pending
+        entry = ScheduledSeq(seq, num_new, start, needs_sample, output_index, previous_slot)
+        out.scheduled.insert(0 if front else len(out.scheduled), entry)
         out.num_tokens += num_new
         seq.num_computed_tokens = start + num_new
         seq.num_pending_tokens = pending + needs_sample
@@ -446,6 +555,10 @@ class Scheduler:
 
     def _has_room(self, out: SchedulerOutput) -> bool:
         return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
+
+
+def _sla_composer(config: EngineConfig) -> SlaComposer:
+    return SlaComposer(RequestSLA(config.sla_prompt_rate, config.sla_token_rate))
 
 
 def _arrival(seq: Sequence) -> int:
@@ -459,6 +572,14 @@ def _resolve(name: str, given: int | None, configured: int | None) -> int:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
+
+
+def _waits_for_step_in_flight(seq: Sequence) -> bool:
+    """A decode that cannot join the step being composed: the step in flight samples its last token,
+    or one that its next step depends on on the host (`Sequence.needs_host_sync`)."""
+    return bool(seq.num_pending_tokens) and (
+        seq.needs_host_sync or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+    )
 
 
 def _check_not_past_max_tokens(seq: Sequence) -> None:

@@ -91,9 +91,10 @@ class ServerState(RequestBuilder):
         self.max_stream_lag = max_stream_lag
 
     def _finished(self, tracked, out, now: float) -> None:
-        verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now)
+        own_sla = tracked.request.sla
+        verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now, own_sla)
         if self.request_log is not None:
-            self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict)
+            self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict, own_sla)
 
 
 # ---------------------------------------------------------------------- generation routes

@@ -43,6 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.llm_engine import LLMEngine, StepError
 from fastgen_jax.output_processor import RequestOutput
 from fastgen_jax.sampling_params import SamplingParams
@@ -100,6 +101,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None  # prefix-cache pages are shared only among equal salts
+    sla: RequestSLA | None = None  # its own SLA (None: the server's)
 
 
 @dataclasses.dataclass
@@ -335,6 +337,8 @@ class AsyncEngine:
                     request_id=r.request_id,
                     prompt_token_ids=r.prompt_token_ids,
                     cache_salt=r.cache_salt,
+                    sla=r.sla,
+                    arrival_time=t.arrival,
                 )
             except Exception as error:  # noqa: BLE001 - answer the handler whatever went wrong
                 self._release(t)

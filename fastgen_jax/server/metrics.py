@@ -18,7 +18,12 @@ left, or the server shut down) are not judged: they show up in
 `fastgen_requests_finished_total{finish_reason="abort"}` only. SLA attainment right now is
 `rate(fastgen_sla_requests_total{part="both",outcome="met"}[5m]) /
 rate(fastgen_requests_judged_total[5m])`; the SLA itself is exported as `fastgen_sla_prompt_rate` and
-`fastgen_sla_token_rate`. Names follow vLLM's, with the `fastgen_` prefix.
+`fastgen_sla_token_rate`. A request that set its own SLA (`priority`, `sla_prompt_rate`,
+`sla_token_rate`) is judged by it, and counted in `fastgen_sla_requests_total` and, besides, in
+`fastgen_sla_own_requests_total{part, outcome}`. Under `--policy=sla`,
+`fastgen_sla_deferred_decodes_total` counts decode steps deferred for prompts that needed the room and
+`fastgen_sla_prompts_past_deadline_total` the requests whose prompt ran past its first-token deadline.
+Names follow vLLM's, with the `fastgen_` prefix.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.output_processor import RequestOutput
 from fastgen_jax.server.async_engine import AsyncEngine
 from fastgen_jax.sla import SLA, Verdict
@@ -73,6 +79,14 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
             "Steps whose token budget differed from the step before",
             s.token_budget_changes,
         ),
+        "sla_deferred_decodes": (
+            "Decode steps the SLA policy deferred for prompts that needed the room",
+            s.deferred_decodes,
+        ),
+        "sla_prompts_past_deadline": (
+            "Requests whose prompt the SLA policy scheduled past its first-token deadline",
+            s.prompts_past_deadline,
+        ),
     }
     return gauges, counters
 
@@ -88,6 +102,11 @@ _PER_REPLICA = (
     "prefix_cache_hits",
     "token_budget",
 )
+
+
+def judge_of(own: RequestSLA, server: SLA) -> SLA:
+    """The judge of a request that set its own SLA (the server's EMA span)."""
+    return SLA(own.prompt_rate, own.token_rate, server.ema_span)
 
 
 class _EngineCollector:
@@ -199,15 +218,27 @@ class ServerMetrics:
             ["part", "outcome"],
             registry=self.registry,
         )
+        self.sla_own_requests = Counter(
+            "fastgen_sla_own_requests",
+            "Judged requests that set their own SLA, by part and outcome (also in fastgen_sla_requests)",
+            ["part", "outcome"],
+            registry=self.registry,
+        )
         for part in ("prompt", "generation", "both"):  # every series exists from the start
             for outcome in ("met", "missed"):
                 self.sla_requests.labels(part, outcome)
+                self.sla_own_requests.labels(part, outcome)
 
     def request_finished(
-        self, arrival: float, token_times: list[float], out: RequestOutput, now: float
+        self,
+        arrival: float,
+        token_times: list[float],
+        out: RequestOutput,
+        now: float,
+        own_sla: RequestSLA | None = None,
     ) -> Verdict | None:
         """Observes a request as it finishes (`token_times`: when its tokens were emitted); returns its
-        SLA verdict, None when it was not judged."""
+        SLA verdict (by `own_sla` when it set one), None when it was not judged."""
         reason = out.finish_reason or "abort"
         self.finished.labels(reason).inc()
         self.prompt_tokens.observe(out.prompt_length)
@@ -219,17 +250,18 @@ class ServerMetrics:
         self.e2e.observe(now - arrival)
         if out.generated_length > 1:
             self.tpot.observe((now - first_token) / (out.generated_length - 1))
-        return None if reason == "abort" else self._judge(arrival, token_times, out.prompt_length)
+        return None if reason == "abort" else self._judge(arrival, token_times, out.prompt_length, own_sla)
 
-    def _judge(self, arrival: float, token_times: list[float], prompt_tokens: int) -> Verdict:
-        verdict = self.sla.judge(arrival, prompt_tokens, token_times)
+    def _judge(
+        self, arrival: float, token_times: list[float], prompt_tokens: int, own_sla: RequestSLA | None
+    ) -> Verdict:
+        sla = self.sla if own_sla is None else judge_of(own_sla, self.sla)
+        verdict = sla.judge(arrival, prompt_tokens, token_times)
         self.judged.inc()
-        for part, met in (
-            ("prompt", verdict.prompt),
-            ("generation", verdict.generation),
-            ("both", verdict.both),
-        ):
+        for part, met in verdict.parts().items():
             self.sla_requests.labels(part, "met" if met else "missed").inc()
+            if own_sla is not None:
+                self.sla_own_requests.labels(part, "met" if met else "missed").inc()
         return verdict
 
     def render(self) -> bytes:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from fastgen_jax.structured.params import MAX_CHOICES
 
@@ -101,6 +102,10 @@ class _SamplingFields(_Request):
     guided_choice: Annotated[list[Text], Field(max_length=MAX_CHOICES)] | None = None
     guided_grammar: Text | None = None
     structured_outputs: Annotated[dict[str, Any], Field(max_length=MAX_DICT_ITEMS)] | None = None
+    # the request's own SLA (a premium tenant's tighter one): served by --policy=sla, judged in /metrics
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = 0  # vLLM's: lower is served earlier
+    sla_prompt_rate: Annotated[float, Field(gt=0.0, le=1e9)] | None = None  # first token within prompt / P s
+    sla_token_rate: Annotated[float, Field(gt=0.0, le=1e9)] | None = None  # token-gap EMA within 1 / R s
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -136,6 +141,14 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+        )
+
+    def request_sla(self, prompt_rate: float, token_rate: float) -> RequestSLA | None:
+        """The request's own SLA (the server's rates where it sets none), None when it sets nothing."""
+        if self.priority == 0 and self.sla_prompt_rate is None and self.sla_token_rate is None:
+            return None
+        return RequestSLA(
+            self.sla_prompt_rate or prompt_rate, self.sla_token_rate or token_rate, self.priority
         )
 
     @property

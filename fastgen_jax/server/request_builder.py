@@ -242,6 +242,8 @@ class RequestBuilder:
         param: str,
         spec: StructuredOutputs | None = None,
     ) -> list[GenerationRequest]:
+        config = self.engine.engine_config
+        sla = body.request_sla(config.sla_prompt_rate, config.sla_token_rate)
         out = []
         for ids in prompts:
             tokens = self.check_prompt(ids, max_tokens, param)
@@ -251,7 +253,7 @@ class RequestBuilder:
                     params = dataclasses.replace(params, structured_outputs=spec)
                 except SamplingParamsError as e:
                     raise APIError(400, str(e)) from None
-                out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt))
+                out.append(GenerationRequest(f"{request_id}-{len(out)}", ids, params, body.cache_salt, sla))
         if len(out) > self.capacity:
             message = f"the request asks for {len(out)} sequences; at most {self.capacity} fit"
             raise APIError(400, message, "n")

@@ -3,21 +3,27 @@
 Each line describes one generated sequence (a request with `n` > 1 writes n lines):
 
     {"arrival": 1767000000.123, "prompt_tokens": 512, "output_tokens": 32, "finish_reason": "length",
-     "ttft": 0.81, "latency": 4.2, "sla_prompt": true, "sla_generation": true}
+     "ttft": 0.81, "latency": 4.2, "sla_prompt": true, "sla_generation": true,
+     "sla": {"prompt_rate": 512.0, "token_rate": 4.0, "priority": 0}, "admission_slack": 0.42}
 
 `arrival` is wall-clock seconds since the epoch (so logs of several runs can be told apart); `ttft`
 and `latency` are seconds from arrival; the `sla_*` fields are the server's verdict (null for aborted
-requests, which are not judged). Lines are written in finishing order, by the engine thread, one
-`write` each, line-buffered, so a log can be read while the server runs.
+requests, which are not judged) by the request's own SLA when it set one (`sla`, null otherwise);
+`admission_slack` (under `--policy=sla`, else null) is the seconds its first-token deadline was
+ahead of its predicted prefill when it was admitted (negative: it was already late). Lines are
+written in finishing order, by the engine thread, one `write` each, line-buffered, so a log can be
+read while the server runs.
 `python -m fastgen_jax.benchmarks.trace` turns a log into a replayable trace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 
+from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.output_processor import RequestOutput
 from fastgen_jax.sla import Verdict
 
@@ -34,6 +40,7 @@ class RequestLog:
         out: RequestOutput,
         now: float,
         verdict: Verdict | None,
+        own_sla: RequestSLA | None = None,
     ) -> None:
         """Logs a request that arrived at `arrival` (time.monotonic) and finished at `now`."""
         entry = {
@@ -45,6 +52,8 @@ class RequestLog:
             "latency": round(now - arrival, 6),
             "sla_prompt": verdict.prompt if verdict else None,
             "sla_generation": verdict.generation if verdict else None,
+            "sla": dataclasses.asdict(own_sla) if own_sla else None,
+            "admission_slack": None if out.admission_slack is None else round(out.admission_slack, 6),
         }
         with self._lock:
             self._file.write(json.dumps(entry) + "\n")

@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from fastgen_jax.benchmarks.trace import (
     TraceEntry,
+    fastgen_shaped,
     from_request_log,
     main,
     read_trace,
@@ -51,3 +53,17 @@ def test_replayed_prompts_have_exactly_the_traced_lengths():
     requests = trace_requests([TraceEntry(0.0, 3, 2), TraceEntry(1.0, 17, 5)], seed=1)
     assert [(len(p), g) for p, g in requests] == [(3, 2), (17, 5)]
     assert all(100 <= t < 10000 for p, _ in requests for t in p)
+
+
+def test_a_fastgen_shaped_trace_has_poisson_arrivals_and_bounded_normal_lengths(tmp_path):
+    entries = fastgen_shaped(2000, rate=0.5, seed=1)
+    arrivals = np.array([e.arrival for e in entries])
+    assert arrivals[0] == 0.0 and (np.diff(arrivals) >= 0).all()
+    assert np.mean(np.diff(arrivals)) == pytest.approx(2.0, rel=0.1)  # 1 / rate
+    prompts, gens = np.array([e.prompt_tokens for e in entries]), np.array([e.output_tokens for e in entries])
+    assert prompts.min() >= 1 and prompts.max() <= 900 and gens.min() >= 1 and gens.max() <= 64
+    assert np.mean(prompts) == pytest.approx(512, rel=0.05) and np.std(gens) == pytest.approx(9.6, rel=0.1)
+    main(["--fastgen_shaped=5", "--rate=2", str(tmp_path / "t.jsonl")])
+    assert len(read_trace(str(tmp_path / "t.jsonl"))) == 5
+    with pytest.raises(SystemExit):
+        main(["log.jsonl", "--fastgen_shaped=5", str(tmp_path / "t.jsonl")])

@@ -571,7 +571,7 @@ class Simulation:
             if self.has_room_left(output):  # then every started prompt got all it needs
                 prefilling = {seq.request_id for seq in self.scheduler.running if seq.is_prefilling}
                 assert prefilling <= served and all(e.needs_sample for e in output.scheduled)
-        else:
+        elif self.config.policy == "prefill_first":
             assert all(is_decode) or not any(is_decode), "prefill_first mixed prompts and decodes"
             for e in output.scheduled:
                 if not e.needs_sample:  # a cut prompt: only when it alone exceeds the budget

@@ -1,6 +1,7 @@
 """/metrics judges every finished request against the SLA, counts prompt and generation lengths, and
 the request log gets one JSON line per finished request."""
 
+import dataclasses
 import json
 import time
 
@@ -115,3 +116,33 @@ def test_the_request_log_has_a_line_per_finished_request(engine, tmp_path):
     assert all(e["sla_prompt"] is True and e["sla_generation"] is True for e in entries)
     assert before <= entries[0]["arrival"] <= entries[1]["arrival"] <= time.time()
     assert all(0 < e["ttft"] <= e["latency"] for e in entries)
+
+
+def test_a_request_with_its_own_sla_is_judged_by_it_and_counted_apart(engine, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    with serving(engine, sla=EASY, request_log=str(log)) as url:
+        complete(url, 10, 4)  # the server's easy SLA: met
+        own = {"sla_prompt_rate": 1e9, "sla_token_rate": 1e9, "priority": -1}  # impossible: missed
+        body = {"model": "tiny", "prompt": list(range(100, 110)), "max_tokens": 4, "ignore_eos": True, **own}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
+        assert sla_counts(url)[("both", "met")] == 1 and sla_counts(url)[("both", "missed")] == 1
+        name = 'fastgen_sla_own_requests_total{{outcome="{}",part="both"}}'
+        own_counts = {o: metric(url, name.format(o)) for o in ("met", "missed")}
+        assert own_counts == {"met": 0, "missed": 1}
+        assert metric(url, "fastgen_sla_deferred_decodes_total") == 0  # splitfuse defers nothing
+    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    assert first["sla"] is None and first["sla_prompt"] is True
+    assert second["sla"] == {"prompt_rate": 1e9, "token_rate": 1e9, "priority": -1}
+    assert second["sla_prompt"] is False and second["admission_slack"] is None  # not the sla policy
+
+
+def test_under_the_sla_policy_the_log_has_each_requests_slack_at_admission(tiny_random_dir, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    config = dataclasses.replace(TINY_CONFIG, policy="sla", sla_prompt_rate=0.001)
+    engine = make_engine(tiny_random_dir, config)
+    with serving(engine, sla=EASY, request_log=str(log)) as url:
+        complete(url, 20, 3)
+        assert metric(url, "fastgen_sla_prompts_past_deadline_total") == 0
+    [entry] = [json.loads(line) for line in log.read_text().splitlines()]
+    # 20 tokens at 0.001 tokens/s: due 20000 s after arrival, less a prefill of well under 100 s
+    assert 19_900 < entry["admission_slack"] < 20_000 and entry["sla_prompt"] is True

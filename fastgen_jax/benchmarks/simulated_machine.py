@@ -1,0 +1,111 @@
+"""A simulated machine for comparing composer policies (`scripts/simulate_policies.py`, the tests):
+the real `Scheduler` on a clock where a step takes a + b x (tokens in the step) seconds, requests
+arriving at given times, every request judged by the SLA judge (`fastgen_jax.sla`) on the times its
+tokens came. No model, no device.
+
+The "sla" policy's step-time model is learnt online from the simulated steps (`StepTimeModel`, as
+the engine does), and its clock is the simulated one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastgen_jax.benchmarks import trace
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.engine import BudgetController, Scheduler, Sequence, SequenceStatus, StepTimeModel
+from fastgen_jax.engine.budget import attended_pairs
+from fastgen_jax.engine.sla_policy import RequestSLA
+from fastgen_jax.sla import SLA
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    time: float
+    prompt_tokens: int
+    output_tokens: int
+    sla: RequestSLA | None = None  # its own SLA, else the workload's
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    seconds_per_step: float = 0.03
+    seconds_per_token: float = 0.0012
+
+    def step_seconds(self, tokens: int) -> float:
+        return self.seconds_per_step + self.seconds_per_token * tokens
+
+
+def fastgen_shaped(n, rate, seed=0, prompt_mean=512, gen_mean=32, prompt_max=900):
+    """FastGen's workload scaled to a CPU, as the benchmarks' synthetic trace draws it."""
+    entries = trace.fastgen_shaped(n, rate, seed, prompt_mean, gen_mean, prompt_max)
+    return [Arrival(e.arrival, e.prompt_tokens, e.output_tokens) for e in entries]
+
+
+def run(
+    policy,
+    arrivals,
+    sla: SLA,
+    machine=Machine(),
+    budget=256,
+    adaptive=False,
+    max_num_seqs=32,
+    max_steps=200_000,
+):
+    """Serves `arrivals` under `policy`; returns the verdicts (SLA met, both parts) in arrival order.
+    With `adaptive`, a `BudgetController` picks each step's budget (`--token_budget=auto`)."""
+    config = EngineConfig(
+        token_budget=budget,
+        max_num_seqs=max_num_seqs,
+        page_size=16,
+        num_pages=2048,
+        max_model_len=2048,
+        policy=policy,
+        sla_prompt_rate=sla.prompt_rate,
+        sla_token_rate=sla.token_rate,
+    )
+    scheduler = Scheduler(config)
+    now = [0.0]
+    controller = BudgetController(config.token_buckets, sla.token_rate, prompt_rate=sla.prompt_rate)
+    model = controller.model if adaptive else StepTimeModel(budget)
+    if scheduler.sla is not None:
+        scheduler.sla.clock = lambda: now[0]
+        scheduler.sla.model = model
+    times: dict[str, list[float]] = {}
+    pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
+    for _ in range(200_000):
+        while pending and pending[0][1].time <= now[0]:
+            i, a = pending.pop(0)
+            scheduler.add(
+                Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens), a.sla
+            )
+            times[str(i)] = []
+            controller.arrived(str(i), now[0], a.prompt_tokens)
+        if not scheduler.has_unfinished():
+            if not pending:
+                break
+            now[0] = pending[0][1].time
+            continue
+        output = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
+        seconds = machine.step_seconds(output.num_tokens)
+        now[0] += seconds
+        if adaptive:
+            controller.step_done(output.num_tokens, output.scheduled, seconds, now[0])
+        else:
+            pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in output.scheduled)
+            model.observe(output.num_tokens, pairs, seconds)
+        scheduler.postprocess(output, [1] * output.num_seqs)
+        for e in output.scheduled:
+            if e.needs_sample:
+                times[e.seq.request_id].append(now[0])
+                if e.seq.num_output_tokens == e.seq.max_tokens:
+                    scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
+                    controller.forget(e.seq.request_id)
+    else:
+        raise AssertionError("the simulation did not end")
+    return [_judge(sla, a, times[str(i)]) for i, a in enumerate(arrivals)]
+
+
+def _judge(default: SLA, a: Arrival, token_times: list[float]) -> bool:
+    sla = default if a.sla is None else SLA(a.sla.prompt_rate, a.sla.token_rate, default.ema_span)
+    return sla.judge(a.time, a.prompt_tokens, token_times).both

@@ -1,0 +1,308 @@
+"""The deadline-aware composer (`--policy=sla`): each step's tokens go by SLA slack, not by kind.
+
+FastGen judges a request by two deadlines (`fastgen_jax.sla`): its first token within
+prompt_tokens / P seconds of arrival, and the EMA of its token gaps within 1 / R. Dynamic SplitFuse
+gives every decode its token and then fills the step with prompts in arrival order; on a machine
+where every token of a step costs time, prompts beside decodes then reach their first token late.
+This policy looks at who can still meet their SLA, using the step-time model the budget controller
+learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
+
+1. Prompts (chunks of running prefills and waiting prompts) in order of (priority, first-token
+   deadline), earliest first. Walking that order, a prompt is *feasible* if its uncached remainder
+   plus the work of the feasible prompts before it fits in the full steps left before its deadline;
+   the others are *hopeless* (they count for nothing in effective throughput) and are served after
+   every feasible prompt, in arrival order, with what is left. Each prompt takes all the room it can
+   use, so its first token comes as early as the order allows.
+2. Decodes get their token unless the feasible prompts need their room this step: the EDF
+   feasibility test gives the fewest prompt tokens this step that keeps every feasible prompt on time
+   (max over i of work_i - (steps_i - 1) x room), or a prompt that ends in this step is due before a
+   step carrying every decode would end (a leaner step lands it in time: what prefill-first gets
+   right). Only then are decodes deferred, those already lost
+   first (their gap EMA went above 1 / R or their first token was late), then those whose gap EMA
+   can take one more step (the gap if served next step, now + 2T - last token, keeps the EMA within
+   `margin` / R), most slack first. A decode whose next gap would break its bound is never deferred.
+
+Guarantees (what replaces "decodes first" for this policy):
+  - a decode is deferred at most `max_skips` steps in a row;
+  - a prompt is passed over (gets no token while it could) at most `max_pass_over` steps in a row
+    before it is served first, in arrival order: each such running prefill gets at least one token
+    in that step (the scheduler reserves one token for each, and the budget always holds every
+    running sequence), and such a waiting prompt blocks every later admission until it is admitted,
+    exactly as first-come first-served admission does. So every request still finishes.
+
+Per-request SLAs (`RequestSLA`: a priority, and the request's own P and R) replace the engine's
+defaults where given. With a prefix cache the scheduler passes each waiting prompt's uncached
+remainder, so predictions count only the tokens that will be computed.
+
+State per request lives in one `SlaRecord` the scheduler keeps on the composer, fed with arrival
+and token times from an injectable clock (`time.monotonic` in the engine, the server's clock, so the
+server can pass the time a request really arrived; a simulated one in tests). numpy only, like all
+of `fastgen_jax.engine`.
+
+With overlap scheduling (step N+1 composed while step N runs), a deferred decode gets no token in
+step N: a composer must not assume it has one in step N+1; its record's skip count says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+from fastgen_jax.sla import ema_alpha, ema_update
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSLA:
+    """One request's SLA: first token within prompt_tokens / prompt_rate s, token-gap EMA within
+    1 / token_rate s. A lower `priority` is served earlier among the prompts that can still meet
+    their deadline (vLLM's convention; default 0)."""
+
+    prompt_rate: float = 512.0
+    token_rate: float = 4.0
+    priority: int = 0
+
+    def __post_init__(self):
+        if not (self.prompt_rate > 0 and self.token_rate > 0):
+            raise ValueError(f"SLA rates must be positive, got {self.prompt_rate=}, {self.token_rate=}")
+
+
+@dataclasses.dataclass
+class SlaRecord:
+    """What the policy knows of one request's timing."""
+
+    sla: RequestSLA
+    arrival: float
+    deadline: float  # when its first token is due
+    last: float | None = None  # when its last token came
+    ema: float | None = None  # EMA of its token gaps
+    missed: bool = False  # the SLA is lost for it
+    skips: int = 0  # decode steps deferred in a row
+    passed_over: int = 0  # steps in a row it was a prompt candidate and got no token
+    admission_slack: float | None = None  # deadline - now - predicted prefill time, at admission
+    late: bool = False  # a chunk of its prompt was scheduled past its deadline
+
+    @property
+    def max_gap(self) -> float:
+        return 1.0 / self.sla.token_rate
+
+    def due(self) -> float:
+        """When its next token is due: the first-token deadline, or (a preempted request
+        recomputing its tokens) its last token plus the gap bound."""
+        return self.deadline if self.last is None else self.last + self.max_gap
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptCandidate:
+    key: Hashable  # the scheduler's handle (a Sequence)
+    record: SlaRecord
+    remaining: int  # prompt tokens still to compute (the uncached remainder)
+    running: bool  # a started prefill (pages held) rather than a waiting prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptChoice:
+    key: Hashable
+    urgent: bool  # passed over `max_pass_over` steps: goes first, and a waiting one blocks admissions
+
+
+@dataclasses.dataclass
+class Composition:
+    """The policy's answer: decodes to run and to defer, then prompts in the order to serve them."""
+
+    decodes: list[Hashable]
+    deferred: list[Hashable]
+    prompts: list[PromptChoice]
+    records: dict[Hashable, SlaRecord] = dataclasses.field(default_factory=dict)  # of the decodes
+
+
+class SlaComposer:
+    """Orders a step's candidates by SLA slack (see the module docstring)."""
+
+    def __init__(
+        self,
+        default_sla: RequestSLA,
+        model=None,
+        clock: Callable[[], float] = time.monotonic,
+        ema_span: int = 16,
+        margin: float = 0.9,
+        max_skips: int = 4,
+        max_pass_over: int = 8,
+    ):
+        if max_skips < 0 or max_pass_over < 0 or not 0 < margin <= 1:
+            raise ValueError(f"bad SLA policy settings: {max_skips=}, {max_pass_over=}, {margin=}")
+        self.default_sla = default_sla
+        self.model = model  # a StepTimeModel (predict(tokens, pairs) -> seconds), set by the owner
+        self.clock = clock
+        self.alpha = ema_alpha(ema_span)
+        self.margin = margin
+        self.max_skips = max_skips
+        self.max_pass_over = max_pass_over
+        self.records: dict[str, SlaRecord] = {}
+        self.deferred_decodes = 0  # decode steps deferred, in all
+        self.prompts_past_deadline = 0  # requests with a prompt chunk scheduled past its deadline
+
+    # -- timing -----------------------------------------------------------------------------------
+
+    def arrived(
+        self, request_id: str, prompt_tokens: int, sla: RequestSLA | None = None, arrival: float | None = None
+    ) -> SlaRecord:
+        """Starts a request's record; `arrival` (default: now, on `clock`) is when the SLA's clock
+        started for it, e.g. when the server received it."""
+        sla = sla or self.default_sla
+        arrival = self.clock() if arrival is None else arrival
+        record = SlaRecord(sla, arrival, arrival + prompt_tokens / sla.prompt_rate)
+        self.records[request_id] = record
+        return record
+
+    def tokens_emitted(self, request_ids: Iterable[str]) -> None:
+        now = self.clock()
+        for rid in request_ids:
+            r = self.records.get(rid)
+            if r is None:
+                continue
+            if r.last is None:
+                r.missed |= now > r.deadline
+            else:
+                r.ema = ema_update(r.ema, now - r.last, self.alpha)
+                r.missed |= r.ema > r.max_gap
+            r.last = now
+
+    def forget(self, request_id: str) -> None:
+        self.records.pop(request_id, None)
+
+    def admission_slack(self, request_id: str) -> float | None:
+        r = self.records.get(request_id)
+        return None if r is None else r.admission_slack
+
+    # -- composing --------------------------------------------------------------------------------
+
+    def step_seconds(self, budget: int, pairs: float) -> float:
+        """Predicted seconds of a full step of `budget` tokens (0 while nothing is known)."""
+        return 0.0 if self.model is None else max(0.0, self.model.predict(budget, pairs))
+
+    def compose(
+        self,
+        decodes: list[tuple[Hashable, SlaRecord]],
+        prompts: list[PromptCandidate],
+        budget: int,
+        step_seconds: Callable[[int], float],
+    ) -> Composition:
+        """Chooses this step's work: `decodes` want one token each, `prompts` their remainders, in a
+        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n)."""
+        now = self.clock()
+        work = sum(p.remaining for p in prompts)
+        full = step_seconds(min(budget, len(decodes) + work))  # every decode served
+        deferrable = self._deferrable(decodes, now, full)
+        room = budget - len(decodes) + len(deferrable)  # for prompts, when every deferrable decode waits
+        lean = step_seconds(min(budget, budget - room + work))
+        feasible, hopeless, urgent = self._triage(prompts, room, now, lean)
+        shortfall = _prompt_tokens_needed(feasible, room, now, lean) - (budget - len(decodes))
+        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full):
+            shortfall = len(deferrable)
+        deferred = set(deferrable[: max(shortfall, 0)])
+        order = [PromptChoice(p.key, True) for p in urgent]
+        order += [PromptChoice(p.key, False) for p in feasible + hopeless]
+        return Composition(
+            [key for key, _ in decodes if key not in deferred],
+            [key for key, _ in decodes if key in deferred],
+            order,
+            dict(decodes),
+        )
+
+    def _triage(self, prompts: list[PromptCandidate], room: int, now: float, step: float):
+        """(feasible by priority then deadline, hopeless by priority then arrival, urgent by arrival)."""
+        urgent = sorted((p for p in prompts if p.record.passed_over >= self.max_pass_over), key=_by_arrival)
+        rest = [p for p in prompts if p.record.passed_over < self.max_pass_over]
+        feasible, hopeless, work = [], [], 0
+        for p in sorted(rest, key=lambda p: (p.record.sla.priority, p.record.due())):
+            if _steps_for(work + p.remaining, room) * step <= p.record.due() - now and not p.record.missed:
+                feasible.append(p)
+                work += p.remaining
+            else:
+                hopeless.append(p)
+        hopeless.sort(key=lambda p: (p.record.sla.priority, p.record.arrival))
+        return feasible, hopeless, urgent
+
+    def _deferrable(self, decodes: list[tuple[Hashable, SlaRecord]], now: float, step: float) -> list:
+        """Keys of the decodes that may wait a step, lost ones first, then most slack first."""
+        if step <= 0:
+            return []
+        candidates = []
+        for i, (key, r) in enumerate(decodes):
+            if r.skips >= self.max_skips:
+                continue
+            if r.missed:
+                candidates.append((-math.inf, i, key))
+            elif (slack := self._slack_after_skip(r, now, step)) >= 0:
+                candidates.append((-slack, i, key))
+        return [key for *_, key in sorted(candidates, key=lambda c: c[:2])]
+
+    def _slack_after_skip(self, r: SlaRecord, now: float, step: float) -> float:
+        """How far under `margin` / R the gap EMA stays if the token comes a step later (< 0: it breaks)."""
+        if r.last is None:
+            return -1.0
+        gap = now + 2 * step - r.last
+        return self.margin * r.max_gap - ema_update(r.ema, gap, self.alpha)
+
+    # -- after the scheduler served the composition -----------------------------------------------
+
+    def served(
+        self, composition: Composition, prompts: list[PromptCandidate], given: set, now: float
+    ) -> None:
+        """Updates skip and pass-over counts: `given` holds the keys of the prompts that got tokens."""
+        for key in composition.decodes:
+            composition.records[key].skips = 0
+        for key in composition.deferred:
+            composition.records[key].skips += 1
+        self.deferred_decodes += len(composition.deferred)
+        for p in prompts:
+            r = p.record
+            if p.key not in given:
+                r.passed_over += 1
+                continue
+            r.passed_over = 0
+            if not r.late and r.last is None and now > r.deadline:
+                r.late = True
+                self.prompts_past_deadline += 1
+
+    def admitted(self, record: SlaRecord, remaining: int, room: int, step: float) -> None:
+        """Notes a prompt's slack when it is first admitted: deadline - now - predicted prefill time."""
+        if record.admission_slack is None:
+            predicted = _steps_for(remaining, max(room, 1)) * step
+            record.admission_slack = record.deadline - self.clock() - predicted
+
+
+def _by_arrival(p: PromptCandidate) -> float:
+    return p.record.arrival
+
+
+def _steps_for(tokens: int, room: int) -> int:
+    return -(-tokens // room) if room > 0 else (0 if tokens == 0 else 1 << 30)
+
+
+def _first_token_needs_lean_step(feasible: list[PromptCandidate], room: int, now: float, full: float) -> bool:
+    """Whether a prompt that ends in this step is due before a step with every decode would end (so
+    the decodes that can wait should, to make the step shorter)."""
+    work = 0
+    for p in feasible:
+        work += p.remaining
+        if work > room:
+            return False
+        if p.record.due() < now + full:
+            return True
+    return False
+
+
+def _prompt_tokens_needed(feasible: list[PromptCandidate], room: int, now: float, step: float) -> int:
+    """The fewest prompt tokens this step that keep every feasible prompt on time, if every later step
+    gives prompts `room` tokens (EDF: the i-th needs the work up to it done within its whole steps)."""
+    if step <= 0:
+        return 0
+    need, work = 0, 0
+    for p in sorted(feasible, key=lambda p: p.record.due()):
+        work += p.remaining
+        steps = max(1, math.floor((p.record.due() - now) / step))
+        need = max(need, work - (steps - 1) * room)
+    return need

@@ -1,0 +1,266 @@
+"""The "sla" policy: the composer's choices on hand-made cases, and the scheduler's promises under it on
+random workloads with random per-request SLAs and a simulated clock (step seconds = a + b x tokens)."""
+
+import collections
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgen_jax.engine import Sequence
+from fastgen_jax.engine.sla_policy import PromptCandidate, RequestSLA, SlaComposer, SlaRecord
+from tests.engine.test_scheduler import Simulation, make_scheduler, prompt_of, step, workloads
+
+
+@dataclasses.dataclass
+class LinearMachine:
+    """Step seconds = a + b x tokens; also the composer's step-time model (predict(tokens, pairs))."""
+
+    a: float = 0.05
+    b: float = 0.01
+
+    def predict(self, tokens, pairs):
+        return self.a + self.b * tokens
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def composer(clock, **kwargs):
+    return SlaComposer(RequestSLA(prompt_rate=100.0, token_rate=4.0), LinearMachine(), clock, **kwargs)
+
+
+def decoding(c, rid, last, ema):
+    record = c.arrived(rid, 1)
+    record.last, record.ema = last, ema
+    return (rid, record)
+
+
+def prompt(c, rid, tokens, running=False, sla=None):
+    return PromptCandidate(rid, c.arrived(rid, tokens, sla), tokens, running)
+
+
+# -- the composer on hand-made cases --------------------------------------------------------------
+
+
+def test_prompts_go_by_deadline_and_hopeless_ones_last_in_arrival_order():
+    clock = Clock()
+    c = composer(clock)  # 100 prompt tokens/s
+    late = prompt(c, "late", 20)  # due at 0.2 s
+    clock.now = 0.1
+    tight = prompt(c, "tight", 4)  # due at 0.14 s
+    loose = prompt(c, "loose", 60)  # due at 0.7 s
+    mid = prompt(c, "mid", 20)  # due at 0.3 s
+    clock.now = 0.15
+    choice = c.compose([], [late, tight, loose, mid], budget=16, step_seconds=lambda n: 0.05)
+    # "late" needs 2 steps (0.1 s) and has 0.05 s; "tight" is past due; "mid" needs 2 steps of its
+    # 0.15 s; "loose" after it 5 steps (80 tokens) of its 0.55 s
+    assert [p.key for p in choice.prompts] == ["mid", "loose", "late", "tight"]
+    assert not any(p.urgent for p in choice.prompts)
+
+
+def test_a_lower_priority_value_goes_before_an_earlier_deadline():
+    clock = Clock()
+    c = composer(clock)
+    normal = prompt(c, "normal", 10)
+    premium = prompt(c, "premium", 50, sla=RequestSLA(100.0, 4.0, priority=-1))
+    choice = c.compose([], [normal, premium], budget=64, step_seconds=lambda n: 0.1)
+    assert [p.key for p in choice.prompts] == ["premium", "normal"]
+
+
+def test_decodes_are_deferred_only_when_feasible_prompts_need_their_room():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    relaxed = [decoding(c, f"d{i}", last=0.95, ema=0.05) for i in range(4)]  # far under 0.25 s
+    roomy = prompt(c, "roomy", 100)  # due at 2 s: 9 steps of 0.1 s needed, 10 available
+    choice = c.compose(relaxed, [roomy], budget=16, step_seconds=lambda n: 0.1)
+    assert choice.deferred == [] and [p.key for p in choice.prompts] == ["roomy"]
+    tight = prompt(c, "tight", 14)  # due at 1.14 s: needs all 14 tokens in this step
+    choice = c.compose(relaxed, [tight], budget=16, step_seconds=lambda n: 0.1)
+    assert len(choice.deferred) == 2 and len(choice.decodes) == 2  # 16 - 4 = 12 room, 14 needed
+
+
+def test_a_decode_whose_next_gap_would_break_its_bound_is_never_deferred():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    near = decoding(c, "near", last=0.9, ema=0.24)  # one more 0.3 s gap takes its EMA past 0.9 x 0.25
+    lost = decoding(c, "lost", last=0.9, ema=0.3)
+    lost[1].missed = True
+    far = decoding(c, "far", last=0.99, ema=0.02)
+    tight = prompt(c, "tight", 15)  # due 1.15 s
+    choice = c.compose([near, lost, far], [tight], budget=16, step_seconds=lambda n: 0.1)
+    assert choice.decodes == ["near"] and set(choice.deferred) == {"lost", "far"}
+
+
+def test_a_decode_is_deferred_at_most_max_skips_steps_in_a_row():
+    clock = Clock()
+    c = composer(clock, max_skips=2)
+    lost = decoding(c, "lost", last=0.0, ema=1.0)
+    lost[1].missed = True
+    for expected in (["lost"], ["lost"], []):
+        tight = prompt(c, "tight", 16)
+        choice = c.compose([lost], [tight], budget=16, step_seconds=lambda n: 0.1)
+        assert choice.deferred == expected
+        c.served(choice, [tight], {"tight"}, clock.now)
+
+
+def test_a_prompt_passed_over_max_pass_over_steps_goes_first_as_urgent():
+    clock = Clock()
+    c = composer(clock, max_pass_over=3)
+    old = prompt(c, "old", 500)  # hopeless: due at 5 s, needs 32 steps of 0.21 s
+    quick = RequestSLA(prompt_rate=10.0)
+    for _ in range(3):
+        fresh = prompt(c, "fresh", 10, sla=quick)  # due at 1 s: feasible
+        choice = c.compose([], [old, fresh], budget=16, step_seconds=lambda n: 0.21)
+        assert choice.prompts[0].key == "fresh"
+        c.served(choice, [old, fresh], {"fresh"}, clock.now)
+    choice = c.compose([], [old, prompt(c, "fresh", 10, sla=quick)], budget=16, step_seconds=lambda n: 0.21)
+    assert choice.prompts[0] == type(choice.prompts[0])("old", True)
+
+
+def test_the_record_follows_the_sla_judge():
+    clock = Clock()
+    c = composer(clock)
+    c.arrived("a", 50)  # first token due at 0.5 s
+    clock.now = 0.6
+    c.tokens_emitted(["a"])
+    assert c.records["a"].missed  # late first token
+    c.arrived("b", 50)
+    clock.now = 0.7
+    c.tokens_emitted(["b"])
+    clock.now = 0.9
+    c.tokens_emitted(["b"])
+    record = c.records["b"]
+    assert not record.missed and record.ema == pytest.approx(0.2) and record.due() == pytest.approx(1.15)
+
+
+def test_bad_settings_and_rates_are_rejected():
+    with pytest.raises(ValueError, match="token_rate"):
+        RequestSLA(token_rate=0)
+    with pytest.raises(ValueError, match="max_skips"):
+        SlaComposer(RequestSLA(), max_skips=-1)
+
+
+# -- the scheduler under the policy ---------------------------------------------------------------
+
+
+def test_the_scheduler_defers_a_decode_for_a_prompt_that_needs_the_room_and_counts_it():
+    s = make_scheduler(policy="sla", budget=8, max_num_seqs=4)
+    clock = Clock()
+    s.sla.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01)  # full step 0.13 s
+    s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=0.5))
+    assert step(s) == [("d", 4, 0, True)]
+    clock.now = 0.1
+    s.add(Sequence("p", range(200, 208), 8), RequestSLA(prompt_rate=40.0, token_rate=4.0))  # due 0.3 s
+    assert step(s) == [("p", 8, 0, True)]  # 8 tokens of a 0.13 s step: "d" waits, it has 2 s of slack
+    assert s.sla.deferred_decodes == 1 and s.sla.prompts_past_deadline == 0
+    assert s.sla.admission_slack("p") == pytest.approx(0.3 - 0.1 - 0.13)
+    assert step(s) == [("d", 1, 4, True), ("p", 1, 8, True)]
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+
+class SlaSimulation(Simulation):
+    """The scheduler's promises (test_scheduler's `Simulation`) plus the policy's bounds, on a clock
+    that advances a + b x tokens per step, with each request's own SLA."""
+
+    def __init__(self, workload, slas, machine):
+        super().__init__(workload)
+        self.slas, self.machine, self.clock = slas, machine, Clock()
+        composer = self.scheduler.sla
+        composer.clock, composer.model = self.clock, machine
+        self.skipped = collections.Counter()  # consecutive steps a decode got no token
+        self.passed = collections.Counter()  # consecutive steps a started prefill got no token
+        self.overtaken = collections.Counter()  # steps a later prompt was admitted while it waited
+        self.pending = set()
+
+    def add_arrivals(self, step):
+        for r in self.requests:
+            if r.arrival_step == step:
+                seq = Sequence(r.request_id, prompt_of(r), r.max_tokens, cache_salt=r.cache_salt)
+                self.scheduler.add(seq, self.slas[int(r.request_id) % len(self.slas)])
+                self.seqs[r.request_id] = seq
+                self.next_position[r.request_id] = 0
+                self.tokens[r.request_id] = list(seq.prompt_token_ids)
+
+    def step(self, step):
+        s = self.scheduler
+        self.pending = {w.request_id for w in s.waiting if s._cached_prefix(w) is None}
+        self.waiting_before = list(s.waiting)
+        super().step(step)
+
+    def check_policy(self, output, decoding):
+        is_decode = [e.seq.request_id in decoding for e in output.scheduled]
+        assert is_decode == sorted(is_decode, reverse=True), "decodes come first in the slab"
+        composer = self.scheduler.sla
+        served = {e.seq.request_id for e in output.scheduled} | {q.request_id for q in output.preempted}
+        for rid in decoding:
+            self.skipped[rid] = 0 if rid in served else self.skipped[rid] + 1
+            assert self.skipped[rid] <= composer.max_skips, "a decode was deferred too many steps in a row"
+        for seq in self.scheduler.running:
+            if seq.is_prefilling and seq.request_id not in served:
+                self.passed[seq.request_id] += 1
+                assert self.passed[seq.request_id] <= composer.max_pass_over, "a prefill was starved"
+            else:
+                self.passed[seq.request_id] = 0
+        self.check_overtaking(output)
+        self.clock.now += self.machine.predict(output.num_tokens, 0)
+
+    def check_overtaking(self, output):
+        admitted = [e.seq for e in output.scheduled if e.seq in self.waiting_before]
+        latest = max((seq.arrival_index for seq in admitted), default=-1)
+        for w in self.waiting_before:
+            if w in admitted:
+                self.overtaken[w.request_id] = 0
+            elif w.arrival_index < latest and w.request_id not in self.pending:
+                self.overtaken[w.request_id] += 1
+                assert self.overtaken[w.request_id] <= self.scheduler.sla.max_pass_over
+
+
+slas = st.lists(
+    st.builds(
+        RequestSLA,
+        prompt_rate=st.sampled_from([0.5, 2.0, 20.0, 1000.0]),
+        token_rate=st.sampled_from([0.5, 2.0, 8.0]),
+        priority=st.integers(-1, 1),
+    ),
+    min_size=1,
+    max_size=4,
+)
+machines = st.builds(LinearMachine, a=st.sampled_from([0.0, 0.05, 0.5]), b=st.sampled_from([0.0, 0.01, 0.1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(policy="sla"), slas, machines)
+def test_sla_keeps_every_promise_on_random_workloads(workload, slas, machine):
+    SlaSimulation(workload, slas, machine).run()
+
+
+@settings(max_examples=100, deadline=None)
+@given(workloads(policy="sla", max_spare_pages=0, max_requests=12), slas, machines)
+def test_sla_in_a_pool_of_one_sequence_never_deadlocks(workload, slas, machine):
+    SlaSimulation(workload, slas, machine).run()
+
+
+def test_no_model_means_no_deferral():
+    c = SlaComposer(RequestSLA())
+    assert c.step_seconds(64, 0) == 0.0
+    choice = c.compose(
+        [decoding(c, "d", 0.0, 0.1)], [prompt(c, "p", 10**6)], budget=2, step_seconds=lambda n: 0.0
+    )
+    assert choice.decodes == ["d"] and math.isfinite(c.records["p"].deadline)
+
+
+def test_a_record_is_a_plain_dataclass():
+    record = SlaRecord(RequestSLA(), arrival=0.0, deadline=1.0)
+    assert record.due() == 1.0 and record.max_gap == 0.25
