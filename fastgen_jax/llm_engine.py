@@ -43,8 +43,9 @@ from N's tokens), a composer that may skip a decode on what N produced. The rule
 the sequence is flagged `Sequence.needs_host_sync` and the scheduler leaves it out of the step
 composed while its token of step N is in flight (it is scheduled in N+2, after N's results are
 processed, at the cost of one step of its latency), or overlap is turned off for the whole engine.
-Requests with structured outputs are flagged so: a constrained sequence decodes every other step
-under overlap, and unconstrained ones beside it are unaffected.
+Requests with structured outputs are flagged so, and while any is in the engine, steps do not
+overlap (`_overlaps`): otherwise a constrained sequence would decode only every other step, halving
+its speed, where running steps one at a time costs the others only the host's share of a step.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
 loop and hands the `RequestOutput`s to its clients.
@@ -341,7 +342,7 @@ class LLMEngine:
         current = self._in_flight
         # Overlap: step N+1 is scheduled, planned and launched before step N's tokens are read. If
         # this raises (StepError for N+1's requests), N stays in flight for the next call.
-        self._in_flight = self._launch() if self.engine_config.async_scheduling else None
+        self._in_flight = self._launch() if self._overlaps() else None
         launched = time.monotonic()
         tokens, logprobs, top = self._read(current)
         returned = time.monotonic()
@@ -366,6 +367,11 @@ class LLMEngine:
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
+
+    def _overlaps(self) -> bool:
+        """Whether to launch the next step before reading this one: overlap is on and no request
+        has structured outputs (see the module docstring)."""
+        return self.engine_config.async_scheduling and not len(self.guided)
 
     def _launch(self) -> _Launched | None:
         """Schedules, plans and launches a step (not waiting for it); None when there is nothing to do."""
