@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +99,7 @@ def greedy_continuation(config, params, prompt_ids, num_new, page_size=16) -> li
     while len(out) < num_new:
         n = len(ids) - start
         md = chunk_metadata(start, n, pages, page_size, width, num_pages, n)
-        md = md.replace(logits_indices=jnp.asarray([n - 1], jnp.int32))
+        md = dataclasses.replace(md, logits_indices=jnp.asarray([n - 1], jnp.int32))
         logits, kv = step(params, jnp.asarray(ids[start:], jnp.int32), kv, md)
         out.append(int(np.argmax(np.asarray(logits)[0])))
         start = len(ids)
