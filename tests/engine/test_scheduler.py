@@ -269,6 +269,23 @@ def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again():
     assert s.schedule().is_empty  # its one token is being sampled: the engine will finish it
 
 
+def test_a_sequence_needing_its_last_token_on_the_host_sits_out_the_step_beside_it():
+    """A grammar-constrained sequence (needs_host_sync) is left out of the step composed while its
+    token is in flight, and decodes again once that token is read back."""
+    s = make_scheduler()
+    a, b = add(s, "a", 5), add(s, "b", 3)
+    b.needs_host_sync = True
+    first = s.schedule()
+    second = s.schedule()
+    assert [e.seq.request_id for e in second.scheduled] == ["a"]
+    s.postprocess(first, [41, 42])
+    third = s.schedule()  # b's token is on the host now; a's of the second step is still in flight
+    assert [(e.seq.request_id, e.previous_slot) for e in third.scheduled] == [("a", 0), ("b", -1)]
+    s.postprocess(second, [43])
+    s.postprocess(third, [44, 45])
+    assert a.output_token_ids == [41, 43, 44] and b.output_token_ids == [42, 45]
+
+
 def test_abandoning_both_steps_in_flight_rolls_every_sequence_back():
     s = make_scheduler()
     a = add(s, "a", 5)

@@ -101,6 +101,23 @@ def test_a_constrained_request_cut_by_max_tokens_says_length(engine):
     assert out["r"][2] == "length" and set(out["r"][0]) == {"a"}
 
 
+def test_a_constrained_request_decodes_every_step_with_overlap_on(engine):
+    """While a request has structured outputs the engine runs steps one at a time (its mask needs its
+    last token), so it gets a token every step rather than every other one."""
+    assert engine.engine_config.async_scheduling
+    spec = StructuredOutputs(regex="[ab]{300}")  # longer than 20 tokens can spell
+    params = SamplingParams(max_new_tokens=20, structured_outputs=spec)
+    engine.add_request(prompt_token_ids=[5, 6, 7], sampling_params=params, request_id="constrained")
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    engine.add_request(prompt_token_ids=[8, 9], sampling_params=params, request_id="free")
+    steps, tokens = 0, {"constrained": [], "free": []}
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert len(tokens["constrained"]) == len(tokens["free"]) == 20 and steps <= 21
+
+
 @pytest.mark.parametrize(
     "spec, param",
     [
