@@ -195,7 +195,7 @@ def test_request_limits_are_checked_in_one_place():
     cases = [
         ([], 1, "prompt", "empty"),
         ([1] * 32, 1, "prompt", "32 tokens"),
-        ([1] * 30, 3, "max_tokens", ""),
+        ([1] * 30, 3, "max_tokens", r"max_tokens \(3\) exceeds the context of 32"),
     ]
     cases.append(([100], 1, "prompt", r"\[0, 100\)"))
     for ids, max_tokens, param, message in cases:
