@@ -191,6 +191,7 @@ class ModelConfig:
 
 
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first", "sla")
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
 
 
@@ -230,6 +231,15 @@ class EngineConfig:
       sequences end, with any prompt that starts with the same tokens (`engine.page_allocator`).
     async_scheduling: overlap the host's work with the device's: schedule and plan step N+1 while step
       N runs, and read N's tokens back while N+1 runs (`llm_engine`). Off: one step at a time.
+    speculative: "off", "ngram" (prompt lookup: propose what followed the sequence's last tokens earlier
+      in its own prompt and output) or "draft" (a smaller model, `speculative_model`, proposes); see
+      `engine.speculative`. The target verifies the proposals in the same step; output is unchanged.
+    num_speculative_tokens: the most tokens proposed per sequence and step (adapted per sequence to
+      its acceptance rate, and only out of budget the step would leave idle).
+    speculative_logit_rows: extra logit rows each compiled step has for verification (the LM head
+      runs for max_num_seqs + these rows, not for every slab row); None: 16 x num_speculative_tokens.
+    speculative_model: the draft checkpoint (same tokenizer) for speculative="draft".
+    ngram_min, ngram_max: n-gram lengths prompt lookup matches, longest first.
     """
 
     token_budget: int = 512
@@ -247,6 +257,12 @@ class EngineConfig:
     tensor_parallel: int = 1
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    speculative_logit_rows: int | None = None
+    speculative_model: str | None = None
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self):
         if self.token_budget <= 0:
@@ -268,6 +284,7 @@ class EngineConfig:
             raise ConfigError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        self._check_speculative()
         if self.token_buckets is None:
             object.__setattr__(self, "token_buckets", _default_token_buckets(self.token_budget))
         buckets = tuple(self.token_buckets)
@@ -277,3 +294,24 @@ class EngineConfig:
                 f"{self.token_budget}, got {buckets}"
             )
         object.__setattr__(self, "token_buckets", buckets)
+
+    def _check_speculative(self) -> None:
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ConfigError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.speculative == "draft" and not self.speculative_model:
+            raise ConfigError("speculative='draft' needs speculative_model (the draft checkpoint)")
+        if self.speculative_logit_rows is not None and self.speculative_logit_rows < 0:
+            raise ConfigError(f"speculative_logit_rows must be >= 0, got {self.speculative_logit_rows}")
+
+    @property
+    def verification_rows(self) -> int:
+        """Logit rows each step has beyond one per sequence slot: 0 without speculation."""
+        if self.speculative == "off":
+            return 0
+        if self.speculative_logit_rows is not None:
+            return self.speculative_logit_rows
+        return 16 * self.num_speculative_tokens

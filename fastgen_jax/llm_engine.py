@@ -77,6 +77,7 @@ from fastgen_jax.engine import (
     check_request,
 )
 from fastgen_jax.engine.budget import attended_pairs
+from fastgen_jax.engine.speculative import NgramProposer, Speculator
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache
 from fastgen_jax.sampling_params import SamplingParams
@@ -116,6 +117,7 @@ class _Launched:
     plan: StepPlan
     sampled: tuple
     budget: int | None
+    has_drafts: bool = False  # some slot verifies draft tokens (speculative decoding)
 
 
 @dataclasses.dataclass
@@ -141,6 +143,9 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens served from the cache instead of computed
     deferred_decodes: int = 0  # policy "sla": decode steps deferred for prompts that needed the room
     prompts_past_deadline: int = 0  # policy "sla": requests whose prompt ran past its first-token deadline
+    spec_proposed_tokens: int = 0  # speculative decoding: draft tokens the target verified
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_verifications: int = 0  # sequence-steps that verified at least one draft token
 
 
 class LLMEngine:
@@ -185,6 +190,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(
             sorted(set(self.tokenizer.eos_token_ids) | set(checkpoint.config.eos_token_ids))
         )
+        self.speculator = self._speculator(checkpoint)
         self._requests: dict[str, Request] = {}
         self._in_flight: _Launched | None = None  # launched, tokens not yet read (overlap only)
         self.guided = GuidedDecoder(
@@ -211,6 +217,19 @@ class LLMEngine:
         enable_compilation_cache()
         dtype = dtype or default_dtype()
         return cls(load_checkpoint(model, dtype), engine_config, dtype, **kwargs)
+
+    def _speculator(self, checkpoint: Checkpoint) -> Speculator | None:
+        """The proposer `engine_config.speculative` names, wrapped in the host-side `Speculator`."""
+        c = self.engine_config
+        if c.speculative == "off":
+            return None
+        if c.speculative == "ngram":
+            proposer = NgramProposer(c.ngram_min, c.ngram_max)
+        else:
+            from fastgen_jax.speculative_draft import DraftProposer
+
+            proposer = DraftProposer.for_target(self, checkpoint)
+        return Speculator(proposer, c.num_speculative_tokens, c.verification_rows)
 
     # ------------------------------------------------------------------ requests
 
@@ -274,6 +293,8 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         self._forget(request_id)
         self.guided.remove(request_id)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
         out = request.output.abort()
         out.time = time.monotonic()
         return out
@@ -344,11 +365,14 @@ class LLMEngine:
         # this raises (StepError for N+1's requests), N stays in flight for the next call.
         self._in_flight = self._launch() if self._overlaps() else None
         launched = time.monotonic()
-        tokens, logprobs, top = self._read(current)
+        tokens, logprobs, top, emitted = self._read(current)
         returned = time.monotonic()
-        self.scheduler.postprocess(current.output, tokens)
-        results = self._process_samples(current.output, tokens, logprobs, top)
-        self.stats.generation_tokens += len(results)
+        slot_tokens = _slot_tokens(current, tokens, emitted)
+        self.scheduler.postprocess(current.output, slot_tokens)
+        if self.speculator is not None:
+            self.speculator.observe(current.output, slot_tokens)
+        results = self._process_samples(current, slot_tokens, logprobs, top)
+        self.stats.generation_tokens += sum(len(r.new_token_ids) for r in results)
         done = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
         for result in results:
             result.time = done
@@ -369,9 +393,11 @@ class LLMEngine:
         return results
 
     def _overlaps(self) -> bool:
-        """Whether to launch the next step before reading this one: overlap is on and no request
-        has structured outputs (see the module docstring)."""
-        return self.engine_config.async_scheduling and not len(self.guided)
+        """Whether to launch the next step before reading this one: overlap is on, no request
+        has structured outputs and none is worth speculating for (see the module docstring)."""
+        if not self.engine_config.async_scheduling or len(self.guided):
+            return False
+        return self.speculator is None or not self.speculator.active(self.scheduler.running)
 
     def _launch(self) -> _Launched | None:
         """Schedules, plans and launches a step (not waiting for it); None when there is nothing to do."""
@@ -380,6 +406,8 @@ class LLMEngine:
         if output.is_empty:
             return None
         try:
+            if self.speculator is not None:
+                self.speculator.extend(self.scheduler, output)
             plan = self.planner.build(output)
             self.runner.compile(plan)  # a no-op unless warm-up was skipped
             sampled = self.runner.execute(plan, self._token_bitmask(output, plan))
@@ -390,15 +418,17 @@ class LLMEngine:
             self.scheduler.abandon(output)
             raise
         self._count_tokens(output)
-        return _Launched(output, plan, sampled, budget)
+        return _Launched(output, plan, sampled, budget, plan.has_drafts)
 
-    def _read(self, launched: _Launched) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-        """Waits for a step's tokens and log-probabilities (top ones only when some request asks).
-        If it failed, the step after it (which took its KV cache and tokens) failed too: both are
-        rolled back and one StepError names the requests of both."""
-        tokens, logprobs, top_ids, top_logprobs = launched.sampled
+    def _read(self, launched: _Launched) -> tuple[np.ndarray, np.ndarray, tuple | None, np.ndarray | None]:
+        """Waits for a step's tokens and log-probabilities (top ones only when some request asks;
+        the tokens each slot emitted only when some slot verified drafts). If it failed, the step
+        after it (which took its KV cache and tokens) failed too: both are rolled back and one
+        StepError names the requests of both."""
+        tokens, logprobs, top_ids, top_logprobs, num_emitted = launched.sampled
         try:
             tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one wait for the device
+            emitted = np.asarray(num_emitted) if launched.has_drafts else None
             top = None
             if launched.plan.sampling.logprobs.any() and any(
                 e.seq.sampling_params.top_logprobs for e in launched.output.scheduled
@@ -412,13 +442,13 @@ class LLMEngine:
             if not isinstance(error, Exception):
                 raise
             raise StepError([e.seq.request_id for step in failed for e in step.output.scheduled]) from error
-        return tokens, logprobs, top
+        return tokens, logprobs, top, emitted
 
     def _discard_in_flight(self) -> None:
         """Waits for the step in flight when no request is left: it holds only discarded work."""
         launched, self._in_flight = self._in_flight, None
-        tokens, _, _ = self._read(launched)
-        self.scheduler.postprocess(launched.output, tokens)
+        tokens, _, _, emitted = self._read(launched)
+        self.scheduler.postprocess(launched.output, _slot_tokens(launched, tokens, emitted))
 
     def _choose_budget(self) -> int | None:
         if self.budget_controller is None:
@@ -435,39 +465,46 @@ class LLMEngine:
         last token was in flight (`Sequence.needs_host_sync`)."""
         if not len(self.guided):
             return None
+        first_rows = plan.sampling.cu_logit_rows  # a constrained slot never has drafts: one row
         rows = [
-            (i, e.seq.request_id)
+            (int(first_rows[i]), e.seq.request_id)
             for i, e in enumerate(output.scheduled)
             if e.needs_sample and e.seq.request_id in self.guided
         ]
-        return self.guided.bitmask(rows, plan.num_slots) if rows else None
+        return self.guided.bitmask(rows, plan.num_logit_rows) if rows else None
 
     def _process_samples(
         self,
-        output: SchedulerOutput,
-        tokens: np.ndarray,
+        launched: _Launched,
+        slot_tokens: list,
         logprobs: np.ndarray,
         top: tuple[np.ndarray, np.ndarray] | None,
     ) -> list[RequestOutput]:
-        """Hands each sampled token to its request's output state."""
+        """Hands each slot's sampled token (or the tokens it emitted after verifying drafts) to its
+        request's output state."""
         results = []
-        for i, entry in enumerate(output.scheduled):
+        first_rows = launched.plan.sampling.cu_logit_rows
+        for i, entry in enumerate(launched.output.scheduled):
             if not entry.needs_sample or entry.seq.is_finished:  # finished: extra work of an overlap
                 continue
             state = self._requests[entry.seq.request_id].output
             state.num_cached_tokens = max(0, entry.seq.num_cached_tokens)
             slack = self._admission_slack(entry.seq)
+            tokens = slot_tokens[i] if entry.draft_token_ids else [slot_tokens[i]]
+            rows = range(int(first_rows[i]), int(first_rows[i]) + len(tokens))
             k = entry.seq.sampling_params.top_logprobs
-            alternatives = None
+            tops = None
             if k and top is not None:
-                alternatives = [(int(t), float(v)) for t, v in zip(top[0][i, :k], top[1][i, :k], strict=True)]
-            self.guided.advance(entry.seq.request_id, int(tokens[i]))
-            result = state.add_token(int(tokens[i]), float(logprobs[i]), alternatives)
+                tops = [_top_pairs(top, r, k) for r in rows]
+            self.guided.advance(entry.seq.request_id, int(tokens[0]))  # constrained: one token, no drafts
+            result = state.add_tokens([int(t) for t in tokens], [float(logprobs[r]) for r in rows], tops)
             result.admission_slack = slack
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._requests[entry.seq.request_id]
                 self.guided.remove(entry.seq.request_id)
+                if self.speculator is not None:
+                    self.speculator.forget(entry.seq.request_id)
             results.append(result)
         return results
 
@@ -507,3 +544,25 @@ class LLMEngine:
         if self.scheduler.sla is not None:
             s.deferred_decodes = self.scheduler.sla.deferred_decodes
             s.prompts_past_deadline = self.scheduler.sla.prompts_past_deadline
+        if self.speculator is not None:
+            spec = self.speculator.stats
+            s.spec_proposed_tokens, s.spec_accepted_tokens = spec.proposed_tokens, spec.accepted_tokens
+            s.spec_verifications = spec.verifications
+
+
+def _slot_tokens(launched: _Launched, tokens: np.ndarray, emitted: np.ndarray | None) -> list:
+    """Each scheduled slot's sampled token, or (a slot that verified drafts) the tokens it emitted."""
+    n = launched.output.num_seqs
+    if emitted is None:
+        return tokens[:n].tolist()
+    first = launched.plan.sampling.cu_logit_rows
+    out = tokens[first[:n]].tolist()
+    for i, entry in enumerate(launched.output.scheduled):
+        if entry.draft_token_ids:
+            out[i] = tokens[first[i] : first[i] + emitted[i]].tolist()
+    return out
+
+
+def _top_pairs(top: tuple[np.ndarray, np.ndarray], row: int, k: int) -> list[tuple[int, float]]:
+    """The k likeliest (token, log-probability) pairs of one logit row."""
+    return [(int(t), float(v)) for t, v in zip(top[0][row, :k], top[1][row, :k], strict=True)]

@@ -86,6 +86,30 @@ class RequestState:
             output.new_top_logprobs = [top or []]
         return output
 
+    def add_tokens(
+        self,
+        token_ids: list[int],
+        logprobs: list[float],
+        tops: list[list[tuple[int, float]] | None] | None = None,
+    ) -> RequestOutput:
+        """`add_token` for several tokens of one step (speculative decoding), as one delta. Tokens
+        after the one that finishes the request are dropped, so stops and lengths stay exact."""
+        if len(token_ids) == 1:
+            return self.add_token(token_ids[0], logprobs[0], tops[0] if tops else None)
+        outputs = []
+        for i, token_id in enumerate(token_ids):
+            outputs.append(self.add_token(token_id, logprobs[i], tops[i] if tops else None))
+            if self.finished:
+                break
+        merged = outputs[-1]
+        merged.new_token_ids = [t for o in outputs for t in o.new_token_ids]
+        merged.new_text = "".join(o.new_text for o in outputs)
+        if merged.new_logprobs is not None:
+            merged.new_logprobs = [v for o in outputs for v in o.new_logprobs]
+        if merged.new_top_logprobs is not None:
+            merged.new_top_logprobs = [v for o in outputs for v in o.new_top_logprobs]
+        return merged
+
     def abort(self) -> RequestOutput:
         self.finish_reason = "abort"
         return self._output([], [] if self.params.logprobs else None)

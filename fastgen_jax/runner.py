@@ -15,7 +15,11 @@ sequence (warm-up, a probe) passes the previous tokens through unchanged. Sampli
 the same program; the step returns device arrays and does not wait for them, so the caller decides
 when to block.
 
-Structured outputs enter as the step's last argument, a token bitmask i32[S, ceil(V/32)] (see
+Speculative decoding: a slot may verify draft tokens in the same step (`sampler.verify`); the step
+also returns how many tokens each slot emits, and the token it chains to the next step is the last
+of them.
+
+Structured outputs enter as the step's last argument, a token bitmask i32[L, ceil(V/32)] (see
 `sampler.apply_token_bitmask`), kept out of the plan so that a step without constrained rows sends
 none: it gets an all-ones mask that stays on the device, so every step runs the same program.
 """
@@ -37,7 +41,7 @@ from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.engine import EngineLimits, pages_for
 from fastgen_jax.models import StepPlan, build_model, init_kv_cache, kv_bytes_per_page
-from fastgen_jax.sampler import sample
+from fastgen_jax.sampler import sample, verify
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +147,10 @@ class ModelRunner:
         token_ids = jnp.where(plan.previous_slot >= 0, from_previous, plan.token_ids)
         logits, kv_cache = self._model.apply(params, token_ids, kv_cache, plan.attention)
         sampled = sample(logits, plan.sampling, token_bitmask)
-        tokens = previous_tokens.at[: sampled[0].shape[0]].set(sampled[0])
+        num_emitted, last = verify(sampled[0], plan.sampling)
+        tokens = previous_tokens.at[: last.shape[0]].set(last)
         tokens = jnp.where(plan.attention.num_seqs[0] > 0, tokens, previous_tokens)
-        return sampled, kv_cache, tokens
+        return (*sampled, num_emitted), kv_cache, tokens
 
     @property
     def num_compiled(self) -> int:
@@ -176,10 +181,12 @@ class ModelRunner:
             distributed.warm_broadcasts(plans)
 
     def execute(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, ...]:
-        """Runs one step; returns (tokens i32[S], logprobs f32[S], top_ids i32[S, K], top_logprobs
-        f32[S, K]) as device arrays, not yet waited on (see `sampler.sample`). In a multi-host group
-        the leader first sends the plan to the other processes (`fastgen_jax.distributed`; the engine
-        refuses constrained requests there, so followers always run with the all-ones mask)."""
+        """Runs one step; returns (tokens i32[L], logprobs f32[L], top_ids i32[L, K], top_logprobs
+        f32[L, K], num_emitted i32[S]) as device arrays, not yet waited on (see `sampler.sample` and
+        `sampler.verify`; without draft tokens L = S and every slot emits its one row's token). In a
+        multi-host group the leader first sends the plan to the other processes
+        (`fastgen_jax.distributed`; the engine refuses constrained requests there, so followers
+        always run with the all-ones mask)."""
         if self._multiprocess:
             distributed.send_plan(plan)
         return self._launch(plan, token_bitmask)
@@ -212,5 +219,5 @@ class ModelRunner:
 
     def _bitmask(self, plan: StepPlan, token_bitmask: np.ndarray | None) -> jax.Array:
         if token_bitmask is None:
-            return self._all_allowed_bitmask(plan.num_slots)
+            return self._all_allowed_bitmask(plan.num_logit_rows)
         return jax.device_put(token_bitmask, self._replicated)

@@ -8,6 +8,13 @@ dividing logits by a tinier one overflows float32 and would turn the row into Na
 1.0 switch those filters off; the sort they need only runs when some row in the batch asks for a
 filter.
 
+Speculative verification (`verify`) runs in the same step: a slot's logit rows hold the positions
+of its draft tokens and the one after them; each row samples the token plain decoding would have
+sampled there (greedy: the argmax; sampled: the same per-position key), and the slot keeps the
+longest run of rows whose sample equals the next draft token, plus the first row that differs (or
+the bonus row after the last draft). Whatever the proposer, the output is the one decoding without
+speculation gives.
+
 A token bitmask (i32[S, ceil(V/32)], bit j of word i allows token 32 * i + j) constrains rows to what
 a grammar allows (`fastgen_jax.structured`); an all-ones row is exactly no constraint, so one program
 serves constrained and unconstrained steps alike.
@@ -107,3 +114,18 @@ def sample(
 
     logprobs, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.logprobs), with_logprobs, without, model_logits)
     return tokens, logprobs, top_ids, top_logprobs
+
+
+def verify(tokens: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """Accepts draft tokens: tokens i32[L] sampled at every logit row. Returns (num_emitted i32[S]:
+    tokens each slot emits, its rows' accepted prefix plus one; last i32[S]: the last of them)."""
+    num_rows, num_slots = tokens.shape[0], s.cu_logit_rows.shape[0] - 1
+    rows = jnp.arange(num_rows)
+    slot = jnp.searchsorted(s.cu_logit_rows, rows, side="right") - 1  # [L]; num_slots past the used rows
+    rejected = ((s.draft_token_ids >= 0) & (tokens != s.draft_token_ids)).astype(jnp.int32)
+    rejected_before = jnp.cumsum(rejected) - rejected  # [L]: rejections in earlier rows
+    first_row = s.cu_logit_rows[jnp.minimum(slot, num_slots - 1)]
+    emitted = (rejected_before == rejected_before[jnp.minimum(first_row, num_rows - 1)]) & (slot < num_slots)
+    num_emitted = jax.ops.segment_sum(emitted.astype(jnp.int32), slot, num_segments=num_slots)
+    last = tokens[jnp.maximum(s.cu_logit_rows[:-1] + num_emitted - 1, 0)]
+    return num_emitted, last

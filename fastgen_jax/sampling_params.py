@@ -33,6 +33,8 @@ class SamplingParams:
     each generated token's log-probability, `top_logprobs` (<= 20) also that many likeliest tokens.
     `structured_outputs` constrains the output to a JSON schema, regex, choice or grammar
     (`fastgen_jax.structured`); a constrained request still ends at EOS, stop strings or max_new_tokens.
+    `speculative` False opts the request out of speculative decoding (its output is the same either
+    way; speculation only changes how many tokens a step gets).
     """
 
     max_new_tokens: int = 256
@@ -48,6 +50,7 @@ class SamplingParams:
     top_logprobs: int = 0
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None
+    speculative: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -72,6 +75,8 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32
         ):
             raise SamplingParamsError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.speculative, bool):
+            raise SamplingParamsError(f"speculative must be a boolean, got {self.speculative!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParamsError(f"stop must hold non-empty strings, got {self.stop!r}")
         if self.structured_outputs is not None:

@@ -55,43 +55,79 @@ class AttentionMetadata:
     page_indices: np.ndarray  # i32[S, W]: each slot's KV pages in order; padding NULL_PAGE
     cu_q_lens: np.ndarray  # i32[S + 1]: slot s owns rows cu_q_lens[s]:cu_q_lens[s + 1]; unused repeat
     num_seqs: np.ndarray  # i32[1]: slots in use
-    logits_indices: np.ndarray  # i32[S]: slab row of each slot's last new token; unused slots 0
+    # i32[L]: the slab row of each logit row (see SamplingArrays: a slot's last new token, and before it
+    # the rows whose next token it verifies); unused rows 0
+    logits_indices: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
-    """Per-slot sampling settings, as arrays so a new temperature never recompiles."""
+    """Per-logit-row sampling settings, as arrays so a new temperature never recompiles, and what
+    speculative verification compares the samples with.
 
-    temperature: np.ndarray  # f32[S]: below sampler.MIN_TEMPERATURE (0 included) = greedy; padding 0
-    top_k: np.ndarray  # i32[S]: 0 = no limit; padding 0
-    top_p: np.ndarray  # f32[S]: 1.0 = no limit; padding 1.0
-    seed: np.ndarray  # u32[S]; padding 0
-    step: np.ndarray  # i32[S]: tokens the request has generated so far (makes each draw fresh)
-    logprobs: np.ndarray  # bool[S]: the request wants log-probabilities; padding False
+    A step has L = min(T, S + verification rows) logit rows. Slot s owns rows
+    cu_logit_rows[s]:cu_logit_rows[s + 1]: one for its last new token, plus one before it for each
+    draft token it verifies (speculative decoding). Row j of a slot samples the slot's
+    (output_index + j)-th generated token with its own key, so a token drawn in a verification row is
+    the one plain decoding would have drawn at that position. Rows past cu_logit_rows[S] are padding.
+    """
+
+    temperature: np.ndarray  # f32[L]: below sampler.MIN_TEMPERATURE (0 included) = greedy; padding 0
+    top_k: np.ndarray  # i32[L]: 0 = no limit; padding 0
+    top_p: np.ndarray  # f32[L]: 1.0 = no limit; padding 1.0
+    seed: np.ndarray  # u32[L]; padding 0
+    step: np.ndarray  # i32[L]: index of the generated token this row draws (makes each draw fresh)
+    logprobs: np.ndarray  # bool[L]: the request wants log-probabilities; padding False
+    draft_token_ids: np.ndarray  # i32[L]: the proposal this row's sample must equal to go on; else -1
+    # i32[S + 1]: slot s owns logit rows [s]:[s + 1]. Without drafts arange(S + 1) (each slot one row);
+    # with drafts, unused slots own none.
+    cu_logit_rows: np.ndarray
 
     @classmethod
-    def greedy(cls, num_slots: int) -> SamplingArrays:
-        """Every slot greedy, no log-probabilities: the padding value of every field."""
+    def greedy(cls, num_slots: int, num_rows: int | None = None) -> SamplingArrays:
+        """Every row greedy, no log-probabilities, no drafts: the padding value of every field."""
+        num_rows = num_slots if num_rows is None else num_rows
         return cls(
-            temperature=np.zeros(num_slots, np.float32),
-            top_k=np.zeros(num_slots, _I32),
-            top_p=np.ones(num_slots, np.float32),
-            seed=np.zeros(num_slots, np.uint32),
-            step=np.zeros(num_slots, _I32),
-            logprobs=np.zeros(num_slots, bool),
+            temperature=np.zeros(num_rows, np.float32),
+            top_k=np.zeros(num_rows, _I32),
+            top_p=np.ones(num_rows, np.float32),
+            seed=np.zeros(num_rows, np.uint32),
+            step=np.zeros(num_rows, _I32),
+            logprobs=np.zeros(num_rows, bool),
+            draft_token_ids=np.full(num_rows, -1, _I32),
+            cu_logit_rows=np.arange(num_slots + 1, dtype=_I32),
         )
 
     @classmethod
-    def for_step(cls, entries: list[ScheduledSeq], num_slots: int) -> SamplingArrays:
-        """Each scheduled sequence's `SamplingParams` (greedy when it has none), padding after them."""
-        rows = [_sampling_row(e) for e in entries]
-        columns = list(zip(*rows, strict=True))
+    def for_step(
+        cls, entries: list[ScheduledSeq], num_slots: int, num_rows: int | None = None
+    ) -> SamplingArrays:
+        """Each scheduled sequence's `SamplingParams` (greedy when it has none) on its logit rows (one
+        per draft token, then one), padding after them."""
+        out = cls.greedy(num_slots, num_rows)
+        columns = list(zip(*(_sampling_row(e) for e in entries), strict=True))
         dtypes = (np.float32, _I32, np.float32, np.uint32, _I32, bool)
-        greedy = cls.greedy(num_slots)
-        arrays = [getattr(greedy, f.name) for f in dataclasses.fields(cls)]
-        for column, dtype, out in zip(columns, dtypes, arrays, strict=True):
-            out[: len(entries)] = np.asarray(column, dtype)
-        return cls(*arrays)
+        fields = ("temperature", "top_k", "top_p", "seed", "step", "logprobs")
+        drafts = [len(e.draft_token_ids) for e in entries]
+        if not any(drafts):
+            for column, dtype, name in zip(columns, dtypes, fields, strict=True):
+                getattr(out, name)[: len(entries)] = np.asarray(column, dtype)
+            return out
+        per_slot = np.ones(num_slots, _I32)
+        per_slot[: len(entries)] += drafts
+        out.cu_logit_rows[1:] = np.cumsum(per_slot)
+        used = int(out.cu_logit_rows[len(entries)])
+        if used > out.temperature.shape[0]:
+            rows = out.temperature.shape[0]
+            raise ValueError(f"{sum(drafts)} draft tokens exceed the step's {rows} logit rows")
+        repeats = per_slot[: len(entries)]
+        for column, dtype, name in zip(columns, dtypes, fields, strict=True):
+            getattr(out, name)[:used] = np.repeat(np.asarray(column, dtype), repeats)
+        offsets = np.arange(used, dtype=_I32) - np.repeat(out.cu_logit_rows[: len(entries)], repeats)
+        out.step[:used] += offsets
+        out.draft_token_ids[:used] = [t for e in entries for t in (*e.draft_token_ids, -1)]
+        out.cu_logit_rows[len(entries) + 1 :] = used  # unused slots own no row here
+        return out
 
 
 def _sampling_row(entry: ScheduledSeq) -> tuple:
@@ -134,6 +170,16 @@ class StepPlan:
         """S, the sequence slots."""
         return self.attention.kv_lens.shape[0]
 
+    @property
+    def num_logit_rows(self) -> int:
+        """L, the rows that reach the LM head and the sampler."""
+        return self.attention.logits_indices.shape[0]
+
+    @property
+    def has_drafts(self) -> bool:
+        """Whether some slot verifies draft tokens (speculative decoding)."""
+        return bool((self.sampling.draft_token_ids >= 0).any())
+
 
 class StepPlanner:
     """Builds the `StepPlan` of a `SchedulerOutput`; knows every shape the step is compiled for."""
@@ -148,6 +194,7 @@ class StepPlanner:
         self.max_pages_per_seq = pages_for(max_model_len, config.page_size)
         cap = self.max_pages_per_seq
         self.page_table_widths = (cap,) if one_width else _widths_up_to(cap)
+        self.verification_rows = config.verification_rows
 
     @classmethod
     def for_scheduler(cls, scheduler: Scheduler, one_width: bool = False) -> StepPlanner:
@@ -171,6 +218,10 @@ class StepPlanner:
 
     def num_slots_for(self, bucket: int) -> int:
         return min(self.max_num_seqs, bucket)
+
+    def num_logit_rows_for(self, bucket: int) -> int:
+        """L: one logit row per slot, plus the verification rows (never more than the slab's rows)."""
+        return min(bucket, self.num_slots_for(bucket) + self.verification_rows)
 
     def width_for(self, num_pages: int) -> int:
         """Page-table width for a step whose longest context spans `num_pages` pages."""
@@ -211,9 +262,11 @@ class StepPlanner:
             page_indices=page_indices,
             cu_q_lens=cu_q_lens,
             num_seqs=np.array([n], _I32),
-            logits_indices=_padded(cu_q_lens[1 : n + 1] - 1, num_slots),
+            logits_indices=np.zeros(self.num_logit_rows_for(bucket), _I32),
         )
-        return StepPlan(token_ids, previous_slot, attention, SamplingArrays.for_step(entries, num_slots))
+        sampling = SamplingArrays.for_step(entries, num_slots, self.num_logit_rows_for(bucket))
+        _fill_logit_rows(attention.logits_indices, sampling.cu_logit_rows, cu_q_lens, n)
+        return StepPlan(token_ids, previous_slot, attention, sampling)
 
     def padding(self, bucket: int, width: int) -> StepPlan:
         """A plan of shape (bucket, width) with no sequence in it: compiles and runs as a no-op."""
@@ -225,11 +278,10 @@ class StepPlanner:
             page_indices=np.full((num_slots, width), NULL_PAGE, _I32),
             cu_q_lens=np.zeros(num_slots + 1, _I32),
             num_seqs=np.zeros(1, _I32),
-            logits_indices=np.zeros(num_slots, _I32),
+            logits_indices=np.zeros(self.num_logit_rows_for(bucket), _I32),
         )
-        return StepPlan(
-            np.zeros(bucket, _I32), np.full(bucket, -1, _I32), attention, SamplingArrays.greedy(num_slots)
-        )
+        sampling = SamplingArrays.greedy(num_slots, self.num_logit_rows_for(bucket))
+        return StepPlan(np.zeros(bucket, _I32), np.full(bucket, -1, _I32), attention, sampling)
 
     def _page_indices(self, output: SchedulerOutput, seq_pages: np.ndarray, num_slots: int) -> np.ndarray:
         """i32[S, W]: each slot's first seq_pages[i] page ids (pages reserved beyond: left out)."""
@@ -268,12 +320,26 @@ class StepPlanner:
         return token_ids, positions, slot_mapping
 
 
+def _fill_logit_rows(logits_indices: np.ndarray, cu_logit_rows: np.ndarray, cu_q_lens: np.ndarray, n: int):
+    """Points each used slot's logit rows at its last 1 + (draft tokens) slab rows, in order."""
+    per_slot = np.diff(cu_logit_rows[: n + 1])
+    if (per_slot == 1).all():
+        logits_indices[:n] = cu_q_lens[1 : n + 1] - 1
+        return
+    slots = np.repeat(np.arange(n), per_slot)
+    rows = np.arange(int(cu_logit_rows[n])) - cu_logit_rows[slots]  # 0..k within each slot
+    logits_indices[: len(slots)] = cu_q_lens[slots + 1] - per_slot[slots] + rows
+
+
 def _new_token_ids(entries: list[ScheduledSeq]) -> list[int]:
-    """The tokens of every entry, in slab order."""
+    """The tokens of every entry, in slab order: a decode's input token, then its draft tokens."""
     tokens: list[int] = []
     for e in entries:
         if e.num_new_tokens == 1:  # a decode: index, do not slice (the common case, 256 a step)
             tokens.append(0 if e.previous_slot >= 0 else e.seq.all_token_ids[e.start_position])
+        elif e.draft_token_ids:
+            tokens.append(e.seq.all_token_ids[e.start_position])
+            tokens.extend(e.draft_token_ids)
         else:
             tokens.extend(e.seq.all_token_ids[e.start_position : e.start_position + e.num_new_tokens])
     return tokens

@@ -43,6 +43,13 @@ step more, at most `max_skips` steps in a row; a prompt is passed over at most `
 in a row before it goes first (a waiting one then blocks later admissions, as first-come first-served
 does). Admission asks for the same pages as above, so pages are never over-committed.
 
+Speculative decoding (`engine.speculative`). After the policy has composed the step, a decode may
+take draft tokens out of the budget it left over (`add_drafts`): its rows become its input token and
+the drafts, contiguous, and it counts them as computed. A speculating sequence never has a token
+pending when it gets drafts, and sits out any step composed while its verification is in flight.
+`postprocess()` takes the tokens the step emitted for it (the accepted drafts and one more) and
+trims `num_computed_tokens` back past the rejected ones (their KV slots are overwritten later).
+
 Prefix caching (`enable_prefix_caching`, the default): a full page becomes a cached page (indexed by
 its content key, see `page_allocator`) as soon as the step that wrote its KV is postprocessed, so
 requests that run together share it, not only later ones. At admission a sequence takes over the
@@ -92,6 +99,7 @@ class ScheduledSeq:
     needs_sample: bool  # a decode, or the chunk that ends the prompt
     output_index: int = 0  # tokens the sequence had generated (pending ones included) when scheduled
     previous_slot: int = -1  # a decode whose input is pending: its slot in the step in flight
+    draft_token_ids: tuple[int, ...] = ()  # speculative proposals after its input token, verified here
 
 
 @dataclasses.dataclass
@@ -112,7 +120,8 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-SampledTokens = Mapping[str, int] | SequenceABC[int] | np.ndarray
+# per slot (or request id): the sampled token, or the tokens a speculating slot emitted
+SampledTokens = Mapping[str, int | list[int]] | SequenceABC[int | list[int]] | np.ndarray
 
 
 class Scheduler:
@@ -260,6 +269,7 @@ class Scheduler:
         for entry in output.scheduled:
             seq = entry.seq
             seq.num_pending_tokens -= entry.needs_sample
+            seq.num_draft_tokens = 0
             if seq.status is _RUNNING:
                 seq.num_computed_tokens = entry.start_position
 
@@ -267,8 +277,9 @@ class Scheduler:
         """Records a finished step: advances the computed tokens and appends sampled ones.
 
         `sampled_token_ids` maps request id to token id, or is aligned with `output.scheduled`
-        (one entry per slab slot; entries of slots that need no sample are ignored). Sequences
-        finished or aborted while the step ran are skipped.
+        (one entry per slab slot; entries of slots that need no sample are ignored). A slot that
+        verified draft tokens has a list instead: the tokens it emitted. Sequences finished or
+        aborted while the step ran are skipped.
         """
         if output.is_empty:
             return
@@ -283,18 +294,66 @@ class Scheduler:
             seq = entry.seq
             if seq.is_finished:
                 continue
-            if entry.needs_sample:
+            n = entry.num_new_tokens
+            if entry.draft_token_ids:
+                n -= self._take_verified(entry, token)
+            elif entry.needs_sample:
                 seq.num_pending_tokens -= 1
                 seq.append_token(token)
             if seq.status is not _RUNNING:  # preempted while the step ran: its pages are gone
                 seq.num_prefill_tokens = seq.num_tokens
                 continue
-            n = entry.num_new_tokens
             end = entry.start_position + n
             if end % page_size < n:
                 self._cache_written_pages(seq, entry.start_position, end)
         if self.sla is not None:
             self.sla.tokens_emitted(e.seq.request_id for e in output.scheduled if e.needs_sample)
+
+    def _take_verified(self, entry: ScheduledSeq, emitted: SequenceABC[int]) -> int:
+        """Appends the tokens a speculating slot emitted; returns its rejected draft tokens, whose KV
+        no longer counts as computed."""
+        seq, drafts = entry.seq, len(entry.draft_token_ids)
+        if not 1 <= len(emitted) <= drafts + 1:
+            raise ValueError(f"{len(emitted)} tokens emitted for {drafts} draft tokens of {seq.request_id!r}")
+        seq.num_pending_tokens -= 1
+        seq.num_draft_tokens = 0
+        for token in emitted:
+            seq.append_token(int(token))
+        rejected = drafts + 1 - len(emitted)
+        if seq.status is _RUNNING:
+            seq.num_computed_tokens -= rejected
+        return rejected
+
+    # -- speculative decoding ---------------------------------------------------------------------
+
+    def budget_left(self, out: SchedulerOutput) -> int:
+        """Tokens of this step's budget the composed step leaves unused (room for draft tokens)."""
+        return max(0, self._step_budget - out.num_tokens)
+
+    def add_drafts(self, out: SchedulerOutput, index: int, draft_token_ids: SequenceABC[int]) -> int:
+        """Appends draft tokens to the decode in slot `index` of the step just composed (rows after its
+        input token), as many as the budget left and the free pages allow without preempting or
+        evicting anything; returns how many. The slot must be a `draftable` decode."""
+        entry = out.scheduled[index]
+        if not draftable(entry) or out is not self._in_flight[-1]:
+            raise ValueError(f"slot {index} of this step cannot take draft tokens")
+        seq = entry.seq
+        k = min(len(draft_token_ids), self.budget_left(out))
+        end = seq.num_computed_tokens + k
+        while k and pages_for(end, self.page_size) > len(seq.page_table):
+            if self.allocator.num_free:
+                self._add_page(seq)
+            else:  # no idle page: fewer drafts, never a preemption or an eviction
+                k = len(seq.page_table) * self.page_size - seq.num_computed_tokens
+                end = seq.num_computed_tokens + k
+        if k <= 0:
+            return 0
+        entry.draft_token_ids = tuple(int(t) for t in draft_token_ids[:k])
+        entry.num_new_tokens += k
+        out.num_tokens += k
+        seq.num_computed_tokens = end
+        seq.num_draft_tokens = k
+        return k
 
     # -- policy pieces ----------------------------------------------------------------------------
 
@@ -576,9 +635,28 @@ def _resolve(name: str, given: int | None, configured: int | None) -> int:
 
 def _waits_for_step_in_flight(seq: Sequence) -> bool:
     """A decode that cannot join the step being composed: the step in flight samples its last token,
-    or one that its next step depends on on the host (`Sequence.needs_host_sync`)."""
+    or one that its next step depends on on the host (`Sequence.needs_host_sync`), or it verifies
+    draft tokens there (how many tokens it will have is unknown)."""
     return bool(seq.num_pending_tokens) and (
-        seq.needs_host_sync or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+        seq.needs_host_sync
+        or seq.num_draft_tokens > 0
+        or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+    )
+
+
+def draftable(entry: ScheduledSeq) -> bool:
+    """Whether a scheduled slot may take draft tokens: a decode of a running sequence whose input is
+    its last token, with no other token pending and no host-side constraint on its next one."""
+    seq = entry.seq
+    return (
+        entry.needs_sample
+        and entry.num_new_tokens == 1
+        and not entry.draft_token_ids
+        and entry.previous_slot < 0
+        and seq.status is _RUNNING
+        and seq.num_pending_tokens == 1
+        and not seq.needs_host_sync
+        and entry.start_position == seq.num_tokens - 1
     )
 
 
@@ -593,8 +671,9 @@ def _check_not_past_max_tokens(seq: Sequence) -> None:
 def _tokens_per_slot(output: SchedulerOutput, sampled: SampledTokens) -> list[int]:
     """The sampled token of each scheduled slot (-1 where the slot samples nothing)."""
     if isinstance(sampled, Mapping):
-        return [int(sampled[e.seq.request_id]) if e.needs_sample else -1 for e in output.scheduled]
-    tokens = np.asarray(sampled).reshape(-1).tolist()
+        values = [sampled[e.seq.request_id] if e.needs_sample else -1 for e in output.scheduled]
+        return [v if isinstance(v, list) else int(v) for v in values]
+    tokens = list(sampled) if isinstance(sampled, list) else np.asarray(sampled).reshape(-1).tolist()
     if len(tokens) < output.num_seqs:
         raise ValueError(f"{len(tokens)} sampled tokens for {output.num_seqs} scheduled sequences")
     return tokens[: output.num_seqs]

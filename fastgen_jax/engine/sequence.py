@@ -68,6 +68,7 @@ class Sequence:
         # Its next step needs its last token on the host (a grammar mask): never scheduled while a
         # token of it is pending (the scheduler's "steps in flight").
         self.needs_host_sync = False
+        self.num_draft_tokens = 0  # speculative proposals it verifies in the step in flight
         self.num_prefill_tokens = len(prompt)  # grows to num_tokens on preemption
         self.page_table: list[int] = []  # page ids; page i holds positions [i*P, (i+1)*P)
         self.page_table_row = -1  # its row in the scheduler's PageTables while running

@@ -1,0 +1,211 @@
+"""Speculative decoding, host side: who proposes draft tokens, how many each sequence gets, and what
+came of them. numpy-free and jax-free; the target verifies in the step itself (`sampler.verify`).
+
+A `Proposer` guesses the next tokens of sequences: `NgramProposer` (prompt lookup: the tokens that
+followed the latest earlier occurrence of the sequence's last n tokens, in its own prompt and output)
+or a draft model (`fastgen_jax.speculative_draft`, which runs a smaller checkpoint on the device). An
+EAGLE/MTP-style head would be a third: it only has to implement `propose` (it may read hidden states
+the runner keeps) and `forget`.
+
+`Speculator.extend` runs after the scheduler has composed a step under its policy. Draft tokens only
+take the budget the step leaves idle, at most `verification_rows` a step (the logit rows each
+compiled step has for them), oldest decodes first; when decodes and prompts fill the budget nobody
+speculates. Each sequence's `k` follows its acceptance rate: an exponential moving average alpha of
+"the next draft token is accepted" (Bernoulli trials: a verification with k drafts of which a were
+accepted is a successes and, if a < k, one failure). The j-th draft is accepted with probability
+about alpha**j, so a sequence proposes the largest k <= num_speculative_tokens with
+alpha**k >= MIN_WORTH, and none when alpha < MIN_WORTH. A sequence that stopped speculating keeps
+being measured for free with a cheap proposer (a one-token proposal checked against the token that
+comes), so it starts again when its text turns repetitive.
+
+The output never changes: every verification row samples what plain decoding would have sampled at
+that position (same logits, same per-position key), so drafts only decide how far one step gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as SequenceABC
+from typing import Protocol
+
+from fastgen_jax.engine.scheduler import Scheduler, SchedulerOutput, draftable
+from fastgen_jax.engine.sequence import Sequence
+
+MIN_WORTH = 0.3  # propose a j-th draft token while it is accepted with at least this probability
+PRIOR_ACCEPTANCE = 0.6  # alpha of a sequence never measured
+EMA_DECAY = 0.8  # weight of the past in alpha's running counts
+
+
+class Proposer(Protocol):
+    """Proposes draft tokens. `free`: proposing costs next to nothing (then sequences that do not
+    speculate are still measured with one-token proposals)."""
+
+    free: bool
+
+    def propose(self, asks: SequenceABC[tuple[Sequence, int]]) -> list[list[int]]:
+        """For each (sequence, k): at most k tokens to follow its tokens (possibly none)."""
+        ...
+
+    def forget(self, request_id: str) -> None:
+        """Drops what it keeps for a request that ended."""
+        ...
+
+
+class NgramProposer:
+    """Prompt lookup: matches the sequence's last n tokens (n from `max_n` down to `min_n`) against
+    its earlier tokens and proposes what followed the latest match. Keeps, per request, an index of
+    every n-gram's latest end, updated with the tokens added since the last call."""
+
+    free = True
+
+    def __init__(self, min_n: int = 2, max_n: int = 4):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.sizes = tuple(range(max_n, min_n - 1, -1))
+        self._index: dict[str, tuple[list[int], dict[tuple[int, ...], int]]] = {}
+
+    def propose(self, asks: SequenceABC[tuple[Sequence, int]]) -> list[list[int]]:
+        return [self.propose_one(seq, k) for seq, k in asks]
+
+    def propose_one(self, seq: Sequence, k: int) -> list[int]:
+        tokens = seq.all_token_ids
+        index = self._indexed(seq.request_id, tokens)
+        for n in self.sizes:
+            if len(tokens) > n:
+                end = index.get(tuple(tokens[-n:]))
+                if end is not None:
+                    return tokens[end : end + k]
+        return []
+
+    def forget(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+
+    def _indexed(self, request_id: str, tokens: list[int]) -> dict[tuple[int, ...], int]:
+        """The index of every n-gram ending before the last token: key -> end of its latest match."""
+        done, index = self._index.setdefault(request_id, ([0], {}))
+        for end in range(max(done[0], 1), len(tokens)):  # n-grams ending at end - 1 < len - 1
+            for n in self.sizes:
+                if end >= n:
+                    index[tuple(tokens[end - n : end])] = end
+        done[0] = max(done[0], len(tokens))
+        return index
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+    """Counters since start-up."""
+
+    proposed_tokens: int = 0  # draft tokens verified by the target
+    accepted_tokens: int = 0  # of those, accepted
+    verifications: int = 0  # sequence-steps that verified at least one draft token
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Draft tokens accepted per verification."""
+        return self.accepted_tokens / self.verifications if self.verifications else 0.0
+
+
+class _Acceptance:
+    """A sequence's running acceptance counts (see the module docstring)."""
+
+    __slots__ = ("accepted", "trials", "shadow")
+
+    def __init__(self):
+        self.accepted = PRIOR_ACCEPTANCE * 2
+        self.trials = 2.0
+        self.shadow: int | None = None  # a one-token proposal awaiting the next token
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.trials
+
+    def observe(self, accepted: int, proposed: int) -> None:
+        self.accepted = EMA_DECAY * self.accepted + accepted
+        self.trials = EMA_DECAY * self.trials + accepted + (accepted < proposed)
+
+
+class Speculator:
+    """Adds draft tokens to composed steps and learns each sequence's acceptance (module docstring).
+    `max_tokens`: num_speculative_tokens; `max_rows`: draft tokens a step may hold in all."""
+
+    def __init__(self, proposer: Proposer, max_tokens: int, max_rows: int):
+        self.proposer = proposer
+        self.max_tokens = max_tokens
+        self.max_rows = max_rows
+        self.stats = SpeculationStats()
+        self._acceptance: dict[str, _Acceptance] = {}
+        self._worth = [MIN_WORTH ** (1 / j) for j in range(1, max_tokens + 1)]  # alpha for k >= j
+
+    def k_for(self, seq: Sequence) -> int:
+        """Draft tokens `seq` is worth now (before budget and length caps)."""
+        params = seq.sampling_params
+        if seq.needs_host_sync or (params is not None and not getattr(params, "speculative", True)):
+            return 0
+        state = self._acceptance.get(seq.request_id)
+        alpha = PRIOR_ACCEPTANCE if state is None else state.alpha
+        return sum(alpha >= w for w in self._worth)
+
+    def active(self, running: SequenceABC[Sequence]) -> bool:
+        """Some running sequence is worth speculating for (then the engine runs steps one at a time:
+        a proposal needs the sequence's tokens of the step before on the host)."""
+        return any(self.k_for(seq) > 0 for seq in running)
+
+    def extend(self, scheduler: Scheduler, out: SchedulerOutput) -> int:
+        """Gives draft tokens to the decodes of a just-composed step; returns how many in all."""
+        room = min(scheduler.budget_left(out), self.max_rows)
+        asks: list[tuple[int, Sequence, int]] = []
+        for index, entry in enumerate(out.scheduled):
+            if room <= 0:
+                break
+            if not draftable(entry):
+                continue
+            seq = entry.seq
+            self._acceptance.setdefault(seq.request_id, _Acceptance())
+            k = min(self.k_for(seq), seq.max_tokens - seq.num_output_tokens - 1, room)
+            if k > 0:
+                asks.append((index, seq, k))
+                room -= k
+        if not asks:
+            return 0
+        drafts = self.proposer.propose([(seq, k) for _, seq, k in asks])
+        return sum(
+            scheduler.add_drafts(out, index, tokens[:k])
+            for (index, _, k), tokens in zip(asks, drafts, strict=True)
+            if tokens
+        )
+
+    def observe(self, out: SchedulerOutput, emitted: SequenceABC) -> None:
+        """Learns from a step read back: `emitted[i]` is slot i's token, or the list of tokens a slot
+        with draft tokens emitted. Call after `Scheduler.postprocess`."""
+        for entry, tokens in zip(out.scheduled, emitted, strict=False):
+            if not entry.needs_sample:
+                continue
+            state = self._acceptance.get(entry.seq.request_id)
+            if state is None:
+                continue
+            if entry.draft_token_ids:
+                proposed, accepted = len(entry.draft_token_ids), len(tokens) - 1
+                state.observe(accepted, proposed)
+                self.stats.proposed_tokens += proposed
+                self.stats.accepted_tokens += accepted
+                self.stats.verifications += 1
+                state.shadow = None
+                continue
+            if state.shadow is not None:
+                state.observe(int(tokens) == state.shadow, 1)
+                state.shadow = None
+            self._arm_shadow(entry.seq, state)
+
+    def forget(self, request_id: str) -> None:
+        self._acceptance.pop(request_id, None)
+        self.proposer.forget(request_id)
+
+    def _arm_shadow(self, seq: Sequence, state: _Acceptance) -> None:
+        """A sequence not speculating, with a free proposer: remembers a one-token proposal to check
+        against its next token."""
+        if not self.proposer.free or seq.is_finished or self.k_for(seq) > 0:
+            return
+        if getattr(seq.sampling_params, "speculative", True) is False:
+            return
+        guess = self.proposer.propose([(seq, 1)])[0]
+        state.shadow = guess[0] if guess else None
