@@ -65,6 +65,24 @@ flags.DEFINE_boolean(
     "--noasync_scheduling runs one step at a time (for debugging and comparison).",
 )
 flags.DEFINE_enum(
+    "speculative",
+    "off",
+    ["off", "ngram", "draft"],
+    "Speculative decoding: 'ngram' proposes what followed the sequence's last tokens earlier in its own "
+    "prompt and output (prompt lookup), 'draft' runs --speculative_model; the model verifies the "
+    "proposals in the same step, so the output is unchanged. Only budget a step leaves idle is used.",
+)
+flags.DEFINE_string(
+    "speculative_model", None, "Draft checkpoint for --speculative=draft (same tokenizer as --model)."
+)
+flags.DEFINE_integer(
+    "num_speculative_tokens",
+    4,
+    "Most draft tokens per sequence and step (adapted per sequence to its acceptance rate).",
+    lower_bound=1,
+    upper_bound=16,
+)
+flags.DEFINE_enum(
     "dtype",
     None,
     ["float32", "bfloat16", "float16"],
@@ -91,6 +109,9 @@ def engine_config(kv_cache_bytes: int | None = None):
         tensor_parallel=FLAGS.tensor_parallel,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         async_scheduling=FLAGS.async_scheduling,
+        speculative=FLAGS.speculative,
+        speculative_model=FLAGS.speculative_model,
+        num_speculative_tokens=FLAGS.num_speculative_tokens,
     )
 
 

@@ -113,7 +113,8 @@ class _Tracked:
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
     arrival: float
-    token_times: list[float] = dataclasses.field(default_factory=list)  # when each step's tokens left
+    # when each token left (the tokens of one step share a time)
+    token_times: list[float] = dataclasses.field(default_factory=list)
     # tokens still to process: the prompt (less what the prefix cache is expected to serve) until its
     # first token, then what is left to generate
     work: int = 0
@@ -374,8 +375,8 @@ class AsyncEngine:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            if out.new_token_ids:
-                t.token_times.append(out.time)  # the engine's clock, which its budget controller reads
+            # the engine's clock, which its budget controller reads; a step may emit several (speculation)
+            t.token_times.extend([out.time] * len(out.new_token_ids))
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release(t)

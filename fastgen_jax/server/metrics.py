@@ -23,6 +23,10 @@ rate(fastgen_requests_judged_total[5m])`; the SLA itself is exported as `fastgen
 `fastgen_sla_own_requests_total{part, outcome}`. Under `--policy=sla`,
 `fastgen_sla_deferred_decodes_total` counts decode steps deferred for prompts that needed the room and
 `fastgen_sla_prompts_past_deadline_total` the requests whose prompt ran past its first-token deadline.
+Under `--speculative`, `fastgen_spec_decode_num_draft_tokens_total` counts the draft tokens the model
+verified, `fastgen_spec_decode_num_accepted_tokens_total` those it accepted and
+`fastgen_spec_decode_num_verifications_total` the sequence-steps that verified any; the mean accepted
+length is `fastgen_spec_decode_mean_accepted_length` (accepted per verification, since start-up).
 Names follow vLLM's, with the `fastgen_` prefix.
 """
 
@@ -87,6 +91,18 @@ def _figures(r: AsyncEngine) -> tuple[dict, dict]:
             "Requests whose prompt the SLA policy scheduled past its first-token deadline",
             s.prompts_past_deadline,
         ),
+        "spec_decode_num_draft_tokens": (
+            "Speculative decoding: draft tokens the model verified",
+            s.spec_proposed_tokens,
+        ),
+        "spec_decode_num_accepted_tokens": (
+            "Speculative decoding: draft tokens accepted (each saved one forward pass of its sequence)",
+            s.spec_accepted_tokens,
+        ),
+        "spec_decode_num_verifications": (
+            "Speculative decoding: sequence-steps that verified at least one draft token",
+            s.spec_verifications,
+        ),
     }
     return gauges, counters
 
@@ -124,6 +140,13 @@ class _EngineCollector:
                     for i, f in enumerate(figures):
                         metric.add_metric([str(i)], f[kind][name][1])
                     yield metric
+        accepted = sum(f[1]["spec_decode_num_accepted_tokens"][1] for f in figures)
+        verifications = sum(f[1]["spec_decode_num_verifications"][1] for f in figures)
+        yield GaugeMetricFamily(
+            "fastgen_spec_decode_mean_accepted_length",
+            "Speculative decoding: draft tokens accepted per verification since start-up",
+            value=accepted / verifications if verifications else 0.0,
+        )
         used = sum(f[0]["kv_pages_used"][1] for f in figures)
         total = sum(f[0]["kv_pages_total"][1] for f in figures)
         usage = used / max(total, 1)

@@ -106,6 +106,8 @@ class _SamplingFields(_Request):
     priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = 0  # vLLM's: lower is served earlier
     sla_prompt_rate: Annotated[float, Field(gt=0.0, le=1e9)] | None = None  # first token within prompt / P s
     sla_token_rate: Annotated[float, Field(gt=0.0, le=1e9)] | None = None  # token-gap EMA within 1 / R s
+    # False: this request never speculates under --speculative (its output is the same either way)
+    speculative: bool = True
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -141,6 +143,7 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            speculative=self.speculative,
         )
 
     def request_sla(self, prompt_rate: float, token_rate: float) -> RequestSLA | None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastgen_jax.config import SCHEDULING_POLICIES, ConfigError, EngineConfig
 from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, StepPlanner, pages_for
+from fastgen_jax.engine.speculative import Speculator
 
 TOKEN = 7  # every "sampled" token in these tests
 
@@ -389,6 +390,8 @@ class Workload:
     config: EngineConfig
     requests: list[Request]
     seed: int
+    speculative_tokens: int = 0  # > 0: a Speculator adds up to this many random draft tokens per decode
+    speculative_rows: int = 0
 
 
 @st.composite
@@ -453,6 +456,11 @@ class Simulation:
         # which is what the KV of a token depends on. Written as the steps run.
         self.kv: dict[tuple[int, int], tuple] = {}
         self.cached_tokens = 0  # tokens admissions took from the prefix cache
+        self.speculator = None
+        if workload.speculative_tokens:
+            proposer = _RandomProposer(random.Random(workload.seed + 1))
+            self.speculator = Speculator(proposer, workload.speculative_tokens, workload.speculative_rows)
+        self.drafts = 0  # draft tokens added in all
 
     def run(self) -> int:
         """Steps until every request is done; returns the number of steps."""
@@ -485,6 +493,11 @@ class Simulation:
         had_work = s.has_unfinished()
         output = s.schedule()
         assert output.is_empty == (not had_work), "a step with work to do scheduled nothing"
+        if self.speculator is not None and not output.is_empty:
+            budget_left = s.budget_left(output)
+            added = self.speculator.extend(s, output)
+            assert added <= min(budget_left, self.speculator.max_rows), "drafts took more than the room left"
+            self.drafts += added
         self.check_limits(output)
         self.check_positions(output)
         self.check_pages(output)
@@ -494,9 +507,23 @@ class Simulation:
         if not output.is_empty:
             self.check_plan(output)
         self.abort_due(step, in_flight=True)
-        sampled = [self.rng.randrange(VOCAB) for _ in output.scheduled]
+        sampled = [self.sample(e) for e in output.scheduled]
         s.postprocess(output, sampled)
+        if self.speculator is not None:
+            self.speculator.observe(output, sampled)
         self.record_and_finish(output, sampled)
+
+    def sample(self, entry):
+        """A random token, or for a slot with draft tokens what verification would emit: a random
+        number of them accepted, then a token that differs from the next draft (or a bonus token)."""
+        if not entry.draft_token_ids:
+            return self.rng.randrange(VOCAB)
+        drafts = entry.draft_token_ids
+        accepted = self.rng.randint(0, len(drafts))
+        last = self.rng.randrange(VOCAB)
+        if accepted < len(drafts) and last == drafts[accepted]:
+            last = (last + 1) % VOCAB
+        return [*drafts[:accepted], last]
 
     def check_limits(self, output):
         assert output.num_tokens == sum(e.num_new_tokens for e in output.scheduled)
@@ -522,9 +549,11 @@ class Simulation:
             # schedule() counts a step's tokens as computed at once (so the next step can be scheduled
             # while this one runs); abandon() would roll them back
             assert end == e.seq.num_computed_tokens
-            assert end <= e.seq.num_tokens
-            assert e.needs_sample == (end == e.seq.num_tokens)
-            self.next_position[e.seq.request_id] = end
+            drafts = len(e.draft_token_ids)
+            assert end - drafts <= e.seq.num_tokens
+            assert e.needs_sample == (end - drafts == e.seq.num_tokens)
+            assert not drafts or e.num_new_tokens == drafts + 1, "drafts only follow a decode's input token"
+            self.next_position[e.seq.request_id] = end - drafts  # + the accepted ones, once known
 
     def check_kv(self, output):
         """Every token a step attends to has the KV of exactly its sequence's tokens (and salt), and a
@@ -535,8 +564,8 @@ class Simulation:
             for pos in range(e.start_position):
                 slot = (seq.page_table[pos // page_size], pos % page_size)
                 assert self.kv.get(slot) == (seq.cache_salt, tuple(tokens[: pos + 1])), "wrong KV read"
-        for e in output.scheduled:  # then the step writes its new tokens
-            seq, tokens = e.seq, self.tokens[e.seq.request_id]
+        for e in output.scheduled:  # then the step writes its new tokens (draft tokens' too)
+            seq, tokens = e.seq, self.tokens[e.seq.request_id] + list(e.draft_token_ids)
             for pos in range(e.start_position, e.start_position + e.num_new_tokens):
                 page = seq.page_table[pos // page_size]
                 assert s.allocator.refcount(page) == 1, "a shared page was written"
@@ -605,15 +634,25 @@ class Simulation:
         assert md.cu_q_lens.shape == (min(self.config.max_num_seqs, plan.bucket) + 1,)
         assert plan.page_table_width in self.builder.page_table_widths
         assert md.num_seqs.tolist() == [n] and md.cu_q_lens[n] == output.num_tokens
+        logit_rows = plan.sampling.cu_logit_rows
+        assert logit_rows[n] <= plan.num_logit_rows <= plan.bucket
         for i, e in enumerate(output.scheduled):
             rows = slice(md.cu_q_lens[i], md.cu_q_lens[i + 1])
             pos = np.arange(e.start_position, e.start_position + e.num_new_tokens)
             pages = np.array(e.seq.page_table)[pos // page_size]
-            assert plan.token_ids[rows].tolist() == self.tokens[e.seq.request_id][pos[0] : pos[-1] + 1]
+            tokens = self.tokens[e.seq.request_id] + list(e.draft_token_ids)
+            assert plan.token_ids[rows].tolist() == tokens[pos[0] : pos[-1] + 1]
             assert md.positions[rows].tolist() == pos.tolist()
             assert md.slot_mapping[rows].tolist() == (pages * page_size + pos % page_size).tolist()
-            assert md.kv_lens[i] == pos[-1] + 1 and md.logits_indices[i] == rows.stop - 1
-            assert plan.sampling.step[i] == e.seq.num_output_tokens
+            # a slot's logit rows: its last 1 + drafts slab rows, contiguous and in order
+            k = len(e.draft_token_ids)
+            mine = slice(logit_rows[i], logit_rows[i + 1])
+            assert mine.stop - mine.start == k + 1
+            assert md.logits_indices[mine].tolist() == list(range(rows.stop - k - 1, rows.stop))
+            assert plan.sampling.draft_token_ids[mine].tolist() == [*e.draft_token_ids, -1]
+            assert md.kv_lens[i] == pos[-1] + 1
+            first = e.seq.num_output_tokens
+            assert plan.sampling.step[mine].tolist() == list(range(first, first + k + 1))
         padding = slice(output.num_tokens, None)
         assert (md.slot_mapping[padding] == self.config.num_pages * page_size).all()
         assert not md.kv_lens[n:].any() and (md.cu_q_lens[n:] == md.cu_q_lens[n]).all()
@@ -623,10 +662,13 @@ class Simulation:
             seq = e.seq
             if seq.is_finished:
                 continue
+            emitted = token if e.draft_token_ids else [token]
             if e.needs_sample:
-                self.tokens[seq.request_id].append(token)
+                self.tokens[seq.request_id] += emitted
+                self.next_position[seq.request_id] += len(emitted) - 1  # the accepted drafts' KV stays
             assert seq.all_token_ids == self.tokens[seq.request_id]
-            if e.needs_sample and token == EOS:
+            assert seq.num_output_tokens <= seq.max_tokens, "drafts ran past max_tokens"
+            if e.needs_sample and EOS in emitted:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
             elif seq.num_output_tokens == seq.max_tokens:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
@@ -639,7 +681,8 @@ class Simulation:
             if seq.status is SequenceStatus.FINISHED_LENGTH:
                 assert seq.num_output_tokens == seq.max_tokens
             elif seq.status is SequenceStatus.FINISHED_STOPPED:
-                assert seq.output_token_ids[-1] == EOS
+                last_step = self.speculator.max_tokens + 1 if self.speculator else 1
+                assert EOS in seq.output_token_ids[-last_step:]
 
 
 @settings(max_examples=300, deadline=None)
@@ -662,6 +705,48 @@ def test_prefill_first_keeps_every_promise_on_random_workloads(workload):
 )
 def test_a_pool_of_one_sequence_never_deadlocks(workload):
     Simulation(workload).run()
+
+
+class _RandomProposer:
+    """Proposes random tokens (the simulation decides at random how many are accepted)."""
+
+    free = True
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def propose(self, asks):
+        return [[self.rng.randrange(VOCAB) for _ in range(self.rng.randint(0, k))] for _, k in asks]
+
+    def forget(self, request_id):
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(SCHEDULING_POLICIES).flatmap(lambda policy: workloads(policy)),
+    st.integers(1, 5),
+    st.integers(1, 12),
+)
+def test_speculation_keeps_every_promise_on_random_workloads(workload, k, rows):
+    """Draft tokens never exceed the budget or the verification rows, never starve a decode, sit
+    contiguous and in order after their decode's input token, and the KV every step reads is right
+    although rejected drafts' KV was written (`check_kv`)."""
+    config = dataclasses.replace(workload.config, speculative="ngram", speculative_logit_rows=rows)
+    workload = dataclasses.replace(workload, config=config, speculative_tokens=k, speculative_rows=rows)
+    Simulation(workload).run()
+
+
+def test_speculation_happens_in_the_random_workloads():
+    """The property test above is not vacuous: a plain workload gets draft tokens."""
+    config = EngineConfig(
+        token_budget=16, max_num_seqs=4, page_size=2, num_pages=40, max_model_len=32, speculative="ngram"
+    )
+    requests = [Request(str(i), i, 3, 20, None, False) for i in range(4)]
+    rows = config.verification_rows
+    simulation = Simulation(Workload(config, requests, 0, speculative_tokens=3, speculative_rows=rows))
+    simulation.run()
+    assert simulation.drafts > 10
 
 
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)

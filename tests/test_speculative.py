@@ -1,0 +1,268 @@
+"""Speculative decoding: the output never changes (greedy: transformers one request at a time; sampled:
+the same seed gives the same text without speculation), the verification on the device against a
+numpy oracle, the n-gram proposer and the adaptive k."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgen_jax.checkpoints import load_checkpoint
+from fastgen_jax.config import ConfigError, EngineConfig
+from fastgen_jax.engine import SamplingArrays, Sequence
+from fastgen_jax.engine.speculative import NgramProposer, Speculator
+from fastgen_jax.llm_engine import LLMEngine
+from fastgen_jax.sampler import verify
+from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.tokenizer import Tokenizer
+from tests.test_llm_engine import TINY_VOCAB, hf_greedy, run_all
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random 2-layer Llama whose greedy text falls into loops and leaves them (small weights): prompt
+    lookup gets drafts accepted and rejected. Saved with SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("loopy-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    Tokenizer.from_hf_dir(smollm2_dir).save(path)
+    return path, model
+
+
+def repetitive_workload(num, seed=0, max_prompt=120):
+    """Prompts that repeat a random phrase (so prompt lookup finds matches) and random ones."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(num):
+        phrase = rng.integers(3, TINY_VOCAB, int(rng.integers(4, 12))).tolist()
+        if i % 3 == 2:
+            prompts.append(rng.integers(3, TINY_VOCAB, int(rng.integers(1, max_prompt))).tolist())
+        else:
+            prompts.append((phrase * 40)[: int(rng.integers(len(phrase) + 2, max_prompt))])
+    return prompts, rng.integers(8, 40, num).tolist()
+
+
+def spec_engine(path, **options):
+    defaults = dict(token_budget=64, max_num_seqs=16, max_model_len=256, page_size=16, speculative="ngram")
+    return LLMEngine(load_checkpoint(path), EngineConfig(**{**defaults, **options}), progress=False)
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_dir):
+    _, model = tiny_dir
+    prompts, num_new = repetitive_workload(8)
+    return prompts, num_new, [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),  # budget 64 splits the longer prompts; overlap on when nobody speculates
+        dict(async_scheduling=False, num_speculative_tokens=7, token_budget=32),
+        dict(policy="prefill_first"),
+        dict(policy="sla"),
+    ],
+)
+def test_greedy_outputs_equal_transformers_with_ngram_speculation(tiny_dir, workload, options):
+    prompts, num_new, expected = workload
+    engine = spec_engine(tiny_dir[0], **options)
+    assert run_all(engine, prompts, num_new) == expected
+    s = engine.stats
+    assert s.spec_verifications > 0 and 0 < s.spec_accepted_tokens <= s.spec_proposed_tokens
+    assert s.generation_tokens == sum(num_new)
+    assert s.steps < sum(num_new)  # some steps emitted several tokens for a sequence
+    assert s.compiled_after_warmup == 0
+    assert s.free_pages == s.total_pages
+
+
+def test_eviction_and_preemption_with_speculation_keep_greedy_outputs(tiny_dir):
+    _, model = tiny_dir
+    prompts, num_new = repetitive_workload(6, seed=3, max_prompt=90)
+    num_new = [n + 20 for n in num_new]
+    expected = [hf_greedy(model, p, n) for p, n in zip(prompts, num_new, strict=True)]
+    engine = spec_engine(tiny_dir[0], token_budget=128, max_num_seqs=32, max_model_len=160, num_pages=11)
+    assert run_all(engine, prompts, num_new) == expected
+    assert engine.stats.preemptions >= 2 and engine.stats.spec_accepted_tokens > 0
+    assert engine.stats.free_pages == engine.stats.total_pages
+
+
+def collect(engine, requests):
+    """Adds (prompt ids, SamplingParams) requests; returns each one's tokens, text, logprobs, reason."""
+    ids = [engine.add_request(prompt_token_ids=p, sampling_params=params) for p, params in requests]
+    out = {i: ([], "", [], None) for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens, text, logprobs, _ = out[o.request_id]
+            logprobs = logprobs + (o.new_logprobs or [])
+            out[o.request_id] = (tokens + o.new_token_ids, text + o.new_text, logprobs, o)
+    return [(t, x, lp, (o.finish_reason, o.generated_length)) for t, x, lp, o in (out[i] for i in ids)]
+
+
+def test_sampled_outputs_stops_and_logprobs_are_the_same_with_and_without_speculation(tiny_dir):
+    prompts, _ = repetitive_workload(6, seed=7)
+    requests = []
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_new_tokens=24, seed=i, temperature=(0.0, 0.7, 1.0)[i % 3], logprobs=True)
+        if i % 4 == 1:
+            params = dataclasses.replace(params, top_k=20, top_p=0.9, top_logprobs=3)
+        requests.append((p, params))
+        if i % 3 == 0:  # n > 1: the same prompt again, another seed
+            requests.append((p, dataclasses.replace(params, seed=100 + i, temperature=0.8)))
+    plain_engine = spec_engine(tiny_dir[0], speculative="off")
+    plain = collect(plain_engine, requests)
+    # stop strings and stop tokens that occur in the plain outputs, so some requests stop mid-step
+    stopped = []
+    for (p, params), (tokens, text, _, _) in zip(requests, plain, strict=True):
+        if len(text) > 12:
+            params = dataclasses.replace(params, stop=(text[8:11],))
+        elif len(tokens) > 5:
+            params = dataclasses.replace(params, stop_token_ids=(tokens[5],))
+        stopped.append((p, params))
+    plain_stopped = collect(plain_engine, stopped)
+    engine = spec_engine(tiny_dir[0])
+    got = collect(engine, requests)
+    got_stopped = collect(engine, stopped)
+    for want, have in zip(plain + plain_stopped, got + got_stopped, strict=True):
+        assert (have[0], have[1], have[3]) == (want[0], want[1], want[3])
+        np.testing.assert_allclose(have[2], want[2], atol=2e-4)
+    assert engine.stats.spec_accepted_tokens > 0
+    assert any(reason == "stop" for *_, (reason, _) in got_stopped)
+
+
+def test_a_request_can_opt_out(tiny_dir):
+    prompts, _ = repetitive_workload(2)
+    engine = spec_engine(tiny_dir[0], token_budget=16)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True, speculative=False)
+    collect(engine, [(p, params) for p in prompts])
+    assert engine.stats.spec_proposed_tokens == 0 and engine.stats.steps >= 16
+
+
+def test_bad_speculative_settings_are_refused():
+    with pytest.raises(ConfigError, match="speculative must be one of"):
+        EngineConfig(speculative="eagle")
+    with pytest.raises(ConfigError, match="num_speculative_tokens"):
+        EngineConfig(speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(ConfigError, match="speculative_model"):
+        EngineConfig(speculative="draft")
+    with pytest.raises(ValueError, match="speculative must be a boolean"):
+        SamplingParams(speculative="yes")
+
+
+# -- verification on the device against a numpy oracle ------------------------------------------------
+
+
+_verify = jax.jit(verify)
+
+
+def verify_oracle(tokens, drafts, cu):
+    emitted, last = [], []
+    for s in range(len(cu) - 1):
+        n = 0
+        for row in range(cu[s], cu[s + 1]):
+            n += 1
+            if drafts[row] < 0 or tokens[row] != drafts[row]:
+                break
+        emitted.append(n)
+        last.append(tokens[cu[s] + n - 1] if n else tokens[0])
+    return emitted, last
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_verify_matches_a_row_by_row_oracle(data):
+    num_slots, rows = 6, 32  # one shape: one compilation
+    used = data.draw(st.integers(1, num_slots))
+    drafts_per_slot = data.draw(st.lists(st.integers(0, 4), min_size=used, max_size=used))
+    s = SamplingArrays.greedy(num_slots, rows)
+    cu = [0]
+    drafts = []
+    for k in drafts_per_slot:
+        proposal = data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k))
+        drafts += [*proposal, -1]
+        cu.append(cu[-1] + k + 1)
+    cu += [cu[-1]] * (num_slots - used)
+    s.cu_logit_rows[:] = cu
+    s.draft_token_ids[: len(drafts)] = drafts
+    tokens = np.array(data.draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows)), np.int32)
+    emitted, last = _verify(jnp.asarray(tokens), s)
+    want_emitted, want_last = verify_oracle(tokens, s.draft_token_ids, cu)
+    assert np.asarray(emitted)[:used].tolist() == want_emitted[:used]
+    assert np.asarray(emitted)[used:].tolist() == [0] * (num_slots - used)
+    assert np.asarray(last)[:used].tolist() == want_last[:used]
+
+
+# -- the proposer and the adaptive k -------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    proposer = NgramProposer(min_n=2, max_n=3)
+    seq = Sequence("a", [5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 6, 7], max_tokens=10)
+    # "6 7" ends the tokens; its latest earlier match is at 6 7 -> 1 2 ..., the 3-gram "2 6 7" has none
+    assert proposer.propose_one(seq, 3) == [1, 2, 6]
+    seq.append_token(1)  # "6 7 1" matches the earlier one: proposes what followed it
+    assert proposer.propose_one(seq, 2) == [2, 6]
+    assert proposer.propose_one(Sequence("b", [1, 2, 3, 4], 5), 4) == []
+    proposer.forget("a")
+    assert "a" not in proposer._index
+
+
+class _Always:
+    """A proposer that always proposes the same tokens (tests steer acceptance with it)."""
+
+    free = True
+
+    def __init__(self, token):
+        self.token = token
+
+    def propose(self, asks):
+        return [[self.token] * k for _, k in asks]
+
+    def forget(self, request_id):
+        pass
+
+
+def test_k_drops_to_zero_on_rejections_and_comes_back_on_shadow_hits():
+    from fastgen_jax.engine import Scheduler
+
+    config = EngineConfig(
+        token_budget=32, max_num_seqs=4, num_pages=40, max_model_len=512, speculative="ngram"
+    )
+    scheduler = Scheduler(config)
+    speculator = Speculator(_Always(7), max_tokens=4, max_rows=64)
+    seq = Sequence("a", [1, 2, 3], max_tokens=300)
+    scheduler.add(seq)
+    out = scheduler.schedule()
+    scheduler.postprocess(out, [9])
+    ks = []
+    for step in range(40):
+        out = scheduler.schedule()
+        speculator.extend(scheduler, out)
+        entry = out.scheduled[0]
+        ks.append(len(entry.draft_token_ids))
+        token = 9 if step < 15 else 7  # first every draft is wrong, then the text turns to 7 7 7 ...
+        emitted = [token] if entry.draft_token_ids else token
+        if entry.draft_token_ids and token == 7:
+            emitted = [7] * (len(entry.draft_token_ids) + 1)
+        scheduler.postprocess(out, [emitted])
+        speculator.observe(out, [emitted])
+    assert ks[0] > 0 and 0 in ks[:15] and ks[-1] == 4
+    assert seq.num_computed_tokens == seq.num_tokens - 1  # rejected drafts were trimmed
