@@ -397,7 +397,7 @@ class LLMEngine:
         has structured outputs and none is worth speculating for (see the module docstring)."""
         if not self.engine_config.async_scheduling or len(self.guided):
             return False
-        return self.speculator is None or not self.speculator.active(self.scheduler.running)
+        return self.speculator is None or not self.speculator.active
 
     def _launch(self) -> _Launched | None:
         """Schedules, plans and launches a step (not waiting for it); None when there is nothing to do."""

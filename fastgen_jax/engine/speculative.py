@@ -135,6 +135,8 @@ class Speculator:
         self.stats = SpeculationStats()
         self._acceptance: dict[str, _Acceptance] = {}
         self._worth = [MIN_WORTH ** (1 / j) for j in range(1, max_tokens + 1)]  # alpha for k >= j
+        self._drafted = False  # the last step composed verifies draft tokens
+        self._ready = False  # after the last step read back, a sequence worth it had a proposal
 
     def k_for(self, seq: Sequence) -> int:
         """Draft tokens `seq` is worth now (before budget and length caps)."""
@@ -145,13 +147,17 @@ class Speculator:
         alpha = PRIOR_ACCEPTANCE if state is None else state.alpha
         return sum(alpha >= w for w in self._worth)
 
-    def active(self, running: SequenceABC[Sequence]) -> bool:
-        """Some running sequence is worth speculating for (then the engine runs steps one at a time:
-        a proposal needs the sequence's tokens of the step before on the host)."""
-        return any(self.k_for(seq) > 0 for seq in running)
+    @property
+    def active(self) -> bool:
+        """Whether the next step should wait for this one's tokens (no overlap): this step verifies
+        drafts, or after the last step read back some sequence worth speculating for had a proposal
+        ready (a proposal needs the sequence's tokens of the step before on the host). Otherwise
+        steps overlap, and sequences are measured with one-token proposals meanwhile."""
+        return self._drafted or self._ready
 
     def extend(self, scheduler: Scheduler, out: SchedulerOutput) -> int:
         """Gives draft tokens to the decodes of a just-composed step; returns how many in all."""
+        self._drafted = False
         room = min(scheduler.budget_left(out), self.max_rows)
         asks: list[tuple[int, Sequence, int]] = []
         for index, entry in enumerate(out.scheduled):
@@ -168,44 +174,55 @@ class Speculator:
         if not asks:
             return 0
         drafts = self.proposer.propose([(seq, k) for _, seq, k in asks])
-        return sum(
+        added = sum(
             scheduler.add_drafts(out, index, tokens[:k])
             for (index, _, k), tokens in zip(asks, drafts, strict=True)
             if tokens
         )
+        self._drafted = added > 0
+        return added
 
     def observe(self, out: SchedulerOutput, emitted: SequenceABC) -> None:
         """Learns from a step read back: `emitted[i]` is slot i's token, or the list of tokens a slot
         with draft tokens emitted. Call after `Scheduler.postprocess`."""
+        self._ready = False
         for entry, tokens in zip(out.scheduled, emitted, strict=False):
             if not entry.needs_sample:
                 continue
-            state = self._acceptance.get(entry.seq.request_id)
+            seq = entry.seq
+            state = self._acceptance.get(seq.request_id)
             if state is None:
-                continue
+                if self.k_for(seq) == 0:
+                    continue  # opted out, or constrained
+                state = self._acceptance[seq.request_id] = _Acceptance()
             if entry.draft_token_ids:
                 proposed, accepted = len(entry.draft_token_ids), len(tokens) - 1
                 state.observe(accepted, proposed)
                 self.stats.proposed_tokens += proposed
                 self.stats.accepted_tokens += accepted
                 self.stats.verifications += 1
-                state.shadow = None
-                continue
-            if state.shadow is not None:
+            elif state.shadow is not None:
                 state.observe(int(tokens) == state.shadow, 1)
-                state.shadow = None
-            self._arm_shadow(entry.seq, state)
+            state.shadow = None
+            if not seq.is_finished:
+                self._look_ahead(seq, state)
 
     def forget(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)
         self.proposer.forget(request_id)
 
-    def _arm_shadow(self, seq: Sequence, state: _Acceptance) -> None:
-        """A sequence not speculating, with a free proposer: remembers a one-token proposal to check
-        against its next token."""
-        if not self.proposer.free or seq.is_finished or self.k_for(seq) > 0:
+    def _look_ahead(self, seq: Sequence, state: _Acceptance) -> None:
+        """With a free proposer: a sequence worth speculating for with a proposal ready makes the next
+        step wait for this one (`active`); one not worth it keeps a one-token proposal to check
+        against its next token, so its acceptance rate stays measured."""
+        worth = self.k_for(seq) > 0
+        if not self.proposer.free:
+            self._ready |= worth
             return
-        if getattr(seq.sampling_params, "speculative", True) is False:
-            return
+        if worth and self._ready:
+            return  # already decided; save the lookup
         guess = self.proposer.propose([(seq, 1)])[0]
-        state.shadow = guess[0] if guess else None
+        if worth:
+            self._ready |= bool(guess)
+        else:
+            state.shadow = guess[0] if guess else None

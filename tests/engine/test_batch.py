@@ -89,8 +89,36 @@ def test_a_mixed_step_becomes_these_exact_arrays():
         "seed": [0, 42, 0, 0],
         "step": [1, 4, 0, 0],  # tokens generated so far
         "logprobs": [False, True, False, False],
+        "draft_token_ids": [-1, -1, -1, -1],  # no speculation: one logit row per slot
+        "cu_logit_rows": [0, 1, 2, 3, 4],
     }
     assert plan.shape == (8, 4) and plan.num_slots == 4
+
+
+def test_a_step_with_draft_tokens_becomes_these_exact_arrays():
+    """a verifies two draft tokens (17, 18) after its input token 16: rows 0-2, all three logit rows."""
+    output = mixed_step()
+    a = output.scheduled[0]
+    a.num_new_tokens, a.draft_token_ids = 3, (17, 18)
+    output.num_tokens += 2
+    config = dataclasses.replace(CONFIG, speculative="ngram", speculative_logit_rows=4)
+    plan = StepPlanner(config, num_pages=16, max_model_len=32).build(output)
+    got = {name: value.tolist() for name, value in arrays(plan).items()}
+    assert {k: got[k] for k in ("token_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens")} == {
+        "token_ids": [16, 17, 18, 28, 37, 38, 39, 0],
+        "positions": [5, 6, 7, 7, 6, 7, 8, 0],
+        "slot_mapping": [29, 30, 31, 11, 18, 19, 48, 64],
+        "cu_q_lens": [0, 3, 4, 7, 7],
+        "kv_lens": [8, 8, 9, 0],
+    }
+    # L = min(T, S + 4) = 8 logit rows: a's three, b's, c's last, padding
+    assert got["logits_indices"] == [0, 1, 2, 3, 6, 0, 0, 0]
+    assert got["cu_logit_rows"] == [0, 3, 4, 5, 5]  # the unused slot owns no row
+    assert got["draft_token_ids"] == [17, 18, -1, -1, -1, -1, -1, -1]
+    assert got["step"] == [1, 2, 3, 4, 0, 0, 0, 0]  # row j of a draws a's (1 + j)-th token
+    assert got["temperature"] == [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert got["seed"] == [0, 0, 0, 42, 0, 0, 0, 0]
+    assert plan.has_drafts and plan.num_logit_rows == 8
 
 
 def test_a_decode_whose_input_is_still_on_the_device_reads_it_from_the_step_in_flight():
