@@ -38,14 +38,21 @@ KV cache and tokens) fails with it: both are rolled back and one StepError names
 The budget controller decides from one-step-old timings.
 
 Work whose next step needs step N's result on the host must sit out one overlapped step: a grammar
-mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the draft continues
+mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the proposal continues
 from N's tokens), a composer that may skip a decode on what N produced. The rule for such features:
 the sequence is flagged `Sequence.needs_host_sync` and the scheduler leaves it out of the step
 composed while its token of step N is in flight (it is scheduled in N+2, after N's results are
-processed, at the cost of one step of its latency), or overlap is turned off for the whole engine.
+processed, at the cost of one step of its latency), or overlap is turned off while it matters.
 Requests with structured outputs are flagged so, and while any is in the engine, steps do not
 overlap (`_overlaps`): otherwise a constrained sequence would decode only every other step, halving
 its speed, where running steps one at a time costs the others only the host's share of a step.
+
+Speculative decoding (`EngineConfig.speculative`, `engine.speculative`): after the scheduler composes
+a step, the `Speculator` gives decodes draft tokens out of the budget left idle; the plan gives their
+rows logit rows, the device verifies them (`sampler.verify`) and returns how many tokens each slot
+emits, and postprocessing appends them all and trims the rejected drafts' KV. A sequence verifying
+drafts sits out a step composed beside it, and steps do not overlap while a draft is being verified
+or a sequence worth speculating for has a proposal ready (`Speculator.active`); otherwise they do.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
 loop and hands the `RequestOutput`s to its clients.
@@ -229,7 +236,7 @@ class LLMEngine:
             from fastgen_jax.speculative_draft import DraftProposer
 
             proposer = DraftProposer.for_target(self, checkpoint)
-        return Speculator(proposer, c.num_speculative_tokens, c.verification_rows)
+        return Speculator(proposer, c.num_speculative_tokens, c.verification_rows, c.token_buckets)
 
     # ------------------------------------------------------------------ requests
 
@@ -321,6 +328,8 @@ class LLMEngine:
         self._warm_programs = self.runner.num_compiled
         if self.budget_controller is not None or self.scheduler.sla is not None:
             self._profile_buckets()
+        if self.speculator is not None:
+            self._profile_for_speculation()
 
     def _profile_buckets(self) -> None:
         """Seeds the step-time model (the budget controller's, or the SLA composer's) with each
@@ -335,6 +344,19 @@ class LLMEngine:
                 np.asarray(self.runner.execute(plan)[0])
                 times.append(time.monotonic() - start)
             model.observe(bucket, 0, min(times))
+
+    def _profile_for_speculation(self) -> None:
+        """Seeds the speculator's step time per bucket (best of two empty steps of each): it adds
+        draft tokens that push a step into a larger bucket only when that pays."""
+        width = self.planner.page_table_widths[0]
+        for bucket in self.planner.token_buckets:
+            plan = self.planner.padding(bucket, width)
+            times = []
+            for _ in range(2):
+                start = time.monotonic()
+                np.asarray(self.runner.execute(plan)[0])
+                times.append(time.monotonic() - start)
+            self.speculator.step_seconds[bucket] = min(times)
 
     def probe(self) -> None:
         """Runs one all-padding step of the smallest shape and waits for it: raises if the device
@@ -377,6 +399,8 @@ class LLMEngine:
         for result in results:
             result.time = done
         self._count_step(start, launched, returned, current.budget)
+        if self.speculator is not None:
+            self.speculator.observe_step(current.plan.bucket, done - start)
         if self.budget_controller is not None:
             self.budget_controller.step_done(
                 current.plan.bucket, current.output.scheduled, done - start, done

@@ -266,3 +266,17 @@ def test_k_drops_to_zero_on_rejections_and_comes_back_on_shadow_hits():
         speculator.observe(out, [emitted])
     assert ks[0] > 0 and 0 in ks[:15] and ks[-1] == 4
     assert seq.num_computed_tokens == seq.num_tokens - 1  # rejected drafts were trimmed
+
+
+def test_drafts_fill_the_bucket_the_step_pads_to_and_a_larger_one_only_when_it_pays():
+    speculator = Speculator(_Always(7), max_tokens=4, max_rows=64, buckets=(16, 32, 64))
+    values = [0.9] * 40
+    assert speculator._worth_room(10, values, room=40) == 40  # no step times known: all the room
+    speculator.step_seconds = {16: 0.1, 32: 0.1, 64: 0.5}
+    # 16: 6 rows, 154 tok/s; 32: 22 rows, 298 tok/s; 64: 40 rows, 92 tok/s
+    assert speculator._worth_room(10, values, room=40) == 22
+    speculator.step_seconds[64] = 0.12  # now the largest bucket pays: (10 + 36) / 0.12 = 383 tok/s
+    assert speculator._worth_room(10, values, room=40) == 40
+    assert (
+        speculator._worth_room(10, [0.1] * 40, room=40) == 22
+    )  # unlikely drafts: only free rows (16, 32 cost alike)

@@ -9,8 +9,12 @@ the runner keeps) and `forget`.
 
 `Speculator.extend` runs after the scheduler has composed a step under its policy. Draft tokens only
 take the budget the step leaves idle, at most `verification_rows` a step (the logit rows each
-compiled step has for them), oldest decodes first; when decodes and prompts fill the budget nobody
-speculates. Each sequence's `k` follows its acceptance rate: an exponential moving average alpha of
+compiled step has for them); when decodes and prompts fill the budget nobody speculates. Within that
+room the drafts go where they are likeliest to be accepted (the j-th draft of a sequence is worth
+about alpha**j tokens), and, given each bucket's step time (`step_seconds`, measured at warm-up and
+kept current), only as many as maximise the step's expected tokens per second: drafts that fit the
+bucket the step pads to anyway cost nothing, ones that push it into a larger bucket must pay for it.
+Each sequence's `k` follows its acceptance rate: an exponential moving average alpha of
 "the next draft token is accepted" (Bernoulli trials: a verification with k drafts of which a were
 accepted is a successes and, if a < k, one failure). The j-th draft is accepted with probability
 about alpha**j, so a sequence proposes the largest k <= num_speculative_tokens with
@@ -128,10 +132,13 @@ class Speculator:
     """Adds draft tokens to composed steps and learns each sequence's acceptance (module docstring).
     `max_tokens`: num_speculative_tokens; `max_rows`: draft tokens a step may hold in all."""
 
-    def __init__(self, proposer: Proposer, max_tokens: int, max_rows: int):
+    def __init__(self, proposer: Proposer, max_tokens: int, max_rows: int, buckets: SequenceABC[int] = ()):
         self.proposer = proposer
         self.max_tokens = max_tokens
         self.max_rows = max_rows
+        self.buckets = tuple(sorted(buckets))
+        # bucket -> its step's seconds (an EMA of the steps seen, seeded at warm-up); empty: no costs
+        self.step_seconds: dict[int, float] = {}
         self.stats = SpeculationStats()
         self._acceptance: dict[str, _Acceptance] = {}
         self._worth = [MIN_WORTH ** (1 / j) for j in range(1, max_tokens + 1)]  # alpha for k >= j
@@ -159,20 +166,27 @@ class Speculator:
         """Gives draft tokens to the decodes of a just-composed step; returns how many in all."""
         self._drafted = False
         room = min(scheduler.budget_left(out), self.max_rows)
-        asks: list[tuple[int, Sequence, int]] = []
+        if room <= 0:
+            return 0
+        asks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, most drafts worth it)
+        values: list[tuple[float, int]] = []  # (expected tokens of one more draft, ask)
         for index, entry in enumerate(out.scheduled):
-            if room <= 0:
-                break
             if not draftable(entry):
                 continue
             seq = entry.seq
-            self._acceptance.setdefault(seq.request_id, _Acceptance())
+            state = self._acceptance.setdefault(seq.request_id, _Acceptance())
             k = min(self.k_for(seq), seq.max_tokens - seq.num_output_tokens - 1, room)
             if k > 0:
+                values += [(state.alpha**j, len(asks)) for j in range(1, k + 1)]
                 asks.append((index, seq, k))
-                room -= k
         if not asks:
             return 0
+        values.sort(key=lambda v: -v[0])
+        room = self._worth_room(out.num_tokens, [v for v, _ in values], room)
+        counts = [0] * len(asks)
+        for _, ask in values[:room]:
+            counts[ask] += 1
+        asks = [(index, seq, n) for (index, seq, _), n in zip(asks, counts, strict=True) if n]
         drafts = self.proposer.propose([(seq, k) for _, seq, k in asks])
         added = sum(
             scheduler.add_drafts(out, index, tokens[:k])
@@ -181,6 +195,28 @@ class Speculator:
         )
         self._drafted = added > 0
         return added
+
+    def _worth_room(self, num_tokens: int, values: list[float], room: int) -> int:
+        """How many of the best draft tokens (`values`, expected tokens each, best first) to add to a
+        step of `num_tokens`: the number that maximises expected tokens per second of step time."""
+        if not self.step_seconds or not self.buckets:
+            return min(room, len(values))
+        best_rate, best = -1.0, 0
+        for bucket in self.buckets:
+            rows = min(bucket - num_tokens, room, len(values))
+            if rows < 0 or bucket not in self.step_seconds:
+                continue
+            rate = (num_tokens + sum(values[:rows])) / self.step_seconds[bucket]
+            if rate > best_rate * 1.02:  # a larger bucket must be clearly better
+                best_rate, best = rate, rows
+            if rows == min(room, len(values)):
+                break
+        return best
+
+    def observe_step(self, bucket: int, seconds: float) -> None:
+        """Keeps a bucket's step time current (an EMA of what steps of it took)."""
+        old = self.step_seconds.get(bucket)
+        self.step_seconds[bucket] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def observe(self, out: SchedulerOutput, emitted: SequenceABC) -> None:
         """Learns from a step read back: `emitted[i]` is slot i's token, or the list of tokens a slot

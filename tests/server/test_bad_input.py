@@ -66,6 +66,7 @@ BAD_REQUESTS = [
     ("sla_prompt_rate 0", "/v1/completions", completion(sla_prompt_rate=0), 400, "sla_prompt_rate"),
     ("sla_token_rate negative", "/v1/chat/completions", chat(sla_token_rate=-1), 400, "sla_token_rate"),
     ("priority not an integer", "/v1/completions", completion(priority=0.5), 400, "priority"),
+    ("speculative not a boolean", "/v1/completions", completion(speculative="maybe"), 400, "speculative"),
     ("min_tokens above max_tokens", "/v1/completions", completion(min_tokens=9), 400, "min_tokens"),
     ("empty stop string", "/v1/completions", completion(stop=[""]), 400, "stop"),
     ("presence_penalty", "/v1/completions", completion(presence_penalty=1.0), 400, "presence_penalty"),
