@@ -326,6 +326,9 @@ class LLMEngine:
         plans = (self.planner.padding(bucket, width) for bucket, width in self.planner.shapes())
         self.runner.warmup(plans, progress=progress)
         self._warm_programs = self.runner.num_compiled
+        draft_warmup = getattr(self.speculator and self.speculator.proposer, "warmup", None)
+        if draft_warmup is not None:  # a draft model's programs count against start-up too
+            draft_warmup(progress)
         if self.budget_controller is not None or self.scheduler.sla is not None:
             self._profile_buckets()
         if self.speculator is not None:
