@@ -275,7 +275,8 @@ class DraftProposer:
 
     def _run(self, entries: list[ScheduledSeq]) -> np.ndarray:
         """Runs one draft step and reads back each slot's greedy token."""
-        output = SchedulerOutput(entries, sum(e.num_new_tokens for e in entries), page_tables=self.page_tables)
+        num_tokens = sum(e.num_new_tokens for e in entries)
+        output = SchedulerOutput(entries, num_tokens, page_tables=self.page_tables)
         plan = self.planner.build(output)
         self.runner.compile(plan)  # a no-op after warm-up
         tokens = np.asarray(self.runner.execute(plan)[0])
@@ -284,7 +285,9 @@ class DraftProposer:
         return tokens[: len(entries)]
 
 
-def draft_config(target: EngineConfig, target_pages: int, max_model_len: int, page_bytes: int) -> EngineConfig:
+def draft_config(
+    target: EngineConfig, target_pages: int, max_model_len: int, page_bytes: int
+) -> EngineConfig:
     """The draft's engine: the target's page size, max_model_len, budget, buckets, slots and
     attention, speculation off, no prefix cache, and a pool of the target's page count plus k tokens
     per slot (capped by `kv_cache_bytes` at the draft's `page_bytes`, never below one sequence)."""

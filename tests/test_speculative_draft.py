@@ -69,7 +69,7 @@ def _workload():
     lengths = [70, 1, 33, 5, 120, 17, 9]
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in lengths]
     prompts.append(list(prompts[4]))
-    num_new = [12, 20, 7, 16, 24, 10, 18, 24]
+    num_new = [40, 60, 7, 70, 24, 50, 60, 24]
     return prompts, num_new
 
 
@@ -91,7 +91,8 @@ def _run(engine, prompts, num_new, **params):
 
 
 def _engine(target_dir, speculative="off", draft=None, **overrides):
-    config = dict(token_budget=32, max_num_seqs=8, max_model_len=256, page_size=16, num_pages=96)
+    config = dict(token_budget=32, token_buckets=(8, 32), max_num_seqs=8, max_model_len=256, page_size=16)
+    config.update(num_pages=18)  # 17 pages for 8 sequences of up to 9 each: preemptions
     config.update(overrides)
     if speculative != "off":
         config.update(speculative=speculative, speculative_model=str(draft), num_speculative_tokens=4)
@@ -99,9 +100,19 @@ def _engine(target_dir, speculative="off", draft=None, **overrides):
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(target_dir):
-    prompts, num_new = _workload()
-    return _run(_engine(target_dir), prompts, num_new, logprobs=True)
+def engines(target_dir, draft_dir):
+    """One engine without speculation, one with the target as its own draft, one with a random
+    draft, shared by the tests below (each runs whole workloads: nothing is left in flight)."""
+    return {
+        "off": _engine(target_dir),
+        "self": _engine(target_dir, "draft", target_dir),
+        "random": _engine(target_dir, "draft", draft_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(engines):
+    return _run(engines["off"], *_workload(), logprobs=True)
 
 
 def _acceptance(engine):
@@ -110,37 +121,40 @@ def _acceptance(engine):
 
 
 @pytest.mark.parametrize("which", ["self", "random"])
-def test_greedy_outputs_equal_decoding_without_speculation(target_dir, draft_dir, plain_outputs, which):
+def test_greedy_outputs_equal_decoding_without_speculation(engines, plain_outputs, which):
     """Any draft: the same tokens and log-probabilities as without speculation. The target as its own
     draft proves the mirroring (its greedy proposals are the target's own argmax: nearly all
     accepted); a random draft is almost never right (low acceptance is expected) and changes nothing."""
-    draft = target_dir if which == "self" else draft_dir
-    engine = _engine(target_dir, "draft", draft)
-    prompts, num_new = _workload()
-    tokens, logprobs = _run(engine, prompts, num_new, logprobs=True)
+    engine = engines[which]
+    tokens, logprobs = _run(engine, *_workload(), logprobs=True)
     assert tokens == plain_outputs[0]
     for got, want in zip(logprobs, plain_outputs[1], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     proposer = engine.speculator.proposer
     assert engine.stats.spec_proposed_tokens > 0 and proposer.stats.steps > 0
-    print(f"{which} draft: accepted {engine.stats.spec_accepted_tokens}/{engine.stats.spec_proposed_tokens}")
+    s = engine.stats
+    print(f"{which} draft: {proposer.stats}, accepted {s.spec_accepted_tokens}/{s.spec_proposed_tokens}")
     if which == "self":
         assert _acceptance(engine) > 0.9
+    assert engine.stats.preemptions > 0  # the target's pool is small: recomputation kept outputs too
     # Every finished request was forgotten and its draft pages given back; nothing compiled late.
     assert proposer.num_mirrors == 0
     assert proposer.num_free_pages == proposer.allocator.num_usable
     assert proposer.runner.num_compiled == proposer.stats.compiled_programs == len(proposer.planner.shapes())
 
 
-def test_stop_tokens_and_top_logprobs_stay_exact(target_dir, draft_dir, plain_outputs):
+def test_stop_tokens_and_top_logprobs_stay_exact(engines, plain_outputs):
     """A stop token inside an accepted run of drafts ends the request there, with the same top
-    log-probabilities as without speculation."""
+    log-probabilities as without speculation (this time the prompts hit the prefix cache)."""
     prompts, num_new = _workload()
     stop = plain_outputs[0][4][9]  # the 10th token of a long request
     params = dict(stop_token_ids=(stop,), top_logprobs=2, logprobs=True)
-    want = _run(_engine(target_dir), prompts, num_new, **params)[0]
-    engine = _engine(target_dir, "draft", target_dir)
-    assert _run(engine, prompts, num_new, **params)[0] == want
+    want = _run(engines["off"], prompts, num_new, **params)
+    got = _run(engines["self"], prompts, num_new, **params)
+    assert got[0] == want[0]
+    for got_lp, want_lp in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    want = want[0]
     assert want[4][-1] == stop and len(want[4]) <= 10
 
 
@@ -151,12 +165,9 @@ def test_the_draft_mirror_catches_up_only_what_changed(target_dir, draft_dir):
     draft = load_checkpoint(draft_dir)
     config = draft_config(EngineConfig(token_budget=32, max_num_seqs=4, page_size=16), 64, 256, 1)
 
-    def proposer():
-        return DraftProposer(draft, config, "float32", target.config.vocab_size)
-
+    mirrored = DraftProposer(draft, config, "float32", target.config.vocab_size)
     rng = np.random.default_rng(0)
     seq = Sequence("a", rng.integers(3, VOCAB, 50).tolist(), 100)
-    mirrored = proposer()
     [first] = mirrored.propose([(seq, 4)])
     assert len(first) == 4 and mirrored.stats.rows == 50 + 3  # prompt in 2 chunks, then 3 fed back
     assert mirrored.stats.steps == 2 + 3
@@ -165,8 +176,16 @@ def test_the_draft_mirror_catches_up_only_what_changed(target_dir, draft_dir):
     rows = mirrored.stats.rows
     [second] = mirrored.propose([(seq, 3)])
     assert mirrored.stats.rows - rows == 1 + 2  # only the new token, then 2 fed back
-    assert second == proposer().propose([(seq, 3)])[0]
-    mirrored.forget("a")
+    fresh = Sequence("b", seq.all_token_ids, 100)  # the same tokens, no mirror yet
+    assert second == mirrored.propose([(fresh, 3)])[0]
+    for token in [*second, 7]:  # all accepted, then a bonus token: the last proposal has no KV yet
+        seq.append_token(token)
+    rows = mirrored.stats.rows
+    [third] = mirrored.propose([(seq, 2)])
+    assert mirrored.stats.rows - rows == 2 + 1
+    assert third == mirrored.propose([(Sequence("c", seq.all_token_ids, 100), 2)])[0]
+    for request_id in "abc":
+        mirrored.forget(request_id)
     assert mirrored.num_mirrors == 0 and mirrored.num_free_pages == mirrored.allocator.num_usable
 
 
