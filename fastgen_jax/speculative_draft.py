@@ -85,6 +85,12 @@ class DraftStats:
     starved: int = 0  # sequences that got no proposal: no draft pages
     compiled_programs: int = 0
 
+    @property
+    def seconds_per_step(self) -> float:
+        """Mean wall time of one draft forward pass inside `propose` (what a proposal of k tokens
+        costs is about k of these, plus the catch-up); 0 before the first."""
+        return self.seconds / self.steps if self.steps else 0.0
+
 
 class DraftProposer:
     """Proposes with a draft model (see the module docstring). `config`: the draft's own engine
