@@ -213,3 +213,14 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path, target_dir):
         check_same_vocabulary(_word_tokenizer(words), _word_tokenizer(["w0", "v1", *words[2:]]), "x")
     with pytest.raises(ConfigError, match="speculative_model=.*cannot be loaded"):
         _engine(target_dir, "draft", tmp_path / "missing")
+
+
+def test_seeded_sampling_is_unchanged_by_a_greedy_draft(engines):
+    """Sampled requests verify the draft's greedy proposals against what plain decoding draws at each
+    position (the same per-position key): the same text with and without speculation."""
+    prompts, num_new = _workload()
+    params = dict(temperature=0.8, top_p=0.95, seed=11)
+    want = _run(engines["off"], prompts, num_new, **params)[0]
+    proposed = engines["self"].stats.spec_proposed_tokens
+    assert _run(engines["self"], prompts, num_new, **params)[0] == want
+    assert engines["self"].stats.spec_proposed_tokens > proposed
