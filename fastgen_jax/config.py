@@ -195,8 +195,12 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
 
 
+SMALL_BUCKETS_FROM_BUDGET = 256  # serving budgets also get slabs of 1 and 4 rows (see EngineConfig)
+
+
 def _default_token_buckets(budget: int) -> tuple[int, ...]:
-    buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if b < budget]
+    small = (1, 4) if budget >= SMALL_BUCKETS_FROM_BUDGET else ()
+    buckets = [b for b in (*small, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if b < budget]
     return (*buckets, budget)
 
 
@@ -213,7 +217,9 @@ class EngineConfig:
     sla_prompt_rate: the SLA's prompt rate P (first token within prompt_tokens / P seconds); the
       adaptive budget stops protecting the token gaps of a request that has missed it.
     token_buckets: slab sizes a step is padded up to; each is compiled once at start-up. Defaults to
-      powers of two from 16 up to the budget.
+      powers of two from 16 up to the budget, and from a budget of 256 (serving sizes) also 1 and 4:
+      every padding row goes through the whole model, so on a CPU one decoding sequence ran a step
+      of 1 row 1.7x faster than one of 16 (SmolLM2, 68 vs 118 ms); two more programs to compile.
     max_num_seqs: sequences in one forward pass (decoding plus prompt chunks).
     page_size: tokens per KV page.
     num_pages: KV pages in the pool; None means as many as `kv_cache_bytes` allows.

@@ -52,7 +52,8 @@ a step, the `Speculator` gives decodes draft tokens out of the budget left idle;
 rows logit rows, the device verifies them (`sampler.verify`) and returns how many tokens each slot
 emits, and postprocessing appends them all and trims the rejected drafts' KV. A sequence verifying
 drafts sits out a step composed beside it, and steps do not overlap while a draft is being verified
-or a sequence worth speculating for has a proposal ready (`Speculator.active`); otherwise they do.
+or a sequence worth speculating for has a proposal ready (`Speculator.hold_next_step`); otherwise
+they do.
 
 Everything here runs on one thread; a server drives `add_request` / `step` / `abort` from its engine
 loop and hands the `RequestOutput`s to its clients.
@@ -236,7 +237,9 @@ class LLMEngine:
             from fastgen_jax.speculative_draft import DraftProposer
 
             proposer = DraftProposer.for_target(self, checkpoint)
-        return Speculator(proposer, c.num_speculative_tokens, c.verification_rows, c.token_buckets)
+        return Speculator(
+            proposer, c.num_speculative_tokens, c.verification_rows, c.token_buckets, c.async_scheduling
+        )
 
     # ------------------------------------------------------------------ requests
 
@@ -403,7 +406,7 @@ class LLMEngine:
             result.time = done
         self._count_step(start, launched, returned, current.budget)
         if self.speculator is not None:
-            self.speculator.observe_step(current.plan.bucket, done - start)
+            self.speculator.observe_host((launched - start) + (done - returned))
         if self.budget_controller is not None:
             self.budget_controller.step_done(
                 current.plan.bucket, current.output.scheduled, done - start, done
@@ -424,7 +427,7 @@ class LLMEngine:
         has structured outputs and none is worth speculating for (see the module docstring)."""
         if not self.engine_config.async_scheduling or len(self.guided):
             return False
-        return self.speculator is None or not self.speculator.active
+        return self.speculator is None or not self.speculator.hold_next_step()
 
     def _launch(self) -> _Launched | None:
         """Schedules, plans and launches a step (not waiting for it); None when there is nothing to do."""

@@ -18,7 +18,7 @@ def test_auto_budget_is_adaptive_up_to_the_max_budget():
     parse("--token_budget=auto", "--max_token_budget=256", "--sla_token_rate=2")
     config = engine_flags.engine_config(kv_cache_bytes=1 << 20)
     assert (config.token_budget, config.adaptive_budget, config.sla_token_rate) == (256, True, 2.0)
-    assert config.token_buckets == (16, 32, 64, 128, 256)
+    assert config.token_buckets == (1, 4, 16, 32, 64, 128, 256)  # serving budgets: 1 and 4 too
 
 
 @flagsaver.flagsaver

@@ -280,3 +280,13 @@ def test_drafts_fill_the_bucket_the_step_pads_to_and_a_larger_one_only_when_it_p
     assert (
         speculator._worth_room(10, [0.1] * 40, room=40) == 22
     )  # unlikely drafts: only free rows (16, 32 cost alike)
+
+
+def test_drafts_must_also_pay_for_the_overlap_they_give_up():
+    speculator = Speculator(_Always(7), max_tokens=4, max_rows=64, buckets=(16, 32, 64), overlap=True)
+    speculator.step_seconds = {16: 0.1, 32: 0.1, 64: 0.5}
+    speculator.host_seconds = 0.05  # hidden by overlap in a step without drafts, paid in one with them
+    assert speculator._worth_room(10, [0.2] * 40, room=40) == 0
+    assert speculator._worth_room(10, [0.3] * 40, room=40) == 22
+    speculator.overlap = False  # nothing to give up: the free rows are worth it again
+    assert speculator._worth_room(10, [0.2] * 40, room=40) == 22

@@ -11,16 +11,18 @@ the runner keeps) and `forget`.
 take the budget the step leaves idle, at most `verification_rows` a step (the logit rows each
 compiled step has for them); when decodes and prompts fill the budget nobody speculates. Within that
 room the drafts go where they are likeliest to be accepted (the j-th draft of a sequence is worth
-about alpha**j tokens), and, given each bucket's step time (`step_seconds`, measured at warm-up and
-kept current), only as many as maximise the step's expected tokens per second: drafts that fit the
-bucket the step pads to anyway cost nothing, ones that push it into a larger bucket must pay for it.
+about alpha**j tokens), and, given each bucket's device time (`step_seconds`, measured at warm-up)
+and the host's time per step (`host_seconds`, kept current), only as many as maximise the step's
+expected tokens per second: drafts that fit the bucket the step pads to anyway cost nothing, ones
+that push it into a larger bucket must pay for it, and a step with drafts also pays the host time
+that overlap would otherwise hide.
 Each sequence's `k` follows its acceptance rate: an exponential moving average alpha of
 "the next draft token is accepted" (Bernoulli trials: a verification with k drafts of which a were
 accepted is a successes and, if a < k, one failure). The j-th draft is accepted with probability
 about alpha**j, so a sequence proposes the largest k <= num_speculative_tokens with
-alpha**k >= MIN_WORTH, and none when alpha < MIN_WORTH. A sequence that stopped speculating keeps
-being measured for free with a cheap proposer (a one-token proposal checked against the token that
-comes), so it starts again when its text turns repetitive.
+alpha**k >= MIN_WORTH, and none when alpha < MIN_WORTH. A sequence that is not speculating (it stopped, or the
+cost model below gave it no room) keeps being measured for free with a cheap proposer (a one-token
+proposal checked against the token that comes), so it starts when its text turns repetitive.
 
 The output never changes: every verification row samples what plain decoding would have sampled at
 that position (same logits, same per-position key), so drafts only decide how far one step gets.
@@ -35,8 +37,9 @@ from typing import Protocol
 from fastgen_jax.engine.scheduler import Scheduler, SchedulerOutput, draftable
 from fastgen_jax.engine.sequence import Sequence
 
-MIN_WORTH = 0.3  # propose a j-th draft token while it is accepted with at least this probability
-PRIOR_ACCEPTANCE = 0.6  # alpha of a sequence never measured
+MIN_WORTH = 0.35  # propose a j-th draft token while it is accepted with at least this probability
+PRIOR_ACCEPTANCE = 0.5  # alpha of a sequence never measured
+COOLDOWN_STEPS = 8  # after a step held back for a proposal that did not come, overlap this many
 EMA_DECAY = 0.8  # weight of the past in alpha's running counts
 
 
@@ -132,13 +135,23 @@ class Speculator:
     """Adds draft tokens to composed steps and learns each sequence's acceptance (module docstring).
     `max_tokens`: num_speculative_tokens; `max_rows`: draft tokens a step may hold in all."""
 
-    def __init__(self, proposer: Proposer, max_tokens: int, max_rows: int, buckets: SequenceABC[int] = ()):
+    def __init__(
+        self,
+        proposer: Proposer,
+        max_tokens: int,
+        max_rows: int,
+        buckets: SequenceABC[int] = (),
+        overlap: bool = False,
+    ):
         self.proposer = proposer
         self.max_tokens = max_tokens
         self.max_rows = max_rows
         self.buckets = tuple(sorted(buckets))
-        # bucket -> its step's seconds (an EMA of the steps seen, seeded at warm-up); empty: no costs
-        self.step_seconds: dict[int, float] = {}
+        self.step_seconds: dict[int, float] = {}  # bucket -> device seconds of a step; empty: no costs
+        self.host_seconds = 0.0  # an EMA of the host's seconds per step
+        self.overlap = overlap  # steps without drafts would overlap (hiding the host's time)
+        self._held = False  # this step was composed after the last one was read, for a proposal
+        self._cooldown = 0
         self.stats = SpeculationStats()
         self._acceptance: dict[str, _Acceptance] = {}
         self._worth = [MIN_WORTH ** (1 / j) for j in range(1, max_tokens + 1)]  # alpha for k >= j
@@ -154,17 +167,24 @@ class Speculator:
         alpha = PRIOR_ACCEPTANCE if state is None else state.alpha
         return sum(alpha >= w for w in self._worth)
 
-    @property
-    def active(self) -> bool:
+    def hold_next_step(self) -> bool:
         """Whether the next step should wait for this one's tokens (no overlap): this step verifies
         drafts, or after the last step read back some sequence worth speculating for had a proposal
-        ready (a proposal needs the sequence's tokens of the step before on the host). Otherwise
-        steps overlap, and sequences are measured with one-token proposals meanwhile."""
-        return self._drafted or self._ready
+        ready (a proposal needs the sequence's tokens of the step before on the host). A step held
+        back for a proposal that then did not come starts a cooldown of `COOLDOWN_STEPS` overlapped
+        steps, so text that only now and then matches costs little overlap."""
+        self._held = not self._drafted and self._ready and not self._cooldown
+        return self._drafted or self._held
 
     def extend(self, scheduler: Scheduler, out: SchedulerOutput) -> int:
         """Gives draft tokens to the decodes of a just-composed step; returns how many in all."""
-        self._drafted = False
+        added = self._extend(scheduler, out)
+        if self._held and not added:
+            self._cooldown = COOLDOWN_STEPS
+        self._held, self._drafted = False, added > 0
+        return added
+
+    def _extend(self, scheduler: Scheduler, out: SchedulerOutput) -> int:
         room = min(scheduler.budget_left(out), self.max_rows)
         if room <= 0:
             return 0
@@ -188,40 +208,42 @@ class Speculator:
             counts[ask] += 1
         asks = [(index, seq, n) for (index, seq, _), n in zip(asks, counts, strict=True) if n]
         drafts = self.proposer.propose([(seq, k) for _, seq, k in asks])
-        added = sum(
+        return sum(
             scheduler.add_drafts(out, index, tokens[:k])
             for (index, _, k), tokens in zip(asks, drafts, strict=True)
             if tokens
         )
-        self._drafted = added > 0
-        return added
 
     def _worth_room(self, num_tokens: int, values: list[float], room: int) -> int:
         """How many of the best draft tokens (`values`, expected tokens each, best first) to add to a
         step of `num_tokens`: the number that maximises expected tokens per second of step time."""
         if not self.step_seconds or not self.buckets:
             return min(room, len(values))
-        best_rate, best = -1.0, 0
+        host = self.host_seconds
+        first = next(b for b in self.buckets if b >= num_tokens)
+        device = self.step_seconds[first]
+        plain = max(device, host) if self.overlap else device + host  # overlapped: the slower side
+        best_rate, best = num_tokens / plain, 0
         for bucket in self.buckets:
             rows = min(bucket - num_tokens, room, len(values))
-            if rows < 0 or bucket not in self.step_seconds:
+            if rows <= 0 or bucket not in self.step_seconds:
                 continue
-            rate = (num_tokens + sum(values[:rows])) / self.step_seconds[bucket]
-            if rate > best_rate * 1.02:  # a larger bucket must be clearly better
+            rate = (num_tokens + sum(values[:rows])) / (self.step_seconds[bucket] + host)
+            if rate > best_rate * 1.02:  # drafts must be clearly better
                 best_rate, best = rate, rows
             if rows == min(room, len(values)):
                 break
         return best
 
-    def observe_step(self, bucket: int, seconds: float) -> None:
-        """Keeps a bucket's step time current (an EMA of what steps of it took)."""
-        old = self.step_seconds.get(bucket)
-        self.step_seconds[bucket] = seconds if old is None else 0.8 * old + 0.2 * seconds
+    def observe_host(self, seconds: float) -> None:
+        """Keeps the host's time per step current (an EMA of what the engine measured)."""
+        self.host_seconds = 0.9 * self.host_seconds + 0.1 * seconds
 
     def observe(self, out: SchedulerOutput, emitted: SequenceABC) -> None:
         """Learns from a step read back: `emitted[i]` is slot i's token, or the list of tokens a slot
         with draft tokens emitted. Call after `Scheduler.postprocess`."""
         self._ready = False
+        self._cooldown = max(0, self._cooldown - 1)
         for entry, tokens in zip(out.scheduled, emitted, strict=False):
             if not entry.needs_sample:
                 continue
@@ -249,16 +271,13 @@ class Speculator:
 
     def _look_ahead(self, seq: Sequence, state: _Acceptance) -> None:
         """With a free proposer: a sequence worth speculating for with a proposal ready makes the next
-        step wait for this one (`active`); one not worth it keeps a one-token proposal to check
-        against its next token, so its acceptance rate stays measured."""
+        step wait for this one (`hold_next_step`), and every sequence keeps a one-token proposal to
+        check against its next token (if that step gives it no drafts), so its acceptance rate stays
+        measured while it does not speculate."""
         worth = self.k_for(seq) > 0
         if not self.proposer.free:
             self._ready |= worth
             return
-        if worth and self._ready:
-            return  # already decided; save the lookup
         guess = self.proposer.propose([(seq, 1)])[0]
-        if worth:
-            self._ready |= bool(guess)
-        else:
-            state.shadow = guess[0] if guess else None
+        self._ready |= worth and bool(guess)
+        state.shadow = guess[0] if guess else None
