@@ -96,7 +96,12 @@ def _engine(target_dir, speculative="off", draft=None, **overrides):
     config.update(overrides)
     if speculative != "off":
         config.update(speculative=speculative, speculative_model=str(draft), num_speculative_tokens=4)
-    return LLMEngine(load_checkpoint(target_dir), EngineConfig(**config), progress=False)
+    engine = LLMEngine(load_checkpoint(target_dir), EngineConfig(**config), progress=False)
+    if engine.speculator is not None:
+        # These tests check what verification does, so every step that can speculate does: no cost
+        # model (on these tiny models the draft costs as much as the target; it would refuse).
+        engine.speculator.step_seconds.clear()
+    return engine
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,29 @@
 came of them. numpy-free and jax-free; the target verifies in the step itself (`sampler.verify`).
 
 A `Proposer` guesses the next tokens of sequences: `NgramProposer` (prompt lookup: the tokens that
-followed the latest earlier occurrence of the sequence's last n tokens, in its own prompt and output)
-or a draft model (`fastgen_jax.speculative_draft`, which runs a smaller checkpoint on the device). An
-EAGLE/MTP-style head would be a third: it only has to implement `propose` (it may read hidden states
-the runner keeps) and `forget`.
+followed the latest earlier occurrence of the sequence's last n tokens, in its own prompt and
+output) or a draft model (`fastgen_jax.speculative_draft`, which runs a smaller checkpoint on the
+device). An EAGLE/MTP-style head would be a third: it only has to implement `propose` (it may read
+hidden states the runner keeps) and `forget`.
 
 `Speculator.extend` runs after the scheduler has composed a step under its policy. Draft tokens only
 take the budget the step leaves idle, at most `verification_rows` a step (the logit rows each
 compiled step has for them); when decodes and prompts fill the budget nobody speculates. Within that
 room the drafts go where they are likeliest to be accepted (the j-th draft of a sequence is worth
 about alpha**j tokens), and, given each bucket's device time (`step_seconds`, measured at warm-up)
-and the host's time per step (`host_seconds`, kept current), only as many as maximise the step's
-expected tokens per second: drafts that fit the bucket the step pads to anyway cost nothing, ones
-that push it into a larger bucket must pay for it, and a step with drafts also pays the host time
-that overlap would otherwise hide.
-Each sequence's `k` follows its acceptance rate: an exponential moving average alpha of
-"the next draft token is accepted" (Bernoulli trials: a verification with k drafts of which a were
-accepted is a successes and, if a < k, one failure). The j-th draft is accepted with probability
-about alpha**j, so a sequence proposes the largest k <= num_speculative_tokens with
-alpha**k >= MIN_WORTH, and none when alpha < MIN_WORTH. A sequence that is not speculating (it stopped, or the
-cost model below gave it no room) keeps being measured for free with a cheap proposer (a one-token
-proposal checked against the token that comes), so it starts when its text turns repetitive.
+and the host's time per step (`host_seconds`, kept current; with a draft model also its k forward
+passes), only as many as maximise the step's expected tokens per second: drafts that fit the bucket
+the step pads to anyway cost nothing, ones that push it into a larger bucket must pay for it, and a
+step with drafts also pays the host time that overlap would otherwise hide. Each sequence's `k`
+follows its acceptance rate: an exponential moving average alpha of "the next draft token is
+accepted" (Bernoulli trials: a verification with k drafts of which a were accepted is a successes
+and, if a < k, one failure). The j-th draft is accepted with probability about alpha**j, so a
+sequence proposes the largest k <= num_speculative_tokens with alpha**k >= MIN_WORTH, and none when
+alpha < MIN_WORTH. A sequence that is not speculating (it stopped, or the cost model above gave it
+no room) keeps being measured for free with a cheap proposer (a one-token proposal checked against
+the token that comes), so it starts when its text turns repetitive. A costly proposer (a draft
+model) cannot be measured for free: it re-tries such a sequence with one draft token every
+`PROBE_EVERY` of its steps.
 
 The output never changes: every verification row samples what plain decoding would have sampled at
 that position (same logits, same per-position key), so drafts only decide how far one step gets.
@@ -40,6 +42,7 @@ from fastgen_jax.engine.sequence import Sequence
 MIN_WORTH = 0.35  # propose a j-th draft token while it is accepted with at least this probability
 PRIOR_ACCEPTANCE = 0.5  # alpha of a sequence never measured
 COOLDOWN_STEPS = 8  # after a step held back for a proposal that did not come, overlap this many
+PROBE_EVERY = 32  # a costly proposer re-tries a sequence it gave up on after this many of its steps
 EMA_DECAY = 0.8  # weight of the past in alpha's running counts
 
 
@@ -115,12 +118,13 @@ class SpeculationStats:
 class _Acceptance:
     """A sequence's running acceptance counts (see the module docstring)."""
 
-    __slots__ = ("accepted", "trials", "shadow")
+    __slots__ = ("accepted", "trials", "shadow", "idle_steps")
 
     def __init__(self):
         self.accepted = PRIOR_ACCEPTANCE * 2
         self.trials = 2.0
         self.shadow: int | None = None  # a one-token proposal awaiting the next token
+        self.idle_steps = 0  # its steps since it last verified drafts
 
     @property
     def alpha(self) -> float:
@@ -165,7 +169,10 @@ class Speculator:
             return 0
         state = self._acceptance.get(seq.request_id)
         alpha = PRIOR_ACCEPTANCE if state is None else state.alpha
-        return sum(alpha >= w for w in self._worth)
+        k = sum(alpha >= w for w in self._worth)
+        if not k and state is not None and not self.proposer.free and state.idle_steps >= PROBE_EVERY:
+            return 1  # no free measurement with this proposer: probe now and then
+        return k
 
     def hold_next_step(self) -> bool:
         """Whether the next step should wait for this one's tokens (no overlap): this step verifies
@@ -219,10 +226,10 @@ class Speculator:
         step of `num_tokens`: the number that maximises expected tokens per second of step time."""
         if not self.step_seconds or not self.buckets:
             return min(room, len(values))
-        host = self.host_seconds
+        host = self.host_seconds + self._proposal_seconds()
         first = next(b for b in self.buckets if b >= num_tokens)
         device = self.step_seconds[first]
-        plain = max(device, host) if self.overlap else device + host  # overlapped: the slower side
+        plain = max(device, self.host_seconds) if self.overlap else device + self.host_seconds
         best_rate, best = num_tokens / plain, 0
         for bucket in self.buckets:
             rows = min(bucket - num_tokens, room, len(values))
@@ -234,6 +241,12 @@ class Speculator:
             if rows == min(room, len(values)):
                 break
         return best
+
+    def _proposal_seconds(self) -> float:
+        """What proposing costs a step: k forward passes of a draft model (its measured mean), nothing
+        for a free proposer."""
+        stats = getattr(self.proposer, "stats", None)
+        return self.max_tokens * getattr(stats, "seconds_per_step", 0.0)
 
     def observe_host(self, seconds: float) -> None:
         """Keeps the host's time per step current (an EMA of what the engine measured)."""
@@ -259,9 +272,11 @@ class Speculator:
                 self.stats.proposed_tokens += proposed
                 self.stats.accepted_tokens += accepted
                 self.stats.verifications += 1
+                state.idle_steps = 0
             elif state.shadow is not None:
                 state.observe(int(tokens) == state.shadow, 1)
             state.shadow = None
+            state.idle_steps += not entry.draft_token_ids
             if not seq.is_finished:
                 self._look_ahead(seq, state)
 
