@@ -183,7 +183,7 @@ class LLMEngine:
         self.planner = StepPlanner.for_scheduler(self.scheduler, one_width)
         self.budget_controller = (
             BudgetController(
-                self.engine_config.token_buckets,
+                _budget_choices(self.engine_config.token_buckets),
                 self.engine_config.sla_token_rate,
                 prompt_rate=self.engine_config.sla_prompt_rate,
             )
@@ -596,3 +596,9 @@ def _slot_tokens(launched: _Launched, tokens: np.ndarray, emitted: np.ndarray | 
 def _top_pairs(top: tuple[np.ndarray, np.ndarray], row: int, k: int) -> list[tuple[int, float]]:
     """The k likeliest (token, log-probability) pairs of one logit row."""
     return [(int(t), float(v)) for t, v in zip(top[0][row, :k], top[1][row, :k], strict=True)]
+
+
+def _budget_choices(buckets: tuple[int, ...]) -> list[int]:
+    """The budgets `--token_budget=auto` chooses among: the buckets from 16 up (the small ones are
+    slabs for a few decoding sequences, not budgets that should cut prompts into pieces of 1-4)."""
+    return [b for b in buckets if b >= 16] or list(buckets)
