@@ -310,8 +310,8 @@ class EngineConfig:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.speculative == "draft" and not self.speculative_model:
             raise ConfigError("speculative='draft' needs speculative_model (the draft checkpoint)")
-        if self.speculative_logit_rows is not None and self.speculative_logit_rows < 0:
-            raise ConfigError(f"speculative_logit_rows must be >= 0, got {self.speculative_logit_rows}")
+        if self.speculative_logit_rows is not None and self.speculative_logit_rows < 1:
+            raise ConfigError(f"speculative_logit_rows must be >= 1, got {self.speculative_logit_rows}")
 
     @property
     def verification_rows(self) -> int:

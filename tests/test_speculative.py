@@ -21,6 +21,7 @@ from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.sampler import verify
 from fastgen_jax.sampling_params import SamplingParams
 from fastgen_jax.tokenizer import Tokenizer
+from tests.server.conftest import tiny_random_dir  # noqa: F401 - a fixture
 from tests.test_llm_engine import TINY_VOCAB, hf_greedy, run_all
 
 
@@ -186,6 +187,13 @@ def verify_oracle(tokens, drafts, cu):
     return emitted, last
 
 
+def test_verify_without_drafts_emits_each_slots_one_row_and_ignores_padding_rows():
+    s = SamplingArrays.greedy(4, 10)  # L = 10 > S = 4: rows 4..9 are padding
+    tokens = np.arange(10, 20, dtype=np.int32)
+    emitted, last = _verify(jnp.asarray(tokens), s)
+    assert np.asarray(emitted).tolist() == [1, 1, 1, 1] and np.asarray(last).tolist() == [10, 11, 12, 13]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_verify_matches_a_row_by_row_oracle(data):
@@ -290,3 +298,124 @@ def test_drafts_must_also_pay_for_the_overlap_they_give_up():
     assert speculator._worth_room(10, [0.3] * 40, room=40) == 22
     speculator.overlap = False  # nothing to give up: the free rows are worth it again
     assert speculator._worth_room(10, [0.2] * 40, room=40) == 22
+
+
+def test_a_constrained_rows_mask_goes_to_its_logit_row_when_other_slots_verify_drafts(tiny_random_dir):  # noqa: F811
+    """Structured outputs never get drafts, and their token mask is indexed by logit row, not slot:
+    with drafts before it in the slab, the constrained row's mask lands on its own row."""
+    from fastgen_jax.structured import StructuredOutputs
+
+    engine = LLMEngine(
+        load_checkpoint(tiny_random_dir),
+        EngineConfig(token_budget=32, max_num_seqs=4, max_model_len=128, speculative="ngram"),
+        progress=False,
+    )
+    free = SamplingParams(max_new_tokens=8)
+    constrained = SamplingParams(max_new_tokens=8, structured_outputs=StructuredOutputs(regex="(ab)+"))
+    engine.add_request(prompt_token_ids=[5, 6, 7], sampling_params=free, request_id="free")
+    engine.add_request(prompt_token_ids=[8, 9], sampling_params=constrained, request_id="json")
+    while (
+        engine.scheduler.running
+        and any(s.is_prefilling for s in engine.scheduler.running)
+        or (engine.scheduler.waiting)
+    ):
+        engine.step()
+    while engine._in_flight is not None:  # read every step back: nothing pending
+        engine.step()
+    out = engine.scheduler.schedule()
+    slots = {e.seq.request_id: i for i, e in enumerate(out.scheduled)}
+    assert engine.scheduler.add_drafts(out, slots["free"], [11, 12, 13]) == 3
+    plan = engine.planner.build(out)
+    mask = engine._token_bitmask(out, plan)
+    row = int(plan.sampling.cu_logit_rows[slots["json"]])
+    assert row != slots["json"] or slots["json"] == 0
+    want = engine.guided.bitmask([(0, "json")], 1)[0]
+    assert (mask[row] == want).all() and not (want == -1).all()
+    others = [r for r in range(plan.num_logit_rows) if r != row]
+    assert (mask[others] == -1).all()
+    engine.scheduler.abandon(out)
+
+
+def test_a_sampled_request_accepts_drafts(tiny_dir):
+    """Not only greedy rows: a temperature > 0 row verifies drafts (against what it would have drawn)."""
+    prompts, _ = repetitive_workload(3, seed=2)
+    engine = spec_engine(tiny_dir[0], speculative="off")
+    params = SamplingParams(max_new_tokens=30, temperature=0.05, seed=5, ignore_eos=True)  # sampled, sharp
+    plain = collect(engine, [(p, params) for p in prompts])
+    engine = spec_engine(tiny_dir[0])
+    engine.speculator.step_seconds.clear()
+    assert collect(engine, [(p, params) for p in prompts]) == plain
+    assert engine.stats.spec_accepted_tokens > 0
+
+
+def _one_decoding(max_tokens=300, **config):
+    """A scheduler with one sequence that has just sampled its first token (9)."""
+    from fastgen_jax.engine import Scheduler
+
+    config = EngineConfig(
+        **{"token_budget": 32, "max_num_seqs": 4, "num_pages": 40, "max_model_len": 512, **config}
+    )
+    scheduler = Scheduler(config)
+    seq = Sequence("a", [1, 2, 3], max_tokens=max_tokens)
+    scheduler.add(seq)
+    scheduler.postprocess(scheduler.schedule(), [9])
+    return scheduler, seq
+
+
+def test_a_failed_step_with_drafts_rolls_back_and_its_sequence_sits_out_the_step_beside_it():
+    scheduler, seq = _one_decoding(page_size=4, max_model_len=128, max_tokens=100)
+    out = scheduler.schedule()
+    assert scheduler.add_drafts(out, 0, [5, 6, 7]) == 3
+    assert (seq.num_computed_tokens, seq.num_draft_tokens, len(seq.page_table)) == (7, 3, 2)
+    beside = scheduler.schedule()  # composed while the verification is in flight: a sits out
+    assert beside.is_empty
+    scheduler.abandon(out)
+    assert (seq.num_computed_tokens, seq.num_draft_tokens, seq.num_pending_tokens) == (3, 0, 0)
+    again = scheduler.schedule()
+    assert [(e.start_position, e.num_new_tokens) for e in again.scheduled] == [(3, 1)]
+
+
+def test_pages_taken_for_rejected_drafts_go_back_at_once():
+    scheduler, seq = _one_decoding(page_size=4, max_model_len=128, max_tokens=100)
+    free = scheduler.allocator.num_free
+    out = scheduler.schedule()
+    scheduler.add_drafts(out, 0, [5, 6, 7, 8, 9, 10])  # positions 3..9: pages 0..2
+    assert len(seq.page_table) == 3 and scheduler.allocator.num_free == free - 2
+    scheduler.postprocess(out, [[5, 11]])  # one accepted, then 11: 4 tokens computed, 6 in all
+    assert seq.all_token_ids == [1, 2, 3, 9, 5, 11] and seq.num_computed_tokens == 5
+    assert len(seq.page_table) == 2 and scheduler.allocator.num_free == free - 1
+    assert scheduler.page_tables.lengths[seq.page_table_row] == 2
+
+
+def test_a_step_held_for_a_proposal_that_does_not_come_starts_a_cooldown():
+    class Never(_Always):
+        def propose(self, asks):
+            return [[] for _ in asks]
+
+    scheduler, seq = _one_decoding()
+    speculator = Speculator(Never(7), max_tokens=4, max_rows=64)
+    speculator._ready = True  # as if the last look-ahead found a proposal
+    assert speculator.hold_next_step()
+    out = scheduler.schedule()
+    assert speculator.extend(scheduler, out) == 0
+    assert speculator._cooldown == 8
+    speculator._ready = True
+    assert not speculator.hold_next_step()  # cooling down: overlap goes on
+
+
+def test_a_costly_proposer_re_probes_a_sequence_it_gave_up_on():
+    class Costly(_Always):
+        free = False
+
+    scheduler, seq = _one_decoding()
+    speculator = Speculator(Costly(7), max_tokens=4, max_rows=64)
+    ks = []
+    for _ in range(70):
+        out = scheduler.schedule()
+        speculator.extend(scheduler, out)
+        entry = out.scheduled[0]
+        ks.append(len(entry.draft_token_ids))
+        emitted = [9] if entry.draft_token_ids else 9  # every draft is wrong
+        scheduler.postprocess(out, [emitted])
+        speculator.observe(out, [emitted])
+    assert ks[0] > 0 and ks[10:].count(1) >= 1 and sum(ks[10:]) <= 3  # off, probed now and then

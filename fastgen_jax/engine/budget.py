@@ -138,7 +138,9 @@ class BudgetController:
         scheduled = list(scheduled)
         pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
         self.model.observe(bucket, pairs, seconds)
-        self.tokens_emitted([e.seq.request_id for e in scheduled if e.needs_sample], now)
+        # once per token: a step's later tokens (accepted speculative drafts) come with no gap
+        ids = [e.seq.request_id for e in scheduled if e.needs_sample for _ in range(e.num_emitted)]
+        self.tokens_emitted(ids, now)
 
     def arrived(self, request_id: str, now: float, prompt_tokens: int) -> None:
         """Notes a new request, so that a first token later than the prompt SLA marks it missed."""

@@ -289,6 +289,11 @@ class PageTables:
         self.array[row, length] = page
         self.lengths[row] = length + 1
 
+    def truncate(self, row: int, length: int) -> None:
+        """Keeps the first `length` pages of a row (the sequence gave the rest back)."""
+        self.array[row, length : self.lengths[row]] = NULL_PAGE
+        self.lengths[row] = min(int(self.lengths[row]), length)
+
     def free_row(self, row: int) -> None:
         self.lengths[row] = 0
         self._free_rows.append(row)

@@ -100,6 +100,7 @@ class ScheduledSeq:
     output_index: int = 0  # tokens the sequence had generated (pending ones included) when scheduled
     previous_slot: int = -1  # a decode whose input is pending: its slot in the step in flight
     draft_token_ids: tuple[int, ...] = ()  # speculative proposals after its input token, verified here
+    num_emitted: int = 1  # tokens the step gave it (known once postprocessed; > 1 with accepted drafts)
 
 
 @dataclasses.dataclass
@@ -306,8 +307,8 @@ class Scheduler:
             end = entry.start_position + n
             if end % page_size < n:
                 self._cache_written_pages(seq, entry.start_position, end)
-        if self.sla is not None:
-            self.sla.tokens_emitted(e.seq.request_id for e in output.scheduled if e.needs_sample)
+        if self.sla is not None:  # one entry per token: a step's later tokens come with no gap
+            self.sla.tokens_emitted(emitted_ids(output))
 
     def _take_verified(self, entry: ScheduledSeq, emitted: SequenceABC[int]) -> int:
         """Appends the tokens a speculating slot emitted; returns its rejected draft tokens, whose KV
@@ -317,12 +318,24 @@ class Scheduler:
             raise ValueError(f"{len(emitted)} tokens emitted for {drafts} draft tokens of {seq.request_id!r}")
         seq.num_pending_tokens -= 1
         seq.num_draft_tokens = 0
+        entry.num_emitted = len(emitted)
         for token in emitted:
             seq.append_token(int(token))
         rejected = drafts + 1 - len(emitted)
         if seq.status is _RUNNING:
             seq.num_computed_tokens -= rejected
+            self._drop_pages_past(seq, pages_for(seq.num_computed_tokens + 1, self.page_size))
         return rejected
+
+    def _drop_pages_past(self, seq: Sequence, keep: int) -> None:
+        """Frees the pages after the first `keep` of `seq` (taken for drafts that were rejected; never
+        cached: only pages of accepted tokens are), so idle pages are never held."""
+        if len(seq.page_table) <= keep:
+            return
+        dropped = seq.page_table[keep:]
+        del seq.page_table[keep:]
+        self.page_tables.truncate(seq.page_table_row, keep)
+        self.allocator.free(reversed(dropped))
 
     # -- speculative decoding ---------------------------------------------------------------------
 
@@ -642,6 +655,11 @@ def _waits_for_step_in_flight(seq: Sequence) -> bool:
         or seq.num_draft_tokens > 0
         or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
     )
+
+
+def emitted_ids(output: SchedulerOutput) -> list[str]:
+    """The request id of every token a postprocessed step gave, once per token, in slot order."""
+    return [e.seq.request_id for e in output.scheduled if e.needs_sample for _ in range(e.num_emitted)]
 
 
 def draftable(entry: ScheduledSeq) -> bool:

@@ -33,6 +33,7 @@ that position (same logits, same per-position key), so drafts only decide how fa
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence as SequenceABC
 from typing import Protocol
 
@@ -156,6 +157,8 @@ class Speculator:
         self.overlap = overlap  # steps without drafts would overlap (hiding the host's time)
         self._held = False  # this step was composed after the last one was read, for a proposal
         self._cooldown = 0
+        self._propose_seconds = 0.0  # spent in the proposer since the last observe_host
+        self._first_host = True
         self.stats = SpeculationStats()
         self._acceptance: dict[str, _Acceptance] = {}
         self._worth = [MIN_WORTH ** (1 / j) for j in range(1, max_tokens + 1)]  # alpha for k >= j
@@ -201,32 +204,40 @@ class Speculator:
             if not draftable(entry):
                 continue
             seq = entry.seq
-            state = self._acceptance.setdefault(seq.request_id, _Acceptance())
             k = min(self.k_for(seq), seq.max_tokens - seq.num_output_tokens - 1, room)
+            state = self._acceptance.setdefault(seq.request_id, _Acceptance()) if k > 0 else None
             if k > 0:
                 values += [(state.alpha**j, len(asks)) for j in range(1, k + 1)]
                 asks.append((index, seq, k))
         if not asks:
             return 0
         values.sort(key=lambda v: -v[0])
-        room = self._worth_room(out.num_tokens, [v for v, _ in values], room)
+        passes = max(k for _, _, k in asks)  # a draft model runs about this many forward passes
+        room = self._worth_room(out.num_tokens, [v for v, _ in values], room, passes)
+        if not room:  # declined: a probe counts as made (see PROBE_EVERY)
+            for _, seq, _ in asks:
+                self._acceptance[seq.request_id].idle_steps = 0
+            return 0
         counts = [0] * len(asks)
         for _, ask in values[:room]:
             counts[ask] += 1
         asks = [(index, seq, n) for (index, seq, _), n in zip(asks, counts, strict=True) if n]
+        start = time.monotonic()
         drafts = self.proposer.propose([(seq, k) for _, seq, k in asks])
+        self._propose_seconds += time.monotonic() - start
         return sum(
             scheduler.add_drafts(out, index, tokens[:k])
             for (index, _, k), tokens in zip(asks, drafts, strict=True)
             if tokens
         )
 
-    def _worth_room(self, num_tokens: int, values: list[float], room: int) -> int:
+    def _worth_room(self, num_tokens: int, values: list[float], room: int, passes: int = 1) -> int:
         """How many of the best draft tokens (`values`, expected tokens each, best first) to add to a
-        step of `num_tokens`: the number that maximises expected tokens per second of step time."""
+        step of `num_tokens`: the number that maximises expected tokens per second of step time
+        (`passes`: forward passes a draft model runs to propose them)."""
         if not self.step_seconds or not self.buckets:
             return min(room, len(values))
-        host = self.host_seconds + self._proposal_seconds()
+        host = self.host_seconds + passes * self._proposal_pass_seconds()
         first = next(b for b in self.buckets if b >= num_tokens)
         device = self.step_seconds[first]
         plain = max(device, self.host_seconds) if self.overlap else device + self.host_seconds
@@ -242,15 +253,17 @@ class Speculator:
                 break
         return best
 
-    def _proposal_seconds(self) -> float:
-        """What proposing costs a step: k forward passes of a draft model (its measured mean), nothing
-        for a free proposer."""
-        stats = getattr(self.proposer, "stats", None)
-        return self.max_tokens * getattr(stats, "seconds_per_step", 0.0)
+    def _proposal_pass_seconds(self) -> float:
+        """One forward pass of a draft model (its measured mean); nothing for a free proposer."""
+        return getattr(getattr(self.proposer, "stats", None), "seconds_per_step", 0.0)
 
     def observe_host(self, seconds: float) -> None:
-        """Keeps the host's time per step current (an EMA of what the engine measured)."""
-        self.host_seconds = 0.9 * self.host_seconds + 0.1 * seconds
+        """Keeps the host's time per step current: an EMA of what the engine measured, less the time
+        spent proposing (the cost model counts that separately)."""
+        seconds = max(0.0, seconds - self._propose_seconds)
+        self._propose_seconds = 0.0
+        self.host_seconds = seconds if self._first_host else 0.9 * self.host_seconds + 0.1 * seconds
+        self._first_host = False
 
     def observe(self, out: SchedulerOutput, emitted: SequenceABC) -> None:
         """Learns from a step read back: `emitted[i]` is slot i's token, or the list of tokens a slot
@@ -258,9 +271,9 @@ class Speculator:
         self._ready = False
         self._cooldown = max(0, self._cooldown - 1)
         for entry, tokens in zip(out.scheduled, emitted, strict=False):
-            if not entry.needs_sample:
-                continue
             seq = entry.seq
+            if not entry.needs_sample or seq.is_finished:  # finished: forgotten already, or soon
+                continue
             state = self._acceptance.get(seq.request_id)
             if state is None:
                 if self.k_for(seq) == 0:
