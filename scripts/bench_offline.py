@@ -108,6 +108,9 @@ _LLAMA_CPP_THREADS = flags.DEFINE_integer("llama_cpp_threads", 2, "llama-server'
 _LLAMA_CPP_CACHE_TYPE = flags.DEFINE_enum(
     "llama_cpp_cache_type", "f16", ["f16", "f32", "bf16", "q8_0"], "llama-server's KV cache type (-ctk/-ctv)."
 )
+_LLAMA_CPP_ARGS = flags.DEFINE_string(
+    "llama_cpp_args", "", "Extra llama-server arguments, space-separated (e.g. '--poll 0')."
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
     "output_json",
@@ -151,6 +154,7 @@ class BenchConfig:
     llama_cpp_gguf: str = ""
     llama_cpp_threads: int = 2
     llama_cpp_cache_type: str = "f16"
+    llama_cpp_args: str = ""
 
     def __post_init__(self):
         for name in (
@@ -219,6 +223,7 @@ def config_from_flags() -> BenchConfig:
             "llama_cpp_gguf",
             "llama_cpp_threads",
             "llama_cpp_cache_type",
+            "llama_cpp_args",
         )
     }
     if values["quick"]:
@@ -489,6 +494,7 @@ def run_llama_cpp(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
         threads=cfg.llama_cpp_threads,
         batch=cfg.token_budget,
         cache_type=cfg.llama_cpp_cache_type,
+        extra_args=tuple(cfg.llama_cpp_args.split()),
     )
     start = time.perf_counter()
     with LlamaServer(server_config) as server:

@@ -81,6 +81,7 @@ class LlamaServerConfig:
     threads: int = 2  # -t and -tb
     batch: int = 512  # -b and -ub: tokens per forward pass, as our token budget
     cache_type: str = "f16"  # -ctk / -ctv: llama.cpp's default KV type
+    extra_args: tuple[str, ...] = ()  # appended to the command line as they are
     startup_timeout_s: float = 600.0
 
     def __post_init__(self):
@@ -99,6 +100,7 @@ class LlamaServerConfig:
             *("-b", str(self.batch), "-ub", str(self.batch)),
             *("-ctk", self.cache_type, "-ctv", self.cache_type),
             "--no-webui",
+            *self.extra_args,
         ]
 
 
