@@ -21,8 +21,10 @@ done
 
 mkdir -p "${build_root}/sdist"
 if ! ls "${build_root}"/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
+  # --no-binary for this package only: with :all:, pip would also build the sdist's build requirements
+  # (scikit-build-core, and cmake itself where none is found) from source to read its metadata.
   echo "build_llama_cpp: downloading the ${spec} sdist into ${build_root}/sdist" >&2
-  "${python}" -m pip download --no-binary :all: --no-deps "${spec}" \
+  "${python}" -m pip download --no-binary llama-cpp-python --no-deps "${spec}" \
     -d "${build_root}/sdist" >&2
 fi
 sdist="$(ls -t "${build_root}"/sdist/llama_cpp_python-*.tar.gz | head -n 1)"
