@@ -24,6 +24,15 @@ padded with zero-weight heads up to a multiple of the device count (SmolLM2's 3 
 devices). A zero query head attends to zero values and meets a zero row of wo, so padding adds exactly
 nothing to the output; the intermediate axis is padded the same way. `shard_config` gives the padded
 shape, which is what the device program, the KV pages and their byte count follow.
+
+Fused projections. `shard_params` also concatenates each layer's q/k/v projections into one `wqkv`
+and the MLP's gate/up into one `w_gate_up` (and their biases), so a step runs one matmul where it
+ran three and one where it ran two (`fuse_projections`). The fused weight keeps a shard axis of size
+`tp`: wqkv is [layers, hidden, tp, (heads + 2 x kv_heads) / tp, head_dim], each shard holding its
+own q heads, then its k heads, then its v heads, and w_gate_up is [layers, hidden, tp, 2,
+intermediate / tp], each shard its own gate columns, then its up columns. Splitting that axis over
+"tp" gives every device exactly the heads and columns the unfused split gives it; the model reads
+the shard count off the weight's shape and splits the product back (`models.layers`).
 """
 
 from __future__ import annotations
@@ -140,6 +149,11 @@ _LAYER_RULES = {
     "b_gate": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
     "b_up": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
     "w_down": (1, lambda x, lay: _pad_axis(x, 1, lay.intermediate_size)),
+    # Fused by `fuse_projections` after padding: their shard axis is split, nothing is reshaped.
+    "wqkv": (2, None),
+    "bqkv": (1, None),
+    "w_gate_up": (2, None),
+    "b_gate_up": (1, None),
     # Experts [layers, experts, in, out]: each expert's intermediate axis is split, like the MLP's.
     "moe/w_gate": (3, lambda x, lay: _pad_axis(x, 3, lay.moe_intermediate_size)),
     "moe/w_up": (3, lambda x, lay: _pad_axis(x, 3, lay.moe_intermediate_size)),
@@ -178,19 +192,58 @@ def param_shardings(params, config: ModelConfig, mesh: Mesh):
 
 
 def shard_params(params, config: ModelConfig, mesh: Mesh, dtype):
-    """`params` of `config`, padded to `shard_config(config, mesh.size)` and placed over `mesh`.
+    """`params` of `config`, padded to `shard_config(config, mesh.size)`, with their projections
+    fused (`fuse_projections`), and placed over `mesh`.
 
-    With one device nothing is padded; the arrays are only cast and put on it."""
+    With one device nothing is padded; the arrays are only cast, fused and put on it."""
     layout = head_layout(config, mesh.size)
 
     def transform(path, x):
         name = _leaf_name(path)
-        if mesh.size > 1 and name in _LAYER_RULES:
+        if mesh.size > 1 and _LAYER_RULES.get(name, (0, None))[1] is not None:
             x = _LAYER_RULES[name][1](np.asarray(x), layout)
         return x.astype(dtype) if isinstance(x, np.ndarray) else jax.numpy.asarray(x, dtype)
 
-    padded = jax.tree_util.tree_map_with_path(transform, params)
+    padded = fuse_projections(jax.tree_util.tree_map_with_path(transform, params), mesh.size)
     return jax.device_put(padded, param_shardings(padded, config, mesh))
+
+
+# Groups fused by `fuse_projections`: the fused leaf's name and the leaves it replaces, in order.
+_FUSED_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv")))
+_FUSED_PAIRS = (("w_gate_up", ("w_gate", "w_up")), ("b_gate_up", ("b_gate", "b_up")))
+
+
+def _xp(x):
+    return np if isinstance(x, np.ndarray) else jax.numpy
+
+
+def _fuse_heads(parts, tp: int):
+    """q/k/v [..., heads_i, head_dim] (stacked layers first) -> [..., tp, sum(heads_i) / tp, head_dim]."""
+    split = [x.reshape(*x.shape[:-2], tp, x.shape[-2] // tp, x.shape[-1]) for x in parts]
+    return _xp(parts[0]).concatenate(split, axis=-2)
+
+
+def _fuse_columns(parts, tp: int):
+    """gate/up [..., f] -> [..., tp, 2, f / tp]: each shard's gate columns, then its up columns."""
+    split = [x.reshape(*x.shape[:-1], tp, 1, x.shape[-1] // tp) for x in parts]
+    return _xp(parts[0]).concatenate(split, axis=-2)
+
+
+def fuse_projections(params, tp: int):
+    """`params` (a nested dict, already padded for `tp` devices) with every attention block's
+    wq/wk/wv (and bq/bk/bv) concatenated into wqkv (bqkv), and every dense MLP's w_gate/w_up (and
+    b_gate/b_up) into w_gate_up (b_gate_up), in the per-shard layout the module docstring gives.
+    Mixture-of-experts blocks are left as they are."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: v if k == "moe" else fuse_projections(v, tp) for k, v in params.items()}
+    for fused, names in _FUSED_GROUPS:
+        if all(n in out for n in names):
+            out[fused] = _fuse_heads([out.pop(n) for n in names], tp)
+    for fused, names in _FUSED_PAIRS:
+        if all(n in out for n in names):
+            out[fused] = _fuse_columns([out.pop(n) for n in names], tp)
+    return out
 
 
 def kv_sharding(mesh: Mesh) -> NamedSharding:

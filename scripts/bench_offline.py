@@ -1,6 +1,7 @@
-"""Offline throughput: our engine against transformers' continuous batching, on the same weights.
+"""Offline throughput: our engine against transformers' continuous batching and, opt-in, llama.cpp's
+server, on the same weights.
 
-One fixed workload runs through both engines in one process:
+One fixed workload runs through every engine in one process:
 
 - `--num_requests` requests, all queued at once (offline, no arrival process);
 - prompt and generation lengths drawn from Normal(mean, 0.3 x mean), as in the FastGen benchmarks,
@@ -18,7 +19,16 @@ program before the clock starts. Transformers runs `ContinuousBatchingManager`, 
 `generate_batch` takes one `max_new_tokens` for all requests and we need one per request. It gets
 the same limits as ours: `max_batch_tokens` = our token budget, `max_requests_per_batch` = our
 `max_num_seqs`, the same KV page size and page count. It runs eagerly (no torch.compile, the CPU
-default) and gets a small warm-up run first. Neither engine's time includes loading weights.
+default) and gets a small warm-up run first. No engine's time includes loading weights.
+
+llama.cpp (`--llama_cpp=PATH` of a `llama-server` built by `scripts/build_llama_cpp.sh`): the
+`--hf_model` GGUF rewritten with every tensor dequantized to float32 (the weights our checkpoint was
+converted from, dequantized the same way; cached in `--llama_cpp_gguf`), served by `llama-server`
+with one slot per request (`-np`), a context of that many slots x the longest request rounded up to
+256, `--llama_cpp_threads` threads, `-b`/`-ub` = our token budget and its default f16 KV cache
+(`--llama_cpp_cache_type`). Each request goes to `/completion` as its token ids, greedy (`top_k` 1,
+temperature 0), `ignore_eos`, `n_predict` = its drawn length, all at once from one client thread
+each, after a small warm-up; the clock runs from the first send to the last reply.
 
 The machine floor. Two rates are measured on this machine with JAX: a large float32 matmul (GFLOP/s)
 and a large array sum and add (GB/s, the faster of the two). The workload needs at least
@@ -45,6 +55,8 @@ Timings on a shared CPU are noisy; the JSON records the load average before and 
     python scripts/bench_offline.py --quick          # a tiny smoke test
     python scripts/bench_offline.py --engine_only    # ours only
     python scripts/bench_offline.py --workload=w0    # W0: 32 requests, prompts U[64, 256], 64 new
+    scripts/build_llama_cpp.sh                       # prints the path of llama-server
+    python scripts/bench_offline.py --workload=w0 --llama_cpp=PATH   # all three engines
 """
 
 from __future__ import annotations
@@ -84,6 +96,21 @@ _WORKLOAD = flags.DEFINE_enum(
     "workload", "normal", ["normal", "w0"], "Length distribution: normal (FastGen's) or w0 (see above)."
 )
 _ENGINE_ONLY = flags.DEFINE_bool("engine_only", False, "Skip transformers; run our engine only.")
+_LLAMA_CPP = flags.DEFINE_string(
+    "llama_cpp", "", "Path of a llama-server binary (scripts/build_llama_cpp.sh): run llama.cpp too."
+)
+_LLAMA_CPP_GGUF = flags.DEFINE_string(
+    "llama_cpp_gguf",
+    "~/.cache/fastgen_jax/llama_cpp/{stem}.F32.gguf",
+    "Where the F32 GGUF for llama.cpp is written (once; reused when present). {stem}: --hf_model's.",
+)
+_LLAMA_CPP_THREADS = flags.DEFINE_integer("llama_cpp_threads", 2, "llama-server's -t and -tb.")
+_LLAMA_CPP_CACHE_TYPE = flags.DEFINE_enum(
+    "llama_cpp_cache_type", "f16", ["f16", "f32", "bf16", "q8_0"], "llama-server's KV cache type (-ctk/-ctv)."
+)
+_LLAMA_CPP_ARGS = flags.DEFINE_string(
+    "llama_cpp_args", "", "Extra llama-server arguments, space-separated (e.g. '--poll 0')."
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
     "output_json",
@@ -93,6 +120,7 @@ _OUTPUT_JSON = flags.DEFINE_string(
 
 W0_PROMPT_LENS = (64, 256)  # --workload=w0: uniform prompt lengths, inclusive
 W0_GEN_LEN = 64  # --workload=w0: generated tokens per request
+FIRST_TOKENS_SHOWN = 12  # greedy tokens of request 0 printed per engine when llama.cpp runs
 
 # --quick overrides these flags: 8 short requests, small limits so warm-up compiles few programs.
 _QUICK_SETTINGS = {
@@ -122,6 +150,11 @@ class BenchConfig:
     engine_only: bool
     quick: bool
     workload: str = "normal"
+    llama_cpp: str = ""
+    llama_cpp_gguf: str = ""
+    llama_cpp_threads: int = 2
+    llama_cpp_cache_type: str = "f16"
+    llama_cpp_args: str = ""
 
     def __post_init__(self):
         for name in (
@@ -145,6 +178,12 @@ class BenchConfig:
             raise app.UsageError(
                 f"the longest request ({longest} tokens: 2 x prompt_len + 2 x gen_len, or W0's) exceeds "
                 f"--max_model_len={self.max_model_len}"
+            )
+        if self.llama_cpp and not self.hf_model.endswith(".gguf"):
+            raise app.UsageError(f"--llama_cpp needs --hf_model to be a .gguf file, got {self.hf_model}")
+        if self.llama_cpp and not os.access(self.llama_cpp, os.X_OK):
+            raise app.UsageError(
+                f"--llama_cpp={self.llama_cpp} is not an executable; build it with scripts/build_llama_cpp.sh"
             )
 
 
@@ -180,6 +219,11 @@ def config_from_flags() -> BenchConfig:
             "engine_only",
             "quick",
             "workload",
+            "llama_cpp",
+            "llama_cpp_gguf",
+            "llama_cpp_threads",
+            "llama_cpp_cache_type",
+            "llama_cpp_args",
         )
     }
     if values["quick"]:
@@ -189,7 +233,8 @@ def config_from_flags() -> BenchConfig:
 
 def check_paths(cfg: BenchConfig) -> None:
     """Exits with the fetch command when a checkpoint is missing (before anything slow starts)."""
-    paths = [("--model", cfg.model)] + ([] if cfg.engine_only else [("--hf_model", cfg.hf_model)])
+    uses_hf = not cfg.engine_only or cfg.llama_cpp
+    paths = [("--model", cfg.model)] + ([("--hf_model", cfg.hf_model)] if uses_hf else [])
     for flag, path in paths:
         if not os.path.exists(path):
             sys.exit(
@@ -424,6 +469,48 @@ def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int) -> di
     return {"wall_s": wall, "loadavg_after": os.getloadavg(), "outputs": outputs}
 
 
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def llama_cpp_gguf_path(cfg: BenchConfig) -> pathlib.Path:
+    stem = pathlib.Path(cfg.hf_model).name.removesuffix(".gguf")
+    return pathlib.Path(os.path.expanduser(cfg.llama_cpp_gguf.format(stem=stem)))
+
+
+def run_llama_cpp(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
+    from fastgen_jax.benchmarks.llama_cpp import LlamaServer, LlamaServerConfig, write_f32_gguf
+
+    gguf_path = llama_cpp_gguf_path(cfg)
+    if not gguf_path.exists():
+        start = time.perf_counter()
+        write_f32_gguf(cfg.hf_model, gguf_path)
+        print(f"llama.cpp: wrote {gguf_path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    longest = max(len(p) + g for p, g in zip(workload.prompts, workload.gen_lens, strict=True))
+    server_config = LlamaServerConfig(
+        binary=cfg.llama_cpp,
+        model=str(gguf_path),
+        parallel=len(workload.prompts),
+        slot_context=-(-longest // 256) * 256,
+        threads=cfg.llama_cpp_threads,
+        batch=cfg.token_budget,
+        cache_type=cfg.llama_cpp_cache_type,
+        extra_args=tuple(cfg.llama_cpp_args.split()),
+    )
+    start = time.perf_counter()
+    with LlamaServer(server_config) as server:
+        print(f"llama.cpp: server ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        server.complete_all(workload.prompts[:4], [min(g, 8) for g in workload.gen_lens[:4]])  # warm-up
+        start = time.perf_counter()
+        outputs = server.complete_all(workload.prompts, workload.gen_lens)
+        wall = time.perf_counter() - start
+    return {
+        "wall_s": wall,
+        "loadavg_after": os.getloadavg(),
+        "command": " ".join(server_config.command(server.port)),
+        "outputs": outputs,
+    }
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -477,7 +564,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"workload: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
         f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
         f"{wl['gen_len_mean']}, seed {wl['seed']})",
-        f"model: {report['model']}, float32, CPU; both engines: token budget "
+        f"model: {report['model']}, float32, CPU; all engines: token budget "
         f"{cf['token_budget']}, max {cf['max_num_seqs']} seqs, KV pages of {cf['page_size']}",
         f"{'engine':<14}{'wall s':>9}{'gen tok/s':>11}{'total tok/s':>13}",
     ]
@@ -490,6 +577,16 @@ def format_table(report: dict[str, Any]) -> str:
             f"identical for {100 * report['agreement']['identical_requests']:.0f}% of "
             "requests"
         )
+    if "llama.cpp" in res:
+        lines.append(
+            f"ours / llama.cpp (throughput): {report['speedup_vs_llama_cpp']:.2f}x; greedy outputs "
+            f"identical for {100 * report['agreement_llama_cpp']['identical_requests']:.0f}% of "
+            f"requests, {100 * report['agreement_llama_cpp']['tokens_before_first_difference']:.0f}% "
+            "of tokens before the first difference"
+        )
+        lines.append(f"llama.cpp: {res['llama.cpp']['command']}")
+        for name, tokens in report["first_request_first_tokens"].items():
+            lines.append(f"request 0, first {len(tokens)} tokens, {name}: {tokens}")
     lines += [
         f"fastgen-jax: {ours['steps']} steps, host {ours['host_s']:.2f} s, device "
         f"{ours['device_s']:.2f} s, {ours['preemptions']} preemptions",
@@ -546,6 +643,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     del engine  # give its KV pool back before transformers allocates its own
     if not cfg.engine_only:
         results["transformers"] = run_transformers(cfg, workload, num_pages)
+    if cfg.llama_cpp:
+        results["llama.cpp"] = run_llama_cpp(cfg, workload)
     machine = {**machine_info(), "loadavg_start": loadavg_start}
     bandwidth = measure_bandwidth_gbs()
     machine.update(
@@ -602,6 +701,13 @@ def assemble_report(
         report["speedup"] = ours["gen_tok_s"] / results["transformers"]["gen_tok_s"]
         report["agreement"] = agreement(ours["outputs"], results["transformers"]["outputs"])
         report["machine"].update(_library_versions())
+    if "llama.cpp" in results:
+        theirs = results["llama.cpp"]
+        report["speedup_vs_llama_cpp"] = ours["gen_tok_s"] / theirs["gen_tok_s"]
+        report["agreement_llama_cpp"] = agreement(ours["outputs"], theirs["outputs"])
+        report["first_request_first_tokens"] = {
+            name: r["outputs"][0][:FIRST_TOKENS_SHOWN] for name, r in results.items()
+        }
     for r in results.values():
         r.pop("outputs")
     return report

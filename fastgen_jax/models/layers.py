@@ -200,6 +200,8 @@ class PagedAttention(nn.Module):
         return out, (k_pages, v_pages)
 
     def _project(self, x):
+        if self.has_variable("params", "wqkv"):
+            return self._project_fused(x)
         c = self.config
         out = []
         for name, heads in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
@@ -209,6 +211,24 @@ class PagedAttention(nn.Module):
                 y = y + self.param(f"b{name}", nn.initializers.zeros, (heads, c.head_dim), self.dtype)
             out.append(y)
         return out
+
+    def _project_fused(self, x):
+        """q, k, v from one matmul with the fused weight `parallel.fuse_projections` builds:
+        wqkv [hidden, S, (heads + 2 x kv_heads) / S, head_dim], S the shard count."""
+        c = self.config
+        w = self.get_variable("params", "wqkv")
+        shards = w.shape[1]
+        y = jnp.einsum("td,dshk->tshk", x, w)  # [T, S, heads per shard, D]
+        if c.attention_bias:
+            y = y + self.get_variable("params", "bqkv")
+        q_end = c.num_heads // shards
+        q, k, v = jnp.split(y, [q_end, q_end + c.num_kv_heads // shards], axis=2)
+        t = x.shape[0]
+        return (
+            q.reshape(t, c.num_heads, c.head_dim),
+            k.reshape(t, c.num_kv_heads, c.head_dim),
+            v.reshape(t, c.num_kv_heads, c.head_dim),
+        )
 
     def _rope(self, layer: LayerSettings):
         c = self.config
@@ -249,12 +269,24 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         f = self.intermediate or c.intermediate_size
-        up = self._linear(x, "up", c.hidden_size, f)
-        if c.mlp_gated:
-            hidden = activation(c)(self._linear(x, "gate", c.hidden_size, f)) * up
+        if self.has_variable("params", "w_gate_up"):
+            gate, up = self._gate_up_fused(x, f)
+            hidden = activation(c)(gate) * up
         else:
-            hidden = activation(c)(up)
+            up = self._linear(x, "up", c.hidden_size, f)
+            if c.mlp_gated:
+                hidden = activation(c)(self._linear(x, "gate", c.hidden_size, f)) * up
+            else:
+                hidden = activation(c)(up)
         return self._linear(hidden, "down", f, c.hidden_size)
+
+    def _gate_up_fused(self, x, f: int):
+        """gate and up [T, f] from one matmul with the fused weight `parallel.fuse_projections`
+        builds: w_gate_up [hidden, S, 2, f / S], S the shard count."""
+        y = jnp.einsum("td,dsgf->tsgf", x, self.get_variable("params", "w_gate_up"))
+        if self.config.mlp_bias:
+            y = y + self.get_variable("params", "b_gate_up")
+        return y[:, :, 0].reshape(x.shape[0], f), y[:, :, 1].reshape(x.shape[0], f)
 
     def _linear(self, x, name: str, n_in: int, n_out: int):
         y = x @ self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
