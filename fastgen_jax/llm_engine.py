@@ -210,6 +210,7 @@ class LLMEngine:
         )
         self.refresh_stats()
         self._warm_programs = 0
+        self._empty_steps: dict[int, float] | None = None  # bucket -> seconds of an empty step
         if warmup:
             self.warmup(progress)
 
@@ -339,30 +340,30 @@ class LLMEngine:
 
     def _profile_buckets(self) -> None:
         """Seeds the step-time model (the budget controller's, or the SLA composer's) with each
-        bucket's time for an empty step (best of two)."""
+        bucket's time for an empty step."""
         model = self.budget_controller.model if self.budget_controller else self.scheduler.sla.model
-        width = self.planner.page_table_widths[0]
-        for bucket in self.planner.token_buckets:
-            plan = self.planner.padding(bucket, width)
-            times = []
-            for _ in range(2):
-                start = time.monotonic()
-                np.asarray(self.runner.execute(plan)[0])
-                times.append(time.monotonic() - start)
-            model.observe(bucket, 0, min(times))
+        for bucket, seconds in self._empty_step_seconds().items():
+            model.observe(bucket, 0, seconds)
 
     def _profile_for_speculation(self) -> None:
-        """Seeds the speculator's step time per bucket (best of two empty steps of each): it adds
-        draft tokens that push a step into a larger bucket only when that pays."""
-        width = self.planner.page_table_widths[0]
-        for bucket in self.planner.token_buckets:
-            plan = self.planner.padding(bucket, width)
-            times = []
-            for _ in range(2):
-                start = time.monotonic()
-                np.asarray(self.runner.execute(plan)[0])
-                times.append(time.monotonic() - start)
-            self.speculator.step_seconds[bucket] = min(times)
+        """Seeds the speculator's device time per bucket: it adds draft tokens that push a step into
+        a larger bucket only when that pays."""
+        self.speculator.step_seconds.update(self._empty_step_seconds())
+
+    def _empty_step_seconds(self) -> dict[int, float]:
+        """Each bucket's time for an empty step (best of two), measured once and shared."""
+        if self._empty_steps is None:
+            width = self.planner.page_table_widths[0]
+            self._empty_steps = {}
+            for bucket in self.planner.token_buckets:
+                plan = self.planner.padding(bucket, width)
+                times = []
+                for _ in range(2):
+                    start = time.monotonic()
+                    np.asarray(self.runner.execute(plan)[0])
+                    times.append(time.monotonic() - start)
+                self._empty_steps[bucket] = min(times)
+        return self._empty_steps
 
     def probe(self) -> None:
         """Runs one all-padding step of the smallest shape and waits for it: raises if the device

@@ -14,9 +14,9 @@ from fastgen_jax.tokenizer import Tokenizer
 TINY_VOCAB = 512
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A random 2-layer Llama (GQA 4:2) saved as a Hugging Face directory, with SmolLM2's tokenizer."""
+def save_tiny_llama(tmp_path_factory, smollm2_dir, initializer_range=0.3, name="tiny-llama"):
+    """A random 2-layer Llama (GQA 4:2) saved as a Hugging Face directory, with SmolLM2's tokenizer;
+    returns (path, the transformers model)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=TINY_VOCAB,
@@ -26,15 +26,20 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        initializer_range=0.3,
+        initializer_range=initializer_range,
         eos_token_id=2,
         bos_token_id=1,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
+    path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path, safe_serialization=True)
     Tokenizer.from_hf_dir(smollm2_dir).save(path)
     return path, model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    return save_tiny_llama(tmp_path_factory, smollm2_dir)
 
 
 def hf_greedy(model, prompt_ids, num_new):
@@ -61,6 +66,11 @@ def mixed_workload(num_prompts, vocab, max_prompt, seed=0):
 
 
 def run_all(engine, prompts, num_new, **params):
+    return run_with_logprobs(engine, prompts, num_new, **params)[0]
+
+
+def run_with_logprobs(engine, prompts, num_new, **params):
+    """Runs the prompts (EOS ignored) to the end; returns each one's tokens and log-probabilities."""
     ids = [
         engine.add_request(
             prompt_token_ids=p,
@@ -69,10 +79,12 @@ def run_all(engine, prompts, num_new, **params):
         for p, n in zip(prompts, num_new, strict=True)
     ]
     tokens = {i: [] for i in ids}
+    logprobs = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
-    return [tokens[i] for i in ids]
+            logprobs[out.request_id] += out.new_logprobs or []
+    return [tokens[i] for i in ids], [logprobs[i] for i in ids]
 
 
 @pytest.fixture(scope="module")

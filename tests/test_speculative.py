@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,33 +18,15 @@ from fastgen_jax.engine.speculative import NgramProposer, Speculator
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.sampler import verify
 from fastgen_jax.sampling_params import SamplingParams
-from fastgen_jax.tokenizer import Tokenizer
 from tests.server.conftest import tiny_random_dir  # noqa: F401 - a fixture
-from tests.test_llm_engine import TINY_VOCAB, hf_greedy, run_all
+from tests.test_llm_engine import TINY_VOCAB, hf_greedy, run_all, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smollm2_dir):
     """A random 2-layer Llama whose greedy text falls into loops and leaves them (small weights): prompt
-    lookup gets drafts accepted and rejected. Saved with SmolLM2's tokenizer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.05,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("loopy-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    Tokenizer.from_hf_dir(smollm2_dir).save(path)
-    return path, model
+    lookup gets drafts accepted and rejected."""
+    return save_tiny_llama(tmp_path_factory, smollm2_dir, initializer_range=0.05, name="loopy-llama")
 
 
 def repetitive_workload(num, seed=0, max_prompt=120):

@@ -14,9 +14,9 @@ from fastgen_jax.checkpoints import load_checkpoint
 from fastgen_jax.config import ConfigError, EngineConfig
 from fastgen_jax.engine import Sequence
 from fastgen_jax.llm_engine import LLMEngine
-from fastgen_jax.sampling_params import SamplingParams
 from fastgen_jax.speculative_draft import DraftProposer, check_same_vocabulary, draft_config
 from fastgen_jax.tokenizer import Tokenizer
+from tests.test_llm_engine import run_with_logprobs
 
 VOCAB = 512
 
@@ -73,21 +73,7 @@ def _workload():
     return prompts, num_new
 
 
-def _run(engine, prompts, num_new, **params):
-    ids = [
-        engine.add_request(
-            prompt_token_ids=p,
-            sampling_params=SamplingParams(max_new_tokens=n, ignore_eos=True, **params),
-        )
-        for p, n in zip(prompts, num_new, strict=True)
-    ]
-    tokens = {i: [] for i in ids}
-    logprobs = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-            logprobs[out.request_id] += out.new_logprobs or []
-    return [tokens[i] for i in ids], [logprobs[i] for i in ids]
+_run = run_with_logprobs
 
 
 def _engine(target_dir, speculative="off", draft=None, **overrides):
