@@ -84,7 +84,7 @@ from fastgen_jax.engine import (
     StepTimeModel,
     check_request,
 )
-from fastgen_jax.engine.budget import attended_pairs
+from fastgen_jax.engine.budget import observe_step
 from fastgen_jax.engine.speculative import NgramProposer, Speculator
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache
@@ -182,11 +182,7 @@ class LLMEngine:
         one_width = self.runner.attention.cost_follows_context  # then W costs nothing: compile one
         self.planner = StepPlanner.for_scheduler(self.scheduler, one_width)
         self.budget_controller = (
-            BudgetController(
-                _budget_choices(self.engine_config.token_buckets),
-                self.engine_config.sla_token_rate,
-                prompt_rate=self.engine_config.sla_prompt_rate,
-            )
+            BudgetController(_budget_choices(self.engine_config.token_buckets))
             if self.engine_config.adaptive_budget
             else None
         )
@@ -274,8 +270,6 @@ class LLMEngine:
         seq = Sequence(request_id, ids, max_tokens, params, cache_salt=cache_salt)
         seq.needs_host_sync = params.structured_outputs is not None  # its mask needs its last token
         self.scheduler.add(seq, sla, arrival_time)
-        if self.budget_controller is not None:
-            self.budget_controller.arrived(request_id, time.monotonic(), len(ids))
         state = RequestState(
             request_id, len(ids), params, self.tokenizer, self.max_model_len, self.eos_token_ids
         )
@@ -302,12 +296,11 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.abort(request_id)
-        self._forget(request_id)
         self.guided.remove(request_id)
         if self.speculator is not None:
             self.speculator.forget(request_id)
         out = request.output.abort()
-        out.time = time.monotonic()
+        out.time, out.timing = time.monotonic(), request.seq.timing
         return out
 
     def has_unfinished(self) -> bool:
@@ -339,11 +332,14 @@ class LLMEngine:
             self._profile_for_speculation()
 
     def _profile_buckets(self) -> None:
-        """Seeds the step-time model (the budget controller's, or the SLA composer's) with each
-        bucket's time for an empty step."""
-        model = self.budget_controller.model if self.budget_controller else self.scheduler.sla.model
+        """Seeds the step-time model with each bucket's time for an empty step."""
+        model = self._step_model()
         for bucket, seconds in self._empty_step_seconds().items():
             model.observe(bucket, 0, seconds)
+
+    def _step_model(self) -> StepTimeModel:
+        """The step-time model the budget controller and the SLA composer share."""
+        return self.budget_controller.model if self.budget_controller else self.scheduler.sla.model
 
     def _profile_for_speculation(self) -> None:
         """Seeds the speculator's device time per bucket: it adds draft tokens that push a step into
@@ -395,30 +391,19 @@ class LLMEngine:
         self._in_flight = self._launch() if self._overlaps() else None
         launched = time.monotonic()
         tokens, logprobs, top, emitted = self._read(current)
-        returned = time.monotonic()
+        returned = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
         slot_tokens = _slot_tokens(current, tokens, emitted)
-        self.scheduler.postprocess(current.output, slot_tokens)
+        self.scheduler.postprocess(current.output, slot_tokens, returned)
         if self.speculator is not None:
             self.speculator.observe(current.output, slot_tokens)
-        results = self._process_samples(current, slot_tokens, logprobs, top)
+        results = self._process_samples(current, slot_tokens, logprobs, top, returned)
         self.stats.generation_tokens += sum(len(r.new_token_ids) for r in results)
-        done = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
-        for result in results:
-            result.time = done
+        done = time.monotonic()
         self._count_step(start, launched, returned, current.budget)
         if self.speculator is not None:
             self.speculator.observe_host((launched - start) + (done - returned))
-        if self.budget_controller is not None:
-            self.budget_controller.step_done(
-                current.plan.bucket, current.output.scheduled, done - start, done
-            )
-            for entry in current.output.scheduled:  # after step_done, which noted their tokens again
-                if entry.seq.is_finished:  # now, or earlier (an overlapped step's discarded work)
-                    self._forget(entry.seq.request_id)
-        elif self.scheduler.sla is not None:
-            scheduled = current.output.scheduled
-            pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
-            self.scheduler.sla.model.observe(current.plan.bucket, pairs, done - start)
+        if self.budget_controller is not None or self.scheduler.sla is not None:
+            observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - start)
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
@@ -486,10 +471,6 @@ class LLMEngine:
             return None
         return self.budget_controller.choose_for(self.scheduler.running)
 
-    def _forget(self, request_id: str) -> None:
-        if self.budget_controller is not None:
-            self.budget_controller.forget(request_id)
-
     def _token_bitmask(self, output: SchedulerOutput, plan: StepPlan) -> np.ndarray | None:
         """The token bitmask of a step in which a constrained sequence samples, else None. Its
         matcher has seen every token it sampled: such a sequence sits out the step composed while its
@@ -510,9 +491,10 @@ class LLMEngine:
         slot_tokens: list,
         logprobs: np.ndarray,
         top: tuple[np.ndarray, np.ndarray] | None,
+        now: float,
     ) -> list[RequestOutput]:
         """Hands each slot's sampled token (or the tokens it emitted after verifying drafts) to its
-        request's output state."""
+        request's output state; `now` is their time."""
         results = []
         first_rows = launched.plan.sampling.cu_logit_rows
         for i, entry in enumerate(launched.output.scheduled):
@@ -520,7 +502,6 @@ class LLMEngine:
                 continue
             state = self._requests[entry.seq.request_id].output
             state.num_cached_tokens = max(0, entry.seq.num_cached_tokens)
-            slack = self._admission_slack(entry.seq)
             tokens = slot_tokens[i] if entry.draft_token_ids else [slot_tokens[i]]
             rows = range(int(first_rows[i]), int(first_rows[i]) + len(tokens))
             k = entry.seq.sampling_params.top_logprobs
@@ -529,7 +510,7 @@ class LLMEngine:
                 tops = [_top_pairs(top, r, k) for r in rows]
             self.guided.advance(entry.seq.request_id, int(tokens[0]))  # constrained: one token, no drafts
             result = state.add_tokens([int(t) for t in tokens], [float(logprobs[r]) for r in rows], tops)
-            result.admission_slack = slack
+            result.time, result.timing = now, entry.seq.timing
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._requests[entry.seq.request_id]
@@ -538,11 +519,6 @@ class LLMEngine:
                     self.speculator.forget(entry.seq.request_id)
             results.append(result)
         return results
-
-    def _admission_slack(self, seq: Sequence) -> float | None:
-        """Policy "sla": the request's first-token deadline less now and its predicted prefill time,
-        when it was admitted (read before a finished request's record goes)."""
-        return None if self.scheduler.sla is None else self.scheduler.sla.admission_slack(seq.request_id)
 
     def _count_tokens(self, output: SchedulerOutput) -> None:
         """Call at launch: prefill tokens (recomputation included). Generated tokens are counted as

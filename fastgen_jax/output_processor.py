@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastgen_jax.engine.timing import RequestTiming
 from fastgen_jax.sampling_params import SamplingParams
 from fastgen_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -30,7 +31,9 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
     time: float = 0.0  # time.monotonic() when the engine had these tokens (or the abort): the one clock
-    admission_slack: float | None = None  # policy "sla": seconds of slack its prompt had when admitted
+    # The engine's record of the request: arrival, every token's time, SLA state, slack at admission
+    # (the object itself, updated as the request runs: read it on the engine thread).
+    timing: RequestTiming | None = None
 
 
 class RequestState:

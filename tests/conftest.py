@@ -1,5 +1,6 @@
 """Shared pytest set-up: 4 host devices for the tensor-parallel tests; tests marked `gpu` are skipped
-when JAX sees no GPU."""
+when JAX sees no GPU; `--overlap=off` runs every engine one step at a time (tests marked `overlap`,
+whose subject is overlap itself, are left out then)."""
 
 import os
 import tempfile
@@ -28,7 +29,40 @@ def _has_gpu() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--overlap",
+        choices=("on", "off"),
+        default="on",
+        help="off: every engine the tests build runs one step at a time (async_scheduling=False), "
+        "so the engine, server and parity tests check that mode too",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--overlap") == "off":
+        _turn_overlap_off()
+
+
+def _turn_overlap_off():
+    """Every `LLMEngine` built from here on (fixtures included) gets async_scheduling=False."""
+    import dataclasses
+
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.llm_engine import LLMEngine
+
+    build = LLMEngine.__init__
+
+    def one_step_at_a_time(self, checkpoint, engine_config=None, *args, **kwargs):
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), async_scheduling=False)
+        build(self, checkpoint, engine_config, *args, **kwargs)
+
+    LLMEngine.__init__ = one_step_at_a_time
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--overlap") == "off":  # their subject is overlap itself
+        items[:] = [item for item in items if not item.get_closest_marker("overlap")]
     if any(item.get_closest_marker("gpu") for item in items) and not _has_gpu():
         skip = pytest.mark.skip(reason="needs a GPU")
         for item in items:

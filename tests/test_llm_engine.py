@@ -1,5 +1,7 @@
 """The batching engine against one-request-at-a-time greedy decoding with Hugging Face transformers."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from fastgen_jax.checkpoints import load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.llm_engine import LLMEngine, RequestError
 from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.sla import SLA
 from fastgen_jax.tokenizer import Tokenizer
 
 TINY_VOCAB = 512
@@ -125,26 +128,49 @@ def test_an_adaptive_budget_changes_step_by_step_and_keeps_greedy_outputs(tiny_d
     assert engine.stats.token_budget_changes > 0
     assert engine.stats.token_budget in config.token_buckets
     assert engine.stats.compiled_after_warmup == 0
-    assert engine.budget_controller.num_tracked == 0  # every finished request was forgotten
 
 
-def test_the_budget_controller_forgets_every_finished_or_aborted_request(tiny_dir):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_every_output_carries_its_requests_one_timing_record(tiny_dir, overlap):
+    """One record per request (`RequestTiming`, on its sequence) holds its token times, on the clock
+    the outputs carry: what the budget controller protects and what the server judges are the same
+    times, and its `missed` is the SLA judge's verdict. Aborted requests carry theirs too."""
     config = EngineConfig(
-        token_budget=64, adaptive_budget=True, sla_prompt_rate=512.0, max_num_seqs=32, max_model_len=128
+        token_budget=64,
+        adaptive_budget=True,
+        sla_prompt_rate=512.0,
+        max_num_seqs=32,
+        max_model_len=128,
+        async_scheduling=overlap,
     )
     engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
-    prompts, num_new = mixed_workload(200, TINY_VOCAB, 60, seed=5)
-    for round_ in range(0, 200, 40):  # many requests, in waves, some aborted mid-way
-        run_all(engine, prompts[round_ : round_ + 20], num_new[round_ : round_ + 20])
-        ids = [
-            engine.add_request(prompt_token_ids=p, sampling_params=SamplingParams(max_new_tokens=20))
-            for p in prompts[round_ + 20 : round_ + 40]
-        ]
-        engine.step()
-        engine.step()
-        for request_id in ids:
-            engine.abort(request_id)
-        assert engine.budget_controller.num_tracked == 0
+    prompts, num_new = mixed_workload(30, TINY_VOCAB, 60, seed=5)
+    ids = [
+        engine.add_request(
+            prompt_token_ids=p, sampling_params=SamplingParams(max_new_tokens=n, ignore_eos=True)
+        )
+        for p, n in zip(prompts, num_new, strict=True)
+    ]
+    times, records, finished = collections.defaultdict(list), {}, set()
+    steps = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        steps += 1
+        if steps == 3:
+            outputs += [engine.abort(rid) for rid in ids[-5:] if rid not in finished]
+        for out in outputs:
+            assert records.setdefault(out.request_id, out.timing) is out.timing  # one record throughout
+            times[out.request_id] += [out.time] * len(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+    assert finished == set(ids)
+    judge = SLA(config.sla_prompt_rate, config.sla_token_rate)
+    for rid, prompt in zip(ids, prompts, strict=True):
+        record = records[rid]
+        assert record.token_times == times[rid]
+        if record.token_times:
+            verdict = judge.judge(record.arrival, len(prompt), record.token_times)
+            assert record.missed == (not verdict.both)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -228,6 +254,7 @@ class _ReadLog:
         return np.asarray(self.array, dtype)
 
 
+@pytest.mark.overlap
 @pytest.mark.parametrize("overlap", [True, False])
 def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are_read(tiny_dir, overlap):
     config = EngineConfig(
@@ -263,15 +290,14 @@ def test_every_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload, pol
             max_model_len=512,
             page_size=16,
             policy=policy,
-            # "sla": tight prompt deadlines, loose token gaps, so decodes are deferred for prompts
-            sla_prompt_rate=20_000.0,
+            # "sla": prompt deadlines some prompts can meet, loose token gaps: decodes are deferred for
+            # them (on this machine; how many depends on its speed, so it is not asserted)
+            sla_prompt_rate=300.0,
             sla_token_rate=0.1,
         ),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
-    if policy == "sla":
-        assert engine.stats.steps > 0 and engine.scheduler.sla.records == {}  # every record forgotten
 
 
 def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):

@@ -14,7 +14,7 @@ import dataclasses
 from fastgen_jax.benchmarks import trace
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import BudgetController, Scheduler, Sequence, SequenceStatus, StepTimeModel
-from fastgen_jax.engine.budget import attended_pairs
+from fastgen_jax.engine.budget import observe_step
 from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.sla import SLA
 
@@ -66,21 +66,18 @@ def run(
     )
     scheduler = Scheduler(config)
     now = [0.0]
-    controller = BudgetController(config.token_buckets, sla.token_rate, prompt_rate=sla.prompt_rate)
+    scheduler.clock = lambda: now[0]
+    controller = BudgetController(config.token_buckets)
     model = controller.model if adaptive else StepTimeModel(budget)
     if scheduler.sla is not None:
-        scheduler.sla.clock = lambda: now[0]
         scheduler.sla.model = model
-    times: dict[str, list[float]] = {}
+    seqs: list[Sequence] = []
     pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
     for _ in range(200_000):
         while pending and pending[0][1].time <= now[0]:
             i, a = pending.pop(0)
-            scheduler.add(
-                Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens), a.sla
-            )
-            times[str(i)] = []
-            controller.arrived(str(i), now[0], a.prompt_tokens)
+            seqs.append(Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens))
+            scheduler.add(seqs[-1], a.sla, a.time)
         if not scheduler.has_unfinished():
             if not pending:
                 break
@@ -89,21 +86,18 @@ def run(
         output = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
         seconds = machine.step_seconds(output.num_tokens)
         now[0] += seconds
-        if adaptive:
-            controller.step_done(output.num_tokens, output.scheduled, seconds, now[0])
-        else:
-            pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in output.scheduled)
-            model.observe(output.num_tokens, pairs, seconds)
-        scheduler.postprocess(output, [1] * output.num_seqs)
+        observe_step(model, output.num_tokens, output.scheduled, seconds)
+        scheduler.postprocess(output, [1] * output.num_seqs)  # the tokens' time: now, on its clock
         for e in output.scheduled:
-            if e.needs_sample:
-                times[e.seq.request_id].append(now[0])
-                if e.seq.num_output_tokens == e.seq.max_tokens:
-                    scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
-                    controller.forget(e.seq.request_id)
+            if e.needs_sample and e.seq.num_output_tokens == e.seq.max_tokens:
+                scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
     else:
         raise AssertionError("the simulation did not end")
-    return [_judge(sla, a, times[str(i)]) for i, a in enumerate(arrivals)]
+    arrived = sorted(enumerate(arrivals), key=lambda a: a[1].time)  # the order seqs were added in
+    verdicts = [False] * len(arrivals)
+    for (i, a), seq in zip(arrived, seqs, strict=True):
+        verdicts[i] = _judge(sla, a, seq.timing.token_times)
+    return verdicts
 
 
 def _judge(default: SLA, a: Arrival, token_times: list[float]) -> bool:

@@ -7,7 +7,8 @@ about without a device. One step, as `llm_engine` drives it:
     output = scheduler.schedule(budget)        # which tokens of which sequences
     plan = planner.build(output)               # StepPlan: every array of the compiled step, numpy
     sampled = runner.execute(plan)[0]          # device: model + sampling -> i32[S]
-    scheduler.postprocess(output, sampled)     # advance computed tokens, append sampled ones
+    scheduler.postprocess(output, sampled, now)  # advance computed tokens, append sampled ones, and
+                                                 # note their time in each seq.timing (RequestTiming)
     # then check stop conditions and call scheduler.finish(seq, reason) for the finished ones
 """
 
@@ -17,7 +18,8 @@ from fastgen_jax.engine.limits import EngineLimits, RequestError, check_request
 from fastgen_jax.engine.page_allocator import NULL_PAGE, OutOfPagesError, PageAllocator, PageTables
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
-from fastgen_jax.engine.sla_policy import RequestSLA, SlaComposer
+from fastgen_jax.engine.sla_policy import SlaComposer
+from fastgen_jax.engine.timing import RequestSLA, RequestTiming
 
 __all__ = [
     "AttentionMetadata",
@@ -30,6 +32,7 @@ __all__ = [
     "PageTables",
     "RequestError",
     "RequestSLA",
+    "RequestTiming",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerOutput",

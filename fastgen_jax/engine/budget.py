@@ -9,12 +9,12 @@ step the controller
    squares of measured step seconds on [1, bucket tokens, attended (query, key) pairs], weighted
    towards recent steps, so it follows a load change or a machine that slows down; warm-up timings of
    each bucket may seed it, but nothing needs profiling offline;
-2. works out the longest gap every decoding sequence can take: a sequence whose gap EMA is e can take
-   a gap g with alpha * g + (1 - alpha) * e <= margin / R, one with no gap yet g <= margin / R, and a
-   sequence that already missed the SLA does not count (its EMA went above 1 / R, or, when the
-   controller knows the prompt rate P, its first token came later than prompt_tokens / P after it
-   arrived: slowing steps for it would delay prompts and buy nothing); never more than `max_burst` x
-   margin / R, so
+2. works out the longest gap every decoding sequence can take, from the request's timing record
+   (`engine.timing`, the one the SLA judge and the server read): a sequence whose gap EMA is e can
+   take a gap g with alpha * g + (1 - alpha) * e <= margin / R, one with no gap yet g <= margin / R
+   (R its own token rate), and a sequence that already missed its SLA does not count (its EMA went
+   above 1 / R, or its first token came later than prompt_tokens / P after it arrived: slowing steps
+   for it would delay prompts and buy nothing); never more than `max_burst` x margin / R, so
    a step that runs longer than predicted cannot cost much (and the choice settles on the buckets
    either side of margin / R instead of swinging between the smallest and the largest);
 3. picks the largest bucket predicted to fit that gap (moving up needs `hysteresis` of slack, so
@@ -27,7 +27,6 @@ It only ever picks from `token_buckets`, so nothing new is compiled. numpy only,
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
@@ -35,7 +34,15 @@ import numpy as np
 
 from fastgen_jax.engine.scheduler import ScheduledSeq
 from fastgen_jax.engine.sequence import Sequence as Seq
-from fastgen_jax.sla import ema_alpha, ema_update
+from fastgen_jax.engine.timing import ALPHA, RequestTiming
+
+
+def observe_step(
+    model: StepTimeModel, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float
+) -> None:
+    """Teaches `model` a finished step: padded to `bucket`, attending its scheduled work's pairs."""
+    pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
+    model.observe(bucket, pairs, seconds)
 
 
 def attended_pairs(num_new_tokens: int, start_position: int) -> int:
@@ -91,41 +98,24 @@ class StepTimeModel:
         return float(self.features(tokens, pairs) @ self._theta)
 
 
-@dataclasses.dataclass
-class _Gaps:
-    """One decoding request's token gaps so far."""
-
-    last: float  # when its last token came
-    ema: float | None = None
-    missed: bool = False  # the EMA has been above 1 / R: the SLA is lost for it
-
-
 class BudgetController:
     """Chooses each step's token budget (see the module docstring)."""
 
     def __init__(
         self,
         buckets: Sequence[int],
-        token_rate: float,
-        ema_span: int = 16,
         margin: float = 0.85,
         hysteresis: float = 0.1,
         max_burst: float = 2.0,
         model: StepTimeModel | None = None,
-        prompt_rate: float | None = None,
     ):
         self.buckets = tuple(sorted(buckets))
-        self.max_gap = 1.0 / token_rate
-        self.target_gap = margin * self.max_gap
-        self.alpha = ema_alpha(ema_span)
+        self.margin = margin
         self.hysteresis = hysteresis
         self.max_burst = max_burst
         self.model = model or StepTimeModel(self.buckets[-1])
         self.budget = self.buckets[-1]
         self.changes = 0
-        self.prompt_rate = prompt_rate
-        self._gaps: dict[str, _Gaps] = {}
-        self._deadlines: dict[str, float] = {}  # first-token deadlines of requests with no token yet
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -133,56 +123,26 @@ class BudgetController:
         """A profiled step of `bucket` tokens with no context (e.g. a padding step at warm-up)."""
         self.model.observe(bucket, 0, seconds)
 
-    def step_done(self, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float, now: float) -> None:
-        """Learns from a finished step (padded to `bucket`) and notes the tokens it gave at `now`."""
-        scheduled = list(scheduled)
-        pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
-        self.model.observe(bucket, pairs, seconds)
-        # once per token: a step's later tokens (accepted speculative drafts) come with no gap
-        ids = [e.seq.request_id for e in scheduled if e.needs_sample for _ in range(e.num_emitted)]
-        self.tokens_emitted(ids, now)
-
-    def arrived(self, request_id: str, now: float, prompt_tokens: int) -> None:
-        """Notes a new request, so that a first token later than the prompt SLA marks it missed."""
-        if self.prompt_rate is not None:
-            self._deadlines[request_id] = now + prompt_tokens / self.prompt_rate
-
-    def tokens_emitted(self, request_ids: Iterable[str], now: float) -> None:
-        for rid in request_ids:
-            gaps = self._gaps.get(rid)
-            if gaps is None:
-                deadline = self._deadlines.pop(rid, math.inf)
-                self._gaps[rid] = _Gaps(now, missed=now > deadline)
-                continue
-            gap = now - gaps.last
-            gaps.ema = ema_update(gaps.ema, gap, self.alpha)
-            gaps.missed |= gaps.ema > self.max_gap
-            gaps.last = now
-
-    @property
-    def num_tracked(self) -> int:
-        """Requests the controller holds state for (each is forgotten when it finishes)."""
-        return len(self._gaps) + len(self._deadlines)
-
-    def forget(self, request_id: str) -> None:
-        self._gaps.pop(request_id, None)
-        self._deadlines.pop(request_id, None)
+    def step_done(self, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float) -> None:
+        """Learns from a finished step (padded to `bucket`): its attended pairs and its seconds."""
+        observe_step(self.model, bucket, scheduled, seconds)
 
     # -- choosing ---------------------------------------------------------------------------------
 
-    def allowed_gap(self, request_ids: Iterable[str]) -> float:
-        """The longest next gap that keeps every listed request's EMA within the target (inf when
-        none of them can still meet the SLA)."""
-        allowed = math.inf
-        for rid in request_ids:
-            gaps = self._gaps.get(rid)
-            if gaps is not None and gaps.missed:
+    def allowed_gap(self, timings: Iterable[RequestTiming]) -> float:
+        """The longest next gap that keeps every listed request's gap EMA within `margin` / R (its
+        own R; inf when none of them can still meet its SLA)."""
+        allowed, tightest = math.inf, math.inf
+        for t in timings:
+            if t.missed:
                 continue
-            if gaps is None or gaps.ema is None:
-                allowed = min(allowed, self.target_gap)
+            target = self.margin * t.max_gap
+            tightest = min(tightest, target)
+            if t.ema is None:
+                allowed = min(allowed, target)
             else:
-                allowed = min(allowed, (self.target_gap - (1 - self.alpha) * gaps.ema) / self.alpha)
-        return allowed if allowed == math.inf else min(allowed, self.max_burst * self.target_gap)
+                allowed = min(allowed, (target - (1 - ALPHA) * t.ema) / ALPHA)
+        return allowed if allowed == math.inf else min(allowed, self.max_burst * tightest)
 
     def choose(self, num_decodes: int, decode_pairs: int, prompt_start: int, allowed_gap: float) -> int:
         """The budget of the next step: `num_decodes` sequences decode (attending `decode_pairs`
@@ -202,7 +162,7 @@ class BudgetController:
             elif prompt_start is None:
                 prompt_start = seq.num_computed_tokens
         pairs = sum(s.num_computed_tokens + 1 for s in decoding)
-        allowed = self.allowed_gap(s.request_id for s in decoding)
+        allowed = self.allowed_gap(s.timing for s in decoding)
         return self.choose(len(decoding), pairs, prompt_start or 0, allowed)
 
     def _fits(self, bucket: int, num_decodes: int, decode_pairs: int, prompt_start: int, gap: float) -> bool:

@@ -51,7 +51,15 @@ class EngineLimits:
 
 def check_request(limits: EngineLimits, prompt_token_ids: Sequence[int], max_new_tokens: int = 1) -> None:
     """Raises RequestError unless the prompt plus `max_new_tokens` generated tokens fit the engine."""
-    n, max_len = len(prompt_token_ids), limits.max_model_len
+    check_length(limits.max_model_len, len(prompt_token_ids), max_new_tokens)
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= limits.vocab_size:
+        raise RequestError(f"prompt token ids must lie in [0, {limits.vocab_size})", "prompt")
+
+
+def check_length(max_model_len: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raises RequestError unless a prompt of `prompt_tokens` tokens plus `max_new_tokens` generated
+    ones fits a sequence of `max_model_len` (`check_request`'s length part; the scheduler's too)."""
+    n, max_len = prompt_tokens, max_model_len
     if not n:
         raise RequestError("prompt is empty", "prompt")
     if n >= max_len:
@@ -66,5 +74,3 @@ def check_request(limits: EngineLimits, prompt_token_ids: Sequence[int], max_new
             "tokens (max_model_len)",
             "max_tokens",
         )
-    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= limits.vocab_size:
-        raise RequestError(f"prompt token ids must lie in [0, {limits.vocab_size})", "prompt")

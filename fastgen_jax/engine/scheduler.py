@@ -74,16 +74,18 @@ import bisect
 import collections
 import dataclasses
 import itertools
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as SequenceABC
 
 import numpy as np
 
 from fastgen_jax.config import ConfigError, EngineConfig
-from fastgen_jax.engine.limits import check_pool_holds_a_sequence
+from fastgen_jax.engine.limits import check_length, check_pool_holds_a_sequence
 from fastgen_jax.engine.page_allocator import NULL_PAGE, PageAllocator, PageKey, PageTables
 from fastgen_jax.engine.sequence import Sequence, SequenceStatus, pages_for
-from fastgen_jax.engine.sla_policy import Composition, PromptCandidate, RequestSLA, SlaComposer
+from fastgen_jax.engine.sla_policy import Composition, PromptCandidate, SlaComposer
+from fastgen_jax.engine.timing import RequestSLA, RequestTiming
 
 _RUNNING = SequenceStatus.RUNNING
 MAX_STEPS_IN_FLIGHT = 2  # one running on the device, the next one scheduled beside it
@@ -153,7 +155,9 @@ class Scheduler:
         self._pending: dict[PageKey, Sequence] = {}  # prompt pages being computed -> their sequence
         self.prefix_cache_queries = 0  # tokens looked up at admission (every admission)
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
-        self.sla = _sla_composer(config) if config.policy == "sla" else None
+        self.clock: Callable[[], float] = time.monotonic  # of every request's timing (tests simulate one)
+        self.default_sla = RequestSLA(config.sla_prompt_rate, config.sla_token_rate)
+        self.sla = SlaComposer(clock=lambda: self.clock()) if config.policy == "sla" else None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -194,22 +198,19 @@ class Scheduler:
     # -- requests ---------------------------------------------------------------------------------
 
     def add(self, seq: Sequence, sla: RequestSLA | None = None, arrival: float | None = None) -> None:
-        """Queues a new sequence behind every earlier one. Policy "sla" only: `sla` replaces the
-        engine's default SLA for it, and `arrival` (on the composer's clock) is when it arrived."""
+        """Queues a new sequence behind every earlier one and starts its timing record (`seq.timing`):
+        `sla` replaces the engine's default SLA for it, and `arrival` (on `clock`, default now) is
+        when its SLA's clock started. Raises `RequestError` if it cannot fit (`check_length`)."""
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.num_output_tokens or seq.page_table:
             raise ValueError(f"add() takes a new sequence, got {seq}")
-        if seq.num_prompt_tokens + seq.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"request {seq.request_id!r}: prompt of {seq.num_prompt_tokens} tokens + "
-                f"max_tokens={seq.max_tokens} exceeds max_model_len={self.max_model_len}"
-            )
+        check_length(self.max_model_len, seq.num_prompt_tokens, seq.max_tokens)
+        arrival = self.clock() if arrival is None else arrival
+        seq.timing = RequestTiming.start(sla or self.default_sla, arrival, seq.num_prompt_tokens)
         seq.arrival_index = next(self._arrivals)
         self.waiting.append(seq)
         self._requests[seq.request_id] = seq
-        if self.sla is not None:
-            self.sla.arrived(seq.request_id, seq.num_prompt_tokens, sla, arrival)
 
     def finish(
         self, seq_or_id: Sequence | str, reason: SequenceStatus = SequenceStatus.FINISHED_STOPPED
@@ -274,8 +275,11 @@ class Scheduler:
             if seq.status is _RUNNING:
                 seq.num_computed_tokens = entry.start_position
 
-    def postprocess(self, output: SchedulerOutput, sampled_token_ids: SampledTokens) -> None:
-        """Records a finished step: advances the computed tokens and appends sampled ones.
+    def postprocess(
+        self, output: SchedulerOutput, sampled_token_ids: SampledTokens, now: float | None = None
+    ) -> None:
+        """Records a finished step: advances the computed tokens, appends sampled ones and notes
+        their time, `now` (default: `clock()`), in each sequence's timing record.
 
         `sampled_token_ids` maps request id to token id, or is aligned with `output.scheduled`
         (one entry per slab slot; entries of slots that need no sample are ignored). A slot that
@@ -291,6 +295,7 @@ class Scheduler:
         # A page of the prefix cache is filled when end % page_size < tokens written; without the cache
         # the modulus is never below 0. (Locals: this loop runs once per sequence per step.)
         page_size = self.page_size if self.prefix_caching else 1 << 62
+        now = self.clock() if now is None else now
         for entry, token in zip(output.scheduled, tokens, strict=True):
             seq = entry.seq
             if seq.is_finished:
@@ -301,14 +306,14 @@ class Scheduler:
             elif entry.needs_sample:
                 seq.num_pending_tokens -= 1
                 seq.append_token(token)
+            if entry.needs_sample:
+                seq.timing.tokens(entry.num_emitted, now)
             if seq.status is not _RUNNING:  # preempted while the step ran: its pages are gone
                 seq.num_prefill_tokens = seq.num_tokens
                 continue
             end = entry.start_position + n
             if end % page_size < n:
                 self._cache_written_pages(seq, entry.start_position, end)
-        if self.sla is not None:  # one entry per token: a step's later tokens come with no gap
-            self.sla.tokens_emitted(emitted_ids(output))
 
     def _take_verified(self, entry: ScheduledSeq, emitted: SequenceABC[int]) -> int:
         """Appends the tokens a speculating slot emitted; returns its rejected draft tokens, whose KV
@@ -421,7 +426,7 @@ class Scheduler:
 
     def _schedule_by_sla(self, out: SchedulerOutput) -> None:
         sla = self.sla
-        decodes = [(s, sla.records[s.request_id]) for s in self.running if not s.is_prefilling]
+        decodes = [(s, s.timing) for s in self.running if not s.is_prefilling]
         prompts = self._prompt_candidates()
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
         choice = sla.compose(decodes, prompts, self._step_budget, lambda n: sla.step_seconds(n, pairs))
@@ -451,9 +456,8 @@ class Scheduler:
     def _prompt_candidates(self) -> list[PromptCandidate]:
         """Started prefills, then waiting prompts (the first 2 x max_num_seqs of the queue that are not
         waiting for a page another sequence computes), each with its uncached remainder."""
-        records = self.sla.records
         out = [
-            PromptCandidate(s, records[s.request_id], s.num_remaining_prefill_tokens, True)
+            PromptCandidate(s, s.timing, s.num_remaining_prefill_tokens, True)
             for s in self.running
             if s.is_prefilling
         ]
@@ -461,7 +465,7 @@ class Scheduler:
             hit = self._cached_prefix(seq)
             if hit is not None:
                 remaining = seq.num_prefill_tokens - len(hit) * self.page_size
-                out.append(PromptCandidate(seq, records[seq.request_id], remaining, False))
+                out.append(PromptCandidate(seq, seq.timing, remaining, False))
         return out
 
     def _serve_prompts(self, out: SchedulerOutput, choice: Composition) -> set:
@@ -498,7 +502,7 @@ class Scheduler:
         self.waiting.remove(seq)
         self._start(seq, hit, num_pages)
         step = self.sla.step_seconds(self._step_budget, 0)
-        self.sla.admitted(self.sla.records[seq.request_id], seq.num_remaining_prefill_tokens, cap, step)
+        self.sla.admitted(seq.timing, seq.num_remaining_prefill_tokens, cap, step)
         self._push(out, seq, min(seq.num_remaining_prefill_tokens, cap))
         return True
 
@@ -588,8 +592,6 @@ class Scheduler:
         self._drop_pages(seq)
         seq.status = status
         del self._requests[seq.request_id]
-        if self.sla is not None:
-            self.sla.forget(seq.request_id)
 
     def _drop_pages(self, seq: Sequence) -> None:
         if self._pending and seq.status is _RUNNING:
@@ -629,10 +631,6 @@ class Scheduler:
         return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
 
 
-def _sla_composer(config: EngineConfig) -> SlaComposer:
-    return SlaComposer(RequestSLA(config.sla_prompt_rate, config.sla_token_rate))
-
-
 def _arrival(seq: Sequence) -> int:
     return seq.arrival_index
 
@@ -655,11 +653,6 @@ def _waits_for_step_in_flight(seq: Sequence) -> bool:
         or seq.num_draft_tokens > 0
         or seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
     )
-
-
-def emitted_ids(output: SchedulerOutput) -> list[str]:
-    """The request id of every token a postprocessed step gave, once per token, in slot order."""
-    return [e.seq.request_id for e in output.scheduled if e.needs_sample for _ in range(e.num_emitted)]
 
 
 def draftable(entry: ScheduledSeq) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastgen_jax.engine.page_allocator import ROOT_HASH, PageKey, page_keys
+from fastgen_jax.engine.timing import RequestTiming
 
 
 class SequenceStatus(enum.Enum):
@@ -49,8 +50,6 @@ class Sequence:
         cache_salt: str | None = None,
     ):
         prompt = [int(t) for t in prompt_token_ids]
-        if not prompt:
-            raise ValueError(f"request {request_id!r} has an empty prompt")
         if max_tokens < 1:
             raise ValueError(f"request {request_id!r} needs max_tokens >= 1, got {max_tokens}")
         self.request_id = request_id
@@ -61,6 +60,7 @@ class Sequence:
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.arrival_index = -1  # set by Scheduler.add; orders the queues
+        self.timing: RequestTiming | None = None  # its SLA and token times; set by Scheduler.add
         # tokens whose KV is in the cache once the steps scheduled so far have run (the scheduler counts
         # a step's tokens as computed when it schedules them; a failed step rolls them back)
         self.num_computed_tokens = 0

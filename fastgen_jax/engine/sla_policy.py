@@ -34,10 +34,11 @@ Per-request SLAs (`RequestSLA`: a priority, and the request's own P and R) repla
 defaults where given. With a prefix cache the scheduler passes each waiting prompt's uncached
 remainder, so predictions count only the tokens that will be computed.
 
-State per request lives in one `SlaRecord` the scheduler keeps on the composer, fed with arrival
-and token times from an injectable clock (`time.monotonic` in the engine, the server's clock, so the
-server can pass the time a request really arrived; a simulated one in tests). numpy only, like all
-of `fastgen_jax.engine`.
+What the policy knows of a request is its `RequestTiming` (`engine.timing`: the one record the
+budget controller and the server read too), on its sequence; the policy's own counters (skips, steps
+passed over, slack at admission) live there as well. Times come from the scheduler's clock
+(`time.monotonic` in the engine, the server's clock, so the server can pass the time a request really
+arrived; a simulated one in tests). numpy only, like all of `fastgen_jax.engine`.
 
 With overlap scheduling (step N+1 composed while step N runs), a deferred decode gets no token in
 step N: a composer must not assume it has one in step N+1; its record's skip count says so.
@@ -48,55 +49,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 
-from fastgen_jax.sla import ema_alpha, ema_update
+from fastgen_jax.engine.timing import ALPHA, RequestSLA, RequestTiming
+from fastgen_jax.sla import ema_update
 
-
-@dataclasses.dataclass(frozen=True)
-class RequestSLA:
-    """One request's SLA: first token within prompt_tokens / prompt_rate s, token-gap EMA within
-    1 / token_rate s. A lower `priority` is served earlier among the prompts that can still meet
-    their deadline (vLLM's convention; default 0)."""
-
-    prompt_rate: float = 512.0
-    token_rate: float = 4.0
-    priority: int = 0
-
-    def __post_init__(self):
-        if not (self.prompt_rate > 0 and self.token_rate > 0):
-            raise ValueError(f"SLA rates must be positive, got {self.prompt_rate=}, {self.token_rate=}")
-
-
-@dataclasses.dataclass
-class SlaRecord:
-    """What the policy knows of one request's timing."""
-
-    sla: RequestSLA
-    arrival: float
-    deadline: float  # when its first token is due
-    last: float | None = None  # when its last token came
-    ema: float | None = None  # EMA of its token gaps
-    missed: bool = False  # the SLA is lost for it
-    skips: int = 0  # decode steps deferred in a row
-    passed_over: int = 0  # steps in a row it was a prompt candidate and got no token
-    admission_slack: float | None = None  # deadline - now - predicted prefill time, at admission
-    late: bool = False  # a chunk of its prompt was scheduled past its deadline
-
-    @property
-    def max_gap(self) -> float:
-        return 1.0 / self.sla.token_rate
-
-    def due(self) -> float:
-        """When its next token is due: the first-token deadline, or (a preempted request
-        recomputing its tokens) its last token plus the gap bound."""
-        return self.deadline if self.last is None else self.last + self.max_gap
+__all__ = ["Composition", "PromptCandidate", "PromptChoice", "RequestSLA", "RequestTiming", "SlaComposer"]
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptCandidate:
     key: Hashable  # the scheduler's handle (a Sequence)
-    record: SlaRecord
+    record: RequestTiming
     remaining: int  # prompt tokens still to compute (the uncached remainder)
     running: bool  # a started prefill (pages held) rather than a waiting prompt
 
@@ -114,7 +78,7 @@ class Composition:
     decodes: list[Hashable]
     deferred: list[Hashable]
     prompts: list[PromptChoice]
-    records: dict[Hashable, SlaRecord] = dataclasses.field(default_factory=dict)  # of the decodes
+    records: dict[Hashable, RequestTiming] = dataclasses.field(default_factory=dict)  # of the decodes
 
 
 class SlaComposer:
@@ -122,59 +86,21 @@ class SlaComposer:
 
     def __init__(
         self,
-        default_sla: RequestSLA,
         model=None,
         clock: Callable[[], float] = time.monotonic,
-        ema_span: int = 16,
         margin: float = 0.9,
         max_skips: int = 4,
         max_pass_over: int = 8,
     ):
         if max_skips < 0 or max_pass_over < 0 or not 0 < margin <= 1:
             raise ValueError(f"bad SLA policy settings: {max_skips=}, {max_pass_over=}, {margin=}")
-        self.default_sla = default_sla
         self.model = model  # a StepTimeModel (predict(tokens, pairs) -> seconds), set by the owner
         self.clock = clock
-        self.alpha = ema_alpha(ema_span)
         self.margin = margin
         self.max_skips = max_skips
         self.max_pass_over = max_pass_over
-        self.records: dict[str, SlaRecord] = {}
         self.deferred_decodes = 0  # decode steps deferred, in all
         self.prompts_past_deadline = 0  # requests with a prompt chunk scheduled past its deadline
-
-    # -- timing -----------------------------------------------------------------------------------
-
-    def arrived(
-        self, request_id: str, prompt_tokens: int, sla: RequestSLA | None = None, arrival: float | None = None
-    ) -> SlaRecord:
-        """Starts a request's record; `arrival` (default: now, on `clock`) is when the SLA's clock
-        started for it, e.g. when the server received it."""
-        sla = sla or self.default_sla
-        arrival = self.clock() if arrival is None else arrival
-        record = SlaRecord(sla, arrival, arrival + prompt_tokens / sla.prompt_rate)
-        self.records[request_id] = record
-        return record
-
-    def tokens_emitted(self, request_ids: Iterable[str]) -> None:
-        now = self.clock()
-        for rid in request_ids:
-            r = self.records.get(rid)
-            if r is None:
-                continue
-            if r.last is None:
-                r.missed |= now > r.deadline
-            else:
-                r.ema = ema_update(r.ema, now - r.last, self.alpha)
-                r.missed |= r.ema > r.max_gap
-            r.last = now
-
-    def forget(self, request_id: str) -> None:
-        self.records.pop(request_id, None)
-
-    def admission_slack(self, request_id: str) -> float | None:
-        r = self.records.get(request_id)
-        return None if r is None else r.admission_slack
 
     # -- composing --------------------------------------------------------------------------------
 
@@ -184,7 +110,7 @@ class SlaComposer:
 
     def compose(
         self,
-        decodes: list[tuple[Hashable, SlaRecord]],
+        decodes: list[tuple[Hashable, RequestTiming]],
         prompts: list[PromptCandidate],
         budget: int,
         step_seconds: Callable[[int], float],
@@ -225,7 +151,7 @@ class SlaComposer:
         hopeless.sort(key=lambda p: (p.record.sla.priority, p.record.arrival))
         return feasible, hopeless, urgent
 
-    def _deferrable(self, decodes: list[tuple[Hashable, SlaRecord]], now: float, step: float) -> list:
+    def _deferrable(self, decodes: list[tuple[Hashable, RequestTiming]], now: float, step: float) -> list:
         """Keys of the decodes that may wait a step, lost ones first, then most slack first."""
         if step <= 0:
             return []
@@ -239,12 +165,12 @@ class SlaComposer:
                 candidates.append((-slack, i, key))
         return [key for *_, key in sorted(candidates, key=lambda c: c[:2])]
 
-    def _slack_after_skip(self, r: SlaRecord, now: float, step: float) -> float:
+    def _slack_after_skip(self, r: RequestTiming, now: float, step: float) -> float:
         """How far under `margin` / R the gap EMA stays if the token comes a step later (< 0: it breaks)."""
         if r.last is None:
             return -1.0
         gap = now + 2 * step - r.last
-        return self.margin * r.max_gap - ema_update(r.ema, gap, self.alpha)
+        return self.margin * r.max_gap - ema_update(r.ema, gap, ALPHA)
 
     # -- after the scheduler served the composition -----------------------------------------------
 
@@ -267,7 +193,7 @@ class SlaComposer:
                 r.late = True
                 self.prompts_past_deadline += 1
 
-    def admitted(self, record: SlaRecord, remaining: int, room: int, step: float) -> None:
+    def admitted(self, record: RequestTiming, remaining: int, room: int, step: float) -> None:
         """Notes a prompt's slack when it is first admitted: deadline - now - predicted prefill time."""
         if record.admission_slack is None:
             predicted = _steps_for(remaining, max(room, 1)) * step

@@ -92,9 +92,9 @@ class ServerState(RequestBuilder):
 
     def _finished(self, tracked, out, now: float) -> None:
         own_sla = tracked.request.sla
-        verdict = self.metrics.request_finished(tracked.arrival, tracked.token_times, out, now, own_sla)
+        verdict = self.metrics.request_finished(out, now, own_sla)
         if self.request_log is not None:
-            self.request_log.write(tracked.arrival, tracked.token_times, out, now, verdict, own_sla)
+            self.request_log.write(out, now, verdict, own_sla)
 
 
 # ---------------------------------------------------------------------- generation routes

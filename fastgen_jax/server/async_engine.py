@@ -106,15 +106,14 @@ class GenerationRequest:
 
 @dataclasses.dataclass
 class _Tracked:
-    """Engine-thread record of one request: where its outputs go and its timings."""
+    """Engine-thread record of one request: where its outputs go, and the router's estimate of the
+    work it has left. Its timings are the engine's (`RequestOutput.timing`), not kept here."""
 
     request: GenerationRequest
     index: int
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
-    arrival: float
-    # when each token left (the tokens of one step share a time)
-    token_times: list[float] = dataclasses.field(default_factory=list)
+    arrival: float  # when the server received it: the engine starts the request's SLA clock there
     # tokens still to process: the prompt (less what the prefix cache is expected to serve) until its
     # first token, then what is left to generate
     work: int = 0
@@ -122,10 +121,6 @@ class _Tracked:
 
     def __post_init__(self):
         self.work = len(self.request.prompt_token_ids) + self.request.params.max_new_tokens
-
-    @property
-    def first_token(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
 
 
 class RequestGroup:
@@ -286,7 +281,8 @@ class AsyncEngine:
     @staticmethod
     def _progress(t: _Tracked, out: RequestOutput) -> int:
         """Takes what `out` did off `t.work` (engine thread only); returns that many tokens."""
-        answered = t.first_token is None and out.new_token_ids  # the prompt is done with its first token
+        # the prompt is done with its first token
+        answered = out.new_token_ids and out.generated_length == len(out.new_token_ids)
         prompt = out.prompt_length - t.expected_cached if answered else 0
         done = min(len(out.new_token_ids) + prompt, t.work)
         t.work -= done
@@ -375,8 +371,6 @@ class AsyncEngine:
             t = self._tracked.get(out.request_id)
             if t is None:
                 continue
-            # the engine's clock, which its budget controller reads; a step may emit several (speculation)
-            t.token_times.extend([out.time] * len(out.new_token_ids))
             if out.finished:
                 del self._tracked[out.request_id]
                 self._release(t)

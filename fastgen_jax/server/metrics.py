@@ -253,15 +253,12 @@ class ServerMetrics:
                 self.sla_own_requests.labels(part, outcome)
 
     def request_finished(
-        self,
-        arrival: float,
-        token_times: list[float],
-        out: RequestOutput,
-        now: float,
-        own_sla: RequestSLA | None = None,
+        self, out: RequestOutput, now: float, own_sla: RequestSLA | None = None
     ) -> Verdict | None:
-        """Observes a request as it finishes (`token_times`: when its tokens were emitted); returns its
-        SLA verdict (by `own_sla` when it set one), None when it was not judged."""
+        """Observes a request as it finishes (`out.timing`: when it arrived and when its tokens were
+        emitted, on the engine's clock); returns its SLA verdict (by `own_sla` when it set one), None
+        when it was not judged."""
+        arrival, token_times = out.timing.arrival, out.timing.token_times
         reason = out.finish_reason or "abort"
         self.finished.labels(reason).inc()
         self.prompt_tokens.observe(out.prompt_length)

@@ -226,10 +226,7 @@ class RequestBuilder:
             raise APIError(400, "prompt is empty", "prompt")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
-        prompts = [self.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
-        if any(not p for p in prompts):
-            raise APIError(400, "prompt holds an empty prompt", "prompt")
-        return prompts
+        return [self.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
 
     def _requests(
         self,

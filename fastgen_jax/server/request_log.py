@@ -34,15 +34,12 @@ class RequestLog:
         self._lock = threading.Lock()
 
     def write(
-        self,
-        arrival: float,
-        token_times: list[float],
-        out: RequestOutput,
-        now: float,
-        verdict: Verdict | None,
-        own_sla: RequestSLA | None = None,
+        self, out: RequestOutput, now: float, verdict: Verdict | None, own_sla: RequestSLA | None = None
     ) -> None:
-        """Logs a request that arrived at `arrival` (time.monotonic) and finished at `now`."""
+        """Logs a finished request (`out.timing`: when it arrived and got its tokens, time.monotonic)
+        that finished at `now`."""
+        timing = out.timing
+        arrival, token_times = timing.arrival, timing.token_times
         entry = {
             "arrival": round(time.time() - (time.monotonic() - arrival), 6),
             "prompt_tokens": out.prompt_length,
@@ -53,7 +50,7 @@ class RequestLog:
             "sla_prompt": verdict.prompt if verdict else None,
             "sla_generation": verdict.generation if verdict else None,
             "sla": dataclasses.asdict(own_sla) if own_sla else None,
-            "admission_slack": None if out.admission_slack is None else round(out.admission_slack, 6),
+            "admission_slack": None if timing.admission_slack is None else round(timing.admission_slack, 6),
         }
         with self._lock:
             self._file.write(json.dumps(entry) + "\n")

@@ -12,11 +12,22 @@ import pytest
 
 from fastgen_jax.engine.budget import BudgetController, StepTimeModel, attended_pairs
 from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.timing import RequestSLA, RequestTiming
 from fastgen_jax.sla import SLA
 
 BUCKETS = (16, 32, 64, 128, 256, 512)
 RATE = 4.0  # tokens/s: EMA of gaps <= 0.25 s; the controller aims at 0.85 x 0.25 = 0.2125 s
+TARGET = 0.85 / RATE
 JUDGE = SLA(prompt_rate=1.0, token_rate=RATE)
+REQUEST_SLA = RequestSLA(prompt_rate=100.0, token_rate=RATE)
+
+
+def timing(arrival=0.0, prompt_tokens=0, *token_times):
+    """A request's timing record (as `Scheduler.add` starts it) that got tokens at `token_times`."""
+    t = RequestTiming.start(REQUEST_SLA, arrival, prompt_tokens)
+    for now in token_times:
+        t.tokens(1, now)
+    return t
 
 
 @dataclasses.dataclass
@@ -40,7 +51,7 @@ class Simulation:
         self.controller, self.machine = controller, machine
         self.rng = np.random.default_rng(seed)
         self.now, self.next_id = 0.0, 0
-        self.decoding = {}  # request id -> token times
+        self.decoding = {}  # request id -> its timing record
         self.finished = []  # token times of finished requests
         self.choices = []
         self.num_decodes, self.gen_len = num_decodes, gen_len
@@ -50,14 +61,15 @@ class Simulation:
         while len(self.decoding) < self.num_decodes:
             rid = f"r{self.next_id}"
             self.next_id += 1
-            self.decoding[rid] = [self.now]  # its first token, from the prompt's last chunk
-            self.controller.tokens_emitted([rid], self.now)
+            self.decoding[rid] = timing(
+                self.now, 0, self.now
+            )  # its first token, from the prompt's last chunk
 
     def step(self):
         n = len(self.decoding)
-        contexts = {rid: 100 + len(times) for rid, times in self.decoding.items()}
+        contexts = {rid: 100 + len(t.token_times) for rid, t in self.decoding.items()}
         pairs = sum(c + 1 for c in contexts.values())
-        budget = self.controller.choose(n, pairs, 0, self.controller.allowed_gap(self.decoding))
+        budget = self.controller.choose(n, pairs, 0, self.controller.allowed_gap(self.decoding.values()))
         self.choices.append(budget)
         scheduled = [
             ScheduledSeq(types.SimpleNamespace(request_id=r), 1, c, True) for r, c in contexts.items()
@@ -65,13 +77,12 @@ class Simulation:
         scheduled.append(ScheduledSeq(types.SimpleNamespace(request_id="prompt"), budget - n, 0, False))
         seconds = self.machine.step_seconds(budget, pairs + attended_pairs(budget - n, 0), self.rng)
         self.now += seconds
-        self.controller.step_done(budget, scheduled, seconds, self.now)
-        for rid, times in list(self.decoding.items()):
-            times.append(self.now)
-            if len(times) == self.gen_len:
-                self.finished.append(times)
+        self.controller.step_done(budget, scheduled, seconds)
+        for rid, t in list(self.decoding.items()):
+            t.tokens(1, self.now)
+            if len(t.token_times) == self.gen_len:
+                self.finished.append(t.token_times)
                 del self.decoding[rid]
-                self.controller.forget(rid)
         self._top_up()
 
     def run(self, steps):
@@ -84,7 +95,7 @@ class Simulation:
 
 
 def seeded(machine):
-    controller = BudgetController(BUCKETS, RATE)
+    controller = BudgetController(BUCKETS)
     for bucket in BUCKETS:
         controller.seed(bucket, machine.mean_seconds(bucket, 0))
     return controller
@@ -98,7 +109,7 @@ def switches(choices, far_only=False):
 
 
 def test_from_no_knowledge_it_settles_on_the_buckets_either_side_of_the_target():
-    sim = Simulation(BudgetController(BUCKETS, RATE), Machine()).run(400)
+    sim = Simulation(BudgetController(BUCKETS), Machine()).run(400)
     settled = sim.choices[50:]
     assert set(settled) == {128, 256}  # 0.15 s fits 0.2125 s; 0.25 s only with EMA slack
     assert switches(settled, far_only=True) == 0
@@ -106,7 +117,7 @@ def test_from_no_knowledge_it_settles_on_the_buckets_either_side_of_the_target()
 
 
 def test_it_does_not_swing_between_extremes_under_noise():
-    sim = Simulation(BudgetController(BUCKETS, RATE), Machine(noise=0.1), seed=1).run(600)
+    sim = Simulation(BudgetController(BUCKETS), Machine(noise=0.1), seed=1).run(600)
     settled = sim.choices[50:]
     assert 16 not in settled and 32 not in settled and 512 not in settled
     assert switches(settled, far_only=True) == 0
@@ -120,14 +131,14 @@ def test_every_request_meets_the_generation_sla_when_a_bucket_fits():
 
 
 def test_slack_is_spent_on_bigger_steps_than_the_per_step_bound_allows():
-    sim = Simulation(BudgetController(BUCKETS, RATE), Machine()).run(400)
+    sim = Simulation(BudgetController(BUCKETS), Machine()).run(400)
     assert np.mean(sim.choices[50:]) > 128  # a fixed per-step bound of 0.2125 s would pick 128
     assert all(sim.generation_sla_met(since=sim.now / 4))
 
 
 def test_when_no_bucket_fits_it_takes_the_smallest_with_room_beside_the_decodes():
     controller = seeded(Machine(seconds_per_step=1.0))  # every step misses 0.25 s
-    target = controller.target_gap
+    target = TARGET
     assert controller.choose(8, 800, 0, target) == 16
     assert controller.choose(16, 1600, 0, target) == 32
     assert controller.choose(512, 51200, 0, target) == 512  # the budget always holds every decode
@@ -141,7 +152,7 @@ def test_with_nothing_decoding_or_nothing_left_to_protect_it_takes_the_largest_b
 
 def test_it_follows_a_load_step_to_smaller_budgets_and_back():
     machine = Machine(seconds_per_pair=2e-6)
-    sim = Simulation(BudgetController(BUCKETS, RATE), machine, num_decodes=2).run(300)
+    sim = Simulation(BudgetController(BUCKETS), machine, num_decodes=2).run(300)
     light = sim.choices[-100:]
     assert set(light) == {128, 256}
     sim.num_decodes = 16  # clients jump from 2 to 16; the machine also slows down
@@ -167,39 +178,33 @@ def test_the_step_time_model_learns_a_linear_machine():
 
 
 def test_allowed_gap_is_the_ema_headroom_of_the_tightest_request_capped():
-    c = BudgetController(BUCKETS, RATE, margin=0.8, max_burst=2.0)  # target 0.2 s, cap 0.4 s
+    c = BudgetController(BUCKETS, margin=0.8, max_burst=2.0)  # target 0.2 s, cap 0.4 s
     alpha = 2 / 17
-    c.tokens_emitted(["a", "b", "new", "lost"], 0.0)
-    c.tokens_emitted(["a"], 0.1)  # a: EMA 0.1
-    c.tokens_emitted(["b"], 0.19)  # b: EMA 0.19
-    c.tokens_emitted(["lost"], 1.0)  # lost: a first gap of 1 s: the SLA is gone for it
-    assert c.allowed_gap(["a"]) == pytest.approx(0.4)  # headroom (0.2 - 0.1 (1 - alpha)) / alpha: 0.95
-    assert c.allowed_gap(["a", "b"]) == pytest.approx((0.2 - 0.19 * (1 - alpha)) / alpha)
-    assert c.allowed_gap(["a", "new"]) == pytest.approx(0.2)
-    assert c.allowed_gap(["lost"]) == math.inf
-    c.forget("new")
-    assert c.allowed_gap(["new"]) == pytest.approx(0.2)  # unknown again: treated as new
+    a = timing(0.0, 0, 0.0, 0.1)  # EMA 0.1
+    b = timing(0.0, 0, 0.0, 0.19)  # EMA 0.19
+    new = timing(0.0, 0, 0.0)  # no gap yet
+    lost = timing(0.0, 0, 0.0, 1.0)  # a first gap of 1 s: the SLA is gone for it
+    assert c.allowed_gap([a]) == pytest.approx(0.4)  # headroom (0.2 - 0.1 (1 - alpha)) / alpha: 0.95
+    assert c.allowed_gap([a, b]) == pytest.approx((0.2 - 0.19 * (1 - alpha)) / alpha)
+    assert c.allowed_gap([a, new]) == pytest.approx(0.2)
+    assert c.allowed_gap([lost]) == math.inf
+    own = RequestTiming.start(RequestSLA(token_rate=2.0), 0.0, 0)  # its own SLA: gaps up to 0.5 s
+    assert c.allowed_gap([own]) == pytest.approx(0.4)  # its target 0.8 x 0.5 s
 
 
 def test_step_done_learns_the_padded_bucket_and_the_attended_pairs():
-    c = BudgetController(BUCKETS, RATE)
+    c = BudgetController(BUCKETS)
     seq = types.SimpleNamespace(request_id="a")
-    c.step_done(64, [ScheduledSeq(seq, 1, 9, True), ScheduledSeq(seq, 20, 0, False)], 0.3, now=5.0)
+    c.step_done(64, [ScheduledSeq(seq, 1, 9, True), ScheduledSeq(seq, 20, 0, False)], 0.3)
     assert attended_pairs(1, 9) == 10 and attended_pairs(20, 0) == 210
     assert c.model.predict(64, 220) == pytest.approx(0.3, rel=0.01)
-    assert c.allowed_gap(["a"]) == pytest.approx(c.target_gap)  # "a" got its first token at 5.0
 
 
 def test_a_request_whose_first_token_missed_the_prompt_sla_is_not_protected():
-    c = BudgetController(BUCKETS, RATE, prompt_rate=100.0)  # first token within prompt_tokens / 100 s
-    c.arrived("late", 0.0, prompt_tokens=100)  # deadline 1.0 s
-    c.arrived("on_time", 0.0, prompt_tokens=100)
-    c.tokens_emitted(["late"], 1.5)
-    c.tokens_emitted(["on_time"], 0.9)
-    assert c.allowed_gap(["late"]) == math.inf  # nothing to protect: the largest budget is allowed
-    assert c.allowed_gap(["late", "on_time"]) == pytest.approx(c.target_gap)
-    assert c.choose(1, 100, 0, c.allowed_gap(["late"])) == 512
-    without_rate = BudgetController(BUCKETS, RATE)  # the prompt rate unknown: every request counts
-    without_rate.arrived("late", 0.0, prompt_tokens=100)
-    without_rate.tokens_emitted(["late"], 1.5)
-    assert without_rate.allowed_gap(["late"]) == pytest.approx(c.target_gap)
+    c = BudgetController(BUCKETS)
+    late = timing(0.0, 100, 1.5)  # first token due at 100 / 100 = 1.0 s
+    on_time = timing(0.0, 100, 0.9)
+    assert late.missed and not on_time.missed
+    assert c.allowed_gap([late]) == math.inf  # nothing to protect: the largest budget is allowed
+    assert c.allowed_gap([late, on_time]) == pytest.approx(TARGET)
+    assert c.choose(1, 100, 0, c.allowed_gap([late])) == 512

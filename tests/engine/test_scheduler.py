@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastgen_jax.config import SCHEDULING_POLICIES, ConfigError, EngineConfig
 from fastgen_jax.engine import Scheduler, Sequence, SequenceStatus, StepPlanner, pages_for
+from fastgen_jax.engine.limits import RequestError
 from fastgen_jax.engine.speculative import Speculator
 
 TOKEN = 7  # every "sampled" token in these tests
@@ -334,8 +335,12 @@ def test_decoding_past_max_tokens_is_an_engine_bug():
 
 def test_add_rejects_a_request_longer_than_max_model_len():
     s = make_scheduler(max_model_len=16)
-    with pytest.raises(ValueError, match="prompt of 10 tokens \\+ max_tokens=7 exceeds max_model_len=16"):
+    with pytest.raises(
+        RequestError, match="prompt \\(10 tokens\\) \\+ max_tokens \\(7\\) exceeds the context of 16"
+    ):
         add(s, "a", 10, max_tokens=7)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        add(s, "b", 0)
 
 
 def test_add_rejects_a_duplicate_request_id():
@@ -345,9 +350,7 @@ def test_add_rejects_a_duplicate_request_id():
         add(s, "a", 3)
 
 
-def test_a_sequence_needs_a_prompt_and_max_tokens():
-    with pytest.raises(ValueError, match="empty prompt"):
-        Sequence("a", [], 4)
+def test_a_sequence_needs_max_tokens():  # an empty prompt: the add test above (`check_length`)
     with pytest.raises(ValueError, match="max_tokens >= 1"):
         Sequence("a", [1], 0)
 

@@ -3,14 +3,14 @@ random workloads with random per-request SLAs and a simulated clock (step second
 
 import collections
 import dataclasses
-import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgen_jax.engine import Sequence
-from fastgen_jax.engine.sla_policy import PromptCandidate, RequestSLA, SlaComposer, SlaRecord
+from fastgen_jax.engine.sla_policy import PromptCandidate, RequestSLA, RequestTiming, SlaComposer
+from fastgen_jax.sla import SLA
 from tests.engine.test_scheduler import Simulation, make_scheduler, prompt_of, step, workloads
 
 
@@ -33,18 +33,26 @@ class Clock:
         return self.now
 
 
+DEFAULT_SLA = RequestSLA(prompt_rate=100.0, token_rate=4.0)
+
+
 def composer(clock, **kwargs):
-    return SlaComposer(RequestSLA(prompt_rate=100.0, token_rate=4.0), LinearMachine(), clock, **kwargs)
+    return SlaComposer(LinearMachine(), clock, **kwargs)
+
+
+def arrived(c, tokens, sla=None):
+    """A request's timing record as `Scheduler.add` starts it, arriving now on the composer's clock."""
+    return RequestTiming.start(sla or DEFAULT_SLA, c.clock(), tokens)
 
 
 def decoding(c, rid, last, ema):
-    record = c.arrived(rid, 1)
-    record.last, record.ema = last, ema
+    record = arrived(c, 1)
+    record.token_times, record.ema = [last], ema
     return (rid, record)
 
 
 def prompt(c, rid, tokens, running=False, sla=None):
-    return PromptCandidate(rid, c.arrived(rid, tokens, sla), tokens, running)
+    return PromptCandidate(rid, arrived(c, tokens, sla), tokens, running)
 
 
 # -- the composer on hand-made cases --------------------------------------------------------------
@@ -128,26 +136,25 @@ def test_a_prompt_passed_over_max_pass_over_steps_goes_first_as_urgent():
 
 
 def test_the_record_follows_the_sla_judge():
-    clock = Clock()
-    c = composer(clock)
-    c.arrived("a", 50)  # first token due at 0.5 s
-    clock.now = 0.6
-    c.tokens_emitted(["a"])
-    assert c.records["a"].missed  # late first token
-    c.arrived("b", 50)
-    clock.now = 0.7
-    c.tokens_emitted(["b"])
-    clock.now = 0.9
-    c.tokens_emitted(["b"])
-    record = c.records["b"]
-    assert not record.missed and record.ema == pytest.approx(0.2) and record.due() == pytest.approx(1.15)
+    a = RequestTiming.start(DEFAULT_SLA, 0.0, 50)  # first token due at 0.5 s
+    a.tokens(1, 0.6)
+    assert a.missed  # late first token
+    b = RequestTiming.start(DEFAULT_SLA, 0.6, 50)  # due at 1.1 s
+    b.tokens(1, 0.7)
+    b.tokens(1, 0.9)
+    assert not b.missed and b.ema == pytest.approx(0.2) and b.due() == pytest.approx(1.15)
+    assert b.token_times == [0.7, 0.9] and b.first_token == 0.7 and b.last == 0.9
+    verdict = SLA(DEFAULT_SLA.prompt_rate, DEFAULT_SLA.token_rate).judge(0.6, 50, b.token_times)
+    assert verdict.both  # the server's judge agrees with the record
+    b.tokens(2, 2.0)  # two tokens of one step (an accepted draft): a gap of 1.1 s, then none
+    assert b.token_times[-2:] == [2.0, 2.0] and b.missed  # the EMA passed 1 / R = 0.25 s
 
 
 def test_bad_settings_and_rates_are_rejected():
     with pytest.raises(ValueError, match="token_rate"):
         RequestSLA(token_rate=0)
     with pytest.raises(ValueError, match="max_skips"):
-        SlaComposer(RequestSLA(), max_skips=-1)
+        SlaComposer(max_skips=-1)
 
 
 # -- the scheduler under the policy ---------------------------------------------------------------
@@ -156,14 +163,14 @@ def test_bad_settings_and_rates_are_rejected():
 def test_the_scheduler_defers_a_decode_for_a_prompt_that_needs_the_room_and_counts_it():
     s = make_scheduler(policy="sla", budget=8, max_num_seqs=4)
     clock = Clock()
-    s.sla.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01)  # full step 0.13 s
+    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01)  # full step 0.13 s
     s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=0.5))
     assert step(s) == [("d", 4, 0, True)]
     clock.now = 0.1
     s.add(Sequence("p", range(200, 208), 8), RequestSLA(prompt_rate=40.0, token_rate=4.0))  # due 0.3 s
     assert step(s) == [("p", 8, 0, True)]  # 8 tokens of a 0.13 s step: "d" waits, it has 2 s of slack
     assert s.sla.deferred_decodes == 1 and s.sla.prompts_past_deadline == 0
-    assert s.sla.admission_slack("p") == pytest.approx(0.3 - 0.1 - 0.13)
+    assert s.get("p").timing.admission_slack == pytest.approx(0.3 - 0.1 - 0.13)
     assert step(s) == [("d", 1, 4, True), ("p", 1, 8, True)]
 
 
@@ -177,8 +184,7 @@ class SlaSimulation(Simulation):
     def __init__(self, workload, slas, machine):
         super().__init__(workload)
         self.slas, self.machine, self.clock = slas, machine, Clock()
-        composer = self.scheduler.sla
-        composer.clock, composer.model = self.clock, machine
+        self.scheduler.clock, self.scheduler.sla.model = self.clock, machine
         self.skipped = collections.Counter()  # consecutive steps a decode got no token
         self.passed = collections.Counter()  # consecutive steps a started prefill got no token
         self.overtaken = collections.Counter()  # steps a later prompt was admitted while it waited
@@ -253,14 +259,14 @@ def test_sla_in_a_pool_of_one_sequence_never_deadlocks(workload, slas, machine):
 
 
 def test_no_model_means_no_deferral():
-    c = SlaComposer(RequestSLA())
+    c = SlaComposer()
     assert c.step_seconds(64, 0) == 0.0
     choice = c.compose(
         [decoding(c, "d", 0.0, 0.1)], [prompt(c, "p", 10**6)], budget=2, step_seconds=lambda n: 0.0
     )
-    assert choice.decodes == ["d"] and math.isfinite(c.records["p"].deadline)
+    assert choice.decodes == ["d"]
 
 
 def test_a_record_is_a_plain_dataclass():
-    record = SlaRecord(RequestSLA(), arrival=0.0, deadline=1.0)
-    assert record.due() == 1.0 and record.max_gap == 0.25
+    record = RequestTiming(RequestSLA(), arrival=0.0, deadline=1.0)
+    assert record.due() == 1.0 and record.max_gap == 0.25 and record.last is None

@@ -101,6 +101,7 @@ def test_a_constrained_request_cut_by_max_tokens_says_length(engine):
     assert out["r"][2] == "length" and set(out["r"][0]) == {"a"}
 
 
+@pytest.mark.overlap
 def test_a_constrained_request_decodes_every_step_with_overlap_on(engine):
     """While a request has structured outputs the engine runs steps one at a time (its mask needs its
     last token), so it gets a token every step rather than every other one."""
