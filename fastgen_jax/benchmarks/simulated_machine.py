@@ -10,6 +10,7 @@ the engine does), and its clock is the simulated one.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fastgen_jax.benchmarks import trace
 from fastgen_jax.config import EngineConfig
@@ -31,6 +32,11 @@ class Arrival:
 class Machine:
     seconds_per_step: float = 0.03
     seconds_per_token: float = 0.0012
+    padded: bool = False  # a step costs its token bucket's tokens (as the engine pads the slab)
+
+    def bucket(self, tokens: int, buckets: tuple[int, ...]) -> int:
+        """The tokens a step of `tokens` costs: its bucket's when `padded`."""
+        return min((b for b in buckets if b >= tokens), default=tokens) if self.padded else tokens
 
     def step_seconds(self, tokens: int) -> float:
         return self.seconds_per_step + self.seconds_per_token * tokens
@@ -50,10 +56,20 @@ def run(
     budget=256,
     adaptive=False,
     max_num_seqs=32,
-    max_steps=200_000,
 ):
     """Serves `arrivals` under `policy`; returns the verdicts (SLA met, both parts) in arrival order.
     With `adaptive`, a `BudgetController` picks each step's budget (`--token_budget=auto`)."""
+    return _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, None)[0]
+
+
+def run_closed_loop(policy, shapes, clients: int, sla: SLA, machine=Machine(), budget=256, adaptive=False):
+    """A closed loop, as `bench_serving.py`'s sweep: `clients` clients each send the next of `shapes`
+    (their arrival times are ignored) as soon as their previous request finished. Returns the
+    verdicts in order and the seconds until the last request finished."""
+    return _serve(policy, shapes, sla, machine, budget, adaptive, 32, clients)
+
+
+def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clients, max_steps=200_000):
     config = EngineConfig(
         token_budget=budget,
         max_num_seqs=max_num_seqs,
@@ -71,33 +87,39 @@ def run(
     model = controller.model if adaptive else StepTimeModel(budget)
     if scheduler.sla is not None:
         scheduler.sla.model = model
-    seqs: list[Sequence] = []
+    seqs: dict[int, Sequence] = {}
+    if clients is not None:  # arrival times are set as the loop goes (`arrival_time`)
+        arrivals = [
+            dataclasses.replace(a, time=0.0 if i < clients else math.inf) for i, a in enumerate(arrivals)
+        ]
     pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
-    for _ in range(200_000):
+    for _ in range(max_steps):
         while pending and pending[0][1].time <= now[0]:
             i, a = pending.pop(0)
-            seqs.append(Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens))
-            scheduler.add(seqs[-1], a.sla, a.time)
+            seqs[i] = Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens)
+            scheduler.add(seqs[i], a.sla, a.time)
         if not scheduler.has_unfinished():
             if not pending:
                 break
             now[0] = pending[0][1].time
             continue
         output = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
-        seconds = machine.step_seconds(output.num_tokens)
+        bucket = machine.bucket(output.num_tokens, config.token_buckets)
+        seconds = machine.step_seconds(bucket)
         now[0] += seconds
-        observe_step(model, output.num_tokens, output.scheduled, seconds)
+        observe_step(model, bucket, output.scheduled, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)  # the tokens' time: now, on its clock
         for e in output.scheduled:
             if e.needs_sample and e.seq.num_output_tokens == e.seq.max_tokens:
                 scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
+                unsent = [k for k, (_, a) in enumerate(pending) if a.time == math.inf]
+                if clients is not None and unsent:  # its client sends the next request now
+                    i, a = pending.pop(unsent[0])
+                    arrivals[i] = dataclasses.replace(a, time=now[0])
+                    pending.insert(0, (i, arrivals[i]))
     else:
         raise AssertionError("the simulation did not end")
-    arrived = sorted(enumerate(arrivals), key=lambda a: a[1].time)  # the order seqs were added in
-    verdicts = [False] * len(arrivals)
-    for (i, a), seq in zip(arrived, seqs, strict=True):
-        verdicts[i] = _judge(sla, a, seq.timing.token_times)
-    return verdicts
+    return [_judge(sla, a, seqs[i].timing.token_times) for i, a in enumerate(arrivals)], now[0]
 
 
 def _judge(default: SLA, a: Arrival, token_times: list[float]) -> bool:

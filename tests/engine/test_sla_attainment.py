@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from fastgen_jax.benchmarks.simulated_machine import Arrival, fastgen_shaped, run
+from fastgen_jax.benchmarks.simulated_machine import Arrival, Machine, fastgen_shaped, run, run_closed_loop
 from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.sla import SLA
 
@@ -62,3 +62,19 @@ def test_every_request_finishes_under_every_policy_even_when_most_are_hopeless()
     arrivals = fastgen_shaped(60, 4.0, seed=9)  # far past capacity: almost nobody can meet the SLA
     for policy in ("splitfuse", "prefill_first", "sla"):
         assert len(run(policy, arrivals, SLA_CPU)) == len(arrivals)  # run() raises if one never ends
+
+
+@pytest.mark.parametrize("clients", [4, 8])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_in_a_closed_loop_sla_has_at_least_the_best_effective_throughput(clients, seed):
+    """The sweep's shape (`compare_policies.sh`: each client sends its next request when its last one
+    finished) on a machine that pads each step to its token bucket: requests within the SLA per
+    second, at least the better FastGen policy's."""
+    machine, sla = Machine(0.08, 0.0022, padded=True), SLA(prompt_rate=128, token_rate=1)
+    shapes = fastgen_shaped(40, 1.0, seed=seed)
+    rates = {}
+    for policy in ("splitfuse", "prefill_first", "sla"):
+        verdicts, seconds = run_closed_loop(policy, shapes, clients, sla, machine)
+        assert len(verdicts) == 40 and seconds > 0
+        rates[policy] = sum(verdicts) / seconds
+    assert rates["sla"] >= max(rates["splitfuse"], rates["prefill_first"]), rates
