@@ -111,6 +111,13 @@ _LLAMA_CPP_CACHE_TYPE = flags.DEFINE_enum(
 _LLAMA_CPP_ARGS = flags.DEFINE_string(
     "llama_cpp_args", "", "Extra llama-server arguments, space-separated (e.g. '--poll 0')."
 )
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Our engine's weights, activations and KV cache (transformers stays float32: its agreement then "
+    "says what bfloat16 costs in accuracy).",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
     "output_json",
@@ -155,6 +162,7 @@ class BenchConfig:
     llama_cpp_threads: int = 2
     llama_cpp_cache_type: str = "f16"
     llama_cpp_args: str = ""
+    dtype: str = "float32"
 
     def __post_init__(self):
         for name in (
@@ -224,6 +232,7 @@ def config_from_flags() -> BenchConfig:
             "llama_cpp_threads",
             "llama_cpp_cache_type",
             "llama_cpp_args",
+            "dtype",
         )
     }
     if values["quick"]:
@@ -351,7 +360,7 @@ def load_engine(cfg: BenchConfig):
     )
     start = time.perf_counter()
     # An absolute path: orbax refuses relative ones.
-    engine = LLMEngine.from_pretrained(os.path.abspath(cfg.model), engine_config, dtype="float32")
+    engine = LLMEngine.from_pretrained(os.path.abspath(cfg.model), engine_config, dtype=cfg.dtype)
     print(
         f"fastgen-jax: loaded and compiled {engine.runner.num_compiled} step programs in "
         f"{time.perf_counter() - start:.1f} s",
@@ -564,7 +573,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"workload: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
         f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
         f"{wl['gen_len_mean']}, seed {wl['seed']})",
-        f"model: {report['model']}, float32, CPU; all engines: token budget "
+        f"model: {report['model']}, ours {cf.get('dtype', 'float32')} (peers float32), CPU; "
+        f"all engines: token budget "
         f"{cf['token_budget']}, max {cf['max_num_seqs']} seqs, KV pages of {cf['page_size']}",
         f"{'engine':<14}{'wall s':>9}{'gen tok/s':>11}{'total tok/s':>13}",
     ]
