@@ -130,8 +130,7 @@ def test_an_adaptive_budget_changes_step_by_step_and_keeps_greedy_outputs(tiny_d
     assert engine.stats.compiled_after_warmup == 0
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_every_output_carries_its_requests_one_timing_record(tiny_dir, overlap):
+def test_every_output_carries_its_requests_one_timing_record(tiny_dir):
     """One record per request (`RequestTiming`, on its sequence) holds its token times, on the clock
     the outputs carry: what the budget controller protects and what the server judges are the same
     times, and its `missed` is the SLA judge's verdict. Aborted requests carry theirs too."""
@@ -141,7 +140,6 @@ def test_every_output_carries_its_requests_one_timing_record(tiny_dir, overlap):
         sla_prompt_rate=512.0,
         max_num_seqs=32,
         max_model_len=128,
-        async_scheduling=overlap,
     )
     engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
     prompts, num_new = mixed_workload(30, TINY_VOCAB, 60, seed=5)
