@@ -211,11 +211,13 @@ class EngineConfig:
     token_budget: tokens in one forward pass (FastGen's `max_ragged_batch_size`, vLLM's
       `max_num_batched_tokens`); with adaptive_budget, the largest budget a step may take.
     adaptive_budget: choose each step's budget among `token_buckets` (`engine.budget`): the largest
-      whose predicted step time keeps decoding sequences within `sla_token_rate`. Compiles nothing new.
-    sla_token_rate: generated tokens/s per sequence the adaptive budget protects (the SLA's rate R:
-      the EMA of each sequence's token gaps stays at or below 1 / R seconds).
-    sla_prompt_rate: the SLA's prompt rate P (first token within prompt_tokens / P seconds); the
-      adaptive budget stops protecting the token gaps of a request that has missed it.
+      whose predicted step time keeps decoding sequences within their SLA's token rate. Compiles
+      nothing new.
+    sla_token_rate: the default SLA's rate R (a request may set its own): generated tokens/s per
+      sequence that the adaptive budget and the "sla" policy protect (the EMA of each sequence's token
+      gaps stays at or below 1 / R seconds).
+    sla_prompt_rate: the default SLA's prompt rate P (first token within prompt_tokens / P seconds);
+      the adaptive budget stops protecting the token gaps of a request that has missed it.
     token_buckets: slab sizes a step is padded up to; each is compiled once at start-up. Defaults to
       powers of two from 16 up to the budget, and from a budget of 256 (serving sizes) also 1 and 4:
       every padding row goes through the whole model, so on a CPU one decoding sequence ran a step

@@ -18,10 +18,12 @@ One `step()`:
    finished sequences give their pages back at once.
 
 Each request is one `Request` record here: its `Sequence` (tokens, pages: what the scheduler runs)
-and its `RequestState` (detokenizer, stop conditions), created and dropped together. Times come
-from one clock, `time.monotonic`: a step's outputs carry the time the step handed them out
-(`RequestOutput.time`), the instant the budget controller notes too and the one the server's SLA
-judge reads.
+and its `RequestState` (detokenizer, stop conditions), created and dropped together; the sequence
+carries the request's `RequestTiming` (`engine.timing`: its SLA, arrival and token times). Times
+come from one clock, `time.monotonic`: a step's outputs carry the time the step handed them out
+(`RequestOutput.time`, after detokenizing and stop checks), and that same instant goes into each
+request's timing record once per token handed out, which the budget controller, the "sla" policy
+and the server's SLA judge (through `RequestOutput.timing`) all read.
 
 Overlap (`EngineConfig.async_scheduling`, the default; `--noasync_scheduling` turns it off). While
 step N runs on the device the host schedules, plans and launches step N+1, assuming every running
@@ -251,9 +253,10 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> str:
         """Queues a request (text, or token ids) and returns its id. Requests share cached prompt
-        pages only when their `cache_salt` is equal (None is a salt like any other). Policy "sla":
-        `sla` is the request's own SLA (default: the engine's), `arrival_time` (time.monotonic) when
-        its SLA's clock started (default: now)."""
+        pages only when their `cache_salt` is equal (None is a salt like any other). `sla` is the
+        request's own SLA (default: the engine's; the budget controller, the "sla" policy and the
+        server's judge all go by it), `arrival_time` (time.monotonic) when its SLA's clock started
+        (default: now)."""
         params = (sampling_params or SamplingParams()).with_seed()
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
@@ -391,14 +394,17 @@ class LLMEngine:
         self._in_flight = self._launch() if self._overlaps() else None
         launched = time.monotonic()
         tokens, logprobs, top, emitted = self._read(current)
-        returned = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
+        returned = time.monotonic()
         slot_tokens = _slot_tokens(current, tokens, emitted)
-        self.scheduler.postprocess(current.output, slot_tokens, returned)
+        self.scheduler.postprocess(current.output, slot_tokens)
         if self.speculator is not None:
             self.speculator.observe(current.output, slot_tokens)
-        results = self._process_samples(current, slot_tokens, logprobs, top, returned)
+        results = self._process_samples(current, slot_tokens, logprobs, top)
+        done = time.monotonic()  # the time of these tokens, for the budget controller and the SLA judge
+        for result in results:  # the tokens handed out (a stop drops the rest of a step's drafts)
+            result.time = done
+            result.timing.tokens(len(result.new_token_ids), done)
         self.stats.generation_tokens += sum(len(r.new_token_ids) for r in results)
-        done = time.monotonic()
         self._count_step(start, launched, returned, current.budget)
         if self.speculator is not None:
             self.speculator.observe_host((launched - start) + (done - returned))
@@ -491,10 +497,9 @@ class LLMEngine:
         slot_tokens: list,
         logprobs: np.ndarray,
         top: tuple[np.ndarray, np.ndarray] | None,
-        now: float,
     ) -> list[RequestOutput]:
         """Hands each slot's sampled token (or the tokens it emitted after verifying drafts) to its
-        request's output state; `now` is their time."""
+        request's output state."""
         results = []
         first_rows = launched.plan.sampling.cu_logit_rows
         for i, entry in enumerate(launched.output.scheduled):
@@ -510,7 +515,7 @@ class LLMEngine:
                 tops = [_top_pairs(top, r, k) for r in rows]
             self.guided.advance(entry.seq.request_id, int(tokens[0]))  # constrained: one token, no drafts
             result = state.add_tokens([int(t) for t in tokens], [float(logprobs[r]) for r in rows], tops)
-            result.time, result.timing = now, entry.seq.timing
+            result.timing = entry.seq.timing
             if state.finished:
                 self.scheduler.finish(entry.seq, _FINISH_STATUS[state.finish_reason])
                 del self._requests[entry.seq.request_id]

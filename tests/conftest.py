@@ -34,8 +34,9 @@ def pytest_addoption(parser):
         "--overlap",
         choices=("on", "off"),
         default="on",
-        help="off: every engine the tests build runs one step at a time (async_scheduling=False), "
-        "so the engine, server and parity tests check that mode too",
+        help="off: every engine built in the test process runs one step at a time "
+        "(async_scheduling=False), so the engine, server and parity tests check that mode too "
+        "(servers the tests start as subprocesses keep the default)",
     )
 
 
@@ -62,6 +63,8 @@ def _turn_overlap_off():
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--overlap") == "off":  # their subject is overlap itself
+        deselected = [item for item in items if item.get_closest_marker("overlap")]
+        config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("overlap")]
     if any(item.get_closest_marker("gpu") for item in items) and not _has_gpu():
         skip = pytest.mark.skip(reason="needs a GPU")

@@ -108,15 +108,17 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
         seconds = machine.step_seconds(bucket)
         now[0] += seconds
         observe_step(model, bucket, output.scheduled, seconds)
-        scheduler.postprocess(output, [1] * output.num_seqs)  # the tokens' time: now, on its clock
+        scheduler.postprocess(output, [1] * output.num_seqs)
         for e in output.scheduled:
+            if e.needs_sample:
+                e.seq.timing.tokens(1, now[0])  # as the engine notes a token it hands out
             if e.needs_sample and e.seq.num_output_tokens == e.seq.max_tokens:
                 scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
                 unsent = [k for k, (_, a) in enumerate(pending) if a.time == math.inf]
                 if clients is not None and unsent:  # its client sends the next request now
                     i, a = pending.pop(unsent[0])
                     arrivals[i] = dataclasses.replace(a, time=now[0])
-                    pending.insert(0, (i, arrivals[i]))
+                    pending.insert(unsent[0], (i, arrivals[i]))  # after those already due: in order
     else:
         raise AssertionError("the simulation did not end")
     return [_judge(sla, a, seqs[i].timing.token_times) for i, a in enumerate(arrivals)], now[0]

@@ -117,16 +117,6 @@ class BudgetController:
         self.budget = self.buckets[-1]
         self.changes = 0
 
-    # -- learning ---------------------------------------------------------------------------------
-
-    def seed(self, bucket: int, seconds: float) -> None:
-        """A profiled step of `bucket` tokens with no context (e.g. a padding step at warm-up)."""
-        self.model.observe(bucket, 0, seconds)
-
-    def step_done(self, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float) -> None:
-        """Learns from a finished step (padded to `bucket`): its attended pairs and its seconds."""
-        observe_step(self.model, bucket, scheduled, seconds)
-
     # -- choosing ---------------------------------------------------------------------------------
 
     def allowed_gap(self, timings: Iterable[RequestTiming]) -> float:

@@ -157,7 +157,7 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
         self.clock: Callable[[], float] = time.monotonic  # of every request's timing (tests simulate one)
         self.default_sla = RequestSLA(config.sla_prompt_rate, config.sla_token_rate)
-        self.sla = SlaComposer(clock=lambda: self.clock()) if config.policy == "sla" else None
+        self.sla = SlaComposer(None, lambda: self.clock()) if config.policy == "sla" else None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -275,11 +275,10 @@ class Scheduler:
             if seq.status is _RUNNING:
                 seq.num_computed_tokens = entry.start_position
 
-    def postprocess(
-        self, output: SchedulerOutput, sampled_token_ids: SampledTokens, now: float | None = None
-    ) -> None:
-        """Records a finished step: advances the computed tokens, appends sampled ones and notes
-        their time, `now` (default: `clock()`), in each sequence's timing record.
+    def postprocess(self, output: SchedulerOutput, sampled_token_ids: SampledTokens) -> None:
+        """Records a finished step: advances the computed tokens and appends sampled ones. (The
+        engine notes the times of the tokens it hands out in each `seq.timing` once it has checked
+        their stop conditions.)
 
         `sampled_token_ids` maps request id to token id, or is aligned with `output.scheduled`
         (one entry per slab slot; entries of slots that need no sample are ignored). A slot that
@@ -295,7 +294,6 @@ class Scheduler:
         # A page of the prefix cache is filled when end % page_size < tokens written; without the cache
         # the modulus is never below 0. (Locals: this loop runs once per sequence per step.)
         page_size = self.page_size if self.prefix_caching else 1 << 62
-        now = self.clock() if now is None else now
         for entry, token in zip(output.scheduled, tokens, strict=True):
             seq = entry.seq
             if seq.is_finished:
@@ -306,8 +304,6 @@ class Scheduler:
             elif entry.needs_sample:
                 seq.num_pending_tokens -= 1
                 seq.append_token(token)
-            if entry.needs_sample:
-                seq.timing.tokens(entry.num_emitted, now)
             if seq.status is not _RUNNING:  # preempted while the step ran: its pages are gone
                 seq.num_prefill_tokens = seq.num_tokens
                 continue

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Hashable
 
 from fastgen_jax.engine.timing import ALPHA, RequestSLA, RequestTiming
@@ -86,15 +85,15 @@ class SlaComposer:
 
     def __init__(
         self,
-        model=None,
-        clock: Callable[[], float] = time.monotonic,
+        model,
+        clock: Callable[[], float],  # the scheduler's, which every request's timing is on
         margin: float = 0.9,
         max_skips: int = 4,
         max_pass_over: int = 8,
     ):
         if max_skips < 0 or max_pass_over < 0 or not 0 < margin <= 1:
             raise ValueError(f"bad SLA policy settings: {max_skips=}, {max_pass_over=}, {margin=}")
-        self.model = model  # a StepTimeModel (predict(tokens, pairs) -> seconds), set by the owner
+        self.model = model  # a StepTimeModel (predict(tokens, pairs) -> seconds), or None: set by the owner
         self.clock = clock
         self.margin = margin
         self.max_skips = max_skips

@@ -39,7 +39,7 @@ class RequestTiming:
     sla: RequestSLA
     arrival: float  # when its SLA's clock started (e.g. when the server received it)
     deadline: float  # when its first token is due: arrival + prompt_tokens / P
-    token_times: list[float] = dataclasses.field(default_factory=list)  # one per generated token
+    token_times: list[float] = dataclasses.field(default_factory=list)  # one per token handed out
     ema: float | None = None  # EMA (span EMA_SPAN) of its token gaps
     missed: bool = False  # the SLA is lost for it: a late first token, or the gap EMA above 1 / R
     # kept by the SLA composer (policy "sla") only
@@ -61,10 +61,6 @@ class RequestTiming:
     def last(self) -> float | None:
         """When its last token came (None before the first)."""
         return self.token_times[-1] if self.token_times else None
-
-    @property
-    def first_token(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
 
     def due(self) -> float:
         """When its next token is due: the first-token deadline, or (a preempted request

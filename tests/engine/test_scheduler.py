@@ -44,6 +44,9 @@ def step(scheduler):
     """Runs one step with every sample = TOKEN; returns (id, num_new, start, needs_sample) rows."""
     output = scheduler.schedule()
     scheduler.postprocess(output, {e.seq.request_id: TOKEN for e in output.scheduled})
+    for e in output.scheduled:  # as the engine notes the tokens it hands out
+        if e.needs_sample:
+            e.seq.timing.tokens(1, scheduler.clock())
     return [(e.seq.request_id, e.num_new_tokens, e.start_position, e.needs_sample) for e in output.scheduled]
 
 
@@ -669,6 +672,7 @@ class Simulation:
             if e.needs_sample:
                 self.tokens[seq.request_id] += emitted
                 self.next_position[seq.request_id] += len(emitted) - 1  # the accepted drafts' KV stays
+                seq.timing.tokens(len(emitted), self.scheduler.clock())  # as the engine notes them
             assert seq.all_token_ids == self.tokens[seq.request_id]
             assert seq.num_output_tokens <= seq.max_tokens, "drafts ran past max_tokens"
             if e.needs_sample and EOS in emitted:

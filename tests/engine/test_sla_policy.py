@@ -143,7 +143,7 @@ def test_the_record_follows_the_sla_judge():
     b.tokens(1, 0.7)
     b.tokens(1, 0.9)
     assert not b.missed and b.ema == pytest.approx(0.2) and b.due() == pytest.approx(1.15)
-    assert b.token_times == [0.7, 0.9] and b.first_token == 0.7 and b.last == 0.9
+    assert b.token_times == [0.7, 0.9] and b.last == 0.9
     verdict = SLA(DEFAULT_SLA.prompt_rate, DEFAULT_SLA.token_rate).judge(0.6, 50, b.token_times)
     assert verdict.both  # the server's judge agrees with the record
     b.tokens(2, 2.0)  # two tokens of one step (an accepted draft): a gap of 1.1 s, then none
@@ -154,7 +154,7 @@ def test_bad_settings_and_rates_are_rejected():
     with pytest.raises(ValueError, match="token_rate"):
         RequestSLA(token_rate=0)
     with pytest.raises(ValueError, match="max_skips"):
-        SlaComposer(max_skips=-1)
+        SlaComposer(None, Clock(), max_skips=-1)
 
 
 # -- the scheduler under the policy ---------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_sla_in_a_pool_of_one_sequence_never_deadlocks(workload, slas, machine):
 
 
 def test_no_model_means_no_deferral():
-    c = SlaComposer()
+    c = SlaComposer(None, Clock())
     assert c.step_seconds(64, 0) == 0.0
     choice = c.compose(
         [decoding(c, "d", 0.0, 0.1)], [prompt(c, "p", 10**6)], budget=2, step_seconds=lambda n: 0.0

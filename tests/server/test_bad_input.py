@@ -48,6 +48,8 @@ BAD_REQUESTS = [
     ("unknown model (chat)", "/v1/chat/completions", chat(model="gpt-17"), 404, "model"),
     ("empty prompt", "/v1/completions", completion(prompt=""), 400, "prompt"),
     ("empty prompt list", "/v1/completions", completion(prompt=[]), 400, "prompt"),
+    ("an empty prompt in a list", "/v1/completions", completion(prompt=["x", ""]), 400, "prompt"),
+    ("an empty token-id prompt in a list", "/v1/completions", completion(prompt=[[5, 6], []]), 400, "prompt"),
     ("empty messages", "/v1/chat/completions", chat(messages=[]), 400, "messages"),
     ("prompt longer than the context", "/v1/completions", completion(prompt=LONG_PROMPT), 400, "prompt"),
     ("chat longer than the context", "/v1/chat/completions",
