@@ -5,15 +5,24 @@
 // pages page_indices[s, :]. A row at position p sees keys k with k <= p, k < kv_len and, with a
 // window w, k > p - w. Rows past cu_q_lens[num_seqs] come out as zeros.
 //
-// Work items are (sequence, KV head, block of query rows); they are spread over XLA's intra-op
-// thread pool, the calling thread taking its share, so nothing waits on a pool that is busy. Each
-// item walks its sequence's pages through the page table (no gather is materialised), one page at a
-// time: for each of the block's rows x group query heads, its scores against the page's visible
-// keys (dot products vectorised over head_dim), their exponentials (vectorised over keys through
-// glibc's vector math), and an online softmax update of its running max, denominator and output.
-// Head sizes 64 and 128 get their own instantiation with the size a compile-time constant, so the
-// dot products unroll into a few vector FMAs and the output row being accumulated stays in
-// registers across a page's keys (twice as fast at decode 32 x 128 as a run-time head size).
+// Work items are (sequence, KV head, block of 16 query rows): each reads its sequence's K/V rows
+// for that head once, for all the block's rows x the KV group's query heads. When there are fewer
+// than 4 items per thread (a few long sequences), each block's keys are split into page-aligned
+// ranges of at least 256 keys, one item each, whose partial results (running max, denominator,
+// unnormalised output) are merged at the end (flash-decoding). Items are spread over XLA's intra-op
+// thread pool, the calling thread taking its share, so nothing waits on a pool that is busy.
+//
+// An item walks its pages through the page table (no gather is materialised), asking for the pages
+// two ahead into L2 (each page is its own scattered block, where the hardware prefetcher stops), and
+// per page updates an online softmax in one of two ways:
+// - few query vectors (decode: rows x group < 16): per query, its scores against the page's visible
+//   keys as dot products vectorised over head_dim, their exponentials vectorised over keys;
+// - many (prompt rows): per tile of 16 query vectors, the scores of 8 keys at a time as a small
+//   matrix product (each key element broadcast against a vector of 16 queries: no horizontal sums),
+//   masking, max and exponentials vectorised over the tile's queries.
+// P.V then accumulates per query with the output row held in registers across the page's keys.
+// Head sizes 64 and 128 get their own instantiation with the size a compile-time constant, so these
+// loops unroll into a few vector FMAs. Exponentials and tanh go through glibc's vector math.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
