@@ -61,18 +61,15 @@ struct Item {
   int64_t key_begin, key_end, split;
 };
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // Rows [ps, D] of one page as floats: the page itself for f32, a converted copy for bf16.
 inline const float* page_rows(const float* page, int64_t, float*) { return page; }
-inline const float* page_rows(const uint16_t* page, int64_t n, float* buffer) {
-  for (int64_t i = 0; i < n; ++i) buffer[i] = to_float(page[i]);
+inline const float* page_rows(const uint16_t* __restrict page, int64_t n, float* __restrict buffer) {
+  // The float's bits are the bf16's shifted up: written as integers so the loop vectorises (widen,
+  // shift) instead of converting one value at a time.
+  typedef uint32_t __attribute__((may_alias)) Bits;
+  Bits* __restrict bits = reinterpret_cast<Bits*>(buffer);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(page[i]) << 16;
   return buffer;
 }
 
