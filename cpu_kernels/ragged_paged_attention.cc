@@ -45,6 +45,11 @@ constexpr int64_t kBlockRows = 16;      // query rows per work item
 constexpr int64_t kPrefetchPages = 2;   // pages asked for ahead of the one being read
 constexpr int64_t kQueryTile = 16;      // query vectors per score tile (prompt rows): one vector
 constexpr int64_t kKeyTile = 8;         // keys per score tile
+#ifdef __AVX512F__
+constexpr int64_t kPvQueries = 4;  // queries sharing each V row in P.V (their rows: 16 of 32 registers)
+#else
+constexpr int64_t kPvQueries = 2;  // (8 of 16 AVX2 registers)
+#endif
 constexpr int64_t kItemsPerThread = 4;  // below this many items per thread, long contexts are split
 constexpr int64_t kMinSplitKeys = 256;  // the fewest keys a split item reads
 
@@ -231,6 +236,38 @@ inline void score_tile(const float* __restrict qt, int64_t stride, const float* 
   }
 }
 
+// acc[i] = acc[i] * alpha[i] + sum_j p[j, i] v[j] for a tile's queries i < n over keys [begin, end)
+// (p [keys, kQueryTile], acc [n, D]): kPvQueries queries at a time, so each V row loaded serves
+// several queries and their output rows stay in registers across the keys.
+template <int kD>
+inline void pv_tile(float* __restrict acc, const float* __restrict alpha, const float* __restrict p,
+                    const float* __restrict v, int64_t begin, int64_t end, int64_t n, int64_t D) {
+  if constexpr (kD > 0) {
+    for (int64_t i0 = 0; i0 < n; i0 += kPvQueries) {
+      const int64_t m = std::min(kPvQueries, n - i0);
+      float t[kPvQueries][kD];
+      for (int64_t i = 0; i < kPvQueries; ++i) {
+        const float a = i < m ? alpha[i0 + i] : 0.0f;
+        const float* src = acc + std::min(i0 + i, n - 1) * kD;
+#pragma omp simd
+        for (int64_t d = 0; d < kD; ++d) t[i][d] = src[d] * a;
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        const float* __restrict vj = v + j * kD;
+        const float* __restrict pj = p + j * kQueryTile + i0;  // i0 + i < kQueryTile: whole groups
+        for (int64_t i = 0; i < kPvQueries; ++i) {
+          const float wj = pj[i];
+#pragma omp simd
+          for (int64_t d = 0; d < kD; ++d) t[i][d] += wj * vj[d];
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) std::memcpy(acc + (i0 + i) * kD, t[i], sizeof t[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) scale_add_rows<0>(acc + i * D, alpha[i], p + i, kQueryTile, v, begin, end, D);
+  }
+}
+
 // One page for many query vectors (prompt rows): per tile of kQueryTile queries, the scores against
 // the page's keys as kKeyTile x kQueryTile matrix products, then the online softmax vectorised over
 // the tile's queries and P.V accumulated per query.
@@ -274,10 +311,10 @@ void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, 
         sum[i] += row[i];
       }
     }
-    for (int64_t i = 0; i < std::min(kQueryTile, w.count - t); ++i) {
-      const int64_t b = std::max<int64_t>(lo[i], first) - first, e = std::min<int64_t>(hi[i], first + ps) - first;
-      if (b >= e) continue;
-      scale_add_rows<kD>(&w.acc[(t + i) * D], alpha[i], st + i, kQueryTile, v, b, e, D);
+    // A query that sees none of these keys has alpha 1 and weights 0: its state stays as it was.
+    const int64_t n = std::min(kQueryTile, w.count - t);
+    pv_tile<kD>(&w.acc[t * D], alpha, st, v, begin, end, n, D);
+    for (int64_t i = 0; i < n; ++i) {
       w.l[t + i] = w.l[t + i] * alpha[i] + sum[i];
       w.m[t + i] = m_new[i];
     }
