@@ -28,7 +28,16 @@ SOURCE = pathlib.Path(__file__).with_name("ragged_paged_attention.cc")
 # -ffast-math lets sums vectorise and exp/tanh run through glibc's vector math (libmvec); the kernel
 # keeps every value finite (its "no key yet" score is -1e30, not -inf). It is given when compiling
 # only: linking with it would add crtfastmath.o, which flushes denormals for the whole process.
-COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-ffast-math", "-fopenmp-simd")
+# $FASTGEN_KERNEL_MARCH overrides -march=native (e.g. x86-64-v3 to count instructions under valgrind,
+# which has no AVX-512).
+COMPILE_FLAGS = (
+    "-O3",
+    f"-march={os.environ.get('FASTGEN_KERNEL_MARCH', 'native')}",
+    "-std=c++17",
+    "-fPIC",
+    "-ffast-math",
+    "-fopenmp-simd",
+)
 LINK_FLAGS = ("-shared", "-lmvec", "-lm")
 TARGETS = {"fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention"}
 

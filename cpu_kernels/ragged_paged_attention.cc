@@ -5,23 +5,34 @@
 // pages page_indices[s, :]. A row at position p sees keys k with k <= p, k < kv_len and, with a
 // window w, k > p - w. Rows past cu_q_lens[num_seqs] come out as zeros.
 //
-// Work items are (sequence, KV head, block of query rows); they are spread over XLA's intra-op
-// thread pool, the calling thread taking its share, so nothing waits on a pool that is busy. Each
-// item walks its sequence's pages through the page table (no gather is materialised), one page at a
-// time: for each of the block's rows x group query heads, its scores against the page's visible
-// keys (dot products vectorised over head_dim), their exponentials (vectorised over keys through
-// glibc's vector math), and an online softmax update of its running max, denominator and output.
-// Head sizes 64 and 128 get their own instantiation with the size a compile-time constant, so the
-// dot products unroll into a few vector FMAs and the output row being accumulated stays in
-// registers across a page's keys (twice as fast at decode 32 x 128 as a run-time head size).
+// Work items are (sequence, KV head, block of 16 query rows): each reads its sequence's K/V rows
+// for that head once, for all the block's rows x the KV group's query heads. When there are fewer
+// than 4 items per thread (a few long sequences), each block's keys are split into page-aligned
+// ranges of at least 256 keys, one item each, whose partial results (running max, denominator,
+// unnormalised output) are merged at the end (flash-decoding). Items are spread over XLA's intra-op
+// thread pool, the calling thread taking its share, so nothing waits on a pool that is busy.
+//
+// An item walks its pages through the page table (no gather is materialised), asking for the pages
+// two ahead into L2 (each page is its own scattered block, where the hardware prefetcher stops), and
+// per page updates an online softmax in one of two ways:
+// - few query vectors (decode: rows x group < 16): per query, its scores against the page's visible
+//   keys as dot products vectorised over head_dim, their exponentials vectorised over keys;
+// - many (prompt rows): per tile of 16 query vectors, the scores of 8 keys at a time as a small
+//   matrix product (each key element broadcast against a vector of 16 queries: no horizontal sums),
+//   masking, max and exponentials vectorised over the tile's queries.
+// P.V then accumulates per query with the output row held in registers across the page's keys.
+// Head sizes 64 and 128 get their own instantiation with the size a compile-time constant, so these
+// loops unroll into a few vector FMAs. Exponentials and tanh go through glibc's vector math.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -30,7 +41,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlockRows = 16;  // query rows per work item
+constexpr int64_t kBlockRows = 16;      // query rows per work item
+constexpr int64_t kPrefetchPages = 2;   // pages asked for ahead of the one being read
+constexpr int64_t kQueryTile = 16;      // query vectors per score tile (prompt rows): one vector
+constexpr int64_t kKeyTile = 8;         // keys per score tile
+#ifdef __AVX512F__
+constexpr int64_t kPvQueries = 4;  // queries sharing each V row in P.V (their rows: 16 of 32 registers)
+#else
+constexpr int64_t kPvQueries = 2;  // (8 of 16 AVX2 registers)
+#endif
+constexpr int64_t kItemsPerThread = 4;  // below this many items per thread, long contexts are split
+constexpr int64_t kMinSplitKeys = 256;  // the fewest keys a split item reads
 
 struct Shapes {
   int64_t num_rows, num_q_heads, head_dim;          // q [T, H, D]
@@ -38,22 +59,22 @@ struct Shapes {
   int64_t max_seqs, width;                          // page_indices [S, W]
 };
 
+// A block of one sequence's query rows for one KV head, over its keys in [key_begin, key_end); split
+// >= 0 when the keys are split over several items (the offset of its Partial in Shared::partials).
 struct Item {
   int32_t seq, kv_head, first_row, num_rows;
+  int64_t key_begin, key_end, split;
 };
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Rows [ps, D] of one page as floats: the page itself for f32, a converted copy for bf16.
 inline const float* page_rows(const float* page, int64_t, float*) { return page; }
-inline const float* page_rows(const uint16_t* page, int64_t n, float* buffer) {
-  for (int64_t i = 0; i < n; ++i) buffer[i] = to_float(page[i]);
+inline const float* page_rows(const uint16_t* __restrict page, int64_t n, float* __restrict buffer) {
+  // The float's bits are the bf16's shifted up: written as integers so the loop vectorises (widen,
+  // shift) instead of converting one value at a time.
+  typedef uint32_t __attribute__((may_alias)) Bits;
+  Bits* __restrict bits = reinterpret_cast<Bits*>(buffer);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(page[i]) << 16;
   return buffer;
 }
 
@@ -84,18 +105,18 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t D
   return sum;
 }
 
-// acc = acc * alpha + sum_j w[j] v[j, :] over keys [begin, end). With kD > 0 the running row lives
-// in registers (a local array of constant size) for the whole page instead of being reloaded and
-// stored back for every key.
+// acc = acc * alpha + sum_j w[j * stride] v[j, :] over keys [begin, end). With kD > 0 the running
+// row lives in registers (a local array of constant size) for the whole page instead of being
+// reloaded and stored back for every key.
 template <int kD>
-inline void scale_add_rows(float* __restrict acc, float alpha, const float* __restrict w,
+inline void scale_add_rows(float* __restrict acc, float alpha, const float* __restrict w, int64_t stride,
                            const float* __restrict v, int64_t begin, int64_t end, int64_t D) {
   if constexpr (kD > 0) {
     float t[kD];
 #pragma omp simd
     for (int64_t d = 0; d < kD; ++d) t[d] = acc[d] * alpha;
     for (int64_t j = begin; j < end; ++j) {
-      const float wj = w[j];
+      const float wj = w[j * stride];
       const float* __restrict vj = v + j * kD;
 #pragma omp simd
       for (int64_t d = 0; d < kD; ++d) t[d] += wj * vj[d];
@@ -105,88 +126,268 @@ inline void scale_add_rows(float* __restrict acc, float alpha, const float* __re
   } else {
     for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
     for (int64_t j = begin; j < end; ++j) {
-      const float wj = w[j];
+      const float wj = w[j * stride];
       const float* __restrict vj = v + j * D;
       for (int64_t d = 0; d < D; ++d) acc[d] += wj * vj[d];
     }
   }
 }
 
+// Where a split item leaves its unnormalised result for the combine step: per query vector its
+// running max m, denominator l and output acc (floats at Item::split in Shared::partials: R, R, R * D).
+struct Partial {
+  float* m;
+  float* l;
+  float* acc;
+};
+
+// One item's query vectors (its rows x the KV group's query heads, row-major) and their online
+// softmax state. Thread-local and reused, so an item allocates nothing once the thread is warm.
+struct Queries {
+  int64_t count, padded;             // R, and R rounded up to whole query tiles (tiled path)
+  std::vector<float> q, qt;          // q [R, D] scaled; qt [D, padded] (tiled path)
+  std::vector<float> acc, m, l;      // [R, D], [padded], [padded]
+  std::vector<int32_t> lo, hi;       // [padded]: the keys [lo, hi) a query sees; padding sees none
+  std::vector<float> k_buf, v_buf;   // a bf16 page as floats, [ps, D] each
+  std::vector<float> scores;         // [ps rounded up to kKeyTile, kQueryTile]
+
+  void reset(int64_t R, int64_t Rp, int64_t D, int64_t ps) {
+    count = R;
+    padded = Rp;
+    q.resize(R * D);
+    qt.assign(D * Rp, 0.0f);
+    acc.assign(R * D, 0.0f);
+    m.assign(Rp, kMinScore);
+    l.assign(Rp, 0.0f);
+    lo.assign(Rp, 0);
+    hi.assign(Rp, 0);
+    k_buf.resize(ps * D);
+    v_buf.resize(ps * D);
+    scores.resize((ps + kKeyTile) * kQueryTile);
+  }
+};
+
+// Asks the caches (L2) for the K and V rows of logical page `page` of the item's sequence (the
+// hardware prefetcher stops at 4 KiB boundaries, and every page is its own scattered block). Always
+// inlined: GCC deems a function holding only prefetches pure, and drops calls to a pure void function.
+template <typename KV>
+[[gnu::always_inline]] inline void prefetch_page(const KV* k_head, const KV* v_head, const int32_t* pages,
+                                                 int64_t page, int64_t num_pages, int64_t page_elems) {
+  const int64_t physical = std::clamp<int64_t>(pages[page], 0, num_pages - 1);
+  const char* k = reinterpret_cast<const char*>(k_head + physical * page_elems);
+  const char* v = reinterpret_cast<const char*>(v_head + physical * page_elems);
+  for (int64_t b = 0; b < page_elems * static_cast<int64_t>(sizeof(KV)); b += 64) {
+    __builtin_prefetch(k + b, 0, 2);
+    __builtin_prefetch(v + b, 0, 2);
+  }
+}
+
+// One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
+// its scores by dot products over D, their exponentials, and the online softmax update.
+template <int kD>
+void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
+                  int64_t D) {
+  float* sc = w.scores.data();
+  for (int64_t i = 0; i < w.count; ++i) {
+    // Keys [begin, end) of this page, relative to the page's first key.
+    const int64_t begin = std::max<int64_t>(w.lo[i], first) - first;
+    const int64_t end = std::min<int64_t>(w.hi[i], first + ps) - first;
+    if (begin >= end) continue;
+    const float* qv = &w.q[i * D];
+    for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
+    if (p.softcap > 0.0f) {
+      const float inv = 1.0f / p.softcap;
+      for (int64_t j = begin; j < end; ++j) sc[j] = p.softcap * std::tanh(sc[j] * inv);
+    }
+    float m_new = w.m[i];
+    for (int64_t j = begin; j < end; ++j) m_new = std::max(m_new, sc[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = begin; j < end; ++j) {
+      sc[j] = std::exp(sc[j] - m_new);
+      sum += sc[j];
+    }
+    const float alpha = std::exp(w.m[i] - m_new);
+    scale_add_rows<kD>(&w.acc[i * D], alpha, sc, 1, v, begin, end, D);
+    w.l[i] = w.l[i] * alpha + sum;
+    w.m[i] = m_new;
+  }
+}
+
+// st[j, :] = k[j] . qt[:, 0:kQueryTile] for keys j in [j0, min(j0 + kKeyTile, end)): a small matrix
+// product, each key's value broadcast against a vector of kQueryTile queries (no horizontal sums).
+template <int kD>
+inline void score_tile(const float* __restrict qt, int64_t stride, const float* __restrict k, int64_t j0,
+                       int64_t end, float* __restrict st, int64_t D) {
+  const int64_t n = kD > 0 ? kD : D;
+  float acc[kKeyTile][kQueryTile] = {};
+  const float* rows[kKeyTile];
+  for (int64_t jj = 0; jj < kKeyTile; ++jj) rows[jj] = k + std::min(j0 + jj, end - 1) * n;
+  for (int64_t d = 0; d < n; ++d) {
+    const float* __restrict q = qt + d * stride;
+    for (int64_t jj = 0; jj < kKeyTile; ++jj) {
+      const float kd = rows[jj][d];
+#pragma omp simd
+      for (int64_t i = 0; i < kQueryTile; ++i) acc[jj][i] += kd * q[i];
+    }
+  }
+  for (int64_t jj = 0; jj < std::min(kKeyTile, end - j0); ++jj) {
+    std::memcpy(st + (j0 + jj) * kQueryTile, acc[jj], sizeof acc[jj]);
+  }
+}
+
+// acc[i] = acc[i] * alpha[i] + sum_j p[j, i] v[j] for a tile's queries i < n over keys [begin, end)
+// (p [keys, kQueryTile], acc [n, D]): kPvQueries queries at a time, so each V row loaded serves
+// several queries and their output rows stay in registers across the keys.
+template <int kD>
+inline void pv_tile(float* __restrict acc, const float* __restrict alpha, const float* __restrict p,
+                    const float* __restrict v, int64_t begin, int64_t end, int64_t n, int64_t D) {
+  if constexpr (kD > 0) {
+    for (int64_t i0 = 0; i0 < n; i0 += kPvQueries) {
+      const int64_t m = std::min(kPvQueries, n - i0);
+      float t[kPvQueries][kD];
+      for (int64_t i = 0; i < kPvQueries; ++i) {
+        const float a = i < m ? alpha[i0 + i] : 0.0f;
+        const float* src = acc + std::min(i0 + i, n - 1) * kD;
+#pragma omp simd
+        for (int64_t d = 0; d < kD; ++d) t[i][d] = src[d] * a;
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        const float* __restrict vj = v + j * kD;
+        const float* __restrict pj = p + j * kQueryTile + i0;  // i0 + i < kQueryTile: whole groups
+        for (int64_t i = 0; i < kPvQueries; ++i) {
+          const float wj = pj[i];
+#pragma omp simd
+          for (int64_t d = 0; d < kD; ++d) t[i][d] += wj * vj[d];
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) std::memcpy(acc + (i0 + i) * kD, t[i], sizeof t[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) scale_add_rows<0>(acc + i * D, alpha[i], p + i, kQueryTile, v, begin, end, D);
+  }
+}
+
+// One page for many query vectors (prompt rows): per tile of kQueryTile queries, the scores against
+// the page's keys as kKeyTile x kQueryTile matrix products, then the online softmax vectorised over
+// the tile's queries and P.V accumulated per query.
+template <int kD>
+void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
+                   int64_t D) {
+  float* st = w.scores.data();  // [keys, kQueryTile]
+  for (int64_t t = 0; t < w.count; t += kQueryTile) {
+    const int32_t* lo = &w.lo[t];
+    const int32_t* hi = &w.hi[t];
+    int64_t begin = ps, end = 0;  // the keys of this page that some query of the tile sees
+    for (int64_t i = 0; i < kQueryTile; ++i) {
+      const int64_t b = std::max<int64_t>(lo[i], first) - first, e = std::min<int64_t>(hi[i], first + ps) - first;
+      if (b < e) begin = std::min(begin, b), end = std::max(end, e);
+    }
+    if (begin >= end) continue;
+    for (int64_t j0 = begin; j0 < end; j0 += kKeyTile) score_tile<kD>(&w.qt[t], w.padded, k, j0, end, st, D);
+    float m_new[kQueryTile], sum[kQueryTile], alpha[kQueryTile];
+    std::memcpy(m_new, &w.m[t], sizeof m_new);
+    const float cap = p.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    for (int64_t j = begin; j < end; ++j) {
+      const int32_t key = static_cast<int32_t>(first + j);
+      float* row = st + j * kQueryTile;
+#pragma omp simd
+      for (int64_t i = 0; i < kQueryTile; ++i) {
+        const float x = cap > 0.0f ? cap * std::tanh(row[i] * inv_cap) : row[i];
+        row[i] = key >= lo[i] && key < hi[i] ? x : kMinScore;
+        m_new[i] = std::max(m_new[i], row[i]);
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < kQueryTile; ++i) {
+      alpha[i] = std::exp(w.m[t + i] - m_new[i]);
+      sum[i] = 0.0f;
+    }
+    for (int64_t j = begin; j < end; ++j) {
+      float* row = st + j * kQueryTile;
+#pragma omp simd
+      for (int64_t i = 0; i < kQueryTile; ++i) {
+        row[i] = row[i] > 0.5f * kMinScore ? std::exp(row[i] - m_new[i]) : 0.0f;
+        sum[i] += row[i];
+      }
+    }
+    // A query that sees none of these keys has alpha 1 and weights 0: its state stays as it was.
+    const int64_t n = std::min(kQueryTile, w.count - t);
+    pv_tile<kD>(&w.acc[t * D], alpha, st, v, begin, end, n, D);
+    for (int64_t i = 0; i < n; ++i) {
+      w.l[t + i] = w.l[t + i] * alpha[i] + sum[i];
+      w.m[t + i] = m_new[i];
+    }
+  }
+}
+
 template <typename KV, int kD>
-void attend(const Params& p, const Item& item) {
+void attend(const Params& p, const Item& item, Partial* partial) {
   const Shapes& s = p.shape;
   const int64_t D = kD > 0 ? kD : s.head_dim, ps = s.page_size, G = s.num_q_heads / s.num_kv_heads;
   const int64_t R = item.num_rows * G;  // query vectors in this item
+  const bool tiled = R >= kQueryTile;
   const int64_t seq_rows = p.cu_q_lens[item.seq + 1] - p.cu_q_lens[item.seq];
   const int64_t kv_len = p.kv_lens[item.seq];
   const KV* k_head = static_cast<const KV*>(p.k_pages) + item.kv_head * s.num_pages * ps * D;
   const KV* v_head = static_cast<const KV*>(p.v_pages) + item.kv_head * s.num_pages * ps * D;
 
-  std::vector<float> qs(R * D), acc(R * D, 0.0f), m(R, kMinScore), l(R, 0.0f);
-  std::vector<int64_t> lo(item.num_rows), hi(item.num_rows);
-  std::vector<float> k_buf(ps * D), v_buf(ps * D), scores(ps);
+  thread_local Queries w;
+  w.reset(R, tiled ? (R + kQueryTile - 1) / kQueryTile * kQueryTile : R, D, ps);
   int64_t first_key = kv_len, last_key = 0;
   for (int64_t r = 0; r < item.num_rows; ++r) {
     const int64_t row = p.cu_q_lens[item.seq] + item.first_row + r;
     const int64_t pos = kv_len - seq_rows + item.first_row + r;
-    hi[r] = std::min<int64_t>(pos + 1, kv_len);
-    lo[r] = std::max<int64_t>(0, pos - p.window + 1);
-    first_key = std::min(first_key, lo[r]);
-    last_key = std::max(last_key, hi[r]);
+    const int64_t hi = std::min<int64_t>({pos + 1, kv_len, item.key_end});
+    const int64_t lo = std::max<int64_t>({0, pos - p.window + 1, item.key_begin});
+    first_key = std::min(first_key, lo);
+    last_key = std::max(last_key, hi);
     for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = r * G + g;
+      w.lo[i] = static_cast<int32_t>(lo);
+      w.hi[i] = static_cast<int32_t>(hi);
       const float* src = p.q + (row * s.num_q_heads + item.kv_head * G + g) * D;
-      float* dst = &qs[(r * G + g) * D];
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.sm_scale;
-    }
-  }
-  const int32_t* pages = p.page_indices + item.seq * s.width;
-  for (int64_t page = first_key / ps; page * ps < last_key && page < s.width; ++page) {
-    const int64_t physical = std::clamp<int64_t>(pages[page], 0, s.num_pages - 1);
-    const float* k = page_rows(k_head + physical * ps * D, ps * D, k_buf.data());
-    const float* v = page_rows(v_head + physical * ps * D, ps * D, v_buf.data());
-    for (int64_t r = 0; r < item.num_rows; ++r) {
-      // Keys [begin, end) of this page, relative to the page's first key.
-      const int64_t begin = std::max(lo[r], page * ps) - page * ps;
-      const int64_t end = std::min(hi[r], (page + 1) * ps) - page * ps;
-      if (begin >= end) continue;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = r * G + g;
-        const float* qv = &qs[i * D];
-        float* sc = scores.data();
-        for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
-        if (p.softcap > 0.0f) {
-          const float inv = 1.0f / p.softcap;
-          for (int64_t j = begin; j < end; ++j) sc[j] = p.softcap * std::tanh(sc[j] * inv);
-        }
-        float m_new = m[i];
-        for (int64_t j = begin; j < end; ++j) m_new = std::max(m_new, sc[j]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = begin; j < end; ++j) {
-          sc[j] = std::exp(sc[j] - m_new);
-          sum += sc[j];
-        }
-        const float alpha = std::exp(m[i] - m_new);
-        scale_add_rows<kD>(&acc[i * D], alpha, sc, v, begin, end, D);
-        l[i] = l[i] * alpha + sum;
-        m[i] = m_new;
+      for (int64_t d = 0; d < D; ++d) w.q[i * D + d] = src[d] * p.sm_scale;
+      if (tiled) {
+        for (int64_t d = 0; d < D; ++d) w.qt[d * w.padded + i] = w.q[i * D + d];
       }
     }
   }
-  for (int64_t r = 0; r < item.num_rows; ++r) {
-    const int64_t row = p.cu_q_lens[item.seq] + item.first_row + r;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t i = r * G + g;
-      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-      float* dst = p.out + (row * s.num_q_heads + item.kv_head * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = acc[i * D + d] * inv;
+  const int32_t* pages = p.page_indices + item.seq * s.width;
+  const int64_t end_page = std::min<int64_t>((last_key + ps - 1) / ps, s.width);
+  for (int64_t page = first_key / ps; page < first_key / ps + kPrefetchPages && page < end_page; ++page) {
+    prefetch_page(k_head, v_head, pages, page, s.num_pages, ps * D);
+  }
+  for (int64_t page = first_key / ps; page < end_page; ++page) {
+    if (page + kPrefetchPages < end_page) {
+      prefetch_page(k_head, v_head, pages, page + kPrefetchPages, s.num_pages, ps * D);
     }
+    const int64_t physical = std::clamp<int64_t>(pages[page], 0, s.num_pages - 1);
+    const float* k = page_rows(k_head + physical * ps * D, ps * D, w.k_buf.data());
+    const float* v = page_rows(v_head + physical * ps * D, ps * D, w.v_buf.data());
+    if (tiled) {
+      page_by_tiles<kD>(p, w, k, v, page * ps, ps, D);
+    } else {
+      page_by_dots<kD>(p, w, k, v, page * ps, ps, D);
+    }
+  }
+  if (partial != nullptr) {
+    std::copy_n(w.m.begin(), R, partial->m);
+    std::copy_n(w.l.begin(), R, partial->l);
+    std::copy_n(w.acc.begin(), R * D, partial->acc);
+    return;
+  }
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t row = p.cu_q_lens[item.seq] + item.first_row + i / G;
+    const float inv = w.l[i] > 0.0f ? 1.0f / w.l[i] : 0.0f;
+    float* dst = p.out + (row * s.num_q_heads + item.kv_head * G + i % G) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = w.acc[i * D + d] * inv;
   }
 }
 
 // The kernel for a KV dtype and head size: head sizes 64 and 128 get their own unrolled copy.
 template <typename KV>
-void (*attend_for(int64_t head_dim))(const Params&, const Item&) {
+void (*attend_for(int64_t head_dim))(const Params&, const Item&, Partial*) {
   if (head_dim == 64) return attend<KV, 64>;
   if (head_dim == 128) return attend<KV, 128>;
   return attend<KV, 0>;
@@ -196,17 +397,25 @@ void (*attend_for(int64_t head_dim))(const Params&, const Item&) {
 // is gone only touches this (kept alive by its shared_ptr), never the caller's stack.
 struct Shared {
   std::vector<Item> items;
+  std::vector<float> partials;  // split items' (m, l, acc), see Item::split
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mutex;
   std::condition_variable all_done;
   Params params;
-  void (*run)(const Params&, const Item&);
+  void (*run)(const Params&, const Item&, Partial*);
+
+  Partial partial(const Item& item) {
+    const int64_t R = item.num_rows * (params.shape.num_q_heads / params.shape.num_kv_heads);
+    float* base = partials.data() + item.split;
+    return {base, base + R, base + 2 * R};
+  }
 
   void work() {
     int64_t finished = 0;
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
-      run(params, items[i]);
+      Partial split = items[i].split >= 0 ? partial(items[i]) : Partial{};
+      run(params, items[i], items[i].split >= 0 ? &split : nullptr);
       ++finished;
     }
     if (finished && done.fetch_add(finished) + finished == static_cast<int64_t>(items.size())) {
@@ -215,6 +424,91 @@ struct Shared {
     }
   }
 };
+
+// The keys a block of rows [first, first + rows) of sequence `seq` can see: [lo of its first row,
+// hi of its last row).
+std::pair<int64_t, int64_t> visible_keys(const Params& p, int32_t seq, int64_t first, int64_t rows) {
+  const int64_t kv_len = p.kv_lens[seq], seq_rows = p.cu_q_lens[seq + 1] - p.cu_q_lens[seq];
+  const int64_t first_pos = kv_len - seq_rows + first, last_pos = first_pos + rows - 1;
+  return {std::max<int64_t>(0, first_pos - p.window + 1), std::min<int64_t>(last_pos + 1, kv_len)};
+}
+
+// Work items: (sequence, KV head, block of rows), and when there are too few of them to keep every
+// thread busy, each block's keys split into page-aligned ranges (flash-decoding); the split items
+// leave partial results that `combine` merges.
+void make_items(Shared& w, int64_t seqs, int64_t threads) {
+  const Params& p = w.params;
+  const Shapes& s = p.shape;
+  for (int32_t seq = 0; seq < seqs; ++seq) {
+    const int32_t rows = p.cu_q_lens[seq + 1] - p.cu_q_lens[seq];
+    if (rows <= 0 || p.cu_q_lens[seq + 1] > s.num_rows) continue;
+    for (int32_t first = 0; first < rows; first += kBlockRows) {
+      for (int32_t h = 0; h < s.num_kv_heads; ++h) {
+        w.items.push_back({seq, h, first, std::min<int32_t>(kBlockRows, rows - first), 0,
+                           std::numeric_limits<int64_t>::max(), -1});
+      }
+    }
+  }
+  const int64_t base = static_cast<int64_t>(w.items.size());
+  if (base == 0 || base >= kItemsPerThread * threads) return;
+  const int64_t want = (kItemsPerThread * threads + base - 1) / base;  // splits per item wanted
+  std::vector<Item> items;
+  const int64_t G = s.num_q_heads / s.num_kv_heads;
+  for (const Item& item : w.items) {
+    auto [lo, hi] = visible_keys(p, item.seq, item.first_row, item.num_rows);
+    const int64_t splits = std::min(want, (hi - lo) / kMinSplitKeys);
+    if (splits < 2) {
+      items.push_back(item);
+      continue;
+    }
+    const int64_t R = item.num_rows * G, ps = s.page_size;
+    const int64_t chunk = ((hi - lo + splits - 1) / splits + ps - 1) / ps * ps;
+    for (int64_t begin = lo / ps * ps; begin < hi; begin += chunk) {
+      Item part = item;
+      part.key_begin = begin;
+      part.key_end = begin + chunk;
+      part.split = static_cast<int64_t>(w.partials.size());
+      w.partials.resize(w.partials.size() + R * (2 + s.head_dim));
+      items.push_back(part);
+    }
+  }
+  w.items = std::move(items);
+}
+
+// Merges the partial results of split items (consecutive items of one block) into the output.
+void combine(Shared& w) {
+  const Shapes& s = w.params.shape;
+  const int64_t G = s.num_q_heads / s.num_kv_heads, D = s.head_dim;
+  std::vector<float> out;
+  for (size_t first = 0; first < w.items.size();) {
+    const Item& item = w.items[first];
+    size_t last = first + 1;
+    if (item.split < 0) {
+      first = last;
+      continue;
+    }
+    while (last < w.items.size() && w.items[last].split >= 0 && w.items[last].seq == item.seq &&
+           w.items[last].kv_head == item.kv_head && w.items[last].first_row == item.first_row) {
+      ++last;
+    }
+    for (int64_t i = 0; i < item.num_rows * G; ++i) {
+      float m = kMinScore, l = 0.0f;
+      for (size_t j = first; j < last; ++j) m = std::max(m, w.partial(w.items[j]).m[i]);
+      out.assign(D, 0.0f);
+      for (size_t j = first; j < last; ++j) {
+        const Partial part = w.partial(w.items[j]);
+        const float scale = std::exp(part.m[i] - m);
+        l += part.l[i] * scale;
+        for (int64_t d = 0; d < D; ++d) out[d] += part.acc[i * D + d] * scale;
+      }
+      const int64_t row = w.params.cu_q_lens[item.seq] + item.first_row + i / G;
+      float* dst = w.params.out + (row * s.num_q_heads + item.kv_head * G + i % G) * D;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = out[d] * inv;
+    }
+    first = last;
+  }
+}
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
                 ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens,
@@ -244,28 +538,22 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_
   }
   float* result = out->typed_data();
   std::memset(result, 0, sizeof(float) * shape.num_rows * shape.num_q_heads * shape.head_dim);
-  const int32_t* cu = cu_q_lens.typed_data();
   const int64_t seqs = std::min<int64_t>(num_seqs.typed_data()[0], shape.max_seqs);
-  for (int32_t seq = 0; seq < seqs; ++seq) {
-    const int32_t rows = cu[seq + 1] - cu[seq];
-    if (rows <= 0 || cu[seq + 1] > shape.num_rows) continue;
-    for (int32_t first = 0; first < rows; first += kBlockRows) {
-      for (int32_t h = 0; h < shape.num_kv_heads; ++h) {
-        shared->items.push_back({seq, h, first, std::min<int32_t>(kBlockRows, rows - first)});
-      }
-    }
-  }
   shared->params = Params{q.typed_data(), k_pages.untyped_data(), v_pages.untyped_data(),
-                          kv_lens.typed_data(), page_indices.typed_data(), cu, result, shape,
-                          sm_scale, logit_softcap, sliding_window.typed_data()[0]};
+                          kv_lens.typed_data(), page_indices.typed_data(), cu_q_lens.typed_data(),
+                          result, shape, sm_scale, logit_softcap, sliding_window.typed_data()[0]};
+  make_items(*shared, seqs, pool.num_threads() + 1);
   const int64_t helpers =
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(shared->items.size()) - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->all_done.wait(lock, [&] {
-    return shared->done.load() == static_cast<int64_t>(shared->items.size());
-  });
+  {
+    std::unique_lock<std::mutex> lock(shared->mutex);
+    shared->all_done.wait(lock, [&] {
+      return shared->done.load() == static_cast<int64_t>(shared->items.size());
+    });
+  }
+  combine(*shared);
   return ffi::Error::Success();
 }
 

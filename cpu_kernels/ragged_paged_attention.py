@@ -6,7 +6,8 @@ The contract is `pallas_kernels.reference.ragged_paged_attention_reference`'s (s
 padding rows come out as zeros). The kernel reads each sequence's pages through its row of the page
 table, so nothing is gathered, and its cost follows the real rows and their visible keys: the padded
 slab and page-table width cost nothing. It runs over (sequence, KV head, block of 16 query rows) work
-items on XLA's CPU thread pool. Scores and sums are float32 whatever the input dtypes.
+items on XLA's CPU thread pool, splitting long contexts over several items when there are few
+sequences (see the C++ source's header). Scores and sums are float32 whatever the input dtypes.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from fastgen_jax.sampler import SamplingArrays, sample
+from fastgen_jax.sampler import SamplingArrays, argmax, sample
 
 VOCAB = 50
 
@@ -114,3 +115,46 @@ def test_tiny_temperatures_are_greedy_and_every_row_stays_finite():
         assert ((tokens >= 0) & (tokens < VOCAB)).all(), tokens
         assert np.isfinite(logprobs).all(), logprobs
         np.testing.assert_array_equal(tokens[4:6], logits[4:6].argmax(-1))  # 1e-5 with gaps of ~1000
+
+
+@pytest.mark.parametrize("vocab", [1, 50, 256, 257, 49152])
+def test_argmax_is_jnp_argmax_with_ties_nans_and_infinities(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.integers(-3, 3, size=(6, vocab)).astype(np.float32)  # many ties
+    logits[1] = -np.inf
+    logits[2, rng.integers(vocab)] = np.nan
+    logits[3, -1] = np.inf
+    logits[4, :] = 7.0
+    np.testing.assert_array_equal(jax.jit(argmax)(logits), jnp.argmax(jnp.asarray(logits), axis=-1))
+
+
+def pack(allowed):
+    """A token bitmask i32[S, ceil(V/32)] from bool[S, V]."""
+    rows, vocab = allowed.shape
+    bits = np.zeros((rows, -(-vocab // 32) * 32), np.uint64)
+    bits[:, :vocab] = allowed
+    words = (bits.reshape(rows, -1, 32) << np.arange(32, dtype=np.uint64)).sum(-1)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def test_greedy_rows_under_a_bitmask_take_the_best_allowed_token():
+    """Rows whose unmasked argmax is allowed, rows where it is not, and unconstrained rows."""
+    logits = random_logits(6, seed=7)
+    allowed = np.ones_like(logits, bool)
+    allowed[1, logits[1].argmax()] = False  # the best is banned: the second best wins
+    allowed[2, np.argsort(-logits[2])[:5]] = False
+    allowed[3, :] = False
+    allowed[3, 11] = True  # only one token allowed
+    tokens, *_ = jax.jit(sample)(jnp.asarray(logits), settings(6), jnp.asarray(pack(allowed)))
+    np.testing.assert_array_equal(tokens, np.where(allowed, logits, -np.inf).argmax(-1))
+
+
+def test_sampled_rows_under_a_bitmask_draw_only_allowed_tokens():
+    logits = np.tile(random_logits(1, seed=8), (256, 1))
+    allowed = np.zeros_like(logits, bool)
+    allowed[:, [3, 17, 40]] = True
+    mask = jnp.asarray(pack(allowed))
+    tokens, *_ = jax.jit(sample)(
+        jnp.asarray(logits), settings(256, temperature=5.0, seed=np.arange(256)), mask
+    )
+    assert set(np.asarray(tokens).tolist()) == {3, 17, 40}

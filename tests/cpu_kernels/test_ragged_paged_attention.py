@@ -89,6 +89,40 @@ def test_bfloat16_kv_matches_reference(seqs, seed, bf16_q):
 
 
 @st.composite
+def long_context_batches(draw):
+    """One to three sequences over up to 2k keys: few enough work items that the kernel splits each
+    sequence's keys over several items and merges them (flash-decoding), for decodes and for prompt
+    chunks (>= 16 query vectors per item: the tiled path)."""
+    page_size = draw(st.sampled_from([8, 16, 32]))
+    seqs = []
+    for _ in range(draw(st.integers(1, 3))):
+        new = draw(st.sampled_from([0, 1, 1, 2, 5, 16, 21]))
+        seqs.append((draw(st.integers(0, 2000 - new)), new))
+    return page_size, seqs
+
+
+@given(
+    long_context_batches(),
+    st.sampled_from([1, 2, 3, 4, 8]),
+    st.sampled_from([None, 300, 700]),
+    st.sampled_from([None, 20.0]),
+    st.sampled_from(["float32", "bfloat16"]),
+    st.integers(0, 2**16),
+)
+@SETTINGS
+@example(batch=(16, [(2047, 1)]), group=3, window=None, softcap=None, dtype="float32", seed=0)
+@example(batch=(16, [(1500, 21), (2000, 1)]), group=8, window=700, softcap=20.0, dtype="float32", seed=1)
+def test_long_contexts_split_over_items_match_reference(batch, group, window, softcap, dtype, seed):
+    page_size, seqs = batch
+    q, k, v, *rest = make_inputs(
+        seqs, page_size=page_size, group=group, num_kv_heads=1 + seed % 2, width=2048 // page_size, seed=seed
+    )
+    k, v = k.astype(dtype), v.astype(dtype)
+    window = None if window is None else jnp.int32(window)
+    assert_matches_reference((q, k, v, *rest), sliding_window=window, logit_softcap=softcap)
+
+
+@st.composite
 def oracle_batches(draw):
     page_size = draw(st.sampled_from([8, 16, 32]))
     q_lens = draw(st.lists(st.integers(0, 40), min_size=1, max_size=5))
