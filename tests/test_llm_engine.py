@@ -98,7 +98,11 @@ def tiny_workload(tiny_dir):
 
 
 # Overlap (async_scheduling) is the default; one budget also runs one step at a time.
-@pytest.mark.parametrize("budget, overlap", [(64, True), (128, True), (512, True), (128, False)])
+# overlap off: `-m slow`, and every test of this file under `pytest --overlap=off` (README)
+@pytest.mark.parametrize(
+    "budget, overlap",
+    [(64, True), (128, True), (512, True), pytest.param(128, False, marks=pytest.mark.slow)],
+)
 def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget, overlap):
     prompts, num_new, expected = tiny_workload
     config = EngineConfig(
@@ -172,7 +176,7 @@ def test_every_output_carries_its_requests_one_timing_record(tiny_dir):
             assert record.missed == (not verdict.both)
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("overlap", [True, pytest.param(False, marks=pytest.mark.slow)])  # and --overlap=off
 def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir, overlap):
     _, model = tiny_dir
     rng = np.random.default_rng(5)
