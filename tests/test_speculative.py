@@ -229,29 +229,15 @@ class _Always:
 
 
 def test_k_drops_to_zero_on_rejections_and_comes_back_on_shadow_hits():
-    from fastgen_jax.engine import Scheduler
-
-    config = EngineConfig(
-        token_budget=32, max_num_seqs=4, num_pages=40, max_model_len=512, speculative="ngram"
-    )
-    scheduler = Scheduler(config)
+    scheduler, seq = _one_decoding(speculative="ngram")
     speculator = Speculator(_Always(7), max_tokens=4, max_rows=64)
-    seq = Sequence("a", [1, 2, 3], max_tokens=300)
-    scheduler.add(seq)
-    out = scheduler.schedule()
-    scheduler.postprocess(out, [9])
-    ks = []
-    for step in range(40):
-        out = scheduler.schedule()
-        speculator.extend(scheduler, out)
-        entry = out.scheduled[0]
-        ks.append(len(entry.draft_token_ids))
-        token = 9 if step < 15 else 7  # first every draft is wrong, then the text turns to 7 7 7 ...
-        emitted = [token] if entry.draft_token_ids else token
-        if entry.draft_token_ids and token == 7:
-            emitted = [7] * (len(entry.draft_token_ids) + 1)
-        scheduler.postprocess(out, [emitted])
-        speculator.observe(out, [emitted])
+
+    def emit(step, drafts):  # first every draft is wrong, then the text turns to 7 7 7 ...
+        if step < 15:
+            return [9] if drafts else 9
+        return [7] * (len(drafts) + 1) if drafts else 7
+
+    ks = _speculate(scheduler, speculator, 40, emit)
     assert ks[0] > 0 and 0 in ks[:15] and ks[-1] == 4
     assert seq.num_computed_tokens == seq.num_tokens - 1  # rejected drafts were trimmed
 
@@ -328,6 +314,21 @@ def test_a_sampled_request_accepts_drafts(tiny_dir):
     assert engine.stats.spec_accepted_tokens > 0
 
 
+def _speculate(scheduler, speculator, steps, emit):
+    """Runs `steps` steps of the scheduler's one sequence with the speculator's drafts; emit(step,
+    drafts) is what the step gives it (a list when it verified drafts). Returns each step's k."""
+    ks = []
+    for step in range(steps):
+        out = scheduler.schedule()
+        speculator.extend(scheduler, out)
+        drafts = out.scheduled[0].draft_token_ids
+        ks.append(len(drafts))
+        emitted = emit(step, drafts)
+        scheduler.postprocess(out, [emitted])
+        speculator.observe(out, [emitted])
+    return ks
+
+
 def _one_decoding(max_tokens=300, **config):
     """A scheduler with one sequence that has just sampled its first token (9)."""
     from fastgen_jax.engine import Scheduler
@@ -389,13 +390,5 @@ def test_a_costly_proposer_re_probes_a_sequence_it_gave_up_on():
 
     scheduler, seq = _one_decoding()
     speculator = Speculator(Costly(7), max_tokens=4, max_rows=64)
-    ks = []
-    for _ in range(70):
-        out = scheduler.schedule()
-        speculator.extend(scheduler, out)
-        entry = out.scheduled[0]
-        ks.append(len(entry.draft_token_ids))
-        emitted = [9] if entry.draft_token_ids else 9  # every draft is wrong
-        scheduler.postprocess(out, [emitted])
-        speculator.observe(out, [emitted])
+    ks = _speculate(scheduler, speculator, 70, lambda _, drafts: [9] if drafts else 9)  # every draft wrong
     assert ks[0] > 0 and ks[10:].count(1) >= 1 and sum(ks[10:]) <= 3  # off, probed now and then
