@@ -7,6 +7,7 @@ every entry point (Python API, batch file, HTTP server) rejects bad values with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,16 @@ class SamplingParams:
                 raise SamplingParamsError(
                     f"structured_outputs must be a StructuredOutputs, got {self.structured_outputs!r}"
                 )
+
+    @functools.cached_property
+    def sampler_row(self) -> tuple[float, int, float, int, bool]:
+        """(temperature, top_k, top_p, seed, logprobs): what the sampler reads of this request, as one
+        step plan row (`engine.batch.SamplingArrays`), worked out once per request. A greedy request
+        (temperature 0) has the same row whatever its seed and filters, which the sampler ignores then,
+        so a step of greedy requests is recognised by comparing rows."""
+        if self.temperature == 0:
+            return (0.0, 0, 1.0, 0, self.logprobs)
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.logprobs)
 
     def with_seed(self) -> SamplingParams:
         """A copy whose seed is fixed (drawn at random when none was given)."""

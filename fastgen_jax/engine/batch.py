@@ -39,6 +39,7 @@ from fastgen_jax.config import ConfigError, EngineConfig
 from fastgen_jax.engine.page_allocator import NULL_PAGE
 from fastgen_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from fastgen_jax.engine.sequence import pages_for
+from fastgen_jax.sampling_params import SamplingParams
 
 _I32 = np.int32
 
@@ -105,14 +106,17 @@ class SamplingArrays:
         """Each scheduled sequence's `SamplingParams` (greedy when it has none) on its logit rows (one
         per draft token, then one), padding after them."""
         out = cls.greedy(num_slots, num_rows)
-        columns = list(zip(*(_sampling_row(e) for e in entries), strict=True))
-        dtypes = (np.float32, _I32, np.float32, np.uint32, _I32, bool)
-        fields = ("temperature", "top_k", "top_p", "seed", "step", "logprobs")
-        drafts = [len(e.draft_token_ids) for e in entries]
-        if not any(drafts):
-            for column, dtype, name in zip(columns, dtypes, fields, strict=True):
-                getattr(out, name)[: len(entries)] = np.asarray(column, dtype)
+        n = len(entries)
+        params = [e.seq.sampling_params for e in entries]
+        rows = [_GREEDY_ROW if p is None else p.sampler_row for p in params]
+        columns = [] if rows.count(_GREEDY_ROW) == n else list(zip(*rows, strict=True))  # all greedy: []
+        steps = [e.output_index for e in entries]
+        if not any(e.draft_token_ids for e in entries):
+            out.step[:n] = steps
+            for column, name in zip(columns, _ROW_FIELDS[: len(columns)], strict=True):
+                getattr(out, name)[:n] = column
             return out
+        drafts = [len(e.draft_token_ids) for e in entries]
         per_slot = np.ones(num_slots, _I32)
         per_slot[: len(entries)] += drafts
         out.cu_logit_rows[1:] = np.cumsum(per_slot)
@@ -120,9 +124,11 @@ class SamplingArrays:
         if used > out.temperature.shape[0]:
             rows = out.temperature.shape[0]
             raise ValueError(f"{sum(drafts)} draft tokens exceed the step's {rows} logit rows")
-        repeats = per_slot[: len(entries)]
-        for column, dtype, name in zip(columns, dtypes, fields, strict=True):
-            getattr(out, name)[:used] = np.repeat(np.asarray(column, dtype), repeats)
+        repeats = per_slot[:n]
+        out.step[:used] = np.repeat(np.asarray(steps, _I32), repeats)
+        for column, name in zip(columns, _ROW_FIELDS[: len(columns)], strict=True):
+            field = getattr(out, name)
+            field[:used] = np.repeat(np.asarray(column, field.dtype), repeats)
         offsets = np.arange(used, dtype=_I32) - np.repeat(out.cu_logit_rows[: len(entries)], repeats)
         out.step[:used] += offsets
         out.draft_token_ids[:used] = [t for e in entries for t in (*e.draft_token_ids, -1)]
@@ -130,12 +136,8 @@ class SamplingArrays:
         return out
 
 
-def _sampling_row(entry: ScheduledSeq) -> tuple:
-    """(temperature, top_k, top_p, seed, step, logprobs) of one scheduled sequence."""
-    p = entry.seq.sampling_params
-    if p is None:
-        return 0.0, 0, 1.0, 0, entry.output_index, False
-    return p.temperature, p.top_k, p.top_p, p.seed, entry.output_index, p.logprobs
+_ROW_FIELDS = ("temperature", "top_k", "top_p", "seed", "logprobs")  # SamplingParams.sampler_row's order
+_GREEDY_ROW = SamplingParams().sampler_row  # a request without SamplingParams, and every greedy one's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,24 +239,26 @@ class StepPlanner:
         if not entries:
             raise ValueError("cannot plan an empty step")
         n = len(entries)
-        q_lens = np.fromiter((e.num_new_tokens for e in entries), _I32, n)
-        starts = np.fromiter((e.start_position for e in entries), _I32, n)
+        counts = [e.num_new_tokens for e in entries]
+        one_each = counts.count(1) == n  # every slot one slab row (decodes: the steady state)
+        q_lens = np.array(counts, _I32)
+        starts = np.array([e.start_position for e in entries], _I32)
         kv_lens = starts + q_lens
         seq_pages = (kv_lens + (self.page_size - 1)) // self.page_size
-        bucket = self.bucket_for(int(q_lens.sum()))
+        bucket = self.bucket_for(n if one_each else sum(counts))
         num_slots = self.num_slots_for(bucket)
         page_indices = self._page_indices(output, seq_pages, num_slots)
         cu_q_lens = _cumulative(q_lens, num_slots)
         token_ids, positions, slot_mapping = self._token_rows(
-            entries, q_lens, starts, cu_q_lens, page_indices, bucket
+            entries, None if one_each else q_lens, starts, cu_q_lens, page_indices, bucket
         )
         previous_slot = np.full(bucket, -1, _I32)
-        waiting = [
-            (int(cu_q_lens[i]), e.previous_slot) for i, e in enumerate(entries) if e.previous_slot >= 0
-        ]
-        if waiting:
-            rows, slots = zip(*waiting, strict=True)
-            previous_slot[list(rows)] = slots
+        slots = np.array([e.previous_slot for e in entries], _I32)
+        if one_each:
+            previous_slot[:n] = slots
+        else:
+            waiting = slots >= 0  # decodes whose input is a token of the step in flight: one row each
+            previous_slot[cu_q_lens[:n][waiting]] = slots[waiting]
         attention = AttentionMetadata(
             positions=positions,
             slot_mapping=slot_mapping,
@@ -288,31 +292,36 @@ class StepPlanner:
         tables, n = output.page_tables, output.num_seqs
         if tables is None:
             raise ValueError("the SchedulerOutput carries no page tables")
-        rows = np.fromiter((e.seq.page_table_row for e in output.scheduled), np.intp, n)
-        if (rows < 0).any() or (tables.lengths[rows] < seq_pages).any():
+        rows = np.array([e.seq.page_table_row for e in output.scheduled], np.intp)
+        have = tables.lengths[rows]
+        if rows.min() < 0 or (have < seq_pages).any():
             raise ValueError("a scheduled sequence lacks pages for its new tokens")
         width = self.width_for(int(seq_pages.max()))
-        in_context = np.arange(width) < seq_pages[:, None]  # bool[n, W]
         page_indices = np.full((num_slots, width), NULL_PAGE, _I32)
-        page_indices[:n] = np.where(in_context, tables.array[rows, :width], NULL_PAGE)
+        page_indices[:n] = tables.array[rows, :width]
+        if (have > seq_pages).any():  # pages reserved beyond this step's tokens (a prompt's): left out
+            page_indices[:n][np.arange(width) >= seq_pages[:, None]] = NULL_PAGE
         return page_indices
 
     def _token_rows(
         self,
         entries: list[ScheduledSeq],
-        q_lens: np.ndarray,
+        q_lens: np.ndarray | None,
         starts: np.ndarray,
         cu_q_lens: np.ndarray,
         page_indices: np.ndarray,
         bucket: int,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """token_ids, positions and slot_mapping, each i32[T]."""
-        total = int(cu_q_lens[len(entries)])
-        rows = np.repeat(np.arange(len(entries)), q_lens)  # i32[total]: slot of each row
-        pos = np.arange(total, dtype=_I32) - cu_q_lens[rows] + starts[rows]
+        """token_ids, positions and slot_mapping, each i32[T]. `q_lens` None: one row per slot."""
+        if q_lens is None:
+            total, rows, pos = len(entries), np.arange(len(entries)), starts
+        else:
+            total = int(cu_q_lens[len(entries)])
+            rows = np.repeat(np.arange(len(entries)), q_lens)  # i32[total]: slot of each row
+            pos = np.arange(total, dtype=_I32) - cu_q_lens[rows] + starts[rows]
         pages = page_indices[rows, pos // self.page_size]
         token_ids = np.zeros(bucket, _I32)
-        token_ids[:total] = _new_token_ids(entries)
+        token_ids[:total] = _new_token_ids(entries, one_each=q_lens is None)
         positions = np.zeros(bucket, _I32)
         positions[:total] = pos
         slot_mapping = np.full(bucket, self.padding_slot, _I32)
@@ -331,11 +340,14 @@ def _fill_logit_rows(logits_indices: np.ndarray, cu_logit_rows: np.ndarray, cu_q
     logits_indices[: len(slots)] = cu_q_lens[slots + 1] - per_slot[slots] + rows
 
 
-def _new_token_ids(entries: list[ScheduledSeq]) -> list[int]:
-    """The tokens of every entry, in slab order: a decode's input token, then its draft tokens."""
+def _new_token_ids(entries: list[ScheduledSeq], one_each: bool) -> list[int]:
+    """The tokens of every entry, in slab order: a decode's input token, then its draft tokens.
+    `one_each`: every entry has one new token (decodes: 256 a step), taken in one pass."""
+    if one_each:
+        return [0 if e.previous_slot >= 0 else e.seq.all_token_ids[e.start_position] for e in entries]
     tokens: list[int] = []
     for e in entries:
-        if e.num_new_tokens == 1:  # a decode: index, do not slice (the common case, 256 a step)
+        if e.num_new_tokens == 1:  # a decode: index, do not slice
             tokens.append(0 if e.previous_slot >= 0 else e.seq.all_token_ids[e.start_position])
         elif e.draft_token_ids:
             tokens.append(e.seq.all_token_ids[e.start_position])

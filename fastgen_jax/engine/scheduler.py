@@ -372,16 +372,22 @@ class Scheduler:
     # -- policy pieces ----------------------------------------------------------------------------
 
     def _schedule_decodes(self, out: SchedulerOutput, deferred: frozenset = frozenset()) -> None:
+        # The hot loop of a step (once per running sequence): the checks are written out, not called.
+        budget, max_seqs, page_size = self._step_budget, self.config.max_num_seqs, self.page_size
+        scheduled = out.scheduled
         for seq in list(self.running):  # a copy: preemption removes sequences from running
-            if seq.status is not _RUNNING or seq.is_prefilling or seq in deferred:
-                continue
-            if not self._has_room(out):
+            computed = seq.num_computed_tokens
+            if seq.status is not _RUNNING or computed < seq.num_prefill_tokens or seq in deferred:
+                continue  # gone, or prefilling
+            if out.num_tokens >= budget or len(scheduled) >= max_seqs:
                 break  # only reachable if the running limit is broken
-            if _waits_for_step_in_flight(seq):
+            if seq.num_pending_tokens and _waits_for_step_in_flight(seq):
                 continue
-            _check_not_past_max_tokens(seq)
-            if self._make_room_for_decode(seq, out):
-                self._push(out, seq, 1)
+            if len(seq.output_token_ids) >= seq.max_tokens:
+                _raise_past_max_tokens(seq)
+            if computed >= len(seq.page_table) * page_size and not self._make_room_for_decode(seq, out):
+                continue  # preempted itself
+            self._push(out, seq, 1)
 
     def _schedule_prompts(self, out: SchedulerOutput, allow_split: bool) -> None:
         for seq in self.running:
@@ -613,9 +619,12 @@ class Scheduler:
         needs_sample = start + num_new >= seq.num_prefill_tokens
         pending = seq.num_pending_tokens
         previous_slot = self._pending_slots[id(seq)] if pending else -1
-        output_index = seq.num_output_tokens + pending
+        output_index = len(seq.output_token_ids) + pending
         entry = ScheduledSeq(seq, num_new, start, needs_sample, output_index, previous_slot)
-        out.scheduled.insert(0 if front else len(out.scheduled), entry)
+        if front:
+            out.scheduled.insert(0, entry)
+        else:
+            out.scheduled.append(entry)
         out.num_tokens += num_new
         seq.num_computed_tokens = start + num_new
         seq.num_pending_tokens = pending + needs_sample
@@ -667,12 +676,11 @@ def draftable(entry: ScheduledSeq) -> bool:
     )
 
 
-def _check_not_past_max_tokens(seq: Sequence) -> None:
-    if seq.num_output_tokens >= seq.max_tokens:
-        raise RuntimeError(
-            f"request {seq.request_id!r} has {seq.num_output_tokens} output tokens, "
-            f"max_tokens={seq.max_tokens}: the engine must finish() it before the next step"
-        )
+def _raise_past_max_tokens(seq: Sequence) -> None:
+    raise RuntimeError(
+        f"request {seq.request_id!r} has {seq.num_output_tokens} output tokens, "
+        f"max_tokens={seq.max_tokens}: the engine must finish() it before the next step"
+    )
 
 
 def _tokens_per_slot(output: SchedulerOutput, sampled: SampledTokens) -> list[int]:
