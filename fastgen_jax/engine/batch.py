@@ -32,6 +32,7 @@ than optional: an optional field would change the pytree and compile a second pr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -234,42 +235,53 @@ class StepPlanner:
         return min(1 << max(0, num_pages - 1).bit_length(), self.max_pages_per_seq)
 
     def build(self, output: SchedulerOutput) -> StepPlan:
-        """The plan of a scheduled step: slot i is `output.scheduled[i]`."""
+        """The plan of a scheduled step: slot i is `output.scheduled[i]`.
+
+        Runs once per step for every running sequence (256 at a time), so per-entry values are
+        gathered into Python lists and each array is made by one numpy call where it can be: on a
+        host that has just run a step, each numpy call costs several microseconds of cold caches."""
         entries = output.scheduled
         if not entries:
             raise ValueError("cannot plan an empty step")
         n = len(entries)
         counts = [e.num_new_tokens for e in entries]
         one_each = counts.count(1) == n  # every slot one slab row (decodes: the steady state)
-        q_lens = np.array(counts, _I32)
-        starts = np.array([e.start_position for e in entries], _I32)
-        kv_lens = starts + q_lens
-        seq_pages = (kv_lens + (self.page_size - 1)) // self.page_size
-        bucket = self.bucket_for(n if one_each else sum(counts))
-        num_slots = self.num_slots_for(bucket)
-        page_indices = self._page_indices(output, seq_pages, num_slots)
-        cu_q_lens = _cumulative(q_lens, num_slots)
-        token_ids, positions, slot_mapping = self._token_rows(
-            entries, None if one_each else q_lens, starts, cu_q_lens, page_indices, bucket
-        )
+        total = n if one_each else sum(counts)
+        bucket = self.bucket_for(total)
+        num_slots, num_rows = self.num_slots_for(bucket), self.num_logit_rows_for(bucket)
+        starts = [e.start_position for e in entries]
+        kv_lens = np.array([s + c for s, c in zip(starts, counts, strict=True)] + [0] * (num_slots - n), _I32)
+        page_indices = self._page_indices(output, kv_lens[:n], num_slots)
+        if one_each:
+            cu_q_lens = np.minimum(np.arange(num_slots + 1, dtype=_I32), n)
+            positions = np.array(starts + [0] * (bucket - n), _I32)  # one row per slot: at its start
+            row_slots = np.arange(n)
+        else:
+            cu_q_lens = np.array([0, *itertools.accumulate(counts)] + [total] * (num_slots - n), _I32)
+            row_slots = np.repeat(np.arange(n), counts)  # the slot of each used row
+            positions = np.zeros(bucket, _I32)
+            positions[:total] = np.arange(total) - cu_q_lens[row_slots] + np.asarray(starts, _I32)[row_slots]
+        page, offset = np.divmod(positions[:total], self.page_size)
+        slot_mapping = np.full(bucket, self.padding_slot, _I32)
+        slot_mapping[:total] = page_indices[row_slots, page] * self.page_size + offset
+        token_ids = np.array(_new_token_ids(entries, one_each) + [0] * (bucket - total), _I32)
         previous_slot = np.full(bucket, -1, _I32)
-        slots = np.array([e.previous_slot for e in entries], _I32)
+        slots = [e.previous_slot for e in entries]
         if one_each:
             previous_slot[:n] = slots
-        else:
-            waiting = slots >= 0  # decodes whose input is a token of the step in flight: one row each
-            previous_slot[cu_q_lens[:n][waiting]] = slots[waiting]
+        elif max(slots) >= 0:  # decodes whose input is a token of the step in flight: one row each
+            waiting = [i for i, slot in enumerate(slots) if slot >= 0]
+            previous_slot[cu_q_lens[waiting]] = [slots[i] for i in waiting]
+        sampling = SamplingArrays.for_step(entries, num_slots, num_rows)
         attention = AttentionMetadata(
             positions=positions,
             slot_mapping=slot_mapping,
-            kv_lens=_padded(kv_lens, num_slots),
+            kv_lens=kv_lens,
             page_indices=page_indices,
             cu_q_lens=cu_q_lens,
             num_seqs=np.array([n], _I32),
-            logits_indices=np.zeros(self.num_logit_rows_for(bucket), _I32),
+            logits_indices=_logit_rows(sampling.cu_logit_rows, cu_q_lens, n, num_rows),
         )
-        sampling = SamplingArrays.for_step(entries, num_slots, self.num_logit_rows_for(bucket))
-        _fill_logit_rows(attention.logits_indices, sampling.cu_logit_rows, cu_q_lens, n)
         return StepPlan(token_ids, previous_slot, attention, sampling)
 
     def padding(self, bucket: int, width: int) -> StepPlan:
@@ -287,57 +299,39 @@ class StepPlanner:
         sampling = SamplingArrays.greedy(num_slots, self.num_logit_rows_for(bucket))
         return StepPlan(np.zeros(bucket, _I32), np.full(bucket, -1, _I32), attention, sampling)
 
-    def _page_indices(self, output: SchedulerOutput, seq_pages: np.ndarray, num_slots: int) -> np.ndarray:
-        """i32[S, W]: each slot's first seq_pages[i] page ids (pages reserved beyond: left out)."""
-        tables, n = output.page_tables, output.num_seqs
+    def _page_indices(self, output: SchedulerOutput, kv_lens: np.ndarray, num_slots: int) -> np.ndarray:
+        """i32[S, W]: each slot's pages up to its kv_lens[i]-th token (pages reserved beyond: left out)."""
+        tables = output.page_tables
         if tables is None:
             raise ValueError("the SchedulerOutput carries no page tables")
-        rows = np.array([e.seq.page_table_row for e in output.scheduled], np.intp)
-        have = tables.lengths[rows]
-        if rows.min() < 0 or (have < seq_pages).any():
+        rows = [e.seq.page_table_row for e in output.scheduled]
+        if min(rows) < 0:
+            raise ValueError("a scheduled sequence holds no page-table row")
+        rows += [rows[0]] * (num_slots - len(rows))  # unused slots: any row, overwritten below
+        seq_pages = (kv_lens + (self.page_size - 1)) // self.page_size
+        have = tables.lengths[rows[: len(kv_lens)]]
+        if (have < seq_pages).any():
             raise ValueError("a scheduled sequence lacks pages for its new tokens")
         width = self.width_for(int(seq_pages.max()))
-        page_indices = np.full((num_slots, width), NULL_PAGE, _I32)
-        page_indices[:n] = tables.array[rows, :width]
+        page_indices = tables.array[rows, :width]
+        page_indices[len(kv_lens) :] = NULL_PAGE
         if (have > seq_pages).any():  # pages reserved beyond this step's tokens (a prompt's): left out
-            page_indices[:n][np.arange(width) >= seq_pages[:, None]] = NULL_PAGE
+            page_indices[: len(kv_lens)][np.arange(width) >= seq_pages[:, None]] = NULL_PAGE
         return page_indices
 
-    def _token_rows(
-        self,
-        entries: list[ScheduledSeq],
-        q_lens: np.ndarray | None,
-        starts: np.ndarray,
-        cu_q_lens: np.ndarray,
-        page_indices: np.ndarray,
-        bucket: int,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """token_ids, positions and slot_mapping, each i32[T]. `q_lens` None: one row per slot."""
-        if q_lens is None:
-            total, rows, pos = len(entries), np.arange(len(entries)), starts
-        else:
-            total = int(cu_q_lens[len(entries)])
-            rows = np.repeat(np.arange(len(entries)), q_lens)  # i32[total]: slot of each row
-            pos = np.arange(total, dtype=_I32) - cu_q_lens[rows] + starts[rows]
-        pages = page_indices[rows, pos // self.page_size]
-        token_ids = np.zeros(bucket, _I32)
-        token_ids[:total] = _new_token_ids(entries, one_each=q_lens is None)
-        positions = np.zeros(bucket, _I32)
-        positions[:total] = pos
-        slot_mapping = np.full(bucket, self.padding_slot, _I32)
-        slot_mapping[:total] = pages * self.page_size + pos % self.page_size
-        return token_ids, positions, slot_mapping
 
-
-def _fill_logit_rows(logits_indices: np.ndarray, cu_logit_rows: np.ndarray, cu_q_lens: np.ndarray, n: int):
-    """Points each used slot's logit rows at its last 1 + (draft tokens) slab rows, in order."""
-    per_slot = np.diff(cu_logit_rows[: n + 1])
-    if (per_slot == 1).all():
+def _logit_rows(cu_logit_rows: np.ndarray, cu_q_lens: np.ndarray, n: int, num_rows: int) -> np.ndarray:
+    """i32[L]: each used slot's logit rows point at its last 1 + (draft tokens) slab rows, in order;
+    padding 0."""
+    logits_indices = np.zeros(num_rows, _I32)
+    if cu_logit_rows[n] == n:  # one logit row per slot: its last slab row
         logits_indices[:n] = cu_q_lens[1 : n + 1] - 1
-        return
+        return logits_indices
+    per_slot = np.diff(cu_logit_rows[: n + 1])
     slots = np.repeat(np.arange(n), per_slot)
     rows = np.arange(int(cu_logit_rows[n])) - cu_logit_rows[slots]  # 0..k within each slot
     logits_indices[: len(slots)] = cu_q_lens[slots + 1] - per_slot[slots] + rows
+    return logits_indices
 
 
 def _new_token_ids(entries: list[ScheduledSeq], one_each: bool) -> list[int]:
@@ -361,17 +355,3 @@ def _widths_up_to(cap: int) -> tuple[int, ...]:
     """Powers of two below `cap`, then `cap`."""
     widths = [1 << i for i in range(cap.bit_length()) if 1 << i < cap]
     return (*widths, cap)
-
-
-def _cumulative(q_lens: np.ndarray, num_slots: int) -> np.ndarray:
-    """i32[S + 1]: 0, then running totals, then the last total repeated for unused slots."""
-    cu = np.zeros(num_slots + 1, _I32)
-    cu[1 : len(q_lens) + 1] = np.cumsum(q_lens)
-    cu[len(q_lens) + 1 :] = cu[len(q_lens)]
-    return cu
-
-
-def _padded(values: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros(size, values.dtype)
-    out[: len(values)] = values
-    return out
