@@ -425,11 +425,24 @@ class Scheduler:
         decodes = [(s, s.timing) for s in self.running if not s.is_prefilling]
         prompts = self._prompt_candidates()
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
-        choice = sla.compose(decodes, prompts, self._step_budget, lambda n: sla.step_seconds(n, pairs))
+        ahead = self._in_flight_seconds()
+        step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
+        choice = sla.compose(decodes, prompts, self._step_budget, step, ahead)
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)
         sla.served(choice, prompts, given, sla.clock())
+
+    def _in_flight_seconds(self) -> float:
+        """Predicted seconds of the steps in flight: the step being composed starts after them (with
+        overlap the engine composes step N+1 as step N starts)."""
+        sla = self.sla
+        return sum(sla.step_seconds(self._bucket(out.num_tokens), _attended(out)) for out in self._in_flight)
+
+    def _bucket(self, num_tokens: int) -> int:
+        """The token bucket a step of `num_tokens` is padded to (what its time depends on)."""
+        buckets = self.config.token_buckets
+        return buckets[min(bisect.bisect_left(buckets, num_tokens), len(buckets) - 1)]
 
     def _fill_with_deferred(self, out: SchedulerOutput, choice: Composition) -> None:
         """Gives deferred decodes the room the prompts left after all (at the front of the slab), as
@@ -625,6 +638,12 @@ class Scheduler:
 
     def _has_room(self, out: SchedulerOutput) -> bool:
         return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
+
+
+def _attended(out: SchedulerOutput) -> int:
+    """The (query, key) pairs a step's causal attention visits (as `budget.attended_pairs` counts)."""
+    return sum(e.num_new_tokens * e.start_position + e.num_new_tokens * (e.num_new_tokens + 1) // 2
+               for e in out.scheduled)
 
 
 def _arrival(seq: Sequence) -> int:

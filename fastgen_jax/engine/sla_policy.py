@@ -113,10 +113,12 @@ class SlaComposer:
         prompts: list[PromptCandidate],
         budget: int,
         step_seconds: Callable[[int], float],
+        ahead: float = 0.0,
     ) -> Composition:
         """Chooses this step's work: `decodes` want one token each, `prompts` their remainders, in a
-        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n)."""
-        now = self.clock()
+        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n). The
+        step starts `ahead` seconds from now (what is left of the step in flight, with overlap)."""
+        now = self.clock() + ahead
         work = sum(p.remaining for p in prompts)
         full = step_seconds(min(budget, len(decodes) + work))  # every decode served
         deferrable = self._deferrable(decodes, now, full)
@@ -124,7 +126,7 @@ class SlaComposer:
         lean = step_seconds(min(budget, budget - room + work))
         feasible, hopeless, urgent = self._triage(prompts, room, now, lean)
         shortfall = _prompt_tokens_needed(feasible, room, now, lean) - (budget - len(decodes))
-        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full):
+        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full, lean):
             shortfall = len(deferrable)
         deferred = set(deferrable[: max(shortfall, 0)])
         order = [PromptChoice(p.key, True) for p in urgent]
@@ -207,15 +209,21 @@ def _steps_for(tokens: int, room: int) -> int:
     return -(-tokens // room) if room > 0 else (0 if tokens == 0 else 1 << 30)
 
 
-def _first_token_needs_lean_step(feasible: list[PromptCandidate], room: int, now: float, full: float) -> bool:
-    """Whether a prompt that ends in this step is due before a step with every decode would end (so
-    the decodes that can wait should, to make the step shorter)."""
+def _first_token_needs_lean_step(
+    feasible: list[PromptCandidate], room: int, now: float, full: float, lean: float
+) -> bool:
+    """Whether a prompt that ends in this step is due before a step with every decode would end but
+    not before the lean step (every decode that can wait waiting) would: only then do the decodes
+    that can wait wait, to make the step shorter. Not when the lean step is predicted no shorter (the
+    other prompts fill the room the decodes leave, or the step stays in its token bucket)."""
+    if lean >= full:
+        return False
     work = 0
     for p in feasible:
         work += p.remaining
         if work > room:
             return False
-        if p.record.due() < now + full:
+        if now + lean <= p.record.due() < now + full:
             return True
     return False
 
