@@ -93,6 +93,10 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
         arrivals = [
             dataclasses.replace(a, time=0.0 if i < clients else math.inf) for i, a in enumerate(arrivals)
         ]
+
+    def compose():
+        return scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
+
     pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
     in_flight = None  # (output, when it started): composed, not yet postprocessed
     for _ in range(max_steps):
@@ -106,12 +110,12 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
                     break
                 now[0] = pending[0][1].time
                 continue
-            in_flight = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None), now[0]
+            in_flight = compose(), now[0]
         output, start = in_flight
         # With overlap the next step is composed now, at this one's start, not knowing its tokens.
         following = None
         if machine.overlap and not output.is_empty:
-            following = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
+            following = compose()
         bucket = machine.bucket(output.num_tokens, config.token_buckets)
         seconds = machine.step_seconds(bucket)
         now[0] = start + seconds

@@ -436,8 +436,15 @@ class Scheduler:
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with
         overlap the engine composes step N+1 as step N starts)."""
-        sla = self.sla
-        return sum(sla.step_seconds(self._bucket(out.num_tokens), _attended(out)) for out in self._in_flight)
+        from fastgen_jax.engine.budget import attended_pairs  # budget imports this module
+
+        return sum(
+            self.sla.step_seconds(
+                self._bucket(out.num_tokens),
+                sum(attended_pairs(e.num_new_tokens, e.start_position) for e in out.scheduled),
+            )
+            for out in self._in_flight
+        )
 
     def _bucket(self, num_tokens: int) -> int:
         """The token bucket a step of `num_tokens` is padded to (what its time depends on)."""
@@ -638,12 +645,6 @@ class Scheduler:
 
     def _has_room(self, out: SchedulerOutput) -> bool:
         return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
-
-
-def _attended(out: SchedulerOutput) -> int:
-    """The (query, key) pairs a step's causal attention visits (as `budget.attended_pairs` counts)."""
-    return sum(e.num_new_tokens * e.start_position + e.num_new_tokens * (e.num_new_tokens + 1) // 2
-               for e in out.scheduled)
 
 
 def _arrival(seq: Sequence) -> int:
