@@ -96,6 +96,57 @@ def test_decodes_are_deferred_only_when_feasible_prompts_need_their_room():
     assert len(choice.deferred) == 2 and len(choice.decodes) == 2  # 16 - 4 = 12 room, 14 needed
 
 
+def test_decodes_wait_for_a_leaner_step_only_when_it_is_shorter_and_lands_the_first_token():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    relaxed = [decoding(c, f"d{i}", last=0.95, ema=0.05) for i in range(4)]
+    quick = RequestSLA(prompt_rate=40.0, token_rate=4.0)  # 4 tokens due in 0.1 s
+    step = LinearMachine().predict  # 0.05 s + 0.01 s a token: 0.13 s with the decodes, 0.09 s without
+    choice = c.compose(
+        relaxed, [prompt(c, "tight", 4, sla=quick)], budget=16, step_seconds=lambda n: step(n, 0)
+    )
+    assert len(choice.deferred) == 4  # the lean step (0.09 s) lands it, the full one (0.13 s) does not
+    # Another prompt would take the room the decodes leave: the step is as long either way, so no
+    # decode waits (deferring them would cost each a step and land nothing).
+    big = prompt(c, "big", 100)
+    choice = c.compose(
+        relaxed, [prompt(c, "tight", 4, sla=quick), big], budget=16, step_seconds=lambda n: step(n, 0)
+    )
+    assert choice.deferred == [] and len(choice.decodes) == 4
+
+
+def test_the_step_in_flight_comes_first_in_every_prediction():
+    clock = Clock()
+    c = composer(clock)
+    loose = prompt(c, "loose", 10)  # arrived first, due at 0.1 s
+    clock.now = 0.05
+    tight = prompt(c, "tight", 4)  # due at 0.09 s
+    choice = c.compose([], [loose, tight], budget=16, step_seconds=lambda n: 0.03)
+    assert [p.key for p in choice.prompts] == ["tight", "loose"]  # both land by 0.08 s
+    # with 0.05 s of a step in flight, this step ends at 0.13 s: both are hopeless (arrival order)
+    choice = c.compose([], [loose, tight], budget=16, step_seconds=lambda n: 0.03, ahead=0.05)
+    assert [p.key for p in choice.prompts] == ["loose", "tight"]
+
+
+def test_a_prompts_last_chunk_counts_as_the_short_step_it_is():
+    clock = Clock()
+    c = composer(clock)
+    stale = prompt(c, "stale", 1, sla=RequestSLA(prompt_rate=1e6, token_rate=4.0))  # due at once
+    early = prompt(c, "early", 40)  # due at 0.4 s
+    clock.now = 0.01
+    short = prompt(c, "short", 20, sla=RequestSLA(prompt_rate=60.0, token_rate=4.0))  # due at 0.343 s
+    step = LinearMachine().predict
+    choice = c.compose([], [stale, short], budget=16, step_seconds=lambda n: step(n, 0))
+    # 16 tokens (0.21 s), then its last 4 and stale's 1 (0.10 s): done at 0.32 s, in time (two full
+    # steps would end at 0.43 s); stale is hopeless, so goes after it
+    assert [p.key for p in choice.prompts] == ["short", "stale"]
+    choice = c.compose([], [stale, early, short], budget=16, step_seconds=lambda n: step(n, 0))
+    # now its last chunk shares a full step with early's tokens: done at 0.43 s, too late; early
+    # needs 0.21 + 0.21 s, then its last 8 tokens share a full step with the others: 0.64 s, too late
+    assert [p.key for p in choice.prompts] == ["stale", "early", "short"]
+
+
 def test_a_decode_whose_next_gap_would_break_its_bound_is_never_deferred():
     clock = Clock()
     c = composer(clock)
