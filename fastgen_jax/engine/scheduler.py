@@ -39,7 +39,9 @@ above.
 "sla" (`sla_policy`): the same mixed steps, filled by SLA slack instead of by kind. Prompts go by
 earliest first-token deadline among those that can still make it, hopeless ones after them with what
 is left; a decode is deferred only when the prompts need its room and its token-gap EMA can take a
-step more, at most `max_skips` steps in a row; a prompt is passed over at most `max_pass_over` steps
+step more (the gap itself staying within 1 / R), at most `max_skips` steps in a row; the composer
+predicts from after the step in flight (`_in_flight_seconds`) and in token buckets (`_bucket`), as
+the engine runs them; a prompt is passed over at most `max_pass_over` steps
 in a row before it goes first (a waiting one then blocks later admissions, as first-come first-served
 does). Admission asks for the same pages as above, so pages are never over-committed.
 
@@ -427,7 +429,8 @@ class Scheduler:
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
         ahead = self._in_flight_seconds()
         step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
-        choice = sla.compose(decodes, prompts, self._step_budget, step, ahead)
+        pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
+        choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)

@@ -9,18 +9,29 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
 
 1. Prompts (chunks of running prefills and waiting prompts) in order of (priority, first-token
    deadline), earliest first. Walking that order, a prompt is *feasible* if its uncached remainder
-   plus the work of the feasible prompts before it fits in the full steps left before its deadline;
-   the others are *hopeless* (they count for nothing in effective throughput) and are served after
-   every feasible prompt, in arrival order, with what is left. Each prompt takes all the room it can
-   use, so its first token comes as early as the order allows.
+   plus the work of the feasible prompts before it is predicted done before its deadline: full steps,
+   then a last step holding the rest and whatever of the other prompts fits beside it (a last step
+   that is not full is shorter, often much shorter on a machine whose step time follows its token
+   bucket); the others are *hopeless* (they count for nothing in effective throughput) and are served
+   after every feasible prompt, in arrival order, with what is left. Each prompt takes all the room
+   it can use, so its first token comes as early as the order allows.
 2. Decodes get their token unless the feasible prompts need their room this step: the EDF
    feasibility test gives the fewest prompt tokens this step that keeps every feasible prompt on time
    (max over i of work_i - (steps_i - 1) x room), or a prompt that ends in this step is due before a
-   step carrying every decode would end (a leaner step lands it in time: what prefill-first gets
-   right). Only then are decodes deferred, those already lost
-   first (their gap EMA went above 1 / R or their first token was late), then those whose gap EMA
-   can take one more step (the gap if served next step, now + 2T - last token, keeps the EMA within
-   `margin` / R), most slack first. A decode whose next gap would break its bound is never deferred.
+   step carrying every decode would end but not before the lean step (every decode that can wait
+   waiting) would, and that step is predicted shorter (what prefill-first gets right). Only then are
+   decodes deferred, those already lost first (their gap EMA went above 1 / R or their first token
+   was late), then those that can take one more step: the gap if served next step (now + 2T - last
+   token) stays within 1 / R itself and keeps the EMA within `margin` / R, most slack first. A decode
+   whose next gap would break its bound is never deferred, so a deferral never makes an inter-token
+   gap longer than the bound (on a CPU whose full step is longer than 1 / (2R), a decode is never
+   deferred beside a full step: the tail of the token gaps stays SplitFuse's).
+
+Predictions start where the composed step will: after the steps in flight (with overlap, step N+1
+is composed as step N starts, so the scheduler passes N's predicted seconds as `ahead`, and a decode
+that N serves gets its token then, `in_flight`), and a step of n tokens costs its token bucket's time
+(the scheduler pads n to the bucket the engine will run). Planning as if the step started when it
+was composed puts every prediction a step early (docs/benchmarks/sla_policy.md, section 2).
 
 Guarantees (what replaces "decodes first" for this policy):
   - a decode is deferred at most `max_skips` steps in a row;
@@ -48,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 
 from fastgen_jax.engine.timing import ALPHA, RequestSLA, RequestTiming
 from fastgen_jax.sla import ema_update
@@ -114,14 +125,16 @@ class SlaComposer:
         budget: int,
         step_seconds: Callable[[int], float],
         ahead: float = 0.0,
+        in_flight: Collection[Hashable] = (),
     ) -> Composition:
         """Chooses this step's work: `decodes` want one token each, `prompts` their remainders, in a
         step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n). The
-        step starts `ahead` seconds from now (what is left of the step in flight, with overlap)."""
+        step starts `ahead` seconds from now (the steps in flight, with overlap), when the decodes in
+        `in_flight` get the token those steps bring them."""
         now = self.clock() + ahead
         work = sum(p.remaining for p in prompts)
         full = step_seconds(min(budget, len(decodes) + work))  # every decode served
-        deferrable = self._deferrable(decodes, now, full)
+        deferrable = self._deferrable(decodes, now, full, in_flight)
         room = budget - len(decodes) + len(deferrable)  # for prompts, when every deferrable decode waits
         lean = step_seconds(min(budget, budget - room + work))
         finish = _Finish(step_seconds, budget, budget - room, work)
@@ -153,7 +166,9 @@ class SlaComposer:
         hopeless.sort(key=lambda p: (p.record.sla.priority, p.record.arrival))
         return feasible, hopeless, urgent
 
-    def _deferrable(self, decodes: list[tuple[Hashable, RequestTiming]], now: float, step: float) -> list:
+    def _deferrable(
+        self, decodes: list[tuple[Hashable, RequestTiming]], now: float, step: float, in_flight: Collection
+    ) -> list:
         """Keys of the decodes that may wait a step, lost ones first, then most slack first."""
         if step <= 0:
             return []
@@ -163,16 +178,20 @@ class SlaComposer:
                 continue
             if r.missed:
                 candidates.append((-math.inf, i, key))
-            elif (slack := self._slack_after_skip(r, now, step)) >= 0:
+            elif (slack := self._slack_after_skip(r, now, step, key in in_flight)) >= 0:
                 candidates.append((-slack, i, key))
         return [key for *_, key in sorted(candidates, key=lambda c: c[:2])]
 
-    def _slack_after_skip(self, r: RequestTiming, now: float, step: float) -> float:
-        """How far under `margin` / R the gap EMA stays if the token comes a step later (< 0: it breaks)."""
-        if r.last is None:
+    def _slack_after_skip(self, r: RequestTiming, now: float, step: float, pending: bool) -> float:
+        """How far under `margin` / R the gap EMA stays, and under 1 / R the gap itself, if the token
+        comes a step later (< 0: one breaks). `pending`: a step in flight brings it a token at `now`."""
+        ema, last = r.ema, r.last
+        if pending:
+            ema, last = (ema if last is None else ema_update(ema, now - last, ALPHA)), now
+        if last is None:
             return -1.0
-        gap = now + 2 * step - r.last
-        return self.margin * r.max_gap - ema_update(r.ema, gap, ALPHA)
+        gap = now + 2 * step - last
+        return min(self.margin * r.max_gap - ema_update(ema, gap, ALPHA), r.max_gap - gap)
 
     # -- after the scheduler served the composition -----------------------------------------------
 

@@ -95,20 +95,16 @@ def closed_loop_rates(clients, seed, policies=("splitfuse", "sla")):
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 9])
-def test_with_overlap_at_4_clients_sla_is_at_least_splitfuse(seed):
-    """Two arrival draws where a composer that planned as if its step started now (not after the step
-    in flight) lost to SplitFuse at 4 clients, as the real sweep did."""
-    rates = {p: met / seconds for p, (met, seconds) in closed_loop_rates(4, seed).items()}
-    assert rates["sla"] >= rates["splitfuse"], rates
-
-
-@pytest.mark.parametrize("clients", [4, 8])
-def test_with_overlap_sla_has_at_least_splitfuses_effective_throughput_over_ten_draws(clients):
+@pytest.mark.parametrize("clients, margin", [(4, 1.02), (8, 1.05)])
+def test_with_overlap_sla_beats_splitfuses_effective_throughput_over_ten_draws(clients, margin):
+    """Requests within the SLA per second over ten arrival draws. A composer that planned as if its
+    step started when it was composed (not after the step in flight) and counted a prompt's last chunk
+    as a full step was 1.008x SplitFuse here at 4 clients and 1.010x at 8 (the real sweep: 0.78-0.83x
+    at 4); this one is 1.04x and 1.12x. Single draws still go either way by a request or two."""
     totals = {"splitfuse": [0, 0.0], "sla": [0, 0.0]}
     for seed in range(1, 11):
         for policy, (met, seconds) in closed_loop_rates(clients, seed).items():
             totals[policy][0] += met
             totals[policy][1] += seconds
     rates = {p: met / seconds for p, (met, seconds) in totals.items()}
-    assert rates["sla"] >= rates["splitfuse"], (clients, totals)
+    assert rates["sla"] >= margin * rates["splitfuse"], (clients, totals)
