@@ -58,10 +58,12 @@ def test_sla_meets_the_sla_for_at_least_as_many_requests_as_the_better_fastgen_p
     assert counts["sla"] >= max(counts["splitfuse"], counts["prefill_first"]), (name, counts)
 
 
-def test_every_request_finishes_under_every_policy_even_when_most_are_hopeless():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_request_finishes_under_every_policy_even_when_most_are_hopeless(overlap):
     arrivals = fastgen_shaped(60, 4.0, seed=9)  # far past capacity: almost nobody can meet the SLA
+    machine = Machine(overlap=overlap)  # with overlap, each step is composed while the one before runs
     for policy in ("splitfuse", "prefill_first", "sla"):
-        assert len(run(policy, arrivals, SLA_CPU)) == len(arrivals)  # run() raises if one never ends
+        assert len(run(policy, arrivals, SLA_CPU, machine)) == len(arrivals)  # raises if one never ends
 
 
 @pytest.mark.parametrize("clients", [4, 8])
