@@ -23,9 +23,9 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
    decodes deferred, those already lost first (their gap EMA went above 1 / R or their first token
    was late), then those that can take one more step: the gap if served next step (now + 2T - last
    token) stays within 1 / R itself and keeps the EMA within `margin` / R, most slack first. A decode
-   whose next gap would break its bound is never deferred, so a deferral never makes an inter-token
-   gap longer than the bound (on a CPU whose full step is longer than 1 / (2R), a decode is never
-   deferred beside a full step: the tail of the token gaps stays SplitFuse's).
+   whose next gap would break its bound is never deferred, so no deferral is predicted to make an
+   inter-token gap longer than the bound (on a CPU whose full step is longer than 1 / (2R), a decode
+   is never deferred beside a full step: the tail of the token gaps stays SplitFuse's).
 
 Predictions start where the composed step will: after the steps in flight (with overlap, step N+1
 is composed as step N starts, so the scheduler passes N's predicted seconds as `ahead`, and a decode
