@@ -121,14 +121,26 @@ def measured_load(url: str, requests: list, point: float, clients: int):
 
 
 def server_attainment(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
-    """The fraction of the requests the server judged in between that met each part of the SLA."""
+    """The fraction of the requests the server judged in between that met each part of the SLA, and
+    the steps it ran and the "sla" policy's decisions in between (counts)."""
     judged = after.get("judged", 0.0) - before.get("judged", 0.0)
     if not judged:
         return None
-    return {
-        part: (after[f"{part}_met"] - before[f"{part}_met"]) / judged
-        for part in ("prompt", "generation", "both")
-    } | {"judged": judged, "prompt_rate": after.get("prompt_rate"), "token_rate": after.get("token_rate")}
+    decisions = {
+        name: after[name] - before.get(name, 0.0)
+        for name in ("steps", "deferred_decodes", "prompts_past_deadline")
+        if name in after
+    }
+    rates = {"prompt_rate": after.get("prompt_rate"), "token_rate": after.get("token_rate")}
+    return (
+        {
+            part: (after[f"{part}_met"] - before[f"{part}_met"]) / judged
+            for part in ("prompt", "generation", "both")
+        }
+        | {"judged": judged}
+        | rates
+        | decisions
+    )
 
 
 def start_our_server(sla: SLA):

@@ -202,10 +202,18 @@ async def _workers(client, model, pending, clients, records, on_done=None) -> No
     await asyncio.gather(*(worker() for _ in range(clients)))
 
 
+_STEP_COUNTERS = {
+    "fastgen_steps_total": "steps",
+    "fastgen_sla_deferred_decodes_total": "deferred_decodes",
+    "fastgen_sla_prompts_past_deadline_total": "prompts_past_deadline",
+}
+
+
 def sla_counters(url: str) -> dict[str, float]:
     """Our server's SLA counters from /metrics: "judged", then "<part>_<outcome>" for each part
-    (prompt, generation, both) and outcome (met, missed), and the SLA it judges by ("prompt_rate",
-    "token_rate")."""
+    (prompt, generation, both) and outcome (met, missed), the SLA it judges by ("prompt_rate",
+    "token_rate"), the forward passes it ran ("steps") and the "sla" policy's decisions
+    ("deferred_decodes", "prompts_past_deadline": zero under the other policies)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -216,6 +224,8 @@ def sla_counters(url: str) -> dict[str, float]:
                 counts["judged"] = sample.value
             elif sample.name in ("fastgen_sla_prompt_rate", "fastgen_sla_token_rate"):
                 counts[sample.name.removeprefix("fastgen_sla_")] = sample.value
+            elif sample.name in _STEP_COUNTERS:
+                counts[_STEP_COUNTERS[sample.name]] = sample.value
             elif sample.name == "fastgen_sla_requests_total":
                 counts[f"{sample.labels['part']}_{sample.labels['outcome']}"] = sample.value
     return counts

@@ -33,6 +33,7 @@ class Machine:
     seconds_per_step: float = 0.03
     seconds_per_token: float = 0.0012
     padded: bool = False  # a step costs its token bucket's tokens (as the engine pads the slab)
+    overlap: bool = False  # step N+1 is composed when step N starts (the engine's async scheduling)
 
     def bucket(self, tokens: int, buckets: tuple[int, ...]) -> int:
         """The tokens a step of `tokens` costs: its bucket's when `padded`."""
@@ -92,27 +93,39 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
         arrivals = [
             dataclasses.replace(a, time=0.0 if i < clients else math.inf) for i, a in enumerate(arrivals)
         ]
+
+    def compose():
+        return scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
+
     pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
+    in_flight = None  # (output, when it started): composed, not yet postprocessed
     for _ in range(max_steps):
         while pending and pending[0][1].time <= now[0]:
             i, a = pending.pop(0)
             seqs[i] = Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens)
             scheduler.add(seqs[i], a.sla, a.time)
-        if not scheduler.has_unfinished():
-            if not pending:
-                break
-            now[0] = pending[0][1].time
-            continue
-        output = scheduler.schedule(controller.choose_for(scheduler.running) if adaptive else None)
+        if in_flight is None:
+            if not scheduler.has_unfinished():
+                if not pending:
+                    break
+                now[0] = pending[0][1].time
+                continue
+            in_flight = compose(), now[0]
+        output, start = in_flight
+        # With overlap the next step is composed now, at this one's start, not knowing its tokens.
+        following = None
+        if machine.overlap and not output.is_empty:
+            following = compose()
         bucket = machine.bucket(output.num_tokens, config.token_buckets)
         seconds = machine.step_seconds(bucket)
-        now[0] += seconds
+        now[0] = start + seconds
         observe_step(model, bucket, output.scheduled, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)
+        in_flight = None if following is None or following.is_empty else (following, now[0])
         for e in output.scheduled:
-            if e.needs_sample:
+            if e.needs_sample and not e.seq.is_finished:
                 e.seq.timing.tokens(1, now[0])  # as the engine notes a token it hands out
-            if e.needs_sample and e.seq.num_output_tokens == e.seq.max_tokens:
+            if e.needs_sample and e.seq.num_output_tokens == e.seq.max_tokens and not e.seq.is_finished:
                 scheduler.finish(e.seq, SequenceStatus.FINISHED_LENGTH)
                 unsent = [k for k, (_, a) in enumerate(pending) if a.time == math.inf]
                 if clients is not None and unsent:  # its client sends the next request now

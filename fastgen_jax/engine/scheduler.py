@@ -39,7 +39,9 @@ above.
 "sla" (`sla_policy`): the same mixed steps, filled by SLA slack instead of by kind. Prompts go by
 earliest first-token deadline among those that can still make it, hopeless ones after them with what
 is left; a decode is deferred only when the prompts need its room and its token-gap EMA can take a
-step more, at most `max_skips` steps in a row; a prompt is passed over at most `max_pass_over` steps
+step more (the gap itself staying within 1 / R), at most `max_skips` steps in a row; the composer
+predicts from after the step in flight (`_in_flight_seconds`) and in token buckets (`_bucket`), as
+the engine runs them; a prompt is passed over at most `max_pass_over` steps
 in a row before it goes first (a waiting one then blocks later admissions, as first-come first-served
 does). Admission asks for the same pages as above, so pages are never over-committed.
 
@@ -431,11 +433,32 @@ class Scheduler:
         decodes = [(s, s.timing) for s in self.running if not s.is_prefilling]
         prompts = self._prompt_candidates()
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
-        choice = sla.compose(decodes, prompts, self._step_budget, lambda n: sla.step_seconds(n, pairs))
+        ahead = self._in_flight_seconds()
+        step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
+        pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
+        choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)
         sla.served(choice, prompts, given, sla.clock())
+
+    def _in_flight_seconds(self) -> float:
+        """Predicted seconds of the steps in flight: the step being composed starts after them (with
+        overlap the engine composes step N+1 as step N starts)."""
+        from fastgen_jax.engine.budget import attended_pairs  # budget imports this module
+
+        return sum(
+            self.sla.step_seconds(
+                self._bucket(out.num_tokens),
+                sum(attended_pairs(e.num_new_tokens, e.start_position) for e in out.scheduled),
+            )
+            for out in self._in_flight
+        )
+
+    def _bucket(self, num_tokens: int) -> int:
+        """The token bucket a step of `num_tokens` is padded to (what its time depends on)."""
+        buckets = self.config.token_buckets
+        return buckets[min(bisect.bisect_left(buckets, num_tokens), len(buckets) - 1)]
 
     def _fill_with_deferred(self, out: SchedulerOutput, choice: Composition) -> None:
         """Gives deferred decodes the room the prompts left after all (at the front of the slab), as

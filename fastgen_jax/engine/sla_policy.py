@@ -9,18 +9,29 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
 
 1. Prompts (chunks of running prefills and waiting prompts) in order of (priority, first-token
    deadline), earliest first. Walking that order, a prompt is *feasible* if its uncached remainder
-   plus the work of the feasible prompts before it fits in the full steps left before its deadline;
-   the others are *hopeless* (they count for nothing in effective throughput) and are served after
-   every feasible prompt, in arrival order, with what is left. Each prompt takes all the room it can
-   use, so its first token comes as early as the order allows.
+   plus the work of the feasible prompts before it is predicted done before its deadline: full steps,
+   then a last step holding the rest and whatever of the other prompts fits beside it (a last step
+   that is not full is shorter, often much shorter on a machine whose step time follows its token
+   bucket); the others are *hopeless* (they count for nothing in effective throughput) and are served
+   after every feasible prompt, in arrival order, with what is left. Each prompt takes all the room
+   it can use, so its first token comes as early as the order allows.
 2. Decodes get their token unless the feasible prompts need their room this step: the EDF
    feasibility test gives the fewest prompt tokens this step that keeps every feasible prompt on time
    (max over i of work_i - (steps_i - 1) x room), or a prompt that ends in this step is due before a
-   step carrying every decode would end (a leaner step lands it in time: what prefill-first gets
-   right). Only then are decodes deferred, those already lost
-   first (their gap EMA went above 1 / R or their first token was late), then those whose gap EMA
-   can take one more step (the gap if served next step, now + 2T - last token, keeps the EMA within
-   `margin` / R), most slack first. A decode whose next gap would break its bound is never deferred.
+   step carrying every decode would end but not before the lean step (every decode that can wait
+   waiting) would, and that step is predicted shorter (what prefill-first gets right). Only then are
+   decodes deferred, those already lost first (their gap EMA went above 1 / R or their first token
+   was late), then those that can take one more step: the gap if served next step (now + 2T - last
+   token) stays within 1 / R itself and keeps the EMA within `margin` / R, most slack first. A decode
+   whose next gap would break its bound is never deferred, so no deferral is predicted to make an
+   inter-token gap longer than the bound (on a CPU whose full step is longer than 1 / (2R), a decode
+   is never deferred beside a full step: the tail of the token gaps stays SplitFuse's).
+
+Predictions start where the composed step will: after the steps in flight (with overlap, step N+1
+is composed as step N starts, so the scheduler passes N's predicted seconds as `ahead`, and a decode
+that N serves gets its token then, `in_flight`), and a step of n tokens costs its token bucket's time
+(the scheduler pads n to the bucket the engine will run). Planning as if the step started when it
+was composed puts every prediction a step early (docs/benchmarks/sla_policy.md, section 2).
 
 Guarantees (what replaces "decodes first" for this policy):
   - a decode is deferred at most `max_skips` steps in a row;
@@ -48,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 
 from fastgen_jax.engine.timing import ALPHA, RequestSLA, RequestTiming
 from fastgen_jax.sla import ema_update
@@ -113,18 +124,23 @@ class SlaComposer:
         prompts: list[PromptCandidate],
         budget: int,
         step_seconds: Callable[[int], float],
+        ahead: float = 0.0,
+        in_flight: Collection[Hashable] = (),
     ) -> Composition:
         """Chooses this step's work: `decodes` want one token each, `prompts` their remainders, in a
-        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n)."""
-        now = self.clock()
+        step of at most `budget` tokens; a step of n tokens is predicted to take step_seconds(n). The
+        step starts `ahead` seconds from now (the steps in flight, with overlap), when the decodes in
+        `in_flight` get the token those steps bring them."""
+        now = self.clock() + ahead
         work = sum(p.remaining for p in prompts)
         full = step_seconds(min(budget, len(decodes) + work))  # every decode served
-        deferrable = self._deferrable(decodes, now, full)
+        deferrable = self._deferrable(decodes, now, full, in_flight)
         room = budget - len(decodes) + len(deferrable)  # for prompts, when every deferrable decode waits
         lean = step_seconds(min(budget, budget - room + work))
-        feasible, hopeless, urgent = self._triage(prompts, room, now, lean)
+        finish = _Finish(step_seconds, budget, budget - room, work)
+        feasible, hopeless, urgent = self._triage(prompts, finish, now)
         shortfall = _prompt_tokens_needed(feasible, room, now, lean) - (budget - len(decodes))
-        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full):
+        if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full, lean):
             shortfall = len(deferrable)
         deferred = set(deferrable[: max(shortfall, 0)])
         order = [PromptChoice(p.key, True) for p in urgent]
@@ -136,13 +152,13 @@ class SlaComposer:
             dict(decodes),
         )
 
-    def _triage(self, prompts: list[PromptCandidate], room: int, now: float, step: float):
+    def _triage(self, prompts: list[PromptCandidate], finish: _Finish, now: float):
         """(feasible by priority then deadline, hopeless by priority then arrival, urgent by arrival)."""
         urgent = sorted((p for p in prompts if p.record.passed_over >= self.max_pass_over), key=_by_arrival)
         rest = [p for p in prompts if p.record.passed_over < self.max_pass_over]
         feasible, hopeless, work = [], [], 0
         for p in sorted(rest, key=lambda p: (p.record.sla.priority, p.record.due())):
-            if _steps_for(work + p.remaining, room) * step <= p.record.due() - now and not p.record.missed:
+            if finish.seconds(work + p.remaining) <= p.record.due() - now and not p.record.missed:
                 feasible.append(p)
                 work += p.remaining
             else:
@@ -150,7 +166,9 @@ class SlaComposer:
         hopeless.sort(key=lambda p: (p.record.sla.priority, p.record.arrival))
         return feasible, hopeless, urgent
 
-    def _deferrable(self, decodes: list[tuple[Hashable, RequestTiming]], now: float, step: float) -> list:
+    def _deferrable(
+        self, decodes: list[tuple[Hashable, RequestTiming]], now: float, step: float, in_flight: Collection
+    ) -> list:
         """Keys of the decodes that may wait a step, lost ones first, then most slack first."""
         if step <= 0:
             return []
@@ -160,16 +178,20 @@ class SlaComposer:
                 continue
             if r.missed:
                 candidates.append((-math.inf, i, key))
-            elif (slack := self._slack_after_skip(r, now, step)) >= 0:
+            elif (slack := self._slack_after_skip(r, now, step, key in in_flight)) >= 0:
                 candidates.append((-slack, i, key))
         return [key for *_, key in sorted(candidates, key=lambda c: c[:2])]
 
-    def _slack_after_skip(self, r: RequestTiming, now: float, step: float) -> float:
-        """How far under `margin` / R the gap EMA stays if the token comes a step later (< 0: it breaks)."""
-        if r.last is None:
+    def _slack_after_skip(self, r: RequestTiming, now: float, step: float, pending: bool) -> float:
+        """How far under `margin` / R the gap EMA stays, and under 1 / R the gap itself, if the token
+        comes a step later (< 0: one breaks). `pending`: a step in flight brings it a token at `now`."""
+        ema, last = r.ema, r.last
+        if pending:
+            ema, last = (ema if last is None else ema_update(ema, now - last, ALPHA)), now
+        if last is None:
             return -1.0
-        gap = now + 2 * step - r.last
-        return self.margin * r.max_gap - ema_update(r.ema, gap, ALPHA)
+        gap = now + 2 * step - last
+        return min(self.margin * r.max_gap - ema_update(ema, gap, ALPHA), r.max_gap - gap)
 
     # -- after the scheduler served the composition -----------------------------------------------
 
@@ -199,6 +221,27 @@ class SlaComposer:
             record.admission_slack = record.deadline - self.clock() - predicted
 
 
+@dataclasses.dataclass(frozen=True)
+class _Finish:
+    """Predicts when prompt work is done: served first, `budget - fixed` prompt tokens a step beside
+    `fixed` decode tokens, in full steps, then one step holding the rest and as much of the other
+    prompts' work (`total`) as fits. (A last step that is not full is shorter: at 4 clients on a CPU,
+    a prompt's last chunk often runs in a step a quarter as long as a full one.)"""
+
+    step_seconds: Callable[[int], float]
+    budget: int
+    fixed: int
+    total: int
+
+    def seconds(self, work: int) -> float:
+        room = self.budget - self.fixed
+        if room <= 0:
+            return 0.0 if work == 0 else math.inf
+        full, rest = divmod(work, room)
+        last = self.step_seconds(min(self.budget, self.fixed + rest + self.total - work)) if rest else 0.0
+        return full * self.step_seconds(self.budget) + last
+
+
 def _by_arrival(p: PromptCandidate) -> float:
     return p.record.arrival
 
@@ -207,15 +250,21 @@ def _steps_for(tokens: int, room: int) -> int:
     return -(-tokens // room) if room > 0 else (0 if tokens == 0 else 1 << 30)
 
 
-def _first_token_needs_lean_step(feasible: list[PromptCandidate], room: int, now: float, full: float) -> bool:
-    """Whether a prompt that ends in this step is due before a step with every decode would end (so
-    the decodes that can wait should, to make the step shorter)."""
+def _first_token_needs_lean_step(
+    feasible: list[PromptCandidate], room: int, now: float, full: float, lean: float
+) -> bool:
+    """Whether a prompt that ends in this step is due before a step with every decode would end but
+    not before the lean step (every decode that can wait waiting) would: only then do the decodes
+    that can wait wait, to make the step shorter. Not when the lean step is predicted no shorter (the
+    other prompts fill the room the decodes leave, or the step stays in its token bucket)."""
+    if lean >= full:
+        return False
     work = 0
     for p in feasible:
         work += p.remaining
         if work > room:
             return False
-        if p.record.due() < now + full:
+        if now + lean <= p.record.due() < now + full:
             return True
     return False
 

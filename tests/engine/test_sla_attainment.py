@@ -58,10 +58,12 @@ def test_sla_meets_the_sla_for_at_least_as_many_requests_as_the_better_fastgen_p
     assert counts["sla"] >= max(counts["splitfuse"], counts["prefill_first"]), (name, counts)
 
 
-def test_every_request_finishes_under_every_policy_even_when_most_are_hopeless():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_request_finishes_under_every_policy_even_when_most_are_hopeless(overlap):
     arrivals = fastgen_shaped(60, 4.0, seed=9)  # far past capacity: almost nobody can meet the SLA
+    machine = Machine(overlap=overlap)  # with overlap, each step is composed while the one before runs
     for policy in ("splitfuse", "prefill_first", "sla"):
-        assert len(run(policy, arrivals, SLA_CPU)) == len(arrivals)  # run() raises if one never ends
+        assert len(run(policy, arrivals, SLA_CPU, machine)) == len(arrivals)  # raises if one never ends
 
 
 @pytest.mark.parametrize("clients", [4, 8])
@@ -78,3 +80,33 @@ def test_in_a_closed_loop_sla_has_at_least_the_best_effective_throughput(clients
         assert len(verdicts) == 40 and seconds > 0
         rates[policy] = sum(verdicts) / seconds
     assert rates["sla"] >= max(rates["splitfuse"], rates["prefill_first"]), rates
+
+
+# The quiet CPU sweep's shape (docs/benchmarks/sla_policy.md, section 2): SmolLM2 on 2 cores, a step
+# padded to its token bucket takes about 60 ms + 1.55 ms per token (0.46 s at 256, from the sweep's
+# token times), the engine composes step N+1 while step N runs (overlap), the CPU preset's SLA.
+CPU_OVERLAP = Machine(0.06, 0.00155, padded=True, overlap=True)
+
+
+def closed_loop_rates(clients, seed, policies=("splitfuse", "sla")):
+    shapes = fastgen_shaped(40, 1.0, seed=seed)
+    out = {}
+    for policy in policies:
+        verdicts, seconds = run_closed_loop(policy, shapes, clients, SLA_CPU, CPU_OVERLAP)
+        out[policy] = (sum(verdicts), seconds)
+    return out
+
+
+@pytest.mark.parametrize("clients, margin", [(4, 1.02), (8, 1.05)])
+def test_with_overlap_sla_beats_splitfuses_effective_throughput_over_ten_draws(clients, margin):
+    """Requests within the SLA per second over ten arrival draws. A composer that planned as if its
+    step started when it was composed (not after the step in flight) and counted a prompt's last chunk
+    as a full step was 1.008x SplitFuse here at 4 clients and 1.010x at 8 (the real sweep: 0.78-0.83x
+    at 4); this one is 1.04x and 1.12x. Single draws still go either way by a request or two."""
+    totals = {"splitfuse": [0, 0.0], "sla": [0, 0.0]}
+    for seed in range(1, 11):
+        for policy, (met, seconds) in closed_loop_rates(clients, seed).items():
+            totals[policy][0] += met
+            totals[policy][1] += seconds
+    rates = {p: met / seconds for p, (met, seconds) in totals.items()}
+    assert rates["sla"] >= margin * rates["splitfuse"], (clients, totals)

@@ -96,6 +96,86 @@ def test_decodes_are_deferred_only_when_feasible_prompts_need_their_room():
     assert len(choice.deferred) == 2 and len(choice.decodes) == 2  # 16 - 4 = 12 room, 14 needed
 
 
+def test_decodes_wait_for_a_leaner_step_only_when_it_is_shorter_and_lands_the_first_token():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    relaxed = [decoding(c, f"d{i}", last=0.99, ema=0.05) for i in range(4)]
+    quick = RequestSLA(prompt_rate=50.0, token_rate=4.0)  # 4 tokens due in 0.08 s
+
+    def step(n):  # 0.1 s with the 4 decodes, 0.07 s without
+        return 0.04 + 0.0075 * n
+
+    choice = c.compose(relaxed, [prompt(c, "tight", 4, sla=quick)], budget=16, step_seconds=step)
+    assert len(choice.deferred) == 4  # the lean step lands it, the full one does not
+    # Another prompt would take the room the decodes leave: the step is as long either way, so no
+    # decode waits (deferring them would cost each a step and land nothing).
+    big = prompt(c, "big", 100)
+    choice = c.compose(relaxed, [prompt(c, "tight", 4, sla=quick), big], budget=16, step_seconds=step)
+    assert choice.deferred == [] and len(choice.decodes) == 4
+
+
+def test_a_decode_is_not_deferred_when_its_gap_would_pass_the_bound_even_with_ema_slack():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    quick = RequestSLA(prompt_rate=50.0, token_rate=4.0)
+    low_ema = [decoding(c, f"d{i}", last=1.0, ema=0.01) for i in range(4)]  # the EMA could take 0.3 s
+    choice = c.compose(low_ema, [prompt(c, "tight", 4, sla=quick)], budget=16, step_seconds=lambda n: 0.13)
+    assert choice.deferred == []  # deferred, its next gap would be 0.26 s, past 1 / R = 0.25 s
+
+
+def test_a_decode_the_step_in_flight_serves_counts_its_gap_from_that_token():
+    clock = Clock()
+    c = composer(clock)
+    clock.now = 1.0
+    record = RequestTiming.start(RequestSLA(prompt_rate=100.0, token_rate=2.0), 0.0, 1)  # gaps <= 0.5 s
+    record.token_times, record.ema = [0.9], 0.05
+    tight = prompt(c, "tight", 10, sla=RequestSLA(prompt_rate=40.0, token_rate=4.0))  # due at 1.25 s
+
+    def step(n):  # 0.21 s with the decode, 0.2 s without
+        return 0.1 + 0.01 * n
+
+    # 0.045 s in flight: this step ends at 1.255 s with the decode, 1.245 s without, so "tight" needs
+    # the decode to wait. Its token from the step in flight comes at 1.045 s and the next one 2 steps
+    # later (a gap of 0.42 s): it may wait. Not counting that token, the gap would be 0.565 s: not.
+    choice = c.compose([("d", record)], [tight], budget=16, step_seconds=step, ahead=0.045, in_flight={"d"})
+    assert choice.deferred == ["d"]
+    choice = c.compose([("d", record)], [tight], budget=16, step_seconds=step, ahead=0.045)
+    assert choice.deferred == []
+
+
+def test_the_step_in_flight_comes_first_in_every_prediction():
+    clock = Clock()
+    c = composer(clock)
+    loose = prompt(c, "loose", 10)  # arrived first, due at 0.1 s
+    clock.now = 0.05
+    tight = prompt(c, "tight", 4)  # due at 0.09 s
+    choice = c.compose([], [loose, tight], budget=16, step_seconds=lambda n: 0.03)
+    assert [p.key for p in choice.prompts] == ["tight", "loose"]  # both land by 0.08 s
+    # with 0.05 s of a step in flight, this step ends at 0.13 s: both are hopeless (arrival order)
+    choice = c.compose([], [loose, tight], budget=16, step_seconds=lambda n: 0.03, ahead=0.05)
+    assert [p.key for p in choice.prompts] == ["loose", "tight"]
+
+
+def test_a_prompts_last_chunk_counts_as_the_short_step_it_is():
+    clock = Clock()
+    c = composer(clock)
+    stale = prompt(c, "stale", 1, sla=RequestSLA(prompt_rate=1e6, token_rate=4.0))  # due at once
+    early = prompt(c, "early", 40)  # due at 0.4 s
+    clock.now = 0.01
+    short = prompt(c, "short", 20, sla=RequestSLA(prompt_rate=60.0, token_rate=4.0))  # due at 0.343 s
+    step = LinearMachine().predict
+    choice = c.compose([], [stale, short], budget=16, step_seconds=lambda n: step(n, 0))
+    # 16 tokens (0.21 s), then its last 4 and stale's 1 (0.10 s): done at 0.32 s, in time (two full
+    # steps would end at 0.43 s); stale is hopeless, so goes after it
+    assert [p.key for p in choice.prompts] == ["short", "stale"]
+    choice = c.compose([], [stale, early, short], budget=16, step_seconds=lambda n: step(n, 0))
+    # now its last chunk shares a full step with early's tokens: done at 0.43 s, too late; early
+    # needs 0.21 + 0.21 s, then its last 8 tokens share a full step with the others: 0.64 s, too late
+    assert [p.key for p in choice.prompts] == ["stale", "early", "short"]
+
+
 def test_a_decode_whose_next_gap_would_break_its_bound_is_never_deferred():
     clock = Clock()
     c = composer(clock)

@@ -50,6 +50,8 @@ def test_a_load_step_sends_every_request_and_the_server_judges_each(url):
     check(records, requests)
     after = sla_counters(url)
     assert after["judged"] - before["judged"] == 8
+    assert after["steps"] > before["steps"]  # the steps that served them
+    assert after["deferred_decodes"] == after["prompts_past_deadline"] == 0  # not the "sla" policy
     for part in ("prompt", "generation", "both"):
         met, missed = (after[f"{part}_{o}"] - before[f"{part}_{o}"] for o in ("met", "missed"))
         assert met + missed == 8
