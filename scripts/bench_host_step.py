@@ -7,11 +7,17 @@ plan, detokenize, stop checks: `stats.host_seconds`), one step at a time so noth
 against whichever `fastgen_jax` is first on the path, so the same command measures a tree from before
 the step plan (`PYTHONPATH=/path/to/old/tree`).
 
+`--measure=planner`: schedule + plan alone, no model and no device (the scheduler and planner are
+numpy only; a step's sampled tokens are drawn at random): the host code's own cost with its caches
+warm, beside `host`'s, which pays for caches the device step and output processing left cold. It also
+runs under `valgrind --tool=callgrind` (instructions: deterministic where timings are noisy).
+
 `--measure=overlap`: steps per second of steady decoding with `async_scheduling` off and on (the
 same engine and compiled programs, the flag flipped between runs), for the tiny model or
 `--model=<checkpoint>` (e.g. SmolLM2).
 
     python scripts/bench_host_step.py --measure=host --num_seqs=16,64,256
+    python scripts/bench_host_step.py --measure=planner --num_seqs=16,64,256
     python scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256
     python scripts/bench_host_step.py --measure=overlap --model=checkpoints/smollm2-135m-instruct
 
@@ -34,12 +40,17 @@ from absl import app, flags
 
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig, ModelConfig
+from fastgen_jax.engine.batch import StepPlanner
+from fastgen_jax.engine.scheduler import Scheduler
+from fastgen_jax.engine.sequence import Sequence
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.models import param_shapes
 from fastgen_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("measure", "host", ["host", "overlap"], "What to measure (see the module docstring).")
+flags.DEFINE_enum(
+    "measure", "host", ["host", "planner", "overlap"], "What to measure (see the module docstring)."
+)
 flags.DEFINE_list("num_seqs", ["16", "64", "256"], "Sequences decoding together, one run each.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence.")
 flags.DEFINE_integer("decode_steps", 32, "Decode steps timed per run.")
@@ -68,11 +79,15 @@ def tiny_checkpoint(tokenizer, vocab_size: int) -> Checkpoint:
     return Checkpoint(config, params, tokenizer, "tiny-random")
 
 
-def make_engine(max_seqs: int, vocab: int) -> LLMEngine:
+def make_config(max_seqs: int) -> EngineConfig:
     buckets = sorted({*(int(n) for n in FLAGS.num_seqs), 512})
-    config = EngineConfig(
+    return EngineConfig(
         token_budget=512, token_buckets=tuple(buckets), max_num_seqs=max_seqs, max_model_len=256, page_size=16
     )
+
+
+def make_engine(max_seqs: int, vocab: int) -> LLMEngine:
+    config = make_config(max_seqs)
     if FLAGS.model:
         checkpoint = load_checkpoint(FLAGS.model)
     else:
@@ -146,6 +161,37 @@ def host_run(engine: LLMEngine, n: int, vocab: int) -> dict:
     }
 
 
+def planner_run(engine: LLMEngine, n: int, vocab: int) -> dict:
+    """Schedule + plan of steady decoding on a scheduler and planner of their own (the engine's
+    config), the device replaced by random tokens."""
+    del engine
+    config = dataclasses.replace(make_config(n), num_pages=n * 17)
+    scheduler = Scheduler(config)
+    planner = StepPlanner.for_scheduler(scheduler)
+    rng = np.random.default_rng(n)
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True).with_seed()
+    for i in range(n):
+        scheduler.add(Sequence(f"r{i}", rng.integers(3, vocab, FLAGS.prompt_len).tolist(), 200, params))
+
+    def step() -> float:
+        start = time.perf_counter()
+        output = scheduler.schedule()
+        planner.build(output)
+        seconds = time.perf_counter() - start
+        scheduler.postprocess(output, rng.integers(3, vocab, output.num_seqs))
+        return seconds
+
+    while scheduler.num_waiting or any(s.is_prefilling for s in scheduler.running):
+        step()  # the prompts, untimed
+    times = [step() for _ in range(FLAGS.decode_steps)]
+    plan_ms = [1e3 * t for t in times]
+    return {
+        "num_seqs": n,
+        "schedule_plan_ms_p50": statistics.median(plan_ms),
+        "schedule_plan_ms_p90": float(np.percentile(plan_ms, 90)),
+    }
+
+
 def overlap_run(engine: LLMEngine, n: int, vocab: int) -> dict:
     row = {"num_seqs": n}
     for on in (True, False):
@@ -177,15 +223,17 @@ def main(argv):
     del argv
     sizes = [int(n) for n in FLAGS.num_seqs]
     vocab = FLAGS.vocab_size
-    engine = make_engine(max(sizes), vocab)
-    vocab = engine.model_config.vocab_size
-    run = host_run if FLAGS.measure == "host" else overlap_run
+    engine = None if FLAGS.measure == "planner" else make_engine(max(sizes), vocab)
+    vocab = vocab if engine is None else engine.model_config.vocab_size
+    run = {"host": host_run, "planner": planner_run, "overlap": overlap_run}[FLAGS.measure]
     rows = []
     for n in sizes:
         load_before = os.getloadavg()[0]
         rows.append({**run(engine, n, vocab), "load_1min": round((load_before + os.getloadavg()[0]) / 2, 2)})
     print_table(rows)
     model = FLAGS.model or f"tiny random (1 layer, vocab {vocab})"
+    if FLAGS.measure == "planner":
+        model = "none: scheduler and planner only, random tokens"
     path = FLAGS.output_json or f"docs/benchmarks/host_step_{FLAGS.measure}_cpu.json"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
