@@ -32,6 +32,7 @@ than optional: an optional field would change the pytree and compile a second pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
@@ -106,13 +107,19 @@ class SamplingArrays:
     ) -> SamplingArrays:
         """Each scheduled sequence's `SamplingParams` (greedy when it has none) on its logit rows (one
         per draft token, then one), padding after them."""
-        out = cls.greedy(num_slots, num_rows)
         n = len(entries)
         params = [e.seq.sampling_params for e in entries]
         rows = [_GREEDY_ROW if p is None else p.sampler_row for p in params]
         columns = [] if rows.count(_GREEDY_ROW) == n else list(zip(*rows, strict=True))  # all greedy: []
         steps = [e.output_index for e in entries]
-        if not any(e.draft_token_ids for e in entries):
+        drafting = any(e.draft_token_ids for e in entries)
+        if not columns and not drafting:  # the common step: only `step` differs from the padding
+            padding = _greedy_padding(num_slots, num_slots if num_rows is None else num_rows)
+            step = np.zeros_like(padding.step)
+            step[:n] = steps
+            return dataclasses.replace(padding, step=step)
+        out = cls.greedy(num_slots, num_rows)
+        if not drafting:
             out.step[:n] = steps
             for column, name in zip(columns, _ROW_FIELDS[: len(columns)], strict=True):
                 getattr(out, name)[:n] = column
@@ -135,6 +142,16 @@ class SamplingArrays:
         out.draft_token_ids[:used] = [t for e in entries for t in (*e.draft_token_ids, -1)]
         out.cu_logit_rows[len(entries) + 1 :] = used  # unused slots own no row here
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _greedy_padding(num_slots: int, num_rows: int) -> SamplingArrays:
+    """`SamplingArrays.greedy`, made once per shape and read-only: the fields an all-greedy step
+    without drafts shares with every other such step of its shape (each array made per step costs)."""
+    padding = SamplingArrays.greedy(num_slots, num_rows)
+    for field in dataclasses.fields(padding):
+        getattr(padding, field.name).flags.writeable = False
+    return padding
 
 
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "seed", "logprobs")  # SamplingParams.sampler_row's order

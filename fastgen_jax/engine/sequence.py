@@ -39,7 +39,32 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class Sequence:
-    """A request's token ids and KV bookkeeping. `sampling_params` is stored, never read, here."""
+    """A request's token ids and KV bookkeeping. `sampling_params` is stored, never read, here.
+
+    Slotted: the scheduler and the planner read several fields of every running sequence each step,
+    right after the device step has left the caches cold; slots keep them in one small block."""
+
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "_token_ids",
+        "max_tokens",
+        "sampling_params",
+        "status",
+        "arrival_index",
+        "timing",
+        "num_computed_tokens",
+        "num_pending_tokens",
+        "needs_host_sync",
+        "num_draft_tokens",
+        "num_prefill_tokens",
+        "page_table",
+        "page_table_row",
+        "cache_salt",
+        "num_cached_tokens",
+        "_page_keys",
+    )
 
     def __init__(
         self,
