@@ -295,5 +295,8 @@ class PageTables:
         self.lengths[row] = min(int(self.lengths[row]), length)
 
     def free_row(self, row: int) -> None:
+        """Gives a row back, its pages reset to NULL_PAGE: a row's entries past its length are always
+        NULL_PAGE, so the planner copies rows without masking them."""
+        self.array[row, : self.lengths[row]] = NULL_PAGE
         self.lengths[row] = 0
         self._free_rows.append(row)

@@ -123,6 +123,10 @@ def test_a_freed_page_table_row_is_reused():
     tables.free_row(row)
     assert tables.lengths[row] == 0
     assert tables.add_row([9, 8]) == row
+    tables.free_row(row)
+    assert tables.add_row([4]) == row
+    # past its length a row holds NULL_PAGE, never a page of the sequence that had it before
+    assert tables.array[row].tolist() == [4, NULL_PAGE, NULL_PAGE, NULL_PAGE]
     with pytest.raises(RuntimeError, match="all 2 page-table rows are in use"):
         tables.add_row([1])
 
