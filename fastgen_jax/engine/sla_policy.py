@@ -14,7 +14,9 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
    that is not full is shorter, often much shorter on a machine whose step time follows its token
    bucket); the others are *hopeless* (they count for nothing in effective throughput) and are served
    after every feasible prompt, in arrival order, with what is left. Each prompt takes all the room
-   it can use, so its first token comes as early as the order allows.
+   it can use, so its first token comes as early as the order allows. When no decode is deferred and
+   arrival order (SplitFuse's) is predicted to land every feasible prompt with a full step to spare,
+   the prompts keep arrival order: reordering would gain nothing and cost the prompts it delays.
 2. Decodes get their token unless the feasible prompts need their room this step: the EDF
    feasibility test gives the fewest prompt tokens this step that keeps every feasible prompt on time
    (max over i of work_i - (steps_i - 1) x room), or a prompt that ends in this step is due before a
@@ -143,8 +145,13 @@ class SlaComposer:
         if _first_token_needs_lean_step(feasible, budget - len(decodes), now, full, lean):
             shortfall = len(deferrable)
         deferred = set(deferrable[: max(shortfall, 0)])
+        ranked = feasible + hopeless
+        if not deferred and _arrival_order_suffices(
+            feasible, ranked, _Finish(step_seconds, budget, len(decodes), work), now
+        ):
+            ranked.sort(key=_by_arrival)  # SplitFuse's order already lands every prompt that can land
         order = [PromptChoice(p.key, True) for p in urgent]
-        order += [PromptChoice(p.key, False) for p in feasible + hopeless]
+        order += [PromptChoice(p.key, False) for p in ranked]
         return Composition(
             [key for key, _ in decodes if key not in deferred],
             [key for key, _ in decodes if key in deferred],
@@ -244,6 +251,20 @@ class _Finish:
 
 def _by_arrival(p: PromptCandidate) -> float:
     return p.record.arrival
+
+
+def _arrival_order_suffices(
+    feasible: list[PromptCandidate], prompts: list[PromptCandidate], finish: _Finish, now: float
+) -> bool:
+    """Whether serving `prompts` in arrival order (SplitFuse's) is predicted to land every feasible
+    one with a full step to spare (against the step-time model's error): then earliest-deadline order
+    would only reorder for nothing."""
+    keep, work, spare = {id(p) for p in feasible}, 0, finish.step_seconds(finish.budget)
+    for p in sorted(prompts, key=_by_arrival):
+        work += p.remaining
+        if id(p) in keep and finish.seconds(work) + spare > p.record.due() - now:
+            return False
+    return True
 
 
 def _steps_for(tokens: int, room: int) -> int:

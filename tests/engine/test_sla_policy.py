@@ -74,6 +74,26 @@ def test_prompts_go_by_deadline_and_hopeless_ones_last_in_arrival_order():
     assert not any(p.urgent for p in choice.prompts)
 
 
+def test_prompts_keep_arrival_order_when_it_lands_every_feasible_one_with_a_step_to_spare():
+    clock = Clock()
+    c = composer(clock)  # 100 prompt tokens/s
+    first = prompt(c, "first", 16)  # due at 0.16 s
+    clock.now = 0.01
+    second = prompt(c, "second", 8)  # due at 0.09 s: the earlier deadline
+    # in arrival order: "first" done after one step (0.05 s), "second" after two (0.1 s): a step to
+    # spare for "first" only, so "second" goes first
+    choice = c.compose([], [first, second], budget=16, step_seconds=lambda n: 0.05)
+    assert [p.key for p in choice.prompts] == ["second", "first"]
+    # a looser second prompt: arrival order lands both with a step to spare, so it is kept
+    clock.now = 0.0
+    c = composer(clock)
+    first = prompt(c, "first", 16)  # due at 0.16 s
+    clock.now = 0.01
+    second = prompt(c, "second", 14)  # due at 0.15 s: still the earlier deadline
+    choice = c.compose([], [first, second], budget=32, step_seconds=lambda n: 0.05)
+    assert [p.key for p in choice.prompts] == ["first", "second"]
+
+
 def test_a_lower_priority_value_goes_before_an_earlier_deadline():
     clock = Clock()
     c = composer(clock)
