@@ -101,7 +101,12 @@ def tiny_workload(tiny_dir):
 # overlap off: `-m slow`, and every test of this file under `pytest --overlap=off` (README)
 @pytest.mark.parametrize(
     "budget, overlap",
-    [(64, True), (128, True), (512, True), pytest.param(128, False, marks=pytest.mark.slow)],
+    [
+        (64, True),
+        (128, True),
+        pytest.param(512, True, marks=pytest.mark.slow),
+        pytest.param(128, False, marks=pytest.mark.slow),
+    ],
 )
 def test_greedy_batch_equals_one_at_a_time(tiny_dir, tiny_workload, budget, overlap):
     prompts, num_new, expected = tiny_workload
@@ -315,12 +320,14 @@ def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
     ]
     rng = np.random.default_rng(1)
     prompts = [hf_tokenizer(t)["input_ids"] for t in texts]
-    prompts += [rng.integers(3, 49152, int(n)).tolist() for n in rng.integers(2, 180, 10)]
+    prompts += [rng.integers(3, 49152, int(n)).tolist() for n in rng.integers(2, 180, 6)]
     num_new = [12] * len(prompts)
     expected = [hf_greedy(hf_model, p, n) for p, n in zip(prompts, num_new, strict=True)]
     engine = LLMEngine(
         load_checkpoint(smollm2_dir),
-        EngineConfig(token_budget=64, max_num_seqs=32, max_model_len=256, page_size=32),
+        EngineConfig(
+            token_budget=64, token_buckets=(16, 64), max_num_seqs=32, max_model_len=256, page_size=32
+        ),
         progress=False,
     )
     assert run_all(engine, prompts, num_new) == expected
