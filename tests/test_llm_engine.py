@@ -308,6 +308,7 @@ def test_every_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload, pol
     assert run_all(engine, prompts, num_new) == expected
 
 
+@pytest.mark.slow  # about 100 s: the real model's engine against transformers (CI time); -m slow
 def test_smollm2_greedy_batch_equals_transformers(smollm2_dir, hf_smollm2):
     hf_model, hf_tokenizer = hf_smollm2
     texts = [

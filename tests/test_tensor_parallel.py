@@ -92,6 +92,7 @@ def test_tiny_models_give_the_same_logits_and_greedy_tokens_on_1_2_and_4_devices
     assert [len(t) for t in tokens[1]] == num_new
 
 
+@pytest.mark.slow  # 45 s (CI time); the tiny models run by default, this with -m slow
 def test_smollm2_gives_the_same_logits_and_greedy_tokens_on_1_2_and_4_devices(smollm2):
     # 3 KV heads: 2 and 4 devices pad them to 4 (and the 9 query heads to 12).
     assert parallel.shard_config(smollm2.config, 2).num_kv_heads == 4

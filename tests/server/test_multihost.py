@@ -99,6 +99,7 @@ def test_a_bad_multihost_launch_is_named_before_joining(tiny_random_dir, env, fl
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # 25 s (CI time); -m slow
 def test_when_a_follower_dies_the_leader_fails_its_requests_and_exits_nonzero(tiny_random_dir):
     coordinator = f"127.0.0.1:{free_port()}"
     leader = launch(tiny_random_dir, 0, coordinator, "--tensor_parallel=4", "--step_timeout=5")
