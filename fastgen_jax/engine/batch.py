@@ -108,8 +108,7 @@ class SamplingArrays:
         """Each scheduled sequence's `SamplingParams` (greedy when it has none) on its logit rows (one
         per draft token, then one), padding after them."""
         n = len(entries)
-        params = [e.seq.sampling_params for e in entries]
-        rows = [_GREEDY_ROW if p is None else p.sampler_row for p in params]
+        rows = [_GREEDY_ROW if (p := e.seq.sampling_params) is None else p.sampler_row for e in entries]
         columns = [] if rows.count(_GREEDY_ROW) == n else list(zip(*rows, strict=True))  # all greedy: []
         steps = [e.output_index for e in entries]
         drafting = any(e.draft_token_ids for e in entries)
