@@ -1,12 +1,13 @@
-"""Attention kernels for the CPU, run inside the compiled step through XLA's FFI. Only jax and the
+"""Kernels for the CPU, run inside the compiled step through XLA's FFI. Only jax and the
 standard library: nothing here knows about sequences or configs.
 
 - `ragged_paged_attention`: a C++ ragged paged attention kernel with the contract of
   `pallas_kernels.reference.ragged_paged_attention_reference`.
-- `build`: compiles the C++ source with the system compiler against the headers of the JAX installed
+- `matmul`: a C++ weight-only int8 matrix product for the few rows of a decode step.
+- `build`: compiles the C++ sources with the system compiler against the headers of the JAX installed
   at run time, once per (source, JAX version, CPU), into a user cache directory.
 """
 
-from cpu_kernels import build, ragged_paged_attention
+from cpu_kernels import build, matmul, ragged_paged_attention
 
-__all__ = ["build", "ragged_paged_attention"]
+__all__ = ["build", "matmul", "ragged_paged_attention"]

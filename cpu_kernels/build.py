@@ -24,7 +24,7 @@ import tempfile
 
 import jax
 
-SOURCE = pathlib.Path(__file__).with_name("ragged_paged_attention.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("ragged_paged_attention.cc", "matmul.cc"))
 # -ffast-math lets sums vectorise and exp/tanh run through glibc's vector math (libmvec); the kernel
 # keeps every value finite (its "no key yet" score is -1e30, not -inf). It is given when compiling
 # only: linking with it would add crtfastmath.o, which flushes denormals for the whole process.
@@ -39,7 +39,10 @@ COMPILE_FLAGS = (
     "-fopenmp-simd",
 )
 LINK_FLAGS = ("-shared", "-lmvec", "-lm")
-TARGETS = {"fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention"}
+TARGETS = {
+    "fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention",
+    "fastgen_int8_matmul": "FastgenInt8Matmul",
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -61,10 +64,11 @@ def library_path() -> pathlib.Path:
     flags = " ".join((compiler, *COMPILE_FLAGS, *LINK_FLAGS))
     for part in (flags, jax.__version__, platform.machine(), _cpu_features()):
         key.update(part.encode())
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "fastgen_jax"
     cache = pathlib.Path(os.environ.get("FASTGEN_KERNEL_CACHE", default / "kernels"))
-    return cache / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    return cache / f"fastgen_kernels-{key.hexdigest()[:16]}.so"
 
 
 def compile_library(path: pathlib.Path) -> None:
@@ -72,9 +76,11 @@ def compile_library(path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        obj, lib = os.path.join(scratch, "kernel.o"), os.path.join(scratch, "kernel.so")
-        _run([compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(SOURCE), "-o", obj])
-        _run([compiler, obj, *LINK_FLAGS, "-o", lib])
+        objects = [os.path.join(scratch, f"{source.stem}.o") for source in SOURCES]
+        for source, obj in zip(SOURCES, objects, strict=True):
+            _run([compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", obj])
+        lib = os.path.join(scratch, "kernels.so")
+        _run([compiler, *objects, *LINK_FLAGS, "-o", lib])
         os.replace(lib, path)
 
 

@@ -1,13 +1,16 @@
-"""The one place that chooses how attention over the paged KV cache is computed.
+"""The one place that chooses the step's kernels: attention over the paged KV cache, and the matmuls
+of weight-only int8 projections (`fastgen_jax.quantize`).
 
-Models call `Attention.write_kv` and `Attention.paged_attention` and never import kernels directly,
-so a new kernel plugs in here and nowhere else.
+Models call `Attention.write_kv`, `Attention.paged_attention` and `Attention.int8_matmul` and never
+import kernels directly, so a new kernel plugs in here and nowhere else.
 
 - "reference": pure JAX (`pallas_kernels.reference`), any backend.
 - "pallas": the Pallas ragged paged attention kernel, compiled through Triton; GPU only.
 - "pallas_interpret": the same kernel run by the Pallas interpreter on any backend (slow; tests).
-- "cpu": the C++ ragged paged attention kernel (`cpu_kernels`, XLA FFI), CPU only. It is compiled
-  on first use (see `cpu_kernels.build`); an explicit "cpu" that cannot be built raises.
+- "cpu": the C++ kernels (`cpu_kernels`, XLA FFI), CPU only: ragged paged attention, and the int8
+  matmul for decode-sized slabs. They are compiled on first use (see `cpu_kernels.build`); an
+  explicit "cpu" that cannot be built raises. With any other choice int8 weights are widened and
+  multiplied by XLA.
 - "auto": "pallas" on a GPU, "cpu" on a CPU, falling back to "reference" (with one log line) when
   the CPU kernel cannot be built. Shapes the Pallas kernel cannot take (a head_dim that is not a
   power of two, say) quietly use the reference instead; an explicit "pallas" raises.
@@ -28,6 +31,7 @@ import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +41,10 @@ from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
+# The most rows the int8 CPU kernel takes: measured against XLA's dot of the widened weights on
+# SmolLM2's projections (2 cores), the kernel was 2.6x faster at 1 row, 2x at 8, even at 128 and
+# slower at 256 (docs/benchmarks/int8_cpu.md).
+INT8_KERNEL_ROWS = 128
 log = logging.getLogger(__name__)
 
 
@@ -91,6 +99,26 @@ class Attention:
             return attend
         # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
         return _per_shard(attend, self.mesh, (_HEADS, _PAGES, _PAGES, P(), P(), P(), P()), _HEADS)
+
+    def int8_matmul(
+        self, x: jax.Array, q: jax.Array, scale: jax.Array, preferred_element_type=None
+    ) -> jax.Array:
+        """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
+        `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`).
+
+        With the CPU kernels ("cpu"), float32 rows and at most INT8_KERNEL_ROWS of them (a decode
+        step), the C++ kernel reads the int8 weights as they are; otherwise XLA widens them and
+        multiplies (a prompt step, bound by its FLOPs, where XLA's blocked dot is the faster)."""
+        out_dtype = preferred_element_type or x.dtype
+        if (
+            self.impl == "cpu"
+            and self.mesh is None
+            and x.dtype == jnp.float32
+            and x.shape[0] <= INT8_KERNEL_ROWS
+        ):
+            return cpu_kernels.matmul.int8_matmul(x, q, scale).astype(out_dtype)
+        y = jnp.einsum("tk,nk->tn", x, q.astype(x.dtype), preferred_element_type=out_dtype)
+        return y * scale.astype(out_dtype)
 
 
 _HEADS = P(None, AXIS, None)  # [T, heads, head_dim]

@@ -193,6 +193,7 @@ class ModelConfig:
 SCHEDULING_POLICIES = ("splitfuse", "prefill_first", "sla")
 SPECULATIVE_METHODS = ("off", "ngram", "draft")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
+QUANTIZE_MODES = ("none", "int8")
 
 
 SMALL_BUCKETS_FROM_BUDGET = 256  # serving budgets also get slabs of 1 and 4 rows (see EngineConfig)
@@ -233,6 +234,9 @@ class EngineConfig:
       reference), "reference" (pure JAX), "pallas" (the GPU kernel), "pallas_interpret" (the kernel
       through the Pallas interpreter: any backend, slow; for tests) or "cpu" (the C++ CPU kernel,
       `cpu_kernels`; raises if it cannot be built).
+    quantize: "none", or "int8": the layer stack's projections and the LM head as int8 weights with
+      a float32 scale per output channel, everything else in the compute dtype (`fastgen_jax.quantize`;
+      decode steps read a quarter of float32's weight bytes). One device only (tensor_parallel=1).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their
@@ -262,6 +266,7 @@ class EngineConfig:
     max_model_len: int | None = None
     policy: str = "splitfuse"
     attention_impl: str = "auto"
+    quantize: str = "none"
     tensor_parallel: int = 1
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
@@ -292,6 +297,13 @@ class EngineConfig:
             raise ConfigError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.quantize != "none" and self.tensor_parallel > 1:
+            raise ConfigError(
+                f"quantize={self.quantize!r} runs on one device; got tensor_parallel={self.tensor_parallel} "
+                "(use replicas to spread load)"
+            )
         self._check_speculative()
         if self.token_buckets is None:
             object.__setattr__(self, "token_buckets", _default_token_buckets(self.token_budget))

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgen_jax import distributed, parallel
+from fastgen_jax import distributed, parallel, quantize
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.engine import EngineLimits, pages_for
@@ -110,6 +110,8 @@ class ModelRunner:
         self.dtype = jnp.dtype(dtype)
         self.limits = resolve_limits(self.model_config, engine_config, self.dtype, model_config.vocab_size)
         self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
+        if engine_config.quantize == "int8":
+            self.params = quantize.quantize_params(self.params, model_config.tie_word_embeddings)
         kv_sharding = parallel.kv_sharding(self.mesh)
         r = self.limits
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool

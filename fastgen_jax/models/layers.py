@@ -193,20 +193,26 @@ class PagedAttention(nn.Module):
             sliding_window=self._window(layer),
             logit_softcap=c.attn_logit_softcap,
         )
-        wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
-        out = jnp.einsum("thk,hkd->td", out, wo)
+        if (quantized := _quantized(self, "wo")) is not None:
+            out = self.attention.int8_matmul(out.reshape(out.shape[0], -1), *quantized)
+        else:
+            wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
+            out = jnp.einsum("thk,hkd->td", out, wo)
         if c.attn_out_bias:
             out = out + self.param("bo", nn.initializers.zeros, (c.hidden_size,), self.dtype)
         return out, (k_pages, v_pages)
 
     def _project(self, x):
-        if self.has_variable("params", "wqkv"):
+        if self.has_variable("params", "wqkv") or self.has_variable("params", "wqkv_int8"):
             return self._project_fused(x)
         c = self.config
         out = []
         for name, heads in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
-            w = self.param(f"w{name}", _init, (c.hidden_size, heads, c.head_dim), self.dtype)
-            y = jnp.einsum("td,dhk->thk", x, w)
+            if (quantized := _quantized(self, f"w{name}")) is not None:
+                y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], heads, c.head_dim)
+            else:
+                w = self.param(f"w{name}", _init, (c.hidden_size, heads, c.head_dim), self.dtype)
+                y = jnp.einsum("td,dhk->thk", x, w)
             if c.attention_bias:
                 y = y + self.param(f"b{name}", nn.initializers.zeros, (heads, c.head_dim), self.dtype)
             out.append(y)
@@ -216,9 +222,13 @@ class PagedAttention(nn.Module):
         """q, k, v from one matmul with the fused weight `parallel.fuse_projections` builds:
         wqkv [hidden, S, (heads + 2 x kv_heads) / S, head_dim], S the shard count."""
         c = self.config
-        w = self.get_variable("params", "wqkv")
-        shards = w.shape[1]
-        y = jnp.einsum("td,dshk->tshk", x, w)  # [T, S, heads per shard, D]
+        if (quantized := _quantized(self, "wqkv")) is not None:  # one shard (see fastgen_jax.quantize)
+            shards = 1
+            y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], 1, -1, c.head_dim)
+        else:
+            w = self.get_variable("params", "wqkv")
+            shards = w.shape[1]
+            y = jnp.einsum("td,dshk->tshk", x, w)  # [T, S, heads per shard, D]
         if c.attention_bias:
             y = y + self.get_variable("params", "bqkv")
         q_end = c.num_heads // shards
@@ -257,6 +267,14 @@ def _layer_slots(slot_mapping, layer, pages_per_layer: int, pages_shape) -> jax.
 _init = nn.initializers.normal(0.02)
 
 
+def _quantized(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
+    """The int8 weights [N, K] and per-channel scales [N] that `fastgen_jax.quantize` put in place of
+    the module's weight `name`, or None when it is not quantized."""
+    if not module.has_variable("params", f"{name}_int8"):
+        return None
+    return module.get_variable("params", f"{name}_int8"), module.get_variable("params", f"{name}_scale")
+
+
 class MLP(nn.Module):
     """The gated MLP, down(act(x @ gate) * (x @ up)), or without `mlp_gated` down(act(x @ up)), with
     biases when `mlp_bias`; `intermediate` wide (default: the config's)."""
@@ -264,12 +282,13 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     intermediate: int | None = None
+    attention: Attention = Attention("reference")  # how its int8 weights multiply (fastgen_jax.quantize)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         f = self.intermediate or c.intermediate_size
-        if self.has_variable("params", "w_gate_up"):
+        if self.has_variable("params", "w_gate_up") or self.has_variable("params", "w_gate_up_int8"):
             gate, up = self._gate_up_fused(x, f)
             hidden = activation(c)(gate) * up
         else:
@@ -283,13 +302,19 @@ class MLP(nn.Module):
     def _gate_up_fused(self, x, f: int):
         """gate and up [T, f] from one matmul with the fused weight `parallel.fuse_projections`
         builds: w_gate_up [hidden, S, 2, f / S], S the shard count."""
-        y = jnp.einsum("td,dsgf->tsgf", x, self.get_variable("params", "w_gate_up"))
+        if (quantized := _quantized(self, "w_gate_up")) is not None:  # one shard (see fastgen_jax.quantize)
+            y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], 1, 2, f)
+        else:
+            y = jnp.einsum("td,dsgf->tsgf", x, self.get_variable("params", "w_gate_up"))
         if self.config.mlp_bias:
             y = y + self.get_variable("params", "b_gate_up")
         return y[:, :, 0].reshape(x.shape[0], f), y[:, :, 1].reshape(x.shape[0], f)
 
     def _linear(self, x, name: str, n_in: int, n_out: int):
-        y = x @ self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
+        if (quantized := _quantized(self, f"w_{name}")) is not None:
+            y = self.attention.int8_matmul(x, *quantized)
+        else:
+            y = x @ self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
         if self.config.mlp_bias:
             y = y + self.param(f"b_{name}", nn.initializers.zeros, (n_out,), self.dtype)
         return y
@@ -328,7 +353,7 @@ class DecoderLayer(nn.Module):
 
     @nn.nowrap
     def mlp(self, x):
-        return MLP(self.config, self.dtype, name="mlp")(x)
+        return MLP(self.config, self.dtype, attention=self.attention, name="mlp")(x)
 
     @nn.nowrap
     def residual_block(self, h, attend):  # h: [T, hidden]
@@ -368,10 +393,13 @@ class CausalLM(nn.Module):
         )(c, self.attention, self.dtype, self.max_model_len or c.max_position_embeddings, name="layers")
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
-        unembed = embedding
-        if not c.tie_word_embeddings:
-            unembed = self.param("lm_head", _init, (c.vocab_size, c.hidden_size), self.dtype)
-        logits = jnp.einsum("rd,vd->rv", h, unembed, preferred_element_type=jnp.float32)
+        if (quantized := _quantized(self, "lm_head")) is not None:
+            logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32)
+        else:
+            unembed = embedding
+            if not c.tie_word_embeddings:
+                unembed = self.param("lm_head", _init, (c.vocab_size, c.hidden_size), self.dtype)
+            logits = jnp.einsum("rd,vd->rv", h, unembed, preferred_element_type=jnp.float32)
         if c.final_logit_softcap is not None:
             logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return logits, kv_cache

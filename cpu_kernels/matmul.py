@@ -1,0 +1,38 @@
+"""Weight-only int8 matrix products on the CPU: the C++ kernel in `matmul.cc`, called through XLA's
+FFI so the step stays one compiled program.
+
+`int8_matmul(x, q, scale)` is `(x @ q.T) * scale` for float32 rows x [M, K], int8 weights q [N, K]
+(each output column's weights contiguous) and float32 per-column scales [N]: a weight-only quantized
+projection. It is meant for few rows (a decode step's slab), where the step is bound by reading the
+weights and the kernel reads a quarter of float32's bytes, widening them in registers. For many rows
+the caller (`fastgen_jax.attention`) widens the weights and uses XLA's dot instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cpu_kernels import build
+
+TARGET = "fastgen_int8_matmul"
+
+
+def int8_matmul(
+    x: jax.Array, q: jax.Array, scale: jax.Array, *, layer: jax.Array | int | None = None
+) -> jax.Array:
+    """f32 [M, K] x int8 [N, K] (times f32 [N] per column) -> f32 [M, N].
+
+    With `layer` (an i32[] index, traced or not) q is a stack [L, N, K] and scale [L, N], and the
+    product is with layer `layer`'s weights, read in place (a slice would be copied out first)."""
+    stacked = layer is not None
+    if x.ndim != 2 or q.ndim != 2 + stacked or scale.ndim != 1 + stacked:
+        raise ValueError(f"{x.shape=}, {q.shape=}, {scale.shape=}: want [M, K], [(L,) N, K], [(L,) N]")
+    if x.dtype != jnp.float32 or q.dtype != jnp.int8 or scale.dtype != jnp.float32:
+        raise ValueError(f"{x.dtype=}, {q.dtype=}, {scale.dtype=}: want float32, int8, float32")
+    if q.shape[-1] != x.shape[1] or scale.shape != q.shape[:-1]:
+        raise ValueError(f"{x.shape=}, {q.shape=} and {scale.shape=} do not match")
+    build.load()
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, q, scale, index)

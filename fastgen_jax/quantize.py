@@ -1,0 +1,81 @@
+"""Weight-only int8 quantization (`EngineConfig.quantize="int8"`, `--quantize=int8`).
+
+Each dense projection of the layer stack (q/k/v, the attention output, the MLP's gate/up and down)
+and the LM head is replaced by int8 weights with one float32 scale per output channel:
+scale[n] = max_k |w[k, n]| / 127, q[n, k] = round(w[k, n] / scale[n]), so w ~ q.T * scale. The
+activations, norms, embeddings (their lookup), KV cache and everything else stay in the compute
+dtype. A decode step reads every weight once and does little else, so on a CPU it is bound by the
+weights' bytes: int8 reads a quarter of float32's (`cpu_kernels.matmul`, chosen by
+`fastgen_jax.attention`; the README gives the measured speed and the accuracy against float32).
+
+Layout: a weight `w` of the stack, [layers, *K, *N] (K the axes it contracts with the activations:
+one, or two for the output projection's [heads, head_dim]), becomes `w_int8` [layers, N, K] (each
+output channel's weights contiguous, N and K flattened) and `w_scale` f32 [layers, N]; the model
+reshapes the product back. The LM head (`lm_head`, or the tied `embed`) becomes `lm_head_int8`
+[vocab, hidden] and `lm_head_scale` [vocab]; a tied embedding stays for the lookup.
+Mixture-of-experts blocks are left in the compute dtype (their experts go through `ragged_dot`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# The stack's projections and how many leading axes (after the layer axis) they contract over.
+PROJECTIONS = {
+    "wqkv": 1,
+    "wq": 1,
+    "wk": 1,
+    "wv": 1,
+    "wo": 2,
+    "w_gate_up": 1,
+    "w_gate": 1,
+    "w_up": 1,
+    "w_down": 1,
+}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_int8(w: jax.Array, k_axes: int) -> tuple[jax.Array, jax.Array]:
+    """w [B, *K, *N] (B a batch of matrices, e.g. the layers) -> (int8 [B, N, K], f32 scales [B, N]),
+    N and K flattened, per output channel (absmax / 127; an all-zero channel gets scale 1)."""
+    b = w.shape[0]
+    k = 1
+    for d in w.shape[1 : 1 + k_axes]:
+        k *= d
+    w = w.reshape(b, k, -1).astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(w / scale[:, None, :]), -127, 127).astype(jnp.int8)
+    return jnp.swapaxes(q, 1, 2), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """int8 [..., N, K] and scales [..., N] -> f32 [..., K, N] (tests, accuracy reports)."""
+    return jnp.swapaxes(q.astype(jnp.float32) * scale[..., :, None], -1, -2)
+
+
+def quantize_params(variables: dict, tie_word_embeddings: bool) -> dict:
+    """`variables` ({"params": ...}, fused by `parallel.fuse_projections`) with the projections and
+    the LM head in int8, as the module docstring lays out. The arrays stay on the device they are on."""
+    params = variables["params"]
+    out = dict(params)
+    out["layers"] = _quantize_tree(params["layers"])
+    head = params["embed"] if tie_word_embeddings else out.pop("lm_head")
+    q, scale = quantize_int8(head.T[None], 1)  # [vocab, hidden] -> K = hidden
+    out["lm_head_int8"], out["lm_head_scale"] = q[0], scale[0]
+    return {**variables, "params": out}
+
+
+def _quantize_tree(tree: dict) -> dict:
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            out[name] = value if name == "moe" else _quantize_tree(value)
+        elif name in PROJECTIONS:
+            out[f"{name}_int8"], out[f"{name}_scale"] = quantize_int8(value, PROJECTIONS[name])
+        else:
+            out[name] = value
+    return out
