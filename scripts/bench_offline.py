@@ -23,7 +23,8 @@ default) and gets a small warm-up run first. No engine's time includes loading w
 
 llama.cpp (`--llama_cpp=PATH` of a `llama-server` built by `scripts/build_llama_cpp.sh`): the
 `--hf_model` GGUF rewritten with every tensor dequantized to float32 (the weights our checkpoint was
-converted from, dequantized the same way; cached in `--llama_cpp_gguf`), served by `llama-server`
+converted from, dequantized the same way; cached in `--llama_cpp_gguf`; with `--quantize=int8`, the
+same weights quantized to llama.cpp's Q8_0 instead, the peer of our int8), served by `llama-server`
 with one slot per request (`-np`), a context of that many slots x the longest request rounded up to
 256, `--llama_cpp_threads` threads, `-b`/`-ub` = our token budget and its default f16 KV cache
 (`--llama_cpp_cache_type`). Each request goes to `/completion` as its token ids, greedy (`top_k` 1,
@@ -101,8 +102,9 @@ _LLAMA_CPP = flags.DEFINE_string(
 )
 _LLAMA_CPP_GGUF = flags.DEFINE_string(
     "llama_cpp_gguf",
-    "~/.cache/fastgen_jax/llama_cpp/{stem}.F32.gguf",
-    "Where the F32 GGUF for llama.cpp is written (once; reused when present). {stem}: --hf_model's.",
+    "~/.cache/fastgen_jax/llama_cpp/{stem}.{type}.gguf",
+    "Where the GGUF for llama.cpp is written (once; reused when present). {stem}: --hf_model's; "
+    "{type}: F32, or Q8_0 with --quantize=int8.",
 )
 _LLAMA_CPP_THREADS = flags.DEFINE_integer("llama_cpp_threads", 2, "llama-server's -t and -tb.")
 _LLAMA_CPP_CACHE_TYPE = flags.DEFINE_enum(
@@ -117,6 +119,13 @@ _DTYPE = flags.DEFINE_enum(
     ["float32", "bfloat16"],
     "Our engine's weights, activations and KV cache (transformers stays float32: its agreement then "
     "says what bfloat16 costs in accuracy).",
+)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    "none",
+    ["none", "int8"],
+    "Our engine's weight-only quantization (EngineConfig.quantize). With int8, llama.cpp (if run) gets "
+    "a Q8_0 GGUF of the same weights instead of F32, and transformers stays float32.",
 )
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
@@ -163,6 +172,7 @@ class BenchConfig:
     llama_cpp_cache_type: str = "f16"
     llama_cpp_args: str = ""
     dtype: str = "float32"
+    quantize: str = "none"
 
     def __post_init__(self):
         for name in (
@@ -233,6 +243,7 @@ def config_from_flags() -> BenchConfig:
             "llama_cpp_cache_type",
             "llama_cpp_args",
             "dtype",
+            "quantize",
         )
     }
     if values["quick"]:
@@ -357,6 +368,7 @@ def load_engine(cfg: BenchConfig):
         max_num_seqs=cfg.max_num_seqs,
         max_model_len=cfg.max_model_len,
         page_size=cfg.page_size,
+        quantize=cfg.quantize,
     )
     start = time.perf_counter()
     # An absolute path: orbax refuses relative ones.
@@ -483,7 +495,8 @@ def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int) -> di
 
 def llama_cpp_gguf_path(cfg: BenchConfig) -> pathlib.Path:
     stem = pathlib.Path(cfg.hf_model).name.removesuffix(".gguf")
-    return pathlib.Path(os.path.expanduser(cfg.llama_cpp_gguf.format(stem=stem)))
+    kind = "Q8_0" if cfg.quantize == "int8" else "F32"
+    return pathlib.Path(os.path.expanduser(cfg.llama_cpp_gguf.format(stem=stem, type=kind)))
 
 
 def run_llama_cpp(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
@@ -492,7 +505,7 @@ def run_llama_cpp(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
     gguf_path = llama_cpp_gguf_path(cfg)
     if not gguf_path.exists():
         start = time.perf_counter()
-        write_f32_gguf(cfg.hf_model, gguf_path)
+        write_f32_gguf(cfg.hf_model, gguf_path, "Q8_0" if cfg.quantize == "int8" else "F32")
         print(f"llama.cpp: wrote {gguf_path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     longest = max(len(p) + g for p, g in zip(workload.prompts, workload.gen_lens, strict=True))
     server_config = LlamaServerConfig(
@@ -573,7 +586,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"workload: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
         f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
         f"{wl['gen_len_mean']}, seed {wl['seed']})",
-        f"model: {report['model']}, ours {cf.get('dtype', 'float32')} (peers float32), CPU; "
+        f"model: {report['model']}, ours {cf.get('dtype', 'float32')}"
+        f"{' int8 weights' if cf.get('quantize', 'none') == 'int8' else ''} (transformers float32, "
+        f"llama.cpp {'Q8_0' if cf.get('quantize', 'none') == 'int8' else 'F32'}), CPU; "
         f"all engines: token budget "
         f"{cf['token_budget']}, max {cf['max_num_seqs']} seqs, KV pages of {cf['page_size']}",
         f"{'engine':<14}{'wall s':>9}{'gen tok/s':>11}{'total tok/s':>13}",

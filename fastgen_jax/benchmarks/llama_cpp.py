@@ -2,7 +2,8 @@
 
 - `write_f32_gguf` rewrites a GGUF file with every tensor dequantized to float32 (with the `gguf`
   package, the same dequantization our GGUF loader uses) and its metadata copied, so llama.cpp runs
-  the very weights our engine runs;
+  the very weights our engine runs; with `weight_type="Q8_0"` the matrices are then quantized to
+  llama.cpp's 8-bit blocks (32 weights per float16 scale), the peer of our `--quantize=int8`;
 - `LlamaServer` starts `llama-server` (built by `scripts/build_llama_cpp.sh`) on a free local port,
   waits for it to load, sends token-id prompts to its `/completion` endpoint and stops it.
 
@@ -28,7 +29,7 @@ import numpy as np
 _WRITER_OWNED_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture")
 
 
-def _copy_metadata(reader, writer) -> None:
+def _copy_metadata(reader, writer, file_type) -> None:
     import gguf
 
     for key, field in reader.fields.items():
@@ -37,27 +38,36 @@ def _copy_metadata(reader, writer) -> None:
         vtype = gguf.GGUFValueType(field.types[0])
         sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(file_type)
 
 
-def write_f32_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> pathlib.Path:
+def write_f32_gguf(src: str | os.PathLike, dst: str | os.PathLike, weight_type: str = "F32") -> pathlib.Path:
     """Writes `src` (any GGUF) to `dst` with all tensors dequantized to float32; returns `dst`.
+    `weight_type="Q8_0"` then quantizes every matrix whose rows are whole 32-weight blocks to Q8_0
+    (norms and other vectors stay float32), as llama.cpp's own `llama-quantize ... Q8_0` would.
 
     Tensor names, shapes and order are kept (llama.cpp's own layouts, e.g. its permuted q/k rows),
-    and so is every metadata key but the file type, which becomes ALL_F32."""
+    and so is every metadata key but the file type, which becomes ALL_F32 (or MOSTLY_Q8_0)."""
     import gguf
 
+    if weight_type not in ("F32", "Q8_0"):
+        raise ValueError(f"weight_type must be F32 or Q8_0, got {weight_type!r}")
+    q8 = weight_type == "Q8_0"
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     dst = pathlib.Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch)
-    _copy_metadata(reader, writer)
+    _copy_metadata(reader, writer, gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
     for tensor in reader.tensors:
         # f32[rows, cols] (numpy order: the reverse of GGUF's dims), whatever the stored type.
-        w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
-        writer.add_tensor(tensor.name, np.ascontiguousarray(w))
+        w = np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        if q8 and w.ndim == 2 and w.shape[-1] % 32 == 0:
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(tensor.name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(tensor.name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
