@@ -48,6 +48,7 @@ flags.DEFINE_list("decode_seqs", ["1", "8", "32"], "Sequences in the decode-only
 flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of the fused step.")
 flags.DEFINE_integer("token_budget", 256, "Tokens per step (the prompt chunk's length).")
 flags.DEFINE_string("attention_impl", "auto", "EngineConfig.attention_impl.")
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "EngineConfig.quantize (weight-only int8).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median reported).")
 flags.DEFINE_integer("max_kv_tokens", 16384, "Skip decode kinds holding more keys (the KV pool's memory).")
 flags.DEFINE_string("output", "docs/benchmarks/cpu_step_profile.json", "JSON output path.")
@@ -71,7 +72,9 @@ def ceilings() -> tuple[float, float]:
 
     n = 1024
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    x = jax.random.normal(jax.random.PRNGKey(2), (1 << 24,), jnp.float32)  # 64 MiB, past the caches
+    # 512 MiB: about SmolLM2's float32 weights, far past the caches (a 64 MiB probe, used before,
+    # read 1.5-2x faster than a decode step can read the weights: part of it came from the L3).
+    x = jax.random.normal(jax.random.PRNGKey(2), (1 << 27,), jnp.float32)
     # A reduction reads without allocating: a fresh output buffer would time page faults instead.
     mm, read = jax.jit(lambda a, b: a @ b), jax.jit(lambda x: x.sum())
     t_mm = median_time(lambda: mm(a, a).block_until_ready(), 5)
@@ -159,19 +162,28 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
     kvd = c.num_kv_heads * c.head_dim
     shapes = {"q": (d, hd), "k": (d, kvd), "v": (d, kvd), "o": (hd, d), "gate": (d, f), "up": (d, f)}
-    weights = {n: jnp.full((L, *s), 0.01, runner.dtype) for n, s in {**shapes, "down": (f, d)}.items()}
-    head = jnp.full((c.vocab_size, d), 0.01, runner.dtype)
+    shapes["down"] = (f, d)
     x = jnp.ones((rows, d), runner.dtype)
+    if FLAGS.quantize == "int8":  # int8 [L, N, K] and scales, multiplied as the model does
+        weights = {
+            n: (jnp.ones((L, s[1], s[0]), jnp.int8), jnp.full((L, s[1]), 0.01)) for n, s in shapes.items()
+        }
+        head = (jnp.ones((c.vocab_size, d), jnp.int8), jnp.full((c.vocab_size,), 0.01))
+        mm, mm_head = runner.attention.int8_matmul, runner.attention.int8_matmul
+    else:
+        weights = {n: jnp.full((L, *s), 0.01, runner.dtype) for n, s in shapes.items()}
+        head = jnp.full((c.vocab_size, d), 0.01, runner.dtype)
+        mm, mm_head = (lambda h, w: h @ w), (lambda h, w: h @ w.T)
 
     @jax.jit
     def matmuls(x, weights, head):
         def layer(h, w):
-            q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
-            h = h + (q + jnp.pad(k + v, ((0, 0), (0, hd - kvd)))) @ w["o"]
-            return h + (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"], None
+            q, k, v = mm(h, *w["q"]), mm(h, *w["k"]), mm(h, *w["v"])
+            h = h + mm(q + jnp.pad(k + v, ((0, 0), (0, hd - kvd))), *w["o"])
+            return h + mm(jax.nn.silu(mm(h, *w["gate"])) * mm(h, *w["up"]), *w["down"]), None
 
         h, _ = jax.lax.scan(layer, x, weights)
-        return h[:logits_rows] @ head.T
+        return mm_head(h[:logits_rows], *head)
 
     md = jax.device_put(plan.attention)
     k_pages = runner.kv_cache[0]  # only its shape: `device()` donates the cache it reads
@@ -229,6 +241,7 @@ def floors(engine, plan, rate: float, bandwidth: float) -> dict[str, float]:
     import numpy as np
 
     c, size = engine.model_config, engine.runner.dtype.itemsize
+    weight_size = 1 if FLAGS.quantize == "int8" else size
     md = plan.attention
     real = int(md.cu_q_lens[int(md.num_seqs[0])])
     logits_rows = plan.num_slots
@@ -237,7 +250,7 @@ def floors(engine, plan, rate: float, bandwidth: float) -> dict[str, float]:
     layer_params = d * hd * 2 + d * kvd * 2 + 3 * d * f
     head_params = c.vocab_size * d
     matmul_flops = 2 * real * c.num_layers * layer_params + 2 * logits_rows * head_params
-    matmul_bytes = (c.num_layers * layer_params + head_params) * size
+    matmul_bytes = (c.num_layers * layer_params + head_params) * weight_size
     n = int(md.num_seqs[0])
     kv_lens = md.kv_lens[:n].astype(np.int64)
     q_lens = np.diff(md.cu_q_lens[: n + 1]).astype(np.int64)
@@ -308,6 +321,7 @@ def main(argv):
         num_pages=max(sum(-(-(c + n) // 16) for c, n in s) for _, s in kinds) + 64,
         page_size=16,
         attention_impl=FLAGS.attention_impl,
+        quantize=FLAGS.quantize,
         enable_prefix_caching=False,
     )
     engine = LLMEngine(
@@ -329,7 +343,8 @@ def main(argv):
           f"sequences decoding at context 16-40")  # fmt: skip
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
     with open(FLAGS.output, "w") as f:
-        summary = {"model": FLAGS.model, "attention_impl": FLAGS.attention_impl, "load": os.getloadavg()}
+        summary = {"model": FLAGS.model, "attention_impl": FLAGS.attention_impl, "quantize": FLAGS.quantize}
+        summary |= {"load": os.getloadavg()}
         summary |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
         summary |= {"host": {"sequences": max(seqs), "step_ms": step * 1e3, "device_ms": device * 1e3}}
         json.dump(summary, f, indent=2)
