@@ -171,8 +171,8 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
         head = (jnp.ones((c.vocab_size, d), jnp.int8), jnp.full((c.vocab_size,), 0.01))
         mm, mm_head = runner.attention.int8_matmul, runner.attention.int8_matmul
     else:
-        weights = {n: jnp.full((L, *s), 0.01, runner.dtype) for n, s in shapes.items()}
-        head = jnp.full((c.vocab_size, d), 0.01, runner.dtype)
+        weights = {n: (jnp.full((L, *s), 0.01, runner.dtype),) for n, s in shapes.items()}
+        head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
         mm, mm_head = (lambda h, w: h @ w), (lambda h, w: h @ w.T)
 
     @jax.jit
