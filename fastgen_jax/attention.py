@@ -41,10 +41,10 @@ from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
-# The most rows the int8 CPU kernel takes: measured against XLA's dot of the widened weights on
-# SmolLM2's projections (2 cores), the kernel was 2.6x faster at 1 row, 2x at 8, even at 128 and
-# slower at 256 (docs/benchmarks/int8_cpu.md).
-INT8_KERNEL_ROWS = 128
+# The most rows the int8 CPU kernel takes: against XLA's dot of the widened weights on SmolLM2's
+# projections (`scripts/bench_int8_matmul.py`, 2 cores) the kernel took 0.5x its time at 1 row, 0.5x
+# at 8, 0.65x at 16, 0.87x at 32, about the same at 64 and 128, and 1.2x at 256.
+INT8_KERNEL_ROWS = 32
 log = logging.getLogger(__name__)
 
 
@@ -107,8 +107,11 @@ class Attention:
         `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`).
 
         With the CPU kernels ("cpu"), float32 rows and at most INT8_KERNEL_ROWS of them (a decode
-        step), the C++ kernel reads the int8 weights as they are; otherwise XLA widens them and
-        multiplies (a prompt step, bound by its FLOPs, where XLA's blocked dot is the faster)."""
+        step), the C++ kernel reads the int8 weights as they are, in float32. Otherwise (a prompt
+        step, bound by its FLOPs, where XLA's blocked dot is the faster) XLA widens the weights and
+        multiplies in bfloat16 with float32 sums: int8 values are exact in bfloat16, so only the
+        rows round (to 8 significant bits; llama.cpp's Q8_0 rounds them to 8-bit blocks), and a
+        bfloat16 dot runs at twice float32's rate where the CPU has AVX512_BF16 (and on GPUs)."""
         out_dtype = preferred_element_type or x.dtype
         if (
             self.impl == "cpu"
@@ -117,8 +120,9 @@ class Attention:
             and x.shape[0] <= INT8_KERNEL_ROWS
         ):
             return cpu_kernels.matmul.int8_matmul(x, q, scale).astype(out_dtype)
-        y = jnp.einsum("tk,nk->tn", x, q.astype(x.dtype), preferred_element_type=out_dtype)
-        return y * scale.astype(out_dtype)
+        compute = jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype
+        y = jnp.einsum("tk,nk->tn", x.astype(compute), q.astype(compute), preferred_element_type=jnp.float32)
+        return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
 _HEADS = P(None, AXIS, None)  # [T, heads, head_dim]
