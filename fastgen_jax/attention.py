@@ -41,10 +41,11 @@ from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
-# The most rows the int8 CPU kernel takes: against XLA's dot of the widened weights on SmolLM2's
-# projections (`scripts/bench_int8_matmul.py`, 2 cores) the kernel took 0.5x its time at 1 row, 0.5x
-# at 8, 0.65x at 16, 0.87x at 32, about the same at 64 and 128, and 1.2x at 256.
-INT8_KERNEL_ROWS = 32
+# The most rows the int8 CPU kernel takes. Measured on SmolLM2's projections (`scripts/
+# bench_int8_matmul.py`, 2 cores with AVX512_BF16): the kernel took 9.5 ms at 1 row and 15.3 at 4,
+# XLA's bfloat16 dot of the widened weights 15.0 and 18.1; from 16 rows on the bfloat16 dot is the
+# faster (24 vs 34 ms at 16, 37 vs 63 at 32), its FMAs doing twice float32's work.
+INT8_KERNEL_ROWS = 4
 log = logging.getLogger(__name__)
 
 

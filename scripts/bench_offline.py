@@ -387,7 +387,9 @@ def param_counts(engine) -> dict[str, int]:
     leaves = jax.tree.leaves(engine.runner.params)
     total = sum(int(x.size) for x in leaves)
     c = engine.model_config
-    embedding = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    # Untied, or tied and quantized (the lookup keeps the float table, the head gets its int8 copy).
+    separate_head = not c.tie_word_embeddings or engine.engine_config.quantize != "none"
+    embedding = c.vocab_size * c.hidden_size * (2 if separate_head else 1)
     return {
         "params": total,
         "non_embedding_params": total - embedding,

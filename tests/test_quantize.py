@@ -71,9 +71,9 @@ def quantized_and_dequantized(config, params):
 @pytest.mark.parametrize(
     "attention, slab, tied, tolerance",
     [
-        (Attention("cpu"), 16, True, 1e-4),  # the C++ kernel: float32 rows
+        (Attention("cpu"), INT8_KERNEL_ROWS, True, 1e-4),  # the C++ kernel: float32 rows
         # XLA's path (too many rows for the kernel, or no kernel): the rows round to bfloat16
-        (Attention("cpu"), 2 * INT8_KERNEL_ROWS, False, 3e-2),
+        (Attention("cpu"), 4 * INT8_KERNEL_ROWS, False, 3e-2),
         (Attention("reference"), 16, False, 3e-2),
     ],
 )
@@ -82,7 +82,8 @@ def test_int8_logits_equal_the_dequantized_float32_model(attention, slab, tied, 
     params = random_params(config)
     int8, plain, plain_config = quantized_and_dequantized(config, params)
     tokens = np.random.default_rng(2).integers(3, 61, 23).tolist()
-    chunks = [9, 1, 13]
+    chunks = [3, 1, 4, 4, 2, 4, 4, 1] if slab == INT8_KERNEL_ROWS else [9, 1, 13]
+    assert max(chunks) <= slab
     got = paged_logits(config, int8, tokens, chunks, slab=slab, attention=attention)
     want = paged_logits(plain_config, plain, tokens, chunks, slab=slab, attention=attention)
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())
@@ -119,8 +120,8 @@ def test_the_kernel_serves_decode_sized_slabs_and_xla_the_rest():
 
 def engine_tokens(checkpoint, prompts, **options) -> tuple[list[list[int]], LLMEngine]:
     engine_config = EngineConfig(
-        token_budget=16,
-        token_buckets=(4, 16),
+        token_budget=INT8_KERNEL_ROWS,  # every slab through the kernel: float32 rows, as the reference
+        token_buckets=(1, INT8_KERNEL_ROWS),
         max_num_seqs=4,
         page_size=8,
         num_pages=24,
