@@ -42,9 +42,10 @@ from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
 # The most rows the int8 CPU kernel takes. Measured on SmolLM2's projections (`scripts/
-# bench_int8_matmul.py`, 2 cores with AVX512_BF16): the kernel took 9.5 ms at 1 row and 15.3 at 4,
-# XLA's bfloat16 dot of the widened weights 15.0 and 18.1; from 16 rows on the bfloat16 dot is the
-# faster (24 vs 34 ms at 16, 37 vs 63 at 32), its FMAs doing twice float32's work.
+# bench_int8_matmul.py`, 2 cores with AVX512_BF16, docs/benchmarks/int8_matmul_cpu.json): the kernel
+# took 10.0 ms at 1 row and 13.7 at 4, XLA's bfloat16 dot of the widened weights 14.4 and 14.5; from 8
+# rows on the bfloat16 dot is the faster (18.4 vs 24.3 ms at 8, 37.7 vs 71.7 at 32), its FMAs doing
+# twice float32's work.
 INT8_KERNEL_ROWS = 4
 log = logging.getLogger(__name__)
 
