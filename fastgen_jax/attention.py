@@ -41,12 +41,18 @@ from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
-# The most rows the int8 CPU kernel takes. Measured on SmolLM2's projections (`scripts/
-# bench_int8_matmul.py`, 2 cores with AVX512_BF16, docs/benchmarks/int8_matmul_cpu.json): the kernel
-# took 10.0 ms at 1 row and 13.7 at 4, XLA's bfloat16 dot of the widened weights 14.4 and 14.5; from 8
-# rows on the bfloat16 dot is the faster (18.4 vs 24.3 ms at 8, 37.7 vs 71.7 at 32), its FMAs doing
-# twice float32's work.
-INT8_KERNEL_ROWS = 4
+# Weight-only int8 products (`Attention.int8_matmul`). Every path multiplies the rows rounded to
+# bfloat16 (so a request's result does not depend on the slab it shares) with float32 sums.
+# - At most INT8_KERNEL_ROWS rows, on the CPU kernels: the C++ kernel, which reads the int8 weights
+#   once. Measured (`scripts/bench_int8_matmul.py`, SmolLM2's projections, 2 cores): 10.0 ms at 1 row
+#   against 29.6 for float32 weights; a review measured 0.42 / 1.27 ms at 1 row on 2048x8192 /
+#   4096x8192 matrices against 2.84 / 4.40 in float32, and 6.8 ms at 32 rows against 10.1.
+# - More than INT8_BF16_ROWS rows (prompt-sized): XLA's bfloat16 dot of the widened weights, at twice
+#   float32's rate where the CPU has AVX512_BF16 (66 vs 145 ms at 64 rows, 249 vs 415 at 256). At few
+#   rows the same dot is slow on large matrices (18.7 ms at 4 rows on 2048x8192, float32's 4.3).
+# - Otherwise (no kernel, few rows): XLA's float32 dot of the widened weights.
+INT8_KERNEL_ROWS = 32
+INT8_BF16_ROWS = 32
 log = logging.getLogger(__name__)
 
 
@@ -108,22 +114,18 @@ class Attention:
         """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
         `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`).
 
-        With the CPU kernels ("cpu"), float32 rows and at most INT8_KERNEL_ROWS of them (a decode
-        step), the C++ kernel reads the int8 weights as they are, in float32. Otherwise (a prompt
-        step, bound by its FLOPs, where XLA's blocked dot is the faster) XLA widens the weights and
-        multiplies in bfloat16 with float32 sums: int8 values are exact in bfloat16, so only the
-        rows round (to 8 significant bits; llama.cpp's Q8_0 rounds them to 8-bit blocks), and a
-        bfloat16 dot runs at twice float32's rate where the CPU has AVX512_BF16 (and on GPUs)."""
+        The rows are rounded to bfloat16 on every path (int8 values are exact there; llama.cpp's
+        Q8_0 rounds rows to 8-bit blocks), the sums are float32; which path runs follows the rows
+        and the implementation (see INT8_KERNEL_ROWS)."""
         out_dtype = preferred_element_type or x.dtype
-        if (
-            self.impl == "cpu"
-            and self.mesh is None
-            and x.dtype == jnp.float32
-            and x.shape[0] <= INT8_KERNEL_ROWS
-        ):
-            return cpu_kernels.matmul.int8_matmul(x, q, scale).astype(out_dtype)
-        compute = jnp.bfloat16 if x.dtype == jnp.float32 else x.dtype
-        y = jnp.einsum("tk,nk->tn", x.astype(compute), q.astype(compute), preferred_element_type=jnp.float32)
+        rows = x.astype(jnp.bfloat16)
+        if self.impl == "cpu" and self.mesh is None and x.shape[0] <= INT8_KERNEL_ROWS:
+            y = cpu_kernels.matmul.int8_matmul(rows.astype(jnp.float32), q, scale)
+            return y.astype(out_dtype)
+        compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
+        y = jnp.einsum(
+            "tk,nk->tn", rows.astype(compute), q.astype(compute), preferred_element_type=jnp.float32
+        )
         return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
