@@ -13,8 +13,10 @@
 //   group's weights ahead of use (four streams per group, where the hardware prefetcher alone
 //   left the kernel at a third of the memory bandwidth);
 // - items are dealt out from an atomic counter to XLA's intra-op thread pool and the calling thread.
-// q may be a stack [L, N, K] (scale [L, N]) with the layer to use given as an operand: a scanned
-// layer passes its whole stack and its index, where a slice of the stack would first be copied out.
+// q may be a stack [L, N, K] (scale [L, N]) with the layer to use given as an operand, so a scanned
+// layer could pass its whole stack and its index instead of a slice, which XLA copies out of the stack
+// before a custom call. The model passes slices: at int8's sizes the copy measured no slower
+// (scripts/bench_int8_matmul.py, "stack").
 // K not a multiple of 16 goes through a plain loop.
 #include <algorithm>
 #include <atomic>

@@ -236,7 +236,8 @@ class EngineConfig:
       `cpu_kernels`; raises if it cannot be built).
     quantize: "none", or "int8": the layer stack's projections and the LM head as int8 weights with
       a float32 scale per output channel, everything else in the compute dtype (`fastgen_jax.quantize`;
-      decode steps read a quarter of float32's weight bytes). One device only (tensor_parallel=1).
+      on the CPU kernels a decode step reads a quarter of float32's weight bytes). One device only
+      (tensor_parallel=1).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their

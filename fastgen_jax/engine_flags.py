@@ -87,7 +87,8 @@ flags.DEFINE_enum(
     "none",
     ["none", "int8"],
     "Weight-only quantization: 'int8' keeps the projections and the LM head as int8 with a float32 scale "
-    "per output channel (a quarter of float32's bytes per decode step; accuracy in the README). "
+    "per output channel (with the CPU kernels a decode step reads a quarter of float32's bytes; "
+    "accuracy in the README). "
     "One device only (--tensor_parallel=1).",
 )
 flags.DEFINE_enum(

@@ -1,5 +1,5 @@
 """The projections of a whole step (SmolLM2-135M's shapes: 30 layers of q/k/v, o, gate/up and down,
-then the 49k-row LM head) at a given number of rows, four ways, each one jitted program:
+then the 49k-row LM head) at a given number of rows, five ways, each one jitted program:
 
 - float32: XLA's dot over float32 weights (what `--quantize=none` runs);
 - int8 kernel: `cpu_kernels.matmul.int8_matmul` over int8 weights (each layer's slice of the
