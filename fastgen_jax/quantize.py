@@ -19,6 +19,7 @@ Mixture-of-experts blocks are left in the compute dtype (their experts go throug
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,32 @@ def quantize_params(variables: dict, tie_word_embeddings: bool) -> dict:
     q, scale = quantize_int8(head.T[None], 1)  # [vocab, hidden] -> K = hidden
     out["lm_head_int8"], out["lm_head_scale"] = q[0], scale[0]
     return {**variables, "params": out}
+
+
+def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
+    """Bytes `quantize_params` leaves of `variables` (fused or not), counted without quantizing: what
+    an engine with `quantize="int8"` holds for its weights."""
+    params = variables["params"]
+
+    def count(tree: dict, in_stack: bool) -> int:
+        total = 0
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                total += count(value, in_stack and name != "moe")
+            elif in_stack and name in PROJECTIONS:
+                k = math.prod(value.shape[1 : 1 + PROJECTIONS[name]])
+                total += value.size + 4 * (value.size // k)  # int8 weights, f32 scales [L, N]
+            else:
+                total += value.nbytes
+        return total
+
+    total = sum(
+        count(v, True) if k == "layers" else (v.nbytes if not isinstance(v, dict) else count(v, False))
+        for k, v in params.items()
+        if k != "lm_head"
+    )
+    vocab, hidden = params["embed"].shape
+    return total + vocab * hidden + 4 * vocab  # the head: int8 [vocab, hidden] and its scales
 
 
 def _quantize_tree(tree: dict) -> dict:

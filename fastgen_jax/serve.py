@@ -105,7 +105,12 @@ def _kv_cache_bytes(checkpoint) -> int | None:
         total = stats["bytes_limit"] * FLAGS.tensor_parallel
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // FLAGS.replicas
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))  # no copy to host
+    if FLAGS.quantize == "int8":  # what the engine will hold, counted without quantizing
+        from fastgen_jax.quantize import quantized_nbytes
+
+        weights = quantized_nbytes(checkpoint.params, checkpoint.config.tie_word_embeddings)
+    else:
+        weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(checkpoint.params))  # no copy to host
     budget = int(total * FLAGS.kv_memory_fraction) - weights
     if budget <= 0:
         raise ValueError(

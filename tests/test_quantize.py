@@ -158,6 +158,17 @@ def test_int8_greedy_batch_equals_one_at_a_time():
     )
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_bytes_are_counted_without_quantizing(tied):
+    """What `--kv_memory_fraction` subtracts for the weights under int8: the bytes the engine holds."""
+    config = tiny_config(tie_word_embeddings=tied)
+    params = random_params(config)
+    held = quantize.quantize_params(parallel.fuse_projections(params, 1), tied)
+    want = sum(x.nbytes for x in jax.tree.leaves(held))
+    assert quantize.quantized_nbytes(params, tied) == want
+    assert want < sum(x.nbytes for x in jax.tree.leaves(params))
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="quantize must be one of"):
         EngineConfig(quantize="int4")
