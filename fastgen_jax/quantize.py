@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fastgen_jax import parallel
+
 # The stack's projections and how many leading axes (after the layer axis) they contract over.
 PROJECTIONS = {
     "wqkv": 1,
@@ -42,11 +44,7 @@ PROJECTIONS = {
 def quantize_int8(w: jax.Array, k_axes: int) -> tuple[jax.Array, jax.Array]:
     """w [B, *K, *N] (B a batch of matrices, e.g. the layers) -> (int8 [B, N, K], f32 scales [B, N]),
     N and K flattened, per output channel (absmax / 127; an all-zero channel gets scale 1)."""
-    b = w.shape[0]
-    k = 1
-    for d in w.shape[1 : 1 + k_axes]:
-        k *= d
-    w = w.reshape(b, k, -1).astype(jnp.float32)
+    w = w.reshape(w.shape[0], math.prod(w.shape[1 : 1 + k_axes]), -1).astype(jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=1) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(w / scale[:, None, :]), -127, 127).astype(jnp.int8)
@@ -71,29 +69,12 @@ def quantize_params(variables: dict, tie_word_embeddings: bool) -> dict:
 
 
 def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
-    """Bytes `quantize_params` leaves of `variables` (fused or not), counted without quantizing: what
-    an engine with `quantize="int8"` holds for its weights."""
-    params = variables["params"]
-
-    def count(tree: dict, in_stack: bool) -> int:
-        total = 0
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                total += count(value, in_stack and name != "moe")
-            elif in_stack and name in PROJECTIONS:
-                k = math.prod(value.shape[1 : 1 + PROJECTIONS[name]])
-                total += value.size + 4 * (value.size // k)  # int8 weights, f32 scales [L, N]
-            else:
-                total += value.nbytes
-        return total
-
-    total = sum(
-        count(v, True) if k == "layers" else (v.nbytes if not isinstance(v, dict) else count(v, False))
-        for k, v in params.items()
-        if k != "lm_head"
+    """Bytes `quantize_params` leaves of `variables` (fused or not), from shapes alone (nothing is
+    quantized or fused): what an engine with `quantize="int8"` holds for its weights."""
+    held = jax.eval_shape(
+        lambda v: quantize_params(parallel.fuse_projections(v, 1), tie_word_embeddings), variables
     )
-    vocab, hidden = params["embed"].shape
-    return total + vocab * hidden + 4 * vocab  # the head: int8 [vocab, hidden] and its scales
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(held))
 
 
 def _quantize_tree(tree: dict) -> dict:

@@ -16,9 +16,9 @@ from fastgen_jax.attention import INT8_BF16_ROWS, INT8_KERNEL_ROWS, Attention
 from fastgen_jax.checkpoints import Checkpoint
 from fastgen_jax.config import ConfigError, EngineConfig
 from fastgen_jax.llm_engine import LLMEngine
-from fastgen_jax.sampling_params import SamplingParams
 from tests.paged import paged_logits
 from tests.test_attention_dispatch import random_params, tiny_config, word_tokenizer
+from tests.test_llm_engine import run_all
 
 
 def test_each_channel_round_trips_within_half_a_step():
@@ -132,16 +132,6 @@ def int8_engine(checkpoint) -> LLMEngine:
     return LLMEngine(checkpoint, engine_config, dtype="float32", progress=False)
 
 
-def greedy_tokens(engine, prompts) -> list[list[int]]:
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    ids = [engine.add_request(prompt_token_ids=p, sampling_params=params) for p in prompts]
-    tokens = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-    return [tokens[i] for i in ids]
-
-
 def test_int8_greedy_batch_equals_one_at_a_time():
     """Rows go through different paths (kernel, float32 or bfloat16 dot) as the slab they share
     changes; the rows' common rounding keeps each request's tokens the same."""
@@ -149,8 +139,8 @@ def test_int8_greedy_batch_equals_one_at_a_time():
     engine = int8_engine(Checkpoint(config, random_params(config), word_tokenizer(config.vocab_size), ""))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 61, n).tolist() for n in (45, 3, 21)]
-    batch = greedy_tokens(engine, prompts)
-    assert batch == [greedy_tokens(engine, [p])[0] for p in prompts]
+    batch = run_all(engine, prompts, [6] * len(prompts))
+    assert batch == [run_all(engine, [p], [6])[0] for p in prompts]
     held = engine.runner.params["params"]  # and the engine really holds int8 weights
     assert held["layers"]["attn"]["wqkv_int8"].dtype == jnp.int8 and "wqkv" not in held["layers"]["attn"]
     assert (
