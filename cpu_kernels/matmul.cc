@@ -1,14 +1,20 @@
 // Weight-only int8 matrix products on the CPU, an XLA FFI custom call (see matmul.py).
 //
-// y[M, N] = (x[M, K] @ q[N, K]^T) * scale[N]: float32 rows times int8 weights with one float32
-// scale per output column (per channel), for the few rows of a decode step. A decode step reads
-// every weight once and does little with it, so it is bound by the bytes it reads: int8 weights are
-// a quarter of float32's. XLA has no such product on the CPU (it would widen the whole matrix to
-// float32 first, writing four times the bytes it saves), so this kernel widens 16 weights at a time
-// in registers:
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scale[N]: bfloat16 rows times int8 weights with one float32
+// scale per output column (per channel), summed in float32, for the rows of a decode step or a small
+// fused one. XLA has no such product on the CPU (it would widen the whole matrix first, writing more
+// bytes than int8 saves), so this kernel widens the weights in registers or in cache:
 // - q is stored [N, K] (each output column's weights contiguous); four columns at a time are dotted
-//   with up to six x rows, vectorised over K, each widened weight vector meeting every row of the
-//   tile while it is in a register; one horizontal sum per (row, column) at the end, times the scale;
+//   with up to six x rows, vectorised over K, one horizontal sum per (row, column) at the end, times
+//   the scale;
+// - where the CPU has AVX512_BF16 (and K is a multiple of 32), products are bfloat16 pairs summed
+//   into float32 lanes (`vdpbf16ps`, twice float32's multiply rate): int8 weights and bfloat16 rows
+//   are exact in bfloat16, so each product is exact and only the float32 sums round. Up to six rows
+//   widen 32 weights at a time in registers (a decode step: bound by the bytes it reads); more rows
+//   widen a work item's weights once into a per-thread bfloat16 buffer that every row tile then reads
+//   from cache (a small fused step: bound by the multiplies, which widening per row tile would double);
+// - elsewhere, the rows are widened to float32 once per call and the products are float32 FMAs over
+//   16 widened weights at a time;
 // - a work item is 64 columns (36 KiB of weights at K = 576); each column group asks for the next
 //   group's weights ahead of use (four streams per group, where the hardware prefetcher alone
 //   left the kernel at a third of the memory bandwidth);
@@ -25,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -106,19 +113,117 @@ inline void column(const float* x, const int8_t* q, const float* scale, float* y
   }
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Products = true;
+
+inline __m512bh as_bf16(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// 32 int8 weights as bfloat16 (exact).
+inline __m512bh widen_bf16(const int8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 values first
+}
+
+inline __m512bh load_bf16(const uint16_t* p) { return as_bf16(_mm512_loadu_si512(p)); }
+
+// Column j's 32 weights at k, widened from int8 in registers (few rows: the weights' bytes bound the step).
+struct FromInt8 {
+  const int8_t* w;
+  int64_t K;
+  __m512bh operator()(int j, int64_t k) const { return widen_bf16(w + j * K + k); }
+};
+
+// ... or read from a bfloat16 copy in cache (more rows: widened once, read by every row tile).
+struct FromBuffer {
+  const uint16_t* w;
+  int64_t K;
+  __m512bh operator()(int j, int64_t k) const { return load_bf16(w + j * K + k); }
+};
+
+// out[j] = sum(v[j]) * scale[j] for four vectors at once: their 16-lane sums folded together by
+// shuffles (about a quarter of four separate reductions' work, which at K = 576 would cost nearly
+// half as much as the products).
+inline void store_sums4(const __m512* v, const float* scale, float* out) {
+  // [a0-3 + a8-11, a4-7 + a12-15, b0-3 + b8-11, b4-7 + b12-15], and the same of c and d
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  // one 128-bit block of four partial sums per vector: a, b, c, d
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));  // within each block: (0+2, 1+3, ...)
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // lane 0 of each block: its total
+  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+  _mm_storeu_ps(out, _mm_mul_ps(_mm512_castps512_ps128(sums), _mm_loadu_ps(scale)));
+}
+
+// y[m0 : m0 + MR, n : n + NC]; `ahead`, when not null, is where the next group's weights are.
+template <int MR, int NC, class Weights>
+inline void tile_bf16(const uint16_t* __restrict x, Weights w, const float* __restrict scale,
+                      float* __restrict y, int64_t K, int64_t N, int64_t m0, int64_t n, const int8_t* ahead) {
+  __m512 acc[MR][NC];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[NC];
+    for (int j = 0; j < NC; ++j) wv[j] = w(j, k);
+    if (ahead) {
+      for (int j = 0; j < NC; ++j) __builtin_prefetch(ahead + j * K + k, 0, 0);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = load_bf16(x + (m0 + m) * K + k);
+      for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    if constexpr (NC == 4) {
+      store_sums4(acc[m], scale + n, y + (m0 + m) * N + n);
+    } else {
+      for (int j = 0; j < NC; ++j) y[(m0 + m) * N + n + j] = _mm512_reduce_add_ps(acc[m][j]) * scale[n + j];
+    }
+  }
+}
+
+// Rows [m0, m1) of columns [n, n + NC): tiles of six rows, then one tile of the rest.
+template <int NC, class Weights>
+inline void rows_bf16(const uint16_t* x, Weights w, const float* scale, float* y, int64_t K, int64_t N,
+                      int64_t m0, int64_t m1, int64_t n, const int8_t* ahead) {
+  int64_t m = m0;
+  for (; m + 6 <= m1; m += 6, ahead = nullptr) tile_bf16<6, NC>(x, w, scale, y, K, N, m, n, ahead);
+  switch (m1 - m) {
+    case 5: return tile_bf16<5, NC>(x, w, scale, y, K, N, m, n, ahead);
+    case 4: return tile_bf16<4, NC>(x, w, scale, y, K, N, m, n, ahead);
+    case 3: return tile_bf16<3, NC>(x, w, scale, y, K, N, m, n, ahead);
+    case 2: return tile_bf16<2, NC>(x, w, scale, y, K, N, m, n, ahead);
+    case 1: return tile_bf16<1, NC>(x, w, scale, y, K, N, m, n, ahead);
+    default: return;
+  }
+}
+#else
+constexpr bool kBf16Products = false;
+#endif
+
+constexpr int64_t kDirectRows = 6;  // up to this many rows widen the weights in registers
+
 struct Problem {
-  const float* x;
+  const uint16_t* xb;  // bfloat16 rows (the bf16 path)
+  const float* x;      // the same rows as float32 (the float32 path)
   const int8_t* q;
   const float* scale;
   float* y;
   int64_t M, K, N;
+  bool bf16;  // kBf16Products and K % 32 == 0
 
   int64_t num_items() const { return (N + kColumnsPerItem - 1) / kColumnsPerItem; }
 
   // Columns [item * 64, (item + 1) * 64) of every row.
   void run(int64_t item) const {
-    const int64_t n1 = std::min(N, (item + 1) * kColumnsPerItem);
-    int64_t n = item * kColumnsPerItem;
+    const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
+#if defined(__AVX512BF16__)
+    if (bf16) return run_bf16(n0, n1);
+#endif
+    int64_t n = n0;
     if (K % 16 == 0) {
       for (; n + kGroup <= n1; n += kGroup) {
         const bool ahead = n + 2 * kGroup <= n1;  // the prefetched group lies inside this item
@@ -132,6 +237,32 @@ struct Problem {
     }
     for (; n < n1; ++n) column(x, q, scale, y, M, K, N, n);
   }
+
+#if defined(__AVX512BF16__)
+  void run_bf16(int64_t n0, int64_t n1) const {
+    if (M <= kDirectRows) {
+      int64_t n = n0;
+      for (; n + kGroup <= n1; n += kGroup) {
+        const int8_t* ahead = n + 2 * kGroup <= n1 ? q + (n + kGroup) * K : nullptr;
+        rows_bf16<kGroup>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n, ahead);
+      }
+      for (; n < n1; ++n) rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n, nullptr);
+      return;
+    }
+    // The item's columns are contiguous in q: widen them once into this thread's buffer.
+    thread_local std::vector<uint16_t> buffer;
+    buffer.resize((n1 - n0) * K);
+    const int8_t* src = q + n0 * K;
+    for (int64_t i = 0; i < (n1 - n0) * K; i += 32) {
+      _mm512_storeu_si512(buffer.data() + i, reinterpret_cast<__m512i>(widen_bf16(src + i)));
+    }
+    int64_t n = n0;
+    for (; n + kGroup <= n1; n += kGroup) {
+      rows_bf16<kGroup>(xb, FromBuffer{buffer.data() + (n - n0) * K, K}, scale, y, K, N, 0, M, n, nullptr);
+    }
+    for (; n < n1; ++n) rows_bf16<1>(xb, FromBuffer{buffer.data() + (n - n0) * K, K}, scale, y, K, N, 0, M, n, nullptr);
+  }
+#endif
 };
 
 }  // namespace fastgen_matmul
@@ -144,6 +275,7 @@ using fastgen_matmul::Problem;
 
 struct Shared {
   Problem problem;
+  std::vector<float> rows;  // x as float32, for the float32 path
   int64_t items = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -160,7 +292,7 @@ struct Shared {
   }
 };
 
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> q,
                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || (qd.size() != 2 && qd.size() != 3) || sd.size() + 1 != qd.size()) {
@@ -177,8 +309,17 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     if (index < 0 || index >= qd[0]) return ffi::Error::InvalidArgument("int8 matmul: layer out of range");
   }
   auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{x.typed_data(), q.typed_data() + index * N * K, scale.typed_data() + index * N,
-                            y->typed_data(), M, K, N};
+  const uint16_t* xb = x.typed_data();
+  const bool bf16 = fastgen_matmul::kBf16Products && K % 32 == 0;
+  if (!bf16) {  // bfloat16 bits are a float32's upper half
+    shared->rows.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
+      std::memcpy(&shared->rows[i], &bits, 4);
+    }
+  }
+  shared->problem = Problem{xb, shared->rows.data(), q.typed_data() + index * N * K, scale.typed_data() + index * N,
+                            y->typed_data(), M, K, N, bf16};
   shared->items = M ? shared->problem.num_items() : 0;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
@@ -193,7 +334,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenInt8Matmul, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::S8>>()   // q [N, K] or [L, N, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [N] or [L, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index

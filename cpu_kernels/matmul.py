@@ -1,11 +1,13 @@
 """Weight-only int8 matrix products on the CPU: the C++ kernel in `matmul.cc`, called through XLA's
 FFI so the step stays one compiled program.
 
-`int8_matmul(x, q, scale)` is `(x @ q.T) * scale` for float32 rows x [M, K], int8 weights q [N, K]
-(each output column's weights contiguous) and float32 per-column scales [N]: a weight-only quantized
-projection. It is meant for few rows (a decode step's slab), where the step is bound by reading the
-weights and the kernel reads a quarter of float32's bytes, widening them in registers. For many rows
-the caller (`fastgen_jax.attention`) widens the weights and uses XLA's dot instead.
+`int8_matmul(x, q, scale)` is `(x @ q.T) * scale` for bfloat16 rows x [M, K], int8 weights q [N, K]
+(each output column's weights contiguous) and float32 per-column scales [N], summed in float32 into
+a float32 [M, N]: a weight-only quantized projection. It is meant for the few rows of a decode step
+(bound by reading the weights: the kernel reads a quarter of float32's bytes, widening them in
+registers) up to a small fused step's (bound by the multiplies: bfloat16 pairs at twice float32's
+rate where the CPU has AVX512_BF16). For many rows the caller (`fastgen_jax.attention`) widens the
+weights and uses XLA's dot instead.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ TARGET = "fastgen_int8_matmul"
 def int8_matmul(
     x: jax.Array, q: jax.Array, scale: jax.Array, *, layer: jax.Array | int | None = None
 ) -> jax.Array:
-    """f32 [M, K] x int8 [N, K] (times f32 [N] per column) -> f32 [M, N].
+    """bf16 [M, K] x int8 [N, K] (times f32 [N] per column) -> f32 [M, N].
 
     With `layer` (an i32[] index, traced or not) q is a stack [L, N, K] and scale [L, N], and the
     product is with layer `layer`'s weights, read in place (a slice would be copied out first)."""
     stacked = layer is not None
     if x.ndim != 2 or q.ndim != 2 + stacked or scale.ndim != 1 + stacked:
         raise ValueError(f"{x.shape=}, {q.shape=}, {scale.shape=}: want [M, K], [(L,) N, K], [(L,) N]")
-    if x.dtype != jnp.float32 or q.dtype != jnp.int8 or scale.dtype != jnp.float32:
-        raise ValueError(f"{x.dtype=}, {q.dtype=}, {scale.dtype=}: want float32, int8, float32")
+    if x.dtype != jnp.bfloat16 or q.dtype != jnp.int8 or scale.dtype != jnp.float32:
+        raise ValueError(f"{x.dtype=}, {q.dtype=}, {scale.dtype=}: want bfloat16, int8, float32")
     if q.shape[-1] != x.shape[1] or scale.shape != q.shape[:-1]:
         raise ValueError(f"{x.shape=}, {q.shape=} and {scale.shape=} do not match")
     build.load()

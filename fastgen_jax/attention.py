@@ -120,7 +120,7 @@ class Attention:
         out_dtype = preferred_element_type or x.dtype
         rows = x.astype(jnp.bfloat16)
         if self.impl == "cpu" and self.mesh is None and x.shape[0] <= INT8_KERNEL_ROWS:
-            y = cpu_kernels.matmul.int8_matmul(rows.astype(jnp.float32), q, scale)
+            y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
         y = jnp.einsum(
