@@ -24,7 +24,10 @@ import tempfile
 
 import jax
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("ragged_paged_attention.cc", "matmul.cc"))
+SOURCES = tuple(
+    pathlib.Path(__file__).with_name(name)
+    for name in ("ragged_paged_attention.cc", "matmul.cc", "write_kv.cc")
+)
 # -ffast-math lets sums vectorise and exp/tanh run through glibc's vector math (libmvec); the kernel
 # keeps every value finite (its "no key yet" score is -1e30, not -inf). It is given when compiling
 # only: linking with it would add crtfastmath.o, which flushes denormals for the whole process.
@@ -42,6 +45,7 @@ LINK_FLAGS = ("-shared", "-lmvec", "-lm")
 TARGETS = {
     "fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention",
     "fastgen_int8_matmul": "FastgenInt8Matmul",
+    "fastgen_write_kv": "FastgenWriteKv",
 }
 
 

@@ -85,7 +85,10 @@ class Attention:
 
     @property
     def write_kv(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
-        write = reference.write_kv_pages_reference
+        # The C++ writer on the CPU kernels (XLA's CPU scatter widens a bfloat16 pool to float32).
+        write = (
+            cpu_kernels.write_kv.write_kv_pages if self.impl == "cpu" else reference.write_kv_pages_reference
+        )
         if self.mesh is None:
             return write
         # (k_pages, v_pages, k [T, KVH, D], v, slot_mapping) -> (k_pages, v_pages)
@@ -102,7 +105,7 @@ class Attention:
                 ragged_paged_attention.ragged_paged_attention,
                 interpret=self.impl == "pallas_interpret",
             )
-            attend = _with_fallback(attend) if self.fallback else attend
+            attend = _queries_in_kv_dtype(_with_fallback(attend) if self.fallback else attend)
         if self.mesh is None:
             return attend
         # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
@@ -150,6 +153,18 @@ def _per_shard(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs) -> Callable
         )
 
     return call
+
+
+def _queries_in_kv_dtype(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """The Pallas kernel takes one float type: with KV pages of another (`kv_cache_dtype`), the
+    queries are cast to the pages' type going in and the output back to theirs coming out."""
+
+    def paged_attention(q, k_pages, v_pages, *args, **kwargs):
+        if q.dtype == k_pages.dtype:
+            return kernel(q, k_pages, v_pages, *args, **kwargs)
+        return kernel(q.astype(k_pages.dtype), k_pages, v_pages, *args, **kwargs).astype(q.dtype)
+
+    return paged_attention
 
 
 def _with_fallback(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:

@@ -194,6 +194,7 @@ SCHEDULING_POLICIES = ("splitfuse", "prefill_first", "sla")
 SPECULATIVE_METHODS = ("off", "ngram", "draft")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
 QUANTIZE_MODES = ("none", "int8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 SMALL_BUCKETS_FROM_BUDGET = 256  # serving budgets also get slabs of 1 and 4 rows (see EngineConfig)
@@ -238,6 +239,10 @@ class EngineConfig:
       a float32 scale per output channel, everything else in the compute dtype (`fastgen_jax.quantize`;
       on the CPU kernels a decode step reads a quarter of float32's weight bytes). One device only
       (tensor_parallel=1).
+    kv_cache_dtype: the KV pages' element type: "auto" (the compute dtype), "float32" or "bfloat16".
+      bfloat16 pages under a float32 model hold twice the tokens in the same memory and halve the
+      bytes a decode step's attention reads; keys and values are rounded once when written, scores
+      and sums stay float32 (llama.cpp's default KV is float16 for the same reason).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their
@@ -268,6 +273,7 @@ class EngineConfig:
     policy: str = "splitfuse"
     attention_impl: str = "auto"
     quantize: str = "none"
+    kv_cache_dtype: str = "auto"
     tensor_parallel: int = 1
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
@@ -300,6 +306,8 @@ class EngineConfig:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.quantize != "none" and self.tensor_parallel > 1:
             raise ConfigError(
                 f"quantize={self.quantize!r} runs on one device; got tensor_parallel={self.tensor_parallel} "

@@ -64,16 +64,21 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def kv_dtype(engine: EngineConfig, dtype) -> jnp.dtype:
+    """The KV pages' element type: `engine.kv_cache_dtype`, or the compute `dtype` for "auto"."""
+    return jnp.dtype(dtype if engine.kv_cache_dtype == "auto" else engine.kv_cache_dtype)
+
+
 def resolve_limits(model: ModelConfig, engine: EngineConfig, dtype, vocab_size: int) -> EngineLimits:
     """The KV pool and sequence limits for `model` on this device (`vocab_size`: the checkpoint's,
-    which tensor-parallel padding of `model` does not change)."""
+    which tensor-parallel padding of `model` does not change; `dtype`: the compute dtype)."""
     max_model_len = engine.max_model_len or model.max_position_embeddings
     if max_model_len > model.max_position_embeddings:
         raise ConfigError(
             f"max_model_len={max_model_len} exceeds the model's "
             f"max_position_embeddings={model.max_position_embeddings}"
         )
-    page_bytes = kv_bytes_per_page(model, engine.page_size, dtype)
+    page_bytes = kv_bytes_per_page(model, engine.page_size, kv_dtype(engine, dtype))
     if engine.num_pages is not None:
         num_pages = engine.num_pages
     else:
@@ -113,9 +118,9 @@ class ModelRunner:
         if engine_config.quantize == "int8":
             self.params = quantize.quantize_params(self.params, model_config.tie_word_embeddings)
         kv_sharding = parallel.kv_sharding(self.mesh)
-        r = self.limits
+        r, pages_dtype = self.limits, kv_dtype(engine_config, self.dtype)
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool
-            lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, self.dtype),
+            lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, pages_dtype),
             out_shardings=kv_sharding,
         )()
         self.attention = get_attention(engine_config.attention_impl).over(self.mesh)

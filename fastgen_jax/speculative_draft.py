@@ -47,7 +47,7 @@ from fastgen_jax.engine import (
     pages_for,
 )
 from fastgen_jax.models import kv_bytes_per_page
-from fastgen_jax.runner import ModelRunner
+from fastgen_jax.runner import ModelRunner, kv_dtype
 
 if TYPE_CHECKING:
     from fastgen_jax.llm_engine import LLMEngine
@@ -133,7 +133,7 @@ class DraftProposer:
         except (CheckpointError, ConfigError) as error:
             raise ConfigError(f"speculative_model={path!r} cannot be loaded: {error}") from None
         check_same_vocabulary(checkpoint.tokenizer, draft.tokenizer, path)
-        page_bytes = kv_bytes_per_page(draft.config, c.page_size, dtype)
+        page_bytes = kv_bytes_per_page(draft.config, c.page_size, kv_dtype(c, dtype))
         config = draft_config(c, engine.limits.num_pages, engine.max_model_len, page_bytes)
         devices = engine.runner.mesh.devices.flatten().tolist()
         try:
@@ -294,7 +294,7 @@ class DraftProposer:
 def draft_config(
     target: EngineConfig, target_pages: int, max_model_len: int, page_bytes: int
 ) -> EngineConfig:
-    """The draft's engine: the target's page size, max_model_len, budget, slots and attention, its
+    """The draft's engine: the target's page size, KV dtype, max_model_len, budget, slots and attention, its
     buckets and smaller ones (`draft_buckets`), speculation off, no prefix cache, and a pool of the
     target's page count plus k tokens per slot (capped by `kv_cache_bytes` at the draft's
     `page_bytes`, never below one sequence)."""
@@ -310,6 +310,7 @@ def draft_config(
         num_pages=num_pages,
         max_model_len=max_model_len,
         attention_impl=target.attention_impl,
+        kv_cache_dtype=target.kv_cache_dtype,
         tensor_parallel=target.tensor_parallel,
         enable_prefix_caching=False,
         async_scheduling=False,

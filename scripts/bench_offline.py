@@ -127,6 +127,13 @@ _QUANTIZE = flags.DEFINE_enum(
     "Our engine's weight-only quantization (EngineConfig.quantize). With int8, llama.cpp (if run) gets "
     "a Q8_0 GGUF of the same weights instead of F32, and transformers stays float32.",
 )
+_KV_CACHE_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype",
+    "auto",
+    ["auto", "float32", "bfloat16"],
+    "Our engine's KV pages (EngineConfig.kv_cache_dtype; auto: --dtype). llama.cpp's KV is "
+    "--llama_cpp_cache_type (f16 by default).",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
     "output_json",
@@ -173,6 +180,7 @@ class BenchConfig:
     llama_cpp_args: str = ""
     dtype: str = "float32"
     quantize: str = "none"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in (
@@ -244,6 +252,7 @@ def config_from_flags() -> BenchConfig:
             "llama_cpp_args",
             "dtype",
             "quantize",
+            "kv_cache_dtype",
         )
     }
     if values["quick"]:
@@ -369,6 +378,7 @@ def load_engine(cfg: BenchConfig):
         max_model_len=cfg.max_model_len,
         page_size=cfg.page_size,
         quantize=cfg.quantize,
+        kv_cache_dtype=cfg.kv_cache_dtype,
     )
     start = time.perf_counter()
     # An absolute path: orbax refuses relative ones.
@@ -589,7 +599,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
         f"{wl['gen_len_mean']}, seed {wl['seed']})",
         f"model: {report['model']}, ours {cf.get('dtype', 'float32')}"
-        f"{' int8 weights' if cf.get('quantize', 'none') == 'int8' else ''} (transformers float32, "
+        f"{' int8 weights' if cf.get('quantize', 'none') == 'int8' else ''}"
+        f"{' bf16 KV' if cf.get('kv_cache_dtype', 'auto') == 'bfloat16' else ''} (transformers float32, "
         f"llama.cpp {'Q8_0' if cf.get('quantize', 'none') == 'int8' else 'F32'}), CPU; "
         f"all engines: token budget "
         f"{cf['token_budget']}, max {cf['max_num_seqs']} seqs, KV pages of {cf['page_size']}",

@@ -1,13 +1,16 @@
-"""What weight-only int8 (`--quantize=int8`) costs in accuracy against float32, on real text.
+"""What weight-only int8 (`--quantize=int8`) and bfloat16 KV pages (`--kv_cache_dtype=bfloat16`) cost
+in accuracy against float32, on real text.
 
     python scripts/eval_quantization.py [--model=checkpoints/smollm2-135m-instruct] \
         [--text_files=README.md,/usr/share/common-licenses/GPL-3] [--window=512] [--windows=8]
 
 Each text file is tokenized and cut into windows of `--window` tokens (at most `--windows` in all,
 spread over the files). Both models see every window as one prompt through the paged cache (teacher
-forcing) and give the next-token distribution at every position. Reported, over all positions:
-perplexity of each model on the text, how often their top tokens agree, the mean KL divergence
-KL(float32 || int8) in nats, and the largest log-probability difference. Prints a table and writes JSON.
+forcing) and give the next-token distribution at every position. The variants: float32 (weights and
+KV pages: the reference), int8 weights, bfloat16 KV pages, and both. Reported, over all positions:
+perplexity of each variant on the text, and against float32 how often their top tokens agree, the
+mean KL divergence KL(float32 || variant) in nats, and the largest log-probability difference. Prints
+a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -73,46 +76,55 @@ def main(argv):
     checkpoint = load_checkpoint(FLAGS.model)
     config = checkpoint.config
     fused = parallel.fuse_projections(jax.device_put(checkpoint.params), 1)
-    variants = {"float32": fused, "int8": quantize.quantize_params(fused, config.tie_word_embeddings)}
+    int8 = quantize.quantize_params(fused, config.tie_word_embeddings)
+    variants = {  # name: (weights, KV pages' dtype)
+        "float32": (fused, jnp.float32),
+        "int8": (int8, jnp.float32),
+        "bf16 KV": (fused, jnp.bfloat16),
+        "int8, bf16 KV": (int8, jnp.bfloat16),
+    }
     model = build_model(config, jnp.float32, get_attention("auto"), FLAGS.window + PAGE_SIZE)
     step = jax.jit(model.apply)
     chunks = windows_of(checkpoint.tokenizer, FLAGS.text_files, FLAGS.window, FLAGS.windows)
     md = metadata(FLAGS.window)
     num_pages = FLAGS.window // PAGE_SIZE + 2
     nll = {k: [] for k in variants}
-    agree, kl, max_diff = [], [], 0.0
+    others = [k for k in variants if k != "float32"]
+    agree, kl, max_diff = ({k: [] for k in others}, {k: [] for k in others}, dict.fromkeys(others, 0.0))
     for ids in tqdm(chunks, desc="windows"):
         logp = {}
-        for name, variables in variants.items():
-            kv = init_kv_cache(config, num_pages, PAGE_SIZE, jnp.float32)
+        for name, (variables, kv_dtype) in variants.items():
+            kv = init_kv_cache(config, num_pages, PAGE_SIZE, kv_dtype)
             logits, _ = step(variables, jnp.asarray(ids, jnp.int32), kv, md)
             logits = np.asarray(logits, np.float64)
             logp[name] = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
             nll[name] += (-logp[name][np.arange(len(ids) - 1), ids[1:]]).tolist()
-        f, q = logp["float32"], logp["int8"]
-        agree += (f.argmax(-1) == q.argmax(-1)).tolist()
-        kl += (np.exp(f) * (f - q)).sum(-1).tolist()
-        max_diff = max(max_diff, float(np.abs(f - q).max()))
+        f = logp["float32"]
+        for name in others:
+            q = logp[name]
+            agree[name] += (f.argmax(-1) == q.argmax(-1)).tolist()
+            kl[name] += (np.exp(f) * (f - q)).sum(-1).tolist()
+            max_diff[name] = max(max_diff[name], float(np.abs(f - q).max()))
     report = {
         "model": FLAGS.model,
         "text_files": [f for f in FLAGS.text_files if os.path.exists(f)],
         "windows": len(chunks),
         "window": FLAGS.window,
-        "positions": len(agree),
+        "positions": len(agree["int8"]),
         "perplexity": {k: float(np.exp(np.mean(v))) for k, v in nll.items()},
-        "top1_agreement": float(np.mean(agree)),
-        "mean_kl_nats": float(np.mean(kl)),
+        "top1_agreement": {k: float(np.mean(v)) for k, v in agree.items()},
+        "mean_kl_nats": {k: float(np.mean(v)) for k, v in kl.items()},
         "max_logprob_diff": max_diff,
     }
-    ppl = report["perplexity"]
     print(f"{len(chunks)} windows x {FLAGS.window} tokens of {', '.join(report['text_files'])}")
-    print(f"{'':<24}{'float32':>10}{'int8':>10}")
-    print(f"{'perplexity':<24}{ppl['float32']:>10.3f}{ppl['int8']:>10.3f}")
-    print(
-        f"top-1 agreement {report['top1_agreement']:.4f}, "
-        f"mean KL(f32 || int8) {report['mean_kl_nats']:.5f} nats, "
-        f"largest log-prob difference {max_diff:.3f}"
-    )
+    header = ("variant", "perplexity", "top-1 agree", "mean KL", "max diff")
+    print(f"{header[0]:<16}" + "".join(f"{h:>13}" for h in header[1:]) + "   (against float32)")
+    for name in variants:
+        row = f"{name:<16}{report['perplexity'][name]:>13.3f}"
+        if name != "float32":
+            row += f"{report['top1_agreement'][name]:>13.4f}"
+            row += f"{report['mean_kl_nats'][name]:>13.5f}{max_diff[name]:>13.3f}"
+        print(row)
     if FLAGS.output_json:
         pathlib.Path(FLAGS.output_json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -19,7 +19,8 @@ For each kind:
   model's shapes);
 - attention: the configured attention implementation on the captured metadata, once per layer
   over the engine's own KV pool;
-- kv_write: the K/V scatter of the slab's rows into every layer's pages (donated pool);
+- kv_write: the K/V write of the slab's rows into every layer's pages (donated pool), as the
+  configured attention implementation writes them;
 - sampling: `sampler.sample` on logits of the captured shape;
 - other: device - (matmuls + attention + kv_write + sampling): norms, RoPE, embedding, residuals.
 The host's share is measured once, on real sequences decoding through `LLMEngine.step()`: its median
@@ -49,6 +50,9 @@ flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of th
 flags.DEFINE_integer("token_budget", 256, "Tokens per step (the prompt chunk's length).")
 flags.DEFINE_string("attention_impl", "auto", "EngineConfig.attention_impl.")
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "EngineConfig.quantize (weight-only int8).")
+flags.DEFINE_enum(
+    "kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "EngineConfig.kv_cache_dtype (KV pages' type)."
+)
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (median reported).")
 flags.DEFINE_integer("max_kv_tokens", 16384, "Skip decode kinds holding more keys (the KV pool's memory).")
 flags.DEFINE_string("output", "docs/benchmarks/cpu_step_profile.json", "JSON output path.")
@@ -144,7 +148,6 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     import jax.numpy as jnp
 
     from fastgen_jax.sampler import sample
-    from pallas_kernels.reference import write_kv_pages_reference
 
     runner, c = engine.runner, engine.model_config
     runner.compile(plan)
@@ -209,7 +212,7 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
         def layer(pages, i):
             in_range = slots < pages_per_layer * pages[0].shape[2]
             s = jnp.where(in_range, slots + i * pages_per_layer * pages[0].shape[2], 2**30)
-            return write_kv_pages_reference(*pages, kv, kv, s), None
+            return runner.attention.write_kv(*pages, kv, kv, s), None
 
         pages, _ = jax.lax.scan(layer, pages, jnp.arange(L))
         return pages
@@ -242,6 +245,7 @@ def floors(engine, plan, rate: float, bandwidth: float) -> dict[str, float]:
 
     c, size = engine.model_config, engine.runner.dtype.itemsize
     weight_size = 1 if FLAGS.quantize == "int8" else size
+    kv_size = engine.runner.kv_cache[0].dtype.itemsize
     md = plan.attention
     real = int(md.cu_q_lens[int(md.num_seqs[0])])
     logits_rows = plan.num_slots
@@ -254,14 +258,14 @@ def floors(engine, plan, rate: float, bandwidth: float) -> dict[str, float]:
     n = int(md.num_seqs[0])
     kv_lens = md.kv_lens[:n].astype(np.int64)
     q_lens = np.diff(md.cu_q_lens[: n + 1]).astype(np.int64)
-    kv_read = 2 * c.num_layers * kvd * int(kv_lens.sum()) * size
+    kv_read = 2 * c.num_layers * kvd * int(kv_lens.sum()) * kv_size
     # Visible (query, key) pairs: each new row sees the keys before it and itself.
     pairs = int(np.sum(q_lens * (kv_lens - q_lens) + q_lens * (q_lens + 1) // 2))
     attention_flops = 4 * c.num_layers * hd * pairs
     return {
         "matmuls": max(matmul_flops / rate, matmul_bytes / bandwidth),
         "attention": max(kv_read / bandwidth, attention_flops / rate),
-        "kv_write": 2 * c.num_layers * kvd * real * size / bandwidth,
+        "kv_write": 2 * c.num_layers * kvd * real * kv_size / bandwidth,
         "sampling": logits_rows * c.vocab_size * 4 / bandwidth,
         "weights_read": matmul_bytes / bandwidth,
     }
@@ -322,6 +326,7 @@ def main(argv):
         page_size=16,
         attention_impl=FLAGS.attention_impl,
         quantize=FLAGS.quantize,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
         enable_prefix_caching=False,
     )
     engine = LLMEngine(
@@ -343,7 +348,12 @@ def main(argv):
           f"sequences decoding at context 16-40")  # fmt: skip
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
     with open(FLAGS.output, "w") as f:
-        summary = {"model": FLAGS.model, "attention_impl": FLAGS.attention_impl, "quantize": FLAGS.quantize}
+        summary = {
+            "model": FLAGS.model,
+            "attention_impl": FLAGS.attention_impl,
+            "quantize": FLAGS.quantize,
+            "kv_cache_dtype": FLAGS.kv_cache_dtype,
+        }
         summary |= {"load": os.getloadavg()}
         summary |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
         summary |= {"host": {"sequences": max(seqs), "step_ms": step * 1e3, "device_ms": device * 1e3}}

@@ -55,8 +55,10 @@ def paged_logits(
     dtype=jnp.float32,
     attention=None,
     max_model_len=None,
+    kv_dtype=None,
 ) -> np.ndarray:
-    """Logits f32[len(token_ids), vocab] computed chunk by chunk through the paged cache.
+    """Logits f32[len(token_ids), vocab] computed chunk by chunk through the paged cache (its pages
+    in `kv_dtype`, default `dtype`).
 
     Pages are handed out in a scrambled order so that page-table indirection is really exercised.
     `attention` is a resolved `fastgen_jax.attention.Attention` (default: the platform's);
@@ -73,7 +75,7 @@ def paged_logits(
     model = build_model(config, dtype, attention, max_model_len)
     step = jax.jit(model.apply)
     params = jax.device_put(params)  # once, not on every call
-    kv = init_kv_cache(config, num_pages, page_size, dtype)
+    kv = init_kv_cache(config, num_pages, page_size, kv_dtype or dtype)
     out, start = [], 0
     for c in chunks:
         md = chunk_metadata(start, c, pages, page_size, width, num_pages, slab)

@@ -70,7 +70,7 @@ def test_auto_is_the_cpu_kernel_on_cpu():
     attention = get_attention("auto")
     assert attention == Attention("cpu")
     assert attention.paged_attention is cpu_kernels.ragged_paged_attention.ragged_paged_attention
-    assert attention.write_kv is reference.write_kv_pages_reference
+    assert attention.write_kv is cpu_kernels.write_kv.write_kv_pages
 
 
 @pytest.fixture
