@@ -9,7 +9,8 @@
 //   the scale;
 // - where the CPU has AVX512_BF16 (and K is a multiple of 32), products are bfloat16 pairs summed
 //   into float32 lanes (`vdpbf16ps`, twice float32's multiply rate): int8 weights and bfloat16 rows
-//   are exact in bfloat16, so each product is exact and only the float32 sums round. Up to six rows
+//   are exact in bfloat16, so each product is exact and only the float32 sums round (vdpbf16ps
+//   treats denormal inputs and results as zero: below 1.2e-38, nothing a projection sees). Up to six rows
 //   widen 32 weights at a time in registers (a decode step: bound by the bytes it reads); more rows
 //   widen a work item's weights once into a per-thread bfloat16 buffer that every row tile then reads
 //   from cache (a small fused step: bound by the multiplies, which widening per row tile would double);

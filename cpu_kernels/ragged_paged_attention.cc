@@ -35,6 +35,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -182,8 +186,48 @@ template <typename KV>
   }
 }
 
+#ifdef __AVX512F__
+// The 16 lane sums of v[0..15] as one vector (lane j: the sum of v[j]), by pairwise shuffles and
+// adds: 45 vector operations against about 8 for each of 16 separate reductions.
+inline __m512 sums16(const __m512* v) {
+  __m512 x[8], y[4];
+  for (int p = 0; p < 8; ++p) {  // per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3)
+    x[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+  }
+  for (int q = 0; q < 4; ++q) {  // per block: the block's sums of vectors 4q..4q+3
+    y[q] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * q], x[2 * q + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * q], x[2 * q + 1], 0xEE));
+  }
+  // blocks (0 + 1, 2 + 3) of y[0], then of y[1]; then the same of those: block b holds vectors 4b..4b+3
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+}
+
+// sc[j] = q . k[j] for keys j in [begin, end), 16 keys at a time: each key's products accumulate
+// over D in a vector, and the 16 vectors reduce together (`sums16`) instead of one by one.
+template <int kD>
+inline void scores16(const float* __restrict q, const float* __restrict k, int64_t begin, int64_t end,
+                     float* __restrict sc) {
+  static_assert(kD % 16 == 0, "head size in whole vectors");
+  __m512 qv[kD / 16];
+  for (int c = 0; c < kD / 16; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int64_t j0 = begin; j0 < end; j0 += 16) {
+    __m512 acc[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      const float* row = k + std::min<int64_t>(j0 + jj, end - 1) * kD;  // past the end: a repeat
+      acc[jj] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+      for (int c = 1; c < kD / 16; ++c) acc[jj] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(row + 16 * c), acc[jj]);
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, end - j0)) - 1);
+    _mm512_mask_storeu_ps(sc + j0, keep, sums16(acc));
+  }
+}
+#endif
+
 // One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
-// its scores by dot products over D, their exponentials, and the online softmax update.
+// its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
+// vectors), their exponentials, and the online softmax update.
 template <int kD>
 void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
                   int64_t D) {
@@ -194,7 +238,15 @@ void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, i
     const int64_t end = std::min<int64_t>(w.hi[i], first + ps) - first;
     if (begin >= end) continue;
     const float* qv = &w.q[i * D];
+#ifdef __AVX512F__
+    if constexpr (kD > 0 && kD % 16 == 0) {
+      scores16<kD>(qv, k, begin, end, sc);
+    } else {
+      for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
+    }
+#else
     for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
+#endif
     if (p.softcap > 0.0f) {
       const float inv = 1.0f / p.softcap;
       for (int64_t j = begin; j < end; ++j) sc[j] = p.softcap * std::tanh(sc[j] * inv);

@@ -7,6 +7,7 @@
 //
 // Why not XLA's scatter: XLA's CPU backend has no bfloat16 scatter and widens it to float32, which
 // converts the whole pool to float32 and back on every step.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -39,13 +40,15 @@ ffi::Error Write(ffi::AnyBuffer pages, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32
     return ffi::Error::InvalidArgument("write_kv: pages and rows must be one of f32, bf16, f16");
   }
   const int64_t kvh = pd[0], slots_per_head = pd[1] * pd[2], D = pd[3], T = rd[0];
-  if (rd[1] != kvh || rd[2] != D || slots.dimensions()[0] != T) {
+  auto od = out->dimensions();
+  if (rd[1] != kvh || rd[2] != D || slots.dimensions()[0] != T || od.size() != 4 ||
+      !std::equal(od.begin(), od.end(), pd.begin())) {
     return ffi::Error::InvalidArgument("write_kv: shapes do not match");
   }
+  // The output aliases the pages (XLA copies pages the caller did not donate before the call); a
+  // runtime that did not alias them would leave the output unwritten, so start it from the pages.
   char* dst = static_cast<char*>(out->untyped_data());
-  if (dst != pages.untyped_data()) {  // not aliased after all: start from the pages
-    std::memcpy(dst, pages.untyped_data(), pages.size_bytes());
-  }
+  if (dst != pages.untyped_data()) std::memcpy(dst, pages.untyped_data(), pages.size_bytes());
   const char* src = static_cast<const char*>(rows.untyped_data());
   const int32_t* slot = slots.typed_data();
   const size_t row_bytes = D * bytes;

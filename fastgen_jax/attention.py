@@ -7,16 +7,20 @@ import kernels directly, so a new kernel plugs in here and nowhere else.
 - "reference": pure JAX (`pallas_kernels.reference`), any backend.
 - "pallas": the Pallas ragged paged attention kernel, compiled through Triton; GPU only.
 - "pallas_interpret": the same kernel run by the Pallas interpreter on any backend (slow; tests).
-- "cpu": the C++ kernels (`cpu_kernels`, XLA FFI), CPU only: ragged paged attention, and the int8
-  matmul for decode-sized slabs. They are compiled on first use (see `cpu_kernels.build`); an
-  explicit "cpu" that cannot be built raises. With any other choice int8 weights are widened and
-  multiplied by XLA.
+- "cpu": the C++ kernels (`cpu_kernels`, XLA FFI), CPU only: ragged paged attention, the K/V page
+  writer, and the int8 matmul for decode-sized slabs. They are compiled on first use (see
+  `cpu_kernels.build`); an explicit "cpu" that cannot be built raises. With any other choice int8
+  weights are widened and multiplied by XLA.
 - "auto": "pallas" on a GPU, "cpu" on a CPU, falling back to "reference" (with one log line) when
   the CPU kernel cannot be built. Shapes the Pallas kernel cannot take (a head_dim that is not a
   power of two, say) quietly use the reference instead; an explicit "pallas" raises.
 
-The K/V write is the reference XLA scatter for every choice: it moves only the step's new rows, and
-a fused write would race with the kernel's programs reading those rows.
+The K/V write is the reference XLA scatter, except on "cpu": there a C++ writer updates the donated
+pages in place (XLA's CPU scatter widens a bfloat16 pool to float32 and back on every step). Either
+moves only the step's new rows; a write fused into the attention kernel would race with the kernel's
+programs reading those rows. KV pages may be another float type than the queries (`kv_cache_dtype`):
+"cpu" and "reference" read them into float32 scores and sums; the Pallas kernel takes one float type,
+so the queries (and its output) are rounded to the pages' type.
 
 Under tensor parallelism (`Attention.mesh` set, see `fastgen_jax.parallel`) both the write and the
 attention run per device under `shard_map`: each device holds the query heads and KV pages of its own
@@ -42,7 +46,8 @@ from pallas_kernels import ragged_paged_attention, reference
 
 KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
 # Weight-only int8 products (`Attention.int8_matmul`). Every path multiplies the rows rounded to
-# bfloat16 (so a request's result does not depend on the slab it shares) with float32 sums.
+# bfloat16 with float32 sums, so the slab a request shares changes its results only through the order
+# of the float32 sums (the kernel's and XLA's differ), not through the rows' precision.
 # - At most INT8_KERNEL_ROWS rows, on the CPU kernels: the C++ kernel, which reads the int8 weights
 #   once. Measured (`scripts/bench_int8_matmul.py`, SmolLM2's projections, 2 cores): 10.0 ms at 1 row
 #   against 29.6 for float32 weights; a review measured 0.42 / 1.27 ms at 1 row on 2048x8192 /
@@ -105,7 +110,7 @@ class Attention:
                 ragged_paged_attention.ragged_paged_attention,
                 interpret=self.impl == "pallas_interpret",
             )
-            attend = _queries_in_kv_dtype(_with_fallback(attend) if self.fallback else attend)
+            attend = _with_fallback(attend) if self.fallback else _queries_in_kv_dtype(attend)
         if self.mesh is None:
             return attend
         # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
@@ -168,11 +173,12 @@ def _queries_in_kv_dtype(kernel: Callable[..., jax.Array]) -> Callable[..., jax.
 
 
 def _with_fallback(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """The kernel where it supports the (static) shapes and dtype, the reference elsewhere."""
+    """The kernel where it supports the (static) shapes and dtype (queries in the pages' type), the
+    reference elsewhere (which takes queries and pages of different types as they are)."""
 
     def paged_attention(q, k_pages, v_pages, *args, **kwargs):
-        if ragged_paged_attention.supports(q, k_pages):
-            return kernel(q, k_pages, v_pages, *args, **kwargs)
+        if ragged_paged_attention.supports(q.astype(k_pages.dtype), k_pages):
+            return _queries_in_kv_dtype(kernel)(q, k_pages, v_pages, *args, **kwargs)
         return reference.ragged_paged_attention_reference(q, k_pages, v_pages, *args, **kwargs)
 
     return paged_attention

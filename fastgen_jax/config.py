@@ -241,8 +241,9 @@ class EngineConfig:
       (tensor_parallel=1).
     kv_cache_dtype: the KV pages' element type: "auto" (the compute dtype), "float32" or "bfloat16".
       bfloat16 pages under a float32 model hold twice the tokens in the same memory and halve the
-      bytes a decode step's attention reads; keys and values are rounded once when written, scores
-      and sums stay float32 (llama.cpp's default KV is float16 for the same reason).
+      bytes a decode step's attention reads; keys and values are rounded once when written. The CPU
+      kernel and the reference keep scores and sums in float32; the Pallas kernel also rounds the
+      queries to the pages' type (llama.cpp's default KV is float16 for the same reasons).
     tensor_parallel: devices one engine's step runs on, its heads and MLP split over them (see
       `fastgen_jax.parallel`). The host side is the same for any value.
     enable_prefix_caching: share the KV of full pages, as soon as it is written and after their

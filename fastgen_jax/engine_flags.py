@@ -96,7 +96,8 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "float32", "bfloat16"],
     "KV pages' element type: 'auto' is --dtype; 'bfloat16' under a float32 model holds twice the tokens "
-    "in --kv_cache_gib and halves the bytes decode attention reads (scores and sums stay float32).",
+    "in the same memory and halves the bytes decode attention reads (on the CPU, scores and sums stay "
+    "float32).",
 )
 flags.DEFINE_enum(
     "dtype",

@@ -31,18 +31,19 @@ def write_kv_pages_reference(
     v: jax.Array,  # [T, num_kv_heads, head_dim]
     slot_mapping: jax.Array,  # i32[T]: page * page_size + offset; out of range means "drop"
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatters each row's K and V into its slot. Out-of-range slots (padding rows) are dropped."""
+    """Scatters each row's K and V into its slot. Out-of-range slots (padding rows, negative ones
+    included) are dropped."""
     kvh, num_pages, page_size, head_dim = k_pages.shape
     flat_shape = (kvh, num_pages * page_size, head_dim)
     k_flat = (
         k_pages.reshape(flat_shape)
         .at[:, slot_mapping]
-        .set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+        .set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop", wrap_negative_indices=False)
     )
     v_flat = (
         v_pages.reshape(flat_shape)
         .at[:, slot_mapping]
-        .set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
+        .set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop", wrap_negative_indices=False)
     )
     return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
