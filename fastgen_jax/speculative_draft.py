@@ -294,10 +294,10 @@ class DraftProposer:
 def draft_config(
     target: EngineConfig, target_pages: int, max_model_len: int, page_bytes: int
 ) -> EngineConfig:
-    """The draft's engine: the target's page size, KV dtype, max_model_len, budget, slots and attention, its
-    buckets and smaller ones (`draft_buckets`), speculation off, no prefix cache, and a pool of the
-    target's page count plus k tokens per slot (capped by `kv_cache_bytes` at the draft's
-    `page_bytes`, never below one sequence)."""
+    """The draft's engine: the target's page size, KV dtype, weight quantization, max_model_len,
+    budget, slots and attention, its buckets and smaller ones (`draft_buckets`), speculation off, no
+    prefix cache, and a pool of the target's page count plus k tokens per slot (capped by
+    `kv_cache_bytes` at the draft's `page_bytes`, never below one sequence)."""
     k_pages = pages_for(target.num_speculative_tokens, target.page_size)
     one_sequence = pages_for(max_model_len, target.page_size) + 1
     num_pages = target_pages + target.max_num_seqs * k_pages
@@ -311,6 +311,7 @@ def draft_config(
         max_model_len=max_model_len,
         attention_impl=target.attention_impl,
         kv_cache_dtype=target.kv_cache_dtype,
+        quantize=target.quantize,
         tensor_parallel=target.tensor_parallel,
         enable_prefix_caching=False,
         async_scheduling=False,

@@ -122,8 +122,9 @@ def test_a_bfloat16_pool_holds_twice_the_pages_and_batches_like_one_at_a_time():
     assert batch == [run_all(bf16, [p], [6])[0] for p in prompts]
 
 
-def test_bad_values_are_refused_and_a_draft_keeps_the_targets_pages():
+def test_bad_values_are_refused_and_a_draft_keeps_the_targets_pages_and_weights():
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of"):
         EngineConfig(kv_cache_dtype="int8")
-    target = EngineConfig(kv_cache_dtype="bfloat16", speculative="ngram")
-    assert draft_config(target, 100, 256, 1024).kv_cache_dtype == "bfloat16"
+    target = EngineConfig(kv_cache_dtype="bfloat16", quantize="int8", speculative="ngram")
+    draft = draft_config(target, 100, 256, 1024)
+    assert (draft.kv_cache_dtype, draft.quantize) == ("bfloat16", "int8")

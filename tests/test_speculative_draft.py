@@ -215,3 +215,15 @@ def test_seeded_sampling_is_unchanged_by_a_greedy_draft(engines):
     proposed = engines["self"].stats.spec_proposed_tokens
     assert _run(engines["self"], prompts, num_new, **params)[0] == want
     assert engines["self"].stats.spec_proposed_tokens > proposed
+
+
+def test_an_int8_target_drafts_with_int8_weights_and_outputs_stay_the_targets(target_dir):
+    """`quantize="int8"` reaches the draft (its own runner holds int8 projections); verification
+    still leaves the int8 target's greedy tokens as they are without speculation."""
+    prompts = [np.random.default_rng(5).integers(3, VOCAB, 12).tolist()]
+    plain = _run(_engine(target_dir, quantize="int8"), prompts, [16])[0]
+    engine = _engine(target_dir, "draft", target_dir, quantize="int8")
+    assert _run(engine, prompts, [16])[0] == plain
+    draft_weights = engine.speculator.proposer.runner.params["params"]["layers"]["attn"]
+    assert draft_weights["wqkv_int8"].dtype == np.int8 and "wqkv" not in draft_weights
+    assert engine.stats.spec_proposed_tokens > 0
