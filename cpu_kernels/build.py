@@ -28,6 +28,7 @@ SOURCES = tuple(
     pathlib.Path(__file__).with_name(name)
     for name in ("ragged_paged_attention.cc", "matmul.cc", "write_kv.cc")
 )
+HEADERS = (pathlib.Path(__file__).with_name("wait.h"),)  # included by the sources: part of the hash
 # -ffast-math lets sums vectorise and exp/tanh run through glibc's vector math (libmvec); the kernel
 # keeps every value finite (its "no key yet" score is -1e30, not -inf). It is given when compiling
 # only: linking with it would add crtfastmath.o, which flushes denormals for the whole process.
@@ -68,7 +69,7 @@ def library_path() -> pathlib.Path:
     flags = " ".join((compiler, *COMPILE_FLAGS, *LINK_FLAGS))
     for part in (flags, jax.__version__, platform.machine(), _cpu_features()):
         key.update(part.encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         key.update(source.read_bytes())
     default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "fastgen_jax"
     cache = pathlib.Path(os.environ.get("FASTGEN_KERNEL_CACHE", default / "kernels"))

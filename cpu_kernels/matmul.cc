@@ -39,6 +39,7 @@
 #endif
 
 #ifndef FASTGEN_NO_FFI
+#include "wait.h"
 #include "xla/ffi/api/ffi.h"
 #endif
 
@@ -325,8 +326,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->all_done.wait(lock, [&] { return shared->done.load() == shared->items; });
+  fastgen_kernels::wait_for_helpers([&] { return shared->done.load() == shared->items; }, shared->mutex,
+                                    shared->all_done);
   return ffi::Error::Success();
 }
 

@@ -39,6 +39,7 @@
 #include <immintrin.h>
 #endif
 
+#include "wait.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -599,12 +600,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(shared->items.size()) - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
-  {
-    std::unique_lock<std::mutex> lock(shared->mutex);
-    shared->all_done.wait(lock, [&] {
-      return shared->done.load() == static_cast<int64_t>(shared->items.size());
-    });
-  }
+  fastgen_kernels::wait_for_helpers(
+      [&] { return shared->done.load() == static_cast<int64_t>(shared->items.size()); }, shared->mutex,
+      shared->all_done);
   combine(*shared);
   return ffi::Error::Success();
 }
