@@ -243,13 +243,7 @@ struct Problem {
 #if defined(__AVX512BF16__)
   void run_bf16(int64_t n0, int64_t n1) const {
     if (M <= kDirectRows) {
-      int64_t n = n0;
-      for (; n + kGroup <= n1; n += kGroup) {
-        const int8_t* ahead = n + 2 * kGroup <= n1 ? q + (n + kGroup) * K : nullptr;
-        rows_bf16<kGroup>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n, ahead);
-      }
-      for (; n < n1; ++n) rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n, nullptr);
-      return;
+      return columns_bf16(n0, n1, [&](int64_t n) { return FromInt8{q + n * K, K}; }, true);
     }
     // The item's columns are contiguous in q: widen them once into this thread's buffer.
     thread_local std::vector<uint16_t> buffer;
@@ -258,11 +252,19 @@ struct Problem {
     for (int64_t i = 0; i < (n1 - n0) * K; i += 32) {
       _mm512_storeu_si512(buffer.data() + i, reinterpret_cast<__m512i>(widen_bf16(src + i)));
     }
+    columns_bf16(n0, n1, [&](int64_t n) { return FromBuffer{buffer.data() + (n - n0) * K, K}; }, false);
+  }
+
+  // Columns [n0, n1) of every row, four at a time, then one at a time; weights(n) reads from column
+  // n on. With `prefetch`, each group asks for the next group's int8 weights (inside the item).
+  template <class Weights>
+  void columns_bf16(int64_t n0, int64_t n1, Weights weights, bool prefetch) const {
     int64_t n = n0;
     for (; n + kGroup <= n1; n += kGroup) {
-      rows_bf16<kGroup>(xb, FromBuffer{buffer.data() + (n - n0) * K, K}, scale, y, K, N, 0, M, n, nullptr);
+      const int8_t* ahead = prefetch && n + 2 * kGroup <= n1 ? q + (n + kGroup) * K : nullptr;
+      rows_bf16<kGroup>(xb, weights(n), scale, y, K, N, 0, M, n, ahead);
     }
-    for (; n < n1; ++n) rows_bf16<1>(xb, FromBuffer{buffer.data() + (n - n0) * K, K}, scale, y, K, N, 0, M, n, nullptr);
+    for (; n < n1; ++n) rows_bf16<1>(xb, weights(n), scale, y, K, N, 0, M, n, nullptr);
   }
 #endif
 };

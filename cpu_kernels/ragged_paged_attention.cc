@@ -226,6 +226,16 @@ inline void scores16(const float* __restrict q, const float* __restrict k, int64
 }
 #endif
 
+// sc[j] = q . k[j] for keys j in [begin, end): 16 keys at a time where AVX-512 and a head size in
+// whole vectors allow, else one dot product per key.
+template <int kD>
+inline void scores(const float* q, const float* k, int64_t begin, int64_t end, float* sc, int64_t D) {
+#ifdef __AVX512F__
+  if constexpr (kD > 0 && kD % 16 == 0) return scores16<kD>(q, k, begin, end, sc);
+#endif
+  for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(q, k + j * D, D);
+}
+
 // One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
 // its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
 // vectors), their exponentials, and the online softmax update.
@@ -239,15 +249,7 @@ void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, i
     const int64_t end = std::min<int64_t>(w.hi[i], first + ps) - first;
     if (begin >= end) continue;
     const float* qv = &w.q[i * D];
-#ifdef __AVX512F__
-    if constexpr (kD > 0 && kD % 16 == 0) {
-      scores16<kD>(qv, k, begin, end, sc);
-    } else {
-      for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
-    }
-#else
-    for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(qv, k + j * D, D);
-#endif
+    scores<kD>(qv, k, begin, end, sc, D);
     if (p.softcap > 0.0f) {
       const float inv = 1.0f / p.softcap;
       for (int64_t j = begin; j < end; ++j) sc[j] = p.softcap * std::tanh(sc[j] * inv);

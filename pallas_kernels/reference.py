@@ -34,18 +34,14 @@ def write_kv_pages_reference(
     """Scatters each row's K and V into its slot. Out-of-range slots (padding rows, negative ones
     included) are dropped."""
     kvh, num_pages, page_size, head_dim = k_pages.shape
-    flat_shape = (kvh, num_pages * page_size, head_dim)
-    k_flat = (
-        k_pages.reshape(flat_shape)
-        .at[:, slot_mapping]
-        .set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop", wrap_negative_indices=False)
-    )
-    v_flat = (
-        v_pages.reshape(flat_shape)
-        .at[:, slot_mapping]
-        .set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop", wrap_negative_indices=False)
-    )
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+    def scatter(pages, rows):
+        flat = pages.reshape(kvh, num_pages * page_size, head_dim)
+        rows = jnp.swapaxes(rows, 0, 1).astype(pages.dtype)
+        flat = flat.at[:, slot_mapping].set(rows, mode="drop", wrap_negative_indices=False)
+        return flat.reshape(pages.shape)
+
+    return scatter(k_pages, k), scatter(v_pages, v)
 
 
 def _rows_to_seqs(cu_q_lens, kv_lens, num_seqs, num_rows):
