@@ -65,6 +65,14 @@ flags.DEFINE_boolean(
     "--noasync_scheduling runs one step at a time (for debugging and comparison).",
 )
 flags.DEFINE_enum(
+    "launch_timing",
+    "late",
+    ["early", "late"],
+    "With overlap, when the server launches the next step: as the running one starts (early), or just "
+    "before it is predicted to end, with the requests that arrived meanwhile (late: a step less of "
+    "time to first token for them). Offline jobs add their requests first and launch early.",
+)
+flags.DEFINE_enum(
     "speculative",
     "off",
     ["off", "ngram", "draft"],
@@ -128,6 +136,7 @@ def engine_config(kv_cache_bytes: int | None = None):
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         async_scheduling=FLAGS.async_scheduling,
+        launch_timing=FLAGS.launch_timing,
         speculative=FLAGS.speculative,
         speculative_model=FLAGS.speculative_model,
         num_speculative_tokens=FLAGS.num_speculative_tokens,

@@ -66,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
 import numpy as np
@@ -87,6 +88,7 @@ from fastgen_jax.engine import (
     check_request,
 )
 from fastgen_jax.engine.budget import observe_step
+from fastgen_jax.engine.launch import LateLaunch
 from fastgen_jax.engine.speculative import NgramProposer, Speculator
 from fastgen_jax.output_processor import RequestOutput, RequestState
 from fastgen_jax.runner import ModelRunner, default_dtype, enable_compilation_cache
@@ -128,6 +130,7 @@ class _Launched:
     sampled: tuple
     budget: int | None
     has_drafts: bool = False  # some slot verifies draft tokens (speculative decoding)
+    launched_at: float = 0.0  # time.monotonic() when the launch returned
 
 
 @dataclasses.dataclass
@@ -199,6 +202,9 @@ class LLMEngine:
         self.speculator = self._speculator(checkpoint)
         self._requests: dict[str, Request] = {}
         self._in_flight: _Launched | None = None  # launched, tokens not yet read (overlap only)
+        c = self.engine_config
+        late = c.async_scheduling and c.launch_timing == "late"
+        self._late = LateLaunch(c.token_budget) if late else None  # when to launch, given an intake
         self.guided = GuidedDecoder(
             self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
         )
@@ -379,10 +385,13 @@ class LLMEngine:
         """Multi-host, on the leader: releases the followers. A no-op in a single process."""
         self.runner.stop_followers()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, intake: Callable[[], object] | None = None) -> list[RequestOutput]:
         """Returns what one forward pass produced for each request it sampled. With
         `async_scheduling` (overlap) it first launches the next step, then reads this one back (see
-        the module docstring); otherwise it launches a step and reads it back."""
+        the module docstring); otherwise it launches a step and reads it back. `intake` (the
+        server's) adds the requests that arrived since the last call, and aborts, before a step is
+        composed while another runs: with `launch_timing="late"` the next step is launched just
+        before the one in flight is predicted to end (`engine.launch`), with them."""
         start = time.monotonic()
         if self._in_flight is None:
             self._in_flight = self._launch()
@@ -391,10 +400,15 @@ class LLMEngine:
         current = self._in_flight
         # Overlap: step N+1 is scheduled, planned and launched before step N's tokens are read. If
         # this raises (StepError for N+1's requests), N stays in flight for the next call.
-        self._in_flight = self._launch() if self._overlaps() else None
+        if self._overlaps():
+            self._launch_next(current, intake)
+        else:
+            self._in_flight = None
         launched = time.monotonic()
         tokens, logprobs, top, emitted = self._read(current)
         returned = time.monotonic()
+        if self._late is not None:
+            self._late.read(current.plan.bucket, current.output.scheduled, current.launched_at, returned)
         slot_tokens = _slot_tokens(current, tokens, emitted)
         self.scheduler.postprocess(current.output, slot_tokens)
         if self.speculator is not None:
@@ -413,6 +427,24 @@ class LLMEngine:
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
+
+    def _launch_next(self, current: _Launched, intake: Callable[[], object] | None) -> None:
+        """Launches the step after `current` while it runs: at once, or (late, with an intake) just
+        before it is predicted to end, with what arrived meanwhile."""
+        late = self._late if intake is not None else None
+        if late is None:
+            self._in_flight = self._launch()
+            return
+        end = late.predicted_end(current.plan.bucket, current.output.scheduled, current.launched_at)
+        end = late.wait(end, getattr(current.sampled[0], "is_ready", None))
+        intake()
+        began = time.monotonic()
+        self.scheduler.in_flight_end = end  # the "sla" composer predicts from the real remainder
+        try:
+            self._in_flight = self._launch()
+        finally:
+            self.scheduler.in_flight_end = None
+        late.launched(time.monotonic() - began)
 
     def _overlaps(self) -> bool:
         """Whether to launch the next step before reading this one: overlap is on, no request
@@ -440,7 +472,7 @@ class LLMEngine:
             self.scheduler.abandon(output)
             raise
         self._count_tokens(output)
-        return _Launched(output, plan, sampled, budget, plan.has_drafts)
+        return _Launched(output, plan, sampled, budget, plan.has_drafts, time.monotonic())
 
     def _read(self, launched: _Launched) -> tuple[np.ndarray, np.ndarray, tuple | None, np.ndarray | None]:
         """Waits for a step's tokens and log-probabilities (top ones only when some request asks;

@@ -7,6 +7,9 @@
 #   POLICIES="splitfuse sla" NAME=cpu_run2 bash scripts/compare_policies.sh --clients=4,8  # a repeat
 #   PRESET=gpu MODEL=checkpoints/llama2-7b-random bash scripts/compare_policies.sh
 #   bash scripts/compare_policies.sh --clients=1,4   # extra flags go to bench_serving.py
+#   POLICIES="splitfuse splitfuse:early sla" bash scripts/compare_policies.sh  # policy:early launches
+#       each step as the one before starts (--launch_timing=early; the default is late), labelled
+#       <policy>_early
 #
 # CPU preset: FastGen's workload scaled to a 2-core CPU. Prompts ~ Normal(512, 154) tokens (FastGen:
 # 2600), generations ~ Normal(32, 10) (FastGen: 60), clients 1-8 (FastGen: 1-32), 2 measured requests
@@ -22,25 +25,29 @@ case "$PRESET" in
   cpu)
     ARGS=(--clients=1,2,4,8 --requests_per_client=2 --extra_requests=8
           --prompt_mean=512 --prompt_max=900 --gen_mean=32 --gen_max=64
-          --prompt_rate=256 --token_rate=2
-          --serve_flags=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048) ;;
+          --prompt_rate=256 --token_rate=2)
+    SERVE=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048 ;;
   gpu)
     ARGS=(--clients=1,2,4,8,16,32 --prompt_mean=2600 --prompt_max=4000 --gen_mean=60
-          --prompt_rate=512 --token_rate=4
-          --serve_flags=token_budget=768,max_num_seqs=256,max_model_len=4200,kv_memory_fraction=0.85) ;;
+          --prompt_rate=512 --token_rate=4)
+    SERVE=token_budget=768,max_num_seqs=256,max_model_len=4200,kv_memory_fraction=0.85 ;;
   *) echo "PRESET must be cpu or gpu, got $PRESET" >&2; exit 2 ;;
 esac
 POLICIES=${POLICIES:-splitfuse prefill_first sla}
 files=()
-for policy in $POLICIES; do
-  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${policy}" \
-    --output_dir="$OUT" --noplot "${ARGS[@]}" "$@"
-  files+=("$OUT/serving_${NAME}_${policy}.json")
+for entry in $POLICIES; do
+  policy=${entry%%:*} label=$policy serve=$SERVE
+  if [[ "$entry" == *:* ]]; then
+    label=${policy}_${entry#*:} serve=$serve,launch_timing=${entry#*:}
+  fi
+  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \
+    --output_dir="$OUT" --noplot --serve_flags="$serve" "${ARGS[@]}" "$@"
+  files+=("$OUT/serving_${NAME}_${label}.json")
 done
 python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${files[@]}"
 summary="$OUT/serving_${NAME}_comparison.md"
 : > "$summary"
-for other in splitfuse prefill_first; do
+for other in splitfuse splitfuse_early prefill_first; do
   if [[ -f "$OUT/serving_${NAME}_sla.json" && -f "$OUT/serving_${NAME}_${other}.json" ]]; then
     python scripts/summarize_policies.py "$OUT/serving_${NAME}_sla.json" "$OUT/serving_${NAME}_${other}.json" \
       | tee -a "$summary"

@@ -17,9 +17,13 @@ TOKEN_RATE=${TOKEN_RATE:-2}
 POLICIES=${POLICIES:-splitfuse prefill_first sla}
 TRACE="$OUT/${NAME}.jsonl"
 python -m fastgen_jax.benchmarks.trace --fastgen_shaped="$N" --rate="$RATE" "$TRACE"
-for policy in $POLICIES; do
-  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${policy}" \
+for entry in $POLICIES; do  # policy:early launches each step as the one before starts (as compare_policies.sh)
+  policy=${entry%%:*} label=$policy serve=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048
+  if [[ "$entry" == *:* ]]; then
+    label=${policy}_${entry#*:} serve=$serve,launch_timing=${entry#*:}
+  fi
+  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \
     --output_dir="$OUT" --noplot --trace="$TRACE" --prompt_rate="$PROMPT_RATE" --token_rate="$TOKEN_RATE" \
-    --serve_flags=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048 "$@"
+    --serve_flags="$serve" "$@"
 done
 python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "$OUT"/serving_"${NAME}"_*.json

@@ -93,7 +93,36 @@ def closed_loop(m=CLOSED_MACHINE, sla=SLA_CLOSED, seeds=(1, 2, 3)) -> None:
             print(f"| {clients} | {seed} | {' | '.join(cells)} | {ratios} |", flush=True)
 
 
+def launch_timing(seeds=range(1, 11), client_delay=0.005) -> None:
+    """Early against late launch (`--launch_timing`) in the quiet sweep's closed loop, where each
+    client's next request arrives `client_delay` after its last one ended."""
+    early = dataclasses.replace(CPU_OVERLAP, client_delay=client_delay)
+    machines = {"early": early, "late": dataclasses.replace(early, late=True)}
+    print(
+        f"\nLaunch timing: the closed loop with overlap above, each client's next request arriving "
+        f"{client_delay * 1e3:g} ms after its last one ended; requests within the SLA over {len(seeds)} "
+        "draws of 40 requests / total seconds = effective throughput (req/s).\n"
+    )
+    print("| clients | launch | splitfuse | prefill_first | sla | sla / splitfuse | sla / prefill_first |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for clients in (4, 8):
+        for name, m in machines.items():
+            cells, rates = [], []
+            for policy in POLICIES:
+                met = seconds = 0
+                for seed in seeds:
+                    verdicts, s = run_closed_loop(
+                        policy, fastgen_shaped(40, 1.0, seed=seed), clients, SLA_CPU, m
+                    )
+                    met, seconds = met + sum(verdicts), seconds + s
+                rates.append(met / seconds)
+                cells.append(f"{met} / {seconds:.0f} s = {rates[-1]:.3f}")
+            ratios = f"{rates[2] / rates[0]:.2f}x | {rates[2] / rates[1]:.2f}x"
+            print(f"| {clients} | {name} | {' | '.join(cells)} | {ratios} |", flush=True)
+
+
 if __name__ == "__main__":
     main()
     closed_loop()
     closed_loop(CPU_OVERLAP, SLA_CPU, seeds=range(1, 11))
+    launch_timing()

@@ -287,6 +287,62 @@ def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are
         assert (launch < read) == overlap
 
 
+@pytest.mark.overlap
+@pytest.mark.parametrize("policy", ["splitfuse", "sla"])
+def test_late_launch_puts_requests_that_came_during_a_step_in_the_next_one(tiny_dir, tiny_workload, policy):
+    """`launch_timing="late"` with an intake (as the server runs it): a request that arrives while a
+    step runs is in the step launched next, not the one after, and greedy outputs stay exact."""
+    prompts, num_new, expected = tiny_workload
+    config = EngineConfig(
+        token_budget=128,
+        max_num_seqs=32,
+        max_model_len=512,
+        page_size=16,
+        policy=policy,
+        launch_timing="late",
+    )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    composed, schedule = [], engine.scheduler.schedule
+
+    def logged_schedule(budget=None):
+        out = schedule(budget)
+        composed.append(({e.seq.request_id for e in out.scheduled}, out.num_tokens))
+        return out
+
+    engine.scheduler.schedule = logged_schedule
+    read, postprocess = [0], engine.scheduler.postprocess
+
+    def counted_postprocess(*args, **kwargs):
+        read[0] += 1
+        return postprocess(*args, **kwargs)
+
+    engine.scheduler.postprocess = counted_postprocess
+    arriving, added_at, tokens = list(range(len(prompts))), {}, collections.defaultdict(list)
+    in_flight = []  # steps composed and not yet read back, at each arrival during a step
+
+    def intake():  # one request arrives during each step
+        if arriving:
+            i = arriving.pop(0)
+            params = SamplingParams(max_new_tokens=num_new[i], ignore_eos=True)
+            in_flight.append(len(composed) - read[0])
+            added_at[
+                engine.add_request(prompt_token_ids=prompts[i], sampling_params=params, request_id=str(i))
+            ] = len(composed)
+
+    while arriving or engine.has_unfinished():
+        if not engine.has_unfinished():
+            intake()
+        for out in engine.step(intake=intake):
+            tokens[out.request_id] += out.new_token_ids
+    assert [tokens[str(i)] for i in range(len(prompts))] == expected
+    # each was in the first step composed after it arrived, unless that step was full
+    joined = [rid in composed[n][0] for rid, n in added_at.items() if n]
+    late = [rid for rid, n in added_at.items() if n and rid not in composed[n][0] and composed[n][1] < 128]
+    assert late == [] and sum(joined) >= 4
+    # ... and that step is the one after the step in flight: an early launch would have composed it
+    assert set(in_flight[1:]) == {1}, in_flight
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "sla"])
 def test_every_policy_gives_the_same_greedy_outputs(tiny_dir, tiny_workload, policy):
     prompts, num_new, expected = tiny_workload

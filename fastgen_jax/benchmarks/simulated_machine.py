@@ -34,6 +34,12 @@ class Machine:
     seconds_per_token: float = 0.0012
     padded: bool = False  # a step costs its token bucket's tokens (as the engine pads the slab)
     overlap: bool = False  # step N+1 is composed when step N starts (the engine's async scheduling)
+    # With `overlap`: step N+1 is composed as step N ends instead (`launch_timing=late`), still before
+    # N's tokens are read, so requests that arrived while N ran are in it.
+    late: bool = False
+    # A closed-loop client sends its next request this long after its last one finished (the
+    # response's and the next request's trip): with overlap it misses a step composed as N ends.
+    client_delay: float = 0.0
 
     def bucket(self, tokens: int, buckets: tuple[int, ...]) -> int:
         """The tokens a step of `tokens` costs: its bucket's when `padded`."""
@@ -99,11 +105,15 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
 
     pending = sorted(enumerate(arrivals), key=lambda a: a[1].time)
     in_flight = None  # (output, when it started): composed, not yet postprocessed
-    for _ in range(max_steps):
-        while pending and pending[0][1].time <= now[0]:
+
+    def admit(until):
+        while pending and pending[0][1].time <= until:
             i, a = pending.pop(0)
             seqs[i] = Sequence(str(i), range(1000 * i, 1000 * i + a.prompt_tokens), a.output_tokens)
             scheduler.add(seqs[i], a.sla, a.time)
+
+    for _ in range(max_steps):
+        admit(now[0])
         if in_flight is None:
             if not scheduler.has_unfinished():
                 if not pending:
@@ -112,12 +122,17 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
                 continue
             in_flight = compose(), now[0]
         output, start = in_flight
-        # With overlap the next step is composed now, at this one's start, not knowing its tokens.
-        following = None
-        if machine.overlap and not output.is_empty:
-            following = compose()
         bucket = machine.bucket(output.num_tokens, config.token_buckets)
         seconds = machine.step_seconds(bucket)
+        # With overlap the next step is composed before this one's tokens are read: at its start
+        # (eager), or as it ends, with the requests that arrived while it ran (late).
+        following = None
+        if machine.overlap and machine.late:
+            now[0] = start + seconds
+            admit(now[0])
+        if machine.overlap and not output.is_empty:
+            scheduler.in_flight_end = start + seconds if machine.late else None
+            following = compose()
         now[0] = start + seconds
         observe_step(model, bucket, output.scheduled, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)
@@ -130,7 +145,7 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
                 unsent = [k for k, (_, a) in enumerate(pending) if a.time == math.inf]
                 if clients is not None and unsent:  # its client sends the next request now
                     i, a = pending.pop(unsent[0])
-                    arrivals[i] = dataclasses.replace(a, time=now[0])
+                    arrivals[i] = dataclasses.replace(a, time=now[0] + machine.client_delay)
                     pending.insert(unsent[0], (i, arrivals[i]))  # after those already due: in order
     else:
         raise AssertionError("the simulation did not end")

@@ -151,6 +151,9 @@ class Scheduler:
         self._requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._in_flight: collections.deque[SchedulerOutput] = collections.deque()  # oldest first
+        # When the steps in flight are predicted to end, set by an engine that composes a step just
+        # before the one running ends (`launch_timing`); None: predicted from their sizes.
+        self.in_flight_end: float | None = None
         self._step_budget = config.token_budget
         self._pending_slots: dict[int, int] = {}  # of the schedule() running now
         self.prefix_caching = config.enable_prefix_caching
@@ -433,7 +436,11 @@ class Scheduler:
         decodes = [(s, s.timing) for s in self.running if not s.is_prefilling]
         prompts = self._prompt_candidates()
         pairs = sum(s.num_computed_tokens + 1 for s, _ in decodes)
-        ahead = self._in_flight_seconds()
+        ahead = (
+            self._in_flight_seconds()
+            if self.in_flight_end is None
+            else max(0.0, self.in_flight_end - sla.clock())
+        )
         step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
         pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
         choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)

@@ -182,6 +182,7 @@ class AsyncEngine:
         self._work = 0  # their `_Tracked.work`, summed; guarded by _lock
         self.routed = 0  # requests ever submitted (a router's tally)
         self._accepting = True
+        self._told_to_stop = False  # a stop taken by `_intake`, during a step
         self.last_step_failed = False
         self.failed_steps = 0  # forward passes (and probes) that raised, ever
         self._probes = 0  # probes since the last failure
@@ -292,7 +293,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while self._take_commands(block=not self.engine.has_unfinished(), timeout=self._until_probe()):
+            while not self._told_to_stop and self._take_commands(
+                block=not self.engine.has_unfinished(), timeout=self._until_probe()
+            ):
                 if self.engine.has_unfinished():
                     self._step()
                 elif self._probe_at is not None and time.monotonic() >= self._probe_at:
@@ -303,6 +306,12 @@ class AsyncEngine:
             with self._lock:
                 self._accepting = False
             self._end_all()
+
+    def _intake(self) -> None:
+        """Takes the commands that came while a step ran, before the engine composes the next one
+        (`LLMEngine.step`'s intake); a stop is kept for the loop."""
+        if not self._take_commands(block=False):
+            self._told_to_stop = True
 
     def _take_commands(self, block: bool, timeout: float | None = None) -> bool:
         """Applies pending commands (waiting up to `timeout` for one if `block`); False once told to stop."""
@@ -355,7 +364,7 @@ class AsyncEngine:
     def _step(self) -> None:
         self._step_started = time.monotonic()
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(intake=self._intake)
         except Exception as error:  # noqa: BLE001 - fail the requests, keep serving
             self._step_failed(error)
             return

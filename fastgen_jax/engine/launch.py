@@ -1,0 +1,79 @@
+"""When to launch the next step under overlap (`EngineConfig.launch_timing`).
+
+With overlap the engine launches step N+1 before it reads step N's tokens, so the host's work hides
+behind the device's. Launched as N starts ("early"), N+1 is composed without the requests that
+arrive while N runs: they wait for N and then for all of N+1 before their first step. On a machine
+whose steps take 0.1-0.5 s (a CPU) that is a whole step of every new request's time to first
+token, against a host's share of a few milliseconds. Launched "late", N+1 is composed just before N
+is predicted to end (the engine's caller hands it the requests that arrived meanwhile through the
+`intake` of `LLMEngine.step`), so those requests are in N+1, and the launch still comes before N
+ends, so the device does not wait for the host.
+
+`LateLaunch` predicts N's end from a model of device seconds per step (`StepTimeModel` over the
+step's token bucket and attended pairs, learnt from the steps read back: the time from when a step
+could start, its launch or the previous step's end, to when its tokens were read) and leaves the
+host's launch time (an average of the launches measured) plus a margin. It stops waiting as soon as
+N's results are ready, so a prediction that is too long costs at most a poll interval and one
+launch of device idle; one that is too short makes the launch early, as "early" would be.
+Host-side only: no jax here (the engine passes `is_ready`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from fastgen_jax.engine.budget import StepTimeModel, attended_pairs
+from fastgen_jax.engine.scheduler import ScheduledSeq
+
+POLL_SECONDS = 0.002  # how often the wait looks at whether the step in flight is done
+MARGIN_SECONDS = 0.002  # launch this much before the predicted end, besides the host's launch time
+HOST_SPAN = 16  # steps the host's launch-time average spans
+
+
+class LateLaunch:
+    """Predicts when the step in flight ends and waits until it is time to launch the next one."""
+
+    def __init__(self, token_scale: int, clock: Callable[[], float] = time.monotonic, sleep=time.sleep):
+        self.model = StepTimeModel(token_scale)  # device seconds of a step
+        self.clock, self.sleep = clock, sleep
+        self.host_seconds = 0.005  # average seconds to compose, plan and launch a step
+        self.device_free = 0.0  # when the last step read back ended on the device (about)
+        self.observed = 0
+
+    def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
+        """When a step launched at `launched_at` is predicted to end: it starts once the step before
+        it ended."""
+        if not self.observed:
+            return launched_at  # nothing learnt yet: launch at once (as "early" does)
+        seconds = self.model.predict(bucket, _pairs(scheduled))
+        return max(launched_at, self.device_free) + max(seconds, 0.0)
+
+    def wait(self, end: float, is_ready: Callable[[], bool] | None) -> float:
+        """Waits until the next launch is due: `end` less the host's launch time and a margin, or
+        the step in flight is ready, whichever comes first. Returns when the step in flight is now
+        expected to end (now, if it is ready)."""
+        due = end - (1.5 * self.host_seconds + MARGIN_SECONDS)
+        while (left := due - self.clock()) > 0:
+            if is_ready is not None and is_ready():
+                return self.clock()
+            self.sleep(min(left, POLL_SECONDS))
+        return end
+
+    def launched(self, seconds: float) -> None:
+        """Notes how long a launch took (schedule, plan, dispatch)."""
+        self.host_seconds += (seconds - self.host_seconds) * (2.0 / (HOST_SPAN + 1))
+
+    def read(
+        self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float, returned: float
+    ) -> None:
+        """Teaches the model a step whose tokens were read at `returned`."""
+        start = max(launched_at, self.device_free)
+        if returned > start:
+            self.model.observe(bucket, _pairs(scheduled), returned - start)
+            self.observed += 1
+        self.device_free = returned
+
+
+def _pairs(scheduled: Iterable[ScheduledSeq]) -> int:
+    return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
