@@ -37,7 +37,9 @@ steps in order, so a page freed after N+1 launched is reused only by a later ste
 preempted while N ran keeps N's token and recomputes it. Prefix-cache pages are indexed only once the
 step that wrote them has been read back. If reading step N fails, step N+1 (which took N's donated
 KV cache and tokens) fails with it: both are rolled back and one StepError names both steps' requests.
-The budget controller decides from one-step-old timings.
+The budget controller decides from one-step-old timings. When N+1 is launched (`launch_timing`):
+with an `intake` (the server's), just before N is predicted to end, after taking the requests that
+arrived while N ran, so they are in N+1 rather than N+2 (`engine.launch`); otherwise as N starts.
 
 Work whose next step needs step N's result on the host must sit out one overlapped step: a grammar
 mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the proposal continues
@@ -400,8 +402,9 @@ class LLMEngine:
         current = self._in_flight
         # Overlap: step N+1 is scheduled, planned and launched before step N's tokens are read. If
         # this raises (StepError for N+1's requests), N stays in flight for the next call.
+        waited = 0.0  # seconds a late launch waited for the step in flight (device time, not host)
         if self._overlaps():
-            self._launch_next(current, intake)
+            waited = self._launch_next(current, intake)
         else:
             self._in_flight = None
         launched = time.monotonic()
@@ -419,32 +422,37 @@ class LLMEngine:
             result.time = done
             result.timing.tokens(len(result.new_token_ids), done)
         self.stats.generation_tokens += sum(len(r.new_token_ids) for r in results)
-        self._count_step(start, launched, returned, current.budget)
+        self._count_step(start, launched, returned, current.budget, waited)
         if self.speculator is not None:
-            self.speculator.observe_host((launched - start) + (done - returned))
+            self.speculator.observe_host((launched - start - waited) + (done - returned))
         if self.budget_controller is not None or self.scheduler.sla is not None:
             observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - start)
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
 
-    def _launch_next(self, current: _Launched, intake: Callable[[], object] | None) -> None:
+    def _launch_next(self, current: _Launched, intake: Callable[[], object] | None) -> float:
         """Launches the step after `current` while it runs: at once, or (late, with an intake) just
-        before it is predicted to end, with what arrived meanwhile."""
+        before it is predicted to end, with what arrived meanwhile. Returns the seconds it waited."""
         late = self._late if intake is not None else None
         if late is None:
             self._in_flight = self._launch()
-            return
+            return 0.0
         end = late.predicted_end(current.plan.bucket, current.output.scheduled, current.launched_at)
-        end = late.wait(end, getattr(current.sampled[0], "is_ready", None))
-        intake()
         began = time.monotonic()
-        self.scheduler.in_flight_end = end  # the "sla" composer predicts from the real remainder
+        late.wait(end, getattr(current.sampled[0], "is_ready", None))
+        waited = time.monotonic() - began
+        intake()
+        late.poll()
+        # the "sla" composer predicts from the real remainder, once there is a prediction
+        self.scheduler.in_flight_end = late.expected_end(end) if late.observed else None
         try:
             self._in_flight = self._launch()
         finally:
             self.scheduler.in_flight_end = None
-        late.launched(time.monotonic() - began)
+        late.poll()
+        late.launched(time.monotonic() - began - waited)
+        return waited
 
     def _overlaps(self) -> bool:
         """Whether to launch the next step before reading this one: overlap is on, no request
@@ -564,14 +572,16 @@ class LLMEngine:
             if entry.start_position < entry.seq.num_prefill_tokens:
                 self.stats.prompt_tokens += entry.num_new_tokens
 
-    def _count_step(self, start: float, launched: float, returned: float, budget: int | None) -> None:
+    def _count_step(
+        self, start: float, launched: float, returned: float, budget: int | None, waited: float = 0.0
+    ) -> None:
         s = self.stats
         budget = self.engine_config.token_budget if budget is None else budget
         s.token_budget_changes += s.steps > 0 and budget != s.token_budget
         s.token_budget = budget
         s.steps += 1
-        s.host_seconds += (launched - start) + (time.monotonic() - returned)
-        s.device_seconds += returned - launched
+        s.host_seconds += (launched - start - waited) + (time.monotonic() - returned)
+        s.device_seconds += returned - launched + waited
         s.compiled_programs = self.runner.num_compiled
         s.compiled_after_warmup = self.runner.num_compiled - self._warm_programs
         self.refresh_stats()

@@ -38,6 +38,7 @@ files=()
 for entry in $POLICIES; do
   policy=${entry%%:*} label=$policy serve=$SERVE
   if [[ "$entry" == *:* ]]; then
+    case ${entry#*:} in early|late) ;; *) echo "POLICIES: $entry: after ':' give early or late" >&2; exit 2 ;; esac
     label=${policy}_${entry#*:} serve=$serve,launch_timing=${entry#*:}
   fi
   python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \

@@ -20,6 +20,7 @@ python -m fastgen_jax.benchmarks.trace --fastgen_shaped="$N" --rate="$RATE" "$TR
 for entry in $POLICIES; do  # policy:early launches each step as the one before starts (as compare_policies.sh)
   policy=${entry%%:*} label=$policy serve=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048
   if [[ "$entry" == *:* ]]; then
+    case ${entry#*:} in early|late) ;; *) echo "POLICIES: $entry: after ':' give early or late" >&2; exit 2 ;; esac
     label=${policy}_${entry#*:} serve=$serve,launch_timing=${entry#*:}
   fi
   python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \

@@ -95,9 +95,16 @@ def closed_loop(m=CLOSED_MACHINE, sla=SLA_CLOSED, seeds=(1, 2, 3)) -> None:
 
 def launch_timing(seeds=range(1, 11), client_delay=0.005) -> None:
     """Early against late launch (`--launch_timing`) in the quiet sweep's closed loop, where each
-    client's next request arrives `client_delay` after its last one ended."""
+    client's next request arrives `client_delay` after its last one ended; then late launch on a
+    slower machine, whose full step (0.56 s) is longer than the 0.5 s gap bound."""
     early = dataclasses.replace(CPU_OVERLAP, client_delay=client_delay)
-    machines = {"early": early, "late": dataclasses.replace(early, late=True)}
+    machines = {
+        "early": early,
+        "late": dataclasses.replace(early, late=True),
+        "late, slower machine (70 ms + 1.9 ms x tokens)": dataclasses.replace(
+            early, late=True, seconds_per_step=0.07, seconds_per_token=0.0019
+        ),
+    }
     print(
         f"\nLaunch timing: the closed loop with overlap above, each client's next request arriving "
         f"{client_delay * 1e3:g} ms after its last one ended; requests within the SLA over {len(seeds)} "

@@ -12,9 +12,11 @@ ends, so the device does not wait for the host.
 `LateLaunch` predicts N's end from a model of device seconds per step (`StepTimeModel` over the
 step's token bucket and attended pairs, learnt from the steps read back: the time from when a step
 could start, its launch or the previous step's end, to when its tokens were read) and leaves the
-host's launch time (an average of the launches measured) plus a margin. It stops waiting as soon as
-N's results are ready, so a prediction that is too long costs at most a poll interval and one
-launch of device idle; one that is too short makes the launch early, as "early" would be.
+host's launch time (an average of the intakes and launches measured) plus a margin. It stops waiting
+as soon as N's results are ready, so a prediction that is too long costs at most a poll interval and
+one launch of device idle; one that is too short makes the launch early, as "early" would be. A step
+seen done before it was read is learnt as ending then, so launches that overran never lengthen the
+model's steps.
 Host-side only: no jax here (the engine passes `is_ready`).
 """
 
@@ -40,6 +42,8 @@ class LateLaunch:
         self.host_seconds = 0.005  # average seconds to compose, plan and launch a step
         self.device_free = 0.0  # when the last step read back ended on the device (about)
         self.observed = 0
+        self._is_ready: Callable[[], bool] | None = None  # the step in flight's, while waiting on it
+        self._ready_at: float | None = None  # when it was first seen done
 
     def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
         """When a step launched at `launched_at` is predicted to end: it starts once the step before
@@ -49,25 +53,43 @@ class LateLaunch:
         seconds = self.model.predict(bucket, _pairs(scheduled))
         return max(launched_at, self.device_free) + max(seconds, 0.0)
 
-    def wait(self, end: float, is_ready: Callable[[], bool] | None) -> float:
+    def wait(self, end: float, is_ready: Callable[[], bool] | None) -> None:
         """Waits until the next launch is due: `end` less the host's launch time and a margin, or
-        the step in flight is ready, whichever comes first. Returns when the step in flight is now
-        expected to end (now, if it is ready)."""
+        until the step in flight is ready (`poll`), whichever comes first."""
+        self._is_ready, self._ready_at = is_ready, None
         due = end - (1.5 * self.host_seconds + MARGIN_SECONDS)
-        while (left := due - self.clock()) > 0:
-            if is_ready is not None and is_ready():
-                return self.clock()
+        while (left := due - self.clock()) > 0 and not self.poll():
             self.sleep(min(left, POLL_SECONDS))
-        return end
+
+    def poll(self) -> bool:
+        """Whether the step in flight is done, noting when it was first seen so (its end, within a
+        poll: what `read` learns, so a launch that overran the step's end does not teach the model a
+        longer step). A failing `is_ready` counts as done: reading the step raises."""
+        if self._ready_at is None and self._is_ready is not None:
+            try:
+                ready = self._is_ready()
+            except Exception:  # noqa: BLE001 - the read reports it
+                ready = True
+            if ready:
+                self._ready_at = self.clock()
+        return self._ready_at is not None
+
+    def expected_end(self, end: float) -> float:
+        """When the step in flight ends: when it was seen done, else the prediction `end`."""
+        return end if self._ready_at is None else self._ready_at
 
     def launched(self, seconds: float) -> None:
-        """Notes how long a launch took (schedule, plan, dispatch)."""
+        """Notes how long it took from the end of the wait to the launch (intake, schedule, plan,
+        dispatch)."""
         self.host_seconds += (seconds - self.host_seconds) * (2.0 / (HOST_SPAN + 1))
 
     def read(
         self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float, returned: float
     ) -> None:
-        """Teaches the model a step whose tokens were read at `returned`."""
+        """Teaches the model a step whose tokens were read at `returned` (or seen done earlier)."""
+        if self._ready_at is not None:
+            returned = min(returned, self._ready_at)
+        self._is_ready, self._ready_at = None, None
         start = max(launched_at, self.device_free)
         if returned > start:
             self.model.observe(bucket, _pairs(scheduled), returned - start)

@@ -76,6 +76,7 @@ import bisect
 import collections
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as SequenceABC
@@ -444,10 +445,22 @@ class Scheduler:
         step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
         pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
         choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
+        self._step_budget = self._budget_within(choice, step)
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)
         sla.served(choice, prompts, given, sla.clock())
+
+    def _budget_within(self, choice: Composition, step: Callable[[int], float]) -> int:
+        """This step's budget under the composer's `max_step_seconds`: the largest token bucket
+        predicted to take no longer, never less than the served decodes and one token for each
+        urgent prompt (so the policy's guarantees hold), nor more than the budget."""
+        budget = self._step_budget
+        if choice.max_step_seconds == math.inf:
+            return budget
+        fits = [b for b in self.config.token_buckets if b <= budget and step(b) <= choice.max_step_seconds]
+        floor = len(choice.decodes) + sum(c.urgent for c in choice.prompts)
+        return min(budget, max(max(fits, default=0), floor, 1))
 
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with

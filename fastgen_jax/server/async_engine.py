@@ -33,6 +33,7 @@ the collectives raise) is given up the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -182,7 +183,7 @@ class AsyncEngine:
         self._work = 0  # their `_Tracked.work`, summed; guarded by _lock
         self.routed = 0  # requests ever submitted (a router's tally)
         self._accepting = True
-        self._told_to_stop = False  # a stop taken by `_intake`, during a step
+        self._held: collections.deque = collections.deque()  # commands `_intake` left for the loop
         self.last_step_failed = False
         self.failed_steps = 0  # forward passes (and probes) that raised, ever
         self._probes = 0  # probes since the last failure
@@ -265,7 +266,8 @@ class AsyncEngine:
         return RequestGroup(self._commands, requests, sink)
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
+        """Runs `fn(engine)` on the engine thread between two calls of `engine.step` (not during
+        one) and returns its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if not self._accepting or not self._thread.is_alive():
@@ -293,9 +295,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while not self._told_to_stop and self._take_commands(
-                block=not self.engine.has_unfinished(), timeout=self._until_probe()
-            ):
+            while self._take_commands(block=not self.engine.has_unfinished(), timeout=self._until_probe()):
                 if self.engine.has_unfinished():
                     self._step()
                 elif self._probe_at is not None and time.monotonic() >= self._probe_at:
@@ -308,20 +308,31 @@ class AsyncEngine:
             self._end_all()
 
     def _intake(self) -> None:
-        """Takes the commands that came while a step ran, before the engine composes the next one
-        (`LLMEngine.step`'s intake); a stop is kept for the loop."""
-        if not self._take_commands(block=False):
-            self._told_to_stop = True
+        """Adds the requests and applies the aborts that came while a step ran, before the engine
+        composes the next one (`LLMEngine.step`'s intake). From the first engine call or stop on,
+        commands wait for the loop, between steps."""
+        try:
+            self._take_commands(block=False, during_step=True)
+        except Exception:  # noqa: BLE001 - the step goes on; the loop takes the rest
+            log.exception("taking requests during a step failed")
 
-    def _take_commands(self, block: bool, timeout: float | None = None) -> bool:
+    def _take_commands(self, block: bool, timeout: float | None = None, during_step: bool = False) -> bool:
         """Applies pending commands (waiting up to `timeout` for one if `block`); False once told to stop."""
         took = False
         while True:
-            try:
-                kind, payload = self._commands.get(block=block and not took, timeout=timeout)
-            except queue.Empty:
-                break
+            if self._held and not during_step:
+                kind, payload = self._held.popleft()
+            else:
+                if self._held:  # during a step, behind a held command: keep the order
+                    break
+                try:
+                    kind, payload = self._commands.get(block=block and not took, timeout=timeout)
+                except queue.Empty:
+                    break
             took = True
+            if during_step and kind in ("stop", "call"):
+                self._held.append((kind, payload))
+                break
             if kind == "stop":
                 return False
             if kind == "add":
@@ -503,7 +514,7 @@ class AsyncEngine:
         """Answers adds that arrived after the stop command so that no handler waits forever."""
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                kind, payload = self._held.popleft() if self._held else self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "call" and payload[1].set_running_or_notify_cancel():

@@ -46,8 +46,8 @@ def test_nothing_learnt_means_launch_at_once():
     late = LateLaunch(256, clock, clock.sleep)
     end = late.predicted_end(256, decodes(4), clock.now)
     assert end == clock.now
-    assert late.wait(end, None) == end
-    assert clock.sleeps == []
+    late.wait(end, None)
+    assert clock.sleeps == [] and late.expected_end(end) == end
 
 
 def test_predicts_the_device_time_it_learnt_and_leaves_the_host_time():
@@ -58,8 +58,8 @@ def test_predicts_the_device_time_it_learnt_and_leaves_the_host_time():
     launched_at = clock.now - 0.01  # launched before the step before it ended
     end = late.predicted_end(256, decodes(2), launched_at)
     assert end == pytest.approx(late.device_free + 0.05 + 0.256, abs=1e-3)
-    returned = late.wait(end, lambda: False)
-    assert returned == end
+    late.wait(end, lambda: False)
+    assert late.expected_end(end) == end
     # it slept in polls, up to the host's launch time and the margin before the end
     assert clock.now == pytest.approx(end - 1.5 * 0.004 - MARGIN_SECONDS, abs=1e-9)
     assert max(clock.sleeps) <= POLL_SECONDS + 1e-12
@@ -71,9 +71,38 @@ def test_a_step_that_is_ready_early_ends_the_wait():
     teach(late, clock, a=0.05, b=0.001)
     end = late.predicted_end(256, decodes(2), clock.now)
     ready_at = clock.now + 0.05  # the device finished long before the prediction
-    returned = late.wait(end, lambda: clock.now >= ready_at)
-    assert returned == clock.now
+    late.wait(end, lambda: clock.now >= ready_at)
     assert ready_at <= clock.now <= ready_at + POLL_SECONDS + 1e-9
+    assert late.expected_end(end) == clock.now
+
+
+def test_a_failing_is_ready_counts_as_done():
+    clock = Clock()
+    late = LateLaunch(256, clock, clock.sleep)
+    teach(late, clock, a=0.05, b=0.001)
+
+    def broken():
+        raise RuntimeError("device lost")
+
+    end = late.predicted_end(256, decodes(2), clock.now)
+    late.wait(end, broken)
+    assert clock.sleeps == [] and late.poll() and late.expected_end(end) == clock.now
+
+
+def test_a_launch_that_overran_the_steps_end_does_not_lengthen_the_model():
+    """Seen done during the wait (or at a poll after the intake or the launch), a step is learnt as
+    ending then, not when its tokens were read after a slow launch."""
+    clock = Clock()
+    late = LateLaunch(256, clock, clock.sleep)
+    teach(late, clock, a=0.05, b=0.001)
+    before = late.model.predict(256, 2 * 11)
+    for _ in range(20):
+        launched_at = clock.now
+        true_end = max(launched_at, late.device_free) + 0.05 + 0.256
+        late.wait(true_end + 1.0, lambda end=true_end: clock.now >= end)  # a prediction far too long
+        clock.now += 0.05  # then a slow intake and launch
+        late.read(256, decodes(2), launched_at, clock.now)
+    assert late.model.predict(256, 2 * 11) == pytest.approx(before, abs=POLL_SECONDS)
 
 
 def test_a_late_launch_does_not_teach_the_model_its_own_idle_time():

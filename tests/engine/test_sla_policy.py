@@ -3,13 +3,15 @@ random workloads with random per-request SLAs and a simulated clock (step second
 
 import collections
 import dataclasses
+import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgen_jax.engine import Sequence
-from fastgen_jax.engine.sla_policy import PromptCandidate, RequestSLA, RequestTiming, SlaComposer
+from fastgen_jax.engine.sla_policy import STEP_MARGIN, PromptCandidate, RequestSLA, RequestTiming, SlaComposer
+from fastgen_jax.engine.timing import ALPHA
 from fastgen_jax.sla import SLA
 from tests.engine.test_scheduler import Simulation, make_scheduler, prompt_of, step, workloads
 
@@ -233,6 +235,38 @@ def test_a_prompt_passed_over_max_pass_over_steps_goes_first_as_urgent():
         c.served(choice, [old, fresh], {"fresh"}, clock.now)
     choice = c.compose([], [old, prompt(c, "fresh", 10, sla=quick)], budget=16, step_seconds=lambda n: 0.21)
     assert choice.prompts[0] == type(choice.prompts[0])("old", True)
+
+
+def test_the_step_is_kept_within_the_gap_each_served_decode_can_take():
+    """A decode's first gap seeds its EMA, so it alone must stay within the bound; a decode with EMA
+    slack can take a longer step; one already lost, or deferred, does not limit the step."""
+    clock = Clock()
+    c = composer(clock)  # R = 4 tokens/s: gaps within 0.25 s
+    clock.now = 1.0
+    first = decoding(c, "first", last=1.0, ema=None)  # its first token came just now
+    steady = decoding(c, "steady", last=1.0, ema=0.05)
+    lost = decoding(c, "lost", last=1.0, ema=0.5)
+    lost[1].missed = True
+    bound = STEP_MARGIN * 0.25
+    choice = c.compose([first, steady, lost], [], budget=16, step_seconds=lambda n: 0.1)
+    assert choice.max_step_seconds == pytest.approx(bound)
+    choice = c.compose([steady, lost], [], budget=16, step_seconds=lambda n: 0.1)
+    assert choice.max_step_seconds == pytest.approx((bound - (1 - ALPHA) * 0.05) / ALPHA)  # 1.64 s
+    assert c.compose([lost], [], budget=16, step_seconds=lambda n: 0.1).max_step_seconds == math.inf
+    clock.now = 1.1  # 0.1 s since its first token: the step after may take what is left
+    assert c.compose([first], [], 16, lambda n: 0.1).max_step_seconds == pytest.approx(bound - 0.1)
+
+
+def test_the_scheduler_keeps_a_step_to_the_bucket_within_a_fresh_decodes_gap():
+    s = make_scheduler(policy="sla", budget=64, max_num_seqs=4, num_pages=65)  # buckets 16, 32, 64
+    clock = Clock()
+    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01)  # 16: 0.21 s, 32: 0.37 s, 64: 0.69 s
+    s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=4.0))
+    assert step(s) == [("d", 4, 0, True)]  # its first token: the next gap must be within 0.2375 s
+    s.add(Sequence("p", range(200, 260), 4), RequestSLA(prompt_rate=10.0, token_rate=4.0))
+    assert step(s) == [("d", 1, 4, True), ("p", 15, 0, False)]  # a 16-token step, not 64
+    s.get("d").timing.missed = True  # once "d" cannot count any more, the budget is the step's again
+    assert step(s) == [("d", 1, 5, True), ("p", 45, 15, True)]
 
 
 def test_the_record_follows_the_sla_judge():

@@ -161,3 +161,30 @@ def test_a_call_whose_caller_gave_up_is_skipped_without_harm():
     future = concurrent.futures.Future()
     _call(None, lambda engine: 1 / 0, future)
     assert isinstance(future.exception(), ZeroDivisionError)
+
+
+def test_during_a_step_the_intake_applies_aborts_and_holds_engine_calls_and_stop_for_the_loop():
+    """`LLMEngine.step` calls the server's intake while a step is in flight (late launch): adds and
+    aborts apply then; an engine call (e.g. reset_prefix_cache) and a stop wait for the loop, in
+    order, and the commands behind them too."""
+    import concurrent.futures
+    import types
+
+    from fastgen_jax.server.async_engine import AsyncEngine
+
+    calls = []
+    engine = types.SimpleNamespace(
+        engine_config=types.SimpleNamespace(max_num_seqs=4),
+        abort=lambda rid: calls.append(("abort", rid)),
+        refresh_stats=lambda: None,
+    )
+    server = AsyncEngine(engine)  # its thread is not started: the test is the engine thread
+    future = concurrent.futures.Future()
+    server._commands.put(("abort", ["a"]))
+    server._commands.put(("call", (lambda e: calls.append(("call",)) or 7, future)))
+    server._commands.put(("abort", ["b"]))
+    server._commands.put(("stop", None))
+    server._intake()
+    assert calls == [("abort", "a")] and not future.done()
+    assert server._take_commands(block=False) is False  # between steps: the call, the abort, the stop
+    assert calls == [("abort", "a"), ("call",), ("abort", "b")] and future.result() == 7
