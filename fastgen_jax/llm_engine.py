@@ -440,7 +440,7 @@ class LLMEngine:
             return 0.0
         end = late.predicted_end(current.plan.bucket, current.output.scheduled, current.launched_at)
         began = time.monotonic()
-        late.wait(end, getattr(current.sampled[0], "is_ready", None))
+        late.wait(end, getattr(current.sampled[0], "is_ready", None), current.launched_at)
         waited = time.monotonic() - began
         intake()
         late.poll()

@@ -15,8 +15,9 @@ could start, its launch or the previous step's end, to when its tokens were read
 host's launch time (an average of the intakes and launches measured) plus a margin. It stops waiting
 as soon as N's results are ready, so a prediction that is too long costs at most a poll interval and
 one launch of device idle; one that is too short makes the launch early, as "early" would be. A step
-seen done before it was read is learnt as ending then, so launches that overran never lengthen the
-model's steps.
+seen done before it was read is learnt as ending then (within a poll, or the intake and launch when
+it ended during those), so a launch that overran its end does not lengthen the model's steps by
+the overrun.
 Host-side only: no jax here (the engine passes `is_ready`).
 """
 
@@ -44,6 +45,7 @@ class LateLaunch:
         self.observed = 0
         self._is_ready: Callable[[], bool] | None = None  # the step in flight's, while waiting on it
         self._ready_at: float | None = None  # when it was first seen done
+        self._waiting_on = 0.0  # the launch time of the step waited on (a failed read leaves it set)
 
     def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
         """When a step launched at `launched_at` is predicted to end: it starts once the step before
@@ -53,10 +55,10 @@ class LateLaunch:
         seconds = self.model.predict(bucket, _pairs(scheduled))
         return max(launched_at, self.device_free) + max(seconds, 0.0)
 
-    def wait(self, end: float, is_ready: Callable[[], bool] | None) -> None:
+    def wait(self, end: float, is_ready: Callable[[], bool] | None, launched_at: float = 0.0) -> None:
         """Waits until the next launch is due: `end` less the host's launch time and a margin, or
-        until the step in flight is ready (`poll`), whichever comes first."""
-        self._is_ready, self._ready_at = is_ready, None
+        until the step in flight (launched at `launched_at`) is ready (`poll`), whichever first."""
+        self._is_ready, self._ready_at, self._waiting_on = is_ready, None, launched_at
         due = end - (1.5 * self.host_seconds + MARGIN_SECONDS)
         while (left := due - self.clock()) > 0 and not self.poll():
             self.sleep(min(left, POLL_SECONDS))
@@ -87,7 +89,7 @@ class LateLaunch:
         self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float, returned: float
     ) -> None:
         """Teaches the model a step whose tokens were read at `returned` (or seen done earlier)."""
-        if self._ready_at is not None:
+        if self._ready_at is not None and self._waiting_on == launched_at:  # seen done: it ended then
             returned = min(returned, self._ready_at)
         self._is_ready, self._ready_at = None, None
         start = max(launched_at, self.device_free)

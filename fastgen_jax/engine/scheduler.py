@@ -76,7 +76,6 @@ import bisect
 import collections
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as SequenceABC
@@ -444,23 +443,27 @@ class Scheduler:
         )
         step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
         pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
+        self._step_budget = self._budget_within(decodes, prompts, step, sla.clock() + ahead, pending)
         choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
-        self._step_budget = self._budget_within(choice, step)
         self._schedule_decodes(out, frozenset(choice.deferred))
         given = self._serve_prompts(out, choice)
         self._fill_with_deferred(out, choice)
         sla.served(choice, prompts, given, sla.clock())
 
-    def _budget_within(self, choice: Composition, step: Callable[[int], float]) -> int:
-        """This step's budget under the composer's `max_step_seconds`: the largest token bucket
-        predicted to take no longer, never less than the served decodes and one token for each
-        urgent prompt (so the policy's guarantees hold), nor more than the budget."""
+    def _budget_within(self, decodes, prompts, step: Callable[[int], float], start: float, pending) -> int:
+        """This step's budget under the composer's `longest_step` for the decodes that can join it:
+        the budget if its step is predicted to fit, else the largest token bucket that is, never less
+        than those decodes and one token for each urgent prompt (the policy's guarantees hold; their
+        bucket is the floor)."""
         budget = self._step_budget
-        if choice.max_step_seconds == math.inf:
+        joining = [(s, r) for s, r in decodes if not _waits_for_step_in_flight(s)]
+        urgent = sum(p.record.passed_over >= self.sla.max_pass_over for p in prompts)
+        floor = min(budget, max(len(joining) + urgent, 1))
+        longest = self.sla.longest_step(joining, start, pending, step(floor))
+        if step(budget) <= longest:
             return budget
-        fits = [b for b in self.config.token_buckets if b <= budget and step(b) <= choice.max_step_seconds]
-        floor = len(choice.decodes) + sum(c.urgent for c in choice.prompts)
-        return min(budget, max(max(fits, default=0), floor, 1))
+        fits = [b for b in self.config.token_buckets if b <= budget and step(b) <= longest]
+        return max(fits + [min(budget, self._bucket(floor))])
 
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with

@@ -97,9 +97,6 @@ class Composition:
     deferred: list[Hashable]
     prompts: list[PromptChoice]
     records: dict[Hashable, RequestTiming] = dataclasses.field(default_factory=dict)  # of the decodes
-    # The longest this step may take so that no served decode that can still meet its SLA gets a gap
-    # that breaks it (inf: no limit); the scheduler keeps the step to the largest bucket within it.
-    max_step_seconds: float = math.inf
 
 
 class SlaComposer:
@@ -161,22 +158,27 @@ class SlaComposer:
             ranked.sort(key=_by_arrival)  # SplitFuse's order already lands every prompt that can land
         order = [PromptChoice(p.key, True) for p in urgent]
         order += [PromptChoice(p.key, False) for p in ranked]
-        served = [(key, r) for key, r in decodes if key not in deferred]
         return Composition(
-            [key for key, _ in served],
+            [key for key, _ in decodes if key not in deferred],
             [key for key, _ in decodes if key in deferred],
             order,
             dict(decodes),
-            self._longest_step(served, now, in_flight),
         )
 
-    def _longest_step(
-        self, decodes: list[tuple[Hashable, RequestTiming]], now: float, in_flight: Collection
+    def longest_step(
+        self,
+        decodes: list[tuple[Hashable, RequestTiming]],
+        start: float,
+        in_flight: Collection[Hashable] = (),
+        shortest: float = 0.0,
     ) -> float:
-        """The longest step that keeps each served decode's gap EMA within `STEP_MARGIN` / R (its
-        first gap seeds the EMA, so it alone must be within the bound); decodes already lost, or
-        whose gap would break whatever this step does, do not limit it."""
-        longest = math.inf
+        """The longest a step starting at `start` may take for each of `decodes` (those that can join
+        it) to keep its gap EMA within `STEP_MARGIN` / R: its first gap seeds the EMA, so it alone
+        must be within the bound (inf: no limit). Decodes already lost, and those whose gap would
+        break even a step of `shortest` seconds (the least the step can be), do not limit it. The
+        scheduler keeps the step's budget to the largest token bucket predicted to fit, before the
+        composer fills it, so deferrals are decided within that budget."""
+        now, longest = start, math.inf
         for key, r in decodes:
             if r.missed:
                 continue
@@ -187,7 +189,7 @@ class SlaComposer:
                 continue
             bound = STEP_MARGIN * r.max_gap
             gap = bound if ema is None else (bound - (1 - ALPHA) * ema) / ALPHA
-            if gap - (now - last) > 0:
+            if gap - (now - last) >= shortest:
                 longest = min(longest, gap - (now - last))
         return longest
 

@@ -184,6 +184,7 @@ class AsyncEngine:
         self.routed = 0  # requests ever submitted (a router's tally)
         self._accepting = True
         self._held: collections.deque = collections.deque()  # commands `_intake` left for the loop
+        self._intake_error: BaseException | None = None  # what taking commands in a step raised
         self.last_step_failed = False
         self.failed_steps = 0  # forward passes (and probes) that raised, ever
         self._probes = 0  # probes since the last failure
@@ -298,6 +299,9 @@ class AsyncEngine:
             while self._take_commands(block=not self.engine.has_unfinished(), timeout=self._until_probe()):
                 if self.engine.has_unfinished():
                     self._step()
+                    if (error := self._intake_error) is not None:  # as if the loop had taken them
+                        self._intake_error = None
+                        raise error
                 elif self._probe_at is not None and time.monotonic() >= self._probe_at:
                     self._probe()
         except BaseException:  # noqa: BLE001 - the thread must hand every request an answer
@@ -313,8 +317,8 @@ class AsyncEngine:
         commands wait for the loop, between steps."""
         try:
             self._take_commands(block=False, during_step=True)
-        except Exception:  # noqa: BLE001 - the step goes on; the loop takes the rest
-            log.exception("taking requests during a step failed")
+        except BaseException as error:  # noqa: BLE001 - raised by the loop after the step, as before
+            self._intake_error = error
 
     def _take_commands(self, block: bool, timeout: float | None = None, during_step: bool = False) -> bool:
         """Applies pending commands (waiting up to `timeout` for one if `block`); False once told to stop."""

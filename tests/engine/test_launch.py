@@ -99,7 +99,7 @@ def test_a_launch_that_overran_the_steps_end_does_not_lengthen_the_model():
     for _ in range(20):
         launched_at = clock.now
         true_end = max(launched_at, late.device_free) + 0.05 + 0.256
-        late.wait(true_end + 1.0, lambda end=true_end: clock.now >= end)  # a prediction far too long
+        late.wait(true_end + 1.0, lambda end=true_end: clock.now >= end, launched_at)  # far too long
         clock.now += 0.05  # then a slow intake and launch
         late.read(256, decodes(2), launched_at, clock.now)
     assert late.model.predict(256, 2 * 11) == pytest.approx(before, abs=POLL_SECONDS)
@@ -124,3 +124,18 @@ def test_host_time_is_an_average_of_launches():
     for _ in range(100):
         late.launched(0.010)
     assert late.host_seconds == pytest.approx(0.010, rel=1e-3)
+
+
+def test_a_step_seen_done_teaches_only_its_own_read():
+    """A step whose read failed (rolled back) leaves its sighting behind; the next step read without
+    a wait must not take it as its own end."""
+    clock = Clock()
+    late = LateLaunch(256, clock, clock.sleep)
+    teach(late, clock, a=0.05, b=0.001)
+    failed_at = clock.now
+    late.wait(clock.now + 1.0, lambda: True, failed_at)  # seen done at once; its read then fails
+    clock.now += 0.01
+    launched_at, free = clock.now, late.device_free
+    clock.now += 0.3
+    late.read(256, decodes(2), launched_at, clock.now)  # the next step, read without a wait
+    assert late.device_free == clock.now and late.device_free > free

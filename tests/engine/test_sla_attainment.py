@@ -137,8 +137,9 @@ def test_launching_late_meets_more_slas_than_launching_early_and_sla_keeps_its_e
     assert met["late", "sla"] >= 1.02 * met["late", "splitfuse"], met
 
 
-# This CPU on a slower day (the late-launch sweep's, docs/benchmarks/sla_policy.md section 3): a full
-# step of 256 tokens takes about 0.56 s, longer than the CPU preset's 0.5 s gap bound; launched late.
+# This CPU on a slower day (the late-launch sweep's; its simulated rows are the last table of
+# docs/benchmarks/sla_policy_simulated.md): a full step of 256 tokens takes about 0.56 s, longer than
+# the CPU preset's 0.5 s gap bound; launched late.
 SLOW_CPU = Machine(0.07, 0.0019, padded=True, overlap=True, late=True, client_delay=0.005)
 
 
@@ -146,7 +147,7 @@ SLOW_CPU = Machine(0.07, 0.0019, padded=True, overlap=True, late=True, client_de
 def test_where_a_full_step_breaks_a_fresh_decodes_gap_sla_keeps_the_step_within_it(clients, margin):
     """A request's first gap seeds its gap EMA, so a full step right after its first token loses it
     under SplitFuse (0.56 s against 0.5 s allowed). "sla" keeps such a step to the token bucket that
-    fits (`Composition.max_step_seconds`): over ten draws about 1.27x SplitFuse's effective throughput
+    fits (`SlaComposer.longest_step`): over ten draws about 1.27x SplitFuse's effective throughput
     at 4 clients and 1.7x at 8 here; without that limit it was 1.02x at both."""
     rates = {}
     for policy in ("splitfuse", "sla"):

@@ -237,9 +237,10 @@ def test_a_prompt_passed_over_max_pass_over_steps_goes_first_as_urgent():
     assert choice.prompts[0] == type(choice.prompts[0])("old", True)
 
 
-def test_the_step_is_kept_within_the_gap_each_served_decode_can_take():
+def test_the_step_is_kept_within_the_gap_each_decode_can_take():
     """A decode's first gap seeds its EMA, so it alone must stay within the bound; a decode with EMA
-    slack can take a longer step; one already lost, or deferred, does not limit the step."""
+    slack can take a longer step; one already lost, or one that even the shortest step would break,
+    does not limit the step; one whose token the step in flight brings counts its gap from then."""
     clock = Clock()
     c = composer(clock)  # R = 4 tokens/s: gaps within 0.25 s
     clock.now = 1.0
@@ -248,13 +249,17 @@ def test_the_step_is_kept_within_the_gap_each_served_decode_can_take():
     lost = decoding(c, "lost", last=1.0, ema=0.5)
     lost[1].missed = True
     bound = STEP_MARGIN * 0.25
-    choice = c.compose([first, steady, lost], [], budget=16, step_seconds=lambda n: 0.1)
-    assert choice.max_step_seconds == pytest.approx(bound)
-    choice = c.compose([steady, lost], [], budget=16, step_seconds=lambda n: 0.1)
-    assert choice.max_step_seconds == pytest.approx((bound - (1 - ALPHA) * 0.05) / ALPHA)  # 1.64 s
-    assert c.compose([lost], [], budget=16, step_seconds=lambda n: 0.1).max_step_seconds == math.inf
-    clock.now = 1.1  # 0.1 s since its first token: the step after may take what is left
-    assert c.compose([first], [], 16, lambda n: 0.1).max_step_seconds == pytest.approx(bound - 0.1)
+    assert c.longest_step([first, steady, lost], 1.0) == pytest.approx(bound)
+    assert c.longest_step([steady, lost], 1.0) == pytest.approx(
+        (bound - (1 - ALPHA) * 0.05) / ALPHA
+    )  # 1.64 s
+    assert c.longest_step([lost], 1.0) == math.inf
+    assert c.longest_step([first], 1.1) == pytest.approx(bound - 0.1)  # 0.1 s since its first token
+    assert c.longest_step([first, steady], 1.1, shortest=0.2) == pytest.approx(1.64 - 0.1, abs=0.01)
+    # "first" decoded in the step in flight, which ends at 1.3: a gap of 0.3 s from 1.0, then its own
+    ema = (1 - ALPHA) * 0.05 + ALPHA * 0.3
+    expected = (bound - (1 - ALPHA) * ema) / ALPHA
+    assert c.longest_step([steady], 1.3, in_flight={"steady"}) == pytest.approx(expected)
 
 
 def test_the_scheduler_keeps_a_step_to_the_bucket_within_a_fresh_decodes_gap():
