@@ -66,11 +66,11 @@ flags.DEFINE_boolean(
 )
 flags.DEFINE_enum(
     "launch_timing",
-    "late",
-    ["early", "late"],
+    "auto",
+    ["auto", "early", "late"],
     "With overlap, when the server launches the next step: as the running one starts (early), or just "
-    "before it is predicted to end, with the requests that arrived meanwhile (late: a step less of "
-    "time to first token for them). Offline jobs add their requests first and launch early.",
+    "before it is predicted to end, with the requests that arrived meanwhile (late); auto: late under "
+    "--policy=sla, early otherwise. Offline jobs add their requests first and launch early.",
 )
 flags.DEFINE_enum(
     "speculative",

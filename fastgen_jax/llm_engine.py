@@ -204,9 +204,8 @@ class LLMEngine:
         self.speculator = self._speculator(checkpoint)
         self._requests: dict[str, Request] = {}
         self._in_flight: _Launched | None = None  # launched, tokens not yet read (overlap only)
-        c = self.engine_config
-        late = c.async_scheduling and c.launch_timing == "late"
-        self._late = LateLaunch(c.token_budget) if late else None  # when to launch, given an intake
+        late = self.engine_config.launches_late  # then, given an intake, `_late` says when to launch
+        self._late = LateLaunch(self.engine_config.token_budget) if late else None
         self.guided = GuidedDecoder(
             self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
         )

@@ -7,9 +7,9 @@
 #   POLICIES="splitfuse sla" NAME=cpu_run2 bash scripts/compare_policies.sh --clients=4,8  # a repeat
 #   PRESET=gpu MODEL=checkpoints/llama2-7b-random bash scripts/compare_policies.sh
 #   bash scripts/compare_policies.sh --clients=1,4   # extra flags go to bench_serving.py
-#   POLICIES="splitfuse splitfuse:early sla" bash scripts/compare_policies.sh  # policy:early launches
-#       each step as the one before starts (--launch_timing=early; the default is late), labelled
-#       <policy>_early
+#   POLICIES="splitfuse splitfuse:late sla" bash scripts/compare_policies.sh  # policy:late (or :early)
+#       passes --launch_timing=late (early); labelled <policy>_late. Without it, auto: late under sla,
+#       early under the others
 #
 # CPU preset: FastGen's workload scaled to a 2-core CPU. Prompts ~ Normal(512, 154) tokens (FastGen:
 # 2600), generations ~ Normal(32, 10) (FastGen: 60), clients 1-8 (FastGen: 1-32), 2 measured requests
@@ -48,7 +48,7 @@ done
 python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${files[@]}"
 summary="$OUT/serving_${NAME}_comparison.md"
 : > "$summary"
-for other in splitfuse splitfuse_early prefill_first; do
+for other in splitfuse splitfuse_early splitfuse_late prefill_first; do
   if [[ -f "$OUT/serving_${NAME}_sla.json" && -f "$OUT/serving_${NAME}_${other}.json" ]]; then
     python scripts/summarize_policies.py "$OUT/serving_${NAME}_sla.json" "$OUT/serving_${NAME}_${other}.json" \
       | tee -a "$summary"

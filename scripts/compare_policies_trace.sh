@@ -17,7 +17,7 @@ TOKEN_RATE=${TOKEN_RATE:-2}
 POLICIES=${POLICIES:-splitfuse prefill_first sla}
 TRACE="$OUT/${NAME}.jsonl"
 python -m fastgen_jax.benchmarks.trace --fastgen_shaped="$N" --rate="$RATE" "$TRACE"
-for entry in $POLICIES; do  # policy:early launches each step as the one before starts (as compare_policies.sh)
+for entry in $POLICIES; do  # policy:late or policy:early sets --launch_timing (as compare_policies.sh)
   policy=${entry%%:*} label=$policy serve=token_budget=256,max_num_seqs=32,max_model_len=1024,kv_pages=2048
   if [[ "$entry" == *:* ]]; then
     case ${entry#*:} in early|late) ;; *) echo "POLICIES: $entry: after ':' give early or late" >&2; exit 2 ;; esac

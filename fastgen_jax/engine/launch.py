@@ -12,7 +12,8 @@ ends, so the device does not wait for the host.
 `LateLaunch` predicts N's end from a model of device seconds per step (`StepTimeModel` over the
 step's token bucket and attended pairs, learnt from the steps read back: the time from when a step
 could start, its launch or the previous step's end, to when its tokens were read) and leaves the
-host's launch time (an average of the intakes and launches measured) plus a margin. It stops waiting
+host's launch time (an average of the intakes and launches measured) plus a margin (twice the
+model's recent average error, at least `MARGIN_SECONDS`). It stops waiting
 as soon as N's results are ready, so a prediction that is too long costs at most a poll interval and
 one launch of device idle; one that is too short makes the launch early, as "early" would be. A step
 seen done before it was read is learnt as ending then (within a poll, or the intake and launch when
@@ -46,6 +47,9 @@ class LateLaunch:
         self._is_ready: Callable[[], bool] | None = None  # the step in flight's, while waiting on it
         self._ready_at: float | None = None  # when it was first seen done
         self._waiting_on = 0.0  # the launch time of the step waited on (a failed read leaves it set)
+        self.error = 0.0  # average |device seconds - predicted| of recent steps
+        self.waits = 0  # late launches
+        self.idle_seconds = 0.0  # device idle they caused: from a step seen done to the next launch
 
     def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
         """When a step launched at `launched_at` is predicted to end: it starts once the step before
@@ -59,7 +63,8 @@ class LateLaunch:
         """Waits until the next launch is due: `end` less the host's launch time and a margin, or
         until the step in flight (launched at `launched_at`) is ready (`poll`), whichever first."""
         self._is_ready, self._ready_at, self._waiting_on = is_ready, None, launched_at
-        due = end - (1.5 * self.host_seconds + MARGIN_SECONDS)
+        self.waits += 1
+        due = end - (1.5 * self.host_seconds + max(MARGIN_SECONDS, 2.0 * self.error))
         while (left := due - self.clock()) > 0 and not self.poll():
             self.sleep(min(left, POLL_SECONDS))
 
@@ -82,8 +87,10 @@ class LateLaunch:
 
     def launched(self, seconds: float) -> None:
         """Notes how long it took from the end of the wait to the launch (intake, schedule, plan,
-        dispatch)."""
+        dispatch), and the device's idle time if the step in flight was seen done before it."""
         self.host_seconds += (seconds - self.host_seconds) * (2.0 / (HOST_SPAN + 1))
+        if self._ready_at is not None:
+            self.idle_seconds += max(0.0, self.clock() - self._ready_at)
 
     def read(
         self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float, returned: float
@@ -92,9 +99,12 @@ class LateLaunch:
         if self._ready_at is not None and self._waiting_on == launched_at:  # seen done: it ended then
             returned = min(returned, self._ready_at)
         self._is_ready, self._ready_at = None, None
-        start = max(launched_at, self.device_free)
+        start, pairs = max(launched_at, self.device_free), _pairs(scheduled)
         if returned > start:
-            self.model.observe(bucket, _pairs(scheduled), returned - start)
+            if self.observed:
+                miss = abs(returned - start - self.model.predict(bucket, pairs))
+                self.error += (miss - self.error) * (2.0 / (HOST_SPAN + 1))
+            self.model.observe(bucket, pairs, returned - start)
             self.observed += 1
         self.device_free = returned
 

@@ -139,3 +139,16 @@ def test_a_step_seen_done_teaches_only_its_own_read():
     clock.now += 0.3
     late.read(256, decodes(2), launched_at, clock.now)  # the next step, read without a wait
     assert late.device_free == clock.now and late.device_free > free
+
+
+def test_auto_launches_late_under_the_sla_policy_only():
+    from fastgen_jax.config import ConfigError, EngineConfig
+
+    assert EngineConfig(policy="sla").launches_late
+    assert not EngineConfig(policy="splitfuse").launches_late
+    assert not EngineConfig(policy="prefill_first").launches_late
+    assert EngineConfig(policy="splitfuse", launch_timing="late").launches_late
+    assert not EngineConfig(policy="sla", launch_timing="early").launches_late
+    assert not EngineConfig(policy="sla", async_scheduling=False).launches_late  # nothing overlaps
+    with pytest.raises(ConfigError, match="launch_timing"):
+        EngineConfig(launch_timing="soon")
