@@ -37,9 +37,10 @@ steps in order, so a page freed after N+1 launched is reused only by a later ste
 preempted while N ran keeps N's token and recomputes it. Prefix-cache pages are indexed only once the
 step that wrote them has been read back. If reading step N fails, step N+1 (which took N's donated
 KV cache and tokens) fails with it: both are rolled back and one StepError names both steps' requests.
-The budget controller decides from one-step-old timings. When N+1 is launched (`launch_timing`):
-with an `intake` (the server's), just before N is predicted to end, after taking the requests that
-arrived while N ran, so they are in N+1 rather than N+2 (`engine.launch`); otherwise as N starts.
+The budget controller decides from one-step-old timings. When N+1 is launched (`launch_timing`;
+"auto": late under policy "sla", early otherwise): late and given an `intake` (the server's), just
+before N is predicted to end, after taking the requests that arrived while N ran, so they are in N+1
+rather than N+2 (`engine.launch`); otherwise as N starts.
 
 Work whose next step needs step N's result on the host must sit out one overlapped step: a grammar
 mask (the allowed tokens of N+1 depend on N's token), speculative proposals (the proposal continues
