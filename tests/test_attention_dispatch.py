@@ -162,7 +162,7 @@ def assert_same_logits(attention: Attention, sliding_window: int | None) -> None
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("sliding_window", [None, pytest.param(5, marks=pytest.mark.slow)])  # 5: -m slow
 def test_tiny_model_logits_match_the_reference(sliding_window):
     assert_same_logits(KERNEL, sliding_window)
 

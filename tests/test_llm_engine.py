@@ -288,7 +288,7 @@ def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are
 
 
 @pytest.mark.overlap
-@pytest.mark.parametrize("policy", ["splitfuse", "sla"])
+@pytest.mark.parametrize("policy", ["splitfuse", pytest.param("sla", marks=pytest.mark.slow)])  # sla: -m slow
 def test_late_launch_puts_requests_that_came_during_a_step_in_the_next_one(tiny_dir, tiny_workload, policy):
     """`launch_timing="late"` with an intake (as the server runs it): a request that arrives while a
     step runs is in the step launched next, not the one after, and greedy outputs stay exact."""
@@ -453,6 +453,7 @@ def test_stop_token_id_and_min_new_tokens(smollm2_engine):
     assert (final.finish_reason, final.generated_length) == ("length", 10)
 
 
+@pytest.mark.slow  # about 24 s (CI time; the server's seed test stays in the default suite); -m slow
 def test_same_seed_same_text_whatever_else_is_running(smollm2_engine):
     prompt = chat(smollm2_engine, "Tell me a story about a cat.")
     params = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=42)

@@ -73,7 +73,7 @@ def quantized_and_dequantized(config, params):
     [
         (Attention("cpu"), 16, True),  # the C++ kernel
         (Attention("cpu"), 2 * INT8_BF16_ROWS, False),  # XLA's bfloat16 dot
-        (Attention("reference"), 16, False),  # XLA's float32 dot (no kernel)
+        pytest.param(Attention("reference"), 16, False, marks=pytest.mark.slow),  # XLA's float32 dot
     ],
 )
 def test_int8_logits_match_the_dequantized_float32_model(attention, slab, tied):

@@ -59,8 +59,8 @@ def workload(tiny_dir):
     [
         dict(),  # budget 64 splits the longer prompts; overlap on when nobody speculates
         dict(async_scheduling=False, num_speculative_tokens=7, token_budget=32),
-        dict(policy="prefill_first"),
-        dict(policy="sla"),
+        pytest.param(dict(policy="prefill_first"), marks=pytest.mark.slow),  # -m slow (CI time)
+        pytest.param(dict(policy="sla"), marks=pytest.mark.slow),
     ],
 )
 def test_greedy_outputs_equal_transformers_with_ngram_speculation(tiny_dir, workload, options):

@@ -217,6 +217,7 @@ def test_seeded_sampling_is_unchanged_by_a_greedy_draft(engines):
     assert engines["self"].stats.spec_proposed_tokens > proposed
 
 
+@pytest.mark.slow  # about 24 s (CI time); -m slow
 def test_an_int8_target_drafts_with_int8_weights_and_outputs_stay_the_targets(target_dir):
     """`quantize="int8"` reaches the draft (its own runner holds int8 projections); verification
     still leaves the int8 target's greedy tokens as they are without speculation."""
