@@ -124,16 +124,17 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
         output, start = in_flight
         bucket = machine.bucket(output.num_tokens, config.token_buckets)
         seconds = machine.step_seconds(bucket)
+        end = start + seconds
         # With overlap the next step is composed before this one's tokens are read: at its start
         # (eager), or as it ends, with the requests that arrived while it ran (late).
         following = None
         if machine.overlap and machine.late:
-            now[0] = start + seconds
-            admit(now[0])
+            now[0] = end
+            admit(end)
         if machine.overlap and not output.is_empty:
-            scheduler.in_flight_end = start + seconds if machine.late else None
+            scheduler.in_flight_end = end if machine.late else None
             following = compose()
-        now[0] = start + seconds
+        now[0] = end
         observe_step(model, bucket, output.scheduled, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)
         in_flight = None if following is None or following.is_empty else (following, now[0])

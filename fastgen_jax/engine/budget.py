@@ -41,8 +41,12 @@ def observe_step(
     model: StepTimeModel, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float
 ) -> None:
     """Teaches `model` a finished step: padded to `bucket`, attending its scheduled work's pairs."""
-    pairs = sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
-    model.observe(bucket, pairs, seconds)
+    model.observe(bucket, step_pairs(scheduled), seconds)
+
+
+def step_pairs(scheduled: Iterable[ScheduledSeq]) -> int:
+    """(query, key) pairs a step's scheduled work attends (what its time depends on besides tokens)."""
+    return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
 
 
 def attended_pairs(num_new_tokens: int, start_position: int) -> int:

@@ -27,8 +27,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from fastgen_jax.engine.budget import StepTimeModel, attended_pairs
+from fastgen_jax.engine.budget import StepTimeModel, step_pairs
 from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.sla import ema_alpha, ema_update
 
 POLL_SECONDS = 0.002  # how often the wait looks at whether the step in flight is done
 MARGIN_SECONDS = 0.002  # launch this much before the predicted end, besides the host's launch time
@@ -56,7 +57,7 @@ class LateLaunch:
         it ended."""
         if not self.observed:
             return launched_at  # nothing learnt yet: launch at once (as "early" does)
-        seconds = self.model.predict(bucket, _pairs(scheduled))
+        seconds = self.model.predict(bucket, step_pairs(scheduled))
         return max(launched_at, self.device_free) + max(seconds, 0.0)
 
     def wait(self, end: float, is_ready: Callable[[], bool] | None, launched_at: float = 0.0) -> None:
@@ -88,7 +89,7 @@ class LateLaunch:
     def launched(self, seconds: float) -> None:
         """Notes how long it took from the end of the wait to the launch (intake, schedule, plan,
         dispatch), and the device's idle time if the step in flight was seen done before it."""
-        self.host_seconds += (seconds - self.host_seconds) * (2.0 / (HOST_SPAN + 1))
+        self.host_seconds = ema_update(self.host_seconds, seconds, ema_alpha(HOST_SPAN))
         if self._ready_at is not None:
             self.idle_seconds += max(0.0, self.clock() - self._ready_at)
 
@@ -99,15 +100,11 @@ class LateLaunch:
         if self._ready_at is not None and self._waiting_on == launched_at:  # seen done: it ended then
             returned = min(returned, self._ready_at)
         self._is_ready, self._ready_at = None, None
-        start, pairs = max(launched_at, self.device_free), _pairs(scheduled)
+        start, pairs = max(launched_at, self.device_free), step_pairs(scheduled)
         if returned > start:
             if self.observed:
                 miss = abs(returned - start - self.model.predict(bucket, pairs))
-                self.error += (miss - self.error) * (2.0 / (HOST_SPAN + 1))
+                self.error = ema_update(self.error, miss, ema_alpha(HOST_SPAN))
             self.model.observe(bucket, pairs, returned - start)
             self.observed += 1
         self.device_free = returned
-
-
-def _pairs(scheduled: Iterable[ScheduledSeq]) -> int:
-    return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)

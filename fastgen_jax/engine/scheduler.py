@@ -468,13 +468,10 @@ class Scheduler:
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with
         overlap the engine composes step N+1 as step N starts)."""
-        from fastgen_jax.engine.budget import attended_pairs  # budget imports this module
+        from fastgen_jax.engine.budget import step_pairs  # budget imports this module
 
         return sum(
-            self.sla.step_seconds(
-                self._bucket(out.num_tokens),
-                sum(attended_pairs(e.num_new_tokens, e.start_position) for e in out.scheduled),
-            )
+            self.sla.step_seconds(self._bucket(out.num_tokens), step_pairs(out.scheduled))
             for out in self._in_flight
         )
 

@@ -182,9 +182,7 @@ class SlaComposer:
         for key, r in decodes:
             if r.missed:
                 continue
-            ema, last = r.ema, r.last
-            if key in in_flight:  # the step in flight brings its token at `now`
-                ema, last = (ema if last is None else ema_update(ema, now - last, ALPHA)), now
+            ema, last = _after_in_flight(r, now, key in in_flight)
             if last is None:
                 continue
             bound = STEP_MARGIN * r.max_gap
@@ -226,9 +224,7 @@ class SlaComposer:
     def _slack_after_skip(self, r: RequestTiming, now: float, step: float, pending: bool) -> float:
         """How far under `margin` / R the gap EMA stays, and under 1 / R the gap itself, if the token
         comes a step later (< 0: one breaks). `pending`: a step in flight brings it a token at `now`."""
-        ema, last = r.ema, r.last
-        if pending:
-            ema, last = (ema if last is None else ema_update(ema, now - last, ALPHA)), now
+        ema, last = _after_in_flight(r, now, pending)
         if last is None:
             return -1.0
         gap = now + 2 * step - last
@@ -281,6 +277,14 @@ class _Finish:
         full, rest = divmod(work, room)
         last = self.step_seconds(min(self.budget, self.fixed + rest + self.total - work)) if rest else 0.0
         return full * self.step_seconds(self.budget) + last
+
+
+def _after_in_flight(r: RequestTiming, now: float, pending: bool) -> tuple[float | None, float | None]:
+    """A decode's gap EMA and last token time once the step in flight brings it a token at `now`
+    (`pending`), else as they are."""
+    if not pending:
+        return r.ema, r.last
+    return (r.ema if r.last is None else ema_update(r.ema, now - r.last, ALPHA)), now
 
 
 def _by_arrival(p: PromptCandidate) -> float:
