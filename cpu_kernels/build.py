@@ -46,6 +46,7 @@ LINK_FLAGS = ("-shared", "-lmvec", "-lm")
 TARGETS = {
     "fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention",
     "fastgen_int8_matmul": "FastgenInt8Matmul",
+    "fastgen_f32_matmul": "FastgenF32Matmul",
     "fastgen_write_kv": "FastgenWriteKv",
 }
 

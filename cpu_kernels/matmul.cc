@@ -1,4 +1,15 @@
-// Weight-only int8 matrix products on the CPU, an XLA FFI custom call (see matmul.py).
+// Matrix products for the few rows of a decode step on the CPU, XLA FFI custom calls (see matmul.py):
+// weight-only int8 (FastgenInt8Matmul) and float32 (FastgenF32Matmul).
+//
+// float32: y[M, N] = x[M, K] @ w, w either [K, N] (a projection as the model stores it) or [N, K]
+// (the LM head, the embedding's rows). XLA's CPU dot runs these at half the multiply rate or the
+// memory bandwidth for 8-64 rows (scripts/bench_matmul.py); here each work item is 64 output columns:
+// - w [K, N]: tiles of up to 6 rows x 64 columns held in 24 vector registers, each k broadcasting one
+//   value per row against the 64 weights of row k (no horizontal sums); the item's weights stream
+//   from memory for the first row tile (asked for a few k ahead) and from cache for the rest;
+// - w [N, K]: the dot form below (four columns at a time, vectorised over K).
+//
+// int8:
 //
 // y[M, N] = (x[M, K] @ q[N, K]^T) * scale[N]: bfloat16 rows times int8 weights with one float32
 // scale per output column (per channel), summed in float32, for the rows of a decode step or a small
@@ -26,12 +37,8 @@
 // (scripts/bench_int8_matmul.py, "stack").
 // K not a multiple of 16 goes through a plain loop.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -68,6 +75,16 @@ inline v16 widen(const int8_t* p) {
 #endif
 }
 
+// Keeps v in a register: without it GCC folds a row's load into each of the four products that use
+// it (a memory operand per FMA), and with 24 accumulators live the loads, not the FMAs, bound the
+// loop (the LM head's 32 rows: 46 -> GFLOP/s per thread, see scripts/bench_int8_matmul.py).
+template <class V>
+inline void in_register(V& v) {
+#if defined(__GNUC__) && (defined(__AVX512F__) || defined(__AVX2__))
+  asm("" : "+v"(v));
+#endif
+}
+
 inline float hsum(v16 v) {
   float s = 0.0f;
   for (int i = 0; i < 16; ++i) s += v[i];
@@ -77,43 +94,186 @@ inline float hsum(v16 v) {
 constexpr int64_t kGroup = 4;           // output columns per tile
 constexpr int64_t kColumnsPerItem = 64;  // output columns per work item
 
-// y[m0 : m0 + MR, n : n + 4] for K a multiple of 16; `ahead` is where the next group's weights are.
-template <int MR>
-inline void tile(const float* __restrict x, const int8_t* __restrict q, const float* __restrict scale,
-                 float* __restrict y, int64_t K, int64_t N, int64_t m0, int64_t n, bool prefetch) {
+#if defined(__AVX512F__)
+// out[j] = sum(v[j]) (times scale[j] unless scale is null) for four vectors at once: their 16-lane
+// sums folded together by shuffles (about a quarter of four separate reductions' work, which at
+// K = 576 would cost nearly half as much as the products).
+inline void store_sums4(const __m512* v, const float* scale, float* out) {
+  // [a0-3 + a8-11, a4-7 + a12-15, b0-3 + b8-11, b4-7 + b12-15], and the same of c and d
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  // one 128-bit block of four partial sums per vector: a, b, c, d
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));  // within each block: (0+2, 1+3, ...)
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // lane 0 of each block: its total
+  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+  const __m128 total = _mm512_castps512_ps128(sums);
+  _mm_storeu_ps(out, scale ? _mm_mul_ps(total, _mm_loadu_ps(scale)) : total);
+}
+#endif
+
+// The weights of the dot form, each output column's K weights contiguous ([N, K]): int8 widened to
+// float32 with a scale per column, or float32 as they are (no scale).
+struct Int8Columns {
+  const int8_t* q;
+  const float* scale;
+  v16 at(int64_t i) const { return widen(q + i); }
+  float value(int64_t i) const { return static_cast<float>(q[i]); }
+  const void* address(int64_t i) const { return q + i; }
+};
+
+struct F32Columns {
+  const float* w;
+  const float* scale = nullptr;
+  v16 at(int64_t i) const { return load(w + i); }
+  float value(int64_t i) const { return w[i]; }
+  const void* address(int64_t i) const { return w + i; }
+};
+
+// y[m0 : m0 + MR, n : n + 4] for K a multiple of 16; with `prefetch`, the next group's weights are
+// asked for ahead of use.
+template <int MR, class W>
+inline void tile(const float* __restrict x, W w, float* __restrict y, int64_t K, int64_t N, int64_t m0,
+                 int64_t n, bool prefetch) {
   v16 acc[MR][kGroup];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < kGroup; ++j) acc[m][j] = v16{};
-  const int8_t* __restrict w = q + n * K;
+  const int64_t base = n * K;
   for (int64_t k = 0; k < K; k += 16) {
-    const v16 a = widen(w + k), b = widen(w + K + k), c = widen(w + 2 * K + k), d = widen(w + 3 * K + k);
+    const v16 a = w.at(base + k), b = w.at(base + K + k), c = w.at(base + 2 * K + k), d = w.at(base + 3 * K + k);
     if (prefetch) {
-      for (int j = 0; j < kGroup; ++j) __builtin_prefetch(w + (kGroup + j) * K + k, 0, 0);
+      for (int j = 0; j < kGroup; ++j) __builtin_prefetch(w.address(base + (kGroup + j) * K + k), 0, 0);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const v16 xv = load(x + (m0 + m) * K + k);
+      v16 xv = load(x + (m0 + m) * K + k);
+      in_register(xv);
       acc[m][0] += xv * a;
       acc[m][1] += xv * b;
       acc[m][2] += xv * c;
       acc[m][3] += xv * d;
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kGroup; ++j) y[(m0 + m) * N + n + j] = hsum(acc[m][j]) * scale[n + j];
+  const float* scale = w.scale ? w.scale + n : nullptr;
+  for (int m = 0; m < MR; ++m) {
+#if defined(__AVX512F__)
+    store_sums4(reinterpret_cast<const __m512*>(acc[m]), scale, y + (m0 + m) * N + n);
+#else
+    for (int j = 0; j < kGroup; ++j) y[(m0 + m) * N + n + j] = hsum(acc[m][j]) * (scale ? scale[j] : 1.0f);
+#endif
+  }
 }
 
 // y[:, n] for one column, any K.
-inline void column(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t K,
-                   int64_t N, int64_t n) {
-  const int8_t* w = q + n * K;
+template <class W>
+inline void column(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     float s = 0.0f;
-    for (int64_t k = 0; k < K; ++k) s += xm[k] * static_cast<float>(w[k]);
-    y[m * N + n] = s * scale[n];
+    for (int64_t k = 0; k < K; ++k) s += xm[k] * w.value(n * K + k);
+    y[m * N + n] = s * (w.scale ? w.scale[n] : 1.0f);
   }
 }
+
+// Columns [n0, n1) of every row in the dot form: groups of four columns by tiles of 6, 3 and 1 rows,
+// then the columns past the last group one at a time.
+template <class W>
+void dot_columns(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (K % 16 == 0) {
+    for (; n + kGroup <= n1; n += kGroup) {
+      const bool ahead = n + 2 * kGroup <= n1;  // the prefetched group lies inside this item
+      int64_t m = 0;
+#ifdef __AVX512F__
+      for (; m + 6 <= M; m += 6) tile<6>(x, w, y, K, N, m, n, ahead && m == 0);
+#endif
+      for (; m + 3 <= M; m += 3) tile<3>(x, w, y, K, N, m, n, ahead && m == 0);
+      for (; m < M; ++m) tile<1>(x, w, y, K, N, m, n, ahead && m == 0);
+    }
+  }
+  for (; n < n1; ++n) column(x, w, y, M, K, N, n);
+}
+
+// ---------------------------------------------------------------- float32, weights [K, N]
+
+constexpr int64_t kAheadK = 8;  // how many weight rows ahead the first row tile asks for
+
+// y[m0 : m0 + MR, n : n + 16 NV] = x[m0 : m0 + MR, :] @ w[:, n : n + 16 NV] (w [K, N]).
+template <int MR, int NV>
+inline void tile_kn(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+                    int64_t N, int64_t m0, int64_t n, bool prefetch) {
+  v16 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = v16{};
+  const float* __restrict row = w + n;
+  const float* __restrict xr = x + m0 * K;
+  for (int64_t k = 0; k < K; ++k, row += N) {
+    v16 wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
+    if (prefetch) {  // prefetches never fault, so past the last row is harmless
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + 16 * j, 0, 1);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const v16 xv = v16{} + xr[m * K + k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(y + (m0 + m) * N + n + 16 * j) = acc[m][j];
+}
+
+// Rows [0, M) of columns [n, n + 16 NV): the fewest tiles of at most six rows, their sizes within one
+// of each other (8 rows as 4 + 4, not 6 + 2: a small tile loads as many weights for fewer products).
+template <int NV>
+inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+  const int64_t tiles = (M + 5) / 6, base = tiles ? M / tiles : 0, larger = tiles ? M % tiles : 0;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t rows = base + (t < larger);
+    const bool first = t == 0;
+    switch (rows) {
+      case 6: tile_kn<6, NV>(x, w, y, K, N, m, n, first); break;
+      case 5: tile_kn<5, NV>(x, w, y, K, N, m, n, first); break;
+      case 4: tile_kn<4, NV>(x, w, y, K, N, m, n, first); break;
+      case 3: tile_kn<3, NV>(x, w, y, K, N, m, n, first); break;
+      case 2: tile_kn<2, NV>(x, w, y, K, N, m, n, first); break;
+      default: tile_kn<1, NV>(x, w, y, K, N, m, n, first); break;
+    }
+    m += rows;
+  }
+}
+
+// Columns [n0, n1) of every row (w [K, N]): 64 at a time, then 16, then one at a time.
+inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                       int64_t n1) {
+  int64_t n = n0;
+  for (; n + 64 <= n1; n += 64) rows_kn<4>(x, w, y, M, K, N, n);
+  for (; n + 16 <= n1; n += 16) rows_kn<1>(x, w, y, M, K, N, n);
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + n];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// A float32 product: columns [item * 64, (item + 1) * 64) of every row per work item.
+struct F32Problem {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, K, N;
+  bool nk;  // w is [N, K] (else [K, N])
+
+  int64_t num_items() const { return (N + kColumnsPerItem - 1) / kColumnsPerItem; }
+
+  void run(int64_t item) const {
+    const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
+    if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
+    kn_columns(x, w, y, M, K, N, n0, n1);
+  }
+};
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Products = true;
@@ -144,21 +304,6 @@ struct FromBuffer {
   __m512bh operator()(int j, int64_t k) const { return load_bf16(w + j * K + k); }
 };
 
-// out[j] = sum(v[j]) * scale[j] for four vectors at once: their 16-lane sums folded together by
-// shuffles (about a quarter of four separate reductions' work, which at K = 576 would cost nearly
-// half as much as the products).
-inline void store_sums4(const __m512* v, const float* scale, float* out) {
-  // [a0-3 + a8-11, a4-7 + a12-15, b0-3 + b8-11, b4-7 + b12-15], and the same of c and d
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
-  // one 128-bit block of four partial sums per vector: a, b, c, d
-  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));  // within each block: (0+2, 1+3, ...)
-  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // lane 0 of each block: its total
-  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
-  _mm_storeu_ps(out, _mm_mul_ps(_mm512_castps512_ps128(sums), _mm_loadu_ps(scale)));
-}
-
 // y[m0 : m0 + MR, n : n + NC]; `ahead`, when not null, is where the next group's weights are.
 template <int MR, int NC, class Weights>
 inline void tile_bf16(const uint16_t* __restrict x, Weights w, const float* __restrict scale,
@@ -174,7 +319,8 @@ inline void tile_bf16(const uint16_t* __restrict x, Weights w, const float* __re
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const __m512bh xv = load_bf16(x + (m0 + m) * K + k);
+      __m512bh xv = load_bf16(x + (m0 + m) * K + k);
+      in_register(xv);
       for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
     }
   }
@@ -225,19 +371,7 @@ struct Problem {
 #if defined(__AVX512BF16__)
     if (bf16) return run_bf16(n0, n1);
 #endif
-    int64_t n = n0;
-    if (K % 16 == 0) {
-      for (; n + kGroup <= n1; n += kGroup) {
-        const bool ahead = n + 2 * kGroup <= n1;  // the prefetched group lies inside this item
-        int64_t m = 0;
-#ifdef __AVX512F__
-        for (; m + 6 <= M; m += 6) tile<6>(x, q, scale, y, K, N, m, n, ahead && m == 0);
-#endif
-        for (; m + 3 <= M; m += 3) tile<3>(x, q, scale, y, K, N, m, n, ahead && m == 0);
-        for (; m < M; ++m) tile<1>(x, q, scale, y, K, N, m, n, ahead && m == 0);
-      }
-    }
-    for (; n < n1; ++n) column(x, q, scale, y, M, K, N, n);
+    dot_columns(x, Int8Columns{q, scale}, y, M, K, N, n0, n1);
   }
 
 #if defined(__AVX512BF16__)
@@ -275,26 +409,8 @@ struct Problem {
 namespace {
 
 namespace ffi = xla::ffi;
+using fastgen_matmul::F32Problem;
 using fastgen_matmul::Problem;
-
-struct Shared {
-  Problem problem;
-  std::vector<float> rows;  // x as float32, for the float32 path
-  int64_t items = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable all_done;
-
-  void work() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) problem.run(i);
-    if (finished && done.fetch_add(finished) + finished == items) {
-      std::lock_guard<std::mutex> lock(mutex);
-      all_done.notify_all();
-    }
-  }
-};
 
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> q,
                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
@@ -312,24 +428,42 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
     index = layer.typed_data()[0];
     if (index < 0 || index >= qd[0]) return ffi::Error::InvalidArgument("int8 matmul: layer out of range");
   }
-  auto shared = std::make_shared<Shared>();
+  std::vector<float> rows;  // x as float32, for the float32 path
   const uint16_t* xb = x.typed_data();
   const bool bf16 = fastgen_matmul::kBf16Products && K % 32 == 0;
   if (!bf16) {  // bfloat16 bits are a float32's upper half
-    shared->rows.resize(M * K);
+    rows.resize(M * K);
     for (int64_t i = 0; i < M * K; ++i) {
       const uint32_t bits = static_cast<uint32_t>(xb[i]) << 16;
-      std::memcpy(&shared->rows[i], &bits, 4);
+      std::memcpy(&rows[i], &bits, 4);
     }
   }
-  shared->problem = Problem{xb, shared->rows.data(), q.typed_data() + index * N * K, scale.typed_data() + index * N,
-                            y->typed_data(), M, K, N, bf16};
-  shared->items = M ? shared->problem.num_items() : 0;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
-  shared->work();
-  fastgen_kernels::wait_for_helpers([&] { return shared->done.load() == shared->items; }, shared->mutex,
-                                    shared->all_done);
+  const Problem problem{xb, rows.data(), q.typed_data() + index * N * K, scale.typed_data() + index * N,
+                        y->typed_data(), M, K, N, bf16};
+  fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
+  return ffi::Error::Success();
+}
+
+// x [M, K] @ w -> y [M, N], w [K, N] or (w_nk) [N, K]; or w a stack [L, ...] of either, of which
+// layer `layer` is read in place.
+ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::Buffer<ffi::S32> layer, bool w_nk, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("float32 matmul: x [M, K], w [(L,) K, N] or [(L,) N, K], y [M, N]");
+  }
+  const size_t r = wd.size() - 2;
+  const int64_t M = xd[0], K = xd[1], N = w_nk ? wd[r] : wd[r + 1];
+  if ((w_nk ? wd[r + 1] : wd[r]) != K || yd[0] != M || yd[1] != N) {
+    return ffi::Error::InvalidArgument("float32 matmul: shapes do not match");
+  }
+  int64_t index = 0;
+  if (r) {
+    index = layer.typed_data()[0];
+    if (index < 0 || index >= wd[0]) return ffi::Error::InvalidArgument("float32 matmul: layer out of range");
+  }
+  const F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk};
+  fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
   return ffi::Error::Success();
 }
 
@@ -342,5 +476,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenInt8Matmul, Impl,
                                   .Arg<ffi::Buffer<ffi::S8>>()   // q [N, K] or [L, N, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [N] or [L, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32Matmul, F32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [(L,) K, N] or [(L,) N, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
+                                  .Attr<bool>("w_nk")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
 #endif

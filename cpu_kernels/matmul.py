@@ -1,5 +1,11 @@
-"""Weight-only int8 matrix products on the CPU: the C++ kernel in `matmul.cc`, called through XLA's
-FFI so the step stays one compiled program.
+"""Matrix products for decode-sized slabs on the CPU: the C++ kernels in `matmul.cc`, called through
+XLA's FFI so the step stays one compiled program.
+
+`f32_matmul(x, w)` is `x @ w` for float32 rows x [M, K] and float32 weights w [K, N] (or, with
+`w_nk=True`, `x @ w.T` for w [N, K], the LM head's layout), summed in float32. XLA's CPU dot runs
+8-64 rows of SmolLM2's shapes well below both the memory bandwidth and its own multiply rate at
+more rows (`scripts/bench_matmul.py`); the caller (`fastgen_jax.attention`) uses this kernel up to
+the rows where it wins.
 
 `int8_matmul(x, q, scale)` is `(x @ q.T) * scale` for bfloat16 rows x [M, K], int8 weights q [N, K]
 (each output column's weights contiguous) and float32 per-column scales [N], summed in float32 into
@@ -18,6 +24,30 @@ import jax.numpy as jnp
 from cpu_kernels import build
 
 TARGET = "fastgen_int8_matmul"
+F32_TARGET = "fastgen_f32_matmul"
+
+
+def f32_matmul(
+    x: jax.Array, w: jax.Array, *, w_nk: bool = False, layer: jax.Array | int | None = None
+) -> jax.Array:
+    """f32 [M, K] x f32 [K, N] (or [N, K] with `w_nk`) -> f32 [M, N].
+
+    With `layer` (an i32[] index, traced or not) w is a stack [L, K, N] (or [L, N, K]) and the
+    product is with layer `layer`'s weights, read in place: inside a scan over layers, a slice of the
+    stack would be copied out before the call (at float32's sizes the copy costs as much as the
+    product at 32 rows)."""
+    stacked = layer is not None
+    if x.ndim != 2 or w.ndim != 2 + stacked:
+        raise ValueError(f"{x.shape=}, {w.shape=}: want [M, K] and [(L,) K, N] (or [(L,) N, K])")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"{x.dtype=}, {w.dtype=}: want float32")
+    k, n = (w.shape[-1], w.shape[-2]) if w_nk else w.shape[-2:]
+    if k != x.shape[1]:
+        raise ValueError(f"{x.shape=} and {w.shape=} (w_nk={w_nk}) do not match")
+    build.load()
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")(x, w, index, w_nk=w_nk)
 
 
 def int8_matmul(

@@ -1,9 +1,15 @@
-// How a custom call's calling thread waits for the XLA pool's helpers sharing its work items.
+// How a custom call shares its work items with XLA's intra-op thread pool, and how its calling
+// thread waits for the pool's helpers.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
+#include <memory>
 #include <mutex>
+#include <utility>
 
 namespace fastgen_kernels {
 
@@ -22,6 +28,41 @@ void wait_for_helpers(Finished finished, std::mutex& mutex, std::condition_varia
   }
   std::unique_lock<std::mutex> lock(mutex);
   done.wait(lock, finished);
+}
+
+// Items 0 .. items - 1 dealt from an atomic counter to the pool's helpers and the calling thread.
+// A helper that starts after the work is gone only touches this (kept alive by its shared_ptr).
+template <typename Run>
+struct Items {
+  Run run;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mutex;
+  std::condition_variable all_done;
+
+  Items(Run r, int64_t n) : run(std::move(r)), items(n) {}
+
+  void work() {
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) run(i);
+    if (finished && done.fetch_add(finished) + finished == items) {
+      std::lock_guard<std::mutex> lock(mutex);
+      all_done.notify_all();
+    }
+  }
+};
+
+// run(i) for every item i, on `pool` (an xla::ffi::ThreadPool) and this thread; returns when all are
+// done. `run` must stay valid to call until then (it is copied into the shared state).
+template <typename Pool, typename Run>
+void run_items(Pool& pool, int64_t items, Run run) {
+  if (items <= 0) return;
+  auto shared = std::make_shared<Items<Run>>(std::move(run), items);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
+  shared->work();
+  wait_for_helpers([&] { return shared->done.load() == items; }, shared->mutex, shared->all_done);
 }
 
 }  // namespace fastgen_kernels

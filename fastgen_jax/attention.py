@@ -1,14 +1,15 @@
 """The one place that chooses the step's kernels: attention over the paged KV cache, and the matmuls
-of weight-only int8 projections (`fastgen_jax.quantize`).
+of the projections (float32, and weight-only int8 from `fastgen_jax.quantize`).
 
-Models call `Attention.write_kv`, `Attention.paged_attention` and `Attention.int8_matmul` and never
-import kernels directly, so a new kernel plugs in here and nowhere else.
+Models call `Attention.write_kv`, `Attention.paged_attention`, `Attention.matmul` and
+`Attention.int8_matmul` and never import kernels directly, so a new kernel plugs in here and nowhere
+else.
 
 - "reference": pure JAX (`pallas_kernels.reference`), any backend.
 - "pallas": the Pallas ragged paged attention kernel, compiled through Triton; GPU only.
 - "pallas_interpret": the same kernel run by the Pallas interpreter on any backend (slow; tests).
 - "cpu": the C++ kernels (`cpu_kernels`, XLA FFI), CPU only: ragged paged attention, the K/V page
-  writer, and the int8 matmul for decode-sized slabs. They are compiled on first use (see
+  writer, and the float32 and int8 matmuls for decode-sized slabs. They are compiled on first use (see
   `cpu_kernels.build`); an explicit "cpu" that cannot be built raises. With any other choice int8
   weights are widened and multiplied by XLA.
 - "auto": "pallas" on a GPU, "cpu" on a CPU, falling back to "reference" (with one log line) when
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable
 
 import jax
@@ -58,6 +60,17 @@ KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
 # - Otherwise (no kernel, few rows): XLA's float32 dot of the widened weights.
 INT8_KERNEL_ROWS = 32
 INT8_BF16_ROWS = 32
+# float32 projections (`Attention.matmul`): F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS rows of float32
+# weights on the CPU kernels go through the C++ kernel (`cpu_kernels.matmul.f32_matmul`), reading each
+# layer's weights in place from the scanned stack; other slabs through XLA's dot, which runs
+# prompt-sized slabs near this CPU's multiply rate and one row at the memory bandwidth, but 4-64 rows
+# below both. Measured (2 cores, SmolLM2's 30 layers of projections, best of 15, one process):
+# 8 / 16 / 32 / 64 rows 30 / 37 / 54 / 89 ms against XLA's 36 / 51 / 68 / 110; one row 32 against
+# 26 (the kernel's [K, N] weights stream as 256-byte pieces a row apart, XLA's one-row product
+# contiguously). Whole decode steps (`scripts/profile_step.py`, two alternating runs): 4 x 128
+# 36-38 ms against 52-54, 8 x 128 59-63 against 88-92, 32 x 128 92-119 against 119-159.
+F32_KERNEL_MIN_ROWS = 2
+F32_KERNEL_ROWS = 64
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +128,50 @@ class Attention:
             return attend
         # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
         return _per_shard(attend, self.mesh, (_HEADS, _PAGES, _PAGES, P(), P(), P(), P()), _HEADS)
+
+    def reads_weight_stacks(self, rows: int, dtype) -> bool:
+        """Whether `matmul` runs the C++ kernel for a slab of `rows` rows of this dtype, so a scanned
+        model should hand it each layer's weights as (whole stack, layer index): the kernel reads
+        them in place, where XLA would first copy a scanned slice out for a custom call (as much
+        time as the product itself at 32 rows). XLA's own dot reads slices in place."""
+        return (
+            self.impl == "cpu"
+            and self.mesh is None
+            and F32_KERNEL_MIN_ROWS <= rows <= F32_KERNEL_ROWS
+            and jnp.dtype(dtype) == jnp.float32
+        )
+
+    def matmul(
+        self,
+        x: jax.Array,
+        w: jax.Array,
+        *,
+        w_nk: bool = False,
+        preferred_element_type=None,
+        stack: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
+        leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
+        head's embedding rows). float32 rows and weights of F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS
+        rows run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
+        (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
+        every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes as they are (tensor
+        parallelism shards them)."""
+        use_kernel = self.reads_weight_stacks(x.shape[0], x.dtype) and w.dtype == jnp.float32
+        if w_nk:
+            if use_kernel:
+                return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True)
+            return jnp.einsum("tk,nk->tn", x, w, preferred_element_type=preferred_element_type)
+        k_axes = x.ndim - 1
+        if use_kernel:
+            k, rows = math.prod(w.shape[:k_axes]), x.reshape(x.shape[0], -1)
+            if stack is not None:
+                whole, index = stack
+                y = cpu_kernels.matmul.f32_matmul(rows, whole.reshape(whole.shape[0], k, -1), layer=index)
+            else:
+                y = cpu_kernels.matmul.f32_matmul(rows, w.reshape(k, -1))
+            return y.reshape(x.shape[0], *w.shape[k_axes:])
+        return jnp.tensordot(x, w, axes=k_axes, preferred_element_type=preferred_element_type)
 
     def int8_matmul(
         self, x: jax.Array, q: jax.Array, scale: jax.Array, preferred_element_type=None

@@ -1,7 +1,9 @@
 """The projections of a whole step (SmolLM2-135M's shapes: 30 layers of q/k/v, o, gate/up and down,
-then the 49k-row LM head) at a given number of rows, five ways, each one jitted program:
+then the 49k-row LM head) at a given number of rows, six ways, each one jitted program:
 
-- float32: XLA's dot over float32 weights (what `--quantize=none` runs);
+- float32: XLA's dot over float32 weights (what `--quantize=none` runs past `F32_KERNEL_ROWS` rows);
+- float32 kernel: `cpu_kernels.matmul.f32_matmul` over the same weights (what `--quantize=none` runs
+  on the CPU kernels up to `fastgen_jax.attention.F32_KERNEL_ROWS` rows);
 - int8 kernel: `cpu_kernels.matmul.int8_matmul` of bfloat16 rows over int8 weights (each layer's
   slice of the scanned stack, as the model passes it);
 - int8 kernel, stack: the same reading the whole stack in place with the layer as an operand;
@@ -12,8 +14,9 @@ then the 49k-row LM head) at a given number of rows, five ways, each one jitted 
 
     python scripts/bench_int8_matmul.py --rows=1,4,8,16,32,64,128,256
 
-Best of 2 x 5 timed calls each (wall time). Prints a table and writes JSON; the rows where the int8
-kernel stops beating XLA's widened dot set `fastgen_jax.attention.INT8_KERNEL_ROWS`.
+Best of 10 timed calls each (wall time). Prints a table and writes JSON; the rows where the int8
+kernel stops beating XLA's widened dot set `fastgen_jax.attention.INT8_KERNEL_ROWS`, and where the
+float32 kernel stops beating XLA's float32 dot `F32_KERNEL_ROWS`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cpu_kernels.matmul import int8_matmul  # noqa: E402
+from cpu_kernels.matmul import f32_matmul, int8_matmul  # noqa: E402
 from fastgen_jax.attention import Attention  # noqa: E402
 from fastgen_jax.quantize import quantize_int8  # noqa: E402
 
@@ -62,6 +65,10 @@ def programs():
         h, _ = jax.lax.scan(stack(lambda h, w, j: h @ w[j]), x, w32)
         return h @ head32.T
 
+    def f32_kernel(x):
+        h, _ = jax.lax.scan(stack(lambda h, w, j: f32_matmul(h, w[j])), x, w32)
+        return f32_matmul(h, head32, w_nk=True)
+
     def rows(h):  # the kernel multiplies bfloat16 rows, as the model's int8 path rounds them
         return h.astype(jnp.bfloat16)
 
@@ -89,6 +96,7 @@ def programs():
 
     return {
         "float32": f32,
+        "float32 kernel": f32_kernel,
         "int8 kernel": kernel,
         "int8 kernel, stack": kernel_stack,
         "int8 XLA, bf16": xla8_bf16,
@@ -115,6 +123,9 @@ def main(argv):
     for m in (int(r) for r in FLAGS.rows):
         x = jnp.asarray(rng.standard_normal((m, HIDDEN), np.float32))
         ref = np.asarray(fns["int8 XLA, f32"](x))
+        np.testing.assert_allclose(
+            np.asarray(fns["float32 kernel"](x)), np.asarray(fns["float32"](x)), rtol=1e-4, atol=1e-4
+        )
         for name, fn in fns.items():
             if name.startswith("int8"):  # the bf16 rows' rounding grows through 30 residual layers
                 tol = 1e-3 if name == "int8 XLA, f32" else 5e-2

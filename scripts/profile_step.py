@@ -15,8 +15,8 @@ the same over any key values (a 32 x 2k decode would otherwise need 64k prompt t
 For each kind:
 - device: the engine's compiled step program (the runner's executable) on the slab;
 - matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
-  plus the LM head over the logits rows, as one program of plain `x @ w` (random weights of the
-  model's shapes);
+  plus the LM head over the logits rows, as one program of the model's own `Attention.matmul` (or
+  `int8_matmul`) over weights of the model's shapes;
 - attention: the configured attention implementation on the captured metadata, once per layer
   over the engine's own KV pool;
 - kv_write: the K/V write of the slab's rows into every layer's pages (donated pool), as the
@@ -176,16 +176,24 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     else:
         weights = {n: (jnp.full((L, *s), 0.01, runner.dtype),) for n, s in shapes.items()}
         head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
-        mm, mm_head = (lambda h, w: h @ w), (lambda h, w: h @ w.T)
+        mm = runner.attention.matmul  # the C++ kernel for few rows on the CPU kernels, else XLA
+
+        def mm_head(h, w):
+            return runner.attention.matmul(h, w, w_nk=True)
 
     @jax.jit
     def matmuls(x, weights, head):
-        def layer(h, w):
-            q, k, v = mm(h, *w["q"]), mm(h, *w["k"]), mm(h, *w["v"])
-            h = h + mm(q + jnp.pad(k + v, ((0, 0), (0, hd - kvd))), *w["o"])
-            return h + mm(jax.nn.silu(mm(h, *w["gate"])) * mm(h, *w["up"]), *w["down"]), None
+        def layer(h, i):  # each layer's weights as the model passes them: a slice, or the stack too
+            def p(name, h):
+                if FLAGS.quantize == "int8":
+                    return mm(h, *(a[i] for a in weights[name]))
+                return mm(h, weights[name][0][i], stack=(weights[name][0], i))
 
-        h, _ = jax.lax.scan(layer, x, weights)
+            q, k, v = p("q", h), p("k", h), p("v", h)
+            h = h + p("o", q + jnp.pad(k + v, ((0, 0), (0, hd - kvd))))
+            return h + p("down", jax.nn.silu(p("gate", h)) * p("up", h)), None
+
+        h, _ = jax.lax.scan(layer, x, jnp.arange(L))
         return mm_head(h[:logits_rows], *head)
 
     md = jax.device_put(plan.attention)

@@ -22,7 +22,9 @@ block from these pieces; the registry in `__init__` pairs it with `CausalLM`.
 
 from __future__ import annotations
 
+import contextvars
 import math
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -197,7 +199,7 @@ class PagedAttention(nn.Module):
             out = self.attention.int8_matmul(out.reshape(out.shape[0], -1), *quantized)
         else:
             wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
-            out = jnp.einsum("thk,hkd->td", out, wo)
+            out = self.attention.matmul(out, wo, stack=_stacked(self, "wo"))
         if c.attn_out_bias:
             out = out + self.param("bo", nn.initializers.zeros, (c.hidden_size,), self.dtype)
         return out, (k_pages, v_pages)
@@ -212,7 +214,7 @@ class PagedAttention(nn.Module):
                 y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], heads, c.head_dim)
             else:
                 w = self.param(f"w{name}", _init, (c.hidden_size, heads, c.head_dim), self.dtype)
-                y = jnp.einsum("td,dhk->thk", x, w)
+                y = self.attention.matmul(x, w, stack=_stacked(self, f"w{name}"))
             if c.attention_bias:
                 y = y + self.param(f"b{name}", nn.initializers.zeros, (heads, c.head_dim), self.dtype)
             out.append(y)
@@ -228,7 +230,7 @@ class PagedAttention(nn.Module):
         else:
             w = self.get_variable("params", "wqkv")
             shards = w.shape[1]
-            y = jnp.einsum("td,dshk->tshk", x, w)  # [T, S, heads per shard, D]
+            y = self.attention.matmul(x, w, stack=_stacked(self, "wqkv"))  # [T, S, heads per shard, D]
         if c.attention_bias:
             y = y + self.get_variable("params", "bqkv")
         q_end = c.num_heads // shards
@@ -275,6 +277,36 @@ def _quantized(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | No
     return module.get_variable("params", f"{name}_int8"), module.get_variable("params", f"{name}_scale")
 
 
+class _LayerStacks(NamedTuple):
+    """The scanned layers' stacked params (each [L, ...]) and the layer being traced, while
+    `DecoderLayer.__call__` runs (see `_stacked`)."""
+
+    params: Any  # the "layers" params subtree, as CausalLM holds it
+    index: jax.Array  # i32[]: this layer's position in the stacks
+    depth: int  # len(path) of the DecoderLayer: a submodule's path below it indexes `params`
+
+
+_STACKS: contextvars.ContextVar[_LayerStacks | None] = contextvars.ContextVar(
+    "fastgen_layer_stacks", default=None
+)
+
+
+def _stacked(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
+    """(the whole stack [L, ...] of the scanned weight `name` of `module`, this layer's index), when
+    `CausalLM` handed the stacks to the layers (see `Attention.reads_weight_stacks`), else None. A
+    kernel reading its layer's weights in place from the stack saves the copy XLA makes of a scanned
+    slice before a custom call."""
+    stacks = _STACKS.get()
+    if stacks is None:
+        return None
+    tree = stacks.params
+    for part in module.path[stacks.depth :]:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    if not isinstance(tree, dict) or name not in tree:
+        return None
+    return tree[name], stacks.index
+
+
 class MLP(nn.Module):
     """The gated MLP, down(act(x @ gate) * (x @ up)), or without `mlp_gated` down(act(x @ up)), with
     biases when `mlp_bias`; `intermediate` wide (default: the config's)."""
@@ -305,7 +337,8 @@ class MLP(nn.Module):
         if (quantized := _quantized(self, "w_gate_up")) is not None:  # one shard (see fastgen_jax.quantize)
             y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], 1, 2, f)
         else:
-            y = jnp.einsum("td,dsgf->tsgf", x, self.get_variable("params", "w_gate_up"))
+            w = self.get_variable("params", "w_gate_up")
+            y = self.attention.matmul(x, w, stack=_stacked(self, "w_gate_up"))
         if self.config.mlp_bias:
             y = y + self.get_variable("params", "b_gate_up")
         return y[:, :, 0].reshape(x.shape[0], f), y[:, :, 1].reshape(x.shape[0], f)
@@ -314,7 +347,8 @@ class MLP(nn.Module):
         if (quantized := _quantized(self, f"w_{name}")) is not None:
             y = self.attention.int8_matmul(x, *quantized)
         else:
-            y = x @ self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
+            w = self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
+            y = self.attention.matmul(x, w, stack=_stacked(self, f"w_{name}"))
         if self.config.mlp_bias:
             y = y + self.param(f"b_{name}", nn.initializers.zeros, (n_out,), self.dtype)
         return y
@@ -336,7 +370,8 @@ class DecoderLayer(nn.Module):
     max_model_len: int
 
     @nn.compact
-    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata):
+    def __call__(self, carry, layer: LayerSettings, md: AttentionMetadata, stacks=None):
+        """`stacks`: the scanned params' stacks when `CausalLM` hands them over (see `_stacked`)."""
         h, kv_cache = carry
         attn = PagedAttention(self.config, self.attention, self.dtype, self.max_model_len, name="attn")
         cache = [kv_cache]
@@ -345,7 +380,11 @@ class DecoderLayer(nn.Module):
             out, cache[0] = attn(x, cache[0], layer, md)
             return out
 
-        return (self.residual_block(h, attend), cache[0]), None
+        token = _STACKS.set(None if stacks is None else _LayerStacks(stacks, layer.index, len(self.path)))
+        try:
+            return (self.residual_block(h, attend), cache[0]), None
+        finally:
+            _STACKS.reset(token)
 
     @nn.nowrap
     def norm(self, name: str) -> nn.Module:
@@ -388,10 +427,13 @@ class CausalLM(nn.Module):
             self.layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )(c, self.attention, self.dtype, self.max_model_len or c.max_position_embeddings, name="layers")
-        (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md)
+        stacks = None
+        if self.attention.reads_weight_stacks(token_ids.shape[0], self.dtype) and not self.is_initializing():
+            stacks = self.variables["params"]["layers"]
+        (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
         if (quantized := _quantized(self, "lm_head")) is not None:
             logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32)
@@ -399,7 +441,7 @@ class CausalLM(nn.Module):
             unembed = embedding
             if not c.tie_word_embeddings:
                 unembed = self.param("lm_head", _init, (c.vocab_size, c.hidden_size), self.dtype)
-            logits = jnp.einsum("rd,vd->rv", h, unembed, preferred_element_type=jnp.float32)
+            logits = self.attention.matmul(h, unembed, w_nk=True, preferred_element_type=jnp.float32)
         if c.final_logit_softcap is not None:
             logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return logits, kv_cache

@@ -1,0 +1,154 @@
+"""The C++ float32 matmul (XLA FFI) against a float64 numpy oracle, on shapes that reach every path
+of the kernel (weights [K, N]: row tiles of 6 and of 1-5 rows, 64- and 16-column strips and the
+per-column tail; weights [N, K]: groups of four columns by tiles of 6, 3 and 1 rows, K not a multiple
+of 16, the per-column tail), and `Attention.matmul`, which chooses it for the CPU kernels' few-row
+slabs (the model's projections and LM head) and XLA's dot otherwise."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpu_kernels.matmul import f32_matmul
+from fastgen_jax.attention import F32_KERNEL_MIN_ROWS, F32_KERNEL_ROWS, Attention
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+
+
+def random_inputs(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+
+
+def assert_close(got, x, w):
+    """float32 sums in another order: the error bounded by the magnitudes summed, not the result."""
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    bound = (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))) * 1e-6 + 1e-7
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.all(np.abs(got - expected) <= bound), np.max(np.abs(got - expected) / bound)
+
+
+@given(
+    m=st.integers(1, 20),
+    k=st.sampled_from([16, 32, 576, 48, 5, 17, 100]),
+    n=st.integers(1, 200),
+    w_nk=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@SETTINGS
+def test_matches_the_oracle(m, k, n, w_nk, seed):
+    x, w = random_inputs(m, k, n, seed)
+    got = f32_matmul(jnp.asarray(x), jnp.asarray(w.T.copy() if w_nk else w), w_nk=w_nk)
+    assert_close(np.asarray(got), x, w)
+
+
+@pytest.mark.parametrize("m", [1, 6, 8, 32, 33])
+@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576)])
+def test_model_sized_projections_match_the_oracle(m, k, n):
+    x, w = random_inputs(m, k, n, seed=m)
+    assert_close(np.asarray(jax.jit(f32_matmul)(x, w)), x, w)
+    got = jax.jit(lambda x, w: f32_matmul(x, w, w_nk=True))(x, w.T.copy())
+    assert_close(np.asarray(got), x, w)
+
+
+def test_zero_rows_give_an_empty_result():
+    x, w = random_inputs(0, 32, 8)
+    assert f32_matmul(jnp.asarray(x), jnp.asarray(w)).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, w: (x.astype(jnp.bfloat16), w), "dtype"),
+        (lambda x, w: (x, w.astype(jnp.bfloat16)), "dtype"),
+        (lambda x, w: (x[:, :-1], w), "do not match"),
+        (lambda x, w: (x[0], w), "want"),
+    ],
+)
+def test_bad_inputs_raise(change, match):
+    x, w = (jnp.asarray(a) for a in random_inputs(2, 32, 8))
+    with pytest.raises(ValueError, match=match):
+        f32_matmul(*change(x, w))
+
+
+def _hlo(attention, x, w, **kw):
+    return jax.jit(lambda x, w: attention.matmul(x, w, **kw)).lower(x, w).as_text()
+
+
+def test_the_cpu_kernels_take_few_float32_rows_and_xla_the_rest():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((32, 3, 8)), jnp.float32)  # [K, heads, D], as wqkv's slices
+    few = jnp.asarray(rng.standard_normal((F32_KERNEL_ROWS, 32)), jnp.float32)
+    many = jnp.asarray(rng.standard_normal((F32_KERNEL_ROWS + 1, 32)), jnp.float32)
+    assert "fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w)
+    assert "fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w[:, 0, :].T, w_nk=True)
+    assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), many, w)
+    assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), few[: F32_KERNEL_MIN_ROWS - 1], w)
+    assert "fastgen_f32_matmul" not in _hlo(Attention("reference"), few, w)
+    assert "fastgen_f32_matmul" not in _hlo(
+        Attention("cpu"), few.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    )
+    for x in (few, many, few[:1]):
+        expected = np.einsum("tk,khd->thd", np.asarray(x, np.float64), np.asarray(w, np.float64))
+        for attention in (Attention("cpu"), Attention("reference")):
+            got = np.asarray(attention.matmul(x, w))
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_contracted_axes_as_the_output_projection():
+    """wo [heads, head_dim, hidden] contracts the attention output's last two axes."""
+    rng = np.random.default_rng(1)
+    out = jnp.asarray(rng.standard_normal((5, 3, 16)), jnp.float32)
+    wo = jnp.asarray(rng.standard_normal((3, 16, 40)), jnp.float32)
+    expected = np.einsum("thk,hkd->td", np.asarray(out, np.float64), np.asarray(wo, np.float64))
+    assert "fastgen_f32_matmul" in _hlo(Attention("cpu"), out, wo)
+    np.testing.assert_allclose(np.asarray(Attention("cpu").matmul(out, wo)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_a_stack_indexed_by_a_traced_layer_in_scan_matches_each_layer(w_nk):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((7, 48)), jnp.float32)
+    ws = rng.standard_normal((3, 48, 70)).astype(np.float32)
+    stack = jnp.asarray(np.swapaxes(ws, 1, 2).copy() if w_nk else ws)
+
+    def body(carry, layer):
+        return carry, f32_matmul(carry, stack, w_nk=w_nk, layer=layer)
+
+    _, out = jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(3)))(x)
+    for layer in range(3):
+        assert_close(np.asarray(out[layer]), np.asarray(x), ws[layer])
+
+
+def test_a_layer_outside_the_stack_is_an_error():
+    x, w = random_inputs(2, 16, 8)
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(f32_matmul(jnp.asarray(x), jnp.asarray(w[None]), layer=1))
+
+
+def test_the_model_reads_each_layers_weights_in_place_from_the_stack():
+    """A scanned slice handed to a custom call is first copied out of the stack (as long as the
+    product at 32 rows); with the CPU kernels the model passes the whole stack and the layer."""
+    from fastgen_jax.models import build_model, init_kv_cache
+    from tests.paged import chunk_metadata
+    from tests.test_attention_dispatch import random_params, tiny_config
+
+    config = tiny_config(sliding_window=None)
+    params = random_params(config)
+    kv = init_kv_cache(config, 8, 8, jnp.float32)
+    md = chunk_metadata(0, 5, [1, 2], 8, 2, 8, 16)
+    calls = [
+        line
+        for line in jax.jit(build_model(config, jnp.float32, Attention("cpu"), None).apply)
+        .lower(params, jnp.zeros(16, jnp.int32), kv, md)
+        .as_text()
+        .splitlines()
+        if "custom_call @fastgen_f32_matmul" in line
+    ]
+    stacked = [line for line in calls if "tensor<3xindex>" in line]  # the weights operand is [L, K, N]
+    assert len(calls) >= 4 and len(stacked) == len(calls) - 1, calls  # all but the LM head
