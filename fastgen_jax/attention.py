@@ -155,8 +155,8 @@ class Attention:
         head's embedding rows). float32 rows and weights of F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS
         rows run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
-        every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes as they are (tensor
-        parallelism shards them)."""
+        every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
+        as they are (tensor parallelism shards them)."""
         use_kernel = self.reads_weight_stacks(x.shape[0], x.dtype) and w.dtype == jnp.float32
         if w_nk:
             if use_kernel:
