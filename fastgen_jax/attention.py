@@ -129,16 +129,20 @@ class Attention:
         # (q [T, H, D], k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, H, D]
         return _per_shard(attend, self.mesh, (_HEADS, _PAGES, _PAGES, P(), P(), P(), P()), _HEADS)
 
-    def reads_weight_stacks(self, rows: int, dtype) -> bool:
-        """Whether `matmul` runs the C++ kernel for a slab of `rows` rows of this dtype, so a scanned
-        model should hand it each layer's weights as (whole stack, layer index): the kernel reads
-        them in place, where XLA would first copy a scanned slice out for a custom call (as much
-        time as the product itself at 32 rows). XLA's own dot reads slices in place."""
+    @property
+    def reads_weight_stacks(self) -> bool:
+        """Whether a scanned model should hand `matmul` and `int8_matmul` each layer's weights as
+        (whole stack, layer index) too: their C++ kernels read them in place, where XLA would first
+        copy a scanned slice out for a custom call (as much time as the float32 product itself at
+        32 rows). XLA's own dot reads slices in place, so it takes the slice."""
+        return self.impl == "cpu" and self.mesh is None
+
+    def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
         return (
-            self.impl == "cpu"
-            and self.mesh is None
-            and F32_KERNEL_MIN_ROWS <= rows <= F32_KERNEL_ROWS
-            and jnp.dtype(dtype) == jnp.float32
+            self.reads_weight_stacks
+            and F32_KERNEL_MIN_ROWS <= x.shape[0] <= F32_KERNEL_ROWS
+            and x.dtype == jnp.float32
+            and w.dtype == jnp.float32
         )
 
     def matmul(
@@ -157,7 +161,7 @@ class Attention:
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
         as they are (tensor parallelism shards them)."""
-        use_kernel = self.reads_weight_stacks(x.shape[0], x.dtype) and w.dtype == jnp.float32
+        use_kernel = self._f32_kernel(x, w)
         if w_nk:
             if use_kernel:
                 return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True)
@@ -174,17 +178,24 @@ class Attention:
         return jnp.tensordot(x, w, axes=k_axes, preferred_element_type=preferred_element_type)
 
     def int8_matmul(
-        self, x: jax.Array, q: jax.Array, scale: jax.Array, preferred_element_type=None
+        self,
+        x: jax.Array,
+        q: jax.Array,
+        scale: jax.Array,
+        preferred_element_type=None,
     ) -> jax.Array:
         """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
-        `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`).
+        `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`). The model
+        passes int8 slices, not stacks: reading the stacks in place measured no faster at int8's
+        quarter of the bytes (`scripts/profile_step.py --quantize=int8`, two alternating runs:
+        mixed, within the noise).
 
         The rows are rounded to bfloat16 on every path (int8 values are exact there; llama.cpp's
         Q8_0 rounds rows to 8-bit blocks), the sums are float32; which path runs follows the rows
         and the implementation (see INT8_KERNEL_ROWS)."""
         out_dtype = preferred_element_type or x.dtype
         rows = x.astype(jnp.bfloat16)
-        if self.impl == "cpu" and self.mesh is None and x.shape[0] <= INT8_KERNEL_ROWS:
+        if self.reads_weight_stacks and x.shape[0] <= INT8_KERNEL_ROWS:
             y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32

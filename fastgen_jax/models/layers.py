@@ -293,7 +293,7 @@ _STACKS: contextvars.ContextVar[_LayerStacks | None] = contextvars.ContextVar(
 
 def _stacked(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
     """(the whole stack [L, ...] of the scanned weight `name` of `module`, this layer's index), when
-    `CausalLM` handed the stacks to the layers (see `Attention.reads_weight_stacks`), else None. A
+    `CausalLM` handed the stacks to the layers (`Attention.reads_weight_stacks`), else None. A
     kernel reading its layer's weights in place from the stack saves the copy XLA makes of a scanned
     slice before a custom call."""
     stacks = _STACKS.get()
@@ -431,7 +431,7 @@ class CausalLM(nn.Module):
             length=c.num_layers,
         )(c, self.attention, self.dtype, self.max_model_len or c.max_position_embeddings, name="layers")
         stacks = None
-        if self.attention.reads_weight_stacks(token_ids.shape[0], self.dtype) and not self.is_initializing():
+        if self.attention.reads_weight_stacks and not self.is_initializing():
             stacks = self.variables["params"]["layers"]
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
