@@ -2,7 +2,8 @@
 beside its floor.
 
     python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
-    python scripts/profile_step.py --attention_impl=cpu_ragged   # the same with another kernel
+    python scripts/profile_step.py --attention_impl=reference    # the same with another kernel
+    python scripts/profile_step.py --f32_kernel_rows=0           # float32 projections by XLA's dot
 
 Step kinds, each a slab built as the engine's `StepPlanner` would (same bucket, slots and page-table
 width), with every sequence's pages scattered over the pool; no prefill is run, since attention costs
@@ -50,6 +51,12 @@ flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of th
 flags.DEFINE_integer("token_budget", 256, "Tokens per step (the prompt chunk's length).")
 flags.DEFINE_string("attention_impl", "auto", "EngineConfig.attention_impl.")
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "EngineConfig.quantize (weight-only int8).")
+flags.DEFINE_integer(
+    "f32_kernel_rows",
+    -1,
+    "Override fastgen_jax.attention.F32_KERNEL_ROWS (-1: keep it; 0: XLA's dot for every float32 "
+    "projection), to compare the C++ float32 matmul against XLA's in whole steps.",
+)
 flags.DEFINE_enum(
     "kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "EngineConfig.kv_cache_dtype (KV pages' type)."
 )
@@ -321,6 +328,10 @@ def main(argv):
     from fastgen_jax.runner import enable_compilation_cache
 
     enable_compilation_cache()  # the parts' programs repeat across kinds of the same shapes
+    if FLAGS.f32_kernel_rows >= 0:
+        from fastgen_jax import attention
+
+        attention.F32_KERNEL_ROWS = FLAGS.f32_kernel_rows
 
     contexts = [int(x) for x in FLAGS.contexts]
     seqs = [int(x) for x in FLAGS.decode_seqs]

@@ -1,0 +1,89 @@
+"""The float32 projections of SmolLM2-135M's 30 layers (q/k/v fused, o, gate/up fused, down; each a
+scan over the stacked weights, as the model runs them) at a given number of rows, three ways:
+
+- XLA: XLA's dot of each scanned slice (what the model runs without the CPU kernels, and past
+  `fastgen_jax.attention.F32_KERNEL_ROWS` rows);
+- kernel, slice: `cpu_kernels.matmul.f32_matmul` of each scanned slice (XLA copies the slice out of
+  the stack before the custom call);
+- kernel, stack: the same kernel reading the layer's weights in place from the stack, with the layer
+  as an operand (what the model runs for `F32_KERNEL_MIN_ROWS`-`F32_KERNEL_ROWS` rows).
+
+    python scripts/bench_f32_matmul.py --rows=1,4,8,16,32,64,128,256,512
+
+Best of 15 timed calls each (wall time), in one process. Prints a table (ms for all 30 layers'
+projections) and writes JSON; where "kernel, stack" stops beating "XLA" sets the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from cpu_kernels.matmul import f32_matmul  # noqa: E402
+
+flags.DEFINE_list("rows", ["1", "4", "8", "16", "32", "64", "128", "256", "512"], "Slab sizes to time.")
+flags.DEFINE_string("output_json", "docs/benchmarks/f32_matmul_cpu.json", "Where to write the figures.")
+FLAGS = flags.FLAGS
+
+LAYERS = 30
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # [K, N]: qkv, o, gate/up, down
+
+
+def programs():
+    def over_slices(mm):
+        return lambda x, ws: jax.lax.scan(lambda c, w: (c, mm(x, w)), 0, ws)[1]
+
+    def over_stack(x, ws):
+        return jax.lax.scan(lambda c, i: (c, f32_matmul(x, ws, layer=i)), 0, jnp.arange(ws.shape[0]))[1]
+
+    return {
+        "XLA": jax.jit(over_slices(lambda x, w: x @ w)),
+        "kernel, slice": jax.jit(over_slices(f32_matmul)),
+        "kernel, stack": jax.jit(over_stack),
+    }
+
+
+def best_ms(fn, *args) -> float:
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(15):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main(argv):
+    del argv
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal((LAYERS, k, n), np.float32) * 0.02) for k, n in SHAPES]
+    fns = programs()
+    rows = []
+    print(f"{'rows':>5}" + "".join(f"{n:>16}" for n in fns) + "   (ms, 30 layers' projections)")
+    for m in (int(r) for r in FLAGS.rows):
+        row = {"rows": m} | {name: 0.0 for name in fns}
+        for ws in weights:
+            x = jnp.asarray(rng.standard_normal((m, ws.shape[1])), jnp.float32)
+            expected = np.asarray(fns["XLA"](x, ws))
+            for name, fn in fns.items():
+                np.testing.assert_allclose(np.asarray(fn(x, ws)), expected, rtol=1e-4, atol=1e-4)
+                row[name] += best_ms(fn, x, ws)
+        rows.append(row)
+        print(f"{m:>5}" + "".join(f"{row[n]:>16.2f}" for n in fns), flush=True)
+    if FLAGS.output_json:
+        report = {"load": os.getloadavg(), "jax": jax.__version__, "rows": rows}
+        pathlib.Path(FLAGS.output_json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
