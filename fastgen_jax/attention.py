@@ -62,15 +62,16 @@ INT8_KERNEL_ROWS = 32
 INT8_BF16_ROWS = 32
 # float32 projections (`Attention.matmul`): F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS rows of float32
 # weights on the CPU kernels go through the C++ kernel (`cpu_kernels.matmul.f32_matmul`), reading each
-# layer's weights in place from the scanned stack; other slabs through XLA's dot, which runs
-# prompt-sized slabs near this CPU's multiply rate and one row at the memory bandwidth, but 4-64 rows
-# below both. Measured (2 cores, SmolLM2's 30 layers of projections, best of 15, one process):
-# 8 / 16 / 32 / 64 rows 30 / 37 / 54 / 89 ms against XLA's 36 / 51 / 68 / 110; one row 32 against
-# 26 (the kernel's [K, N] weights stream as 256-byte pieces a row apart, XLA's one-row product
-# contiguously). Whole decode steps (`scripts/profile_step.py`, two alternating runs): 4 x 128
-# 36-38 ms against 52-54, 8 x 128 59-63 against 88-92, 32 x 128 92-119 against 119-159.
+# layer's weights in place from the scanned stack; other slabs through XLA's dot. Measured
+# (`python scripts/bench_f32_matmul.py`, SmolLM2's 30 layers of projections, best of 15 in one
+# process, docs/benchmarks/f32_matmul_cpu.json): 4 / 8 / 16 / 32 / 64 / 128 / 256 rows 25 / 31 / 35 /
+# 56 / 88 / 174 / 364 ms against XLA's 31 / 38 / 44 / 69 / 116 / 192 / 388; one row 33 against 24
+# (the kernel's [K, N] weights stream as 256-byte pieces a row apart, XLA's one-row product
+# contiguously); 512 rows 748 against 737. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
+# alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
+# 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463.
 F32_KERNEL_MIN_ROWS = 2
-F32_KERNEL_ROWS = 64
+F32_KERNEL_ROWS = 256
 log = logging.getLogger(__name__)
 
 
