@@ -3,7 +3,7 @@
 //
 // float32: y[M, N] = x[M, K] @ w, w either [K, N] (a projection as the model stores it) or [N, K]
 // (the LM head, the embedding's rows). XLA's CPU dot runs these at half the multiply rate or the
-// memory bandwidth for 8-64 rows (scripts/bench_matmul.py); here each work item is 64 output columns:
+// memory bandwidth for 4-256 rows (scripts/bench_f32_matmul.py); here each work item is 64 output columns:
 // - w [K, N]: tiles of up to 6 rows x 64 columns held in 24 vector registers, each k broadcasting one
 //   value per row against the 64 weights of row k (no horizontal sums); the item's weights stream
 //   from memory for the first row tile (asked for a few k ahead) and from cache for the rest;
@@ -80,7 +80,7 @@ inline v16 widen(const int8_t* p) {
 // loop (the LM head at 32 rows, one thread outside XLA: 46 -> 65-70 GFLOP/s).
 template <class V>
 inline void in_register(V& v) {
-#if defined(__GNUC__) && (defined(__AVX512F__) || defined(__AVX2__))
+#if defined(__GNUC__) && defined(__AVX512F__)  // a 64-byte vector fits one register only with AVX-512
   asm("" : "+v"(v));
 #endif
 }
@@ -210,7 +210,7 @@ inline void tile_kn(const float* __restrict x, const float* __restrict w, float*
   for (int64_t k = 0; k < K; ++k, row += N) {
     v16 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
-    if (prefetch) {  // prefetches never fault, so past the last row is harmless
+    if (prefetch && k + kAheadK < K) {
       for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + 16 * j, 0, 1);
     }
 #pragma GCC unroll 8
@@ -425,6 +425,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   }
   int64_t index = 0;
   if (r) {
+    if (layer.element_count() < 1) return ffi::Error::InvalidArgument("int8 matmul: no layer index");
     index = layer.typed_data()[0];
     if (index < 0 || index >= qd[0]) return ffi::Error::InvalidArgument("int8 matmul: layer out of range");
   }
@@ -459,6 +460,7 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   int64_t index = 0;
   if (r) {
+    if (layer.element_count() < 1) return ffi::Error::InvalidArgument("float32 matmul: no layer index");
     index = layer.typed_data()[0];
     if (index < 0 || index >= wd[0]) return ffi::Error::InvalidArgument("float32 matmul: layer out of range");
   }

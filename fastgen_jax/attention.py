@@ -132,10 +132,10 @@ class Attention:
 
     @property
     def reads_weight_stacks(self) -> bool:
-        """Whether a scanned model should hand `matmul` and `int8_matmul` each layer's weights as
-        (whole stack, layer index) too: their C++ kernels read them in place, where XLA would first
-        copy a scanned slice out for a custom call (as much time as the float32 product itself at
-        32 rows). XLA's own dot reads slices in place, so it takes the slice."""
+        """Whether a scanned model should hand `matmul` each layer's weights as (whole stack, layer
+        index) too: the C++ kernel reads them in place, where XLA would first copy a scanned slice
+        out for a custom call (SmolLM2 at 32 rows: 60.5 ms of projections on slices, 56.4 on the
+        stack). XLA's own dot reads slices in place, so it takes the slice."""
         return self.impl == "cpu" and self.mesh is None
 
     def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
@@ -172,6 +172,8 @@ class Attention:
             k, rows = math.prod(w.shape[:k_axes]), x.reshape(x.shape[0], -1)
             if stack is not None:
                 whole, index = stack
+                if whole.shape[1:] != w.shape:
+                    raise ValueError(f"a stack {whole.shape} of slices {w.shape}: not w's stack")
                 y = cpu_kernels.matmul.f32_matmul(rows, whole.reshape(whole.shape[0], k, -1), layer=index)
             else:
                 y = cpu_kernels.matmul.f32_matmul(rows, w.reshape(k, -1))

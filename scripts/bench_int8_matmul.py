@@ -1,9 +1,9 @@
 """The projections of a whole step (SmolLM2-135M's shapes: 30 layers of q/k/v, o, gate/up and down,
 then the 49k-row LM head) at a given number of rows, six ways, each one jitted program:
 
-- float32: XLA's dot over float32 weights (what `--quantize=none` runs past `F32_KERNEL_ROWS` rows);
-- float32 kernel: `cpu_kernels.matmul.f32_matmul` over the same weights (what `--quantize=none` runs
-  on the CPU kernels up to `fastgen_jax.attention.F32_KERNEL_ROWS` rows);
+- float32: XLA's dot over float32 weights (what `--quantize=none` runs without the CPU kernels);
+- float32 kernel: `cpu_kernels.matmul.f32_matmul` over each layer's slice (the model passes the
+  kernel the whole stack instead, and one row to XLA: `scripts/bench_f32_matmul.py` times that);
 - int8 kernel: `cpu_kernels.matmul.int8_matmul` of bfloat16 rows over int8 weights (each layer's
   slice of the scanned stack, as the model passes it);
 - int8 kernel, stack: the same reading the whole stack in place with the layer as an operand;

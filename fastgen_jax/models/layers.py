@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -301,8 +302,8 @@ def _stacked(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None
         return None
     tree = stacks.params
     for part in module.path[stacks.depth :]:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    if not isinstance(tree, dict) or name not in tree:
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    if not isinstance(tree, Mapping) or name not in tree:
         return None
     return tree[name], stacks.index
 
@@ -432,7 +433,7 @@ class CausalLM(nn.Module):
         )(c, self.attention, self.dtype, self.max_model_len or c.max_position_embeddings, name="layers")
         stacks = None
         if self.attention.reads_weight_stacks and not self.is_initializing():
-            stacks = self.variables["params"]["layers"]
+            stacks = self.variables.get("params", {}).get("layers")
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
         if (quantized := _quantized(self, "lm_head")) is not None:

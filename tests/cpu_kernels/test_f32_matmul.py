@@ -6,6 +6,11 @@ slabs (the model's projections and LM head) and XLA's dot otherwise."""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpu_kernels import build
 from cpu_kernels.matmul import f32_matmul
 from fastgen_jax.attention import F32_KERNEL_MIN_ROWS, F32_KERNEL_ROWS, Attention
 
@@ -132,8 +138,9 @@ def test_a_layer_outside_the_stack_is_an_error():
 
 
 def test_the_model_reads_each_layers_weights_in_place_from_the_stack():
-    """A scanned slice handed to a custom call is first copied out of the stack (as long as the
-    product at 32 rows); with the CPU kernels the model passes the whole stack and the layer."""
+    """A scanned slice handed to a custom call is first copied out of the stack (4-20 ms of
+    SmolLM2's projections at 4-128 rows); with the CPU kernels the model passes the whole stack and
+    the layer, so in the compiled step every projection's kernel call takes a [L, K, N] operand."""
     from fastgen_jax.models import build_model, init_kv_cache
     from tests.paged import chunk_metadata
     from tests.test_attention_dispatch import random_params, tiny_config
@@ -142,13 +149,40 @@ def test_the_model_reads_each_layers_weights_in_place_from_the_stack():
     params = random_params(config)
     kv = init_kv_cache(config, 8, 8, jnp.float32)
     md = chunk_metadata(0, 5, [1, 2], 8, 2, 8, 16)
-    calls = [
-        line
-        for line in jax.jit(build_model(config, jnp.float32, Attention("cpu"), None).apply)
-        .lower(params, jnp.zeros(16, jnp.int32), kv, md)
-        .as_text()
-        .splitlines()
-        if "custom_call @fastgen_f32_matmul" in line
+    step = jax.jit(build_model(config, jnp.float32, Attention("cpu"), None).apply)
+    compiled = step.lower(params, jnp.zeros(16, jnp.int32), kv, md).compile().as_text()
+    calls = [line for line in compiled.splitlines() if 'custom_call_target="fastgen_f32_matmul"' in line]
+    weights = [re.findall(r"f32\[([\d,]*)\]", line.split("custom-call(", 1)[1])[1] for line in calls]
+    stacked = [
+        shape for shape in weights if shape.count(",") == 2 and shape.startswith(f"{config.num_layers},")
     ]
-    stacked = [line for line in calls if "tensor<3xindex>" in line]  # the weights operand is [L, K, N]
-    assert len(calls) >= 4 and len(stacked) == len(calls) - 1, calls  # all but the LM head
+    # every projection of the layer reads its stack; the LM head (outside the scan) its own [N, K]
+    assert len(calls) >= 4 and len(stacked) == len(calls) - 1, weights
+    # (the logits against the reference: tests/test_attention_dispatch.py, the CPU kernel's model test)
+
+
+def test_the_kernels_compile_without_avx512():
+    """`FASTGEN_KERNEL_MARCH=x86-64-v3` (AVX2, no AVX-512: other CPUs, valgrind) must still build."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 -march")
+    # -O0: quicker, and GCC still rejects what AVX2 cannot hold (an asm's 64-byte register operand)
+    flags = [f for f in build.COMPILE_FLAGS if not f.startswith(("-march=", "-O"))] + [
+        "-march=x86-64-v3",
+        "-O0",
+    ]
+    for source in build.SOURCES:
+        done = subprocess.run(
+            [
+                os.environ.get("CXX", "g++"),
+                *flags,
+                "-I",
+                jax.ffi.include_dir(),
+                "-c",
+                str(source),
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
