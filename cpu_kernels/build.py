@@ -65,6 +65,18 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
+@functools.cache
+def f32_matmul_has_avx512() -> bool:
+    """Whether the library is built for AVX-512 here: the float32 matmul's 6 x 64 tiles need its 32
+    vector registers. Built for AVX2 only (another CPU, or `$FASTGEN_KERNEL_MARCH=x86-64-v3`) they
+    spill, and measured 6-20 GFLOP/s on two threads, far below XLA's dot, so
+    `fastgen_jax.attention` keeps XLA there."""
+    march = os.environ.get("FASTGEN_KERNEL_MARCH", "native")
+    if march == "native":
+        return "avx512f" in _cpu_features().split()
+    return march == "x86-64-v4" or "avx512" in march
+
+
 def library_path() -> pathlib.Path:
     """Where the library for this source, JAX and CPU lives (it may not be built yet)."""
     compiler = os.environ.get("CXX", "g++")

@@ -69,7 +69,8 @@ INT8_BF16_ROWS = 32
 # (the kernel's [K, N] weights stream as 256-byte pieces a row apart, XLA's one-row product
 # contiguously); 512 rows 748 against 737. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
 # alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
-# 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463.
+# 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is
+# built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
 F32_KERNEL_MIN_ROWS = 2
 F32_KERNEL_ROWS = 256
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class Attention:
             and F32_KERNEL_MIN_ROWS <= x.shape[0] <= F32_KERNEL_ROWS
             and x.dtype == jnp.float32
             and w.dtype == jnp.float32
+            and cpu_kernels.build.f32_matmul_has_avx512()
         )
 
     def matmul(
