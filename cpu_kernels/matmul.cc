@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -412,6 +413,17 @@ namespace ffi = xla::ffi;
 using fastgen_matmul::F32Problem;
 using fastgen_matmul::Problem;
 
+// Which matrix of a stack [L, ...] to read: 0 without a stack, else layer[0], checked to be in [0, L).
+ffi::Error stack_index(const std::string& kernel, bool stacked, ffi::Buffer<ffi::S32>& layer, int64_t depth,
+                       int64_t* index) {
+  *index = 0;
+  if (!stacked) return ffi::Error::Success();
+  if (layer.element_count() < 1) return ffi::Error::InvalidArgument(kernel + ": no layer index");
+  *index = layer.typed_data()[0];
+  if (*index < 0 || *index >= depth) return ffi::Error::InvalidArgument(kernel + ": layer out of range");
+  return ffi::Error::Success();
+}
+
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> q,
                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
@@ -423,12 +435,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   if (qd[r + 1] != K || sd[r] != N || yd[0] != M || yd[1] != N || (r && sd[0] != qd[0])) {
     return ffi::Error::InvalidArgument("int8 matmul: shapes do not match");
   }
-  int64_t index = 0;
-  if (r) {
-    if (layer.element_count() < 1) return ffi::Error::InvalidArgument("int8 matmul: no layer index");
-    index = layer.typed_data()[0];
-    if (index < 0 || index >= qd[0]) return ffi::Error::InvalidArgument("int8 matmul: layer out of range");
-  }
+  int64_t index;
+  if (auto error = stack_index("int8 matmul", r, layer, qd[0], &index); !error.success()) return error;
   std::vector<float> rows;  // x as float32, for the float32 path
   const uint16_t* xb = x.typed_data();
   const bool bf16 = fastgen_matmul::kBf16Products && K % 32 == 0;
@@ -458,12 +466,8 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if ((w_nk ? wd[r + 1] : wd[r]) != K || yd[0] != M || yd[1] != N) {
     return ffi::Error::InvalidArgument("float32 matmul: shapes do not match");
   }
-  int64_t index = 0;
-  if (r) {
-    if (layer.element_count() < 1) return ffi::Error::InvalidArgument("float32 matmul: no layer index");
-    index = layer.typed_data()[0];
-    if (index < 0 || index >= wd[0]) return ffi::Error::InvalidArgument("float32 matmul: layer out of range");
-  }
+  int64_t index;
+  if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
   const F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk};
   fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
   return ffi::Error::Success();

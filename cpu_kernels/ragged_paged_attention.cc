@@ -24,14 +24,10 @@
 // Head sizes 64 and 128 get their own instantiation with the size a compile-time constant, so these
 // loops unroll into a few vector FMAs. Exponentials and tanh go through glibc's vector math.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -448,15 +444,11 @@ void (*attend_for(int64_t head_dim))(const Params&, const Item&, Partial*) {
   return attend<KV, 0>;
 }
 
-// Work shared between the calling thread and the pool's tasks; a task that starts after the work
-// is gone only touches this (kept alive by its shared_ptr), never the caller's stack.
+// One call's work items, their split items' partial results and the kernel to run on each (the pool's
+// helpers reach it only through `run_items`, which returns when every item is done).
 struct Shared {
   std::vector<Item> items;
   std::vector<float> partials;  // split items' (m, l, acc), see Item::split
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable all_done;
   Params params;
   void (*run)(const Params&, const Item&, Partial*);
 
@@ -466,17 +458,9 @@ struct Shared {
     return {base, base + R, base + 2 * R};
   }
 
-  void work() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
-      Partial split = items[i].split >= 0 ? partial(items[i]) : Partial{};
-      run(params, items[i], items[i].split >= 0 ? &split : nullptr);
-      ++finished;
-    }
-    if (finished && done.fetch_add(finished) + finished == static_cast<int64_t>(items.size())) {
-      std::lock_guard<std::mutex> lock(mutex);
-      all_done.notify_all();
-    }
+  void run_item(int64_t i) {
+    Partial split = items[i].split >= 0 ? partial(items[i]) : Partial{};
+    run(params, items[i], items[i].split >= 0 ? &split : nullptr);
   }
 };
 
@@ -583,29 +567,24 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_
   if (shape.num_q_heads % shape.num_kv_heads || kd[3] != shape.head_dim) {
     return ffi::Error::InvalidArgument("ragged paged attention: head shapes do not match");
   }
-  auto shared = std::make_shared<Shared>();
+  Shared work;
   if (k_pages.element_type() == ffi::DataType::F32) {
-    shared->run = attend_for<float>(shape.head_dim);
+    work.run = attend_for<float>(shape.head_dim);
   } else if (k_pages.element_type() == ffi::DataType::BF16) {
-    shared->run = attend_for<uint16_t>(shape.head_dim);
+    work.run = attend_for<uint16_t>(shape.head_dim);
   } else {
     return ffi::Error::InvalidArgument("ragged paged attention: KV pages must be f32 or bf16");
   }
   float* result = out->typed_data();
   std::memset(result, 0, sizeof(float) * shape.num_rows * shape.num_q_heads * shape.head_dim);
   const int64_t seqs = std::min<int64_t>(num_seqs.typed_data()[0], shape.max_seqs);
-  shared->params = Params{q.typed_data(), k_pages.untyped_data(), v_pages.untyped_data(),
-                          kv_lens.typed_data(), page_indices.typed_data(), cu_q_lens.typed_data(),
-                          result, shape, sm_scale, logit_softcap, sliding_window.typed_data()[0]};
-  make_items(*shared, seqs, pool.num_threads() + 1);
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(shared->items.size()) - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
-  shared->work();
-  fastgen_kernels::wait_for_helpers(
-      [&] { return shared->done.load() == static_cast<int64_t>(shared->items.size()); }, shared->mutex,
-      shared->all_done);
-  combine(*shared);
+  work.params = Params{q.typed_data(), k_pages.untyped_data(), v_pages.untyped_data(),
+                       kv_lens.typed_data(), page_indices.typed_data(), cu_q_lens.typed_data(),
+                       result, shape, sm_scale, logit_softcap, sliding_window.typed_data()[0]};
+  make_items(work, seqs, pool.num_threads() + 1);
+  fastgen_kernels::run_items(pool, static_cast<int64_t>(work.items.size()),
+                             [&work](int64_t i) { work.run_item(i); });
+  combine(work);
   return ffi::Error::Success();
 }
 

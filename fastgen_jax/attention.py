@@ -132,12 +132,17 @@ class Attention:
         return _per_shard(attend, self.mesh, (_HEADS, _PAGES, _PAGES, P(), P(), P(), P()), _HEADS)
 
     @property
+    def _cpu_kernels(self) -> bool:
+        """The C++ kernels on one device (under tensor parallelism XLA's dot handles the shards)."""
+        return self.impl == "cpu" and self.mesh is None
+
+    @property
     def reads_weight_stacks(self) -> bool:
         """Whether a scanned model should hand `matmul` each layer's weights as (whole stack, layer
-        index) too: the C++ kernel reads them in place, where XLA would first copy a scanned slice
-        out for a custom call (SmolLM2 at 32 rows: 60.5 ms of projections on slices, 56.4 on the
-        stack). XLA's own dot reads slices in place, so it takes the slice."""
-        return self.impl == "cpu" and self.mesh is None
+        index) too: the float32 kernel reads them in place, where XLA would first copy a scanned
+        slice out for a custom call (SmolLM2 at 32 rows: 60.5 ms of projections on slices, 56.4 on
+        the stack). XLA's own dot reads slices in place, so it takes the slice."""
+        return self._cpu_kernels and cpu_kernels.build.f32_matmul_has_avx512()
 
     def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
         return (
@@ -145,7 +150,6 @@ class Attention:
             and F32_KERNEL_MIN_ROWS <= x.shape[0] <= F32_KERNEL_ROWS
             and x.dtype == jnp.float32
             and w.dtype == jnp.float32
-            and cpu_kernels.build.f32_matmul_has_avx512()
         )
 
     def matmul(
@@ -183,11 +187,7 @@ class Attention:
         return jnp.tensordot(x, w, axes=k_axes, preferred_element_type=preferred_element_type)
 
     def int8_matmul(
-        self,
-        x: jax.Array,
-        q: jax.Array,
-        scale: jax.Array,
-        preferred_element_type=None,
+        self, x: jax.Array, q: jax.Array, scale: jax.Array, preferred_element_type=None
     ) -> jax.Array:
         """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
         `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`). The model
@@ -200,7 +200,7 @@ class Attention:
         and the implementation (see INT8_KERNEL_ROWS)."""
         out_dtype = preferred_element_type or x.dtype
         rows = x.astype(jnp.bfloat16)
-        if self.reads_weight_stacks and x.shape[0] <= INT8_KERNEL_ROWS:
+        if self._cpu_kernels and x.shape[0] <= INT8_KERNEL_ROWS:
             y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
