@@ -259,17 +259,95 @@ inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int6
   }
 }
 
-// A float32 product: columns [item * 64, (item + 1) * 64) of every row per work item.
+// ------------------------------------------------- float32, weights [K, N], one or two rows
+
+// At one or two rows a tile's 64-column strip reads 256 bytes of each weight row, one row after
+// another N floats apart: every k starts a new stream and, past N = 1024, a new page. That ran at
+// 9-17 GB/s where reading the same bytes in order ran at 19-26 (a standalone harness on this
+// machine's 2 cores). So few rows stream the weights in order instead: kStreamK weight rows at a
+// time, each read left to right over the item's columns, the sums kept in y (in L1) between groups.
+constexpr int64_t kStreamK = 8;
+
+// y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], 16 columns at a time
+// (n1 - n0 a multiple of 16).
+template <int MR, int KB>
+inline void stream_group(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+                         int64_t N, int64_t k, int64_t n0, int64_t n1) {
+  const float* __restrict wk = w + k * N;
+  for (int64_t c = n0; c < n1; c += 16) {
+    v16 wv[KB];
+    for (int j = 0; j < KB; ++j) wv[j] = load(wk + j * N + c);
+    for (int m = 0; m < MR; ++m) {
+      const float* xm = x + m * K + k;
+      v16 a = load(y + m * N + c), b = v16{};
+      for (int j = 0; j < KB; j += 2) a += xm[j] * wv[j];
+      for (int j = 1; j < KB; j += 2) b += xm[j] * wv[j];
+      *reinterpret_cast<v16u*>(y + m * N + c) = a + b;
+    }
+  }
+}
+
+// Rows m0 .. m0 + rows (at most 4) of one group of KB weight rows.
+template <int KB>
+inline void stream_rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t m0,
+                        int64_t rows, int64_t n0, int64_t n1) {
+  x += m0 * K;
+  y += m0 * N;
+  switch (rows) {
+    case 1: return stream_group<1, KB>(x, w, y, K, N, k, n0, n1);
+    case 2: return stream_group<2, KB>(x, w, y, K, N, k, n0, n1);
+    case 3: return stream_group<3, KB>(x, w, y, K, N, k, n0, n1);
+    default: return stream_group<4, KB>(x, w, y, K, N, k, n0, n1);
+  }
+}
+
+// y[:, n0 : n1] = x @ w[:, n0 : n1], streaming w's rows in order; each group of kStreamK weight rows
+// serves the slab's rows four at a time (the second four read it from cache).
+inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                      int64_t n1) {
+  const int64_t n16 = n0 + (n1 - n0) / 16 * 16;
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n1, 0.0f);
+  int64_t k = 0;
+  for (; k + kStreamK <= K; k += kStreamK) {
+    for (int64_t m = 0; m < M; m += 4) stream_rows<kStreamK>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), n0, n16);
+  }
+  for (; k < K; ++k) {
+    for (int64_t m = 0; m < M; m += 4) stream_rows<1>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), n0, n16);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = n16; n < n1; ++n) {
+      float s = 0.0f;
+      for (k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + n];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// A float32 product. w [N, K] and more than `stream_rows` rows of w [K, N]: columns [item * 64,
+// (item + 1) * 64) of every row per work item. At most `stream_rows` rows of w [K, N]: `parts` items
+// (one per thread), each an equal run of columns (multiples of 16) that it streams in order.
 struct F32Problem {
   const float* x;
   const float* w;
   float* y;
   int64_t M, K, N;
-  bool nk;  // w is [N, K] (else [K, N])
+  bool nk;        // w is [N, K] (else [K, N])
+  int64_t stream_rows;  // the most rows that stream (w [K, N] only)
+  int64_t parts;        // threads to share a streamed product
 
-  int64_t num_items() const { return (N + kColumnsPerItem - 1) / kColumnsPerItem; }
+  bool streams() const { return !nk && M <= stream_rows; }
+
+  int64_t num_items() const {
+    if (streams()) return std::max<int64_t>(1, std::min(parts, N / 64));
+    return (N + kColumnsPerItem - 1) / kColumnsPerItem;
+  }
 
   void run(int64_t item) const {
+    if (streams()) {
+      const int64_t items = num_items(), chunks = (N + 15) / 16;
+      const int64_t n0 = std::min(N, chunks * item / items * 16), n1 = std::min(N, chunks * (item + 1) / items * 16);
+      return stream_kn(x, w, y, M, K, N, n0, n1);
+    }
     const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
     kn_columns(x, w, y, M, K, N, n0, n1);
@@ -456,7 +534,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
 // x [M, K] @ w -> y [M, N], w [K, N] or (w_nk) [N, K]; or w a stack [L, ...] of either, of which
 // layer `layer` is read in place.
 ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::Buffer<ffi::S32> layer, bool w_nk, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::S32> layer, bool w_nk, int64_t stream_rows, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || yd.size() != 2) {
     return ffi::Error::InvalidArgument("float32 matmul: x [M, K], w [(L,) K, N] or [(L,) N, K], y [M, N]");
@@ -468,7 +546,8 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   int64_t index;
   if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
-  const F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk};
+  const F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk,
+                           stream_rows, std::max<int64_t>(1, pool.num_threads())};
   fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
   return ffi::Error::Success();
 }
@@ -491,5 +570,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32Matmul, F32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [(L,) K, N] or [(L,) N, K]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
                                   .Attr<bool>("w_nk")
+                                  .Attr<int64_t>("stream_rows")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
 #endif

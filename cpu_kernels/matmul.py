@@ -19,17 +19,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpu_kernels import build
 
 TARGET = "fastgen_int8_matmul"
 F32_TARGET = "fastgen_f32_matmul"
 
+# Up to this many rows, f32_matmul with w [K, N] reads each weight row in order, a group of 8 rows at
+# a time, keeping the sums in cache; above it, each 64-column strip is held in registers and its
+# weights read 256 bytes per row, N floats apart (fewer passes over the weights, but at one to two
+# rows those short strided reads ran at 9-17 GB/s where in-order reads ran at 19-26 on 2 cores).
+# Set by `scripts/bench_f32_matmul.py`'s "kernel, tiles" column against "kernel, stack".
+STREAM_ROWS = 8
+
 
 def f32_matmul(
-    x: jax.Array, w: jax.Array, *, w_nk: bool = False, layer: jax.Array | int | None = None
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    w_nk: bool = False,
+    layer: jax.Array | int | None = None,
+    stream_rows: int = STREAM_ROWS,
 ) -> jax.Array:
     """f32 [M, K] x f32 [K, N] (or [N, K] with `w_nk`) -> f32 [M, N].
+
+    Up to `stream_rows` rows of w [K, N] stream the weights' rows in order, more go by register
+    tiles of 64-column strips (see STREAM_ROWS).
 
     With `layer` (an i32[] index, traced or not) w is a stack [L, K, N] (or [L, N, K]) and the
     product is with layer `layer`'s weights, read in place: inside a scan over layers, a slice of the
@@ -46,7 +62,8 @@ def f32_matmul(
     build.load()
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")(x, w, index, w_nk=w_nk)
+    call = jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")
+    return call(x, w, index, w_nk=w_nk, stream_rows=np.int64(stream_rows))
 
 
 def int8_matmul(

@@ -60,18 +60,18 @@ KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
 # - Otherwise (no kernel, few rows): XLA's float32 dot of the widened weights.
 INT8_KERNEL_ROWS = 32
 INT8_BF16_ROWS = 32
-# float32 projections (`Attention.matmul`): F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS rows of float32
-# weights on the CPU kernels go through the C++ kernel (`cpu_kernels.matmul.f32_matmul`), reading each
-# layer's weights in place from the scanned stack; other slabs through XLA's dot. Measured
-# (`python scripts/bench_f32_matmul.py`, SmolLM2's 30 layers of projections, best of 15 in one
-# process, docs/benchmarks/f32_matmul_cpu.json): 4 / 8 / 16 / 32 / 64 / 128 / 256 rows 25 / 31 / 35 /
-# 56 / 88 / 174 / 364 ms against XLA's 31 / 38 / 44 / 69 / 116 / 192 / 388; one row 33 against 24
-# (the kernel's [K, N] weights stream as 256-byte pieces a row apart, XLA's one-row product
-# contiguously); 512 rows 748 against 737. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
+# float32 projections (`Attention.matmul`): up to F32_KERNEL_ROWS rows of float32 weights on the CPU
+# kernels go through the C++ kernel (`cpu_kernels.matmul.f32_matmul`), reading each layer's weights in
+# place from the scanned stack; larger slabs through XLA's dot. Measured (`python
+# scripts/bench_f32_matmul.py`, SmolLM2's 30 layers of projections, best of 15 in one process,
+# docs/benchmarks/f32_matmul_cpu.json): 1 / 2 / 4 / 8 rows 18 / 20 / 24 / 31 ms against XLA's
+# 24 / 27 / 28 / 32 (up to `cpu_kernels.matmul.STREAM_ROWS` rows the kernel reads each weight row in
+# order); 16 / 32 / 64 / 128 / 256 rows 35 / 56 / 88 / 174 / 364 against 44 / 69 / 116 / 192 / 388;
+# 512 rows 748 against 737. The LM head ([N, K]) at one row: 5.8 ms against XLA's 5.4, and 6.2-10.3
+# against 9.2-13.1 at 2-16 rows. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
 # alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
 # 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is
 # built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
-F32_KERNEL_MIN_ROWS = 2
 F32_KERNEL_ROWS = 256
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Attention:
     def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
         return (
             self.reads_weight_stacks
-            and F32_KERNEL_MIN_ROWS <= x.shape[0] <= F32_KERNEL_ROWS
+            and x.shape[0] <= F32_KERNEL_ROWS
             and x.dtype == jnp.float32
             and w.dtype == jnp.float32
         )
@@ -163,8 +163,7 @@ class Attention:
     ) -> jax.Array:
         """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
         leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
-        head's embedding rows). float32 rows and weights of F32_KERNEL_MIN_ROWS to F32_KERNEL_ROWS
-        rows run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
+        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
         as they are (tensor parallelism shards them)."""

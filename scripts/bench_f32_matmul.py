@@ -1,16 +1,18 @@
 """The float32 projections of SmolLM2-135M's 30 layers (q/k/v fused, o, gate/up fused, down; each a
-scan over the stacked weights, as the model runs them) at a given number of rows, three ways:
+scan over the stacked weights, as the model runs them) at a given number of rows, four ways:
 
 - XLA: XLA's dot of each scanned slice (what the model runs without the CPU kernels, and past
   `fastgen_jax.attention.F32_KERNEL_ROWS` rows);
 - kernel, slice: `cpu_kernels.matmul.f32_matmul` of each scanned slice (XLA copies the slice out of
   the stack before the custom call);
 - kernel, stack: the same kernel reading the layer's weights in place from the stack, with the layer
-  as an operand (what the model runs for `F32_KERNEL_MIN_ROWS`-`F32_KERNEL_ROWS` rows).
+  as an operand (what the model runs for up to `F32_KERNEL_ROWS` rows);
+- kernel, tiles: the same on the stack with `stream_rows=0`, every slab by register tiles (where it
+  beats "kernel, stack" sets `cpu_kernels.matmul.STREAM_ROWS`).
 
     python scripts/bench_f32_matmul.py --rows=1,4,8,16,32,64,128,256,512
 
-Best of 15 timed calls each (wall time), in one process. Prints a table (ms for all 30 layers'
+Best of 15 timed calls each (wall time, the four taking turns), in one process. Prints a table (ms for all 30 layers'
 projections) and writes JSON; where "kernel, stack" stops beating "XLA" sets the thresholds.
 """
 
@@ -43,24 +45,32 @@ def programs():
     def over_slices(mm):
         return lambda x, ws: jax.lax.scan(lambda c, w: (c, mm(x, w)), 0, ws)[1]
 
-    def over_stack(x, ws):
-        return jax.lax.scan(lambda c, i: (c, f32_matmul(x, ws, layer=i)), 0, jnp.arange(ws.shape[0]))[1]
+    def over_stack(**kw):
+        def run(x, ws):
+            return jax.lax.scan(lambda c, i: (c, f32_matmul(x, ws, layer=i, **kw)), 0, jnp.arange(ws.shape[0]))[1]
+
+        return jax.jit(run)
 
     return {
         "XLA": jax.jit(over_slices(lambda x, w: x @ w)),
         "kernel, slice": jax.jit(over_slices(f32_matmul)),
-        "kernel, stack": jax.jit(over_stack),
+        "kernel, stack": over_stack(),
+        "kernel, tiles": over_stack(stream_rows=0),
     }
 
 
-def best_ms(fn, *args) -> float:
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(15):
-        start = time.perf_counter()
+def best_ms(fns: dict, *args, repeats: int = 15) -> dict[str, float]:
+    """Best wall ms of each of `fns` on `args`, the calls taking turns so that a slow spell of a shared
+    machine falls on all of them."""
+    for fn in fns.values():
         fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(*args).block_until_ready()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def main(argv):
@@ -75,9 +85,10 @@ def main(argv):
         for ws in weights:
             x = jnp.asarray(rng.standard_normal((m, ws.shape[1])), jnp.float32)
             expected = np.asarray(fns["XLA"](x, ws))
-            for name, fn in fns.items():
+            for fn in fns.values():
                 np.testing.assert_allclose(np.asarray(fn(x, ws)), expected, rtol=1e-4, atol=1e-4)
-                row[name] += best_ms(fn, x, ws)
+            for name, ms in best_ms(fns, x, ws).items():
+                row[name] += ms
         rows.append(row)
         print(f"{m:>5}" + "".join(f"{row[n]:>16.2f}" for n in fns), flush=True)
     if FLAGS.output_json:

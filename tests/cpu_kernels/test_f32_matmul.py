@@ -1,6 +1,7 @@
 """The C++ float32 matmul (XLA FFI) against a float64 numpy oracle, on shapes that reach every path
-of the kernel (weights [K, N]: row tiles of 6 and of 1-5 rows, 64- and 16-column strips and the
-per-column tail; weights [N, K]: groups of four columns by tiles of 6, 3 and 1 rows, K not a multiple
+of the kernel (weights [K, N]: up to `stream_rows` rows streamed in order, 8 weight rows at a time
+and the rest one at a time, in runs split between threads, with a per-column tail; more by row tiles
+of 6 and of 1-5 rows, 64- and 16-column strips and the per-column tail; weights [N, K]: groups of four columns by tiles of 6, 3 and 1 rows, K not a multiple
 of 16, the per-column tail), and `Attention.matmul`, which chooses it for the CPU kernels' few-row
 slabs (the model's projections and LM head) and XLA's dot otherwise."""
 
@@ -19,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpu_kernels import build
-from cpu_kernels.matmul import f32_matmul
-from fastgen_jax.attention import F32_KERNEL_MIN_ROWS, F32_KERNEL_ROWS, Attention
+from cpu_kernels.matmul import STREAM_ROWS, f32_matmul
+from fastgen_jax.attention import F32_KERNEL_ROWS, Attention
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -43,20 +44,23 @@ def assert_close(got, x, w):
     k=st.sampled_from([16, 32, 576, 48, 5, 17, 100]),
     n=st.integers(1, 200),
     w_nk=st.booleans(),
+    stream_rows=st.sampled_from([0, 3, STREAM_ROWS]),
     seed=st.integers(0, 2**16),
 )
 @SETTINGS
-def test_matches_the_oracle(m, k, n, w_nk, seed):
+def test_matches_the_oracle(m, k, n, w_nk, stream_rows, seed):
     x, w = random_inputs(m, k, n, seed)
-    got = f32_matmul(jnp.asarray(x), jnp.asarray(w.T.copy() if w_nk else w), w_nk=w_nk)
+    got = f32_matmul(jnp.asarray(x), jnp.asarray(w.T.copy() if w_nk else w), w_nk=w_nk, stream_rows=stream_rows)
     assert_close(np.asarray(got), x, w)
 
 
-@pytest.mark.parametrize("m", [1, 6, 8, 32, 33])
+@pytest.mark.parametrize("m", [1, 2, 6, 8, 32, 33])
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576)])
 def test_model_sized_projections_match_the_oracle(m, k, n):
     x, w = random_inputs(m, k, n, seed=m)
     assert_close(np.asarray(jax.jit(f32_matmul)(x, w)), x, w)
+    tiles = jax.jit(lambda x, w: f32_matmul(x, w, stream_rows=0))(x, w)  # what m > STREAM_ROWS takes
+    assert_close(np.asarray(tiles), x, w)
     got = jax.jit(lambda x, w: f32_matmul(x, w, w_nk=True))(x, w.T.copy())
     assert_close(np.asarray(got), x, w)
 
@@ -97,7 +101,7 @@ def test_the_cpu_kernels_take_few_float32_rows_and_xla_the_rest():
     assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w)) == AVX512
     assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w[:, 0, :].T, w_nk=True)) == AVX512
     assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), many, w)
-    assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), few[: F32_KERNEL_MIN_ROWS - 1], w)
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w)) == AVX512
     assert "fastgen_f32_matmul" not in _hlo(Attention("reference"), few, w)
     assert "fastgen_f32_matmul" not in _hlo(
         Attention("cpu"), few.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
