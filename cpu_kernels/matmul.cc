@@ -259,14 +259,17 @@ inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int6
   }
 }
 
-// ------------------------------------------------- float32, weights [K, N], one or two rows
+// ---------------------------------------------------- float32, weights [K, N], a few rows
 
-// At one or two rows a tile's 64-column strip reads 256 bytes of each weight row, one row after
-// another N floats apart: every k starts a new stream and, past N = 1024, a new page. That ran at
-// 9-17 GB/s where reading the same bytes in order ran at 19-26 (a standalone harness on this
-// machine's 2 cores). So few rows stream the weights in order instead: kStreamK weight rows at a
-// time, each read left to right over the item's columns, the sums kept in y (in L1) between groups.
+// A few rows barely reuse a weight, so the product is as fast as the weights can be read. A tile's
+// 64-column strip reads 256 bytes of each weight row, one row after another N floats apart: every
+// k starts a new stream and, past N = 1024, a new page. That ran at 9-17 GB/s where reading the
+// same bytes in order ran at 19-26 (a standalone harness on this machine's 2 cores). So a few rows
+// split K instead: a work item is a run of whole weight rows, contiguous in memory, read in order
+// kStreamK rows at a time into one partial [M, N] per thread (in cache), summed at the end. Items
+// are small (about kStreamItemBytes), so a helper thread that wakes late costs only its share.
 constexpr int64_t kStreamK = 8;
+constexpr int64_t kStreamItemBytes = 96 << 10;
 
 // y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], 16 columns at a time
 // (n1 - n0 a multiple of 16).
@@ -301,56 +304,84 @@ inline void stream_rows(const float* x, const float* w, float* y, int64_t K, int
   }
 }
 
-// y[:, n0 : n1] = x @ w[:, n0 : n1], streaming w's rows in order; each group of kStreamK weight rows
-// serves the slab's rows four at a time (the second four read it from cache).
-inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
-                      int64_t n1) {
-  const int64_t n16 = n0 + (n1 - n0) / 16 * 16;
-  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n1, 0.0f);
-  int64_t k = 0;
-  for (; k + kStreamK <= K; k += kStreamK) {
-    for (int64_t m = 0; m < M; m += 4) stream_rows<kStreamK>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), n0, n16);
+// y[M, N] += x[:, k0 : k1] @ w[k0 : k1, :], reading those weight rows in order; each group of
+// kStreamK weight rows serves the rows of x four at a time (the second four read it from cache).
+inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0,
+                      int64_t k1) {
+  const int64_t n16 = N / 16 * 16;
+  int64_t k = k0;
+  for (; k + kStreamK <= k1; k += kStreamK) {
+    for (int64_t m = 0; m < M; m += 4) stream_rows<kStreamK>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
   }
-  for (; k < K; ++k) {
-    for (int64_t m = 0; m < M; m += 4) stream_rows<1>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), n0, n16);
+  for (; k < k1; ++k) {
+    for (int64_t m = 0; m < M; m += 4) stream_rows<1>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
   }
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = n16; n < n1; ++n) {
-      float s = 0.0f;
-      for (k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + n];
+    for (int64_t n = n16; n < N; ++n) {
+      float s = y[m * N + n];
+      for (k = k0; k < k1; ++k) s += x[m * K + k] * w[k * N + n];
       y[m * N + n] = s;
     }
   }
 }
 
-// A float32 product. w [N, K] and more than `stream_rows` rows of w [K, N]: columns [item * 64,
-// (item + 1) * 64) of every row per work item. At most `stream_rows` rows of w [K, N]: `parts` items
-// (one per thread), each an equal run of columns (multiples of 16) that it streams in order.
+// A float32 product. w [N, K], and more than `stream_rows` rows of w [K, N]: columns [item * 64,
+// (item + 1) * 64) of every row per work item, written to y. At most `stream_rows` rows of w [K, N]:
+// weight rows [item * stream_k, (item + 1) * stream_k) per item, summed into the partial
+// `partials[worker]` [M, N] of the thread that takes it (zeroed by that thread first, `claimed`
+// marks it); the caller adds up the partials (`sum_partials`).
 struct F32Problem {
   const float* x;
   const float* w;
   float* y;
   int64_t M, K, N;
-  bool nk;        // w is [N, K] (else [K, N])
+  bool nk;              // w is [N, K] (else [K, N])
   int64_t stream_rows;  // the most rows that stream (w [K, N] only)
-  int64_t parts;        // threads to share a streamed product
+  float* partials = nullptr;
+  uint8_t* claimed = nullptr;
 
   bool streams() const { return !nk && M <= stream_rows; }
 
+  // Weight rows per streamed item: a multiple of kStreamK near kStreamItemBytes.
+  int64_t stream_k() const {
+    return std::max<int64_t>(1, kStreamItemBytes / (4 * std::max<int64_t>(N, 1)) / kStreamK) * kStreamK;
+  }
+
   int64_t num_items() const {
-    if (streams()) return std::max<int64_t>(1, std::min(parts, N / 64));
+    if (streams()) return (K + stream_k() - 1) / stream_k();
     return (N + kColumnsPerItem - 1) / kColumnsPerItem;
   }
 
-  void run(int64_t item) const {
+  void run(int64_t item, int64_t worker) const {
     if (streams()) {
-      const int64_t items = num_items(), chunks = (N + 15) / 16;
-      const int64_t n0 = std::min(N, chunks * item / items * 16), n1 = std::min(N, chunks * (item + 1) / items * 16);
-      return stream_kn(x, w, y, M, K, N, n0, n1);
+      float* acc = partials + worker * M * N;
+      if (!claimed[worker]) {
+        std::fill(acc, acc + M * N, 0.0f);
+        claimed[worker] = 1;
+      }
+      const int64_t k0 = item * stream_k();
+      return stream_kn(x, w, acc, M, K, N, k0, std::min(K, k0 + stream_k()));
     }
     const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
     kn_columns(x, w, y, M, K, N, n0, n1);
+  }
+
+  // y = the sum of the claimed partials (of `workers`), once every item is done.
+  void sum_partials(int64_t workers) const {
+    const int64_t size = M * N;
+    bool first = true;
+    for (int64_t t = 0; t < workers; ++t) {
+      if (!claimed[t]) continue;
+      const float* p = partials + t * size;
+      if (first) {
+        std::copy(p, p + size, y);
+      } else {
+        for (int64_t i = 0; i < size; ++i) y[i] += p[i];
+      }
+      first = false;
+    }
+    if (first) std::fill(y, y + size, 0.0f);
   }
 };
 
@@ -546,9 +577,22 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   int64_t index;
   if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
-  const F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk,
-                           stream_rows, std::max<int64_t>(1, pool.num_threads())};
-  fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
+  F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk, stream_rows};
+  const int64_t items = M ? problem.num_items() : 0;
+  if (!problem.streams()) {
+    fastgen_kernels::run_items(pool, items, [problem](int64_t i) { problem.run(i, 0); });
+    return ffi::Error::Success();
+  }
+  // One partial [M, N] per thread that may join, kept by this (XLA's calling) thread between calls.
+  const int64_t workers = fastgen_kernels::max_workers(pool, items);
+  thread_local std::vector<float> partials;
+  thread_local std::vector<uint8_t> claimed;
+  partials.resize(workers * M * N);
+  claimed.assign(workers, 0);
+  problem.partials = partials.data();
+  problem.claimed = claimed.data();
+  fastgen_kernels::run_items(pool, items, [problem](int64_t i, int64_t worker) { problem.run(i, worker); });
+  problem.sum_partials(workers);
   return ffi::Error::Success();
 }
 

@@ -40,12 +40,12 @@ def f32_matmul(
     *,
     w_nk: bool = False,
     layer: jax.Array | int | None = None,
-    stream_rows: int = STREAM_ROWS,
+    stream_rows: int | None = None,
 ) -> jax.Array:
     """f32 [M, K] x f32 [K, N] (or [N, K] with `w_nk`) -> f32 [M, N].
 
-    Up to `stream_rows` rows of w [K, N] stream the weights' rows in order, more go by register
-    tiles of 64-column strips (see STREAM_ROWS).
+    Up to `stream_rows` (default: STREAM_ROWS, read at trace time) rows of w [K, N] stream the
+    weights' rows in order, more go by register tiles of 64-column strips.
 
     With `layer` (an i32[] index, traced or not) w is a stack [L, K, N] (or [L, N, K]) and the
     product is with layer `layer`'s weights, read in place: inside a scan over layers, a slice of the
@@ -63,7 +63,7 @@ def f32_matmul(
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     call = jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")
-    return call(x, w, index, w_nk=w_nk, stream_rows=np.int64(stream_rows))
+    return call(x, w, index, w_nk=w_nk, stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows))
 
 
 def int8_matmul(
