@@ -5,7 +5,10 @@ compiles one executable per (T, W) pair (`warmup` does all of them ahead of time
 `execute` only ever calls those executables: it never compiles, and a shape not compiled is an error.
 (The engine compiles a step's shape itself before executing it, which is a no-op unless warm-up was
 skipped; `stats.compiled_after_warmup` counts such late compilations.) The plan enters the program as
-one pytree. The KV cache is donated to every step, so XLA updates it in place.
+one int32 array, its 17 arrays packed end to end on the host (`pack_plan`) and unpacked inside the
+program (`unpack_plan`, static slices), so a step pays one host-to-device transfer: sending the
+arrays one by one cost the host about 1.5 ms a step, which on a 2-core CPU comes out of the step's
+own threads. The KV cache is donated to every step, so XLA updates it in place.
 
 Steps chain on the device: each step also returns its sampled tokens padded to i32[max_num_seqs]
 (`sampled_tokens`, kept here like the KV cache) and the next step takes them as an input, so a
@@ -26,7 +29,9 @@ none: it gets an all-ones mask that stays on the device, so every step runs the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +51,44 @@ from fastgen_jax.sampler import sample, verify
 log = logging.getLogger(__name__)
 
 _CACHE_ENV = "FASTGEN_JAX_COMPILATION_CACHE"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanLayout:
+    """Where each of a plan's arrays lies in its packed words: the plan's tree and, per array in
+    tree order, its shape and dtype. Hashable: it is a static argument of the step."""
+
+    treedef: Any
+    arrays: tuple[tuple[tuple[int, ...], str], ...]
+
+
+def pack_plan(plan: StepPlan) -> tuple[np.ndarray, PlanLayout]:
+    """The plan's arrays as one int32 array (float32 and uint32 by their bits, bool as 0 / 1)."""
+    leaves, treedef = jax.tree.flatten(plan)
+    words = []
+    for leaf in leaves:
+        if leaf.dtype == np.bool_:
+            leaf = leaf.astype(np.int32)
+        elif leaf.dtype.itemsize != 4:
+            raise TypeError(f"a plan array of {leaf.dtype}: only 4-byte types and bool pack")
+        words.append(leaf.reshape(-1).view(np.int32))
+    layout = PlanLayout(treedef, tuple((leaf.shape, leaf.dtype.name) for leaf in leaves))
+    return np.concatenate(words), layout
+
+
+def unpack_plan(words: jax.Array, layout: PlanLayout) -> StepPlan:
+    """Inside the step: the plan `pack_plan` packed, each array a static slice of `words`."""
+    leaves, offset = [], 0
+    for shape, name in layout.arrays:
+        size = math.prod(shape)
+        part = words[offset : offset + size].reshape(shape)
+        offset += size
+        if name == "bool":
+            part = part != 0
+        elif name != "int32":
+            part = jax.lax.bitcast_convert_type(part, jnp.dtype(name))
+        leaves.append(part)
+    return jax.tree.unflatten(layout.treedef, leaves)
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -130,6 +173,7 @@ class ModelRunner:
         self._jitted = jax.jit(
             self._step,
             donate_argnums=(1,),
+            static_argnums=(5,),
             in_shardings=(
                 jax.tree.map(lambda x: x.sharding, self.params),
                 kv_sharding,
@@ -148,8 +192,10 @@ class ModelRunner:
         """int32 words in one row of the token bitmask: ceil(vocab / 32) of the logits' vocabulary."""
         return -(-self.model_config.vocab_size // 32)
 
-    def _step(self, params, kv_cache, previous_tokens, plan: StepPlan, token_bitmask):
-        """previous_tokens i32[max_num_seqs]: the last step's sampled tokens (see the module docstring)."""
+    def _step(self, params, kv_cache, previous_tokens, words, token_bitmask, layout: PlanLayout):
+        """previous_tokens i32[max_num_seqs]: the last step's sampled tokens (see the module docstring);
+        words: the plan, packed (`pack_plan`)."""
+        plan = unpack_plan(words, layout)
         from_previous = previous_tokens[jnp.maximum(plan.previous_slot, 0)]  # [T]
         token_ids = jnp.where(plan.previous_slot >= 0, from_previous, plan.token_ids)
         logits, kv_cache = self._model.apply(params, token_ids, kv_cache, plan.attention)
@@ -168,10 +214,8 @@ class ModelRunner:
         if plan.shape in self._executables:
             return
         start = time.perf_counter()
-        args = jax.device_put(plan, self._replicated)
-        lowered = self._jitted.lower(
-            self.params, self.kv_cache, self.sampled_tokens, args, self._bitmask(plan, None)
-        )
+        _, layout = pack_plan(plan)
+        lowered = self._jitted.lower(self.params, self.kv_cache, self.sampled_tokens, *self.step_args(plan), layout)
         self._executables[plan.shape] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
@@ -212,11 +256,17 @@ class ModelRunner:
             executable = self._executables[plan.shape]
         except KeyError:
             raise RuntimeError(f"no compiled step for plan shape {plan.shape}; warm-up missed it") from None
-        args = jax.device_put(plan, self._replicated)
+        words, bitmask = self.step_args(plan, token_bitmask)
         sampled, self.kv_cache, self.sampled_tokens = executable(
-            self.params, self.kv_cache, self.sampled_tokens, args, self._bitmask(plan, token_bitmask)
+            self.params, self.kv_cache, self.sampled_tokens, words, bitmask
         )
         return sampled
+
+    def step_args(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
+        """The step's plan (packed, on the device) and token bitmask arguments: a compiled step is
+        `executable(params, kv_cache, sampled_tokens, *step_args(plan))`."""
+        words, _ = pack_plan(plan)
+        return jax.device_put(words, self._replicated), self._bitmask(plan, token_bitmask)
 
     def _all_allowed_bitmask(self, rows: int) -> jax.Array:
         if rows not in self._all_allowed:

@@ -54,7 +54,7 @@ def main(argv):
             runner.compile(plan)
             programs[value] = runner._executables.pop(plan.shape)
         cm.STREAM_ROWS = default
-        args = (jax.device_put(plan, runner._replicated), runner._bitmask(plan, None))
+        args = runner.step_args(plan)
         times = {value: [] for value in programs}
         for i in range(FLAGS.calls + 3):
             for value, program in programs.items():

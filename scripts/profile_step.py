@@ -159,7 +159,7 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     runner, c = engine.runner, engine.model_config
     runner.compile(plan)
     executable = runner._executables[plan.shape]
-    args = (jax.device_put(plan, runner._replicated), runner._bitmask(plan, None))
+    args = runner.step_args(plan)
 
     def device():
         out, runner.kv_cache, _ = executable(runner.params, runner.kv_cache, runner.sampled_tokens, *args)
