@@ -265,11 +265,14 @@ inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int6
 // 64-column strip reads 256 bytes of each weight row, one row after another N floats apart: every
 // k starts a new stream and, past N = 1024, a new page. That ran at 9-17 GB/s where reading the
 // same bytes in order ran at 19-26 (a standalone harness on this machine's 2 cores). So a few rows
-// split K instead: a work item is a run of whole weight rows, contiguous in memory, read in order
-// kStreamK rows at a time into one partial [M, N] per thread (in cache), summed at the end. Items
-// are small (about kStreamItemBytes), so a helper thread that wakes late costs only its share.
+// split K instead: K is cut into up to kStreamChunks runs of whole weight rows (each contiguous in
+// memory), a work item each, read in order kStreamK rows at a time into the run's own partial
+// [M, N]; the partials are added in order at the end, so the result does not depend on which
+// thread took which run (the same bits every call). Eight runs let the calling thread take a late
+// helper's share. Built without AVX-512 (16 vector registers) a group of 8 weight rows spills;
+// the caller only uses this kernel where AVX-512 is (`Attention.reads_weight_stacks`).
 constexpr int64_t kStreamK = 8;
-constexpr int64_t kStreamItemBytes = 96 << 10;
+constexpr int64_t kStreamChunks = 8;
 
 // y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], 16 columns at a time
 // (n1 - n0 a multiple of 16).
@@ -292,8 +295,8 @@ inline void stream_group(const float* __restrict x, const float* __restrict w, f
 
 // Rows m0 .. m0 + rows (at most 4) of one group of KB weight rows.
 template <int KB>
-inline void stream_rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t m0,
-                        int64_t rows, int64_t n0, int64_t n1) {
+inline void stream_row_group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k,
+                             int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
   x += m0 * K;
   y += m0 * N;
   switch (rows) {
@@ -311,10 +314,10 @@ inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64
   const int64_t n16 = N / 16 * 16;
   int64_t k = k0;
   for (; k + kStreamK <= k1; k += kStreamK) {
-    for (int64_t m = 0; m < M; m += 4) stream_rows<kStreamK>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
+    for (int64_t m = 0; m < M; m += 4) stream_row_group<kStreamK>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
   }
   for (; k < k1; ++k) {
-    for (int64_t m = 0; m < M; m += 4) stream_rows<1>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
+    for (int64_t m = 0; m < M; m += 4) stream_row_group<1>(x, w, y, K, N, k, m, std::min<int64_t>(4, M - m), 0, n16);
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = n16; n < N; ++n) {
@@ -327,9 +330,8 @@ inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64
 
 // A float32 product. w [N, K], and more than `stream_rows` rows of w [K, N]: columns [item * 64,
 // (item + 1) * 64) of every row per work item, written to y. At most `stream_rows` rows of w [K, N]:
-// weight rows [item * stream_k, (item + 1) * stream_k) per item, summed into the partial
-// `partials[worker]` [M, N] of the thread that takes it (zeroed by that thread first, `claimed`
-// marks it); the caller adds up the partials (`sum_partials`).
+// weight rows [item * chunk_k(), (item + 1) * chunk_k()) per item, summed into the partial
+// `partials[item]` [M, N]; the caller then adds them up in order (`sum_partials`).
 struct F32Problem {
   const float* x;
   const float* w;
@@ -338,50 +340,41 @@ struct F32Problem {
   bool nk;              // w is [N, K] (else [K, N])
   int64_t stream_rows;  // the most rows that stream (w [K, N] only)
   float* partials = nullptr;
-  uint8_t* claimed = nullptr;
 
   bool streams() const { return !nk && M <= stream_rows; }
 
-  // Weight rows per streamed item: a multiple of kStreamK near kStreamItemBytes.
-  int64_t stream_k() const {
-    return std::max<int64_t>(1, kStreamItemBytes / (4 * std::max<int64_t>(N, 1)) / kStreamK) * kStreamK;
+  // Weight rows per streamed item: whole groups of kStreamK, at most kStreamChunks items.
+  int64_t chunk_k() const {
+    const int64_t groups = (K + kStreamK - 1) / kStreamK;
+    return std::max<int64_t>(1, (groups + kStreamChunks - 1) / kStreamChunks) * kStreamK;
   }
 
   int64_t num_items() const {
-    if (streams()) return (K + stream_k() - 1) / stream_k();
+    if (streams()) return (K + chunk_k() - 1) / chunk_k();
     return (N + kColumnsPerItem - 1) / kColumnsPerItem;
   }
 
-  void run(int64_t item, int64_t worker) const {
+  void run(int64_t item) const {
     if (streams()) {
-      float* acc = partials + worker * M * N;
-      if (!claimed[worker]) {
-        std::fill(acc, acc + M * N, 0.0f);
-        claimed[worker] = 1;
-      }
-      const int64_t k0 = item * stream_k();
-      return stream_kn(x, w, acc, M, K, N, k0, std::min(K, k0 + stream_k()));
+      float* acc = partials + item * M * N;
+      std::fill(acc, acc + M * N, 0.0f);
+      const int64_t k0 = item * chunk_k();
+      return stream_kn(x, w, acc, M, K, N, k0, std::min(K, k0 + chunk_k()));
     }
     const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
     kn_columns(x, w, y, M, K, N, n0, n1);
   }
 
-  // y = the sum of the claimed partials (of `workers`), once every item is done.
-  void sum_partials(int64_t workers) const {
+  // y = partials[0] + partials[1] + ... (of `items`), in that order, once every item is done.
+  void sum_partials(int64_t items) const {
     const int64_t size = M * N;
-    bool first = true;
-    for (int64_t t = 0; t < workers; ++t) {
-      if (!claimed[t]) continue;
+    if (items == 0) return std::fill(y, y + size, 0.0f);
+    std::copy(partials, partials + size, y);
+    for (int64_t t = 1; t < items; ++t) {
       const float* p = partials + t * size;
-      if (first) {
-        std::copy(p, p + size, y);
-      } else {
-        for (int64_t i = 0; i < size; ++i) y[i] += p[i];
-      }
-      first = false;
+      for (int64_t i = 0; i < size; ++i) y[i] += p[i];
     }
-    if (first) std::fill(y, y + size, 0.0f);
   }
 };
 
@@ -579,20 +572,13 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
   F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk, stream_rows};
   const int64_t items = M ? problem.num_items() : 0;
-  if (!problem.streams()) {
-    fastgen_kernels::run_items(pool, items, [problem](int64_t i) { problem.run(i, 0); });
-    return ffi::Error::Success();
+  thread_local std::vector<float> partials;  // this (XLA's calling) thread's, kept between calls
+  if (problem.streams()) {
+    partials.resize(items * M * N);
+    problem.partials = partials.data();
   }
-  // One partial [M, N] per thread that may join, kept by this (XLA's calling) thread between calls.
-  const int64_t workers = fastgen_kernels::max_workers(pool, items);
-  thread_local std::vector<float> partials;
-  thread_local std::vector<uint8_t> claimed;
-  partials.resize(workers * M * N);
-  claimed.assign(workers, 0);
-  problem.partials = partials.data();
-  problem.claimed = claimed.data();
-  fastgen_kernels::run_items(pool, items, [problem](int64_t i, int64_t worker) { problem.run(i, worker); });
-  problem.sum_partials(workers);
+  fastgen_kernels::run_items(pool, items, [problem](int64_t i) { problem.run(i); });
+  if (problem.streams()) problem.sum_partials(items);
   return ffi::Error::Success();
 }
 

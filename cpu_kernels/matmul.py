@@ -63,7 +63,9 @@ def f32_matmul(
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     call = jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")
-    return call(x, w, index, w_nk=w_nk, stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows))
+    return call(
+        x, w, index, w_nk=w_nk, stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows)
+    )
 
 
 def int8_matmul(

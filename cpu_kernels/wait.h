@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <type_traits>
 #include <utility>
 
 namespace fastgen_kernels {
@@ -33,30 +32,20 @@ void wait_for_helpers(Finished finished, std::mutex& mutex, std::condition_varia
 
 // Items 0 .. items - 1 dealt from an atomic counter to the pool's helpers and the calling thread.
 // A helper that starts after the work is gone only touches this (kept alive by its shared_ptr).
-// `run` takes (item) or (item, worker): worker numbers each thread that joins, from 0, so that a
-// product can keep one partial result per thread.
 template <typename Run>
 struct Items {
   Run run;
   int64_t items;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
-  std::atomic<int64_t> workers{0};
   std::mutex mutex;
   std::condition_variable all_done;
 
   Items(Run r, int64_t n) : run(std::move(r)), items(n) {}
 
   void work() {
-    const int64_t worker = workers.fetch_add(1);
     int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) {
-      if constexpr (std::is_invocable_v<Run&, int64_t, int64_t>) {
-        run(i, worker);
-      } else {
-        run(i);
-      }
-    }
+    for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) run(i);
     if (finished && done.fetch_add(finished) + finished == items) {
       std::lock_guard<std::mutex> lock(mutex);
       all_done.notify_all();
@@ -64,19 +53,13 @@ struct Items {
   }
 };
 
-// How many threads run_items(pool, items, ...) may deal to (the calling thread and its helpers).
-template <typename Pool>
-int64_t max_workers(Pool& pool, int64_t items) {
-  return items <= 0 ? 0 : 1 + std::min<int64_t>(pool.num_threads(), items - 1);
-}
-
 // run(i) for every item i, on `pool` (an xla::ffi::ThreadPool) and this thread; returns when all are
 // done. `run` must stay valid to call until then (it is copied into the shared state).
 template <typename Pool, typename Run>
 void run_items(Pool& pool, int64_t items, Run run) {
   if (items <= 0) return;
   auto shared = std::make_shared<Items<Run>>(std::move(run), items);
-  const int64_t helpers = max_workers(pool, items) - 1;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
   wait_for_helpers([&] { return shared->done.load() == items; }, shared->mutex, shared->all_done);

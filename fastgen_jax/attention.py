@@ -67,8 +67,8 @@ INT8_BF16_ROWS = 32
 # docs/benchmarks/f32_matmul_cpu.json): 1 / 2 / 4 / 8 rows 18 / 20 / 24 / 31 ms against XLA's
 # 24 / 27 / 28 / 32 (up to `cpu_kernels.matmul.STREAM_ROWS` rows the kernel reads each weight row in
 # order); 16 / 32 / 64 / 128 / 256 rows 35 / 56 / 88 / 174 / 364 against 44 / 69 / 116 / 192 / 388;
-# 512 rows 748 against 737. The LM head ([N, K]) at one row: 5.8 ms against XLA's 5.4, and 6.2-10.3
-# against 9.2-13.1 at 2-16 rows. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
+# 512 rows 748 against 737. The LM head ([N, K]) at one row: 5.8 ms against XLA's 5.4 (so XLA keeps
+# it), and 6.2-10.3 against 9.2-13.1 at 2-16 rows. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
 # alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
 # 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is
 # built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
@@ -163,13 +163,14 @@ class Attention:
     ) -> jax.Array:
         """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
         leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
-        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
+        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows (2 or more
+        for the head) run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
         as they are (tensor parallelism shards them)."""
         use_kernel = self._f32_kernel(x, w)
         if w_nk:
-            if use_kernel:
+            if use_kernel and x.shape[0] > 1:  # one row of the head: XLA's dot, 5.4 ms against 5.8
                 return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True)
             return jnp.einsum("tk,nk->tn", x, w, preferred_element_type=preferred_element_type)
         k_axes = x.ndim - 1

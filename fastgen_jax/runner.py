@@ -59,7 +59,7 @@ class PlanLayout:
     tree order, its shape and dtype. Hashable: it is a static argument of the step."""
 
     treedef: Any
-    arrays: tuple[tuple[tuple[int, ...], str], ...]
+    arrays: tuple[tuple[tuple[int, ...], np.dtype], ...]
 
 
 def pack_plan(plan: StepPlan) -> tuple[np.ndarray, PlanLayout]:
@@ -72,21 +72,21 @@ def pack_plan(plan: StepPlan) -> tuple[np.ndarray, PlanLayout]:
         elif leaf.dtype.itemsize != 4:
             raise TypeError(f"a plan array of {leaf.dtype}: only 4-byte types and bool pack")
         words.append(leaf.reshape(-1).view(np.int32))
-    layout = PlanLayout(treedef, tuple((leaf.shape, leaf.dtype.name) for leaf in leaves))
+    layout = PlanLayout(treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
     return np.concatenate(words), layout
 
 
 def unpack_plan(words: jax.Array, layout: PlanLayout) -> StepPlan:
     """Inside the step: the plan `pack_plan` packed, each array a static slice of `words`."""
     leaves, offset = [], 0
-    for shape, name in layout.arrays:
+    for shape, dtype in layout.arrays:
         size = math.prod(shape)
         part = words[offset : offset + size].reshape(shape)
         offset += size
-        if name == "bool":
+        if dtype == np.bool_:
             part = part != 0
-        elif name != "int32":
-            part = jax.lax.bitcast_convert_type(part, jnp.dtype(name))
+        elif dtype != np.int32:
+            part = jax.lax.bitcast_convert_type(part, dtype)
         leaves.append(part)
     return jax.tree.unflatten(layout.treedef, leaves)
 
@@ -184,6 +184,7 @@ class ModelRunner:
             out_shardings=(self._replicated, kv_sharding, self._replicated),
         )
         self._executables: dict[tuple[int, int], Any] = {}
+        self._layouts: dict[tuple[int, int], PlanLayout] = {}  # the packed plan each executable reads
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> an all-ones token bitmask on device
         self.compile_seconds = 0.0
 
@@ -215,7 +216,9 @@ class ModelRunner:
             return
         start = time.perf_counter()
         _, layout = pack_plan(plan)
-        lowered = self._jitted.lower(self.params, self.kv_cache, self.sampled_tokens, *self.step_args(plan), layout)
+        lowered = self._jitted.lower(
+            self.params, self.kv_cache, self.sampled_tokens, *self.step_args(plan), layout
+        )
         self._executables[plan.shape] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
@@ -262,10 +265,15 @@ class ModelRunner:
         )
         return sampled
 
-    def step_args(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
-        """The step's plan (packed, on the device) and token bitmask arguments: a compiled step is
-        `executable(params, kv_cache, sampled_tokens, *step_args(plan))`."""
-        words, _ = pack_plan(plan)
+    def step_args(
+        self, plan: StepPlan, token_bitmask: np.ndarray | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """The step's plan (packed, on the device; checked against the compiled step's layout) and
+        token bitmask arguments: a compiled step is `executable(params, kv_cache, sampled_tokens,
+        *step_args(plan))`."""
+        words, layout = pack_plan(plan)
+        if layout != self._layouts.get(plan.shape):
+            raise ValueError(f"a plan of shape {plan.shape} whose arrays differ from the compiled step's")
         return jax.device_put(words, self._replicated), self._bitmask(plan, token_bitmask)
 
     def _all_allowed_bitmask(self, rows: int) -> jax.Array:

@@ -42,7 +42,9 @@ def main(argv):
         token_budget=256, max_num_seqs=max(int(s) for s in FLAGS.decode_seqs) + 1, max_model_len=2048,
         num_pages=512, page_size=16, enable_prefix_caching=False,
     )  # fmt: skip
-    engine = LLMEngine(load_checkpoint(FLAGS.model, "float32"), config, "float32", warmup=False, progress=False)
+    engine = LLMEngine(
+        load_checkpoint(FLAGS.model, "float32"), config, "float32", warmup=False, progress=False
+    )
     runner, default, rows = engine.runner, cm.STREAM_ROWS, []
     for seqs in (int(s) for s in FLAGS.decode_seqs):
         plan = profile_step.synthetic_plan(engine, [(FLAGS.context - 1, 1)] * seqs, np.random.default_rng(0))
@@ -59,14 +61,21 @@ def main(argv):
         for i in range(FLAGS.calls + 3):
             for value, program in programs.items():
                 start = time.perf_counter()
-                out, runner.kv_cache, _ = program(runner.params, runner.kv_cache, runner.sampled_tokens, *args)
+                out, runner.kv_cache, _ = program(
+                    runner.params, runner.kv_cache, runner.sampled_tokens, *args
+                )
                 jax.block_until_ready(out)
                 if i >= 3:
                     times[value].append(time.perf_counter() - start)
         row = {"seqs": seqs, "context": FLAGS.context, "bucket": plan.bucket}
-        row |= {f"stream_rows={v}": {"median_ms": 1e3 * float(np.median(t)), "best_ms": 1e3 * min(t)} for v, t in times.items()}
+        row |= {
+            f"stream_rows={v}": {"median_ms": 1e3 * float(np.median(t)), "best_ms": 1e3 * min(t)}
+            for v, t in times.items()
+        }
         rows.append(row)
-        cells = ", ".join(f"{k}: median {v['median_ms']:.1f} best {v['best_ms']:.1f}" for k, v in row.items() if "=" in k)
+        cells = ", ".join(
+            f"{k}: median {v['median_ms']:.1f} best {v['best_ms']:.1f}" for k, v in row.items() if "=" in k
+        )
         print(f"decode {seqs}x{FLAGS.context} (slab {plan.bucket} rows): {cells} ms", flush=True)
     if FLAGS.output_json:
         report = {"load": os.getloadavg(), "jax": jax.__version__, "rows": rows}

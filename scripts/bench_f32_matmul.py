@@ -12,8 +12,9 @@ scan over the stacked weights, as the model runs them) at a given number of rows
 
     python scripts/bench_f32_matmul.py --rows=1,4,8,16,32,64,128,256,512
 
-Best of 15 timed calls each (wall time, the four taking turns), in one process. Prints a table (ms for all 30 layers'
-projections) and writes JSON; where "kernel, stack" stops beating "XLA" sets the thresholds.
+Best of 15 timed calls each (wall time, the four taking turns), in one process. Prints a table (ms
+for all 30 layers' projections) and writes JSON; where "kernel, stack" stops beating "XLA" sets the
+thresholds.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def programs():
 
     def over_stack(**kw):
         def run(x, ws):
-            return jax.lax.scan(lambda c, i: (c, f32_matmul(x, ws, layer=i, **kw)), 0, jnp.arange(ws.shape[0]))[1]
+            return jax.lax.scan(
+                lambda c, i: (c, f32_matmul(x, ws, layer=i, **kw)), 0, jnp.arange(ws.shape[0])
+            )[1]
 
         return jax.jit(run)
 

@@ -3,8 +3,9 @@
 A `StepPlan` is the one thing that crosses from the host side to the device for a step: the token
 slab (`token_ids`), the attention metadata every attention layer reads (`AttentionMetadata`) and the
 per-slot sampling settings (`SamplingArrays`). Each field is defined once, below, with its dtype,
-shape and padding value. The runner hands the plan to the compiled step as a pytree (the jax side
-registers the three classes), the multi-host leader broadcasts it as one, and warm-up compiles one
+shape and padding value. The runner packs the plan's arrays into one int32 array for the compiled
+step, which unpacks it into the same pytree (the jax side registers the three classes; fields must
+be 4-byte types or bool), the multi-host leader broadcasts it as a pytree, and warm-up compiles one
 program per padding plan, so no layer looks a field up by a string.
 
 Shapes depend only on the bucket T (the smallest of `token_buckets` that holds the step's tokens),

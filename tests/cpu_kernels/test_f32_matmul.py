@@ -1,9 +1,10 @@
 """The C++ float32 matmul (XLA FFI) against a float64 numpy oracle, on shapes that reach every path
 of the kernel (weights [K, N]: up to `stream_rows` rows streamed in order, 8 weight rows at a time
-and the rest one at a time, in runs split between threads, with a per-column tail; more by row tiles
-of 6 and of 1-5 rows, 64- and 16-column strips and the per-column tail; weights [N, K]: groups of four columns by tiles of 6, 3 and 1 rows, K not a multiple
-of 16, the per-column tail), and `Attention.matmul`, which chooses it for the CPU kernels' few-row
-slabs (the model's projections and LM head) and XLA's dot otherwise."""
+and the rest one at a time, K in runs summed in order, a per-column tail; more by row tiles of 6
+and of 1-5 rows, 64- and 16-column strips and the per-column tail; weights [N, K]: groups of four
+columns by tiles of 6, 3 and 1 rows, K not a multiple of 16, the per-column tail), and
+`Attention.matmul`, which chooses it for the CPU kernels' few-row slabs (the model's projections and
+LM head) and XLA's dot otherwise."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def assert_close(got, x, w):
 @SETTINGS
 def test_matches_the_oracle(m, k, n, w_nk, stream_rows, seed):
     x, w = random_inputs(m, k, n, seed)
-    got = f32_matmul(jnp.asarray(x), jnp.asarray(w.T.copy() if w_nk else w), w_nk=w_nk, stream_rows=stream_rows)
+    given = jnp.asarray(w.T.copy() if w_nk else w)
+    got = f32_matmul(jnp.asarray(x), given, w_nk=w_nk, stream_rows=stream_rows)
     assert_close(np.asarray(got), x, w)
 
 
@@ -68,6 +70,23 @@ def test_model_sized_projections_match_the_oracle(m, k, n):
 def test_zero_rows_give_an_empty_result():
     x, w = random_inputs(0, 32, 8)
     assert f32_matmul(jnp.asarray(x), jnp.asarray(w)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("stream_rows", [0, STREAM_ROWS])
+def test_an_empty_contraction_gives_zeros(stream_rows):
+    x, w = random_inputs(3, 0, 40)
+    got = np.asarray(f32_matmul(jnp.asarray(x), jnp.asarray(w), stream_rows=stream_rows))
+    assert got.shape == (3, 40) and not got.any()
+
+
+@pytest.mark.parametrize("m", [1, 4, STREAM_ROWS])
+def test_few_rows_give_the_same_bits_every_call(m):
+    """The streamed path sums its runs of K in a fixed order, whichever thread took which run."""
+    x, w = random_inputs(m, 1536, 576, seed=m)
+    mm = jax.jit(f32_matmul)
+    first = np.asarray(mm(x, w))
+    for _ in range(20):
+        np.testing.assert_array_equal(np.asarray(mm(x, w)), first)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +121,7 @@ def test_the_cpu_kernels_take_few_float32_rows_and_xla_the_rest():
     assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w[:, 0, :].T, w_nk=True)) == AVX512
     assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), many, w)
     assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w)) == AVX512
+    assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), few[:1], w[:, 0, :].T, w_nk=True)  # XLA's
     assert "fastgen_f32_matmul" not in _hlo(Attention("reference"), few, w)
     assert "fastgen_f32_matmul" not in _hlo(
         Attention("cpu"), few.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
