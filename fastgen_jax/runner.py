@@ -215,11 +215,10 @@ class ModelRunner:
         if plan.shape in self._executables:
             return
         start = time.perf_counter()
-        _, layout = pack_plan(plan)
-        lowered = self._jitted.lower(
-            self.params, self.kv_cache, self.sampled_tokens, *self.step_args(plan), layout
-        )
-        self._executables[plan.shape] = lowered.compile()
+        words, layout = pack_plan(plan)
+        args = (self.params, self.kv_cache, self.sampled_tokens, jax.device_put(words, self._replicated))
+        self._executables[plan.shape] = self._jitted.lower(*args, self._bitmask(plan, None), layout).compile()
+        self._layouts[plan.shape] = layout
         self.compile_seconds += time.perf_counter() - start
 
     def warmup(self, plans: Iterable[StepPlan], progress: bool = True) -> None:
