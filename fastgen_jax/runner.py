@@ -7,8 +7,9 @@ compiles one executable per (T, W) pair (`warmup` does all of them ahead of time
 skipped; `stats.compiled_after_warmup` counts such late compilations.) The plan enters the program as
 one int32 array, its 17 arrays packed end to end on the host (`pack_plan`) and unpacked inside the
 program (`unpack_plan`, static slices), so a step pays one host-to-device transfer: sending the
-arrays one by one cost the host about 1.5 ms a step, which on a 2-core CPU comes out of the step's
-own threads. The KV cache is donated to every step, so XLA updates it in place.
+arrays one by one was most of the host's own time in a step (a profile of one stream), which on a
+2-core CPU comes out of the step's own threads. The KV cache is donated to every step, so XLA
+updates it in place.
 
 Steps chain on the device: each step also returns its sampled tokens padded to i32[max_num_seqs]
 (`sampled_tokens`, kept here like the KV cache) and the next step takes them as an input, so a
