@@ -9,11 +9,8 @@ Prints the median and best device ms of each step program and writes JSON.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
-import time
 
 from absl import app, flags
 
@@ -34,6 +31,7 @@ def main(argv):
     import numpy as np
 
     import cpu_kernels.matmul as cm
+    from fastgen_jax.benchmarks.timing import times_in_turns, write_report
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.config import EngineConfig
     from fastgen_jax.llm_engine import LLMEngine
@@ -57,16 +55,13 @@ def main(argv):
             programs[value] = runner._executables.pop(plan.shape)
         cm.STREAM_ROWS = default
         args = runner.step_args(plan)
-        times = {value: [] for value in programs}
-        for i in range(FLAGS.calls + 3):
-            for value, program in programs.items():
-                start = time.perf_counter()
-                out, runner.kv_cache, _ = program(
-                    runner.params, runner.kv_cache, runner.sampled_tokens, *args
-                )
-                jax.block_until_ready(out)
-                if i >= 3:
-                    times[value].append(time.perf_counter() - start)
+
+        def call(program, args=args):
+            out, runner.kv_cache, _ = program(runner.params, runner.kv_cache, runner.sampled_tokens, *args)
+            jax.block_until_ready(out)
+
+        calls = {value: (lambda p=program: call(p)) for value, program in programs.items()}
+        times = times_in_turns(calls, FLAGS.calls, warmup=3)
         row = {"seqs": seqs, "context": FLAGS.context, "bucket": plan.bucket}
         row |= {
             f"stream_rows={v}": {"median_ms": 1e3 * float(np.median(t)), "best_ms": 1e3 * min(t)}
@@ -78,8 +73,7 @@ def main(argv):
         )
         print(f"decode {seqs}x{FLAGS.context} (slab {plan.bucket} rows): {cells} ms", flush=True)
     if FLAGS.output_json:
-        report = {"load": os.getloadavg(), "jax": jax.__version__, "rows": rows}
-        pathlib.Path(FLAGS.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(FLAGS.output_json, rows)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ thresholds.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +30,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cpu_kernels.matmul import f32_matmul  # noqa: E402
+from fastgen_jax.benchmarks.timing import times_in_turns, write_report  # noqa: E402
 
 flags.DEFINE_list("rows", ["1", "4", "8", "16", "32", "64", "128", "256", "512"], "Slab sizes to time.")
 flags.DEFINE_string("output_json", "docs/benchmarks/f32_matmul_cpu.json", "Where to write the figures.")
@@ -63,17 +61,9 @@ def programs():
 
 
 def best_ms(fns: dict, *args, repeats: int = 15) -> dict[str, float]:
-    """Best wall ms of each of `fns` on `args`, the calls taking turns so that a slow spell of a shared
-    machine falls on all of them."""
-    for fn in fns.values():
-        fn(*args).block_until_ready()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(*args).block_until_ready()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: seconds * 1e3 for name, seconds in best.items()}
+    """Best wall ms of each of `fns` on `args`, the calls taking turns."""
+    calls = {name: (lambda fn=fn: fn(*args).block_until_ready()) for name, fn in fns.items()}
+    return {name: 1e3 * min(t) for name, t in times_in_turns(calls, repeats).items()}
 
 
 def main(argv):
@@ -95,8 +85,7 @@ def main(argv):
         rows.append(row)
         print(f"{m:>5}" + "".join(f"{row[n]:>16.2f}" for n in fns), flush=True)
     if FLAGS.output_json:
-        report = {"load": os.getloadavg(), "jax": jax.__version__, "rows": rows}
-        pathlib.Path(FLAGS.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(FLAGS.output_json, rows)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,8 @@ float32 kernel stops beating XLA's float32 dot `F32_KERNEL_ROWS`.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cpu_kernels.matmul import f32_matmul, int8_matmul  # noqa: E402
 from fastgen_jax.attention import Attention  # noqa: E402
+from fastgen_jax.benchmarks.timing import times_in_turns, write_report  # noqa: E402
 from fastgen_jax.quantize import quantize_int8  # noqa: E402
 
 flags.DEFINE_list("rows", ["1", "4", "8", "16", "32", "64", "128", "256"], "Rows (slab sizes) to time.")
@@ -105,13 +103,8 @@ def programs():
 
 
 def best_ms(fn, x) -> float:
-    fn(x).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        fn(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    times = times_in_turns({"fn": lambda: fn(x).block_until_ready()}, repeats=10)
+    return 1e3 * min(times["fn"])
 
 
 def main(argv):
@@ -134,8 +127,7 @@ def main(argv):
         rows.append(row)
         print(f"{m:>5}" + "".join(f"{row[n]:>19.2f}" for n in fns), flush=True)
     if FLAGS.output_json:
-        report = {"load": os.getloadavg(), "jax": jax.__version__, "rows": rows}
-        pathlib.Path(FLAGS.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(FLAGS.output_json, rows)
 
 
 if __name__ == "__main__":
