@@ -22,14 +22,16 @@
 //   into float32 lanes (`vdpbf16ps`, twice float32's multiply rate): int8 weights and bfloat16 rows
 //   are exact in bfloat16, so each product is exact and only the float32 sums round (vdpbf16ps
 //   treats denormal inputs and results as zero: below 1.2e-38, nothing a projection sees). Up to six rows
-//   widen 32 weights at a time in registers (a decode step: bound by the bytes it reads); more rows
+//   widen 32 weights at a time in registers (a decode step: bound by the bytes it reads), reading each
+//   column's weights in order and asking for them 4 KiB ahead (`group_in_order`); more rows
 //   widen a work item's weights once into a per-thread bfloat16 buffer that every row tile then reads
 //   from cache (a small fused step: bound by the multiplies, which widening per row tile would double);
 // - elsewhere, the rows are widened to float32 once per call and the products are float32 FMAs over
 //   16 widened weights at a time;
-// - a work item is 64 columns (36 KiB of weights at K = 576); each column group asks for the next
-//   group's weights ahead of use (four streams per group, where the hardware prefetcher alone
-//   left the kernel at a third of the memory bandwidth);
+// - a work item is 64 columns (36 KiB of weights at K = 576), or up to 256 on the direct path
+//   (`columns_per_item`); the float32 path's column groups ask for the next group's weights ahead of
+//   use (four streams per group, where the hardware prefetcher alone left the kernel at a third of
+//   the memory bandwidth);
 // - items are dealt out from an atomic counter to XLA's intra-op thread pool and the calling thread.
 // q may be a stack [L, N, K] (scale [L, N]) with the layer to use given as an operand, so a scanned
 // layer could pass its whole stack and its index instead of a slice, which XLA copies out of the stack
@@ -407,19 +409,16 @@ struct FromBuffer {
   __m512bh operator()(int j, int64_t k) const { return load_bf16(w + j * K + k); }
 };
 
-// y[m0 : m0 + MR, n : n + NC]; `ahead`, when not null, is where the next group's weights are.
+// y[m0 : m0 + MR, n : n + NC].
 template <int MR, int NC, class Weights>
 inline void tile_bf16(const uint16_t* __restrict x, Weights w, const float* __restrict scale,
-                      float* __restrict y, int64_t K, int64_t N, int64_t m0, int64_t n, const int8_t* ahead) {
+                      float* __restrict y, int64_t K, int64_t N, int64_t m0, int64_t n) {
   __m512 acc[MR][NC];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NC; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     __m512bh wv[NC];
     for (int j = 0; j < NC; ++j) wv[j] = w(j, k);
-    if (ahead) {
-      for (int j = 0; j < NC; ++j) __builtin_prefetch(ahead + j * K + k, 0, 0);
-    }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       __m512bh xv = load_bf16(x + (m0 + m) * K + k);
@@ -439,23 +438,68 @@ inline void tile_bf16(const uint16_t* __restrict x, Weights w, const float* __re
 // Rows [m0, m1) of columns [n, n + NC): tiles of six rows, then one tile of the rest.
 template <int NC, class Weights>
 inline void rows_bf16(const uint16_t* x, Weights w, const float* scale, float* y, int64_t K, int64_t N,
-                      int64_t m0, int64_t m1, int64_t n, const int8_t* ahead) {
+                      int64_t m0, int64_t m1, int64_t n) {
   int64_t m = m0;
-  for (; m + 6 <= m1; m += 6, ahead = nullptr) tile_bf16<6, NC>(x, w, scale, y, K, N, m, n, ahead);
+  for (; m + 6 <= m1; m += 6) tile_bf16<6, NC>(x, w, scale, y, K, N, m, n);
   switch (m1 - m) {
-    case 5: return tile_bf16<5, NC>(x, w, scale, y, K, N, m, n, ahead);
-    case 4: return tile_bf16<4, NC>(x, w, scale, y, K, N, m, n, ahead);
-    case 3: return tile_bf16<3, NC>(x, w, scale, y, K, N, m, n, ahead);
-    case 2: return tile_bf16<2, NC>(x, w, scale, y, K, N, m, n, ahead);
-    case 1: return tile_bf16<1, NC>(x, w, scale, y, K, N, m, n, ahead);
+    case 5: return tile_bf16<5, NC>(x, w, scale, y, K, N, m, n);
+    case 4: return tile_bf16<4, NC>(x, w, scale, y, K, N, m, n);
+    case 3: return tile_bf16<3, NC>(x, w, scale, y, K, N, m, n);
+    case 2: return tile_bf16<2, NC>(x, w, scale, y, K, N, m, n);
+    case 1: return tile_bf16<1, NC>(x, w, scale, y, K, N, m, n);
     default: return;
   }
+}
+
+// How far ahead of its reads the direct path asks for weights (`prefetchnta`: into L1 without
+// displacing the caches' other contents).
+constexpr int64_t kAheadBytes = 4096;
+
+// y[0 : MR, n : n + 4] from int8 columns n .. n + 3 (contiguous in q, K bytes each), read in order:
+// each column's K weights, two accumulators per row (even and odd runs of 32), then the next column.
+// Reading the four columns side by side (32 bytes of each per step) measured 15-18 GB/s on SmolLM2's
+// shapes where reading them in order ran at 26-33 (a standalone harness, one row, 2 cores; a plain
+// sum of the same bytes 30-38).
+template <int MR>
+inline void group_in_order(const uint16_t* __restrict x, const int8_t* __restrict w, const float* __restrict scale,
+                           float* __restrict y, int64_t K, int64_t N, int64_t n) {
+  __m512 sums[MR][4];
+  for (int j = 0; j < 4; ++j) {
+    const int8_t* wj = w + j * K;
+    __m512 a[MR], b[MR];
+    for (int m = 0; m < MR; ++m) a[m] = b[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      __builtin_prefetch(wj + k + kAheadBytes, 0, 0);
+      const __m512bh w0 = widen_bf16(wj + k), w1 = widen_bf16(wj + k + 32);
+      for (int m = 0; m < MR; ++m) {
+        a[m] = _mm512_dpbf16_ps(a[m], load_bf16(x + m * K + k), w0);
+        b[m] = _mm512_dpbf16_ps(b[m], load_bf16(x + m * K + k + 32), w1);
+      }
+    }
+    if (k < K) {  // K % 64 == 32
+      const __m512bh w0 = widen_bf16(wj + k);
+      for (int m = 0; m < MR; ++m) a[m] = _mm512_dpbf16_ps(a[m], load_bf16(x + m * K + k), w0);
+    }
+    for (int m = 0; m < MR; ++m) sums[m][j] = _mm512_add_ps(a[m], b[m]);
+  }
+  for (int m = 0; m < MR; ++m) store_sums4(sums[m], scale + n, y + m * N + n);
 }
 #else
 constexpr bool kBf16Products = false;
 #endif
 
 constexpr int64_t kDirectRows = 6;  // up to this many rows widen the weights in registers
+
+// Output columns per work item. The direct path (few rows, bound by reading the weights) takes long
+// runs of contiguous columns: 256-column items read SmolLM2's one-row projections at 33-34 GB/s where
+// 64-column ones read at 24-30 (the harness above), as long as every thread still gets about four
+// items; the buffered path keeps 64 (its per-thread bfloat16 copy of an item stays in L2).
+inline int64_t columns_per_item(int64_t M, int64_t N, int64_t workers, bool bf16) {
+  if (!bf16 || M > kDirectRows) return kColumnsPerItem;
+  const int64_t even = N / (4 * std::max<int64_t>(1, workers)) / kGroup * kGroup;
+  return std::clamp<int64_t>(even, kColumnsPerItem, 4 * kColumnsPerItem);
+}
 
 struct Problem {
   const uint16_t* xb;  // bfloat16 rows (the bf16 path)
@@ -465,12 +509,13 @@ struct Problem {
   float* y;
   int64_t M, K, N;
   bool bf16;  // kBf16Products and K % 32 == 0
+  int64_t columns = kColumnsPerItem;  // output columns per work item (`columns_per_item`)
 
-  int64_t num_items() const { return (N + kColumnsPerItem - 1) / kColumnsPerItem; }
+  int64_t num_items() const { return (N + columns - 1) / columns; }
 
-  // Columns [item * 64, (item + 1) * 64) of every row.
+  // Columns [item * columns, (item + 1) * columns) of every row.
   void run(int64_t item) const {
-    const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
+    const int64_t n0 = item * columns, n1 = std::min(N, n0 + columns);
 #if defined(__AVX512BF16__)
     if (bf16) return run_bf16(n0, n1);
 #endif
@@ -479,29 +524,41 @@ struct Problem {
 
 #if defined(__AVX512BF16__)
   void run_bf16(int64_t n0, int64_t n1) const {
-    if (M <= kDirectRows) {
-      return columns_bf16(n0, n1, [&](int64_t n) { return FromInt8{q + n * K, K}; }, true);
-    }
+    if (M <= kDirectRows) return direct_bf16(n0, n1);
     // The item's columns are contiguous in q: widen them once into this thread's buffer.
     thread_local std::vector<uint16_t> buffer;
     buffer.resize((n1 - n0) * K);
     const int8_t* src = q + n0 * K;
     for (int64_t i = 0; i < (n1 - n0) * K; i += 32) {
+      if (i % 64 == 0) __builtin_prefetch(src + i + kAheadBytes, 0, 0);
       _mm512_storeu_si512(buffer.data() + i, reinterpret_cast<__m512i>(widen_bf16(src + i)));
     }
-    columns_bf16(n0, n1, [&](int64_t n) { return FromBuffer{buffer.data() + (n - n0) * K, K}; }, false);
+    columns_bf16(n0, n1, [&](int64_t n) { return FromBuffer{buffer.data() + (n - n0) * K, K}; });
+  }
+
+  // Up to kDirectRows rows: groups of four columns read in order, then the rest one at a time.
+  void direct_bf16(int64_t n0, int64_t n1) const {
+    int64_t n = n0;
+    for (; n + kGroup <= n1; n += kGroup) {
+      switch (M) {
+        case 1: group_in_order<1>(xb, q + n * K, scale, y, K, N, n); break;
+        case 2: group_in_order<2>(xb, q + n * K, scale, y, K, N, n); break;
+        case 3: group_in_order<3>(xb, q + n * K, scale, y, K, N, n); break;
+        case 4: group_in_order<4>(xb, q + n * K, scale, y, K, N, n); break;
+        case 5: group_in_order<5>(xb, q + n * K, scale, y, K, N, n); break;
+        default: group_in_order<6>(xb, q + n * K, scale, y, K, N, n); break;
+      }
+    }
+    for (; n < n1; ++n) rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n);
   }
 
   // Columns [n0, n1) of every row, four at a time, then one at a time; weights(n) reads from column
-  // n on. With `prefetch`, each group asks for the next group's int8 weights (inside the item).
+  // n on.
   template <class Weights>
-  void columns_bf16(int64_t n0, int64_t n1, Weights weights, bool prefetch) const {
+  void columns_bf16(int64_t n0, int64_t n1, Weights weights) const {
     int64_t n = n0;
-    for (; n + kGroup <= n1; n += kGroup) {
-      const int8_t* ahead = prefetch && n + 2 * kGroup <= n1 ? q + (n + kGroup) * K : nullptr;
-      rows_bf16<kGroup>(xb, weights(n), scale, y, K, N, 0, M, n, ahead);
-    }
-    for (; n < n1; ++n) rows_bf16<1>(xb, weights(n), scale, y, K, N, 0, M, n, nullptr);
+    for (; n + kGroup <= n1; n += kGroup) rows_bf16<kGroup>(xb, weights(n), scale, y, K, N, 0, M, n);
+    for (; n < n1; ++n) rows_bf16<1>(xb, weights(n), scale, y, K, N, 0, M, n);
   }
 #endif
 };
@@ -550,7 +607,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
     }
   }
   const Problem problem{xb, rows.data(), q.typed_data() + index * N * K, scale.typed_data() + index * N,
-                        y->typed_data(), M, K, N, bf16};
+                        y->typed_data(), M, K, N, bf16,
+                        fastgen_matmul::columns_per_item(M, N, pool.num_threads() + 1, bf16)};
   fastgen_kernels::run_items(pool, M ? problem.num_items() : 0, [problem](int64_t i) { problem.run(i); });
   return ffi::Error::Success();
 }

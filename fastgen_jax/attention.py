@@ -187,13 +187,20 @@ class Attention:
         return jnp.tensordot(x, w, axes=k_axes, preferred_element_type=preferred_element_type)
 
     def int8_matmul(
-        self, x: jax.Array, q: jax.Array, scale: jax.Array, preferred_element_type=None
+        self,
+        x: jax.Array,
+        q: jax.Array,
+        scale: jax.Array,
+        stack: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        *,
+        preferred_element_type=None,
     ) -> jax.Array:
         """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
-        `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`). The model
-        passes int8 slices, not stacks: reading the stacks in place measured no faster at int8's
-        quarter of the bytes (`scripts/profile_step.py --quantize=int8`, two alternating runs:
-        mixed, within the noise).
+        `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`). `stack`, when
+        given, is (the whole stacks [L, N, K] and [L, N] that q and scale are scanned slices of, their
+        index): the C++ kernel then reads the layer in place instead of XLA copying the slice out
+        first (SmolLM2's projections at one row, `scripts/bench_int8_matmul.py`, two runs: 5.1-5.3 ms
+        in place against 7.3-8.6 on slices; about equal at 4-32 rows).
 
         The rows are rounded to bfloat16 on every path (int8 values are exact there; llama.cpp's
         Q8_0 rounds rows to 8-bit blocks), the sums are float32; which path runs follows the rows
@@ -201,7 +208,15 @@ class Attention:
         out_dtype = preferred_element_type or x.dtype
         rows = x.astype(jnp.bfloat16)
         if self._cpu_kernels and x.shape[0] <= INT8_KERNEL_ROWS:
-            y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
+            if stack is not None:
+                whole_q, whole_scale, index = stack
+                if whole_q.shape[1:] != q.shape or whole_scale.shape[1:] != scale.shape:
+                    raise ValueError(
+                        f"stacks {whole_q.shape}, {whole_scale.shape} of {q.shape}, {scale.shape}"
+                    )
+                y = cpu_kernels.matmul.int8_matmul(rows, whole_q, whole_scale, layer=index)
+            else:
+                y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
         y = jnp.einsum(

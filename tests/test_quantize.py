@@ -91,6 +91,32 @@ def test_int8_logits_match_the_dequantized_float32_model(attention, slab, tied):
         assert np.abs(exact - got).max() > 1e-3 * np.abs(exact).max()
 
 
+@pytest.mark.skipif(not Attention("cpu").reads_weight_stacks, reason="the model hands stacks on AVX-512 only")
+def test_the_kernel_reads_each_layers_int8_weights_in_place_with_the_slices_results(monkeypatch):
+    """With `Attention.reads_weight_stacks` the scanned layers hand the kernel their whole int8 stacks
+    and the layer's index (no copy of a slice first): the same products, bit for bit."""
+    import cpu_kernels.matmul
+
+    config = tiny_config(tie_word_embeddings=True)
+    int8, _, _ = quantized_and_dequantized(config, random_params(config))
+    tokens = np.random.default_rng(3).integers(3, 61, 11).tolist()
+    layers = []
+    kernel = cpu_kernels.matmul.int8_matmul
+
+    def spy(*args, layer=None):
+        layers.append(layer)
+        return kernel(*args, layer=layer)
+
+    monkeypatch.setattr(cpu_kernels.matmul, "int8_matmul", spy)
+    in_place = paged_logits(config, int8, tokens, [5, 1, 5], slab=8, attention=Attention("cpu"))
+    assert any(layer is not None for layer in layers) and any(layer is None for layer in layers)  # the head
+    layers.clear()
+    monkeypatch.setattr(Attention, "reads_weight_stacks", property(lambda self: False))
+    sliced = paged_logits(config, int8, tokens, [5, 1, 5], slab=8, attention=Attention("cpu"))
+    assert layers and all(layer is None for layer in layers)
+    np.testing.assert_array_equal(in_place, sliced)
+
+
 @pytest.mark.parametrize("rows", [1, INT8_KERNEL_ROWS, INT8_BF16_ROWS + 1, 4 * INT8_BF16_ROWS])
 def test_every_path_multiplies_rows_rounded_to_bfloat16_with_float32_sums(rows):
     rng = np.random.default_rng(rows)

@@ -270,12 +270,18 @@ def _layer_slots(slot_mapping, layer, pages_per_layer: int, pages_shape) -> jax.
 _init = nn.initializers.normal(0.02)
 
 
-def _quantized(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
+def _quantized(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array, tuple | None] | None:
     """The int8 weights [N, K] and per-channel scales [N] that `fastgen_jax.quantize` put in place of
-    the module's weight `name`, or None when it is not quantized."""
+    the module's weight `name`, and (their whole stacks, this layer's index) when `CausalLM` handed
+    the stacks to the layers (see `_stacked`; else None), or None when it is not quantized."""
     if not module.has_variable("params", f"{name}_int8"):
         return None
-    return module.get_variable("params", f"{name}_int8"), module.get_variable("params", f"{name}_scale")
+    q, scale = module.get_variable("params", f"{name}_int8"), module.get_variable("params", f"{name}_scale")
+    stacked_q, stacked_scale = _stacked(module, f"{name}_int8"), _stacked(module, f"{name}_scale")
+    stack = None
+    if stacked_q is not None and stacked_scale is not None:
+        stack = (stacked_q[0], stacked_scale[0], stacked_q[1])
+    return q, scale, stack
 
 
 class _LayerStacks(NamedTuple):

@@ -52,10 +52,11 @@ def test_matches_the_oracle(m, k, n, seed):
     assert_close(got, oracle(x, q, scale), x, q, scale)
 
 
-@pytest.mark.parametrize("m, k, n", [(7, 64, 67), (13, 32, 130), (6, 96, 5)])
+@pytest.mark.parametrize("m, k, n", [(7, 64, 67), (13, 32, 130), (6, 96, 5), (2, 1504, 1030), (5, 608, 3075)])
 def test_buffered_and_direct_paths_with_column_tails_match_the_oracle(m, k, n):
-    """Rows above 6 widen each work item once into a buffer; 6 or fewer in registers; columns
-    past the last group of 4 (and of 64) go one at a time."""
+    """Rows above 6 widen each work item once into a buffer; 6 or fewer in registers, reading each
+    column in runs of 64 weights and a last 32 (K % 64 == 32), in work items of 64-256 columns that
+    need not be a multiple of 64; columns past the last group of 4 (and of an item) go one at a time."""
     x, q, scale = random_inputs(m, k, n, seed=m)
     got = np.asarray(int8_matmul(x, jnp.asarray(q), jnp.asarray(scale)))
     assert_close(got, oracle(x, q, scale), x, q, scale)
