@@ -197,6 +197,76 @@ void dot_columns(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N,
   for (; n < n1; ++n) column(x, w, y, M, K, N, n);
 }
 
+// Up to this many rows, the dot form ([N, K] weights: int8 widened to bfloat16, or float32) reads
+// each column's weights in order (`group_in_order`, `f32_group_in_order`).
+constexpr int64_t kDirectRows = 6;
+// How far ahead of its reads that path asks for weights (`prefetchnta`: into L1 without displacing
+// the caches' other contents).
+constexpr int64_t kAheadBytes = 4096;
+
+// Output columns per work item. The in-order path (few rows, bound by reading the weights) takes long
+// runs of contiguous columns: 256-column items read SmolLM2's one-row int8 projections at 33-34 GB/s
+// where 64-column ones read at 24-30 (a standalone harness, 2 cores), as long as every thread still
+// gets about four items; otherwise 64 (the int8 buffered path's per-thread bfloat16 copy of an item
+// stays in L2).
+inline int64_t columns_per_item(int64_t M, int64_t N, int64_t workers, bool in_order) {
+  if (!in_order || M > kDirectRows) return kColumnsPerItem;
+  const int64_t even = N / (4 * std::max<int64_t>(1, workers)) / kGroup * kGroup;
+  return std::clamp<int64_t>(even, kColumnsPerItem, 4 * kColumnsPerItem);
+}
+
+#if defined(__AVX512F__)
+// y[0 : MR, n : n + 4] = x[0 : MR, :] @ w[n : n + 4, :]^T, float32 weights [N, K] (w points at column
+// n), K a multiple of 16, each column's K weights read in order (two accumulators per row, then the
+// next column). SmolLM2's LM head at one row, a standalone harness on 2 cores: 3.3-3.7 ms where four
+// columns side by side (`dot_columns`) took 5.1-7.6 and XLA's dot about 5.4.
+template <int MR>
+inline void f32_group_in_order(const float* __restrict x, const float* __restrict w, float* __restrict y,
+                               int64_t K, int64_t N, int64_t n) {
+  __m512 sums[MR][4];
+  for (int j = 0; j < 4; ++j) {
+    const float* wj = w + j * K;
+    __m512 a[MR], b[MR];
+    for (int m = 0; m < MR; ++m) a[m] = b[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __builtin_prefetch(wj + k + kAheadBytes / 4, 0, 0);
+      __builtin_prefetch(wj + k + 16 + kAheadBytes / 4, 0, 0);
+      const __m512 w0 = _mm512_loadu_ps(wj + k), w1 = _mm512_loadu_ps(wj + k + 16);
+      for (int m = 0; m < MR; ++m) {
+        a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
+        b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, b[m]);
+      }
+    }
+    if (k < K) {  // K % 32 == 16
+      const __m512 w0 = _mm512_loadu_ps(wj + k);
+      for (int m = 0; m < MR; ++m) a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
+    }
+    for (int m = 0; m < MR; ++m) sums[m][j] = _mm512_add_ps(a[m], b[m]);
+  }
+  for (int m = 0; m < MR; ++m) store_sums4(sums[m], nullptr, y + m * N + n);
+}
+
+// Columns [n0, n1) of M <= kDirectRows rows (K a multiple of 16): groups of four in order, then the
+// rest one at a time.
+inline void f32_columns_in_order(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                                 int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kGroup <= n1; n += kGroup) {
+    const float* wn = w + n * K;
+    switch (M) {
+      case 1: f32_group_in_order<1>(x, wn, y, K, N, n); break;
+      case 2: f32_group_in_order<2>(x, wn, y, K, N, n); break;
+      case 3: f32_group_in_order<3>(x, wn, y, K, N, n); break;
+      case 4: f32_group_in_order<4>(x, wn, y, K, N, n); break;
+      case 5: f32_group_in_order<5>(x, wn, y, K, N, n); break;
+      default: f32_group_in_order<6>(x, wn, y, K, N, n); break;
+    }
+  }
+  for (; n < n1; ++n) column(x, F32Columns{w}, y, M, K, N, n);
+}
+#endif
+
 // ---------------------------------------------------------------- float32, weights [K, N]
 
 constexpr int64_t kAheadK = 8;  // how many weight rows ahead the first row tile asks for
@@ -277,14 +347,20 @@ constexpr int64_t kStreamK = 8;
 constexpr int64_t kStreamChunks = 8;
 
 // y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], 16 columns at a time
-// (n1 - n0 a multiple of 16).
+// (n1 - n0 a multiple of 16). With `ahead`, each 16 columns ask for the same columns of the next KB
+// weight rows into L2 (`prefetcht2`): the KB rows are KB streams N floats apart, which the hardware
+// prefetcher alone left at 16-19 ms for SmolLM2's one-row projections where asking ahead took
+// 13.2-13.9 (4 rows: 19-25 -> 15.1-15.3; 8 rows: 27-29 -> 23-25; a standalone harness, 2 cores).
 template <int MR, int KB>
 inline void stream_group(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
-                         int64_t N, int64_t k, int64_t n0, int64_t n1) {
+                         int64_t N, int64_t k, int64_t n0, int64_t n1, bool ahead) {
   const float* __restrict wk = w + k * N;
   for (int64_t c = n0; c < n1; c += 16) {
     v16 wv[KB];
     for (int j = 0; j < KB; ++j) wv[j] = load(wk + j * N + c);
+    if (ahead) {
+      for (int j = 0; j < KB; ++j) __builtin_prefetch(wk + (KB + j) * N + c, 0, 1);
+    }
     for (int m = 0; m < MR; ++m) {
       const float* xm = x + m * K + k;
       v16 a = load(y + m * N + c), b = v16{};
@@ -295,17 +371,18 @@ inline void stream_group(const float* __restrict x, const float* __restrict w, f
   }
 }
 
-// Rows m0 .. m0 + rows (at most 4) of one group of KB weight rows.
+// Rows m0 .. m0 + rows (at most 4) of one group of KB weight rows; the first rows ask ahead.
 template <int KB>
 inline void stream_row_group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k,
                              int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
   x += m0 * K;
   y += m0 * N;
+  const bool ahead = m0 == 0;
   switch (rows) {
-    case 1: return stream_group<1, KB>(x, w, y, K, N, k, n0, n1);
-    case 2: return stream_group<2, KB>(x, w, y, K, N, k, n0, n1);
-    case 3: return stream_group<3, KB>(x, w, y, K, N, k, n0, n1);
-    default: return stream_group<4, KB>(x, w, y, K, N, k, n0, n1);
+    case 1: return stream_group<1, KB>(x, w, y, K, N, k, n0, n1, ahead);
+    case 2: return stream_group<2, KB>(x, w, y, K, N, k, n0, n1, ahead);
+    case 3: return stream_group<3, KB>(x, w, y, K, N, k, n0, n1, ahead);
+    default: return stream_group<4, KB>(x, w, y, K, N, k, n0, n1, ahead);
   }
 }
 
@@ -342,6 +419,16 @@ struct F32Problem {
   bool nk;              // w is [N, K] (else [K, N])
   int64_t stream_rows;  // the most rows that stream (w [K, N] only)
   float* partials = nullptr;
+  int64_t columns = kColumnsPerItem;  // output columns per item when not streaming (`columns_per_item`)
+
+  // w [N, K] read column by column (few rows, K a multiple of 16, AVX-512).
+  bool in_order() const {
+#if defined(__AVX512F__)
+    return nk && M <= kDirectRows && K % 16 == 0;
+#else
+    return false;
+#endif
+  }
 
   bool streams() const { return !nk && M <= stream_rows; }
 
@@ -353,7 +440,7 @@ struct F32Problem {
 
   int64_t num_items() const {
     if (streams()) return (K + chunk_k() - 1) / chunk_k();
-    return (N + kColumnsPerItem - 1) / kColumnsPerItem;
+    return (N + columns - 1) / columns;
   }
 
   void run(int64_t item) const {
@@ -363,7 +450,10 @@ struct F32Problem {
       const int64_t k0 = item * chunk_k();
       return stream_kn(x, w, acc, M, K, N, k0, std::min(K, k0 + chunk_k()));
     }
-    const int64_t n0 = item * kColumnsPerItem, n1 = std::min(N, n0 + kColumnsPerItem);
+    const int64_t n0 = item * columns, n1 = std::min(N, n0 + columns);
+#if defined(__AVX512F__)
+    if (in_order()) return f32_columns_in_order(x, w, y, M, K, N, n0, n1);
+#endif
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
     kn_columns(x, w, y, M, K, N, n0, n1);
   }
@@ -451,9 +541,6 @@ inline void rows_bf16(const uint16_t* x, Weights w, const float* scale, float* y
   }
 }
 
-// How far ahead of its reads the direct path asks for weights (`prefetchnta`: into L1 without
-// displacing the caches' other contents).
-constexpr int64_t kAheadBytes = 4096;
 
 // y[0 : MR, n : n + 4] from int8 columns n .. n + 3 (contiguous in q, K bytes each), read in order:
 // each column's K weights, two accumulators per row (even and odd runs of 32), then the next column.
@@ -488,18 +575,6 @@ inline void group_in_order(const uint16_t* __restrict x, const int8_t* __restric
 #else
 constexpr bool kBf16Products = false;
 #endif
-
-constexpr int64_t kDirectRows = 6;  // up to this many rows widen the weights in registers
-
-// Output columns per work item. The direct path (few rows, bound by reading the weights) takes long
-// runs of contiguous columns: 256-column items read SmolLM2's one-row projections at 33-34 GB/s where
-// 64-column ones read at 24-30 (the harness above), as long as every thread still gets about four
-// items; the buffered path keeps 64 (its per-thread bfloat16 copy of an item stays in L2).
-inline int64_t columns_per_item(int64_t M, int64_t N, int64_t workers, bool bf16) {
-  if (!bf16 || M > kDirectRows) return kColumnsPerItem;
-  const int64_t even = N / (4 * std::max<int64_t>(1, workers)) / kGroup * kGroup;
-  return std::clamp<int64_t>(even, kColumnsPerItem, 4 * kColumnsPerItem);
-}
 
 struct Problem {
   const uint16_t* xb;  // bfloat16 rows (the bf16 path)
@@ -629,6 +704,7 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   int64_t index;
   if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
   F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk, stream_rows};
+  problem.columns = fastgen_matmul::columns_per_item(M, N, pool.num_threads() + 1, problem.in_order());
   const int64_t items = M ? problem.num_items() : 0;
   thread_local std::vector<float> partials;  // this (XLA's calling) thread's, kept between calls
   if (problem.streams()) {

@@ -163,14 +163,14 @@ class Attention:
     ) -> jax.Array:
         """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
         leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
-        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows (2 or more
-        for the head) run the C++ kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
+        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows run the C++
+        kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
         as they are (tensor parallelism shards them)."""
         use_kernel = self._f32_kernel(x, w)
         if w_nk:
-            if use_kernel and x.shape[0] > 1:  # one row of the head: XLA's dot, 5.4 ms against 5.8
+            if use_kernel:
                 return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True)
             return jnp.einsum("tk,nk->tn", x, w, preferred_element_type=preferred_element_type)
         k_axes = x.ndim - 1
