@@ -658,19 +658,29 @@ ffi::Error stack_index(const std::string& kernel, bool stacked, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+// How many leading rows of x [M, ...] to compute: rows[0] clamped to [0, M] (M without a value). The
+// rows below are padding of the step's slab: their results are zeros, at no cost.
+int64_t real_rows(ffi::Buffer<ffi::S32>& rows, int64_t M) {
+  if (rows.element_count() < 1) return M;
+  return std::clamp<int64_t>(rows.typed_data()[0], 0, M);
+}
+
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> q,
-                ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+                ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows_in,
+                ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || (qd.size() != 2 && qd.size() != 3) || sd.size() + 1 != qd.size()) {
     return ffi::Error::InvalidArgument("int8 matmul: x [M, K], q [(L,) N, K], scale [(L,) N], y [M, N]");
   }
   const size_t r = qd.size() - 2;
-  const int64_t M = xd[0], K = xd[1], N = qd[r];
-  if (qd[r + 1] != K || sd[r] != N || yd[0] != M || yd[1] != N || (r && sd[0] != qd[0])) {
+  const int64_t rows_given = xd[0], K = xd[1], N = qd[r];
+  if (qd[r + 1] != K || sd[r] != N || yd[0] != rows_given || yd[1] != N || (r && sd[0] != qd[0])) {
     return ffi::Error::InvalidArgument("int8 matmul: shapes do not match");
   }
   int64_t index;
   if (auto error = stack_index("int8 matmul", r, layer, qd[0], &index); !error.success()) return error;
+  const int64_t M = real_rows(rows_in, rows_given);
+  std::fill(y->typed_data() + M * N, y->typed_data() + rows_given * N, 0.0f);
   std::vector<float> rows;  // x as float32, for the float32 path
   const uint16_t* xb = x.typed_data();
   const bool bf16 = fastgen_matmul::kBf16Products && K % 32 == 0;
@@ -691,18 +701,21 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
 // x [M, K] @ w -> y [M, N], w [K, N] or (w_nk) [N, K]; or w a stack [L, ...] of either, of which
 // layer `layer` is read in place.
 ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::Buffer<ffi::S32> layer, bool w_nk, int64_t stream_rows, ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows_in, bool w_nk, int64_t stream_rows,
+                   ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || yd.size() != 2) {
     return ffi::Error::InvalidArgument("float32 matmul: x [M, K], w [(L,) K, N] or [(L,) N, K], y [M, N]");
   }
   const size_t r = wd.size() - 2;
-  const int64_t M = xd[0], K = xd[1], N = w_nk ? wd[r] : wd[r + 1];
-  if ((w_nk ? wd[r + 1] : wd[r]) != K || yd[0] != M || yd[1] != N) {
+  const int64_t rows_given = xd[0], K = xd[1], N = w_nk ? wd[r] : wd[r + 1];
+  if ((w_nk ? wd[r + 1] : wd[r]) != K || yd[0] != rows_given || yd[1] != N) {
     return ffi::Error::InvalidArgument("float32 matmul: shapes do not match");
   }
   int64_t index;
   if (auto error = stack_index("float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
+  const int64_t M = real_rows(rows_in, rows_given);
+  std::fill(y->typed_data() + M * N, y->typed_data() + rows_given * N, 0.0f);
   F32Problem problem{x.typed_data(), w.typed_data() + index * K * N, y->typed_data(), M, K, N, w_nk, stream_rows};
   problem.columns = fastgen_matmul::columns_per_item(M, N, pool.num_threads() + 1, problem.in_order());
   const int64_t items = M ? problem.num_items() : 0;
@@ -725,6 +738,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenInt8Matmul, Impl,
                                   .Arg<ffi::Buffer<ffi::S8>>()   // q [N, K] or [L, N, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [N] or [L, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: i32[1], x's real rows
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32Matmul, F32Impl,
@@ -733,6 +747,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32Matmul, F32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [(L,) K, N] or [(L,) N, K]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: i32[1], x's real rows
                                   .Attr<bool>("w_nk")
                                   .Attr<int64_t>("stream_rows")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]

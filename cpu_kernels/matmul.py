@@ -41,8 +41,14 @@ def f32_matmul(
     w_nk: bool = False,
     layer: jax.Array | int | None = None,
     stream_rows: int | None = None,
+    rows: jax.Array | int | None = None,
 ) -> jax.Array:
     """f32 [M, K] x f32 [K, N] (or [N, K] with `w_nk`) -> f32 [M, N].
+
+    With `rows` (an i32[], traced or not) only x's first `rows` rows (clamped to [0, M]) are
+    multiplied, as a call on those rows alone would (the same path, the same bits), and the rest of
+    the result is zeros: a step's slab pads its real rows up to a compiled bucket, and the padding
+    then costs nothing here.
 
     Up to `stream_rows` (default: STREAM_ROWS, read at trace time) rows of w [K, N] stream the
     weights' rows in order, more go by register tiles of 64-column strips.
@@ -63,15 +69,32 @@ def f32_matmul(
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     call = jax.ffi.ffi_call(F32_TARGET, out, vmap_method="sequential")
+    limit = _rows_operand(x, rows)
     return call(
-        x, w, index, w_nk=w_nk, stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows)
+        x,
+        w,
+        index,
+        limit,
+        w_nk=w_nk,
+        stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows),
     )
 
 
+def _rows_operand(x: jax.Array, rows: jax.Array | int | None) -> jax.Array:
+    """i32[1]: how many of x's leading rows the kernel multiplies (all of them without `rows`)."""
+    return jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(1)
+
+
 def int8_matmul(
-    x: jax.Array, q: jax.Array, scale: jax.Array, *, layer: jax.Array | int | None = None
+    x: jax.Array,
+    q: jax.Array,
+    scale: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    rows: jax.Array | int | None = None,
 ) -> jax.Array:
-    """bf16 [M, K] x int8 [N, K] (times f32 [N] per column) -> f32 [M, N].
+    """bf16 [M, K] x int8 [N, K] (times f32 [N] per column) -> f32 [M, N]. `rows` as for
+    `f32_matmul`: only the first `rows` rows are multiplied, the rest of the result is zeros.
 
     With `layer` (an i32[] index, traced or not) q is a stack [L, N, K] and scale [L, N], and the
     product is with layer `layer`'s weights, read in place (a slice would be copied out first)."""
@@ -85,4 +108,4 @@ def int8_matmul(
     build.load()
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((x.shape[0], q.shape[-2]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, q, scale, index)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, q, scale, index, _rows_operand(x, rows))

@@ -160,6 +160,7 @@ class Attention:
         w_nk: bool = False,
         preferred_element_type=None,
         stack: tuple[jax.Array, jax.Array] | None = None,
+        rows: jax.Array | None = None,
     ) -> jax.Array:
         """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
         leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
@@ -167,22 +168,26 @@ class Attention:
         kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes
-        as they are (tensor parallelism shards them)."""
+        as they are (tensor parallelism shards them). `rows` (i32[], traced): how many leading rows
+        of x are real (the step's slab pads them to its bucket); the kernel multiplies only those
+        and gives zeros below; XLA's dot computes every row."""
         use_kernel = self._f32_kernel(x, w)
         if w_nk:
             if use_kernel:
-                return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True)
+                return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True, rows=rows)
             return jnp.einsum("tk,nk->tn", x, w, preferred_element_type=preferred_element_type)
         k_axes = x.ndim - 1
         if use_kernel:
-            k, rows = math.prod(w.shape[:k_axes]), x.reshape(x.shape[0], -1)
+            k, flat = math.prod(w.shape[:k_axes]), x.reshape(x.shape[0], -1)
             if stack is not None:
                 whole, index = stack
                 if whole.shape[1:] != w.shape:
                     raise ValueError(f"a stack {whole.shape} of slices {w.shape}: not w's stack")
-                y = cpu_kernels.matmul.f32_matmul(rows, whole.reshape(whole.shape[0], k, -1), layer=index)
+                y = cpu_kernels.matmul.f32_matmul(
+                    flat, whole.reshape(whole.shape[0], k, -1), layer=index, rows=rows
+                )
             else:
-                y = cpu_kernels.matmul.f32_matmul(rows, w.reshape(k, -1))
+                y = cpu_kernels.matmul.f32_matmul(flat, w.reshape(k, -1), rows=rows)
             return y.reshape(x.shape[0], *w.shape[k_axes:])
         return jnp.tensordot(x, w, axes=k_axes, preferred_element_type=preferred_element_type)
 
@@ -194,6 +199,7 @@ class Attention:
         stack: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         *,
         preferred_element_type=None,
+        rows: jax.Array | None = None,
     ) -> jax.Array:
         """x [T, K] times weight-only int8 weights q [N, K] with per-channel scales [N] (see
         `fastgen_jax.quantize`) -> [T, N] in x's dtype (or `preferred_element_type`). `stack`, when
@@ -204,9 +210,9 @@ class Attention:
 
         The rows are rounded to bfloat16 on every path (int8 values are exact there; llama.cpp's
         Q8_0 rounds rows to 8-bit blocks), the sums are float32; which path runs follows the rows
-        and the implementation (see INT8_KERNEL_ROWS)."""
+        and the implementation (see INT8_KERNEL_ROWS). `rows` as for `matmul`."""
         out_dtype = preferred_element_type or x.dtype
-        rows = x.astype(jnp.bfloat16)
+        real, rows = rows, x.astype(jnp.bfloat16)
         if self._cpu_kernels and x.shape[0] <= INT8_KERNEL_ROWS:
             if stack is not None:
                 whole_q, whole_scale, index = stack
@@ -214,9 +220,9 @@ class Attention:
                     raise ValueError(
                         f"stacks {whole_q.shape}, {whole_scale.shape} of {q.shape}, {scale.shape}"
                     )
-                y = cpu_kernels.matmul.int8_matmul(rows, whole_q, whole_scale, layer=index)
+                y = cpu_kernels.matmul.int8_matmul(rows, whole_q, whole_scale, layer=index, rows=real)
             else:
-                y = cpu_kernels.matmul.int8_matmul(rows, q, scale)
+                y = cpu_kernels.matmul.int8_matmul(rows, q, scale, rows=real)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
         y = jnp.einsum(

@@ -103,9 +103,9 @@ def test_the_kernel_reads_each_layers_int8_weights_in_place_with_the_slices_resu
     layers = []
     kernel = cpu_kernels.matmul.int8_matmul
 
-    def spy(*args, layer=None):
+    def spy(*args, layer=None, **kwargs):
         layers.append(layer)
-        return kernel(*args, layer=layer)
+        return kernel(*args, layer=layer, **kwargs)
 
     monkeypatch.setattr(cpu_kernels.matmul, "int8_matmul", spy)
     in_place = paged_logits(config, int8, tokens, [5, 1, 5], slab=8, attention=Attention("cpu"))

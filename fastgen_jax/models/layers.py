@@ -197,10 +197,10 @@ class PagedAttention(nn.Module):
             logit_softcap=c.attn_logit_softcap,
         )
         if (quantized := _quantized(self, "wo")) is not None:
-            out = self.attention.int8_matmul(out.reshape(out.shape[0], -1), *quantized)
+            out = self.attention.int8_matmul(out.reshape(out.shape[0], -1), *quantized, rows=_REAL_ROWS.get())
         else:
             wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
-            out = self.attention.matmul(out, wo, stack=_stacked(self, "wo"))
+            out = self.attention.matmul(out, wo, stack=_stacked(self, "wo"), rows=_REAL_ROWS.get())
         if c.attn_out_bias:
             out = out + self.param("bo", nn.initializers.zeros, (c.hidden_size,), self.dtype)
         return out, (k_pages, v_pages)
@@ -212,10 +212,11 @@ class PagedAttention(nn.Module):
         out = []
         for name, heads in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
             if (quantized := _quantized(self, f"w{name}")) is not None:
-                y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], heads, c.head_dim)
+                y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
+                y = y.reshape(x.shape[0], heads, c.head_dim)
             else:
                 w = self.param(f"w{name}", _init, (c.hidden_size, heads, c.head_dim), self.dtype)
-                y = self.attention.matmul(x, w, stack=_stacked(self, f"w{name}"))
+                y = self.attention.matmul(x, w, stack=_stacked(self, f"w{name}"), rows=_REAL_ROWS.get())
             if c.attention_bias:
                 y = y + self.param(f"b{name}", nn.initializers.zeros, (heads, c.head_dim), self.dtype)
             out.append(y)
@@ -227,11 +228,13 @@ class PagedAttention(nn.Module):
         c = self.config
         if (quantized := _quantized(self, "wqkv")) is not None:  # one shard (see fastgen_jax.quantize)
             shards = 1
-            y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], 1, -1, c.head_dim)
+            y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
+            y = y.reshape(x.shape[0], 1, -1, c.head_dim)
         else:
             w = self.get_variable("params", "wqkv")
             shards = w.shape[1]
-            y = self.attention.matmul(x, w, stack=_stacked(self, "wqkv"))  # [T, S, heads per shard, D]
+            # [T, S, heads per shard, D]
+            y = self.attention.matmul(x, w, stack=_stacked(self, "wqkv"), rows=_REAL_ROWS.get())
         if c.attention_bias:
             y = y + self.get_variable("params", "bqkv")
         q_end = c.num_heads // shards
@@ -296,6 +299,12 @@ class _LayerStacks(NamedTuple):
 _STACKS: contextvars.ContextVar[_LayerStacks | None] = contextvars.ContextVar(
     "fastgen_layer_stacks", default=None
 )
+# i32[]: how many leading rows of the slab are real (`md.cu_q_lens[-1]`) while `DecoderLayer.__call__`
+# runs. The projections hand it to `Attention.matmul` / `int8_matmul` (`rows=`): the CPU kernels then
+# multiply only those rows, so a decode of 5 sequences padded to a 16-row bucket costs 5 rows there.
+_REAL_ROWS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "fastgen_real_rows", default=None
+)
 
 
 def _stacked(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
@@ -342,20 +351,20 @@ class MLP(nn.Module):
         """gate and up [T, f] from one matmul with the fused weight `parallel.fuse_projections`
         builds: w_gate_up [hidden, S, 2, f / S], S the shard count."""
         if (quantized := _quantized(self, "w_gate_up")) is not None:  # one shard (see fastgen_jax.quantize)
-            y = self.attention.int8_matmul(x, *quantized).reshape(x.shape[0], 1, 2, f)
+            y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get()).reshape(x.shape[0], 1, 2, f)
         else:
             w = self.get_variable("params", "w_gate_up")
-            y = self.attention.matmul(x, w, stack=_stacked(self, "w_gate_up"))
+            y = self.attention.matmul(x, w, stack=_stacked(self, "w_gate_up"), rows=_REAL_ROWS.get())
         if self.config.mlp_bias:
             y = y + self.get_variable("params", "b_gate_up")
         return y[:, :, 0].reshape(x.shape[0], f), y[:, :, 1].reshape(x.shape[0], f)
 
     def _linear(self, x, name: str, n_in: int, n_out: int):
         if (quantized := _quantized(self, f"w_{name}")) is not None:
-            y = self.attention.int8_matmul(x, *quantized)
+            y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
         else:
             w = self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
-            y = self.attention.matmul(x, w, stack=_stacked(self, f"w_{name}"))
+            y = self.attention.matmul(x, w, stack=_stacked(self, f"w_{name}"), rows=_REAL_ROWS.get())
         if self.config.mlp_bias:
             y = y + self.param(f"b_{name}", nn.initializers.zeros, (n_out,), self.dtype)
         return y
@@ -388,9 +397,11 @@ class DecoderLayer(nn.Module):
             return out
 
         token = _STACKS.set(None if stacks is None else _LayerStacks(stacks, layer.index, len(self.path)))
+        rows_token = _REAL_ROWS.set(md.cu_q_lens[-1])
         try:
             return (self.residual_block(h, attend), cache[0]), None
         finally:
+            _REAL_ROWS.reset(rows_token)
             _STACKS.reset(token)
 
     @nn.nowrap
@@ -442,13 +453,17 @@ class CausalLM(nn.Module):
             stacks = self.variables.get("params", {}).get("layers")
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
+        # the logit rows in use lead and are real slab rows, so there are no more of them than those
+        rows = jnp.minimum(md.cu_q_lens[-1], h.shape[0])
         if (quantized := _quantized(self, "lm_head")) is not None:
-            logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32)
+            logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32, rows=rows)
         else:
             unembed = embedding
             if not c.tie_word_embeddings:
                 unembed = self.param("lm_head", _init, (c.vocab_size, c.hidden_size), self.dtype)
-            logits = self.attention.matmul(h, unembed, w_nk=True, preferred_element_type=jnp.float32)
+            logits = self.attention.matmul(
+                h, unembed, w_nk=True, preferred_element_type=jnp.float32, rows=rows
+            )
         if c.final_logit_softcap is not None:
             logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return logits, kv_cache

@@ -77,6 +77,22 @@ def test_few_rows_of_the_dot_form_match_the_oracle(m, k, n):
     assert_close(np.asarray(got), x, w)
 
 
+@pytest.mark.parametrize("w_nk", [False, True])
+@pytest.mark.parametrize("m, real", [(16, 5), (16, 0), (16, 16), (4, 1), (32, 9), (8, -3), (8, 99)])
+def test_only_the_real_rows_are_multiplied_as_a_call_on_them_alone(m, real, w_nk):
+    """`rows` (traced): the first rows' results are those of a call on them alone, bit for bit (the
+    same path: 5 of 16 rows stream), the padding rows' are zeros; `rows` is clamped to [0, M]."""
+    x, w = random_inputs(m, 576, 200, seed=m + real)
+    given = jnp.asarray(w.T.copy() if w_nk else w)
+    got = np.asarray(jax.jit(lambda x, r: f32_matmul(x, given, w_nk=w_nk, rows=r))(x, jnp.int32(real)))
+    n_real = min(max(real, 0), m)
+    alone = np.asarray(f32_matmul(jnp.asarray(x[:n_real]), given, w_nk=w_nk))
+    np.testing.assert_array_equal(got[:n_real], alone)
+    assert not got[n_real:].any()
+    if n_real:
+        assert_close(got[:n_real], x[:n_real], w)
+
+
 def test_zero_rows_give_an_empty_result():
     x, w = random_inputs(0, 32, 8)
     assert f32_matmul(jnp.asarray(x), jnp.asarray(w)).shape == (0, 8)

@@ -83,6 +83,18 @@ def test_a_stack_indexed_by_a_traced_layer_in_scan_matches_each_layer():
     np.testing.assert_array_equal(np.asarray(sliced), np.asarray(out))
 
 
+@pytest.mark.parametrize("m, real", [(16, 5), (16, 0), (32, 9), (4, 1), (8, -3), (8, 99)])
+def test_only_the_real_rows_are_multiplied_as_a_call_on_them_alone(m, real):
+    """`rows` (traced): the first rows' results are those of a call on them alone, bit for bit (5 of
+    16 rows widen in registers), the padding rows' are zeros; `rows` is clamped to [0, M]."""
+    x, q, scale = random_inputs(m, 576, 300, seed=m + real)
+    q, scale = jnp.asarray(q), jnp.asarray(scale)
+    got = np.asarray(jax.jit(lambda x, r: int8_matmul(x, q, scale, rows=r))(x, jnp.int32(real)))
+    n_real = min(max(real, 0), m)
+    np.testing.assert_array_equal(got[:n_real], np.asarray(int8_matmul(x[:n_real], q, scale)))
+    assert not got[n_real:].any()
+
+
 def test_zero_rows_give_an_empty_result():
     x, q, scale = random_inputs(0, 32, 8)
     assert int8_matmul(x, jnp.asarray(q), jnp.asarray(scale)).shape == (0, 8)
