@@ -1,0 +1,185 @@
+// The CPU matmul kernels (cpu_kernels/matmul.cc) outside XLA, on SmolLM2-135M's weights' shapes, timed
+// by wall clock on two threads (this one and one spinning helper, as XLA's pool lends the kernels):
+// how fast few-row products read the weights, beside a plain sum of the same bytes.
+//
+//   g++ -O3 -march=native -std=c++17 -ffast-math -fopenmp-simd -pthread scripts/matmul_harness.cc \
+//       -o /tmp/matmul_harness && /tmp/matmul_harness
+//
+// Another version of the kernels (e.g. `git show REV:cpu_kernels/matmul.cc > /tmp/old.cc`) builds with
+// -DMATMUL_CC='"/tmp/old.cc"', so two versions can be timed in turns. Cases, each best of 20 passes:
+// - int8 M: the 30 layers' int8 projections ([N, K]: q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576,
+//   down 576 x 1536) and the 49152 x 576 int8 LM head, at M rows (the int8 kernel);
+// - f32 M: the 30 layers' float32 projections ([K, N], M rows, streamed up to 8 rows);
+// - f32 head M: the float32 LM head ([N, K] = 49152 x 576);
+// - sum: a plain vectorised sum over the int8 case's bytes, in 64 KiB items (the read ceiling).
+// Prints ms and GB/s (weight bytes over time) per case.
+#define FASTGEN_NO_FFI
+#ifndef MATMUL_CC
+#define MATMUL_CC "../cpu_kernels/matmul.cc"
+#endif
+#include MATMUL_CC
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <thread>
+#include <vector>
+
+using namespace fastgen_matmul;
+
+namespace {
+
+// One helper thread that spins between jobs; run() deals items from a counter to it and the caller.
+struct Pool {
+  std::atomic<int> generation{0}, finished{0};
+  std::atomic<bool> stop{false};
+  std::function<void()> job;
+  std::thread helper;
+
+  Pool() {
+    helper = std::thread([this] {
+      for (int seen = 0; !stop;) {
+        if (const int g = generation.load(); g != seen) {
+          seen = g;
+          job();
+          finished.fetch_add(1);
+        } else {
+          _mm_pause();
+        }
+      }
+    });
+  }
+  ~Pool() {
+    stop = true;
+    helper.join();
+  }
+  template <class F>
+  void run(int64_t items, F f) {
+    std::atomic<int64_t> next{0};
+    auto work = [&] {
+      for (int64_t i; (i = next.fetch_add(1)) < items;) f(i);
+    };
+    const int before = finished.load();
+    job = work;
+    generation.fetch_add(1);
+    work();
+    while (finished.load() == before) _mm_pause();
+  }
+};
+
+// The int8 problem's items: 64 columns each in older versions, `columns_per_item` where it exists.
+template <class P>
+auto set_columns(P& p, int) -> decltype(p.columns, void()) {
+  p.columns = columns_per_item(p.M, p.N, 2, p.bf16);
+}
+template <class P>
+void set_columns(P&, long) {}
+
+template <class P>
+auto set_f32_columns(P& p, int) -> decltype(p.in_order(), void()) {
+  p.columns = columns_per_item(p.M, p.N, 2, p.in_order());
+}
+template <class P>
+void set_f32_columns(P&, long) {}
+
+template <class F>
+double best_ms(F pass) {
+  double best = 1e30;
+  for (int rep = 0; rep < 20; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pass();
+    best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+struct Int8Matrix {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  int64_t N, K;
+};
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(0);
+  const int64_t layers = 30, vocab = 49152, hidden = 576;
+  const int64_t nk[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};  // [N, K] per projection
+  std::vector<Int8Matrix> int8;
+  std::vector<std::vector<float>> f32;  // [K, N]
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const auto& s : nk) {
+      Int8Matrix m{std::vector<int8_t>(s[0] * s[1]), std::vector<float>(s[0], 0.01f), s[0], s[1]};
+      for (auto& v : m.q) v = static_cast<int8_t>(rng());
+      int8.push_back(std::move(m));
+      std::vector<float> w(s[0] * s[1]);
+      for (auto& v : w) v = static_cast<float>(rng() % 255) * 1e-3f;
+      f32.push_back(std::move(w));
+    }
+  }
+  Int8Matrix head{std::vector<int8_t>(vocab * hidden), std::vector<float>(vocab, 0.01f), vocab, hidden};
+  for (auto& v : head.q) v = static_cast<int8_t>(rng());
+  int8.push_back(std::move(head));
+  std::vector<float> head32(vocab * hidden);
+  for (auto& v : head32) v = static_cast<float>(rng() % 255) * 1e-3f;
+
+  int64_t int8_bytes = 0, f32_bytes = 0;
+  for (const auto& m : int8) int8_bytes += m.q.size();
+  for (const auto& w : f32) f32_bytes += w.size() * 4;
+  std::vector<uint16_t> xb(16 * 1536, 0x3f80);  // bfloat16 1.0
+  std::vector<float> x(16 * 1536, 1.0f), y(16 * vocab), partials(64 * 16 * 3072);
+  Pool pool;
+
+  auto report = [](const char* name, int rows, double ms, int64_t bytes) {
+    std::printf("%-10s %3d rows  %8.2f ms  %6.1f GB/s\n", name, rows, ms, bytes / ms / 1e6);
+  };
+  report("sum", 0, best_ms([&] {
+           for (const auto& m : int8) {
+             const int64_t n = m.q.size(), items = (n + 65535) / 65536;
+             std::atomic<int64_t> sink{0};
+             pool.run(items, [&](int64_t i) {
+               const int8_t* p = m.q.data() + i * 65536;
+               const int64_t end = std::min<int64_t>(65536, n - i * 65536);
+               __m512i acc = _mm512_setzero_si512();
+               for (int64_t k = 0; k + 64 <= end; k += 64) acc = _mm512_add_epi8(acc, _mm512_loadu_si512(p + k));
+               sink.fetch_add(_mm512_reduce_add_epi32(acc));
+             });
+           }
+         }),
+         int8_bytes);
+  for (int M : {1, 4, 8, 16}) {
+    report("int8", M, best_ms([&] {
+             for (const auto& m : int8) {
+               Problem p{xb.data(), x.data(), m.q.data(), m.scale.data(), y.data(), M, m.K, m.N, kBf16Products};
+               set_columns(p, 0);
+               pool.run(p.num_items(), [&](int64_t i) { p.run(i); });
+             }
+           }),
+           int8_bytes);
+  }
+  for (int M : {1, 4, 8}) {
+    report("f32", M, best_ms([&] {
+             for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
+               const auto& s = nk[i % 4];
+               F32Problem p{x.data(), f32[i].data(), y.data(), M, s[1], s[0], false, 8};
+               p.partials = partials.data();
+               const int64_t items = p.num_items();
+               pool.run(items, [&](int64_t it) { p.run(it); });
+               if (p.streams()) p.sum_partials(items);
+             }
+           }),
+           f32_bytes);
+  }
+  for (int M : {1, 4}) {
+    report("f32 head", M, best_ms([&] {
+             F32Problem p{x.data(), head32.data(), y.data(), M, hidden, vocab, true, 8};
+             set_f32_columns(p, 0);
+             pool.run(p.num_items(), [&](int64_t i) { p.run(i); });
+           }),
+           vocab * hidden * 4);
+  }
+}
