@@ -51,8 +51,10 @@ KERNEL_IMPLS = ("pallas", "pallas_interpret", "cpu")
 # bfloat16 with float32 sums, so the slab a request shares changes its results only through the order
 # of the float32 sums (the kernel's and XLA's differ), not through the rows' precision.
 # - At most INT8_KERNEL_ROWS rows, on the CPU kernels: the C++ kernel, which reads the int8 weights
-#   once. Measured (`scripts/bench_int8_matmul.py`, SmolLM2's projections, 2 cores): 10.0 ms at 1 row
-#   against 29.6 for float32 weights; a review measured 0.42 / 1.27 ms at 1 row on 2048x8192 /
+#   once. Measured (`scripts/bench_int8_matmul.py`, SmolLM2's projections and int8 head, 2 cores,
+#   reading the layers' stacks in place as the model does): 5.1-5.3 ms at 1 row and 7.2-7.7 at 4 (each
+#   column's weights read in order since issue 19's last round; 9.8-16.2 and 9.6-10.8 before) against
+#   23-26 for float32 weights; a review measured 0.42 / 1.27 ms at 1 row on 2048x8192 /
 #   4096x8192 matrices against 2.84 / 4.40 in float32, and 6.8 ms at 32 rows against 10.1.
 # - More than INT8_BF16_ROWS rows (prompt-sized): XLA's bfloat16 dot of the widened weights, at twice
 #   float32's rate where the CPU has AVX512_BF16 (66 vs 145 ms at 64 rows, 249 vs 415 at 256). At few
@@ -67,8 +69,11 @@ INT8_BF16_ROWS = 32
 # docs/benchmarks/f32_matmul_cpu.json): 1 / 2 / 4 / 8 rows 18 / 20 / 24 / 31 ms against XLA's
 # 24 / 27 / 28 / 32 (up to `cpu_kernels.matmul.STREAM_ROWS` rows the kernel reads each weight row in
 # order); 16 / 32 / 64 / 128 / 256 rows 35 / 56 / 88 / 174 / 364 against 44 / 69 / 116 / 192 / 388;
-# 512 rows 748 against 737. The LM head ([N, K]) at one row: 5.8 ms against XLA's 5.4 (so XLA keeps
-# it), and 6.2-10.3 against 9.2-13.1 at 2-16 rows. Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
+# 512 rows 748 against 737 (that table predates asking ahead for the streamed rows: 1 / 4 / 8 rows now
+# 13.2-14.1 / 14.6-14.9 / 21.9-22.6 ms in `scripts/matmul_harness.cc`). The LM head ([N, K]): at up to
+# 6 rows each column read in order, 2.8-3.1 ms at 1 row and 3.1-3.4 at 4 (the harness; XLA's dot
+# about 5.4 at 1 row); past 6 rows the column-group tiles, which measured 6.2-10.3 ms against XLA's
+# 9.2-13.1 at 2-16 rows. Only the slab's real rows are multiplied (`rows=`). Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
 # alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
 # 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is
 # built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
