@@ -21,7 +21,7 @@
 // - where the CPU has AVX512_BF16 (and K is a multiple of 32), products are bfloat16 pairs summed
 //   into float32 lanes (`vdpbf16ps`, twice float32's multiply rate): int8 weights and bfloat16 rows
 //   are exact in bfloat16, so each product is exact and only the float32 sums round (vdpbf16ps
-//   treats denormal inputs and results as zero: below 1.2e-38, nothing a projection sees). Up to six rows
+//   treats denormal inputs and results as zero: below 1.2e-38, nothing a projection sees). Up to eight rows
 //   widen 32 weights at a time in registers (a decode step: bound by the bytes it reads), reading each
 //   column's weights in order and asking for them 4 KiB ahead (`group_in_order`); more rows
 //   widen a work item's weights once into a per-thread bfloat16 buffer that every row tile then reads
@@ -198,8 +198,10 @@ void dot_columns(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N,
 }
 
 // Up to this many rows, the dot form ([N, K] weights: int8 widened to bfloat16, or float32) reads
-// each column's weights in order (`group_in_order`, `f32_group_in_order`).
-constexpr int64_t kDirectRows = 6;
+// each column's weights in order (`group_in_order`, `f32_group_in_order`). 8 rather than 6: at 8 rows
+// the int8 projections took 11.5-11.7 ms in order against 15.4-21.4 buffered, the float32 head
+// 5.4-6.5 against 6.6-6.8 by column-group tiles (`scripts/matmul_harness.cc`, two rounds).
+constexpr int64_t kDirectRows = 8;
 // How far ahead of its reads that path asks for weights (`prefetchnta`: into L1 without displacing
 // the caches' other contents).
 constexpr int64_t kAheadBytes = 4096;
@@ -260,7 +262,9 @@ inline void f32_columns_in_order(const float* x, const float* w, float* y, int64
       case 3: f32_group_in_order<3>(x, wn, y, K, N, n); break;
       case 4: f32_group_in_order<4>(x, wn, y, K, N, n); break;
       case 5: f32_group_in_order<5>(x, wn, y, K, N, n); break;
-      default: f32_group_in_order<6>(x, wn, y, K, N, n); break;
+      case 6: f32_group_in_order<6>(x, wn, y, K, N, n); break;
+      case 7: f32_group_in_order<7>(x, wn, y, K, N, n); break;
+      default: f32_group_in_order<8>(x, wn, y, K, N, n); break;
     }
   }
   for (; n < n1; ++n) column(x, F32Columns{w}, y, M, K, N, n);
@@ -621,7 +625,9 @@ struct Problem {
         case 3: group_in_order<3>(xb, q + n * K, scale, y, K, N, n); break;
         case 4: group_in_order<4>(xb, q + n * K, scale, y, K, N, n); break;
         case 5: group_in_order<5>(xb, q + n * K, scale, y, K, N, n); break;
-        default: group_in_order<6>(xb, q + n * K, scale, y, K, N, n); break;
+        case 6: group_in_order<6>(xb, q + n * K, scale, y, K, N, n); break;
+        case 7: group_in_order<7>(xb, q + n * K, scale, y, K, N, n); break;
+        default: group_in_order<8>(xb, q + n * K, scale, y, K, N, n); break;
       }
     }
     for (; n < n1; ++n) rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n);

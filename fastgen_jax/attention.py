@@ -71,8 +71,8 @@ INT8_BF16_ROWS = 32
 # order); 16 / 32 / 64 / 128 / 256 rows 35 / 56 / 88 / 174 / 364 against 44 / 69 / 116 / 192 / 388;
 # 512 rows 748 against 737 (that table predates asking ahead for the streamed rows: 1 / 4 / 8 rows now
 # 13.2-14.1 / 14.6-14.9 / 21.9-22.6 ms in `scripts/matmul_harness.cc`). The LM head ([N, K]): at up to
-# 6 rows each column read in order, 2.8-3.1 ms at 1 row and 3.1-3.4 at 4 (the harness; XLA's dot
-# about 5.4 at 1 row); past 6 rows the column-group tiles, which measured 6.2-10.3 ms against XLA's
+# 8 rows each column read in order, 2.8-3.1 ms at 1 row and 3.1-3.4 at 4 (the harness; XLA's dot
+# about 5.4 at 1 row); past 8 rows the column-group tiles, which measured 6.2-10.3 ms against XLA's
 # 9.2-13.1 at 2-16 rows. Only the slab's real rows are multiplied (`rows=`). Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
 # alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
 # 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is

@@ -174,7 +174,7 @@ int main() {
            }),
            f32_bytes);
   }
-  for (int M : {1, 4}) {
+  for (int M : {1, 4, 8}) {
     report("f32 head", M, best_ms([&] {
              F32Problem p{x.data(), head32.data(), y.data(), M, hidden, vocab, true, 8};
              set_f32_columns(p, 0);
