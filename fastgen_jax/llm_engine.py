@@ -358,12 +358,14 @@ class LLMEngine:
         self.speculator.step_seconds.update(self._empty_step_seconds())
 
     def _empty_step_seconds(self) -> dict[int, float]:
-        """Each bucket's time for an empty step (best of two), measured once and shared."""
+        """Each bucket's time for a step with no context (best of two), measured once and shared: a
+        plan with no sequence whose projections still multiply every row (the CPU kernels skip a
+        plain padding plan's rows, which would time a bucket at almost nothing)."""
         if self._empty_steps is None:
             width = self.planner.page_table_widths[0]
             self._empty_steps = {}
             for bucket in self.planner.token_buckets:
-                plan = self.planner.padding(bucket, width)
+                plan = self.planner.padding(bucket, width, full_rows=True)
                 times = []
                 for _ in range(2):
                     start = time.monotonic()

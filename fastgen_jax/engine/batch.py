@@ -57,7 +57,10 @@ class AttentionMetadata:
     slot_mapping: np.ndarray  # i32[T]: KV slot page * page_size + offset; padding num_pages * page_size
     kv_lens: np.ndarray  # i32[S]: keys per slot after this step; unused slots 0
     page_indices: np.ndarray  # i32[S, W]: each slot's KV pages in order; padding NULL_PAGE
-    cu_q_lens: np.ndarray  # i32[S + 1]: slot s owns rows cu_q_lens[s]:cu_q_lens[s + 1]; unused repeat
+    # i32[S + 1]: slot s owns rows cu_q_lens[s]:cu_q_lens[s + 1]; unused repeat. cu_q_lens[-1] is also
+    # how many leading rows the projections multiply (the CPU kernels skip the rest): a real plan's
+    # rows; a timing plan (`padding(full_rows=True)`) sets it to the bucket with no sequence in it
+    cu_q_lens: np.ndarray
     num_seqs: np.ndarray  # i32[1]: slots in use
     # i32[L]: the slab row of each logit row (see SamplingArrays: a slot's last new token, and before it
     # the rows whose next token it verifies); unused rows 0
@@ -301,15 +304,20 @@ class StepPlanner:
         )
         return StepPlan(token_ids, previous_slot, attention, sampling)
 
-    def padding(self, bucket: int, width: int) -> StepPlan:
-        """A plan of shape (bucket, width) with no sequence in it: compiles and runs as a no-op."""
+    def padding(self, bucket: int, width: int, *, full_rows: bool = False) -> StepPlan:
+        """A plan of shape (bucket, width) with no sequence in it: compiles and runs as a no-op. With
+        `full_rows` its projections still multiply every row (`cu_q_lens[-1]` = bucket, no sequence in
+        use): it costs what a full bucket's matmuls cost, to time the bucket."""
         num_slots = self.num_slots_for(bucket)
+        cu_q_lens = np.zeros(num_slots + 1, _I32)
+        if full_rows:
+            cu_q_lens[-1] = bucket
         attention = AttentionMetadata(
             positions=np.zeros(bucket, _I32),
             slot_mapping=np.full(bucket, self.padding_slot, _I32),
             kv_lens=np.zeros(num_slots, _I32),
             page_indices=np.full((num_slots, width), NULL_PAGE, _I32),
-            cu_q_lens=np.zeros(num_slots + 1, _I32),
+            cu_q_lens=cu_q_lens,
             num_seqs=np.zeros(1, _I32),
             logits_indices=np.zeros(self.num_logit_rows_for(bucket), _I32),
         )

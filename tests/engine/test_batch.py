@@ -186,6 +186,19 @@ def test_a_padding_plan_has_the_shapes_of_a_real_one_and_no_sequence():
     assert padding.attention.num_seqs.tolist() == [0] and (padding.attention.slot_mapping == 64).all()
 
 
+def test_a_timing_plan_holds_no_sequence_but_counts_every_row_as_real():
+    """`padding(full_rows=True)` times a bucket (`LLMEngine._empty_step_seconds`): no sequence in use
+    (attention and sampling see padding), while cu_q_lens[-1], the rows the projections multiply
+    (the CPU kernels skip the rest), is the whole bucket; a plain padding plan's is 0."""
+    planner = StepPlanner(CONFIG, num_pages=16, max_model_len=32)
+    plain, timing = planner.padding(bucket=8, width=4), planner.padding(bucket=8, width=4, full_rows=True)
+    assert plain.attention.cu_q_lens[-1] == 0 and timing.attention.cu_q_lens[-1] == 8
+    assert timing.attention.num_seqs.tolist() == [0] and not timing.attention.cu_q_lens[:-1].any()
+    for name, value in arrays(timing).items():
+        if name != "cu_q_lens":
+            np.testing.assert_array_equal(value, arrays(plain)[name])
+
+
 def test_a_plan_built_from_the_scheduler_covers_its_whole_step():
     scheduler = Scheduler(CONFIG)
     for request_id, first, prompt_len in (("a", 1, 10), ("b", 21, 9)):  # no shared prefix
