@@ -17,7 +17,8 @@ For each kind:
 - device: the engine's compiled step program (the runner's executable) on the slab;
 - matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
   plus the LM head over the logits rows, as one program of the model's own `Attention.matmul` (or
-  `int8_matmul`) over weights of the model's shapes;
+  `int8_matmul`) over weights of the model's shapes, called as the model calls them (each layer's
+  stack in place, `rows=` the slab's real rows, which the CPU kernels alone multiply);
 - attention: the configured attention implementation on the captured metadata, once per layer
   over the engine's own KV pool;
 - kv_write: the K/V write of the slab's rows into every layer's pages (donated pool), as the
@@ -185,24 +186,27 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
         head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
         mm = runner.attention.matmul  # the C++ kernel for few rows on the CPU kernels, else XLA
 
-        def mm_head(h, w):
-            return runner.attention.matmul(h, w, w_nk=True)
+        def mm_head(h, w, rows):
+            return runner.attention.matmul(h, w, w_nk=True, rows=rows)
 
     @jax.jit
-    def matmuls(x, weights, head):
-        def layer(h, i):  # each layer's weights as the model passes them: a slice, or the stack too
+    def matmuls(x, weights, head, real):
+        # as the model calls them: each layer's slice and its stack, only the slab's real rows
+        def layer(h, i):
             def p(name, h):
                 if FLAGS.quantize == "int8":
-                    return mm(h, *(a[i] for a in weights[name]))
-                return mm(h, weights[name][0][i], stack=(weights[name][0], i))
+                    q, scale = weights[name]
+                    return mm(h, q[i], scale[i], (q, scale, i), rows=real)
+                return mm(h, weights[name][0][i], stack=(weights[name][0], i), rows=real)
 
             q, k, v = p("q", h), p("k", h), p("v", h)
             h = h + p("o", q + jnp.pad(k + v, ((0, 0), (0, hd - kvd))))
             return h + p("down", jax.nn.silu(p("gate", h)) * p("up", h)), None
 
         h, _ = jax.lax.scan(layer, x, jnp.arange(L))
-        return mm_head(h[:logits_rows], *head)
+        return mm_head(h[:logits_rows], *head, rows=jnp.minimum(real, logits_rows))
 
+    real = jnp.int32(plan.attention.cu_q_lens[-1])  # the rows the model's projections multiply
     md = jax.device_put(plan.attention)
     k_pages = runner.kv_cache[0]  # only its shape: `device()` donates the cache it reads
     pages_per_layer = k_pages.shape[1] // L
@@ -245,7 +249,7 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     r = FLAGS.repeats
     out = {
         "device": median_time(device, r),
-        "matmuls": median_time(lambda: matmuls(x, weights, head).block_until_ready(), r),
+        "matmuls": median_time(lambda: matmuls(x, weights, head, real).block_until_ready(), r),
         "attention": median_time(lambda: attention(q, *runner.kv_cache, md).block_until_ready(), r),
         "kv_write": median_time(write, r),
         "sampling": median_time(lambda: jax.block_until_ready(sampler(logits, s)), r),
