@@ -198,7 +198,7 @@ void dot_columns(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N,
 }
 
 // Up to this many rows, the dot form ([N, K] weights: int8 widened to bfloat16, or float32) reads
-// each column's weights in order (`group_in_order`, `f32_group_in_order`). 8 rather than 6: at 8 rows
+// each column's weights in order (`group_in_order`). 8 rather than 6: at 8 rows
 // the int8 projections took 11.5-11.7 ms in order against 15.4-21.4 buffered, the float32 head
 // 5.4-6.5 against 6.6-6.8 by column-group tiles (`scripts/matmul_harness.cc`, two rounds).
 constexpr int64_t kDirectRows = 8;
@@ -218,56 +218,73 @@ inline int64_t columns_per_item(int64_t M, int64_t N, int64_t workers, bool in_o
 }
 
 #if defined(__AVX512F__)
-// y[0 : MR, n : n + 4] = x[0 : MR, :] @ w[n : n + 4, :]^T, float32 weights [N, K] (w points at column
-// n), K a multiple of 16, each column's K weights read in order (two accumulators per row, then the
-// next column). SmolLM2's LM head at one row, a standalone harness on 2 cores: 3.3-3.7 ms where four
-// columns side by side (`dot_columns`) took 5.1-7.6 and XLA's dot about 5.4.
-template <int MR>
-inline void f32_group_in_order(const float* __restrict x, const float* __restrict w, float* __restrict y,
-                               int64_t K, int64_t N, int64_t n) {
+// How the in-order path reads one kind of weights: `kWidth` of them per vector, loaded (or widened)
+// by `weights`, multiplied into float32 sums by `madd`. float32 [N, K] (the LM head): plain loads and
+// FMAs. (int8 widened to bfloat16 pairs, `Bf16Lanes`, where the CPU has AVX512_BF16.)
+struct F32Lanes {
+  using X = float;  // the rows' type
+  using W = float;  // the weights' type
+  static constexpr int64_t kWidth = 16;
+  static __m512 weights(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 madd(__m512 acc, const float* x, __m512 w) { return _mm512_fmadd_ps(_mm512_loadu_ps(x), w, acc); }
+};
+
+// y[0 : MR, n : n + 4] = x[0 : MR, :] @ w[n : n + 4, :]^T (times scale[n : n + 4] unless null), the
+// weights [N, K] (w points at column n, K a multiple of kWidth): each column's K weights read in
+// order, two accumulators per row (even and odd vectors), then the next column (the four columns of
+// a group are contiguous, so an item reads one run of memory), asking for the weights kAheadBytes
+// ahead. Reading four columns side by side instead measured 15-18 GB/s for SmolLM2's int8
+// projections at one row where this ran at 26-33 (a plain sum of the same bytes 30-38), and the
+// float32 LM head at one row took 5.1-7.6 ms that way against 3.3-3.7 (XLA's dot about 5.4; a
+// standalone harness on 2 cores).
+template <int MR, class Lanes>
+inline void group_in_order(const typename Lanes::X* __restrict x, const typename Lanes::W* __restrict w,
+                           const float* __restrict scale, float* __restrict y, int64_t K, int64_t N, int64_t n) {
+  constexpr int64_t kStep = 2 * Lanes::kWidth, kBytes = kStep * sizeof(typename Lanes::W);
   __m512 sums[MR][4];
   for (int j = 0; j < 4; ++j) {
-    const float* wj = w + j * K;
+    const typename Lanes::W* wj = w + j * K;
     __m512 a[MR], b[MR];
     for (int m = 0; m < MR; ++m) a[m] = b[m] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      __builtin_prefetch(wj + k + kAheadBytes / 4, 0, 0);
-      __builtin_prefetch(wj + k + 16 + kAheadBytes / 4, 0, 0);
-      const __m512 w0 = _mm512_loadu_ps(wj + k), w1 = _mm512_loadu_ps(wj + k + 16);
+    for (; k + kStep <= K; k += kStep) {
+      const char* ahead = reinterpret_cast<const char*>(wj + k) + kAheadBytes;
+      for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(ahead + line, 0, 0);
+      const auto w0 = Lanes::weights(wj + k), w1 = Lanes::weights(wj + k + Lanes::kWidth);
       for (int m = 0; m < MR; ++m) {
-        a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
-        b[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, b[m]);
+        a[m] = Lanes::madd(a[m], x + m * K + k, w0);
+        b[m] = Lanes::madd(b[m], x + m * K + k + Lanes::kWidth, w1);
       }
     }
-    if (k < K) {  // K % 32 == 16
-      const __m512 w0 = _mm512_loadu_ps(wj + k);
-      for (int m = 0; m < MR; ++m) a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, a[m]);
+    if (k < K) {  // K % kStep == kWidth
+      const auto w0 = Lanes::weights(wj + k);
+      for (int m = 0; m < MR; ++m) a[m] = Lanes::madd(a[m], x + m * K + k, w0);
     }
     for (int m = 0; m < MR; ++m) sums[m][j] = _mm512_add_ps(a[m], b[m]);
   }
-  for (int m = 0; m < MR; ++m) store_sums4(sums[m], nullptr, y + m * N + n);
+  for (int m = 0; m < MR; ++m) store_sums4(sums[m], scale ? scale + n : nullptr, y + m * N + n);
 }
 
-// Columns [n0, n1) of M <= kDirectRows rows (K a multiple of 16): groups of four in order, then the
-// rest one at a time.
-inline void f32_columns_in_order(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-                                 int64_t n0, int64_t n1) {
+// Columns [n0, n1) of M <= kDirectRows rows: groups of four read in order, then `tail(n)` for each
+// column past the last group.
+template <class Lanes, class Tail>
+inline void columns_in_order(const typename Lanes::X* x, const typename Lanes::W* w, const float* scale, float* y,
+                             int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, Tail tail) {
   int64_t n = n0;
   for (; n + kGroup <= n1; n += kGroup) {
-    const float* wn = w + n * K;
+    const typename Lanes::W* wn = w + n * K;
     switch (M) {
-      case 1: f32_group_in_order<1>(x, wn, y, K, N, n); break;
-      case 2: f32_group_in_order<2>(x, wn, y, K, N, n); break;
-      case 3: f32_group_in_order<3>(x, wn, y, K, N, n); break;
-      case 4: f32_group_in_order<4>(x, wn, y, K, N, n); break;
-      case 5: f32_group_in_order<5>(x, wn, y, K, N, n); break;
-      case 6: f32_group_in_order<6>(x, wn, y, K, N, n); break;
-      case 7: f32_group_in_order<7>(x, wn, y, K, N, n); break;
-      default: f32_group_in_order<8>(x, wn, y, K, N, n); break;
+      case 1: group_in_order<1, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 2: group_in_order<2, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 3: group_in_order<3, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 4: group_in_order<4, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 5: group_in_order<5, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 6: group_in_order<6, Lanes>(x, wn, scale, y, K, N, n); break;
+      case 7: group_in_order<7, Lanes>(x, wn, scale, y, K, N, n); break;
+      default: group_in_order<8, Lanes>(x, wn, scale, y, K, N, n); break;
     }
   }
-  for (; n < n1; ++n) column(x, F32Columns{w}, y, M, K, N, n);
+  for (; n < n1; ++n) tail(n);
 }
 #endif
 
@@ -456,7 +473,10 @@ struct F32Problem {
     }
     const int64_t n0 = item * columns, n1 = std::min(N, n0 + columns);
 #if defined(__AVX512F__)
-    if (in_order()) return f32_columns_in_order(x, w, y, M, K, N, n0, n1);
+    if (in_order()) {
+      return columns_in_order<F32Lanes>(x, w, nullptr, y, M, K, N, n0, n1,
+                                        [&](int64_t n) { column(x, F32Columns{w}, y, M, K, N, n); });
+    }
 #endif
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
     kn_columns(x, w, y, M, K, N, n0, n1);
@@ -546,36 +566,15 @@ inline void rows_bf16(const uint16_t* x, Weights w, const float* scale, float* y
 }
 
 
-// y[0 : MR, n : n + 4] from int8 columns n .. n + 3 (contiguous in q, K bytes each), read in order:
-// each column's K weights, two accumulators per row (even and odd runs of 32), then the next column.
-// Reading the four columns side by side (32 bytes of each per step) measured 15-18 GB/s on SmolLM2's
-// shapes where reading them in order ran at 26-33 (a standalone harness, one row, 2 cores; a plain
-// sum of the same bytes 30-38).
-template <int MR>
-inline void group_in_order(const uint16_t* __restrict x, const int8_t* __restrict w, const float* __restrict scale,
-                           float* __restrict y, int64_t K, int64_t N, int64_t n) {
-  __m512 sums[MR][4];
-  for (int j = 0; j < 4; ++j) {
-    const int8_t* wj = w + j * K;
-    __m512 a[MR], b[MR];
-    for (int m = 0; m < MR; ++m) a[m] = b[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      __builtin_prefetch(wj + k + kAheadBytes, 0, 0);
-      const __m512bh w0 = widen_bf16(wj + k), w1 = widen_bf16(wj + k + 32);
-      for (int m = 0; m < MR; ++m) {
-        a[m] = _mm512_dpbf16_ps(a[m], load_bf16(x + m * K + k), w0);
-        b[m] = _mm512_dpbf16_ps(b[m], load_bf16(x + m * K + k + 32), w1);
-      }
-    }
-    if (k < K) {  // K % 64 == 32
-      const __m512bh w0 = widen_bf16(wj + k);
-      for (int m = 0; m < MR; ++m) a[m] = _mm512_dpbf16_ps(a[m], load_bf16(x + m * K + k), w0);
-    }
-    for (int m = 0; m < MR; ++m) sums[m][j] = _mm512_add_ps(a[m], b[m]);
-  }
-  for (int m = 0; m < MR; ++m) store_sums4(sums[m], scale + n, y + m * N + n);
-}
+// int8 weights widened to bfloat16 in registers, 32 per vector, multiplied in pairs into float32
+// lanes (`vdpbf16ps`): the in-order path's int8 lanes (see `group_in_order`).
+struct Bf16Lanes {
+  using X = uint16_t;  // bfloat16 rows
+  using W = int8_t;
+  static constexpr int64_t kWidth = 32;
+  static __m512bh weights(const int8_t* p) { return widen_bf16(p); }
+  static __m512 madd(__m512 acc, const uint16_t* x, __m512bh w) { return _mm512_dpbf16_ps(acc, load_bf16(x), w); }
+};
 #else
 constexpr bool kBf16Products = false;
 #endif
@@ -617,20 +616,9 @@ struct Problem {
 
   // Up to kDirectRows rows: groups of four columns read in order, then the rest one at a time.
   void direct_bf16(int64_t n0, int64_t n1) const {
-    int64_t n = n0;
-    for (; n + kGroup <= n1; n += kGroup) {
-      switch (M) {
-        case 1: group_in_order<1>(xb, q + n * K, scale, y, K, N, n); break;
-        case 2: group_in_order<2>(xb, q + n * K, scale, y, K, N, n); break;
-        case 3: group_in_order<3>(xb, q + n * K, scale, y, K, N, n); break;
-        case 4: group_in_order<4>(xb, q + n * K, scale, y, K, N, n); break;
-        case 5: group_in_order<5>(xb, q + n * K, scale, y, K, N, n); break;
-        case 6: group_in_order<6>(xb, q + n * K, scale, y, K, N, n); break;
-        case 7: group_in_order<7>(xb, q + n * K, scale, y, K, N, n); break;
-        default: group_in_order<8>(xb, q + n * K, scale, y, K, N, n); break;
-      }
-    }
-    for (; n < n1; ++n) rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n);
+    columns_in_order<Bf16Lanes>(xb, q, scale, y, M, K, N, n0, n1, [&](int64_t n) {
+      rows_bf16<1>(xb, FromInt8{q + n * K, K}, scale, y, K, N, 0, M, n);
+    });
   }
 
   // Columns [n0, n1) of every row, four at a time, then one at a time; weights(n) reads from column

@@ -73,9 +73,10 @@ INT8_BF16_ROWS = 32
 # 13.2-14.1 / 14.6-14.9 / 21.9-22.6 ms in `scripts/matmul_harness.cc`). The LM head ([N, K]): at up to
 # 8 rows each column read in order, 2.8-3.1 ms at 1 row and 3.1-3.4 at 4 (the harness; XLA's dot
 # about 5.4 at 1 row); past 8 rows the column-group tiles, which measured 6.2-10.3 ms against XLA's
-# 9.2-13.1 at 2-16 rows. Only the slab's real rows are multiplied (`rows=`). Whole steps (`scripts/profile_step.py --f32_kernel_rows`,
-# alternating runs): decode 4 x 128 35-44 ms against 59-95, 8 x 128 52-61 against 85-100, 32 x 512
-# 127-131 against 174-175, a 256-token prompt chunk 365-426 against 391-463. Only where the library is
+# 9.2-13.1 at 2-16 rows. Only the slab's real rows are multiplied (`rows=`). Whole steps
+# (`scripts/profile_step.py --f32_kernel_rows`, alternating runs): decode 4 x 128 35-44 ms against
+# 59-95, 8 x 128 52-61 against 85-100, 32 x 512 127-131 against 174-175, a 256-token prompt chunk
+# 365-426 against 391-463. Only where the library is
 # built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
 F32_KERNEL_ROWS = 256
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class Attention:
         Q8_0 rounds rows to 8-bit blocks), the sums are float32; which path runs follows the rows
         and the implementation (see INT8_KERNEL_ROWS). `rows` as for `matmul`."""
         out_dtype = preferred_element_type or x.dtype
-        real, rows = rows, x.astype(jnp.bfloat16)
+        xb = x.astype(jnp.bfloat16)
         if self._cpu_kernels and x.shape[0] <= INT8_KERNEL_ROWS:
             if stack is not None:
                 whole_q, whole_scale, index = stack
@@ -225,14 +226,12 @@ class Attention:
                     raise ValueError(
                         f"stacks {whole_q.shape}, {whole_scale.shape} of {q.shape}, {scale.shape}"
                     )
-                y = cpu_kernels.matmul.int8_matmul(rows, whole_q, whole_scale, layer=index, rows=real)
+                y = cpu_kernels.matmul.int8_matmul(xb, whole_q, whole_scale, layer=index, rows=rows)
             else:
-                y = cpu_kernels.matmul.int8_matmul(rows, q, scale, rows=real)
+                y = cpu_kernels.matmul.int8_matmul(xb, q, scale, rows=rows)
             return y.astype(out_dtype)
         compute = jnp.bfloat16 if x.shape[0] > INT8_BF16_ROWS else jnp.float32
-        y = jnp.einsum(
-            "tk,nk->tn", rows.astype(compute), q.astype(compute), preferred_element_type=jnp.float32
-        )
+        y = jnp.einsum("tk,nk->tn", xb.astype(compute), q.astype(compute), preferred_element_type=jnp.float32)
         return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
