@@ -447,7 +447,7 @@ class LLMEngine:
         intake()
         late.poll()
         # the "sla" composer predicts from the real remainder, once there is a prediction
-        self.scheduler.in_flight_end = late.expected_end(end) if late.observed else None
+        self.scheduler.in_flight_end = late.expected_end(end) if late.model.observed else None
         try:
             self._in_flight = self._launch()
         finally:

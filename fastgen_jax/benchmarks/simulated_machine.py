@@ -42,11 +42,17 @@ class Machine:
     client_delay: float = 0.0
 
     def bucket(self, tokens: int, buckets: tuple[int, ...]) -> int:
-        """The tokens a step of `tokens` costs: its bucket's when `padded`."""
-        return min((b for b in buckets if b >= tokens), default=tokens) if self.padded else tokens
+        """The tokens a step of `tokens` costs: its bucket's when `padded`, else its real ones (as the
+        CPU kernels multiply only a slab's real rows)."""
+        return padded_to(tokens, buckets) if self.padded else tokens
 
     def step_seconds(self, tokens: int) -> float:
         return self.seconds_per_step + self.seconds_per_token * tokens
+
+
+def padded_to(tokens: int, buckets: tuple[int, ...]) -> int:
+    """The token bucket the engine pads a step of `tokens` to."""
+    return min((b for b in buckets if b >= tokens), default=tokens)
 
 
 def fastgen_shaped(n, rate, seed=0, prompt_mean=512, gen_mean=32, prompt_max=900):
@@ -122,8 +128,7 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
                 continue
             in_flight = compose(), now[0]
         output, start = in_flight
-        bucket = machine.bucket(output.num_tokens, config.token_buckets)
-        seconds = machine.step_seconds(bucket)
+        seconds = machine.step_seconds(machine.bucket(output.num_tokens, config.token_buckets))
         end = start + seconds
         # With overlap the next step is composed before this one's tokens are read: at its start
         # (eager), or as it ends, with the requests that arrived while it ran (late).
@@ -135,7 +140,7 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
             scheduler.in_flight_end = end if machine.late else None
             following = compose()
         now[0] = end
-        observe_step(model, bucket, output.scheduled, seconds)
+        observe_step(model, padded_to(output.num_tokens, config.token_buckets), output.scheduled, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)
         in_flight = None if following is None or following.is_empty else (following, now[0])
         for e in output.scheduled:

@@ -6,9 +6,11 @@ EMA (span 16) of each request's token gaps: at most 1 / R seconds (`fastgen_jax.
 step the controller
 
 1. predicts the step's seconds for every token bucket from an online model (`StepTimeModel`): least
-   squares of measured step seconds on [1, bucket tokens, attended (query, key) pairs], weighted
-   towards recent steps, so it follows a load change or a machine that slows down; warm-up timings of
-   each bucket may seed it, but nothing needs profiling offline;
+   squares of measured step seconds on [1, bucket tokens, real tokens, attended (query, key) pairs],
+   weighted towards recent steps, so it follows a load change or a machine that slows down; warm-up
+   timings of each bucket may seed it, but nothing needs profiling offline. Both sizes count because
+   the devices differ: an accelerator's step costs its padded bucket, while the CPU kernels multiply
+   only a slab's real rows, so there a half-filled bucket costs about half a full one;
 2. works out the longest gap every decoding sequence can take, from the request's timing record
    (`engine.timing`, the one the SLA judge and the server read): a sequence whose gap EMA is e can
    take a gap g with alpha * g + (1 - alpha) * e <= margin / R, one with no gap yet g <= margin / R
@@ -35,13 +37,22 @@ import numpy as np
 from fastgen_jax.engine.scheduler import ScheduledSeq
 from fastgen_jax.engine.sequence import Sequence as Seq
 from fastgen_jax.engine.timing import ALPHA, RequestTiming
+from fastgen_jax.sla import ema_alpha, ema_update
+
+ERROR_SPAN = 16  # steps the model's average prediction error spans
 
 
 def observe_step(
     model: StepTimeModel, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float
 ) -> None:
-    """Teaches `model` a finished step: padded to `bucket`, attending its scheduled work's pairs."""
-    model.observe(bucket, step_pairs(scheduled), seconds)
+    """Teaches `model` a finished step: padded to `bucket`, its scheduled work's tokens and pairs."""
+    scheduled = list(scheduled)
+    model.observe(bucket, step_pairs(scheduled), seconds, step_tokens(scheduled))
+
+
+def step_tokens(scheduled: Iterable[ScheduledSeq]) -> int:
+    """The slab rows a step's scheduled work fills (its real tokens, drafts included)."""
+    return sum(e.num_new_tokens for e in scheduled)
 
 
 def step_pairs(scheduled: Iterable[ScheduledSeq]) -> int:
@@ -72,34 +83,52 @@ class _Moments:
 
 
 class StepTimeModel:
-    """Step seconds ~ theta . [1, tokens / scale, pairs / scale^2], fitted online.
+    """Step seconds ~ theta . [1, bucket / scale, tokens / scale, pairs / scale^2], fitted online.
+
+    `bucket` is the slab's padded size (what an accelerator's step costs), `tokens` its real rows
+    (what the CPU kernels' matmuls cost; a full step's when not given). Until steps of part-filled
+    buckets have been seen the fit cannot tell the two apart and splits their weight, so a half-filled
+    bucket is first predicted between the two devices' costs, and the recent steps settle it.
 
     Two fits: every step ever seen (the prior) and recent steps (forgetting factor `forgetting`, about
     1 / (1 - forgetting) steps of memory) regularized towards the prior, so a bucket that has not run
-    lately is still predicted from what was learnt of it before.
+    lately is still predicted from what was learnt of it before. `error` is the average |seconds -
+    prediction| of recent steps (span `ERROR_SPAN`, each predicted before it was learnt; from the
+    `DIM`-th step on, when the fit is first determined), for callers that need a margin.
     """
+
+    DIM = 4
 
     def __init__(self, token_scale: int, forgetting: float = 0.95, ridge: float = 0.5):
         self.token_scale = float(token_scale)
         self.ridge = ridge
-        self._all = _Moments(3, 1.0)
-        self._recent = _Moments(3, forgetting)
-        self._theta: np.ndarray | None = np.zeros(3)
+        self._all = _Moments(self.DIM, 1.0)
+        self._recent = _Moments(self.DIM, forgetting)
+        self._theta: np.ndarray | None = np.zeros(self.DIM)
+        self.observed = 0
+        self.error = 0.0
 
-    def features(self, tokens: int, pairs: float) -> np.ndarray:
-        return np.array([1.0, tokens / self.token_scale, pairs / self.token_scale**2])
+    def features(self, bucket: int, pairs: float, tokens: int | None = None) -> np.ndarray:
+        scale = self.token_scale
+        real = bucket if tokens is None else min(tokens, bucket)
+        return np.array([1.0, bucket / scale, real / scale, pairs / scale**2])
 
-    def observe(self, tokens: int, pairs: float, seconds: float) -> None:
-        x = self.features(tokens, pairs)
+    def observe(self, bucket: int, pairs: float, seconds: float, tokens: int | None = None) -> None:
+        if self.observed >= self.DIM:
+            miss = abs(seconds - self.predict(bucket, pairs, tokens))
+            self.error = ema_update(self.error, miss, ema_alpha(ERROR_SPAN))
+        self.observed += 1
+        x = self.features(bucket, pairs, tokens)
         self._all.add(x, seconds)
         self._recent.add(x, seconds)
         self._theta = None
 
-    def predict(self, tokens: int, pairs: float) -> float:
+    def predict(self, bucket: int, pairs: float, tokens: int | None = None) -> float:
+        """Seconds of a step padded to `bucket` with `tokens` real rows (all of them when None)."""
         if self._theta is None:
-            prior = self._all.solve(1e-6, np.zeros(3))
+            prior = self._all.solve(1e-6, np.zeros(self.DIM))
             self._theta = self._recent.solve(self.ridge, prior)
-        return float(self.features(tokens, pairs) @ self._theta)
+        return float(self.features(bucket, pairs, tokens) @ self._theta)
 
 
 class BudgetController:

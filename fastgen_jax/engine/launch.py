@@ -10,15 +10,14 @@ is predicted to end (the engine's caller hands it the requests that arrived mean
 ends, so the device does not wait for the host.
 
 `LateLaunch` predicts N's end from a model of device seconds per step (`StepTimeModel` over the
-step's token bucket and attended pairs, learnt from the steps read back: the time from when a step
-could start, its launch or the previous step's end, to when its tokens were read) and leaves the
-host's launch time (an average of the intakes and launches measured) plus a margin (twice the
-model's recent average error, at least `MARGIN_SECONDS`). It stops waiting
-as soon as N's results are ready, so a prediction that is too long costs at most a poll interval and
-one launch of device idle; one that is too short makes the launch early, as "early" would be. A step
-seen done before it was read is learnt as ending then (within a poll, or the intake and launch when
-it ended during those), so a launch that overran its end does not lengthen the model's steps by
-the overrun.
+step's token bucket, real tokens and attended pairs, learnt from the steps read back: the time from
+when a step could start, its launch or the previous step's end, to when its tokens were read) and
+leaves the host's launch time (an average of the intakes and launches measured) plus a margin
+(twice the model's recent average error, at least `MARGIN_SECONDS`). It stops waiting as soon as
+N's results are ready, so a prediction that is too long costs at most a poll interval and one launch
+of device idle; one that is too short makes the launch early, as "early" would be. A step seen done
+before it was read is learnt as ending then (within a poll, or the intake and launch when it ended
+during those), so a launch that overran its end does not lengthen the model's steps by the overrun.
 Host-side only: no jax here (the engine passes `is_ready`).
 """
 
@@ -27,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from fastgen_jax.engine.budget import StepTimeModel, step_pairs
+from fastgen_jax.engine.budget import StepTimeModel, step_pairs, step_tokens
 from fastgen_jax.engine.scheduler import ScheduledSeq
 from fastgen_jax.sla import ema_alpha, ema_update
 
@@ -44,20 +43,19 @@ class LateLaunch:
         self.clock, self.sleep = clock, sleep
         self.host_seconds = 0.005  # average seconds to compose, plan and launch a step
         self.device_free = 0.0  # when the last step read back ended on the device (about)
-        self.observed = 0
         self._is_ready: Callable[[], bool] | None = None  # the step in flight's, while waiting on it
         self._ready_at: float | None = None  # when it was first seen done
         self._waiting_on = 0.0  # the launch time of the step waited on (a failed read leaves it set)
-        self.error = 0.0  # average |device seconds - predicted| of recent steps
         self.waits = 0  # late launches
         self.idle_seconds = 0.0  # device idle they caused: from a step seen done to the next launch
 
     def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
         """When a step launched at `launched_at` is predicted to end: it starts once the step before
         it ended."""
-        if not self.observed:
+        if not self.model.observed:
             return launched_at  # nothing learnt yet: launch at once (as "early" does)
-        seconds = self.model.predict(bucket, step_pairs(scheduled))
+        scheduled = list(scheduled)
+        seconds = self.model.predict(bucket, step_pairs(scheduled), step_tokens(scheduled))
         return max(launched_at, self.device_free) + max(seconds, 0.0)
 
     def wait(self, end: float, is_ready: Callable[[], bool] | None, launched_at: float = 0.0) -> None:
@@ -65,7 +63,7 @@ class LateLaunch:
         until the step in flight (launched at `launched_at`) is ready (`poll`), whichever first."""
         self._is_ready, self._ready_at, self._waiting_on = is_ready, None, launched_at
         self.waits += 1
-        due = end - (1.5 * self.host_seconds + max(MARGIN_SECONDS, 2.0 * self.error))
+        due = end - (1.5 * self.host_seconds + max(MARGIN_SECONDS, 2.0 * self.model.error))
         while (left := due - self.clock()) > 0 and not self.poll():
             self.sleep(min(left, POLL_SECONDS))
 
@@ -100,11 +98,9 @@ class LateLaunch:
         if self._ready_at is not None and self._waiting_on == launched_at:  # seen done: it ended then
             returned = min(returned, self._ready_at)
         self._is_ready, self._ready_at = None, None
-        start, pairs = max(launched_at, self.device_free), step_pairs(scheduled)
+        scheduled = list(scheduled)
+        start = max(launched_at, self.device_free)
+        pairs, tokens = step_pairs(scheduled), step_tokens(scheduled)
         if returned > start:
-            if self.observed:
-                miss = abs(returned - start - self.model.predict(bucket, pairs))
-                self.error = ema_update(self.error, miss, ema_alpha(HOST_SPAN))
-            self.model.observe(bucket, pairs, returned - start)
-            self.observed += 1
+            self.model.observe(bucket, pairs, returned - start, tokens)
         self.device_free = returned

@@ -40,8 +40,8 @@ above.
 earliest first-token deadline among those that can still make it, hopeless ones after them with what
 is left; a decode is deferred only when the prompts need its room and its token-gap EMA can take a
 step more (the gap itself staying within 1 / R), at most `max_skips` steps in a row; the composer
-predicts from after the step in flight (`_in_flight_seconds`) and in token buckets (`_bucket`), as
-the engine runs them; a prompt is passed over at most `max_pass_over` steps
+predicts from after the step in flight (`_in_flight_seconds`), each step at the token bucket the
+engine pads it to (`_bucket`) and at its real tokens; a prompt is passed over at most `max_pass_over` steps
 in a row before it goes first (a waiting one then blocks later admissions, as first-come first-served
 does). Admission asks for the same pages as above, so pages are never over-committed.
 
@@ -441,7 +441,7 @@ class Scheduler:
             if self.in_flight_end is None
             else max(0.0, self.in_flight_end - sla.clock())
         )
-        step = lambda n: sla.step_seconds(self._bucket(n), pairs)  # noqa: E731 - the step's padded size
+        step = lambda n: sla.step_seconds(self._bucket(n), pairs, n)  # noqa: E731 - padded, and real rows
         pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
         self._step_budget = self._budget_within(decodes, prompts, step, sla.clock() + ahead, pending)
         choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
@@ -452,8 +452,9 @@ class Scheduler:
 
     def _budget_within(self, decodes, prompts, step: Callable[[int], float], start: float, pending) -> int:
         """This step's budget under the composer's `longest_step` for the decodes that can join it:
-        the budget if its step is predicted to fit, else the largest token bucket that is, never less
-        than those decodes and one token for each urgent prompt (the policy's guarantees hold; their
+        the budget if its step is predicted to fit, else the most tokens that are (a whole bucket
+        where steps cost their bucket, part of one where they cost their real rows), never less than
+        those decodes and one token for each urgent prompt (the policy's guarantees hold; their
         bucket is the floor)."""
         budget = self._step_budget
         joining = [(s, r) for s, r in decodes if not _waits_for_step_in_flight(s)]
@@ -462,8 +463,11 @@ class Scheduler:
         longest = self.sla.longest_step(joining, start, pending, step(floor))
         if step(budget) <= longest:
             return budget
-        fits = [b for b in self.config.token_buckets if b <= budget and step(b) <= longest]
-        return max(fits + [min(budget, self._bucket(floor))])
+        fits, over = min(budget, self._bucket(floor)), budget  # bisect: a step's time grows with its size
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            fits, over = (mid, over) if step(mid) <= longest else (fits, mid)
+        return fits
 
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with
@@ -471,7 +475,7 @@ class Scheduler:
         from fastgen_jax.engine.budget import step_pairs  # budget imports this module
 
         return sum(
-            self.sla.step_seconds(self._bucket(out.num_tokens), step_pairs(out.scheduled))
+            self.sla.step_seconds(self._bucket(out.num_tokens), step_pairs(out.scheduled), out.num_tokens)
             for out in self._in_flight
         )
 
@@ -546,7 +550,7 @@ class Scheduler:
             return False
         self.waiting.remove(seq)
         self._start(seq, hit, num_pages)
-        step = self.sla.step_seconds(self._step_budget, 0)
+        step = self.sla.step_seconds(self._bucket(self._step_budget), 0, self._step_budget)
         self.sla.admitted(seq.timing, seq.num_remaining_prefill_tokens, cap, step)
         self._push(out, seq, min(seq.num_remaining_prefill_tokens, cap))
         return True

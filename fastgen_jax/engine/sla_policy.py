@@ -11,10 +11,11 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
    deadline), earliest first. Walking that order, a prompt is *feasible* if its uncached remainder
    plus the work of the feasible prompts before it is predicted done before its deadline: full steps,
    then a last step holding the rest and whatever of the other prompts fits beside it (a last step
-   that is not full is shorter, often much shorter on a machine whose step time follows its token
-   bucket); the others are *hopeless* (they count for nothing in effective throughput) and are served
-   after every feasible prompt, in arrival order, with what is left. Each prompt takes all the room
-   it can use, so its first token comes as early as the order allows. When no decode is deferred and
+   that is not full is shorter: a smaller token bucket, and fewer real rows where the step's cost
+   follows them, as on the CPU kernels); the others are *hopeless* (they count for nothing in
+   effective throughput) and are served after every feasible prompt, in arrival order, with what is
+   left. Each prompt takes all the room it can use, so its first token comes as early as the order
+   allows. When no decode is deferred and
    arrival order (SplitFuse's) is predicted to land every feasible prompt with a full step to spare,
    the prompts keep arrival order: reordering would gain nothing and cost the prompts it delays.
 2. Decodes get their token unless the feasible prompts need their room this step: the EDF
@@ -31,8 +32,9 @@ learns (`budget.StepTimeModel`: the predicted seconds of a step of n tokens):
 
 Predictions start where the composed step will: after the steps in flight (with overlap, step N+1
 is composed as step N starts, so the scheduler passes N's predicted seconds as `ahead`, and a decode
-that N serves gets its token then, `in_flight`), and a step of n tokens costs its token bucket's time
-(the scheduler pads n to the bucket the engine will run). Planning as if the step started when it
+that N serves gets its token then, `in_flight`), and a step of n tokens is predicted at the token
+bucket the engine will pad it to and at its n real rows (the step-time model learns how much each
+costs on this device). Planning as if the step started when it
 was composed puts every prediction a step early (docs/benchmarks/sla_policy.md, section 2).
 
 Guarantees (what replaces "decodes first" for this policy):
@@ -71,6 +73,10 @@ from fastgen_jax.sla import ema_update
 # on the simulated CPU of scripts/simulate_policies.py 0.9 cost 6% of the requests within the SLA at 8
 # clients where a full step takes 0.46 s against a 0.5 s bound, and 0.95 nothing).
 STEP_MARGIN = 0.95
+# A first gap alone seeds the gap EMA, so a step that overruns its prediction beside a fresh decode
+# loses that request: its step is kept this many times the model's recent average error shorter
+# (`StepTimeModel.error`). Later gaps move the EMA by 1 / 8.5 of an overrun, and take no margin.
+FIRST_GAP_ERRORS = 2.0
 
 __all__ = ["Composition", "PromptCandidate", "PromptChoice", "RequestSLA", "RequestTiming", "SlaComposer"]
 
@@ -112,7 +118,8 @@ class SlaComposer:
     ):
         if max_skips < 0 or max_pass_over < 0 or not 0 < margin <= 1:
             raise ValueError(f"bad SLA policy settings: {max_skips=}, {max_pass_over=}, {margin=}")
-        self.model = model  # a StepTimeModel (predict(tokens, pairs) -> seconds), or None: set by the owner
+        # a StepTimeModel (predict(bucket, pairs, tokens) -> seconds), or None: set by the owner
+        self.model = model
         self.clock = clock
         self.margin = margin
         self.max_skips = max_skips
@@ -122,9 +129,10 @@ class SlaComposer:
 
     # -- composing --------------------------------------------------------------------------------
 
-    def step_seconds(self, budget: int, pairs: float) -> float:
-        """Predicted seconds of a full step of `budget` tokens (0 while nothing is known)."""
-        return 0.0 if self.model is None else max(0.0, self.model.predict(budget, pairs))
+    def step_seconds(self, bucket: int, pairs: float, tokens: int | None = None) -> float:
+        """Predicted seconds of a step padded to `bucket` holding `tokens` real ones (all of them
+        when None; 0 while nothing is known)."""
+        return 0.0 if self.model is None else max(0.0, self.model.predict(bucket, pairs, tokens))
 
     def compose(
         self,
@@ -174,11 +182,13 @@ class SlaComposer:
     ) -> float:
         """The longest a step starting at `start` may take for each of `decodes` (those that can join
         it) to keep its gap EMA within `STEP_MARGIN` / R: its first gap seeds the EMA, so it alone
-        must be within the bound (inf: no limit). Decodes already lost, and those whose gap would
-        break even a step of `shortest` seconds (the least the step can be), do not limit it. The
-        scheduler keeps the step's budget to the largest token bucket predicted to fit, before the
-        composer fills it, so deferrals are decided within that budget."""
+        must be within the bound, less `FIRST_GAP_ERRORS` x the model's error (inf: no limit).
+        Decodes already lost, and those whose gap would break even a step of `shortest` seconds (the
+        least the step can be), do not limit it. The scheduler keeps the step's budget to the most
+        tokens predicted to fit, before the composer fills it, so deferrals are decided within that
+        budget."""
         now, longest = start, math.inf
+        first_margin = FIRST_GAP_ERRORS * getattr(self.model, "error", 0.0)
         for key, r in decodes:
             if r.missed:
                 continue
@@ -186,7 +196,7 @@ class SlaComposer:
             if last is None:
                 continue
             bound = STEP_MARGIN * r.max_gap
-            gap = bound if ema is None else (bound - (1 - ALPHA) * ema) / ALPHA
+            gap = bound - first_margin if ema is None else (bound - (1 - ALPHA) * ema) / ALPHA
             if gap - (now - last) >= shortest:
                 longest = min(longest, gap - (now - last))
         return longest

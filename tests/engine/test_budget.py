@@ -177,6 +177,20 @@ def test_the_step_time_model_learns_a_linear_machine():
     assert model.predict(16, 0) == pytest.approx(0.036, rel=0.05)
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_the_step_time_model_knows_its_recent_error(noise):
+    model = StepTimeModel(token_scale=512)
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        bucket = int(rng.choice(BUCKETS))
+        tokens = int(rng.integers(1, bucket + 1))
+        model.observe(bucket, 0, 0.02 + 0.001 * tokens + rng.uniform(-noise, noise), tokens)
+    if noise:
+        assert 0.3 * noise < model.error < noise  # uniform noise: |e| averages noise / 2
+    else:
+        assert model.error < 1e-3
+
+
 def test_allowed_gap_is_the_ema_headroom_of_the_tightest_request_capped():
     c = BudgetController(BUCKETS, margin=0.8, max_burst=2.0)  # target 0.2 s, cap 0.4 s
     alpha = 2 / 17
@@ -192,12 +206,36 @@ def test_allowed_gap_is_the_ema_headroom_of_the_tightest_request_capped():
     assert c.allowed_gap([own]) == pytest.approx(0.4)  # its target 0.8 x 0.5 s
 
 
-def test_observe_step_learns_the_padded_bucket_and_the_attended_pairs():
+def test_observe_step_learns_the_padded_bucket_the_real_tokens_and_the_attended_pairs():
     c = BudgetController(BUCKETS)
     seq = types.SimpleNamespace(request_id="a")
     observe_step(c.model, 64, [ScheduledSeq(seq, 1, 9, True), ScheduledSeq(seq, 20, 0, False)], 0.3)
     assert attended_pairs(1, 9) == 10 and attended_pairs(20, 0) == 210
-    assert c.model.predict(64, 220) == pytest.approx(0.3, rel=0.01)
+    assert c.model.predict(64, 220, 21) == pytest.approx(0.3, rel=0.01)
+
+
+@pytest.mark.parametrize("follows", ["bucket", "tokens"])
+def test_the_step_time_model_tells_padding_from_real_rows(follows):
+    """An accelerator's step costs its padded bucket, the CPU kernels' its real rows: after a mix of
+    full and part-filled steps the model predicts a part-filled bucket as the device costs it, and
+    before any part-filled step it predicts one between the two."""
+    machine = {
+        "bucket": lambda bucket, tokens: 0.02 + 0.001 * bucket,
+        "tokens": lambda bucket, tokens: 0.02 + 0.001 * tokens,
+    }[follows]
+    model = StepTimeModel(token_scale=512)
+    rng = np.random.default_rng(1)
+    for bucket in BUCKETS:  # warm-up: full steps only
+        model.observe(bucket, 0, machine(bucket, bucket), bucket)
+    by_tokens, by_bucket = 0.02 + 0.001 * 130, 0.02 + 0.001 * 256  # the two devices' costs
+    assert by_tokens + 0.03 < model.predict(256, 0, 130) < by_bucket - 0.03
+    for _ in range(100):
+        bucket = int(rng.choice(BUCKETS))
+        tokens = int(rng.integers(bucket // 2 + 1, bucket + 1))
+        model.observe(bucket, 0, machine(bucket, tokens), tokens)
+    assert model.predict(256, 0, 130) == pytest.approx(machine(256, 130), rel=0.03)
+    assert model.predict(64, 0, 40) == pytest.approx(machine(64, 40), rel=0.05)
+    assert model.predict(256, 0) == pytest.approx(machine(256, 256), rel=0.03)  # a full step
 
 
 def test_a_request_whose_first_token_missed_the_prompt_sla_is_not_protected():

@@ -18,13 +18,17 @@ from tests.engine.test_scheduler import Simulation, make_scheduler, prompt_of, s
 
 @dataclasses.dataclass
 class LinearMachine:
-    """Step seconds = a + b x tokens; also the composer's step-time model (predict(tokens, pairs))."""
+    """Step seconds = a + b x tokens, the step's token bucket (an accelerator's padded slab) or, with
+    `real_rows`, its real tokens (the CPU kernels); also the composer's step-time model
+    (predict(bucket, pairs, tokens))."""
 
     a: float = 0.05
     b: float = 0.01
+    real_rows: bool = False
+    error: float = 0.0  # the model's recent average error (StepTimeModel.error)
 
-    def predict(self, tokens, pairs):
-        return self.a + self.b * tokens
+    def predict(self, bucket, pairs, tokens=None):
+        return self.a + self.b * (tokens if self.real_rows and tokens is not None else bucket)
 
 
 class Clock:
@@ -272,6 +276,18 @@ def test_the_scheduler_keeps_a_step_to_the_bucket_within_a_fresh_decodes_gap():
     assert step(s) == [("d", 1, 4, True), ("p", 15, 0, False)]  # a 16-token step, not 64
     s.get("d").timing.missed = True  # once "d" cannot count any more, the budget is the step's again
     assert step(s) == [("d", 1, 5, True), ("p", 45, 15, True)]
+
+
+@pytest.mark.parametrize("error, tokens", [(0.0, 18), (0.01, 16)])
+def test_where_steps_cost_their_real_rows_the_step_limit_keeps_part_of_a_bucket(error, tokens):
+    s = make_scheduler(policy="sla", budget=64, max_num_seqs=4, num_pages=65)
+    clock = Clock()
+    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01, real_rows=True, error=error)
+    s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=4.0))
+    assert step(s) == [("d", 4, 0, True)]  # its first token: the next gap must be within 0.2375 s
+    s.add(Sequence("p", range(200, 260), 4), RequestSLA(prompt_rate=10.0, token_rate=4.0))
+    # 0.05 + 0.01 x 18 = 0.23 s (bucket 32, not 16); with a margin of twice the model's error, 0.2175 s
+    assert step(s) == [("d", 1, 4, True), ("p", tokens - 1, 0, False)]
 
 
 def test_the_record_follows_the_sla_judge():
