@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
@@ -207,6 +208,7 @@ class LLMEngine:
         self._in_flight: _Launched | None = None  # launched, tokens not yet read (overlap only)
         late = self.engine_config.launches_late  # then, given an intake, `_late` says when to launch
         self._late = LateLaunch(self.engine_config.token_budget) if late else None
+        self._last_done = -math.inf  # when the last step's tokens were handed out
         self.guided = GuidedDecoder(
             self.tokenizer.to_json(), checkpoint.config.vocab_size, self.eos_token_ids
         )
@@ -428,7 +430,11 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.observe_host((launched - start - waited) + (done - returned))
         if self.budget_controller is not None or self.scheduler.sla is not None:
-            observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - start)
+            # The model predicts token gaps: a step launched before the last one's tokens were handed
+            # out (overlap) gave its decodes a gap from then, the caller's time between calls included
+            begun = self._last_done if current.launched_at < self._last_done else start
+            observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - begun)
+        self._last_done = done
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
         return results
