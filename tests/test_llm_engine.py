@@ -1,12 +1,14 @@
 """The batching engine against one-request-at-a-time greedy decoding with Hugging Face transformers."""
 
 import collections
+import time
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from fastgen_jax import llm_engine
 from fastgen_jax.checkpoints import load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.llm_engine import LLMEngine, RequestError
@@ -285,6 +287,40 @@ def test_with_overlap_each_step_is_launched_before_the_previous_steps_tokens_are
     for step in launches[1:]:  # the device never waits for the host to read a step and plan the next
         launch, read = events.index(("launch", step)), events.index(("read", step - 1))
         assert (launch < read) == overlap
+
+
+@pytest.mark.overlap
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_step_time_model_learns_the_gaps_between_steps_tokens(tiny_dir, monkeypatch, overlap):
+    """The SLA judges the gaps between a request's tokens, so the model learns those: with overlap a
+    step runs while the caller hands out the last one's tokens, and its time counts from then."""
+    config = EngineConfig(
+        token_budget=64,
+        token_buckets=(64,),
+        max_num_seqs=8,
+        max_model_len=64,
+        async_scheduling=overlap,
+        policy="sla",
+    )
+    engine = LLMEngine(load_checkpoint(tiny_dir[0]), config, progress=False)
+    learnt = []
+    monkeypatch.setattr(
+        llm_engine, "observe_step", lambda model, bucket, work, seconds: learnt.append(seconds)
+    )
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        engine.add_request(
+            prompt_token_ids=rng.integers(3, TINY_VOCAB, 10).tolist(),
+            sampling_params=SamplingParams(max_new_tokens=6, ignore_eos=True),
+        )
+    while engine.has_unfinished():
+        engine.step()
+        time.sleep(0.3)  # the caller's time between steps (a server handing the tokens out)
+    assert len(learnt) >= 6
+    if overlap:  # every step but the first ran while the caller slept
+        assert min(learnt[1:]) >= 0.3
+    else:  # one step at a time: launched after the caller's sleep, timed from the call
+        assert min(learnt) < 0.3
 
 
 @pytest.mark.overlap

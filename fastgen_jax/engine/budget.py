@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.scheduler import ScheduledSeq, attended_pairs, step_pairs, step_tokens
 from fastgen_jax.engine.sequence import Sequence as Seq
 from fastgen_jax.engine.timing import ALPHA, RequestTiming
 from fastgen_jax.sla import ema_alpha, ema_update
@@ -48,22 +48,6 @@ def observe_step(
     """Teaches `model` a finished step: padded to `bucket`, its scheduled work's tokens and pairs."""
     scheduled = list(scheduled)
     model.observe(bucket, step_pairs(scheduled), seconds, step_tokens(scheduled))
-
-
-def step_tokens(scheduled: Iterable[ScheduledSeq]) -> int:
-    """The slab rows a step's scheduled work fills (its real tokens, drafts included)."""
-    return sum(e.num_new_tokens for e in scheduled)
-
-
-def step_pairs(scheduled: Iterable[ScheduledSeq]) -> int:
-    """(query, key) pairs a step's scheduled work attends (what its time depends on besides tokens)."""
-    return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
-
-
-def attended_pairs(num_new_tokens: int, start_position: int) -> int:
-    """(query, key) pairs that causal attention visits for new tokens at start_position onwards."""
-    q = num_new_tokens
-    return q * start_position + q * (q + 1) // 2
 
 
 class _Moments:

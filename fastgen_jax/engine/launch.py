@@ -26,8 +26,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from fastgen_jax.engine.budget import StepTimeModel, step_pairs, step_tokens
-from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.budget import StepTimeModel
+from fastgen_jax.engine.scheduler import ScheduledSeq, step_pairs, step_tokens
 from fastgen_jax.sla import ema_alpha, ema_update
 
 POLL_SECONDS = 0.002  # how often the wait looks at whether the step in flight is done

@@ -77,7 +77,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as SequenceABC
 
 import numpy as np
@@ -441,7 +441,11 @@ class Scheduler:
             if self.in_flight_end is None
             else max(0.0, self.in_flight_end - sla.clock())
         )
-        step = lambda n: sla.step_seconds(self._bucket(n), pairs, n)  # noqa: E731 - padded, and real rows
+        prompt_pairs = _PromptPairs(prompts)
+
+        def step(n: int) -> float:  # padded to its bucket, its real rows, the pairs its work attends
+            return sla.step_seconds(self._bucket(n), pairs + prompt_pairs(n - len(decodes)), n)
+
         pending = {s for s, _ in decodes if s.num_pending_tokens}  # a step in flight brings their token
         self._step_budget = self._budget_within(decodes, prompts, step, sla.clock() + ahead, pending)
         choice = sla.compose(decodes, prompts, self._step_budget, step, ahead, pending)
@@ -472,8 +476,6 @@ class Scheduler:
     def _in_flight_seconds(self) -> float:
         """Predicted seconds of the steps in flight: the step being composed starts after them (with
         overlap the engine composes step N+1 as step N starts)."""
-        from fastgen_jax.engine.budget import step_pairs  # budget imports this module
-
         return sum(
             self.sla.step_seconds(self._bucket(out.num_tokens), step_pairs(out.scheduled), out.num_tokens)
             for out in self._in_flight
@@ -683,6 +685,28 @@ class Scheduler:
         return out.num_tokens < self._step_budget and len(out.scheduled) < self.config.max_num_seqs
 
 
+class _PromptPairs:
+    """The (query, key) pairs `tokens` prompt tokens of a step attend, taken from the prompt candidates
+    in deadline order (as the "sla" composer mostly serves them), each from where its computed part
+    ends: what a step's attention costs besides its decodes (a chunk late in a long prompt attends
+    to all of it)."""
+
+    def __init__(self, prompts: list[PromptCandidate]):
+        order = sorted(prompts, key=lambda p: (p.record.sla.priority, p.record.due()))
+        self.starts = [p.key.num_prefill_tokens - p.remaining for p in order]
+        self.remaining = [p.remaining for p in order]
+        self.tokens = list(itertools.accumulate(self.remaining, initial=0))
+        self.pairs = list(itertools.accumulate(map(attended_pairs, self.remaining, self.starts), initial=0))
+
+    def __call__(self, tokens: int) -> int:
+        if tokens <= 0:
+            return 0
+        whole = bisect.bisect_right(self.tokens, tokens) - 1  # prompts taken whole
+        left = tokens - self.tokens[whole]
+        partial = attended_pairs(left, self.starts[whole]) if left and whole < len(self.starts) else 0
+        return self.pairs[whole] + partial
+
+
 def _arrival(seq: Sequence) -> int:
     return seq.arrival_index
 
@@ -739,3 +763,19 @@ def _tokens_per_slot(output: SchedulerOutput, sampled: SampledTokens) -> list[in
     if len(tokens) < output.num_seqs:
         raise ValueError(f"{len(tokens)} sampled tokens for {output.num_seqs} scheduled sequences")
     return tokens[: output.num_seqs]
+
+
+def step_tokens(scheduled: Iterable[ScheduledSeq]) -> int:
+    """The slab rows a step's scheduled work fills (its real tokens, drafts included)."""
+    return sum(e.num_new_tokens for e in scheduled)
+
+
+def step_pairs(scheduled: Iterable[ScheduledSeq]) -> int:
+    """(query, key) pairs a step's scheduled work attends (what its time depends on besides tokens)."""
+    return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
+
+
+def attended_pairs(num_new_tokens: int, start_position: int) -> int:
+    """(query, key) pairs that causal attention visits for new tokens at start_position onwards."""
+    q = num_new_tokens
+    return q * start_position + q * (q + 1) // 2

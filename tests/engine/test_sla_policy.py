@@ -4,12 +4,14 @@ random workloads with random per-request SLAs and a simulated clock (step second
 import collections
 import dataclasses
 import math
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgen_jax.engine import Sequence
+from fastgen_jax.engine.scheduler import _PromptPairs, attended_pairs
 from fastgen_jax.engine.sla_policy import STEP_MARGIN, PromptCandidate, RequestSLA, RequestTiming, SlaComposer
 from fastgen_jax.engine.timing import ALPHA
 from fastgen_jax.sla import SLA
@@ -425,3 +427,26 @@ def test_no_model_means_no_deferral():
 def test_a_record_is_a_plain_dataclass():
     record = RequestTiming(RequestSLA(), arrival=0.0, deadline=1.0)
     assert record.due() == 1.0 and record.max_gap == 0.25 and record.last is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 300), st.integers(0, 200), st.floats(0, 5)), max_size=6),
+    st.integers(-5, 1500),
+)
+def test_a_steps_prompt_pairs_are_those_its_tokens_attend_in_deadline_order(shapes, tokens):
+    prompts = [
+        PromptCandidate(
+            types.SimpleNamespace(num_prefill_tokens=computed + remaining),
+            RequestTiming.start(DEFAULT_SLA, arrival, computed + remaining),
+            remaining,
+            bool(computed),
+        )
+        for remaining, computed, arrival in shapes
+    ]
+    expected, left = 0, max(tokens, 0)
+    for p in sorted(prompts, key=lambda p: p.record.due()):
+        take = min(left, p.remaining)
+        expected += attended_pairs(take, p.key.num_prefill_tokens - p.remaining)
+        left -= take
+    assert _PromptPairs(prompts)(tokens) == expected
