@@ -39,7 +39,7 @@ from fastgen_jax.engine.sequence import Sequence as Seq
 from fastgen_jax.engine.timing import ALPHA, RequestTiming
 from fastgen_jax.sla import ema_alpha, ema_update
 
-ERROR_SPAN = 16  # steps the model's average prediction error spans
+ERROR_SPAN = 16  # steps the model's recent prediction error spans
 
 
 def observe_step(
@@ -76,9 +76,11 @@ class StepTimeModel:
 
     Two fits: every step ever seen (the prior) and recent steps (forgetting factor `forgetting`, about
     1 / (1 - forgetting) steps of memory) regularized towards the prior, so a bucket that has not run
-    lately is still predicted from what was learnt of it before. `error` is the average |seconds -
-    prediction| of recent steps (span `ERROR_SPAN`, each predicted before it was learnt; from the
-    `DIM`-th step on, when the fit is first determined), for callers that need a margin.
+    lately is still predicted from what was learnt of it before. `error` is the root mean square of
+    seconds - prediction over recent steps (an EMA of span `ERROR_SPAN`, each step predicted before
+    it was learnt; from the `DIM`-th step on, when the fit is first determined), for callers that
+    need a margin: a square so that the rare step a busy machine makes much slower than its kind
+    (a shared CPU's neighbours, the server's own threads) widens it more than steady jitter does.
     """
 
     DIM = 4
@@ -90,7 +92,7 @@ class StepTimeModel:
         self._recent = _Moments(self.DIM, forgetting)
         self._theta: np.ndarray | None = np.zeros(self.DIM)
         self.observed = 0
-        self.error = 0.0
+        self._square_error = 0.0
 
     def features(self, bucket: int, pairs: float, tokens: int | None = None) -> np.ndarray:
         scale = self.token_scale
@@ -100,12 +102,17 @@ class StepTimeModel:
     def observe(self, bucket: int, pairs: float, seconds: float, tokens: int | None = None) -> None:
         if self.observed >= self.DIM:
             miss = abs(seconds - self.predict(bucket, pairs, tokens))
-            self.error = ema_update(self.error, miss, ema_alpha(ERROR_SPAN))
+            self._square_error = ema_update(self._square_error, miss * miss, ema_alpha(ERROR_SPAN))
         self.observed += 1
         x = self.features(bucket, pairs, tokens)
         self._all.add(x, seconds)
         self._recent.add(x, seconds)
         self._theta = None
+
+    @property
+    def error(self) -> float:
+        """Recent root-mean-square prediction error, in seconds (see the class docstring)."""
+        return math.sqrt(self._square_error)
 
     def predict(self, bucket: int, pairs: float, tokens: int | None = None) -> float:
         """Seconds of a step padded to `bucket` with `tokens` real rows (all of them when None)."""

@@ -13,7 +13,7 @@ ends, so the device does not wait for the host.
 step's token bucket, real tokens and attended pairs, learnt from the steps read back: the time from
 when a step could start, its launch or the previous step's end, to when its tokens were read) and
 leaves the host's launch time (an average of the intakes and launches measured) plus a margin
-(twice the model's recent average error, at least `MARGIN_SECONDS`). It stops waiting as soon as
+(twice the model's recent RMS error, at least `MARGIN_SECONDS`). It stops waiting as soon as
 N's results are ready, so a prediction that is too long costs at most a poll interval and one launch
 of device idle; one that is too short makes the launch early, as "early" would be. A step seen done
 before it was read is learnt as ending then (within a poll, or the intake and launch when it ended

@@ -74,7 +74,7 @@ from fastgen_jax.sla import ema_update
 # clients where a full step takes 0.46 s against a 0.5 s bound, and 0.95 nothing).
 STEP_MARGIN = 0.95
 # A first gap alone seeds the gap EMA, so a step that overruns its prediction beside a fresh decode
-# loses that request: its step is kept this many times the model's recent average error shorter
+# loses that request: its step is kept this many times the model's recent RMS error shorter
 # (`StepTimeModel.error`). Later gaps move the EMA by 1 / 8.5 of an overrun, and take no margin.
 FIRST_GAP_ERRORS = 2.0
 
