@@ -218,7 +218,8 @@ class LLMEngine:
         )
         self.refresh_stats()
         self._warm_programs = 0
-        self._empty_steps: dict[int, float] | None = None  # bucket -> seconds of an empty step
+        # bucket -> seconds of an empty step, every row real and none (`_empty_step_seconds`)
+        self._empty_steps: tuple[dict[int, float], dict[int, float]] | None = None
         if warmup:
             self.warmup(progress)
 
@@ -345,35 +346,44 @@ class LLMEngine:
             self._profile_for_speculation()
 
     def _profile_buckets(self) -> None:
-        """Seeds the step-time model with each bucket's time for an empty step."""
+        """Seeds the step-time model with each bucket's time for a step with every row real and with
+        none (no context either way), so it knows from the start what padding costs on this device."""
         model = self._step_model()
-        for bucket, seconds in self._empty_step_seconds().items():
-            model.observe(bucket, 0, seconds)
+        full, none = self._empty_step_seconds()
+        for bucket in full:
+            model.observe(bucket, 0, full[bucket], bucket)
+            model.observe(bucket, 0, none[bucket], 0)
 
     def _step_model(self) -> StepTimeModel:
         """The step-time model the budget controller and the SLA composer share."""
         return self.budget_controller.model if self.budget_controller else self.scheduler.sla.model
 
     def _profile_for_speculation(self) -> None:
-        """Seeds the speculator's device time per bucket: it adds draft tokens that push a step into
-        a larger bucket only when that pays."""
-        self.speculator.step_seconds.update(self._empty_step_seconds())
+        """Seeds the speculator's device time per bucket, and what a real row costs (nothing where a
+        step costs its bucket; on the CPU kernels, which multiply only real rows, a draft row costs
+        even inside the bucket the step pads to anyway): from the largest bucket, where a timing's
+        noise weighs least per row."""
+        full, none = self._empty_step_seconds()
+        self.speculator.step_seconds.update(full)
+        top = max(full)
+        self.speculator.row_seconds = max(0.0, full[top] - none[top]) / top
 
-    def _empty_step_seconds(self) -> dict[int, float]:
-        """Each bucket's time for a step with no context (best of two), measured once and shared: a
-        plan with no sequence whose projections still multiply every row (the CPU kernels skip a
-        plain padding plan's rows, which would time a bucket at almost nothing)."""
+    def _empty_step_seconds(self) -> tuple[dict[int, float], dict[int, float]]:
+        """Each bucket's time for a step with no context (best of two), with every row real and with
+        none, measured once and shared: a plan with no sequence whose projections still multiply
+        every row, and a plain padding plan (whose rows the CPU kernels skip)."""
         if self._empty_steps is None:
             width = self.planner.page_table_widths[0]
-            self._empty_steps = {}
+            self._empty_steps = {}, {}
             for bucket in self.planner.token_buckets:
-                plan = self.planner.padding(bucket, width, full_rows=True)
-                times = []
-                for _ in range(2):
-                    start = time.monotonic()
-                    np.asarray(self.runner.execute(plan)[0])
-                    times.append(time.monotonic() - start)
-                self._empty_steps[bucket] = min(times)
+                for timed, full_rows in zip(self._empty_steps, (True, False), strict=True):
+                    plan = self.planner.padding(bucket, width, full_rows=full_rows)
+                    times = []
+                    for _ in range(2):
+                        start = time.monotonic()
+                        np.asarray(self.runner.execute(plan)[0])
+                        times.append(time.monotonic() - start)
+                    timed[bucket] = min(times)
         return self._empty_steps
 
     def probe(self) -> None:

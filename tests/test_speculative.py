@@ -256,6 +256,17 @@ def test_drafts_fill_the_bucket_the_step_pads_to_and_a_larger_one_only_when_it_p
     )  # unlikely drafts: only free rows (16, 32 cost alike)
 
 
+def test_where_each_real_row_costs_drafts_inside_the_bucket_are_not_free():
+    speculator = Speculator(_Always(7), max_tokens=4, max_rows=64, buckets=(16, 32, 64))
+    speculator.step_seconds = {16: 0.1, 32: 0.2, 64: 0.4}
+    values = [0.9] * 40
+    assert speculator._worth_room(10, values, room=40) == 6  # a step costs its bucket: 6 rows are free
+    speculator.row_seconds = 0.1 / 16  # a step costs its rows (here 16 rows: 0.1 s, 64: 0.4 s)
+    assert speculator._worth_room(10, values, room=40) == 0  # a row costs a token's time, brings 0.9
+    speculator.host_seconds = 0.05  # unless more tokens share the step's host time
+    assert speculator._worth_room(10, values, room=40) == 40  # 46 / (0.3125 + 0.05) s = 127 tok/s
+
+
 def test_drafts_must_also_pay_for_the_overlap_they_give_up():
     speculator = Speculator(_Always(7), max_tokens=4, max_rows=64, buckets=(16, 32, 64), overlap=True)
     speculator.step_seconds = {16: 0.1, 32: 0.1, 64: 0.5}

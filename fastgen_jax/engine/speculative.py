@@ -14,11 +14,12 @@ room the drafts go where they are likeliest to be accepted (the j-th draft of a 
 about alpha**j tokens), and, given each bucket's device time (`step_seconds`, measured at warm-up)
 and the host's time per step (`host_seconds`, kept current; with a draft model also its k forward
 passes), only as many as maximise the step's expected tokens per second: drafts that fit the bucket
-the step pads to anyway cost nothing, ones that push it into a larger bucket must pay for it, and a
-step with drafts also pays the host time that overlap would otherwise hide. Each sequence's `k`
-follows its acceptance rate: an exponential moving average alpha of "the next draft token is
-accepted" (Bernoulli trials: a verification with k drafts of which a were accepted is a successes
-and, if a < k, one failure). The j-th draft is accepted with probability about alpha**j, so a
+the step pads to anyway cost only what a real row costs there (nothing on an accelerator; on the CPU
+kernels, which multiply only real rows, `row_seconds`), ones that push it into a larger bucket must
+pay for it, and a step with drafts also pays the host time that overlap would otherwise hide. Each
+sequence's `k` follows its acceptance rate: an exponential moving average alpha of "the next draft
+token is accepted" (Bernoulli trials: a verification with k drafts of which a were accepted is a
+successes and, if a < k, one failure). The j-th draft is accepted with probability about alpha**j, so a
 sequence proposes the largest k <= num_speculative_tokens with alpha**k >= MIN_WORTH, and none when
 alpha < MIN_WORTH. A sequence that is not speculating (it stopped, or the cost model above gave it
 no room) keeps being measured for free with a cheap proposer (a one-token proposal checked against
@@ -153,6 +154,7 @@ class Speculator:
         self.max_rows = max_rows
         self.buckets = tuple(sorted(buckets))
         self.step_seconds: dict[int, float] = {}  # bucket -> device seconds of a step; empty: no costs
+        self.row_seconds = 0.0  # what each real row of a step adds (0: a step costs its bucket whole)
         self.host_seconds = 0.0  # an EMA of the host's seconds per step
         self.overlap = overlap  # steps without drafts would overlap (hiding the host's time)
         self._held = False  # this step was composed after the last one was read, for a proposal
@@ -239,19 +241,25 @@ class Speculator:
             return min(room, len(values))
         host = self.host_seconds + passes * self._proposal_pass_seconds()
         first = next(b for b in self.buckets if b >= num_tokens)
-        device = self.step_seconds[first]
+        device = self._device_seconds(first, num_tokens)
         plain = max(device, self.host_seconds) if self.overlap else device + self.host_seconds
         best_rate, best = num_tokens / plain, 0
         for bucket in self.buckets:
             rows = min(bucket - num_tokens, room, len(values))
             if rows <= 0 or bucket not in self.step_seconds:
                 continue
-            rate = (num_tokens + sum(values[:rows])) / (self.step_seconds[bucket] + host)
+            seconds = self._device_seconds(bucket, num_tokens + rows)
+            rate = (num_tokens + sum(values[:rows])) / (seconds + host)
             if rate > best_rate * 1.02:  # drafts must be clearly better
                 best_rate, best = rate, rows
             if rows == min(room, len(values)):
                 break
         return best
+
+    def _device_seconds(self, bucket: int, tokens: int) -> float:
+        """A step padded to `bucket` with `tokens` real rows: the full bucket's time less the rows it
+        does not use."""
+        return self.step_seconds[bucket] - self.row_seconds * (bucket - tokens)
 
     def _proposal_pass_seconds(self) -> float:
         """One forward pass of a draft model (its measured mean); nothing for a free proposer."""
