@@ -351,8 +351,8 @@ class LLMEngine:
         model = self._step_model()
         full, none = self._empty_step_seconds()
         for bucket in full:
-            model.observe(bucket, 0, full[bucket], bucket)
-            model.observe(bucket, 0, none[bucket], 0)
+            model.observe(bucket, 0, full[bucket], bucket, seed=True)
+            model.observe(bucket, 0, none[bucket], 0, seed=True)
 
     def _step_model(self) -> StepTimeModel:
         """The step-time model the budget controller and the SLA composer share."""
@@ -440,8 +440,9 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.observe_host((launched - start - waited) + (done - returned))
         if self.budget_controller is not None or self.scheduler.sla is not None:
-            # The model predicts token gaps: a step launched before the last one's tokens were handed
-            # out (overlap) gave its decodes a gap from then, the caller's time between calls included
+            # With overlap the model learns token gaps: a step launched before the last one's tokens
+            # were handed out gave its decodes a gap from then, the caller's time between calls
+            # included (one step at a time, it learns the call)
             begun = self._last_done if current.launched_at < self._last_done else start
             observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - begun)
         self._last_done = done

@@ -265,6 +265,8 @@ def test_where_each_real_row_costs_drafts_inside_the_bucket_are_not_free():
     assert speculator._worth_room(10, values, room=40) == 0  # a row costs a token's time, brings 0.9
     speculator.host_seconds = 0.05  # unless more tokens share the step's host time
     assert speculator._worth_room(10, values, room=40) == 40  # 46 / (0.3125 + 0.05) s = 127 tok/s
+    # where rows cost, part of a bucket can be best: 3 likely drafts, then unlikely ones
+    assert speculator._worth_room(10, [0.9] * 3 + [0.05] * 37, room=40) == 3  # 12.7 / 0.131 s = 97 tok/s
 
 
 def test_drafts_must_also_pay_for_the_overlap_they_give_up():

@@ -70,15 +70,17 @@ class StepTimeModel:
     """Step seconds ~ theta . [1, bucket / scale, tokens / scale, pairs / scale^2], fitted online.
 
     `bucket` is the slab's padded size (what an accelerator's step costs), `tokens` its real rows
-    (what the CPU kernels' matmuls cost; a full step's when not given). Until steps of part-filled
-    buckets have been seen the fit cannot tell the two apart and splits their weight, so a half-filled
-    bucket is first predicted between the two devices' costs, and the recent steps settle it.
+    (what the CPU kernels' matmuls cost; a full step's when not given). The engine's warm-up seeds it
+    with each bucket timed full and with no real row, which tells the two apart from the start;
+    with full steps only, the fit splits their weight (a half-filled bucket is predicted between the
+    two devices' costs) until part-filled steps settle it.
 
     Two fits: every step ever seen (the prior) and recent steps (forgetting factor `forgetting`, about
     1 / (1 - forgetting) steps of memory) regularized towards the prior, so a bucket that has not run
     lately is still predicted from what was learnt of it before. `error` is the root mean square of
     seconds - prediction over recent steps (an EMA of span `ERROR_SPAN`, each step predicted before
-    it was learnt; from the `DIM`-th step on, when the fit is first determined), for callers that
+    it was learnt; from the `DIM`-th step on, when the fit is first determined; warm-up seeds do not
+    count), for callers that
     need a margin: a square so that the rare step a busy machine makes much slower than its kind
     (a shared CPU's neighbours, the server's own threads) widens it more than steady jitter does.
     """
@@ -92,15 +94,18 @@ class StepTimeModel:
         self._recent = _Moments(self.DIM, forgetting)
         self._theta: np.ndarray | None = np.zeros(self.DIM)
         self.observed = 0
-        self._square_error = 0.0
+        self._square_error: float | None = None
 
     def features(self, bucket: int, pairs: float, tokens: int | None = None) -> np.ndarray:
         scale = self.token_scale
         real = bucket if tokens is None else min(tokens, bucket)
         return np.array([1.0, bucket / scale, real / scale, pairs / scale**2])
 
-    def observe(self, bucket: int, pairs: float, seconds: float, tokens: int | None = None) -> None:
-        if self.observed >= self.DIM:
+    def observe(
+        self, bucket: int, pairs: float, seconds: float, tokens: int | None = None, seed: bool = False
+    ) -> None:
+        """Learns a step. A `seed` (a warm-up timing, not a served step) does not count in `error`."""
+        if self.observed >= self.DIM and not seed:
             miss = abs(seconds - self.predict(bucket, pairs, tokens))
             self._square_error = ema_update(self._square_error, miss * miss, ema_alpha(ERROR_SPAN))
         self.observed += 1
@@ -112,7 +117,7 @@ class StepTimeModel:
     @property
     def error(self) -> float:
         """Recent root-mean-square prediction error, in seconds (see the class docstring)."""
-        return math.sqrt(self._square_error)
+        return 0.0 if self._square_error is None else math.sqrt(self._square_error)
 
     def predict(self, bucket: int, pairs: float, tokens: int | None = None) -> float:
         """Seconds of a step padded to `bucket` with `tokens` real rows (all of them when None)."""

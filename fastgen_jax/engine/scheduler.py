@@ -467,8 +467,11 @@ class Scheduler:
         longest = self.sla.longest_step(joining, start, pending, step(floor))
         if step(budget) <= longest:
             return budget
-        fits, over = min(budget, self._bucket(floor)), budget  # bisect: a step's time grows with its size
-        while over - fits > 1:
+        fits = min(budget, self._bucket(floor))  # the floor's bucket costs no more where buckets cost
+        if step(fits) > max(longest, step(floor)):  # where rows cost: the floor itself (always allowed)
+            fits = floor
+        over = budget
+        while over - fits > 1:  # bisect: a step's time grows with its size
             mid = (fits + over) // 2
             fits, over = (mid, over) if step(mid) <= longest else (fits, mid)
         return fits

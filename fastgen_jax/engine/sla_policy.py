@@ -182,11 +182,11 @@ class SlaComposer:
     ) -> float:
         """The longest a step starting at `start` may take for each of `decodes` (those that can join
         it) to keep its gap EMA within `STEP_MARGIN` / R: its first gap seeds the EMA, so it alone
-        must be within the bound, less `FIRST_GAP_ERRORS` x the model's error (inf: no limit).
-        Decodes already lost, and those whose gap would break even a step of `shortest` seconds (the
-        least the step can be), do not limit it. The scheduler keeps the step's budget to the most
-        tokens predicted to fit, before the composer fills it, so deferrals are decided within that
-        budget."""
+        must be within the bound, less `FIRST_GAP_ERRORS` x the model's error, but never less than
+        `shortest` (inf: no limit). Decodes already lost, and those whose gap would break even a step
+        of `shortest` seconds (the least the step can be), do not limit it. The scheduler keeps the
+        step's budget to the most tokens predicted to fit, before the composer fills it, so deferrals
+        are decided within that budget."""
         now, longest = start, math.inf
         first_margin = FIRST_GAP_ERRORS * getattr(self.model, "error", 0.0)
         for key, r in decodes:
@@ -196,9 +196,9 @@ class SlaComposer:
             if last is None:
                 continue
             bound = STEP_MARGIN * r.max_gap
-            gap = bound - first_margin if ema is None else (bound - (1 - ALPHA) * ema) / ALPHA
-            if gap - (now - last) >= shortest:
-                longest = min(longest, gap - (now - last))
+            gap = bound if ema is None else (bound - (1 - ALPHA) * ema) / ALPHA
+            if (slack := gap - (now - last)) >= shortest:  # the margin narrows it, never drops it
+                longest = min(longest, max(slack - (first_margin if ema is None else 0.0), shortest))
         return longest
 
     def _triage(self, prompts: list[PromptCandidate], finish: _Finish, now: float):

@@ -236,30 +236,30 @@ class Speculator:
     def _worth_room(self, num_tokens: int, values: list[float], room: int, passes: int = 1) -> int:
         """How many of the best draft tokens (`values`, expected tokens each, best first) to add to a
         step of `num_tokens`: the number that maximises expected tokens per second of step time
-        (`passes`: forward passes a draft model runs to propose them)."""
+        (`passes`: forward passes a draft model runs to propose them), if clearly better than none."""
+        limit = min(room, len(values))
         if not self.step_seconds or not self.buckets:
-            return min(room, len(values))
+            return limit
         host = self.host_seconds + passes * self._proposal_pass_seconds()
         first = next(b for b in self.buckets if b >= num_tokens)
         device = self._device_seconds(first, num_tokens)
         plain = max(device, self.host_seconds) if self.overlap else device + self.host_seconds
-        best_rate, best = num_tokens / plain, 0
-        for bucket in self.buckets:
-            rows = min(bucket - num_tokens, room, len(values))
-            if rows <= 0 or bucket not in self.step_seconds:
-                continue
-            seconds = self._device_seconds(bucket, num_tokens + rows)
-            rate = (num_tokens + sum(values[:rows])) / (seconds + host)
-            if rate > best_rate * 1.02:  # drafts must be clearly better
-                best_rate, best = rate, rows
-            if rows == min(room, len(values)):
+        best_rate, best, gained = 1.02 * num_tokens / plain, 0, 0.0  # drafts must be clearly better
+        for rows in range(1, limit + 1):
+            gained += values[rows - 1]
+            bucket = next((b for b in self.buckets if b >= num_tokens + rows), None)
+            if bucket is None:
                 break
+            if bucket in self.step_seconds:
+                rate = (num_tokens + gained) / (self._device_seconds(bucket, num_tokens + rows) + host)
+                if rate > best_rate:
+                    best_rate, best = rate, rows
         return best
 
     def _device_seconds(self, bucket: int, tokens: int) -> float:
         """A step padded to `bucket` with `tokens` real rows: the full bucket's time less the rows it
         does not use."""
-        return self.step_seconds[bucket] - self.row_seconds * (bucket - tokens)
+        return max(self.step_seconds[bucket] - self.row_seconds * (bucket - tokens), 1e-9)
 
     def _proposal_pass_seconds(self) -> float:
         """One forward pass of a draft model (its measured mean); nothing for a free proposer."""

@@ -186,7 +186,7 @@ def test_the_step_time_model_knows_its_recent_error(noise):
         tokens = int(rng.integers(1, bucket + 1))
         model.observe(bucket, 0, 0.02 + 0.001 * tokens + rng.uniform(-noise, noise), tokens)
     if noise:
-        assert 0.3 * noise < model.error < noise  # uniform noise: |e| averages noise / 2
+        assert 0.3 * noise < model.error < noise  # uniform noise: its RMS is noise / sqrt(3)
     else:
         assert model.error < 1e-3
 

@@ -27,7 +27,7 @@ class LinearMachine:
     a: float = 0.05
     b: float = 0.01
     real_rows: bool = False
-    error: float = 0.0  # the model's recent average error (StepTimeModel.error)
+    error: float = 0.0  # the model's recent RMS error (StepTimeModel.error)
 
     def predict(self, bucket, pairs, tokens=None):
         return self.a + self.b * (tokens if self.real_rows and tokens is not None else bucket)
@@ -268,10 +268,11 @@ def test_the_step_is_kept_within_the_gap_each_decode_can_take():
     assert c.longest_step([steady], 1.3, in_flight={"steady"}) == pytest.approx(expected)
 
 
-def test_the_scheduler_keeps_a_step_to_the_bucket_within_a_fresh_decodes_gap():
+@pytest.mark.parametrize("error", [0.0, 0.014])  # 0.2375 s less a 0.028 s margin is under 0.21 s
+def test_the_scheduler_keeps_a_step_to_the_bucket_within_a_fresh_decodes_gap(error):
     s = make_scheduler(policy="sla", budget=64, max_num_seqs=4, num_pages=65)  # buckets 16, 32, 64
     clock = Clock()
-    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01)  # 16: 0.21 s, 32: 0.37 s, 64: 0.69 s
+    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01, error=error)  # 16: 0.21 s, 32: 0.37, 64: 0.69
     s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=4.0))
     assert step(s) == [("d", 4, 0, True)]  # its first token: the next gap must be within 0.2375 s
     s.add(Sequence("p", range(200, 260), 4), RequestSLA(prompt_rate=10.0, token_rate=4.0))
@@ -290,6 +291,17 @@ def test_where_steps_cost_their_real_rows_the_step_limit_keeps_part_of_a_bucket(
     s.add(Sequence("p", range(200, 260), 4), RequestSLA(prompt_rate=10.0, token_rate=4.0))
     # 0.05 + 0.01 x 18 = 0.23 s (bucket 32, not 16); with a margin of twice the model's error, 0.2175 s
     assert step(s) == [("d", 1, 4, True), ("p", tokens - 1, 0, False)]
+
+
+def test_where_steps_cost_their_real_rows_the_step_limit_can_go_below_the_floors_bucket():
+    s = make_scheduler(policy="sla", budget=64, max_num_seqs=4, num_pages=65)
+    clock = Clock()
+    s.clock, s.sla.model = clock, LinearMachine(a=0.05, b=0.01, real_rows=True)
+    s.add(Sequence("d", range(100, 104), 8), RequestSLA(prompt_rate=1000.0, token_rate=4.0))
+    assert step(s) == [("d", 4, 0, True)]
+    clock.now += 0.1  # 0.1375 s of its first gap left: 8 tokens (0.13 s), not the 16 of its bucket
+    s.add(Sequence("p", range(200, 260), 4), RequestSLA(prompt_rate=10.0, token_rate=4.0))
+    assert step(s) == [("d", 1, 4, True), ("p", 7, 0, False)]
 
 
 def test_the_record_follows_the_sla_judge():
