@@ -425,7 +425,7 @@ class LLMEngine:
         tokens, logprobs, top, emitted = self._read(current)
         returned = time.monotonic()
         if self._late is not None:
-            self._late.read(current.plan.bucket, current.output.scheduled, current.launched_at, returned)
+            self._late.read(current.plan.bucket, current.output, current.launched_at, returned)
         slot_tokens = _slot_tokens(current, tokens, emitted)
         self.scheduler.postprocess(current.output, slot_tokens)
         if self.speculator is not None:
@@ -444,7 +444,7 @@ class LLMEngine:
             # were handed out gave its decodes a gap from then, the caller's time between calls
             # included (one step at a time, it learns the call)
             begun = self._last_done if current.launched_at < self._last_done else start
-            observe_step(self._step_model(), current.plan.bucket, current.output.scheduled, done - begun)
+            observe_step(self._step_model(), current.plan.bucket, current.output, done - begun)
         self._last_done = done
         if not self._requests and self._in_flight is not None:
             self._discard_in_flight()
@@ -457,7 +457,7 @@ class LLMEngine:
         if late is None:
             self._in_flight = self._launch()
             return 0.0
-        end = late.predicted_end(current.plan.bucket, current.output.scheduled, current.launched_at)
+        end = late.predicted_end(current.plan.bucket, current.output, current.launched_at)
         began = time.monotonic()
         late.wait(end, getattr(current.sampled[0], "is_ready", None), current.launched_at)
         waited = time.monotonic() - began

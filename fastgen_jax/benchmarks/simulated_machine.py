@@ -16,6 +16,7 @@ from fastgen_jax.benchmarks import trace
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import BudgetController, Scheduler, Sequence, SequenceStatus, StepTimeModel
 from fastgen_jax.engine.budget import observe_step
+from fastgen_jax.engine.scheduler import token_bucket
 from fastgen_jax.engine.sla_policy import RequestSLA
 from fastgen_jax.sla import SLA
 
@@ -44,15 +45,10 @@ class Machine:
     def bucket(self, tokens: int, buckets: tuple[int, ...]) -> int:
         """The tokens a step of `tokens` costs: its bucket's when `padded`, else its real ones (as the
         CPU kernels multiply only a slab's real rows)."""
-        return padded_to(tokens, buckets) if self.padded else tokens
+        return token_bucket(tokens, buckets) if self.padded else tokens
 
     def step_seconds(self, tokens: int) -> float:
         return self.seconds_per_step + self.seconds_per_token * tokens
-
-
-def padded_to(tokens: int, buckets: tuple[int, ...]) -> int:
-    """The token bucket the engine pads a step of `tokens` to."""
-    return min((b for b in buckets if b >= tokens), default=tokens)
 
 
 def fastgen_shaped(n, rate, seed=0, prompt_mean=512, gen_mean=32, prompt_max=900):
@@ -144,7 +140,7 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
             scheduler.in_flight_end = end if machine.late else None
             following = compose()
         now[0] = end
-        observe_step(model, padded_to(output.num_tokens, config.token_buckets), output.scheduled, seconds)
+        observe_step(model, token_bucket(output.num_tokens, config.token_buckets), output, seconds)
         scheduler.postprocess(output, [1] * output.num_seqs)
         in_flight = None if following is None or following.is_empty else (following, now[0])
         for e in output.scheduled:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from fastgen_jax.engine.scheduler import ScheduledSeq, attended_pairs, step_pairs, step_tokens
+from fastgen_jax.engine.scheduler import SchedulerOutput, attended_pairs, step_pairs
 from fastgen_jax.engine.sequence import Sequence as Seq
 from fastgen_jax.engine.timing import ALPHA, RequestTiming
 from fastgen_jax.sla import ema_alpha, ema_update
@@ -42,12 +42,9 @@ from fastgen_jax.sla import ema_alpha, ema_update
 ERROR_SPAN = 16  # steps the model's recent prediction error spans
 
 
-def observe_step(
-    model: StepTimeModel, bucket: int, scheduled: Iterable[ScheduledSeq], seconds: float
-) -> None:
-    """Teaches `model` a finished step: padded to `bucket`, its scheduled work's tokens and pairs."""
-    scheduled = list(scheduled)
-    model.observe(bucket, step_pairs(scheduled), seconds, step_tokens(scheduled))
+def observe_step(model: StepTimeModel, bucket: int, step: SchedulerOutput, seconds: float) -> None:
+    """Teaches `model` a finished step: padded to `bucket`, its real tokens and attended pairs."""
+    model.observe(bucket, step_pairs(step.scheduled), seconds, step.num_tokens)
 
 
 class _Moments:

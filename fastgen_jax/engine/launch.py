@@ -24,10 +24,10 @@ Host-side only: no jax here (the engine passes `is_ready`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from fastgen_jax.engine.budget import StepTimeModel
-from fastgen_jax.engine.scheduler import ScheduledSeq, step_pairs, step_tokens
+from fastgen_jax.engine.scheduler import SchedulerOutput, step_pairs
 from fastgen_jax.sla import ema_alpha, ema_update
 
 POLL_SECONDS = 0.002  # how often the wait looks at whether the step in flight is done
@@ -49,13 +49,12 @@ class LateLaunch:
         self.waits = 0  # late launches
         self.idle_seconds = 0.0  # device idle they caused: from a step seen done to the next launch
 
-    def predicted_end(self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float) -> float:
+    def predicted_end(self, bucket: int, step: SchedulerOutput, launched_at: float) -> float:
         """When a step launched at `launched_at` is predicted to end: it starts once the step before
         it ended."""
         if not self.model.observed:
             return launched_at  # nothing learnt yet: launch at once (as "early" does)
-        scheduled = list(scheduled)
-        seconds = self.model.predict(bucket, step_pairs(scheduled), step_tokens(scheduled))
+        seconds = self.model.predict(bucket, step_pairs(step.scheduled), step.num_tokens)
         return max(launched_at, self.device_free) + max(seconds, 0.0)
 
     def wait(self, end: float, is_ready: Callable[[], bool] | None, launched_at: float = 0.0) -> None:
@@ -91,16 +90,12 @@ class LateLaunch:
         if self._ready_at is not None:
             self.idle_seconds += max(0.0, self.clock() - self._ready_at)
 
-    def read(
-        self, bucket: int, scheduled: Iterable[ScheduledSeq], launched_at: float, returned: float
-    ) -> None:
+    def read(self, bucket: int, step: SchedulerOutput, launched_at: float, returned: float) -> None:
         """Teaches the model a step whose tokens were read at `returned` (or seen done earlier)."""
         if self._ready_at is not None and self._waiting_on == launched_at:  # seen done: it ended then
             returned = min(returned, self._ready_at)
         self._is_ready, self._ready_at = None, None
-        scheduled = list(scheduled)
         start = max(launched_at, self.device_free)
-        pairs, tokens = step_pairs(scheduled), step_tokens(scheduled)
         if returned > start:
-            self.model.observe(bucket, pairs, returned - start, tokens)
+            self.model.observe(bucket, step_pairs(step.scheduled), returned - start, step.num_tokens)
         self.device_free = returned

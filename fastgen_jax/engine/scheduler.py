@@ -486,8 +486,7 @@ class Scheduler:
 
     def _bucket(self, num_tokens: int) -> int:
         """The token bucket a step of `num_tokens` is padded to (what its time depends on)."""
-        buckets = self.config.token_buckets
-        return buckets[min(bisect.bisect_left(buckets, num_tokens), len(buckets) - 1)]
+        return token_bucket(num_tokens, self.config.token_buckets)
 
     def _fill_with_deferred(self, out: SchedulerOutput, choice: Composition) -> None:
         """Gives deferred decodes the room the prompts left after all (at the front of the slab), as
@@ -768,14 +767,14 @@ def _tokens_per_slot(output: SchedulerOutput, sampled: SampledTokens) -> list[in
     return tokens[: output.num_seqs]
 
 
-def step_tokens(scheduled: Iterable[ScheduledSeq]) -> int:
-    """The slab rows a step's scheduled work fills (its real tokens, drafts included)."""
-    return sum(e.num_new_tokens for e in scheduled)
-
-
 def step_pairs(scheduled: Iterable[ScheduledSeq]) -> int:
     """(query, key) pairs a step's scheduled work attends (what its time depends on besides tokens)."""
     return sum(attended_pairs(e.num_new_tokens, e.start_position) for e in scheduled)
+
+
+def token_bucket(num_tokens: int, buckets: SequenceABC[int]) -> int:
+    """The smallest of the sorted `buckets` that holds `num_tokens` (the largest when none does)."""
+    return buckets[min(bisect.bisect_left(buckets, num_tokens), len(buckets) - 1)]
 
 
 def attended_pairs(num_new_tokens: int, start_position: int) -> int:

@@ -188,7 +188,7 @@ class SlaComposer:
         step's budget to the most tokens predicted to fit, before the composer fills it, so deferrals
         are decided within that budget."""
         now, longest = start, math.inf
-        first_margin = FIRST_GAP_ERRORS * getattr(self.model, "error", 0.0)
+        first_margin = 0.0 if self.model is None else FIRST_GAP_ERRORS * self.model.error
         for key, r in decodes:
             if r.missed:
                 continue

@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence as SequenceABC
 from typing import Protocol
 
-from fastgen_jax.engine.scheduler import Scheduler, SchedulerOutput, draftable
+from fastgen_jax.engine.scheduler import Scheduler, SchedulerOutput, draftable, token_bucket
 from fastgen_jax.engine.sequence import Sequence
 
 MIN_WORTH = 0.35  # propose a j-th draft token while it is accepted with at least this probability
@@ -241,15 +241,12 @@ class Speculator:
         if not self.step_seconds or not self.buckets:
             return limit
         host = self.host_seconds + passes * self._proposal_pass_seconds()
-        first = next(b for b in self.buckets if b >= num_tokens)
-        device = self._device_seconds(first, num_tokens)
+        device = self._device_seconds(token_bucket(num_tokens, self.buckets), num_tokens)
         plain = max(device, self.host_seconds) if self.overlap else device + self.host_seconds
         best_rate, best, gained = 1.02 * num_tokens / plain, 0, 0.0  # drafts must be clearly better
-        for rows in range(1, limit + 1):
+        for rows in range(1, min(limit, self.buckets[-1] - num_tokens) + 1):
             gained += values[rows - 1]
-            bucket = next((b for b in self.buckets if b >= num_tokens + rows), None)
-            if bucket is None:
-                break
+            bucket = token_bucket(num_tokens + rows, self.buckets)
             if bucket in self.step_seconds:
                 rate = (num_tokens + gained) / (self._device_seconds(bucket, num_tokens + rows) + host)
                 if rate > best_rate:

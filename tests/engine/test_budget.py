@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastgen_jax.engine.budget import BudgetController, StepTimeModel, attended_pairs, observe_step
-from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.scheduler import ScheduledSeq, SchedulerOutput
 from fastgen_jax.engine.timing import RequestSLA, RequestTiming
 from fastgen_jax.sla import SLA
 
@@ -77,7 +77,7 @@ class Simulation:
         scheduled.append(ScheduledSeq(types.SimpleNamespace(request_id="prompt"), budget - n, 0, False))
         seconds = self.machine.step_seconds(budget, pairs + attended_pairs(budget - n, 0), self.rng)
         self.now += seconds
-        observe_step(self.controller.model, budget, scheduled, seconds)
+        observe_step(self.controller.model, budget, SchedulerOutput(scheduled, budget), seconds)
         for rid, t in list(self.decoding.items()):
             t.tokens(1, self.now)
             if len(t.token_times) == self.gen_len:
@@ -209,7 +209,8 @@ def test_allowed_gap_is_the_ema_headroom_of_the_tightest_request_capped():
 def test_observe_step_learns_the_padded_bucket_the_real_tokens_and_the_attended_pairs():
     c = BudgetController(BUCKETS)
     seq = types.SimpleNamespace(request_id="a")
-    observe_step(c.model, 64, [ScheduledSeq(seq, 1, 9, True), ScheduledSeq(seq, 20, 0, False)], 0.3)
+    step = SchedulerOutput([ScheduledSeq(seq, 1, 9, True), ScheduledSeq(seq, 20, 0, False)], 21)
+    observe_step(c.model, 64, step, 0.3)
     assert attended_pairs(1, 9) == 10 and attended_pairs(20, 0) == 210
     assert c.model.predict(64, 220, 21) == pytest.approx(0.3, rel=0.01)
 

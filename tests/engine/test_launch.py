@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastgen_jax.engine.launch import MARGIN_SECONDS, POLL_SECONDS, LateLaunch
-from fastgen_jax.engine.scheduler import ScheduledSeq
+from fastgen_jax.engine.scheduler import ScheduledSeq, SchedulerOutput
 from fastgen_jax.engine.sequence import Sequence
 
 
@@ -23,12 +23,12 @@ class Clock:
         self.now += seconds
 
 
-def decodes(n: int, context: int = 10) -> list[ScheduledSeq]:
+def decodes(n: int, context: int = 10) -> SchedulerOutput:
     out = []
     for i in range(n):
         seq = Sequence(str(i), range(context), 4)
         out.append(ScheduledSeq(seq, num_new_tokens=1, start_position=context, needs_sample=True))
-    return out
+    return SchedulerOutput(out, num_tokens=n)
 
 
 def teach(late: LateLaunch, clock: Clock, a: float, b: float, steps: int = 40) -> None:
