@@ -218,6 +218,9 @@ def test_engine_greedy_tokens_match_the_reference():
     assert engine_greedy_tokens("pallas_interpret", prompts, 6) == expected
 
 
+# Slow (30 s): on the CPU `auto` picks this kernel, so every engine test of the default suite
+# (transformers' greedy tokens in tests/models/test_smollm2.py among them) already runs it.
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="the C++ kernel runs on the CPU backend")
 def test_engine_greedy_tokens_with_the_cpu_kernel_match_the_reference():
     rng = np.random.default_rng(0)

@@ -62,7 +62,12 @@ def test_pages_that_were_not_donated_are_left_alone():
     assert float(out[0, 1, 1].astype(jnp.float32).sum()) == 8.0
 
 
-IMPLS = ["pallas_interpret", *(["cpu"] if ON_CPU else [])]
+# The Pallas kernel interpreted on the CPU is slow (16 s): `-m slow` there; its bfloat16 pages are also
+# checked against the reference in tests/pallas_kernels/test_ragged_paged_attention.py.
+IMPLS = [
+    pytest.param("pallas_interpret", marks=pytest.mark.slow) if ON_CPU else "pallas_interpret",
+    *(["cpu"] if ON_CPU else []),
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -105,7 +105,7 @@ def tiny_workload(tiny_dir):
     "budget, overlap",
     [
         (64, True),
-        (128, True),
+        pytest.param(128, True, marks=pytest.mark.slow),
         pytest.param(512, True, marks=pytest.mark.slow),
         pytest.param(128, False, marks=pytest.mark.slow),
     ],
