@@ -13,8 +13,9 @@
 // thread pool, the calling thread taking its share, so nothing waits on a pool that is busy.
 //
 // An item walks its pages through the page table (no gather is materialised), asking for the pages
-// two ahead into L2 (each page is its own scattered block, where the hardware prefetcher stops), and
-// per page updates an online softmax in one of two ways:
+// two ahead into L2 (each page is its own scattered block, where the hardware prefetcher stops;
+// spread over a decode page's work: `Ahead`), and per page updates an online softmax in one of two
+// ways:
 // - few query vectors (decode: rows x group < 16): per query, its scores against the page's visible
 //   keys as dot products vectorised over head_dim, their exponentials vectorised over keys;
 // - many (prompt rows): per tile of 16 query vectors, the scores of 8 keys at a time as a small
@@ -168,20 +169,37 @@ struct Queries {
   }
 };
 
-// Asks the caches (L2) for the K and V rows of logical page `page` of the item's sequence (the
-// hardware prefetcher stops at 4 KiB boundaries, and every page is its own scattered block). Always
-// inlined: GCC deems a function holding only prefetches pure, and drops calls to a pure void function.
-template <typename KV>
-[[gnu::always_inline]] inline void prefetch_page(const KV* k_head, const KV* v_head, const int32_t* pages,
-                                                 int64_t page, int64_t num_pages, int64_t page_elems) {
-  const int64_t physical = std::clamp<int64_t>(pages[page], 0, num_pages - 1);
-  const char* k = reinterpret_cast<const char*>(k_head + physical * page_elems);
-  const char* v = reinterpret_cast<const char*>(v_head + physical * page_elems);
-  for (int64_t b = 0; b < page_elems * static_cast<int64_t>(sizeof(KV)); b += 64) {
-    __builtin_prefetch(k + b, 0, 2);
-    __builtin_prefetch(v + b, 0, 2);
+// The cache lines of logical page `page`'s K and V rows still to be asked for into L2 (the hardware
+// prefetcher stops at 4 KiB boundaries, and every page is its own scattered block). A decode item's
+// page is little work, and a whole page's prefetches at once (128 lines of float32 K and V) stalled
+// it: spread over that work, two bursts per query vector (`some`), decode attention over 30 layers'
+// pools took 1.9-2.4 instead of 2.7-3.3 ms of CPU time per layer at 32 x 512, 1.7-2.4 instead of
+// 2.6-3.9 at 8 x 2048 (`bench_cpu_attention.py --layers=30`, five runs of each in turns; asking for
+// every line at each key instead measured no better than one burst). Prompt pages (many queries)
+// ask for the next page at once.
+// Always inlined: GCC deems a function holding only prefetches pure, and drops calls to it.
+struct Ahead {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t next = 0, lines = 0;
+
+  template <typename KV>
+  void set(const KV* k_head, const KV* v_head, const int32_t* pages, int64_t page, int64_t num_pages,
+           int64_t page_elems) {
+    const int64_t physical = std::clamp<int64_t>(pages[page], 0, num_pages - 1);
+    k = reinterpret_cast<const char*>(k_head + physical * page_elems);
+    v = reinterpret_cast<const char*>(v_head + physical * page_elems);
+    next = 0;
+    lines = page_elems * static_cast<int64_t>(sizeof(KV)) / 64;
   }
-}
+  [[gnu::always_inline]] inline void some(int64_t n) {
+    for (const int64_t end = std::min(lines, next + n); next < end; ++next) {
+      __builtin_prefetch(k + 64 * next, 0, 2);
+      __builtin_prefetch(v + 64 * next, 0, 2);
+    }
+  }
+  [[gnu::always_inline]] inline void rest() { some(lines); }
+};
 
 #ifdef __AVX512F__
 // The 16 lane sums of v[0..15] as one vector (lane j: the sum of v[j]), by pairwise shuffles and
@@ -237,9 +255,11 @@ inline void scores(const float* q, const float* k, int64_t begin, int64_t end, f
 // vectors), their exponentials, and the online softmax update.
 template <int kD>
 void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
-                  int64_t D) {
+                  int64_t D, Ahead& ahead) {
   float* sc = w.scores.data();
+  const int64_t share = (ahead.lines + 2 * w.count - 1) / std::max<int64_t>(1, 2 * w.count);
   for (int64_t i = 0; i < w.count; ++i) {
+    ahead.some(share);
     // Keys [begin, end) of this page, relative to the page's first key.
     const int64_t begin = std::max<int64_t>(w.lo[i], first) - first;
     const int64_t end = std::min<int64_t>(w.hi[i], first + ps) - first;
@@ -259,6 +279,7 @@ void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, i
       sum += sc[j];
     }
     const float alpha = std::exp(w.m[i] - m_new);
+    ahead.some(share);
     scale_add_rows<kD>(&w.acc[i * D], alpha, sc, 1, v, begin, end, D);
     w.l[i] = w.l[i] * alpha + sum;
     w.m[i] = m_new;
@@ -407,20 +428,23 @@ void attend(const Params& p, const Item& item, Partial* partial) {
   const int32_t* pages = p.page_indices + item.seq * s.width;
   const int64_t end_page = std::min<int64_t>((last_key + ps - 1) / ps, s.width);
   for (int64_t page = first_key / ps; page < first_key / ps + kPrefetchPages && page < end_page; ++page) {
-    prefetch_page(k_head, v_head, pages, page, s.num_pages, ps * D);
+    Ahead first;
+    first.set(k_head, v_head, pages, page, s.num_pages, ps * D);
+    first.rest();
   }
   for (int64_t page = first_key / ps; page < end_page; ++page) {
-    if (page + kPrefetchPages < end_page) {
-      prefetch_page(k_head, v_head, pages, page + kPrefetchPages, s.num_pages, ps * D);
-    }
+    Ahead ahead;
+    if (page + kPrefetchPages < end_page) ahead.set(k_head, v_head, pages, page + kPrefetchPages, s.num_pages, ps * D);
     const int64_t physical = std::clamp<int64_t>(pages[page], 0, s.num_pages - 1);
     const float* k = page_rows(k_head + physical * ps * D, ps * D, w.k_buf.data());
     const float* v = page_rows(v_head + physical * ps * D, ps * D, w.v_buf.data());
     if (tiled) {
+      ahead.rest();  // many queries: the page's work is long beside the prefetches (no gain spreading them)
       page_by_tiles<kD>(p, w, k, v, page * ps, ps, D);
     } else {
-      page_by_dots<kD>(p, w, k, v, page * ps, ps, D);
+      page_by_dots<kD>(p, w, k, v, page * ps, ps, D, ahead);
     }
+    ahead.rest();
   }
   if (partial != nullptr) {
     std::copy_n(w.m.begin(), R, partial->m);

@@ -4,6 +4,7 @@ its floor.
 
     python scripts/bench_cpu_attention.py --output_json=docs/benchmarks/cpu_attention.json
     python scripts/bench_cpu_attention.py --kv_dtype=bfloat16 --shapes="decode 32x512,prompt 1x256+256"
+    python scripts/bench_cpu_attention.py --layers=30 --noreference   # as in a whole step of SmolLM2
 
 Prints, per step shape, the best of `--repeats` calls in process CPU time (all threads: on a shared
 machine this counts the work done, not the wait for a core), the K/V bytes read per CPU second, and
@@ -13,6 +14,11 @@ FLOPs (q.k and p.v over each row's visible keys) over the rate of a 1024^3 float
 both measured first in the same process (process CPU time, best of `--repeats`). "x floor" is the
 kernel's time over that floor. The kernel's best wall-clock time is printed too (what its threads,
 and splitting long contexts over them, buy; it also counts waiting for a busy core).
+
+One layer's pool of a shape up to 8 x 2048 (25 MB of keys and values) fits this CPU's 32 MB L3, so
+repeated calls partly read from cache. `--layers=L` lays out L layers' pages in one pool as the engine
+does ([KV heads, L x pages, page size, head size]) and times one compiled call of all L layers, one
+after another (each layer's pages read once, as in a model's step); figures are per layer.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ flags.DEFINE_enum("kv_dtype", "float32", ["float32", "bfloat16"], "KV page dtype
 flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to run, of {list(SHAPES)}.")
 flags.DEFINE_boolean("reference", True, "Also time the pure-JAX reference.")
 flags.DEFINE_string("output_json", None, "Write the figures here as JSON.")
+flags.DEFINE_integer(
+    "layers", 1, "Layers whose pages share the pool, called one after another (figures per layer)."
+)
 
 
 def best_cpu_seconds(fn, repeats: int, clock=time.process_time) -> float:
@@ -79,13 +88,16 @@ def attention_flops(seqs: list[tuple[int, int]]) -> int:
     return 4 * HEAD_DIM * KV_HEADS * GROUP * visible
 
 
-def inputs(seqs: list[tuple[int, int]], dtype, rng: np.random.Generator) -> tuple:
-    """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), pages shuffled over the pool."""
+def inputs(seqs: list[tuple[int, int]], dtype, rng: np.random.Generator, layers: int = 1) -> tuple:
+    """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), pages shuffled over the pool;
+    the pool holds every layer's pages and page_indices is [layers, seqs, width]."""
     width = max(-(-(c + n) // PAGE_SIZE) for c, n in seqs)
-    num_pages = len(seqs) * width + 1
+    per_layer = len(seqs) * width + 1
+    num_pages = layers * per_layer
     k = rng.standard_normal((KV_HEADS, num_pages, PAGE_SIZE, HEAD_DIM), np.float32)
     v = rng.standard_normal((KV_HEADS, num_pages, PAGE_SIZE, HEAD_DIM), np.float32)
-    pages = rng.permutation(np.arange(1, num_pages)).reshape(len(seqs), width).astype(np.int32)
+    shuffled = [rng.permutation(np.arange(1, per_layer)).reshape(len(seqs), width) for _ in range(layers)]
+    pages = np.stack([layer * per_layer + p for layer, p in enumerate(shuffled)]).astype(np.int32)
     new = np.array([n for _, n in seqs], np.int32)
     q = rng.standard_normal((int(new.sum()), KV_HEADS * GROUP, HEAD_DIM), np.float32)
     return (
@@ -97,6 +109,20 @@ def inputs(seqs: list[tuple[int, int]], dtype, rng: np.random.Generator) -> tupl
         jnp.asarray(np.concatenate([[0], np.cumsum(new)]), jnp.int32),
         jnp.array([len(seqs)], jnp.int32),
     )
+
+
+def every_layer(attend, layers: int):
+    """attend over each layer's page_indices in turn (a Python loop: L calls in one program), the
+    outputs summed so that none is dropped."""
+
+    def step(q, k, v, kv_lens, pages, cu_q_lens, num_seqs):
+        out = None
+        for layer in range(layers):
+            o = attend(q, k, v, kv_lens, pages[layer], cu_q_lens, num_seqs, sm_scale=HEAD_DIM**-0.5)
+            out = o if out is None else out + o
+        return out
+
+    return step
 
 
 def main(argv) -> None:
@@ -115,20 +141,21 @@ def main(argv) -> None:
     results = []
     for name in FLAGS.shapes:
         seqs = SHAPES[name]
-        args = inputs(seqs, dtype, rng)
-        kv_bytes = 2 * sum(c + n for c, n in seqs) * KV_HEADS * HEAD_DIM * dtype.itemsize
+        args = inputs(seqs, dtype, rng, FLAGS.layers)
+        kv_bytes = 2 * sum(c + n for c, n in seqs) * KV_HEADS * HEAD_DIM * dtype.itemsize  # per layer
         flops = attention_flops(seqs)
         floor = max(kv_bytes / bandwidth, flops / rate)
         row = {"shape": name, "kv_bytes": kv_bytes, "flops": flops, "floor_ms": floor * 1e3}
         for label, attend in impls.items():
-            step = jax.jit(lambda *a, attend=attend: attend(*a, sm_scale=HEAD_DIM**-0.5))
+            step = jax.jit(every_layer(attend, FLAGS.layers))
             t = best_cpu_seconds(lambda step=step, args=args: step(*args).block_until_ready(), FLAGS.repeats)
+            t /= FLAGS.layers
             row[f"{label}_ms"] = t * 1e3
             row[f"{label}_gb_per_s"] = kv_bytes / t / 1e9
         row["kernel_x_floor"] = row["kernel_ms"] / row["floor_ms"]
-        kernel = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=HEAD_DIM**-0.5))
+        kernel = jax.jit(every_layer(ragged_paged_attention, FLAGS.layers))
         call = functools.partial(lambda kernel, args: kernel(*args).block_until_ready(), kernel, args)
-        wall = best_cpu_seconds(call, FLAGS.repeats, time.perf_counter)
+        wall = best_cpu_seconds(call, FLAGS.repeats, time.perf_counter) / FLAGS.layers
         row["kernel_wall_ms"] = wall * 1e3
         results.append(row)
         cells = [f"{k} {row[f'{k}_ms']:.2f} ms ({row[f'{k}_gb_per_s']:.1f} GB/s)" for k in impls]
@@ -142,6 +169,7 @@ def main(argv) -> None:
             json.dump(
                 {
                     "kv_dtype": FLAGS.kv_dtype,
+                    "layers": FLAGS.layers,
                     "repeats": FLAGS.repeats,
                     "sum_bandwidth_gb_per_s": bandwidth / 1e9,
                     "matmul_gflop_per_s": rate / 1e9,
