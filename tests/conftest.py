@@ -80,26 +80,63 @@ def smollm2_gguf():
     return smollm2_gguf_path()
 
 
+def _once_per_run(tmp_path_factory, name: str, build):
+    """`build(folder)` (it fills the empty `folder`) run once for the whole test run and shared by the
+    xdist workers: the first worker to ask builds it under a file lock in the run's shared temporary
+    root, the others wait for it and reuse it (SmolLM2's conversions cost 15-30 s each, once per worker
+    before). Without xdist, a folder of this session's own. Returns (folder, whether this call built it)."""
+    import filelock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp(name), True
+    root = tmp_path_factory.getbasetemp().parent  # the run's root, above every worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with filelock.FileLock(str(root / f"{name}.lock")):
+        if done.exists():
+            return folder, False
+        folder.mkdir(exist_ok=True)
+        build(folder)
+        done.touch()
+        return folder, True
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory):
-    """SmolLM2-135M-Instruct converted by `fetch` into a temporary checkpoints folder."""
+    """SmolLM2-135M-Instruct converted by `fetch` into a temporary checkpoints folder (once per run;
+    tests read it and never write into it)."""
     from fastgen_jax.checkpoints import fetch
 
-    return fetch(
-        "smollm2-135m-instruct",
-        tmp_path_factory.mktemp("checkpoints"),
-        download_dir=smollm2_gguf.parent,
-    )
+    def convert(folder):
+        fetch("smollm2-135m-instruct", folder, download_dir=smollm2_gguf.parent)
+
+    folder, _ = _once_per_run(tmp_path_factory, "smollm2-checkpoints", convert)
+    return folder / "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_gguf):
-    """Hugging Face transformers' own loading of the same GGUF file (float32): the reference."""
+def hf_smollm2(smollm2_gguf, tmp_path_factory):
+    """Hugging Face transformers' own loading of the same GGUF file (float32): the reference. The
+    first xdist worker loads the GGUF and keeps its config and float32 weights for the others, which
+    load those (the same tensors) instead of converting the GGUF again."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
+    loaded = {}
+
+    def load_gguf(folder):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+        ).eval()
+        model.config.to_json_file(folder / "config.json")
+        torch.save(model.state_dict(), folder / "weights.pt")
+        loaded["model"] = model
+
+    folder, _ = _once_per_run(tmp_path_factory, "hf-smollm2", load_gguf)
+    model = loaded.get("model")
+    if model is None:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+        model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     return model, tokenizer

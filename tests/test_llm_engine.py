@@ -183,7 +183,10 @@ def test_every_output_carries_its_requests_one_timing_record(tiny_dir):
             assert record.missed == (not verdict.both)
 
 
-@pytest.mark.parametrize("overlap", [True, pytest.param(False, marks=pytest.mark.slow)])  # and --overlap=off
+# Slow (18 s): in the default suite eviction and recompute are checked by
+# tests/test_prefix_cache.py (a tiny pool) and tests/test_speculative.py (with speculation).
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False])  # and --overlap=off
 def test_eviction_and_recompute_keep_greedy_outputs(tiny_dir, overlap):
     _, model = tiny_dir
     rng = np.random.default_rng(5)
