@@ -88,7 +88,9 @@ def _once_per_run(tmp_path_factory, name: str, build):
     import filelock
 
     if "PYTEST_XDIST_WORKER" not in os.environ:
-        return tmp_path_factory.mktemp(name), True
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder, True
     root = tmp_path_factory.getbasetemp().parent  # the run's root, above every worker's own
     folder, done = root / name, root / f"{name}.done"
     with filelock.FileLock(str(root / f"{name}.lock")):
