@@ -17,7 +17,8 @@
 // spread over a decode page's work: `Ahead`), and per page updates an online softmax in one of two
 // ways:
 // - few query vectors (decode: rows x group < 16): per query, its scores against the page's visible
-//   keys as dot products vectorised over head_dim, their exponentials vectorised over keys;
+//   keys as dot products vectorised over head_dim, their exponentials vectorised over keys (the 2-4
+//   queries of one row's KV group through each step together: `page_by_group`);
 // - many (prompt rows): per tile of 16 query vectors, the scores of 8 keys at a time as a small
 //   matrix product (each key element broadcast against a vector of 16 queries: no horizontal sums),
 //   masking, max and exponentials vectorised over the tile's queries.
@@ -191,7 +192,7 @@ struct Ahead {
     k = reinterpret_cast<const char*>(k_head + physical * page_elems);
     v = reinterpret_cast<const char*>(v_head + physical * page_elems);
     next = 0;
-    lines = page_elems * static_cast<int64_t>(sizeof(KV)) / 64;
+    lines = (page_elems * static_cast<int64_t>(sizeof(KV)) + 63) / 64;
   }
   [[gnu::always_inline]] inline void some(int64_t n) {
     for (const int64_t end = std::min(lines, next + n); next < end; ++next) {
@@ -251,9 +252,6 @@ inline void scores(const float* q, const float* k, int64_t begin, int64_t end, f
   for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(q, k + j * D, D);
 }
 
-// One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
-// its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
-// vectors), their exponentials, and the online softmax update.
 // One page for NQ (2-4) query vectors that see the same keys (one decode row's KV group): the same
 // steps as `page_by_dots`, each done for every query before the next, so the queries' chains of
 // dependent work (scores, their reduction, max, exponentials, P.V) overlap instead of running one
@@ -264,7 +262,7 @@ inline void scores(const float* q, const float* k, int64_t begin, int64_t end, f
 template <int kD, int NQ>
 void page_by_group(const Params& p, Queries& w, const float* k, const float* v, int64_t begin, int64_t end,
                    int64_t ps, Ahead& ahead) {
-  const int64_t stride = (ps + 31) / 16 * 16;  // a query's scores row: room for a last masked block
+  const int64_t stride = (ps + 15) / 16 * 16;  // a query's scores row (masked stores stop at `end`)
   float* sc = w.scores.data();
   ahead.some((ahead.lines + 1) / 2);
   for (int q = 0; q < NQ; ++q) scores<kD>(&w.q[q * kD], k, begin, end, sc + q * stride, kD);
@@ -311,11 +309,15 @@ void page_by_group(const Params& p, Queries& w, const float* k, const float* v, 
   }
 }
 
+// One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
+// its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
+// vectors), their exponentials, and the online softmax update; 2-4 queries that see the same keys
+// go together (`page_by_group`) while their output rows fit in registers (kPvQueries rows of 64).
 template <int kD>
 void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
                   int64_t D, Ahead& ahead) {
   if constexpr (kD > 0) {
-    if (w.same_keys && w.count >= 2 && w.count <= 4) {
+    if (w.same_keys && w.count >= 2 && w.count <= 4 && w.count * kD <= kPvQueries * 64) {
       const int64_t begin = std::max<int64_t>(w.lo[0], first) - first;
       const int64_t end = std::min<int64_t>(w.hi[0], first + ps) - first;
       if (begin >= end) return;

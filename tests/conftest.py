@@ -3,6 +3,7 @@ when JAX sees no GPU; `--overlap=off` runs every engine one step at a time (test
 whose subject is overlap itself, are left out then)."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -96,7 +97,8 @@ def _once_per_run(tmp_path_factory, name: str, build):
     with filelock.FileLock(str(root / f"{name}.lock")):
         if done.exists():
             return folder, False
-        folder.mkdir(exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed earlier attempt left
+        folder.mkdir()
         build(folder)
         done.touch()
         return folder, True

@@ -65,6 +65,20 @@ def test_gqa_ratios_and_page_sizes(group, page_size):
     assert_matches_reference(make_inputs(seqs, page_size=page_size, group=group, seed=group))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("group, head_dim", [(3, 64), (2, 128), (4, 128)])  # 4 x 128: one at a time
+def test_a_decode_rows_kv_group_goes_through_a_page_together_at_both_head_sizes(group, head_dim, dtype):
+    """One-row decodes (their 2-4 queries see the same keys: `page_by_group` where the output rows fit
+    in registers, one at a time where they do not) at the kernel's two compiled head sizes, with
+    contexts ending mid-page, a window and soft-capping; and two rows of one sequence beside them."""
+    seqs = [(37, 1), (16, 1), (150, 1), (0, 1), (70, 2)]
+    args = make_inputs(
+        seqs, group=group, head_dim=head_dim, dtype=dtype, num_slots=6, width=12, seed=group + head_dim
+    )
+    assert_matches_reference(args)
+    assert_matches_reference(args, sliding_window=20, logit_softcap=5.0)
+
+
 @pytest.mark.parametrize("sliding_window", [1, 7, 40])
 @pytest.mark.parametrize("traced", [False, True])
 def test_sliding_window(sliding_window, traced):
