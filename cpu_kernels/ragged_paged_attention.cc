@@ -497,8 +497,8 @@ void attend(const Params& p, const Item& item, Partial* partial) {
       }
     }
   }
-  w.same_keys = true;
-  for (int64_t i = 1; i < R; ++i) w.same_keys = w.same_keys && w.lo[i] == w.lo[0] && w.hi[i] == w.hi[0];
+  w.same_keys = R <= 4;  // only `page_by_group` (2-4 queries) asks
+  for (int64_t i = 1; w.same_keys && i < R; ++i) w.same_keys = w.same_keys && w.lo[i] == w.lo[0] && w.hi[i] == w.hi[0];
   const int32_t* pages = p.page_indices + item.seq * s.width;
   const int64_t end_page = std::min<int64_t>((last_key + ps - 1) / ps, s.width);
   for (int64_t page = first_key / ps; page < first_key / ps + kPrefetchPages && page < end_page; ++page) {

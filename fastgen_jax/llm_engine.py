@@ -351,8 +351,7 @@ class LLMEngine:
         model = self._step_model()
         full, none = self._empty_step_seconds()
         for bucket in full:
-            model.observe(bucket, 0, full[bucket], bucket, seed=True)
-            model.observe(bucket, 0, none[bucket], 0, seed=True)
+            model.seed(bucket, full[bucket], none[bucket])
 
     def _step_model(self) -> StepTimeModel:
         """The step-time model the budget controller and the SLA composer share."""

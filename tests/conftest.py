@@ -85,23 +85,23 @@ def _once_per_run(tmp_path_factory, name: str, build):
     """`build(folder)` (it fills the empty `folder`) run once for the whole test run and shared by the
     xdist workers: the first worker to ask builds it under a file lock in the run's shared temporary
     root, the others wait for it and reuse it (SmolLM2's conversions cost 15-30 s each, once per worker
-    before). Without xdist, a folder of this session's own. Returns (folder, whether this call built it)."""
+    before). Without xdist, a folder of this session's own. Returns the folder."""
     import filelock
 
     if "PYTEST_XDIST_WORKER" not in os.environ:
         folder = tmp_path_factory.mktemp(name)
         build(folder)
-        return folder, True
+        return folder
     root = tmp_path_factory.getbasetemp().parent  # the run's root, above every worker's own
     folder, done = root / name, root / f"{name}.done"
     with filelock.FileLock(str(root / f"{name}.lock")):
         if done.exists():
-            return folder, False
+            return folder
         shutil.rmtree(folder, ignore_errors=True)  # what a failed earlier attempt left
         folder.mkdir()
         build(folder)
         done.touch()
-        return folder, True
+        return folder
 
 
 @pytest.fixture(scope="session")
@@ -113,8 +113,7 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
     def convert(folder):
         fetch("smollm2-135m-instruct", folder, download_dir=smollm2_gguf.parent)
 
-    folder, _ = _once_per_run(tmp_path_factory, "smollm2-checkpoints", convert)
-    return folder / "smollm2-135m-instruct"
+    return _once_per_run(tmp_path_factory, "smollm2-checkpoints", convert) / "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +134,7 @@ def hf_smollm2(smollm2_gguf, tmp_path_factory):
         torch.save(model.state_dict(), folder / "weights.pt")
         loaded["model"] = model
 
-    folder, _ = _once_per_run(tmp_path_factory, "hf-smollm2", load_gguf)
+    folder = _once_per_run(tmp_path_factory, "hf-smollm2", load_gguf)
     model = loaded.get("model")
     if model is None:
         config = transformers.AutoConfig.from_pretrained(folder)

@@ -96,10 +96,9 @@ def _serve(policy, arrivals, sla, machine, budget, adaptive, max_num_seqs, clien
     model = controller.model if adaptive else StepTimeModel(budget)
     if scheduler.sla is not None:
         scheduler.sla.model = model
-    for bucket in config.token_buckets:  # as the engine's warm-up: each bucket full and with no real row
-        for tokens in (bucket, 0):
-            seconds = machine.step_seconds(bucket if machine.padded else tokens)
-            model.observe(bucket, 0, seconds, tokens, seed=True)
+    for bucket in config.token_buckets:  # as the engine's warm-up: full, and with no real row
+        empty = machine.step_seconds(bucket if machine.padded else 0)
+        model.seed(bucket, machine.step_seconds(bucket), empty)
     seqs: dict[int, Sequence] = {}
     if clients is not None:  # arrival times are set as the loop goes (`arrival_time`)
         arrivals = [

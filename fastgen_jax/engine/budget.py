@@ -111,6 +111,12 @@ class StepTimeModel:
         self._recent.add(x, seconds)
         self._theta = None
 
+    def seed(self, bucket: int, full_seconds: float, empty_seconds: float) -> None:
+        """A warm-up timing of `bucket`: a step with every row real, and one with none (no context
+        either way), so the fit tells padding from real rows from the start."""
+        self.observe(bucket, 0, full_seconds, bucket, seed=True)
+        self.observe(bucket, 0, empty_seconds, 0, seed=True)
+
     @property
     def error(self) -> float:
         """Recent root-mean-square prediction error, in seconds (see the class docstring)."""
