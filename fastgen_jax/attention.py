@@ -110,6 +110,11 @@ class Attention:
         return dataclasses.replace(self, mesh=mesh if mesh is not None and mesh.size > 1 else None)
 
     @property
+    def shards(self) -> int:
+        """Devices the heads are split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
     def write_kv(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
         # The C++ writer on the CPU kernels (XLA's CPU scatter widens a bfloat16 pool to float32).
         write = (

@@ -237,8 +237,8 @@ class EngineConfig:
       `cpu_kernels`; raises if it cannot be built).
     quantize: "none", or "int8": the layer stack's projections and the LM head as int8 weights with
       a float32 scale per output channel, everything else in the compute dtype (`fastgen_jax.quantize`;
-      on the CPU kernels a decode step reads a quarter of float32's weight bytes). One device only
-      (tensor_parallel=1).
+      on the CPU kernels a decode step reads a quarter of float32's weight bytes). Under tensor
+      parallelism each device holds the int8 rows of its own heads and columns (`fastgen_jax.parallel`).
     kv_cache_dtype: the KV pages' element type: "auto" (the compute dtype), "float32" or "bfloat16".
       bfloat16 pages under a float32 model hold twice the tokens in the same memory and halve the
       bytes a decode step's attention reads; keys and values are rounded once when written. The CPU
@@ -326,11 +326,6 @@ class EngineConfig:
             raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.quantize != "none" and self.tensor_parallel > 1:
-            raise ConfigError(
-                f"quantize={self.quantize!r} runs on one device; got tensor_parallel={self.tensor_parallel} "
-                "(use replicas to spread load)"
-            )
         self._check_speculative()
         if self.token_buckets is None:
             object.__setattr__(self, "token_buckets", _default_token_buckets(self.token_budget))

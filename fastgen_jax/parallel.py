@@ -33,6 +33,13 @@ own q heads, then its k heads, then its v heads, and w_gate_up is [layers, hidde
 intermediate / tp], each shard its own gate columns, then its up columns. Splitting that axis over
 "tp" gives every device exactly the heads and columns the unfused split gives it; the model reads
 the shard count off the weight's shape and splits the product back (`models.layers`).
+
+Weight-only int8 (`EngineConfig.quantize="int8"`) quantizes those padded, fused weights in place
+(`fastgen_jax.quantize`: w_int8 [layers, N, K], N and K flattened, shard axis outermost) and
+splits them by the same rules: per output channel scales are unchanged by padding (a zero channel's
+scale is 1) and by KV head replication (a copied channel gets the same scale), so every device holds
+what one device would for its heads and columns. The model takes the shard count from the mesh
+(`Attention.mesh`), and the products are XLA's dots, partitioned like the float weights'.
 """
 
 from __future__ import annotations
@@ -161,8 +168,17 @@ _LAYER_RULES = {
     "moe/shared/w_gate": (2, lambda x, lay: _pad_axis(x, 2, lay.shared_expert_intermediate_size)),
     "moe/shared/w_up": (2, lambda x, lay: _pad_axis(x, 2, lay.shared_expert_intermediate_size)),
     "moe/shared/w_down": (1, lambda x, lay: _pad_axis(x, 1, lay.shared_expert_intermediate_size)),
+    # Weight-only int8 (`fastgen_jax.quantize`), made from the padded and fused weights above: w_int8
+    # [layers, N, K] and w_scale [layers, N]. The shard axis is the outermost factor of the flattened N
+    # (wqkv, w_gate_up, the unfused q/k/v and gate/up) or K (wo's heads, w_down's rows), so splitting
+    # that axis gives each device the rows the float weights' split gives it. wo and w_down's scales
+    # (their N is the model width) are replicated.
+    **{f"{name}_int8": (1, None) for name in ("wqkv", "wq", "wk", "wv", "w_gate_up", "w_gate", "w_up")},
+    **{f"{name}_scale": (1, None) for name in ("wqkv", "wq", "wk", "wv", "w_gate_up", "w_gate", "w_up")},
+    "wo_int8": (2, None),
+    "w_down_int8": (2, None),
 }
-_WIDTH_SPLIT = ("embed", "lm_head")  # [vocab, hidden], split over hidden
+_WIDTH_SPLIT = ("embed", "lm_head", "lm_head_int8")  # [vocab, hidden], split over hidden
 
 
 def _leaf_name(path) -> str:

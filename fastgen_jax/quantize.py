@@ -12,7 +12,9 @@ Layout: a weight `w` of the stack, [layers, *K, *N] (K the axes it contracts wit
 one, or two for the output projection's [heads, head_dim]), becomes `w_int8` [layers, N, K] (each
 output channel's weights contiguous, N and K flattened) and `w_scale` f32 [layers, N]; the model
 reshapes the product back. The LM head (`lm_head`, or the tied `embed`) becomes `lm_head_int8`
-[vocab, hidden] and `lm_head_scale` [vocab]; a tied embedding stays for the lookup.
+[vocab, hidden] and `lm_head_scale` [vocab]; a tied embedding stays for the lookup. Under tensor
+parallelism the weights arrive padded and fused with their shard axis outermost in N or K, and
+`fastgen_jax.parallel` splits the int8 rows and scales over the devices by that axis.
 Mixture-of-experts blocks are left in the compute dtype (their experts go through `ragged_dot`).
 """
 

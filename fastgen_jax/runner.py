@@ -159,8 +159,10 @@ class ModelRunner:
         self.dtype = jnp.dtype(dtype)
         self.limits = resolve_limits(self.model_config, engine_config, self.dtype, model_config.vocab_size)
         self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
-        if engine_config.quantize == "int8":
-            self.params = quantize.quantize_params(self.params, model_config.tie_word_embeddings)
+        if engine_config.quantize == "int8":  # split like the float weights it replaces
+            quantized = quantize.quantize_params(self.params, model_config.tie_word_embeddings)
+            shardings = parallel.param_shardings(quantized, model_config, self.mesh)
+            self.params = jax.device_put(quantized, shardings)
         kv_sharding = parallel.kv_sharding(self.mesh)
         r, pages_dtype = self.limits, kv_dtype(engine_config, self.dtype)
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool

@@ -188,5 +188,3 @@ def test_quantized_bytes_are_counted_without_quantizing(tied):
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="quantize must be one of"):
         EngineConfig(quantize="int4")
-    with pytest.raises(ConfigError, match="tensor_parallel=2"):
-        EngineConfig(quantize="int8", tensor_parallel=2)

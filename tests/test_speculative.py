@@ -322,6 +322,7 @@ def test_a_constrained_rows_mask_goes_to_its_logit_row_when_other_slots_verify_d
     engine.scheduler.abandon(out)
 
 
+@pytest.mark.slow  # 20 s (CI time); sampled rows get drafts in the stops-and-logprobs test above too
 def test_a_sampled_request_accepts_drafts(tiny_dir):
     """Not only greedy rows: a temperature > 0 row verifies drafts (against what it would have drawn)."""
     prompts, _ = repetitive_workload(3, seed=2)

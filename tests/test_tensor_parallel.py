@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastgen_jax import parallel
+from fastgen_jax import parallel, quantize
 from fastgen_jax.attention import get_attention
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import ConfigError, EngineConfig
@@ -19,6 +19,9 @@ from tests.test_llm_engine import run_all
 
 TP_SIZES = (1, 2, 4)
 LOGIT_TOL = 2e-4  # float32: only the order of the sums over the split axes differs
+# int8 weights: the activations are rounded to bfloat16 before each product (`Attention.int8_matmul`),
+# so one that the sums' order moves across a rounding boundary moves by a bfloat16 step (seen: 1.0e-3)
+INT8_LOGIT_TOL = 5e-3
 # One bucket and two page-table widths: 2 programs to compile per engine.
 ENGINE = EngineConfig(
     token_budget=32, token_buckets=(32,), max_num_seqs=8, max_model_len=128, num_pages=16, page_size=64
@@ -44,26 +47,30 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     return name, Checkpoint(config, params, Tokenizer.from_hf_dir(smollm2_dir), name)
 
 
-def sharded(checkpoint: Checkpoint, tp: int):
-    """(device config, params placed over the first `tp` devices, attention over that mesh)."""
+def sharded(checkpoint: Checkpoint, tp: int, int8: bool = False):
+    """(device config, params placed over the first `tp` devices, attention over that mesh); with
+    `int8`, the weights quantized and split as the runner does (`quantize="int8"`)."""
     mesh = parallel.make_mesh(jax.devices()[:tp])
     params = parallel.shard_params(checkpoint.params, checkpoint.config, mesh, np.float32)
+    if int8:
+        params = quantize.quantize_params(params, checkpoint.config.tie_word_embeddings)
+        params = jax.device_put(params, parallel.param_shardings(params, checkpoint.config, mesh))
     return parallel.shard_config(checkpoint.config, tp), params, get_attention("reference").over(mesh)
 
 
-def logits_over_tp(checkpoint: Checkpoint, ids, chunks, impl="reference") -> dict[int, np.ndarray]:
+def logits_over_tp(checkpoint: Checkpoint, ids, chunks, impl="reference", int8=False):
     out = {}
     for tp in TP_SIZES:
-        config, params, attention = sharded(checkpoint, tp)
+        config, params, attention = sharded(checkpoint, tp, int8)
         attention = dataclasses.replace(attention, impl=impl)
         out[tp] = paged_logits(config, params, ids, chunks=chunks, attention=attention)
     return out
 
 
-def greedy_over_tp(checkpoint: Checkpoint, prompts, num_new) -> dict[int, list[list[int]]]:
+def greedy_over_tp(checkpoint: Checkpoint, prompts, num_new, sizes=TP_SIZES, **options):
     out = {}
-    for tp in TP_SIZES:
-        config = dataclasses.replace(ENGINE, tensor_parallel=tp)
+    for tp in sizes:
+        config = dataclasses.replace(ENGINE, tensor_parallel=tp, **options)
         out[tp] = run_all(LLMEngine(checkpoint, config, "float32", progress=False), prompts, num_new)
     return out
 
@@ -74,11 +81,11 @@ def workload(vocab: int, seed: int = 0):
     return [rng.integers(3, vocab, n).tolist() for n in lengths], [12, 20, 8, 16, 10]
 
 
-def assert_logits_agree(name: str, logits: dict[int, np.ndarray]) -> None:
+def assert_logits_agree(name: str, logits: dict[int, np.ndarray], tol: float = LOGIT_TOL) -> None:
     for tp in TP_SIZES[1:]:
         diff = float(np.abs(logits[tp] - logits[1]).max())
         print(f"{name} tp={tp}: max |logit - one device| = {diff:.2e}")
-        assert diff < LOGIT_TOL, (name, tp, diff)
+        assert diff < tol, (name, tp, diff)
         assert (logits[tp].argmax(-1) == logits[1].argmax(-1)).all()
 
 
@@ -90,6 +97,22 @@ def test_tiny_models_give_the_same_logits_and_greedy_tokens_on_1_2_and_4_devices
     tokens = greedy_over_tp(checkpoint, prompts, num_new)
     assert tokens[2] == tokens[1] and tokens[4] == tokens[1]
     assert [len(t) for t in tokens[1]] == num_new
+
+
+def test_int8_weights_split_over_1_2_and_4_devices_give_the_same_logits_and_greedy_tokens(tiny):
+    """The int8 rows and scales split by the float weights' rules (one KV head replicated, biases; with
+    -m slow padded heads and a tied head too): each device holds what one device would for its heads,
+    so only the order of the float32 sums differs (and the bfloat16 rounding of the activations it
+    feeds)."""
+    name, checkpoint = tiny
+    ids = np.random.default_rng(1).integers(0, checkpoint.config.vocab_size, 40).tolist()
+    logits = logits_over_tp(checkpoint, ids, chunks=[17, 1, 22], int8=True)
+    assert_logits_agree(f"{name} int8", logits, INT8_LOGIT_TOL)
+    float32 = paged_logits(checkpoint.config, checkpoint.params, ids, chunks=[17, 1, 22])
+    assert np.abs(logits[1] - float32).max() > 10 * LOGIT_TOL  # int8 weights really multiplied
+    prompts, num_new = workload(checkpoint.config.vocab_size, seed=1)
+    tokens = greedy_over_tp(checkpoint, prompts, num_new, sizes=(1, 4), quantize="int8")
+    assert tokens[4] == tokens[1]
 
 
 @pytest.mark.slow  # 45 s (CI time); the tiny models run by default, this with -m slow
@@ -119,29 +142,36 @@ def test_the_pallas_kernel_runs_per_shard_like_the_reference(smollm2_dir, tmp_pa
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the C++ kernel runs on the CPU backend")
-def test_the_cpu_kernel_runs_per_shard_like_the_reference(smollm2):
-    """SmolLM2's 3 KV heads padded to 4 on 2 and 4 devices, each device's kernel on its own pages."""
-    ids = smollm2.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
-    chunks = [len(ids) - 4, 1, 3]
-    reference = paged_logits(
-        smollm2.config, smollm2.params, ids, chunks=chunks, attention=get_attention("reference")
-    )
-    kernel = logits_over_tp(smollm2, ids, chunks, impl="cpu")
+def test_the_cpu_kernel_runs_per_shard_like_the_reference(smollm2_dir, tmp_path):
+    """2 KV heads split over 2 devices and padded to 4 on 4 (and 6 query heads to 12), each device's
+    kernel on its own pages. (A tiny model: SmolLM2 took 27 s of the default suite here.)"""
+    _, _, config, params = make_tiny_model("tied-embeddings", tmp_path)
+    assert parallel.shard_config(config, 4).num_kv_heads == 4
+    checkpoint = Checkpoint(config, params, Tokenizer.from_hf_dir(smollm2_dir), "tied-embeddings")
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, 21).tolist()
+    chunks = [17, 1, 3]
+    reference = paged_logits(config, params, ids, chunks=chunks, attention=get_attention("reference"))
+    kernel = logits_over_tp(checkpoint, ids, chunks, impl="cpu")
     for tp in TP_SIZES:
         assert np.abs(kernel[tp] - reference).max() < LOGIT_TOL, tp
 
 
-def test_parameters_and_kv_pages_are_split_not_replicated(smollm2):
+@pytest.mark.parametrize("weights", ["none", "int8"])
+def test_parameters_and_kv_pages_are_split_not_replicated(smollm2, weights):
     whole = sum(x.nbytes for x in jax.tree.leaves(smollm2.params))
+    if weights == "int8":
+        whole = quantize.quantized_nbytes(smollm2.params, smollm2.config.tie_word_embeddings)
     for tp in (2, 4):
-        engine = LLMEngine(smollm2, dataclasses.replace(ENGINE, tensor_parallel=tp), "float32", warmup=False)
+        config = dataclasses.replace(ENGINE, tensor_parallel=tp, quantize=weights)
+        engine = LLMEngine(smollm2, config, "float32", warmup=False)
         params, kv = engine.runner.params, engine.runner.kv_cache
         per_device = parallel.bytes_per_device(params)
         assert len(per_device) == tp and len(set(per_device.values())) == 1
         padded = sum(x.nbytes for x in jax.tree.leaves(params))  # the global (padded) arrays
         replicated = sum(x.nbytes for x in jax.tree.leaves(params) if x.sharding.is_fully_replicated)
         assert per_device["cpu:0"] == (padded - replicated) // tp + replicated
-        assert replicated < 0.001 * whole  # only the norm scales
+        # only the norm scales (int8: and the scales of wo, w_down and the head, whose outputs are whole)
+        assert replicated < (0.001 if weights == "none" else 0.003) * whole
         print(f"tp={tp}: {per_device['cpu:0'] / whole:.3f} of the unsharded weights per device")
         assert per_device["cpu:0"] < 1.15 * whole / tp  # heads padded from 3 to 4 KV heads
         kv_per_device = parallel.bytes_per_device(kv)

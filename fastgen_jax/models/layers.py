@@ -226,10 +226,10 @@ class PagedAttention(nn.Module):
         """q, k, v from one matmul with the fused weight `parallel.fuse_projections` builds:
         wqkv [hidden, S, (heads + 2 x kv_heads) / S, head_dim], S the shard count."""
         c = self.config
-        if (quantized := _quantized(self, "wqkv")) is not None:  # one shard (see fastgen_jax.quantize)
-            shards = 1
+        if (quantized := _quantized(self, "wqkv")) is not None:  # [S x heads per shard x D, hidden]
+            shards = self.attention.shards
             y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
-            y = y.reshape(x.shape[0], 1, -1, c.head_dim)
+            y = y.reshape(x.shape[0], shards, -1, c.head_dim)
         else:
             w = self.get_variable("params", "wqkv")
             shards = w.shape[1]
@@ -350,8 +350,9 @@ class MLP(nn.Module):
     def _gate_up_fused(self, x, f: int):
         """gate and up [T, f] from one matmul with the fused weight `parallel.fuse_projections`
         builds: w_gate_up [hidden, S, 2, f / S], S the shard count."""
-        if (quantized := _quantized(self, "w_gate_up")) is not None:  # one shard (see fastgen_jax.quantize)
-            y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get()).reshape(x.shape[0], 1, 2, f)
+        if (quantized := _quantized(self, "w_gate_up")) is not None:  # [S x 2 x f / S, hidden]
+            y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
+            y = y.reshape(x.shape[0], self.attention.shards, 2, f // self.attention.shards)
         else:
             w = self.get_variable("params", "w_gate_up")
             y = self.attention.matmul(x, w, stack=_stacked(self, "w_gate_up"), rows=_REAL_ROWS.get())

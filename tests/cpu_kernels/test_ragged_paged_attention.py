@@ -3,6 +3,8 @@ oracle, on the random batches the Pallas kernel's tests draw, and inside jit, sc
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,16 +59,39 @@ def test_small_pages_and_every_gqa_ratio_match_reference(seqs, seed, group):
     assert_matches_reference(make_inputs(seqs, page_size=8, group=group, seed=seed))
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("page_size", [8, 16, 32, 64])
+# Every ratio and every page size by default; the rest of their cross product with -m slow (CI time).
+_GQA_PAGES = [(1, 16), (2, 32), (3, 8), (3, 64), (4, 64), (8, 8)]
+
+
+@pytest.mark.parametrize(
+    "group, page_size",
+    [
+        pair if pair in _GQA_PAGES else pytest.param(*pair, marks=pytest.mark.slow)
+        for pair in itertools.product([1, 2, 3, 4, 8], [8, 16, 32, 64])
+    ],
+)
 def test_gqa_ratios_and_page_sizes(group, page_size):
     """Chunks that cross page boundaries, a decode, an idle slot, padding rows."""
     seqs = [(page_size - 3, 7), (2 * page_size + 1, 1), (page_size, 0), (0, 19)]
     assert_matches_reference(make_inputs(seqs, page_size=page_size, group=group, seed=group))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("group, head_dim", [(3, 64), (2, 128), (4, 128)])  # 4 x 128: one at a time
+@pytest.mark.parametrize(
+    "group, head_dim, dtype",
+    [
+        (3, 64, jnp.float32),
+        (4, 128, jnp.bfloat16),  # 4 x 128: one query at a time
+        *[
+            pytest.param(g, d, t, marks=pytest.mark.slow)  # -m slow (CI time)
+            for g, d, t in [
+                (3, 64, jnp.bfloat16),
+                (2, 128, jnp.float32),
+                (2, 128, jnp.bfloat16),
+                (4, 128, jnp.float32),
+            ]
+        ],
+    ],
+)
 def test_a_decode_rows_kv_group_goes_through_a_page_together_at_both_head_sizes(group, head_dim, dtype):
     """One-row decodes (their 2-4 queries see the same keys: `page_by_group` where the output rows fit
     in registers, one at a time where they do not) at the kernel's two compiled head sizes, with
