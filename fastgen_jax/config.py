@@ -238,7 +238,8 @@ class EngineConfig:
     quantize: "none", or "int8": the layer stack's projections and the LM head as int8 weights with
       a float32 scale per output channel, everything else in the compute dtype (`fastgen_jax.quantize`;
       on the CPU kernels a decode step reads a quarter of float32's weight bytes). Under tensor
-      parallelism each device holds the int8 rows of its own heads and columns (`fastgen_jax.parallel`).
+      parallelism each device holds the int8 rows of its own heads and columns (`fastgen_jax.parallel`)
+      and XLA's dots multiply them (the C++ matmul kernels run on one device only).
     kv_cache_dtype: the KV pages' element type: "auto" (the compute dtype), "float32" or "bfloat16".
       bfloat16 pages under a float32 model hold twice the tokens in the same memory and halve the
       bytes a decode step's attention reads; keys and values are rounded once when written. The CPU

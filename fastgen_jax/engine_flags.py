@@ -97,7 +97,8 @@ flags.DEFINE_enum(
     "Weight-only quantization: 'int8' keeps the projections and the LM head as int8 with a float32 scale "
     "per output channel (with the CPU kernels a decode step reads a quarter of float32's bytes; "
     "accuracy in the README). "
-    "One device only (--tensor_parallel=1).",
+    "Under --tensor_parallel each device holds the int8 rows of its own heads and columns (XLA's dots "
+    "multiply them: memory saved, not the CPU kernels' bandwidth).",
 )
 flags.DEFINE_enum(
     "kv_cache_dtype",

@@ -58,16 +58,29 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.swapaxes(q.astype(jnp.float32) * scale[..., :, None], -1, -2)
 
 
-def quantize_params(variables: dict, tie_word_embeddings: bool) -> dict:
+def quantize_params(variables: dict, tie_word_embeddings: bool, shardings: dict | None = None) -> dict:
     """`variables` ({"params": ...}, fused by `parallel.fuse_projections`) with the projections and
-    the LM head in int8, as the module docstring lays out. The arrays stay on the device they are on."""
+    the LM head in int8, as the module docstring lays out. Every other leaf is passed on as it is (no
+    copy). `shardings`: where each new leaf is made (a tree like the result's, see `quantize_over`);
+    None: where XLA puts it (the device the weights are on)."""
     params = variables["params"]
+    where = (shardings or {}).get("params", {})
     out = dict(params)
-    out["layers"] = _quantize_tree(params["layers"])
+    out["layers"] = _quantize_tree(params["layers"], where.get("layers", {}))
     head = params["embed"] if tie_word_embeddings else out.pop("lm_head")
-    q, scale = quantize_int8(head.T[None], 1)  # [vocab, hidden] -> K = hidden
-    out["lm_head_int8"], out["lm_head_scale"] = q[0], scale[0]
+    placed = (where["lm_head_int8"], where["lm_head_scale"]) if where else None
+    out["lm_head_int8"], out["lm_head_scale"] = _placed(_quantize_head, placed)(head)
     return {**variables, "params": out}
+
+
+def quantize_over(variables: dict, config, mesh) -> dict:
+    """`quantize_params` of `variables` (padded, fused and placed by `parallel.shard_params` for
+    `config` over `mesh`), each int8 leaf and scale made split over `mesh` by `parallel`'s rules:
+    each device quantizes what it will hold (the scales of K-split weights take a max over devices),
+    so no device ever holds another's weights, on one host or several."""
+    tie = config.tie_word_embeddings
+    shapes = jax.eval_shape(lambda v: quantize_params(v, tie), variables)
+    return quantize_params(variables, tie, parallel.param_shardings(shapes, config, mesh))
 
 
 def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
@@ -79,13 +92,26 @@ def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(held))
 
 
-def _quantize_tree(tree: dict) -> dict:
+def _quantize_tree(tree: dict, where: dict) -> dict:
     out = {}
     for name, value in tree.items():
         if isinstance(value, dict):
-            out[name] = value if name == "moe" else _quantize_tree(value)
+            out[name] = value if name == "moe" else _quantize_tree(value, where.get(name, {}))
         elif name in PROJECTIONS:
-            out[f"{name}_int8"], out[f"{name}_scale"] = quantize_int8(value, PROJECTIONS[name])
+            placed = (where[f"{name}_int8"], where[f"{name}_scale"]) if where else None
+            quantize = _placed(lambda w, k=PROJECTIONS[name]: quantize_int8(w, k), placed)
+            out[f"{name}_int8"], out[f"{name}_scale"] = quantize(value)
         else:
             out[name] = value
     return out
+
+
+def _quantize_head(head: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The LM head (or tied embedding) [vocab, hidden] -> int8 [vocab, hidden], scales [vocab]."""
+    q, scale = quantize_int8(head.T[None], 1)  # K = hidden
+    return q[0], scale[0]
+
+
+def _placed(fn, shardings):
+    """`fn` as one program whose results land on `shardings` (None: where XLA puts them)."""
+    return jax.jit(fn) if shardings is None else jax.jit(fn, out_shardings=shardings)

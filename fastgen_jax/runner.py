@@ -160,9 +160,7 @@ class ModelRunner:
         self.limits = resolve_limits(self.model_config, engine_config, self.dtype, model_config.vocab_size)
         self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
         if engine_config.quantize == "int8":  # split like the float weights it replaces
-            quantized = quantize.quantize_params(self.params, model_config.tie_word_embeddings)
-            shardings = parallel.param_shardings(quantized, model_config, self.mesh)
-            self.params = jax.device_put(quantized, shardings)
+            self.params = quantize.quantize_over(self.params, model_config, self.mesh)
         kv_sharding = parallel.kv_sharding(self.mesh)
         r, pages_dtype = self.limits, kv_dtype(engine_config, self.dtype)
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool

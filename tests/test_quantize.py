@@ -174,6 +174,22 @@ def test_int8_greedy_batch_equals_one_at_a_time():
     )
 
 
+def test_quantizing_over_a_mesh_passes_every_other_leaf_on_uncopied():
+    """While loading, only the int8 copies are new: the embedding, norms and the rest are the very
+    arrays the engine was handed (a copy of them would raise the load's peak memory)."""
+    config = tiny_config()
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    params = parallel.shard_params(random_params(config), config, mesh, np.float32)
+    held = quantize.quantize_over(params, config, mesh)
+    assert held["params"]["embed"] is params["params"]["embed"]
+    layers, before = held["params"]["layers"], params["params"]["layers"]
+    assert layers["attn_norm"]["scale"] is before["attn_norm"]["scale"]
+    assert layers["attn"]["wqkv_int8"].dtype == jnp.int8
+    want = quantize.quantize_params(params, config.tie_word_embeddings)  # the same values
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_quantized_bytes_are_counted_without_quantizing(tied):
     """What `--kv_memory_fraction` subtracts for the weights under int8: the bytes the engine holds."""

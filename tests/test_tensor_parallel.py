@@ -53,8 +53,7 @@ def sharded(checkpoint: Checkpoint, tp: int, int8: bool = False):
     mesh = parallel.make_mesh(jax.devices()[:tp])
     params = parallel.shard_params(checkpoint.params, checkpoint.config, mesh, np.float32)
     if int8:
-        params = quantize.quantize_params(params, checkpoint.config.tie_word_embeddings)
-        params = jax.device_put(params, parallel.param_shardings(params, checkpoint.config, mesh))
+        params = quantize.quantize_over(params, checkpoint.config, mesh)
     return parallel.shard_config(checkpoint.config, tp), params, get_attention("reference").over(mesh)
 
 
