@@ -292,20 +292,36 @@ inline void columns_in_order(const typename Lanes::X* x, const typename Lanes::W
 
 constexpr int64_t kAheadK = 8;  // how many weight rows ahead the first row tile asks for
 
+// Weight rows [begin, end) of the strip a thread multiplies next (`next`: its first column in row 0;
+// null: none), asked for into L2 one row at a time, one row every `every` weight rows of the current
+// tile, so the next strip's reads overlap this strip's multiplies (`rows_kn`).
+struct NextStrip {
+  const float* next = nullptr;
+  int64_t begin = 0, end = 0, every = 1;
+};
+
 // y[m0 : m0 + MR, n : n + 16 NV] = x[m0 : m0 + MR, :] @ w[:, n : n + 16 NV] (w [K, N]).
 template <int MR, int NV>
 inline void tile_kn(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
-                    int64_t N, int64_t m0, int64_t n, bool prefetch) {
+                    int64_t N, int64_t m0, int64_t n, bool prefetch, NextStrip ahead) {
   v16 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = v16{};
   const float* __restrict row = w + n;
   const float* __restrict xr = x + m0 * K;
+  const float* asked = ahead.next ? ahead.next + ahead.begin * N : nullptr;
+  const float* const asked_end = ahead.next ? ahead.next + ahead.end * N : nullptr;
+  int64_t countdown = ahead.every;
   for (int64_t k = 0; k < K; ++k, row += N) {
     v16 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
     if (prefetch && k + kAheadK < K) {
       for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + 16 * j, 0, 1);
+    }
+    if (asked != asked_end && --countdown == 0) {
+      countdown = ahead.every;
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(asked + 16 * j, 0, 2);
+      asked += N;
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -319,30 +335,45 @@ inline void tile_kn(const float* __restrict x, const float* __restrict w, float*
 
 // Rows [0, M) of columns [n, n + 16 NV): the fewest tiles of at most six rows, their sizes within one
 // of each other (8 rows as 4 + 4, not 6 + 2: a small tile loads as many weights for fewer products).
+// The first tile reads the strip from memory (asking a few rows ahead) and the others from cache;
+// with `next` (the first column of the strip this thread multiplies next, or null) the tiles after
+// the first ask for that strip's rows, spread evenly over their weight rows, so its reads run while
+// these tiles multiply instead of stalling the next strip's first tile.
 template <int NV>
-inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
+inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
+                    const float* next) {
   const int64_t tiles = (M + 5) / 6, base = tiles ? M / tiles : 0, larger = tiles ? M % tiles : 0;
+  const int64_t askers = std::max<int64_t>(1, tiles - 1), share = (K + askers - 1) / askers;
   for (int64_t t = 0, m = 0; t < tiles; ++t) {
     const int64_t rows = base + (t < larger);
     const bool first = t == 0;
+    NextStrip ahead;
+    if (next && (t > 0 || tiles == 1)) {
+      const int64_t i = tiles == 1 ? 0 : t - 1;
+      ahead = {next, std::min(K, i * share), std::min(K, (i + 1) * share), std::max<int64_t>(1, K / share)};
+    }
     switch (rows) {
-      case 6: tile_kn<6, NV>(x, w, y, K, N, m, n, first); break;
-      case 5: tile_kn<5, NV>(x, w, y, K, N, m, n, first); break;
-      case 4: tile_kn<4, NV>(x, w, y, K, N, m, n, first); break;
-      case 3: tile_kn<3, NV>(x, w, y, K, N, m, n, first); break;
-      case 2: tile_kn<2, NV>(x, w, y, K, N, m, n, first); break;
-      default: tile_kn<1, NV>(x, w, y, K, N, m, n, first); break;
+      case 6: tile_kn<6, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      case 5: tile_kn<5, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      case 4: tile_kn<4, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      case 3: tile_kn<3, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      case 2: tile_kn<2, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      default: tile_kn<1, NV>(x, w, y, K, N, m, n, first, ahead); break;
     }
     m += rows;
   }
 }
 
-// Columns [n0, n1) of every row (w [K, N]): 64 at a time, then 16, then one at a time.
+// Columns [n0, n1) of every row (w [K, N]): 64 at a time, then 16, then one at a time. `next_n`: the
+// first column this thread multiplies after these (-1: none), asked for while the last 64 run.
 inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
-                       int64_t n1) {
+                       int64_t n1, int64_t next_n = -1) {
   int64_t n = n0;
-  for (; n + 64 <= n1; n += 64) rows_kn<4>(x, w, y, M, K, N, n);
-  for (; n + 16 <= n1; n += 16) rows_kn<1>(x, w, y, M, K, N, n);
+  for (; n + 64 <= n1; n += 64) {
+    const int64_t after = n + 128 <= n1 ? n + 64 : next_n;
+    rows_kn<4>(x, w, y, M, K, N, n, after >= 0 && after + 64 <= N ? w + after : nullptr);
+  }
+  for (; n + 16 <= n1; n += 16) rows_kn<1>(x, w, y, M, K, N, n, nullptr);
   for (; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) {
       float s = 0.0f;
@@ -464,7 +495,8 @@ struct F32Problem {
     return (N + columns - 1) / columns;
   }
 
-  void run(int64_t item) const {
+  // `next`: the item this thread runs after this one (-1: none; see `run_items`).
+  void run(int64_t item, int64_t next = -1) const {
     if (streams()) {
       float* acc = partials + item * M * N;
       std::fill(acc, acc + M * N, 0.0f);
@@ -479,7 +511,7 @@ struct F32Problem {
     }
 #endif
     if (nk) return dot_columns(x, F32Columns{w}, y, M, K, N, n0, n1);
-    kn_columns(x, w, y, M, K, N, n0, n1);
+    kn_columns(x, w, y, M, K, N, n0, n1, next >= 0 ? next * columns : -1);
   }
 
   // y = partials[0] + partials[1] + ... (of `items`), in that order, once every item is done.
@@ -718,7 +750,7 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     partials.resize(items * M * N);
     problem.partials = partials.data();
   }
-  fastgen_kernels::run_items(pool, items, [problem](int64_t i) { problem.run(i); });
+  fastgen_kernels::run_items(pool, items, [problem](int64_t i, int64_t next) { problem.run(i, next); });
   if (problem.streams()) problem.sum_partials(items);
   return ffi::Error::Success();
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 namespace fastgen_kernels {
@@ -31,7 +32,8 @@ void wait_for_helpers(Finished finished, std::mutex& mutex, std::condition_varia
 }
 
 // Items 0 .. items - 1 dealt from an atomic counter to the pool's helpers and the calling thread.
-// A helper that starts after the work is gone only touches this (kept alive by its shared_ptr).
+// A `run` that takes two arguments gets each item with the one its thread has already claimed to run
+// after it (one item claimed ahead). A helper that starts after the work is gone only touches this (kept alive by its shared_ptr).
 template <typename Run>
 struct Items {
   Run run;
@@ -45,7 +47,16 @@ struct Items {
 
   void work() {
     int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) run(i);
+    if constexpr (std::is_invocable_v<Run&, int64_t, int64_t>) {
+      // run(i, j): j is the item this thread claimed to run next (-1: none), so i can ask for its data.
+      for (int64_t i = next.fetch_add(1); i < items; ++finished) {
+        const int64_t j = next.fetch_add(1);
+        run(i, j < items ? j : -1);
+        i = j;
+      }
+    } else {
+      for (int64_t i; (i = next.fetch_add(1)) < items; ++finished) run(i);
+    }
     if (finished && done.fetch_add(finished) + finished == items) {
       std::lock_guard<std::mutex> lock(mutex);
       all_done.notify_all();

@@ -27,6 +27,7 @@
 #include <functional>
 #include <random>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 using namespace fastgen_matmul;
@@ -57,11 +58,21 @@ struct Pool {
     stop = true;
     helper.join();
   }
+  // f(i) for every item, or f(i, j) with j the item the same thread claimed to run next (as
+  // `run_items` in cpu_kernels/wait.h deals them).
   template <class F>
   void run(int64_t items, F f) {
     std::atomic<int64_t> next{0};
     auto work = [&] {
-      for (int64_t i; (i = next.fetch_add(1)) < items;) f(i);
+      if constexpr (std::is_invocable_v<F&, int64_t, int64_t>) {
+        for (int64_t i = next.fetch_add(1); i < items;) {
+          const int64_t j = next.fetch_add(1);
+          f(i, j < items ? j : -1);
+          i = j;
+        }
+      } else {
+        for (int64_t i; (i = next.fetch_add(1)) < items;) f(i);
+      }
     };
     const int before = finished.load();
     job = work;
@@ -85,6 +96,16 @@ auto set_f32_columns(P& p, int) -> decltype(p.in_order(), void()) {
 }
 template <class P>
 void set_f32_columns(P&, long) {}
+
+// p.run(i, next) where the kernels take the next item (this tree), else p.run(i) (older versions).
+template <class P>
+auto run_f32(const P& p, int64_t i, int64_t next, int) -> decltype(p.run(i, next), void()) {
+  p.run(i, next);
+}
+template <class P>
+void run_f32(const P& p, int64_t i, int64_t, long) {
+  p.run(i);
+}
 
 template <class F>
 double best_ms(F pass) {
@@ -130,8 +151,8 @@ int main() {
   int64_t int8_bytes = 0, f32_bytes = 0;
   for (const auto& m : int8) int8_bytes += m.q.size();
   for (const auto& w : f32) f32_bytes += w.size() * 4;
-  std::vector<uint16_t> xb(16 * 1536, 0x3f80);  // bfloat16 1.0
-  std::vector<float> x(16 * 1536, 1.0f), y(16 * vocab), partials(64 * 16 * 3072);
+  std::vector<uint16_t> xb(32 * 1536, 0x3f80);  // bfloat16 1.0
+  std::vector<float> x(32 * 1536, 1.0f), y(32 * vocab), partials(64 * 16 * 3072);
   Pool pool;
 
   auto report = [](const char* name, int rows, double ms, int64_t bytes) {
@@ -161,14 +182,14 @@ int main() {
            }),
            int8_bytes);
   }
-  for (int M : {1, 4, 8}) {
+  for (int M : {1, 4, 8, 16, 32}) {
     report("f32", M, best_ms([&] {
              for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
                const auto& s = nk[i % 4];
                F32Problem p{x.data(), f32[i].data(), y.data(), M, s[1], s[0], false, 8};
                p.partials = partials.data();
                const int64_t items = p.num_items();
-               pool.run(items, [&](int64_t it) { p.run(it); });
+               pool.run(items, [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
                if (p.streams()) p.sum_partials(items);
              }
            }),
