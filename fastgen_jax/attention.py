@@ -76,9 +76,13 @@ INT8_BF16_ROWS = 32
 # 9.2-13.1 at 2-16 rows. Only the slab's real rows are multiplied (`rows=`). Whole steps
 # (`scripts/profile_step.py --f32_kernel_rows`, alternating runs): decode 4 x 128 35-44 ms against
 # 59-95, 8 x 128 52-61 against 85-100, 32 x 512 127-131 against 174-175, a 256-token prompt chunk
-# 365-426 against 391-463. Only where the library is
-# built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2 alone its tiles spill.
-F32_KERNEL_ROWS = 256
+# 365-426 against 391-463. Since each thread asks for its next strip's weights while it multiplies
+# (issue 19, this round): 256 rows 309-353 ms against XLA's 343-382, 512 rows 689-741 against
+# 728-766 (six runs, the kernel faster in each), so a 512-token budget's prompt chunks take the
+# kernel too (whole steps, alternating: a 512-token prompt chunk 762-876 ms against 877-944). Only
+# where the library is built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2
+# alone its tiles spill.
+F32_KERNEL_ROWS = 512
 log = logging.getLogger(__name__)
 
 

@@ -56,7 +56,7 @@ def test_matches_the_oracle(m, k, n, w_nk, stream_rows, seed):
     assert_close(np.asarray(got), x, w)
 
 
-@pytest.mark.parametrize("m", [1, 2, 6, 8, 32, 33])
+@pytest.mark.parametrize("m", [1, 2, 6, 8, 32, 33, 300])
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576)])
 def test_model_sized_projections_match_the_oracle(m, k, n):
     x, w = random_inputs(m, k, n, seed=m)
