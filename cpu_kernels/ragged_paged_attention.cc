@@ -153,7 +153,7 @@ struct Queries {
   std::vector<int32_t> lo, hi;       // [padded]: the keys [lo, hi) a query sees; padding sees none
   std::vector<float> k_buf, v_buf;   // a bf16 page as floats, [ps, D] each
   std::vector<float> scores;         // [ps rounded up to kKeyTile, kQueryTile]
-  bool same_keys = false;            // every query sees the same keys (one row's KV group)
+  bool grouped = false;  // 2-4 queries that see the same keys (one row's KV group): `page_by_group`
 
   void reset(int64_t R, int64_t Rp, int64_t D, int64_t ps) {
     count = R;
@@ -317,7 +317,7 @@ template <int kD>
 void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, int64_t first, int64_t ps,
                   int64_t D, Ahead& ahead) {
   if constexpr (kD > 0) {
-    if (w.same_keys && w.count >= 2 && w.count <= 4 && w.count * kD <= kPvQueries * 64) {
+    if (w.grouped) {
       const int64_t begin = std::max<int64_t>(w.lo[0], first) - first;
       const int64_t end = std::min<int64_t>(w.hi[0], first + ps) - first;
       if (begin >= end) return;
@@ -497,8 +497,9 @@ void attend(const Params& p, const Item& item, Partial* partial) {
       }
     }
   }
-  w.same_keys = R <= 4;  // only `page_by_group` (2-4 queries) asks
-  for (int64_t i = 1; w.same_keys && i < R; ++i) w.same_keys = w.same_keys && w.lo[i] == w.lo[0] && w.hi[i] == w.hi[0];
+  // `page_by_group` (compiled head sizes only) while the queries' output rows fit in registers.
+  w.grouped = kD > 0 && R >= 2 && R <= 4 && R * D <= kPvQueries * 64;
+  for (int64_t i = 1; w.grouped && i < R; ++i) w.grouped = w.lo[i] == w.lo[0] && w.hi[i] == w.hi[0];
   const int32_t* pages = p.page_indices + item.seq * s.width;
   const int64_t end_page = std::min<int64_t>((last_key + ps - 1) / ps, s.width);
   for (int64_t page = first_key / ps; page < first_key / ps + kPrefetchPages && page < end_page; ++page) {

@@ -33,7 +33,8 @@ void wait_for_helpers(Finished finished, std::mutex& mutex, std::condition_varia
 
 // Items 0 .. items - 1 dealt from an atomic counter to the pool's helpers and the calling thread.
 // A `run` that takes two arguments gets each item with the one its thread has already claimed to run
-// after it (one item claimed ahead). A helper that starts after the work is gone only touches this (kept alive by its shared_ptr).
+// after it (one item claimed ahead). A helper that starts after the work is gone only touches this
+// (kept alive by its shared_ptr).
 template <typename Run>
 struct Items {
   Run run;

@@ -199,11 +199,15 @@ def _spec(name: str, ndim: int, layout: HeadLayout) -> P:
     return P(*[AXIS if i == axis else None for i in range(ndim)])
 
 
+def leaf_sharding(name: str, ndim: int, config: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Where a leaf named `name` (as `_leaf_name` gives it) with `ndim` axes lives over `mesh`."""
+    return NamedSharding(mesh, _spec(name, ndim, head_layout(config, mesh.size)))
+
+
 def param_shardings(params, config: ModelConfig, mesh: Mesh):
     """A pytree of NamedShardings matching `params` (already in the padded layout)."""
-    layout = head_layout(config, mesh.size)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, _spec(_leaf_name(path), np.ndim(x), layout)), params
+        lambda path, x: leaf_sharding(_leaf_name(path), np.ndim(x), config, mesh), params
     )
 
 

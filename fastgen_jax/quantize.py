@@ -58,18 +58,16 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.swapaxes(q.astype(jnp.float32) * scale[..., :, None], -1, -2)
 
 
-def quantize_params(variables: dict, tie_word_embeddings: bool, shardings: dict | None = None) -> dict:
+def quantize_params(variables: dict, tie_word_embeddings: bool, place=None) -> dict:
     """`variables` ({"params": ...}, fused by `parallel.fuse_projections`) with the projections and
     the LM head in int8, as the module docstring lays out. Every other leaf is passed on as it is (no
-    copy). `shardings`: where each new leaf is made (a tree like the result's, see `quantize_over`);
-    None: where XLA puts it (the device the weights are on)."""
+    copy). `place(name, ndim)`: the sharding each new leaf is made on (see `quantize_over`); None:
+    where XLA puts it (the device the weights are on)."""
     params = variables["params"]
-    where = (shardings or {}).get("params", {})
     out = dict(params)
-    out["layers"] = _quantize_tree(params["layers"], where.get("layers", {}))
+    out["layers"] = _quantize_tree(params["layers"], place)
     head = params["embed"] if tie_word_embeddings else out.pop("lm_head")
-    placed = (where["lm_head_int8"], where["lm_head_scale"]) if where else None
-    out["lm_head_int8"], out["lm_head_scale"] = _placed(_quantize_head, placed)(head)
+    out["lm_head_int8"], out["lm_head_scale"] = _quantizer(None, _placement(place, "lm_head", 2))(head)
     return {**variables, "params": out}
 
 
@@ -78,9 +76,11 @@ def quantize_over(variables: dict, config, mesh) -> dict:
     `config` over `mesh`), each int8 leaf and scale made split over `mesh` by `parallel`'s rules:
     each device quantizes what it will hold (the scales of K-split weights take a max over devices),
     so no device ever holds another's weights, on one host or several."""
-    tie = config.tie_word_embeddings
-    shapes = jax.eval_shape(lambda v: quantize_params(v, tie), variables)
-    return quantize_params(variables, tie, parallel.param_shardings(shapes, config, mesh))
+    return quantize_params(
+        variables,
+        config.tie_word_embeddings,
+        lambda name, ndim: parallel.leaf_sharding(name, ndim, config, mesh),
+    )
 
 
 def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
@@ -92,26 +92,34 @@ def quantized_nbytes(variables: dict, tie_word_embeddings: bool) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(held))
 
 
-def _quantize_tree(tree: dict, where: dict) -> dict:
+def _quantize_tree(tree: dict, place) -> dict:
     out = {}
     for name, value in tree.items():
         if isinstance(value, dict):
-            out[name] = value if name == "moe" else _quantize_tree(value, where.get(name, {}))
+            out[name] = value if name == "moe" else _quantize_tree(value, place)
         elif name in PROJECTIONS:
-            placed = (where[f"{name}_int8"], where[f"{name}_scale"]) if where else None
-            quantize = _placed(lambda w, k=PROJECTIONS[name]: quantize_int8(w, k), placed)
+            quantize = _quantizer(PROJECTIONS[name], _placement(place, name, 3))  # [layers, N, K]
             out[f"{name}_int8"], out[f"{name}_scale"] = quantize(value)
         else:
             out[name] = value
     return out
 
 
-def _quantize_head(head: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The LM head (or tied embedding) [vocab, hidden] -> int8 [vocab, hidden], scales [vocab]."""
-    q, scale = quantize_int8(head.T[None], 1)  # K = hidden
-    return q[0], scale[0]
+def _placement(place, name: str, ndim: int):
+    """The shardings of `name`'s int8 weights (`ndim` axes) and its scales (one fewer), or None."""
+    return None if place is None else (place(f"{name}_int8", ndim), place(f"{name}_scale", ndim - 1))
 
 
-def _placed(fn, shardings):
-    """`fn` as one program whose results land on `shardings` (None: where XLA puts them)."""
-    return jax.jit(fn) if shardings is None else jax.jit(fn, out_shardings=shardings)
+@functools.cache
+def _quantizer(k_axes: int | None, shardings: tuple | None):
+    """`quantize_int8` over `k_axes` contracted axes, or for k_axes None the LM head's [vocab, hidden]
+    (-> int8 [vocab, hidden], scales [vocab]), as one program whose results land on `shardings` (None:
+    where XLA puts them). Cached, so every engine of a process reuses the compiled programs."""
+
+    def quantize(w):
+        if k_axes is not None:
+            return quantize_int8(w, k_axes)
+        q, scale = quantize_int8(w.T[None], 1)  # K = hidden
+        return q[0], scale[0]
+
+    return jax.jit(quantize) if shardings is None else jax.jit(quantize, out_shardings=shardings)
