@@ -1,6 +1,7 @@
 """The C++ float32 matmul (XLA FFI) against a float64 numpy oracle, on shapes that reach every path
 of the kernel (weights [K, N]: up to `stream_rows` rows streamed in order, 8 weight rows at a time
-and the rest one at a time, K in runs summed in order, a per-column tail; more by row tiles of 6
+and the rest one at a time, 5-8 rows in register blocks of 48 or 64 columns and 16 at their end,
+K in runs summed in order, a per-column tail; more by row tiles of 6
 and of 1-5 rows, 64- and 16-column strips and the per-column tail; weights [N, K]: groups of four
 columns by tiles of 6, 3 and 1 rows, K not a multiple of 16, the per-column tail), and
 `Attention.matmul`, which chooses it for the CPU kernels' few-row slabs (the model's projections and
@@ -54,6 +55,15 @@ def test_matches_the_oracle(m, k, n, w_nk, stream_rows, seed):
     given = jnp.asarray(w.T.copy() if w_nk else w)
     got = f32_matmul(jnp.asarray(x), given, w_nk=w_nk, stream_rows=stream_rows)
     assert_close(np.asarray(got), x, w)
+
+
+@pytest.mark.parametrize("m", [5, 6, 7, 8])
+@pytest.mark.parametrize("k, n", [(576, 176), (100, 200), (1536, 960)])
+def test_five_to_eight_streamed_rows_match_the_oracle(m, k, n):
+    """5-8 rows stream in register blocks (64 columns for 5-6 rows, 48 for 7-8), then 16 columns at a
+    time, then the per-column tail; K = 100 leaves weight rows past the last group of 8."""
+    x, w = random_inputs(m, k, n, seed=m)
+    assert_close(np.asarray(f32_matmul(jnp.asarray(x), jnp.asarray(w), stream_rows=STREAM_ROWS)), x, w)
 
 
 @pytest.mark.parametrize("m", [1, 2, 6, 8, 32, 33, 300])
