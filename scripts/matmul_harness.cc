@@ -10,8 +10,6 @@
 // - int8 M: the 30 layers' int8 projections ([N, K]: q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576,
 //   down 576 x 1536) and the 49152 x 576 int8 LM head, at M rows (the int8 kernel);
 // - f32 M: the 30 layers' float32 projections ([K, N], M rows, streamed up to 8 rows);
-// - f32 pack M: the same products on the weights repacked as [N / 64, K, 64] (`packed_strip`: an
-//   experiment, a layout the engine does not use);
 // - f32 head M: the float32 LM head ([N, K] = 49152 x 576);
 // - sum: a plain vectorised sum over the int8 case's bytes, in 64 KiB items (the read ceiling).
 // Prints ms and GB/s (weight bytes over time) per case.
@@ -127,45 +125,6 @@ struct Int8Matrix {
 };
 
 
-// An experiment, not the engine's layout: the [K, N] weights repacked as [N / 64, K, 64], so that a
-// 64-column strip (a work item) is one contiguous run of K * 256 bytes read front to back, instead
-// of 256 bytes from each of K rows N floats apart. Tiles of at most six rows, as `rows_kn`, without
-// any prefetch of ours: the hardware prefetcher follows one stream.
-template <int MR>
-void tile_packed(const float* __restrict x, const float* __restrict strip, float* __restrict y, int64_t K,
-                 int64_t N, int64_t m0, int64_t n) {
-  constexpr int NV = 4;
-  v16 acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = v16{};
-  const float* __restrict row = strip;
-  for (int64_t k = 0; k < K; ++k, row += 64) {
-    v16 wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
-    for (int m = 0; m < MR; ++m) {
-      const v16 xv = v16{} + x[(m0 + m) * K + k];
-      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(y + (m0 + m) * N + n + 16 * j) = acc[m][j];
-}
-
-// Columns [64 s, 64 s + 64) of every row from the packed weights wp.
-void packed_strip(const float* x, const float* wp, float* y, int64_t M, int64_t K, int64_t N, int64_t s) {
-  const int64_t tiles = (M + 5) / 6, base = M / tiles, larger = M % tiles;
-  for (int64_t t = 0, m = 0; t < tiles; m += base + (t < larger), ++t) {
-    switch (base + (t < larger)) {
-      case 6: tile_packed<6>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-      case 5: tile_packed<5>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-      case 4: tile_packed<4>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-      case 3: tile_packed<3>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-      case 2: tile_packed<2>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-      default: tile_packed<1>(x, wp + s * K * 64, y, K, N, m, 64 * s); break;
-    }
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -187,14 +146,6 @@ int main() {
   Int8Matrix head{std::vector<int8_t>(vocab * hidden), std::vector<float>(vocab, 0.01f), vocab, hidden};
   for (auto& v : head.q) v = static_cast<int8_t>(rng());
   int8.push_back(std::move(head));
-  std::vector<std::vector<float>> packed;  // f32 as [N / 64, K, 64] (every N here a multiple of 64)
-  for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
-    const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
-    std::vector<float> p(N * K);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) p[(n / 64) * K * 64 + k * 64 + n % 64] = f32[i][k * N + n];
-    packed.push_back(std::move(p));
-  }
   std::vector<float> head32(vocab * hidden);
   for (auto& v : head32) v = static_cast<float>(rng() % 255) * 1e-3f;
 
@@ -241,15 +192,6 @@ int main() {
                const int64_t items = p.num_items();
                pool.run(items, [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
                if (p.streams()) p.sum_partials(items);
-             }
-           }),
-           f32_bytes);
-  }
-  for (int M : {8, 16, 32, 64, 256}) {
-    report("f32 pack", M, best_ms([&] {
-             for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
-               const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
-               pool.run(N / 64, [&](int64_t s) { packed_strip(x.data(), packed[i].data(), y.data(), M, K, N, s); });
              }
            }),
            f32_bytes);
