@@ -40,6 +40,10 @@ from pallas_kernels.reference import ragged_paged_attention_reference
 PAGE_SIZE, KV_HEADS, GROUP, HEAD_DIM = 16, 3, 3, 64
 # name -> (context, new rows) per sequence
 SHAPES = {
+    "decode 1x128": [(127, 1)],
+    "decode 4x128": [(127, 1)] * 4,
+    "decode 1x512": [(511, 1)],
+    "decode 8x512": [(511, 1)] * 8,
     "decode 32x128": [(127, 1)] * 32,
     "decode 32x512": [(511, 1)] * 32,
     "decode 1x2048": [(2047, 1)],
