@@ -222,7 +222,7 @@ def shard_params(params, config: ModelConfig, mesh: Mesh, dtype):
         name = _leaf_name(path)
         if mesh.size > 1 and _LAYER_RULES.get(name, (0, None))[1] is not None:
             x = _LAYER_RULES[name][1](np.asarray(x), layout)
-        return x.astype(dtype) if isinstance(x, np.ndarray) else jax.numpy.asarray(x, dtype)
+        return x.astype(dtype, copy=False) if isinstance(x, np.ndarray) else jax.numpy.asarray(x, dtype)
 
     padded = fuse_projections(jax.tree_util.tree_map_with_path(transform, params), mesh.size)
     return jax.device_put(padded, param_shardings(padded, config, mesh))
