@@ -215,7 +215,9 @@ def shard_params(params, config: ModelConfig, mesh: Mesh, dtype):
     """`params` of `config`, padded to `shard_config(config, mesh.size)`, with their projections
     fused (`fuse_projections`), and placed over `mesh`.
 
-    With one device nothing is padded; the arrays are only cast, fused and put on it."""
+    With one device nothing is padded; the arrays are only cast, fused and put on it. A numpy leaf
+    that already has `dtype` is not copied first, and on the CPU `jax.device_put` may alias it rather
+    than copy it: the caller must not modify `params` in place afterwards (nothing here does)."""
     layout = head_layout(config, mesh.size)
 
     def transform(path, x):
