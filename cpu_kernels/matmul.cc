@@ -487,8 +487,9 @@ inline void stream_rows_block(const float* x, const float* w, float* y, int64_t 
 // kStreamK weight rows serves up to four rows of x one 16-column vector at a time, or five to eight
 // rows in register blocks (`stream_block`). 5-8 rows used to take the group twice, four rows at a
 // time, each pass reading and writing every partial sum: 8-row projections of SmolLM2's 30 layers
-// took 22.9-34.3 ms that way against 22.5-29.5 in blocks (`scripts/matmul_harness.cc`, rounds in
-// turns), and a decode step of 8 sequences 43-46 ms of device time against 37.5-39.0.
+// took 26.1-34.3 ms that way against 22.9-28.6 in blocks (`scripts/matmul_harness.cc`, five rounds
+// in turns); whole decode steps of 8 sequences 43.2-46.4 ms against 37.5-39.0 in three rounds, and
+// mixed in five later ones (docs/benchmarks/cpu_step_profile.md).
 inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0,
                       int64_t k1) {
   const int64_t n16 = N / 16 * 16;

@@ -466,7 +466,8 @@ void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, 
       }
     }
 #if defined(__AVX512F__)
-    if constexpr (kQueryTile == 16) {  // one vector of the tile's queries
+    static_assert(kQueryTile == 16, "a tile's queries are one vector");
+    {
       const __m512 m = _mm512_loadu_ps(m_new), none = _mm512_set1_ps(0.5f * kMinScore);
       _mm512_storeu_ps(alpha, exp16(_mm512_sub_ps(_mm512_loadu_ps(&w.m[t]), m)));
       __m512 total = _mm512_setzero_ps();
@@ -478,8 +479,8 @@ void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, 
         total = _mm512_add_ps(total, e);
       }
       _mm512_storeu_ps(sum, total);
-    } else
-#endif
+    }
+#else
     {
 #pragma omp simd
       for (int64_t i = 0; i < kQueryTile; ++i) {
@@ -495,6 +496,7 @@ void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, 
         }
       }
     }
+#endif
     // A query that sees none of these keys has alpha 1 and weights 0: its state stays as it was.
     const int64_t n = std::min(kQueryTile, w.count - t);
     pv_tile<kD>(&w.acc[t * D], alpha, st, v, begin, end, n, D);

@@ -124,7 +124,6 @@ struct Int8Matrix {
   int64_t N, K;
 };
 
-
 }  // namespace
 
 int main() {
