@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct converted by our code against transformers loading the same GGUF file."""
 
 import numpy as np
+import pytest
 import torch
 
 from fastgen_jax.checkpoints import load_checkpoint, load_gguf
@@ -33,16 +34,19 @@ def test_next_token_logits_match_transformers(smollm2_gguf, hf_smollm2):
     assert worst < 1e-3
 
 
-def test_greedy_continuations_match_transformers(smollm2_dir, hf_smollm2):
+# 10 s a prompt: two by default, the other two with -m slow (CI time)
+@pytest.mark.parametrize(
+    "prompt", [*PROMPTS[:2], *(pytest.param(p, marks=pytest.mark.slow) for p in PROMPTS[2:4])]
+)
+def test_greedy_continuations_match_transformers(smollm2_dir, hf_smollm2, prompt):
     hf_model, hf_tokenizer = hf_smollm2
     checkpoint = load_checkpoint(smollm2_dir)  # the converted (orbax) form
-    for prompt in PROMPTS[:4]:
-        ids = hf_tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            hf_out = hf_model.generate(
-                torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2
-            )[0, len(ids) :].tolist()
-        ours = greedy_continuation(checkpoint.config, checkpoint.params, ids, 32)
-        # transformers stops at EOS (id 2); up to there the two must agree token for token.
-        assert ours[: len(hf_out)] == hf_out, prompt
-        assert len(hf_out) == 32 or hf_out[-1] == 2
+    ids = hf_tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2)[
+            0, len(ids) :
+        ].tolist()
+    ours = greedy_continuation(checkpoint.config, checkpoint.params, ids, 32)
+    # transformers stops at EOS (id 2); up to there the two must agree token for token.
+    assert ours[: len(hf_out)] == hf_out, prompt
+    assert len(hf_out) == 32 or hf_out[-1] == 2
