@@ -8,7 +8,9 @@ stale binary). So the first process that needs a kernel compiles it with the sys
 named by a hash of the source, the compiler flags, the JAX version and this CPU's features, and every
 later process loads that file (the sources compile in parallel, one per core: about 8 s on 2 cores,
 once). The build writes to a temporary name and renames it, so concurrent processes (test workers,
-replicas) never load a half-written library.
+replicas) never load a half-written library. `python -m fastgen_jax.checkpoints fetch` builds it as
+part of the README's set-up (`build`), and a server that finds it missing starts building it on a
+thread while it loads its checkpoint (`build_in_background`; `load` waits for that build).
 `-march=native` is safe because the hash includes the CPU.
 """
 
@@ -23,6 +25,7 @@ import pathlib
 import platform
 import subprocess
 import tempfile
+import threading
 
 import jax
 
@@ -118,13 +121,47 @@ def _run(command: list[str]) -> None:
         raise KernelBuildError(f"{command[0]} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
+_build_lock = threading.Lock()  # one build at a time in a process (a background one, then `load`)
+_build_errors: dict[pathlib.Path, KernelBuildError] = {}  # a failed build is not tried twice
+
+
+def build() -> pathlib.Path:
+    """Compiles the library unless it is built already; returns its path. Raises KernelBuildError."""
+    path = library_path()
+    with _build_lock:
+        if path in _build_errors:
+            raise _build_errors[path]
+        if not path.exists():
+            try:
+                compile_library(path)
+            except KernelBuildError as error:
+                _build_errors[path] = error
+                raise
+    return path
+
+
+def build_in_background() -> threading.Thread | None:
+    """Starts `build` on a thread if the library is not built yet (the compiler runs in subprocesses,
+    so the caller goes on loading meanwhile); `load` waits for it and raises what it raised."""
+    if library_path().exists():
+        return None
+    thread = threading.Thread(target=_build_quietly, name="fastgen-kernel-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def _build_quietly() -> None:
+    try:
+        build()
+    except KernelBuildError:
+        pass  # kept in _build_errors: `load` raises it, and the engine says it in its log line
+
+
 @functools.cache
 def load() -> pathlib.Path:
     """Builds the library if needed, loads it and registers its FFI targets with XLA (once per process).
     Returns the library's path; raises KernelBuildError if it cannot."""
-    path = library_path()
-    if not path.exists():
-        compile_library(path)
+    path = build()
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in TARGETS.items():

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -314,6 +315,30 @@ def get_attention(impl: str = "auto") -> Attention:
         if (error := _cpu_kernel_error()) is not None:
             raise ConfigError(f"attention_impl='cpu': the kernel is unavailable: {error}")
     return Attention(impl)
+
+
+def build_cpu_kernels_in_background() -> None:
+    """On the CPU backend, starts compiling the C++ kernels on a thread if they are not built yet: a
+    server calls this before it loads its checkpoint, and the first `get_attention` waits for it."""
+    if jax.default_backend() == "cpu":
+        cpu_kernels.build.build_in_background()
+
+
+def build_cpu_kernels() -> str:
+    """Builds the C++ kernels now if the CPU backend will use them (the README's set-up does, through
+    `python -m fastgen_jax.checkpoints fetch`, so that a first server start does not); returns a line
+    saying what happened. A failed build is reported, not raised: `auto` then uses the reference."""
+    if jax.default_backend() != "cpu":
+        return f"CPU kernels: not needed on the {jax.default_backend()} backend"
+    if cpu_kernels.build.library_path().exists():
+        return f"CPU kernels: already built ({cpu_kernels.build.library_path()})"
+    start = time.perf_counter()
+    try:
+        path = cpu_kernels.build.build()
+    except cpu_kernels.build.KernelBuildError as error:
+        first = str(error).splitlines()[0]
+        return f"CPU kernels: the build failed, the engine will use the reference attention: {first}"
+    return f"CPU kernels: built in {time.perf_counter() - start:.1f} s ({path})"
 
 
 @functools.cache

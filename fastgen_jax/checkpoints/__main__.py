@@ -1,6 +1,7 @@
 """Produce a converted checkpoint:
 
-python -m fastgen_jax.checkpoints fetch <model>        # a known model (see KNOWN_MODELS)
+python -m fastgen_jax.checkpoints fetch <model>        # a known model (see KNOWN_MODELS); on a CPU
+                                                       # it also builds the C++ kernels
 python -m fastgen_jax.checkpoints random <shape>       # random weights of a named shape, e.g.
     --tokenizer_from=checkpoints/smollm2-135m-instruct  # llama2-7b, for GPU benchmarks
 """
@@ -30,6 +31,10 @@ def main(argv: list[str]) -> None:
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{argv[2]} is ready at {out}")
+    if argv[1] == "fetch":  # the README's set-up: leave this machine ready to serve it
+        from fastgen_jax.attention import build_cpu_kernels
+
+        print(build_cpu_kernels())
 
 
 def make_random(shape: str) -> str:
