@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgen_jax import distributed, parallel, quantize
+from fastgen_jax import distributed, executable_cache, parallel, quantize
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.engine import EngineLimits, pages_for
@@ -217,10 +217,39 @@ class ModelRunner:
             return
         start = time.perf_counter()
         words, layout = pack_plan(plan)
-        args = (self.params, self.kv_cache, self.sampled_tokens, jax.device_put(words, self._replicated))
-        self._executables[plan.shape] = self._jitted.lower(*args, self._bitmask(plan, None), layout).compile()
+        args = (
+            self.params,
+            self.kv_cache,
+            self.sampled_tokens,
+            jax.device_put(words, self._replicated),
+            self._bitmask(plan, None),
+        )
+        keep = executable_cache.directory() is not None and not self._multiprocess
+        name = executable_cache.key(self._description(args, layout)) if keep else None
+        self._executables[plan.shape] = executable_cache.compiled(
+            name,
+            jax.tree.structure((args, {})),
+            list(self.mesh.devices.flat),
+            lambda: self._jitted.lower(*args, layout),
+        )
         self._layouts[plan.shape] = layout
         self.compile_seconds += time.perf_counter() - start
+
+    def _description(self, args: tuple, layout: PlanLayout) -> tuple:
+        """What the step program for these arguments is made of, beyond the environment
+        (`executable_cache`): it names the program exactly."""
+        return (
+            "step",
+            self.model_config,
+            self.engine_config,
+            str(self.dtype),
+            self.limits,
+            self.attention,
+            [(d.id, d.device_kind) for d in self.mesh.devices.flat],
+            jax.tree.structure(args),
+            [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in jax.tree.leaves(args)],
+            layout,
+        )
 
     def warmup(self, plans: Iterable[StepPlan], progress: bool = True) -> None:
         """Compiles the program of every plan's shape, e.g. one padding plan per (bucket, width)."""

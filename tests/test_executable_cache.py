@@ -1,0 +1,113 @@
+"""Step programs kept on disk (`fastgen_jax.executable_cache`): a second engine of the same
+description loads every program without tracing and generates exactly what the first did; a damaged
+entry is compiled again; an engine that differs in what its programs are made of compiles its own."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from fastgen_jax import executable_cache
+from fastgen_jax.checkpoints import Checkpoint
+from fastgen_jax.config import EngineConfig
+from fastgen_jax.llm_engine import LLMEngine
+from tests.test_attention_dispatch import random_params, tiny_config, word_tokenizer
+from tests.test_llm_engine import run_with_logprobs
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """The compilation cache (and so this one) in a directory of the test's own; calls counted."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = [getattr(jax.config, n) for n in names]
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # JAX's cache keeps all
+    calls = {"hits": 0, "saves": 0}
+    load, save = executable_cache.load, executable_cache.save
+
+    def counted_load(*args):
+        found = load(*args)
+        calls["hits"] += found is not None
+        return found
+
+    def counted_save(*args):
+        calls["saves"] += 1
+        save(*args)
+
+    monkeypatch.setattr(executable_cache, "load", counted_load)
+    monkeypatch.setattr(executable_cache, "save", counted_save)
+    monkeypatch.setattr(executable_cache, "_warned", set())
+    yield tmp_path / "executables", calls
+    for name, value in zip(names, before, strict=True):
+        jax.config.update(name, value)
+
+
+CONFIG = tiny_config(max_position_embeddings=128)
+
+
+def _engine(seed=0, **overrides):
+    checkpoint = Checkpoint(CONFIG, random_params(CONFIG, seed), word_tokenizer(CONFIG.vocab_size), "")
+    config = dict(max_num_seqs=4, page_size=8, max_model_len=96, token_budget=32, token_buckets=(4, 32))
+    config.update(overrides)
+    return LLMEngine(checkpoint, EngineConfig(**config), dtype="float32", progress=False)
+
+
+def _workload():
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (45, 3, 21, 9)]
+    return prompts, [12, 20, 7, 15]
+
+
+def test_a_second_engine_loads_every_program_and_generates_the_same(cache_dir, caplog):
+    where, calls = cache_dir
+    with pytest.MonkeyPatch.context() as m:  # this cache off: the programs go into JAX's cache
+        m.setattr(executable_cache, "directory", lambda: None)
+        other_weights = run_with_logprobs(_engine(seed=1), *_workload())[0]
+    assert calls == {"hits": 0, "saves": 0}
+    # Compiled afresh, not taken from JAX's cache (XLA:CPU cannot serialize those again: the second
+    # engine's steps would fail with "Function ... not found"), and stored.
+    first = _engine()
+    programs = first.runner.num_compiled
+    assert programs >= 2 and calls == {"hits": 0, "saves": programs}
+    assert len(list(where.glob("*.bin"))) == programs
+    want = run_with_logprobs(first, *_workload(), logprobs=True)
+    assert want[0] != other_weights
+    del first
+    second = _engine()
+    assert calls == {"hits": programs, "saves": programs}  # nothing traced, nothing stored again
+    got = run_with_logprobs(second, *_workload(), logprobs=True)
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    del second
+    # The programs take the weights as arguments: other weights of the same shapes load them too and
+    # generate what the engine compiled without this cache did.
+    assert run_with_logprobs(_engine(seed=1), *_workload())[0] == other_weights
+    assert calls == {"hits": 2 * programs, "saves": programs}
+    # A damaged entry: one log line, compiled and stored again, the same outputs.
+    for path in where.glob("*.bin"):
+        path.write_bytes(b"not a pickle")
+    with caplog.at_level(logging.WARNING, logger="fastgen_jax.executable_cache"):
+        third = _engine()
+    assert calls == {"hits": 2 * programs, "saves": 2 * programs}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("executable cache: cannot load"), warnings
+    assert run_with_logprobs(third, *_workload())[0] == want[0]
+    assert run_with_logprobs(_engine(), *_workload())[0] == want[0]  # what it stored loads
+    assert calls == {"hits": 3 * programs, "saves": 2 * programs}
+
+
+def test_what_the_programs_are_made_of_names_them(cache_dir):
+    where, calls = cache_dir
+    small = dict(token_buckets=(32,), max_model_len=32)  # few programs, even for the reference
+    programs = _engine(**small).runner.num_compiled
+    programs += _engine(**small, max_num_seqs=8).runner.num_compiled  # other shapes: its own programs
+    assert calls == {"hits": 0, "saves": programs}
+    # the same shapes, another attention (as when `auto` falls back to the reference): its own too
+    programs += _engine(**small, attention_impl="reference").runner.num_compiled
+    assert calls == {"hits": 0, "saves": programs}
+    assert len(list(where.glob("*.bin"))) == programs
+    assert _engine(**small, max_num_seqs=8).runner.num_compiled == calls["hits"] > 0
