@@ -60,7 +60,8 @@ class KernelBuildError(RuntimeError):
     """The kernel library could not be compiled or loaded here."""
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
+    """This CPU's feature flags (/proc/cpuinfo): part of the key of anything built or compiled for it."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -76,7 +77,7 @@ def f32_matmul_has_avx512() -> bool:
     `fastgen_jax.attention` keeps XLA there."""
     march = os.environ.get("FASTGEN_KERNEL_MARCH", "native")
     if march == "native":
-        return "avx512f" in _cpu_features().split()
+        return "avx512f" in cpu_features().split()
     return march == "x86-64-v4" or "avx512" in march
 
 
@@ -85,7 +86,7 @@ def library_path() -> pathlib.Path:
     compiler = os.environ.get("CXX", "g++")
     key = hashlib.sha256()
     flags = " ".join((compiler, *COMPILE_FLAGS, *LINK_FLAGS))
-    for part in (flags, jax.__version__, platform.machine(), _cpu_features()):
+    for part in (flags, jax.__version__, platform.machine(), cpu_features()):
         key.update(part.encode())
     for source in (*SOURCES, *HEADERS):
         key.update(source.read_bytes())

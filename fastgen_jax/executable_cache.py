@@ -33,6 +33,8 @@ import jax
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
+import cpu_kernels
+
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("fastgen_jax", "cpu_kernels", "pallas_kernels")
@@ -71,19 +73,11 @@ def _environment() -> bytes:
         backend.platform_version,
         sys.version,
         platform.machine(),
-        _cpu_flags(),
+        cpu_kernels.build.cpu_features(),
         settings,
         flags,
     )
     return repr(parts).encode()
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
 
 
 def key(description: Any) -> str:
