@@ -63,8 +63,8 @@ class KernelBuildError(RuntimeError):
 def cpu_features() -> str:
     """This CPU's feature flags (/proc/cpuinfo): part of the key of anything built or compiled for it."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+        with open("/proc/cpuinfo") as f:  # x86: "flags", aarch64: "Features"
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         return platform.processor()
 
@@ -96,7 +96,15 @@ def library_path() -> pathlib.Path:
 
 
 def compile_library(path: pathlib.Path) -> None:
-    """Compiles the source into `path` (atomically); raises KernelBuildError with the compiler's words."""
+    """Compiles the source into `path` (atomically); raises KernelBuildError with the compiler's words
+    (or the file system's: an unwritable cache directory)."""
+    try:
+        _compile_library(path)
+    except OSError as error:
+        raise KernelBuildError(f"cannot write the kernel library to {path.parent}: {error}") from error
+
+
+def _compile_library(path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:

@@ -5,13 +5,15 @@ only after the program has been traced and lowered to find its key: on a 2-core 
 of a warm server start for SmolLM2's 8 step programs, against 0.5 s for loading them from the cache.
 This cache is keyed before tracing, by everything the program is made from: the engine's description
 (model and engine configs, dtypes, the arguments' shapes, dtypes and shardings, the plan's layout,
-the devices) and the environment (the source of this package and its kernels, JAX and jaxlib, the
-backend, the CPU's features, JAX's settings, `XLA_FLAGS`). Its entries are `jax.stages.Compiled`
-executables serialized by `jax.experimental.serialize_executable`, with their argument and result
-trees, in `<compilation cache dir>/executables`; it is off when the compilation cache is (and in a
-multi-host group). The step programs it keeps are not in JAX's cache (see `compiled`). Anything that
-fails here (an executable that cannot be serialized, a file that cannot be read) is logged once and
-the caller compiles as before. Like JAX's own cache, its files are trusted: they hold pickles.
+the devices, the resolved kernels: `runner.ModelRunner._description`), the installation (the sources
+of this package and its kernels, JAX, jaxlib, flax, numpy, the backend, the CPU's features) and what
+may change within a process, read at every key (JAX's settings, `XLA_`/`JAX_` variables, the module
+constants of this package and its kernels). Its entries are `jax.stages.Compiled` executables
+serialized by `jax.experimental.serialize_executable`, with their argument and result trees, in
+`<compilation cache dir>/executables`; it is off when the compilation cache is, in a multi-host group,
+and where `ENABLED` is false. The step programs it keeps are not in JAX's cache (see `compiled`). A
+file that cannot be read is logged once and compiled again; a store that fails is logged once and
+turns the cache off for the process. Like JAX's own cache, its files are trusted: they hold pickles.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pickle
 import platform
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,18 +42,24 @@ log = logging.getLogger(__name__)
 
 _PACKAGES = ("fastgen_jax", "cpu_kernels", "pallas_kernels")
 _SUFFIXES = (".py", ".cc", ".h")
+_LIBRARIES = ("flax", "numpy", "ml_dtypes")  # beyond jax and jaxlib, what tracing goes through
 _FORMAT = 1  # of the files this module writes
+ENABLED = True  # the test suite turns it off in its own process (tests/conftest.py)
 
 
 def directory() -> pathlib.Path | None:
     """Where executables are kept: beside JAX's compilation cache, None when that is off."""
     cache = jax.config.jax_compilation_cache_dir
-    return pathlib.Path(cache) / "executables" if cache else None
+    if not (ENABLED and cache and jax.config.jax_enable_compilation_cache) or _broken:
+        return None
+    return pathlib.Path(cache) / "executables"
 
 
 @functools.cache
-def _environment() -> bytes:
-    """What the programs depend on beyond the engine's description, hashed once per process."""
+def _installation() -> tuple:
+    """What cannot change within a process: the sources, the libraries, the machine."""
+    import importlib.metadata
+
     import jaxlib
 
     digest = hashlib.sha256()
@@ -61,34 +70,55 @@ def _environment() -> bytes:
                 digest.update(str(path.relative_to(root)).encode())
                 digest.update(path.read_bytes())
     backend = jax.devices()[0].client
-    settings = sorted((k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k)
-    named = ("XLA_", "JAX_", "FASTGEN_KERNEL_MARCH")
-    flags = sorted((k, v) for k, v in os.environ.items() if k.startswith(named))
-    parts = (
+    libraries = []
+    for name in _LIBRARIES:
+        try:
+            libraries.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            libraries.append((name, None))
+    return (
         _FORMAT,
         digest.hexdigest(),
         jax.__version__,
         jaxlib.__version__,
+        libraries,
         backend.platform,
         backend.platform_version,
         sys.version,
         platform.machine(),
+        platform.processor(),
         cpu_kernels.build.cpu_features(),
-        settings,
-        flags,
     )
-    return repr(parts).encode()
+
+
+def _settings() -> tuple:
+    """What may change within a process, read at every key: JAX's settings (the thread's own
+    included, e.g. `jax.default_matmul_precision`), the environment's XLA/JAX variables, and the
+    module-level constants of this package and its kernels (benchmarks set e.g.
+    `attention.F32_KERNEL_ROWS` or `cpu_kernels.matmul.STREAM_ROWS` to compare programs)."""
+    settings = sorted((k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k)
+    named = ("XLA_", "JAX_", "FASTGEN_KERNEL_MARCH")
+    flags = sorted((k, v) for k, v in os.environ.items() if k.startswith(named))
+    constants = []
+    for module_name, module in sorted(sys.modules.items()):
+        if module is None or module_name.split(".")[0] not in _PACKAGES:
+            continue
+        for name, value in sorted(vars(module).items()):
+            if name.isupper() and isinstance(value, int | float | str | bool | tuple):
+                constants.append((module_name, name, repr(value)))
+    return settings, flags, constants
 
 
 def key(description: Any) -> str:
     """The entry's name: `description` (a value whose repr names the program exactly) and the
     environment, hashed."""
-    digest = hashlib.sha256(_environment())
+    digest = hashlib.sha256(repr((_installation(), _settings())).encode())
     digest.update(repr(description).encode())
     return digest.hexdigest()
 
 
 _warned: set[str] = set()
+_broken = False  # a store failed: this process compiles as if there were no cache
 
 
 def _warn_once(what: str, detail: str, error: BaseException) -> None:
@@ -104,16 +134,34 @@ def compiled(name: str | None, in_tree: Any, devices: list, lower: Callable[[], 
     """The executable stored under `name` if there is one, else `lower().compile()`, stored under
     `name`. `name` None: no cache, just the compilation. A program compiled for this cache bypasses
     JAX's persistent cache: an XLA:CPU executable loaded from its serialized form (as JAX's cache
-    returns them) cannot be serialized again (jaxlib 0.10: its copy fails with "Function wrapped_slice
-    not found"), so only a fresh compilation is stored."""
+    returns them) serializes and loads again without complaint, then fails when run (jaxlib 0.10:
+    "Function wrapped_slice not found"), so only a fresh compilation may be stored. One compilation
+    at a time does so (the bypass is process-wide), and if JAX's cache answered anyway (another
+    thread's compilation in between) nothing is stored."""
     if name is None:
         return lower().compile()
     executable = load(name, in_tree, devices)
-    if executable is None:
+    if executable is not None:
+        return executable
+    with _bypass_lock:
+        hits = _jax_cache_hits[0]
         with _without_persistent_cache():
             executable = lower().compile()
-        save(name, executable)
+        if _jax_cache_hits[0] == hits:
+            save(name, executable)
     return executable
+
+
+_bypass_lock = threading.Lock()
+_jax_cache_hits = [0]  # JAX's persistent cache hits in this process (a listener counts them)
+
+
+def _count_jax_cache_hits(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _jax_cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hits)
 
 
 @contextlib.contextmanager
@@ -161,4 +209,8 @@ def save(name: str, compiled: Any) -> None:
             f.write(data)
         os.replace(f.name, where / f"{name}.bin")
     except Exception as error:  # noqa: BLE001 - an executable we cannot keep is compiled next time
-        _warn_once("cannot store an executable", "", error)
+        global _broken
+        _broken = True  # off for the rest of the process: compile with JAX's cache as before
+        _warn_once("cannot store an executable", "; off for this process", error)
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(f.name)

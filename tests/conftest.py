@@ -42,6 +42,13 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # The step programs' executable cache (`fastgen_jax.executable_cache`) stays off in the test
+    # processes themselves: tests replace functions that tracing calls, and a program stored by an
+    # earlier test would hide the replacement. The servers and CLIs they start use it;
+    # tests/test_executable_cache.py turns it on for its own engines.
+    from fastgen_jax import executable_cache
+
+    executable_cache.ENABLED = False
     if config.getoption("--overlap") == "off":
         _turn_overlap_off()
 

@@ -9,6 +9,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from fastgen_jax import executable_cache
 from fastgen_jax.checkpoints import Checkpoint
@@ -25,6 +26,8 @@ def cache_dir(tmp_path, monkeypatch):
     before = [getattr(jax.config, n) for n in names]
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # JAX's cache keeps all
+    compilation_cache.reset_cache()  # JAX's cache object binds its directory once: here, this one
+    monkeypatch.setattr(executable_cache, "ENABLED", True)  # off elsewhere in the suite (conftest)
     calls = {"hits": 0, "saves": 0}
     load, save = executable_cache.load, executable_cache.save
 
@@ -43,6 +46,8 @@ def cache_dir(tmp_path, monkeypatch):
     yield tmp_path / "executables", calls
     for name, value in zip(names, before, strict=True):
         jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    assert jax.config.jax_enable_compilation_cache  # the bypass always puts it back
 
 
 CONFIG = tiny_config(max_position_embeddings=128)
@@ -104,10 +109,47 @@ def test_what_the_programs_are_made_of_names_them(cache_dir):
     where, calls = cache_dir
     small = dict(token_buckets=(32,), max_model_len=32)  # few programs, even for the reference
     programs = _engine(**small).runner.num_compiled
-    programs += _engine(**small, max_num_seqs=8).runner.num_compiled  # other shapes: its own programs
-    assert calls == {"hits": 0, "saves": programs}
-    # the same shapes, another attention (as when `auto` falls back to the reference): its own too
-    programs += _engine(**small, attention_impl="reference").runner.num_compiled
-    assert calls == {"hits": 0, "saves": programs}
-    assert len(list(where.glob("*.bin"))) == programs
-    assert _engine(**small, max_num_seqs=8).runner.num_compiled == calls["hits"] > 0
+    # the same shapes, another attention (as when `auto` falls back to the reference): its own
+    reference = _engine(**small, attention_impl="reference").runner.num_compiled
+    assert calls == {"hits": 0, "saves": programs + reference}
+    assert len(list(where.glob("*.bin"))) == programs + reference
+    assert _engine(**small, attention_impl="reference").runner.num_compiled == calls["hits"] == reference
+
+
+def test_settings_changed_at_run_time_change_the_key(cache_dir, monkeypatch):
+    """JAX's settings (a thread's own context too), XLA's environment and this package's module
+    constants (benchmarks compare programs by setting them) are read at every key."""
+    from fastgen_jax import attention
+
+    description = ("step", "a description")
+    plain = executable_cache.key(description)
+    assert executable_cache.key(description) == plain
+    with jax.default_matmul_precision("highest"):
+        assert executable_cache.key(description) != plain
+    monkeypatch.setattr(attention, "F32_KERNEL_ROWS", 0)
+    changed = executable_cache.key(description)
+    assert changed != plain
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert executable_cache.key(description) not in (plain, changed)
+    assert executable_cache.key(("step", "another")) not in (plain, changed)
+
+
+@pytest.mark.parametrize("answered_by_jax", [True, False])
+def test_a_compilation_that_jax_s_cache_answered_is_not_stored(cache_dir, answered_by_jax):
+    """Another thread's compilation may turn JAX's cache back on mid-way; what it returns then (a
+    deserialized executable, which XLA:CPU cannot serialize again) is used but never stored."""
+    _, calls = cache_dir
+
+    class Lowered:
+        def compile(self):
+            assert not jax.config.jax_enable_compilation_cache  # bypassed during the compilation
+            if answered_by_jax:
+                jax.monitoring.record_event("/jax/compilation_cache/cache_hits")
+            return "an executable"
+
+    stored = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(executable_cache, "save", lambda *args: stored.append(args))
+        assert executable_cache.compiled("name", None, jax.devices()[:1], Lowered) == "an executable"
+    assert stored == ([] if answered_by_jax else [("name", "an executable")])
+    assert jax.config.jax_enable_compilation_cache and calls["hits"] == 0

@@ -14,11 +14,12 @@ from fastgen_jax.attention import build_cpu_kernels
 @pytest.fixture
 def fake_compiler(monkeypatch, tmp_path):
     """`compile_library` that takes until `release` is set, then writes the file (or raises `fail`)."""
-    calls, release, fail = [], threading.Event(), []
+    calls, started, release, fail = [], threading.Event(), threading.Event(), []
     path = tmp_path / "fastgen_kernels-test.so"
 
     def compile_library(target):
         calls.append(threading.current_thread().name)
+        started.set()
         assert release.wait(10)
         if fail:
             raise build.KernelBuildError(fail[0])
@@ -27,6 +28,7 @@ def fake_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "library_path", lambda: path)
     monkeypatch.setattr(build, "compile_library", compile_library)
     monkeypatch.setattr(build, "_build_errors", {})
+    compile_library.started = started
     return path, calls, release, fail
 
 
@@ -34,6 +36,7 @@ def test_a_background_build_is_waited_for_not_repeated(fake_compiler):
     path, calls, release, _ = fake_compiler
     thread = build.build_in_background()
     assert thread is not None and thread.name == "fastgen-kernel-build"
+    assert build.compile_library.started.wait(10)  # the background build holds the lock
     waiter = threading.Thread(target=build.build)
     waiter.start()
     waiter.join(0.2)
