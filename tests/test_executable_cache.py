@@ -107,7 +107,9 @@ def test_a_second_engine_loads_every_program_and_generates_the_same(cache_dir, c
 
 def test_what_the_programs_are_made_of_names_them(cache_dir):
     where, calls = cache_dir
-    small = dict(token_buckets=(32,), max_model_len=32)  # few programs, even for the reference
+    small = dict(
+        token_buckets=(16,), token_budget=16, max_model_len=16
+    )  # few programs, even for the reference
     programs = _engine(**small).runner.num_compiled
     # the same shapes, another attention (as when `auto` falls back to the reference): its own
     reference = _engine(**small, attention_impl="reference").runner.num_compiled
