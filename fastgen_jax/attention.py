@@ -317,13 +317,6 @@ def get_attention(impl: str = "auto") -> Attention:
     return Attention(impl)
 
 
-def build_cpu_kernels_in_background() -> None:
-    """On the CPU backend, starts compiling the C++ kernels on a thread if they are not built yet: a
-    server calls this before it loads its checkpoint, and the first `get_attention` waits for it."""
-    if jax.default_backend() == "cpu":
-        cpu_kernels.build.build_in_background()
-
-
 def build_cpu_kernels() -> str:
     """Builds the C++ kernels now if the CPU backend will use them (the README's set-up does, through
     `python -m fastgen_jax.checkpoints fetch`, so that a first server start does not); returns a line

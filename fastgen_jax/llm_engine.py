@@ -76,7 +76,6 @@ from collections.abc import Sequence as SequenceABC
 import numpy as np
 
 from fastgen_jax import distributed
-from fastgen_jax.attention import build_cpu_kernels_in_background
 from fastgen_jax.checkpoints import Checkpoint, load_checkpoint
 from fastgen_jax.config import EngineConfig
 from fastgen_jax.engine import (
@@ -233,8 +232,6 @@ class LLMEngine:
         **kwargs,
     ) -> LLMEngine:
         """Loads a checkpoint (converted dir, Hugging Face dir or .gguf) and warms up."""
-        if engine_config is None or engine_config.attention_impl in ("auto", "cpu"):
-            build_cpu_kernels_in_background()  # if the set-up did not: while the checkpoint loads
         enable_compilation_cache()
         dtype = dtype or default_dtype()
         return cls(load_checkpoint(model, dtype), engine_config, dtype, **kwargs)

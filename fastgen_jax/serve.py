@@ -122,13 +122,11 @@ def _kv_cache_bytes(checkpoint) -> int | None:
 
 def build_engines():
     """One warmed-up engine per replica, each on its own group of --tensor_parallel devices."""
-    from fastgen_jax.attention import build_cpu_kernels_in_background
     from fastgen_jax.checkpoints import load_checkpoint
     from fastgen_jax.llm_engine import LLMEngine
     from fastgen_jax.parallel import device_groups
     from fastgen_jax.runner import default_dtype, enable_compilation_cache
 
-    build_cpu_kernels_in_background()  # normally built by the set-up; if not, while the checkpoint loads
     enable_compilation_cache()
     groups = device_groups(FLAGS.tensor_parallel, FLAGS.replicas)  # fails fast on too few devices
     dtype = FLAGS.dtype or default_dtype()

@@ -3,7 +3,7 @@ served request.
 
 Three starts, each in caches of its own making:
 - fresh: an empty XLA compilation cache and no CPU kernels built (a machine where only `pip install`
-  ran: the server builds the kernels on a thread while it loads its checkpoint);
+  ran: the server builds the kernels before it compiles);
 - cold: an empty XLA compilation cache after the README's set-up (`python -m fastgen_jax.checkpoints
   fetch` builds the CPU kernels; the script does what it does, timed apart as `setup_kernels_s`);
 - warm: the cold start's caches again, now filled.

@@ -1,6 +1,7 @@
-"""The kernels' build: once per process and library, on a thread while a server loads its checkpoint,
-with a failed build reported (not retried) by whoever needs the kernels next. The compiler is replaced
-by a stand-in here (the real build runs wherever a kernel test first loads the library)."""
+"""The kernels' build: once per process and library (concurrent callers wait for one build), a failed
+build reported again (not retried) to whoever needs the kernels next, and the set-up's line. The
+compiler is replaced by a stand-in here (the real build runs wherever a kernel test first loads the
+library)."""
 
 import threading
 
@@ -32,32 +33,37 @@ def fake_compiler(monkeypatch, tmp_path):
     return path, calls, release, fail
 
 
-def test_a_background_build_is_waited_for_not_repeated(fake_compiler):
+def test_concurrent_builds_in_one_process_compile_once(fake_compiler):
     path, calls, release, _ = fake_compiler
-    thread = build.build_in_background()
-    assert thread is not None and thread.name == "fastgen-kernel-build"
-    assert build.compile_library.started.wait(10)  # the background build holds the lock
-    waiter = threading.Thread(target=build.build)
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive() and not path.exists()  # blocked on the background build
+    first = threading.Thread(target=build.build, name="first")
+    first.start()
+    assert build.compile_library.started.wait(10)  # the first build holds the lock
+    second = threading.Thread(target=build.build, name="second")
+    second.start()
+    second.join(0.2)
+    assert second.is_alive() and not path.exists()  # waiting for the first
     release.set()
-    thread.join(10)
-    waiter.join(10)
-    assert path.exists() and calls == ["fastgen-kernel-build"]
-    assert build.build_in_background() is None  # built: nothing to start
+    first.join(10)
+    second.join(10)
+    assert path.exists() and calls == ["first"]
     assert build.build() == path and len(calls) == 1
 
 
-def test_a_failed_background_build_is_raised_once_and_not_tried_again(fake_compiler):
+def test_a_failed_build_is_raised_again_not_tried_again(fake_compiler):
     _, calls, release, fail = fake_compiler
     fail.append("g++ failed (exit 1): no compiler here")
     release.set()
-    build.build_in_background().join(10)
     for _ in range(2):
         with pytest.raises(build.KernelBuildError, match="no compiler here"):
             build.build()
     assert len(calls) == 1
+
+
+def test_an_unwritable_cache_is_a_build_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    with pytest.raises(build.KernelBuildError, match="cannot write the kernel library"):
+        build.compile_library(blocker / "kernels" / "fastgen_kernels-x.so")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the set-up builds them for the CPU backend")
