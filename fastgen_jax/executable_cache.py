@@ -13,7 +13,8 @@ serialized by `jax.experimental.serialize_executable`, with their argument and r
 `<compilation cache dir>/executables`; it is off when the compilation cache is, in a multi-host group,
 and where `ENABLED` is false. The step programs it keeps are not in JAX's cache (see `compiled`). A
 file that cannot be read is logged once and compiled again; a store that fails is logged once and
-turns the cache off for the process. Like JAX's own cache, its files are trusted: they hold pickles.
+turns the cache off for the process. After a store, the least recently used entries beyond
+`MAX_BYTES` are deleted. Like JAX's own cache, its files are trusted: they hold pickles.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _SUFFIXES = (".py", ".cc", ".h")
 _LIBRARIES = ("flax", "numpy", "ml_dtypes")  # beyond jax and jaxlib, what tracing goes through
 _FORMAT = 1  # of the files this module writes
 ENABLED = True  # the test suite turns it off in its own process (tests/conftest.py)
+MAX_BYTES = 4 << 30  # entries kept, the most recently used first (SmolLM2's 8 programs: 2.5 MB)
 
 
 def directory() -> pathlib.Path | None:
@@ -188,12 +190,15 @@ def load(name: str, in_tree: Any, devices: list) -> Any | None:
             payload, stored_in, out_tree = pickle.load(f)
         if stored_in != in_tree:
             return None
-        return serialize_executable.deserialize_and_load(
+        executable = serialize_executable.deserialize_and_load(
             payload, stored_in, out_tree, backend=devices[0].client, execution_devices=devices
         )
     except Exception as error:  # noqa: BLE001 - any failure here only means compiling
         _warn_once("cannot load an executable", f" ({path}; later ones are not logged)", error)
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # used now: the last to be evicted
+    return executable
 
 
 def save(name: str, compiled: Any) -> None:
@@ -208,9 +213,26 @@ def save(name: str, compiled: Any) -> None:
         with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:
             f.write(data)
         os.replace(f.name, where / f"{name}.bin")
+        _evict(where)
     except Exception as error:  # noqa: BLE001 - an executable we cannot keep is compiled next time
         global _broken
         _broken = True  # off for the rest of the process: compile with JAX's cache as before
         _warn_once("cannot store an executable", "; off for this process", error)
         with contextlib.suppress(OSError, NameError):
             os.unlink(f.name)
+
+
+def _evict(where: pathlib.Path) -> None:
+    """Deletes the least recently used entries beyond MAX_BYTES (each source change, for one, makes
+    a new set)."""
+    entries = []
+    for path in where.glob("*.bin"):
+        with contextlib.suppress(OSError):  # another process may have deleted it meanwhile
+            stat = path.stat()
+            entries.append((stat.st_mtime, stat.st_size, path))
+    kept = 0
+    for _, size, path in sorted(entries, key=lambda e: e[0], reverse=True):
+        kept += size
+        if kept > MAX_BYTES:
+            with contextlib.suppress(OSError):
+                path.unlink()

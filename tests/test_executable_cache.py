@@ -5,6 +5,7 @@ entry is compiled again; an engine that differs in what its programs are made of
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import numpy as np
@@ -81,8 +82,11 @@ def test_a_second_engine_loads_every_program_and_generates_the_same(cache_dir, c
     want = run_with_logprobs(first, *_workload(), logprobs=True)
     assert want[0] != other_weights
     del first
+    for path in where.glob("*.bin"):
+        os.utime(path, (0, 0))
     second = _engine()
     assert calls == {"hits": programs, "saves": programs}  # nothing traced, nothing stored again
+    assert all(path.stat().st_mtime > 0 for path in where.glob("*.bin"))  # used: kept longest
     got = run_with_logprobs(second, *_workload(), logprobs=True)
     assert got[0] == want[0]
     for a, b in zip(got[1], want[1], strict=True):
@@ -155,3 +159,13 @@ def test_a_compilation_that_jax_s_cache_answered_is_not_stored(cache_dir, answer
         assert executable_cache.compiled("name", None, jax.devices()[:1], Lowered) == "an executable"
     assert stored == ([] if answered_by_jax else [("name", "an executable")])
     assert jax.config.jax_enable_compilation_cache and calls["hits"] == 0
+
+
+def test_the_least_recently_used_entries_beyond_the_limit_are_deleted(tmp_path, monkeypatch):
+    for age, name in enumerate(("newest", "newer", "older", "oldest")):
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1000 - age, 1000 - age))
+    monkeypatch.setattr(executable_cache, "MAX_BYTES", 250)
+    executable_cache._evict(tmp_path)
+    assert sorted(p.stem for p in tmp_path.glob("*.bin")) == ["newer", "newest"]
