@@ -323,11 +323,12 @@ def build_cpu_kernels() -> str:
     saying what happened. A failed build is reported, not raised: `auto` then uses the reference."""
     if jax.default_backend() != "cpu":
         return f"CPU kernels: not needed on the {jax.default_backend()} backend"
-    if cpu_kernels.build.library_path().exists():
-        return f"CPU kernels: already built ({cpu_kernels.build.library_path()})"
+    path = cpu_kernels.build.library_path()
+    if path.exists():
+        return f"CPU kernels: already built ({path})"
     start = time.perf_counter()
     try:
-        path = cpu_kernels.build.build()
+        cpu_kernels.build.build()
     except cpu_kernels.build.KernelBuildError as error:
         first = str(error).splitlines()[0]
         return f"CPU kernels: the build failed, the engine will use the reference attention: {first}"

@@ -111,6 +111,12 @@ def _settings() -> tuple:
     return settings, flags, constants
 
 
+def name_for(describe: Callable[[], Any]) -> str | None:
+    """The entry's name for the program `describe()` names (see `key`); None, and `describe` not
+    called, when this cache is off."""
+    return key(describe()) if directory() is not None else None
+
+
 def key(description: Any) -> str:
     """The entry's name: `description` (a value whose repr names the program exactly) and the
     environment, hashed."""
@@ -206,20 +212,24 @@ def save(name: str, compiled: Any) -> None:
     where = directory()
     if where is None:
         return
+    written = None
     try:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
         data = pickle.dumps((payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:
+            written = f.name
             f.write(data)
-        os.replace(f.name, where / f"{name}.bin")
+        os.replace(written, where / f"{name}.bin")
+        written = None
         _evict(where)
     except Exception as error:  # noqa: BLE001 - an executable we cannot keep is compiled next time
         global _broken
         _broken = True  # off for the rest of the process: compile with JAX's cache as before
         _warn_once("cannot store an executable", "; off for this process", error)
-        with contextlib.suppress(OSError, NameError):
-            os.unlink(f.name)
+        if written is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(written)
 
 
 def _evict(where: pathlib.Path) -> None:

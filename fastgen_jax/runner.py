@@ -224,8 +224,8 @@ class ModelRunner:
             jax.device_put(words, self._replicated),
             self._bitmask(plan, None),
         )
-        keep = executable_cache.directory() is not None and not self._multiprocess
-        name = executable_cache.key(self._description(args, layout)) if keep else None
+        describe = lambda: self._description(args, layout)  # called only when the cache is on
+        name = None if self._multiprocess else executable_cache.name_for(describe)
         self._executables[plan.shape] = executable_cache.compiled(
             name,
             jax.tree.structure((args, {})),
