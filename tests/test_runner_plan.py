@@ -52,3 +52,36 @@ def test_a_plan_field_that_does_not_pack_is_named():
     wide = dataclasses.replace(plan, token_ids=plan.token_ids.astype(np.int64))
     with pytest.raises(TypeError, match="int64"):
         pack_plan(wide)
+
+
+def _rows_in_use(plan) -> int:
+    from fastgen_jax.models.layers import logit_rows_in_use
+
+    md = jax.tree.map(jax.numpy.asarray, plan.attention)
+    return int(jax.jit(logit_rows_in_use, static_argnums=1)(md, plan.num_logit_rows))
+
+
+def test_the_lm_head_multiplies_exactly_the_logit_rows_a_plan_uses():
+    """`logit_rows_in_use` (the LM head's `rows=`) against the planner's own count,
+    `sampling.cu_logit_rows[num_seqs]`: a mixed step (three slots of four), the same step verifying
+    two draft tokens (slot 0's first logit row is slab row 0, a real 0 among the padding's 0s), a
+    prompt chunk alone (1 of its rows), and padding plans (no row used; a timing plan keeps its
+    bucket's rows, so timing a bucket still costs a full LM head)."""
+    from tests.engine.test_batch import CONFIG, mixed_step
+
+    planner = StepPlanner(CONFIG, num_pages=16, max_model_len=32)
+    mixed = planner.build(mixed_step())
+    drafting = mixed_step()
+    drafting.scheduled[0].num_new_tokens, drafting.scheduled[0].draft_token_ids = 3, (17, 18)
+    drafting.num_tokens += 2
+    config = dataclasses.replace(CONFIG, speculative="ngram", speculative_logit_rows=4)
+    drafts = StepPlanner(config, num_pages=16, max_model_len=32).build(drafting)
+    prompt_only = mixed_step()
+    prompt_only.scheduled = prompt_only.scheduled[2:]
+    prompt = planner.build(prompt_only)
+    for plan, used in ((mixed, 3), (drafts, 5), (prompt, 1)):
+        n = int(plan.attention.num_seqs[0])
+        assert plan.sampling.cu_logit_rows[n] == used < plan.num_logit_rows
+        assert _rows_in_use(plan) == used
+    assert _rows_in_use(planner.padding(bucket=8, width=4)) == 0
+    assert _rows_in_use(planner.padding(bucket=16, width=4, full_rows=True)) == 4  # L = min(T, S) = 4

@@ -307,6 +307,19 @@ _REAL_ROWS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
 )
 
 
+def logit_rows_in_use(md: AttentionMetadata, num_rows: int) -> jax.Array:
+    """i32[]: how many leading logit rows of `md.logits_indices` (L = `num_rows` of them) a step uses,
+    the rows the LM head's `rows=` multiplies. Used rows lead, point at distinct slab rows in
+    increasing order (each slot's last row, and its verification rows before it), and padding points
+    at row 0; so only the first row can be a real 0, and the count is exact. A prompt step of 512
+    tokens and three sequences uses 3 of its 256 rows: on the CPU kernels that was a 256-row LM head
+    (14.5 GFLOP at SmolLM2's 49k vocabulary, 100-150 ms of a 900 ms step). A plan with no sequence
+    (`StepPlanner.padding`) keeps the slab's rows, so a timing plan still costs a full bucket."""
+    indices = md.logits_indices
+    used = jnp.sum(indices > 0, dtype=jnp.int32) + (indices[0] == 0).astype(jnp.int32)
+    return jnp.where(md.num_seqs[0] > 0, used, jnp.minimum(md.cu_q_lens[-1], num_rows))
+
+
 def _stacked(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
     """(the whole stack [L, ...] of the scanned weight `name` of `module`, this layer's index), when
     `CausalLM` handed the stacks to the layers (`Attention.reads_weight_stacks`), else None. A
@@ -454,8 +467,7 @@ class CausalLM(nn.Module):
             stacks = self.variables.get("params", {}).get("layers")
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
-        # the logit rows in use lead and are real slab rows, so there are no more of them than those
-        rows = jnp.minimum(md.cu_q_lens[-1], h.shape[0])
+        rows = logit_rows_in_use(md, h.shape[0])
         if (quantized := _quantized(self, "lm_head")) is not None:
             logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32, rows=rows)
         else:
