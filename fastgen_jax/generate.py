@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from fastgen_jax import engine_flags
+from fastgen_jax import engine_flags, hugepages
 from fastgen_jax.sampling_params import SamplingParams
 
 FLAGS = flags.FLAGS
@@ -154,4 +154,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hugepages.restart_with_huge_pages()
     app.run(main)

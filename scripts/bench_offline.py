@@ -362,6 +362,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jax_devices": [str(d) for d in jax.devices()],
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # fastgen_jax.hugepages
     }
 
 
@@ -763,4 +764,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from fastgen_jax import hugepages
+
+    hugepages.restart_with_huge_pages()  # as the server runs: malloc on huge pages
     app.run(main)
