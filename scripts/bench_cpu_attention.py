@@ -188,4 +188,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from fastgen_jax import hugepages
+
+    hugepages.restart_with_huge_pages()  # as the server runs: malloc on huge pages
     app.run(main)
