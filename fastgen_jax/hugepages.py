@@ -8,30 +8,33 @@ and unmaps them on `free`, so every step started on fresh pages and took a page 
 4 KiB it touched: about 3,000 in a 32-sequence decode step, 16,000 in a 512-token prompt step
 (`resource.getrusage` around the step's executable). With the glibc tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on what it maps
-(`madvise(MADV_HUGEPAGE)`; the kernel's THP mode must be `madvise` or `always`), so a step faults
+(`madvise(MADV_HUGEPAGE)`, which glibc does only where the kernel's THP mode is `madvise`; under
+`always` the kernel gives huge pages anyway), so a step faults
 once per 2 MiB: 10-12 faults a step, and the weights XLA allocated sit on huge pages too (fewer
 TLB misses where the kernels stride through them). Measured on the 2-core CPU, in turns: a
 32-sequence decode step 66.1 / 67.4 -> 61.9 / 61.1 ms (medians of 15); the W0 workload
 (`bench_offline.py --workload=w0`'s engine run, 74 steps) 14.91 / 14.23 -> 13.44 / 12.84 s.
 
 glibc reads tunables once, at process start, so `restart_with_huge_pages()` re-executes the
-process (same interpreter, same arguments) with the tunable added to `GLIBC_TUNABLES`. The
-command-line entry points call it first thing (`python -m fastgen_jax.serve`, `... generate`, the
+process (same pid, interpreter, flags and arguments) with the tunable added to `GLIBC_TUNABLES`.
+The command-line entry points call it first thing (`python -m fastgen_jax.serve`, `... generate`, the
 benchmark scripts); a program that imports fastgen_jax as a library can export the variable
 itself. It does nothing where it cannot help or was already done: not Linux, not glibc >= 2.35,
-THP `never`, the tunable already set, or FASTGEN_HUGE_PAGES=0. Host-side: no jax import here.
+THP mode other than `madvise`, the tunable already set, a restart already made (a marker in the
+environment: a secure-exec interpreter's glibc drops GLIBC_TUNABLES, which would otherwise restart
+it forever), FASTGEN_HUGE_PAGES=0, or a process whose program is not the caller (`pdb -m ...`,
+IPython's `%run`, a script read from stdin). Host-side: no jax import here.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-# The first process's time.monotonic() (system-wide on Linux), so a restarted server still reports
-# its start-up from the original launch.
-STARTED_ENV = "FASTGEN_STARTED_MONOTONIC"
+RESTARTED_ENV = "FASTGEN_HUGE_PAGES_RESTARTED"  # set on the restart: never restart twice
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -59,34 +62,67 @@ def wanted(environ: os._Environ | dict = os.environ) -> bool:
     """Whether restarting would change anything here (see the module docstring)."""
     if environ.get("FASTGEN_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    if RESTARTED_ENV in environ or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
         return False
     version = _glibc_version()
-    return version is not None and version >= (2, 35) and _thp_mode() in ("madvise", "always")
+    # glibc's madvise_thp acts only in the kernel's `madvise` mode
+    return version is not None and version >= (2, 35) and _thp_mode() == "madvise"
 
 
 def started() -> float:
-    """time.monotonic() at the launch of this program, before any restart."""
+    """time.monotonic() when this process was launched: its start time in /proc (which an
+    `execve`, the restart, keeps), else now."""
     try:
-        return float(os.environ[STARTED_ENV])
-    except (KeyError, ValueError):
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        launched = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime: clock ticks since boot
+        return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - launched)
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic()
 
 
+def _runs_as_program() -> bool:
+    """Whether the interpreter was launched to run the caller (`python -m <this __main__>`, `python
+    <this script>`, `python -c`), so re-executing its command line runs the caller again."""
+    argv = list(getattr(sys, "orig_argv", []))
+    main = sys.modules.get("__main__")
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-X", "-W"):  # interpreter options with a separate value
+            i += 2
+            continue
+        if arg == "-m":
+            spec = getattr(main, "__spec__", None)
+            return i + 1 < len(argv) and spec is not None and argv[i + 1] == spec.name
+        if arg == "-c":
+            return True
+        if not arg.startswith("-"):
+            return os.path.abspath(arg) == os.path.abspath(sys.argv[0])
+        if arg == "-":
+            return False
+        i += 1
+    return False
+
+
 def restart_with_huge_pages() -> None:
-    """Re-executes this process with `TUNABLE` in GLIBC_TUNABLES when `wanted()`; otherwise returns.
-    Call it before anything is loaded that the restart would throw away (jax, a checkpoint)."""
-    if not wanted():
+    """Re-executes this process with `TUNABLE` in GLIBC_TUNABLES when `wanted()` and the process
+    runs the caller as its program; otherwise returns. Call it before anything is loaded that the
+    restart would throw away (jax, a checkpoint)."""
+    if not wanted() or not _runs_as_program():
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES", ""), TUNABLE)))
-    env.setdefault(STARTED_ENV, repr(time.monotonic()))
-    argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    env[RESTARTED_ENV] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
     try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError as error:  # e.g. the interpreter is gone: carry on without huge pages
-        print(
-            f"fastgen-jax: could not restart with {TUNABLE} ({error}); going on without it", file=sys.stderr
+        logging.getLogger(__name__).warning(
+            "could not restart with %s (%s); going on without it", TUNABLE, error
         )

@@ -24,8 +24,7 @@ from absl import app, flags, logging
 from fastgen_jax import engine_flags, hugepages
 from fastgen_jax.reasoning import REASONING_PARSER_CHOICES
 
-# this module is the entry point: its import is the process start (the first one, if it restarted
-# itself with huge pages: `fastgen_jax.hugepages`)
+# the process's launch (from /proc: a restart with huge pages, `fastgen_jax.hugepages`, keeps it)
 _STARTED = hugepages.started()
 
 FLAGS = flags.FLAGS

@@ -29,13 +29,18 @@ import os
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+if __name__ == "__main__":  # before jax loads: as the server runs, malloc on huge pages
+    from fastgen_jax import hugepages
 
-from cpu_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.reference import ragged_paged_attention_reference
+    hugepages.restart_with_huge_pages()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from cpu_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from pallas_kernels.reference import ragged_paged_attention_reference  # noqa: E402
 
 PAGE_SIZE, KV_HEADS, GROUP, HEAD_DIM = 16, 3, 3, 64
 # name -> (context, new rows) per sequence
@@ -188,7 +193,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from fastgen_jax import hugepages
-
-    hugepages.restart_with_huge_pages()  # as the server runs: malloc on huge pages
     app.run(main)

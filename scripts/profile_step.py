@@ -379,6 +379,7 @@ def main(argv):
         }
         summary |= {"load": os.getloadavg()}
         summary |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
+        summary["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # fastgen_jax.hugepages
         summary |= {"host": {"sequences": max(seqs), "step_ms": step * 1e3, "device_ms": device * 1e3}}
         json.dump(summary, f, indent=2)
 

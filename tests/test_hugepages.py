@@ -30,6 +30,7 @@ print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), faults, sys.a
 
 
 def run(**env) -> list[str]:
+    env = {"FASTGEN_HUGE_PAGES": None, hugepages.RESTARTED_ENV: None, **env}
     env = {k: v for k, v in {**os.environ, "JAX_PLATFORMS": "cpu", **env}.items() if v is not None}
     out = subprocess.run(
         [sys.executable, "-c", PROGRAM, "--an=argument"], env=env, capture_output=True, text=True, check=True
@@ -38,7 +39,7 @@ def run(**env) -> list[str]:
 
 
 @pytest.mark.skipif(
-    not hugepages.wanted({}), reason="this machine's glibc or kernel has no huge pages to ask for"
+    not hugepages.wanted({}), reason="glibc < 2.35 or THP mode not madvise: no huge pages to ask for"
 )
 def test_the_restarted_process_keeps_its_pid_and_arguments_and_faults_per_huge_page():
     lines = run(GLIBC_TUNABLES=None)
@@ -61,22 +62,53 @@ def test_no_restart_where_it_cannot_help(monkeypatch):
     assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"})
     monkeypatch.setattr(hugepages, "_thp_mode", lambda: "never")
     assert not hugepages.wanted({})
-    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "always")
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "always")  # glibc's madvise does nothing there
+    assert not hugepages.wanted({})
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "madvise")
     monkeypatch.setattr(hugepages, "_glibc_version", lambda: (2, 31))  # no hugetlb tunable yet
     assert not hugepages.wanted({})
     monkeypatch.setattr(hugepages, "_glibc_version", lambda: None)  # musl, or not Linux's libc
     assert not hugepages.wanted({})
 
 
-def test_a_restart_keeps_other_tunables_and_the_first_start_time(monkeypatch):
+def test_a_restart_keeps_other_tunables_and_happens_once(monkeypatch):
     calls = []
     monkeypatch.setattr(hugepages, "wanted", lambda: True)
+    monkeypatch.setattr(hugepages, "_runs_as_program", lambda: True)
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    monkeypatch.delenv(hugepages.STARTED_ENV, raising=False)
     hugepages.restart_with_huge_pages()
     ((path, argv, env),) = calls
-    assert path == sys.executable and argv[0] == sys.executable
+    assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hugepages.TUNABLE
-    monkeypatch.setenv(hugepages.STARTED_ENV, env[hugepages.STARTED_ENV])
-    assert hugepages.started() == float(env[hugepages.STARTED_ENV])
+    # a secure-exec interpreter's glibc drops GLIBC_TUNABLES: the marker still stops a second restart
+    monkeypatch.undo()
+    monkeypatch.setattr(hugepages, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hugepages, "_thp_mode", lambda: "madvise")
+    assert not hugepages.wanted({hugepages.RESTARTED_ENV: env[hugepages.RESTARTED_ENV]})
+
+
+def test_only_the_program_itself_restarts(monkeypatch):
+    """Re-executing the command line must run the caller again: not pdb, IPython or stdin's script."""
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", type("Spec", (), {"name": "fastgen_jax.serve"})(), raising=False)
+    monkeypatch.setattr(sys, "argv", ["/x/fastgen_jax/serve.py", "--port=1"])
+    for orig, runs in (
+        (["python", "-m", "fastgen_jax.serve", "--port=1"], True),
+        (["python", "-X", "dev", "-m", "fastgen_jax.serve"], True),
+        (["python", "-m", "pdb", "-m", "fastgen_jax.serve"], False),
+        (["python", "-c", "..."], True),
+        (["python", "-"], False),
+        (["/usr/bin/ipython", "--", "x.py"], False),
+    ):
+        monkeypatch.setattr(sys, "orig_argv", orig)
+        assert hugepages._runs_as_program() is runs, orig
+    monkeypatch.setattr(sys, "orig_argv", ["python", "scripts/bench.py"])
+    monkeypatch.setattr(sys, "argv", ["scripts/bench.py"])
+    assert hugepages._runs_as_program()
+
+
+def test_started_is_the_launch_of_this_process():
+    import time
+
+    assert 0 <= time.monotonic() - hugepages.started() < 3600  # this test process began before now

@@ -63,7 +63,8 @@ class AttentionMetadata:
     cu_q_lens: np.ndarray
     num_seqs: np.ndarray  # i32[1]: slots in use
     # i32[L]: the slab row of each logit row (see SamplingArrays: a slot's last new token, and before it
-    # the rows whose next token it verifies); unused rows 0
+    # the rows whose next token it verifies); unused rows 0. Used rows lead and point at increasing slab
+    # rows: the LM head counts them from that (`models.layers.logit_rows_in_use`)
     logits_indices: np.ndarray
 
 
