@@ -84,24 +84,15 @@ def started() -> float:
 def _runs_as_program() -> bool:
     """Whether the interpreter was launched to run the caller (`python -m <this __main__>`, `python
     <this script>`, `python -c`), so re-executing its command line runs the caller again."""
-    argv = list(getattr(sys, "orig_argv", []))
-    main = sys.modules.get("__main__")
-    i = 1
+    argv, i = sys.orig_argv, 1  # Python >= 3.10
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-X", "-W"):  # interpreter options with a separate value
-            i += 2
-            continue
         if arg == "-m":
-            spec = getattr(main, "__spec__", None)
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
             return i + 1 < len(argv) and spec is not None and argv[i + 1] == spec.name
-        if arg == "-c":
-            return True
-        if not arg.startswith("-"):
-            return os.path.abspath(arg) == os.path.abspath(sys.argv[0])
-        if arg == "-":
-            return False
-        i += 1
+        if arg in ("-c", "-") or not arg.startswith("-"):  # the program: code, stdin or a script
+            return arg == "-c" or (arg != "-" and os.path.abspath(arg) == os.path.abspath(sys.argv[0]))
+        i += 2 if arg in ("-X", "-W") else 1  # those two interpreter options take a separate value
     return False
 
 
