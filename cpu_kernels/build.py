@@ -71,15 +71,25 @@ def cpu_features() -> str:
 
 
 @functools.cache
-def f32_matmul_has_avx512() -> bool:
-    """Whether the library is built for AVX-512 here: the float32 matmul's 6 x 64 tiles need its 32
-    vector registers. Built for AVX2 only (another CPU, or `$FASTGEN_KERNEL_MARCH=x86-64-v3`) they
-    spill, and measured 6-20 GFLOP/s on two threads, far below XLA's dot, so
-    `fastgen_jax.attention` keeps XLA there."""
+def vector_lanes() -> int:
+    """float32 lanes of the vectors the library's matmul tiles are built for here: 16 (AVX-512), 8
+    (AVX2 with FMA), or 0 (neither: those tiles have no registers sized for the target, and
+    `fastgen_jax.attention` keeps XLA's dot). Read from the compiler's predefined macros for the
+    library's -march, so `$FASTGEN_KERNEL_MARCH` (e.g. x86-64-v3) answers as it builds."""
     march = os.environ.get("FASTGEN_KERNEL_MARCH", "native")
-    if march == "native":
-        return "avx512f" in cpu_features().split()
-    return march == "x86-64-v4" or "avx512" in march
+    try:
+        done = subprocess.run(
+            [os.environ.get("CXX", "g++"), f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    macros = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
+    if "__AVX512F__" in macros:
+        return 16
+    return 8 if {"__AVX2__", "__FMA__"} <= macros else 0
 
 
 def library_path() -> pathlib.Path:

@@ -8,6 +8,8 @@
 //   value per row against the 64 weights of row k (no horizontal sums); the item's weights stream
 //   from memory for the first row tile (asked for a few k ahead) and from cache for the rest;
 // - w [N, K]: the dot form below (four columns at a time, vectorised over K).
+// Every path has register tiles for AVX-512 (16 floats a vector, 32 registers) and for AVX2 with
+// FMA (8 floats, 16 registers: e.g. the [K, N] tiles are 6 rows x 16 columns there); `kLanes`.
 //
 // int8:
 //
@@ -47,6 +49,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define FASTGEN_AVX2 1  // the AVX2 (+ FMA) variants of the paths below
+#endif
 
 #ifndef FASTGEN_NO_FFI
 #include "wait.h"
@@ -55,26 +60,30 @@
 
 namespace fastgen_matmul {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-
-// 16 int8 weights widened to float32.
-inline v16 widen(const int8_t* p) {
+// The build's float vector, `kLanes` floats: one zmm register (16) with AVX-512, one ymm (8)
+// elsewhere (AVX2; other targets lower it to what they have). Register tiles are sized per width:
+// AVX-512 has 32 vector registers, AVX2 16, and a tile that outgrows them spills (the 64-byte tiles
+// this file once used everywhere ran at 0.7 GB/s for 8 rows on an AVX2-only EPYC).
 #if defined(__AVX512F__)
-  return reinterpret_cast<v16>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  v16 out;
-  std::memcpy(&out, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
-  return out;
+constexpr int64_t kLanes = 16;
 #else
-  return __builtin_convertvector(*reinterpret_cast<const v16b*>(p), v16);
+constexpr int64_t kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef float vfu __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int8_t vfb __attribute__((vector_size(kLanes), aligned(1)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// kLanes int8 weights widened to float32.
+inline vf widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  return __builtin_convertvector(*reinterpret_cast<const vfb*>(p), vf);
 #endif
 }
 
@@ -83,14 +92,16 @@ inline v16 widen(const int8_t* p) {
 // loop (the LM head at 32 rows, one thread outside XLA: 46 -> 65-70 GFLOP/s).
 template <class V>
 inline void in_register(V& v) {
-#if defined(__GNUC__) && defined(__AVX512F__)  // a 64-byte vector fits one register only with AVX-512
+#if defined(__GNUC__) && defined(__AVX512F__)
   asm("" : "+v"(v));
+#elif defined(__GNUC__) && defined(__AVX2__)
+  if constexpr (sizeof(V) <= 32) asm("" : "+x"(v));
 #endif
 }
 
-inline float hsum(v16 v) {
+inline float hsum(vf v) {
   float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
 
@@ -120,7 +131,7 @@ inline void store_sums4(const __m512* v, const float* scale, float* out) {
 struct Int8Columns {
   const int8_t* q;
   const float* scale;
-  v16 at(int64_t i) const { return widen(q + i); }
+  vf at(int64_t i) const { return widen(q + i); }
   float value(int64_t i) const { return static_cast<float>(q[i]); }
   const void* address(int64_t i) const { return q + i; }
 };
@@ -128,28 +139,28 @@ struct Int8Columns {
 struct F32Columns {
   const float* w;
   const float* scale = nullptr;
-  v16 at(int64_t i) const { return load(w + i); }
+  vf at(int64_t i) const { return load(w + i); }
   float value(int64_t i) const { return w[i]; }
   const void* address(int64_t i) const { return w + i; }
 };
 
-// y[m0 : m0 + MR, n : n + 4] for K a multiple of 16; with `prefetch`, the next group's weights are
-// asked for ahead of use.
+// y[m0 : m0 + MR, n : n + 4] for K a multiple of kLanes; with `prefetch`, the next group's weights
+// are asked for ahead of use.
 template <int MR, class W>
 inline void tile(const float* __restrict x, W w, float* __restrict y, int64_t K, int64_t N, int64_t m0,
                  int64_t n, bool prefetch) {
-  v16 acc[MR][kGroup];
+  vf acc[MR][kGroup];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < kGroup; ++j) acc[m][j] = v16{};
+    for (int j = 0; j < kGroup; ++j) acc[m][j] = vf{};
   const int64_t base = n * K;
-  for (int64_t k = 0; k < K; k += 16) {
-    const v16 a = w.at(base + k), b = w.at(base + K + k), c = w.at(base + 2 * K + k), d = w.at(base + 3 * K + k);
+  for (int64_t k = 0; k < K; k += kLanes) {
+    const vf a = w.at(base + k), b = w.at(base + K + k), c = w.at(base + 2 * K + k), d = w.at(base + 3 * K + k);
     if (prefetch) {
       for (int j = 0; j < kGroup; ++j) __builtin_prefetch(w.address(base + (kGroup + j) * K + k), 0, 0);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      v16 xv = load(x + (m0 + m) * K + k);
+      vf xv = load(x + (m0 + m) * K + k);
       in_register(xv);
       acc[m][0] += xv * a;
       acc[m][1] += xv * b;
@@ -178,19 +189,22 @@ inline void column(const float* x, W w, float* y, int64_t M, int64_t K, int64_t 
   }
 }
 
-// Columns [n0, n1) of every row in the dot form: groups of four columns by tiles of 6, 3 and 1 rows,
-// then the columns past the last group one at a time.
+// Columns [n0, n1) of every row in the dot form: groups of four columns by tiles of 6, 3 and 1 rows
+// (AVX-512) or 2 and 1 (8 accumulators and 4 weights of AVX2's 16 registers), then the columns past
+// the last group one at a time.
 template <class W>
 void dot_columns(const float* x, W w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (K % 16 == 0) {
+  if (K % kLanes == 0) {
     for (; n + kGroup <= n1; n += kGroup) {
       const bool ahead = n + 2 * kGroup <= n1;  // the prefetched group lies inside this item
       int64_t m = 0;
 #ifdef __AVX512F__
       for (; m + 6 <= M; m += 6) tile<6>(x, w, y, K, N, m, n, ahead && m == 0);
-#endif
       for (; m + 3 <= M; m += 3) tile<3>(x, w, y, K, N, m, n, ahead && m == 0);
+#else
+      for (; m + 2 <= M; m += 2) tile<2>(x, w, y, K, N, m, n, ahead && m == 0);
+#endif
       for (; m < M; ++m) tile<1>(x, w, y, K, N, m, n, ahead && m == 0);
     }
   }
@@ -264,7 +278,60 @@ inline void group_in_order(const typename Lanes::X* __restrict x, const typename
   }
   for (int m = 0; m < MR; ++m) store_sums4(sums[m], scale ? scale + n : nullptr, y + m * N + n);
 }
+#elif defined(FASTGEN_AVX2)
+// AVX2's in-order path (float32 [N, K] weights only, as the int8 kernel's in-order lanes need
+// AVX512_BF16): the same reading order as AVX-512's, in 16 vector registers.
+struct F32Lanes {
+  using X = float;
+  using W = float;
+};
 
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// y[r * N] = x[r, :] . wj (times `scale`) for R <= 4 rows: two accumulators per row (even and odd
+// vectors), so even one row has two FMA chains; with `ahead`, wj's next weights are asked for
+// kAheadBytes ahead, one cache line per step.
+template <int R>
+inline void rows_of_column(const float* __restrict x, const float* __restrict wj, float scale,
+                           float* __restrict y, int64_t K, int64_t N, bool ahead) {
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (ahead) __builtin_prefetch(reinterpret_cast<const char*>(wj + k) + kAheadBytes, 0, 0);
+    const __m256 w0 = _mm256_loadu_ps(wj + k), w1 = _mm256_loadu_ps(wj + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a[r]);
+      b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8), w1, b[r]);
+    }
+  }
+  if (k < K) {  // K % 16 == 8
+    const __m256 w0 = _mm256_loadu_ps(wj + k);
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w0, a[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * N] = hsum8(_mm256_add_ps(a[r], b[r])) * scale;
+}
+
+// y[0 : MR, n : n + 4] = x[0 : MR, :] @ w[n : n + 4, :]^T (w points at column n, K a multiple of 8):
+// one column after another, in passes of at most four rows; a fifth to eighth row reads the column
+// again from L1 (its 2.3 KiB at K = 576) rather than holding more sums than AVX2 has registers.
+template <int MR, class Lanes>
+inline void group_in_order(const float* __restrict x, const float* __restrict w, const float* __restrict scale,
+                           float* __restrict y, int64_t K, int64_t N, int64_t n) {
+  for (int j = 0; j < 4; ++j) {
+    const float* wj = w + j * K;
+    const float s = scale ? scale[n + j] : 1.0f;
+    rows_of_column<(MR < 4 ? MR : 4)>(x, wj, s, y + n + j, K, N, true);
+    if constexpr (MR > 4) rows_of_column<MR - 4>(x + 4 * K, wj, s, y + 4 * N + n + j, K, N, false);
+  }
+}
+#endif
+
+#if defined(__AVX512F__) || defined(FASTGEN_AVX2)
 // Columns [n0, n1) of M <= kDirectRows rows: groups of four read in order, then `tail(n)` for each
 // column past the last group.
 template <class Lanes, class Tail>
@@ -300,40 +367,40 @@ struct NextStrip {
   int64_t begin = 0, end = 0, every = 1;
 };
 
-// y[m0 : m0 + MR, n : n + 16 NV] = x[m0 : m0 + MR, :] @ w[:, n : n + 16 NV] (w [K, N]).
+// y[m0 : m0 + MR, n : n + kLanes NV] = x[m0 : m0 + MR, :] @ w[:, n : n + kLanes NV] (w [K, N]).
 template <int MR, int NV>
 inline void tile_kn(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
                     int64_t N, int64_t m0, int64_t n, bool prefetch, NextStrip ahead) {
-  v16 acc[MR][NV];
+  vf acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = v16{};
+    for (int j = 0; j < NV; ++j) acc[m][j] = vf{};
   const float* __restrict row = w + n;
   const float* __restrict xr = x + m0 * K;
   const float* asked = ahead.next ? ahead.next + ahead.begin * N : nullptr;
   const float* const asked_end = ahead.next ? ahead.next + ahead.end * N : nullptr;
   int64_t countdown = ahead.every;
   for (int64_t k = 0; k < K; ++k, row += N) {
-    v16 wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
+    vf wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load(row + kLanes * j);
     if (prefetch && k + kAheadK < K) {
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + 16 * j, 0, 1);
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + kLanes * j, 0, 1);
     }
     if (asked != asked_end && --countdown == 0) {
       countdown = ahead.every;
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(asked + 16 * j, 0, 2);
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(asked + kLanes * j, 0, 2);
       asked += N;
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const v16 xv = v16{} + xr[m * K + k];
+      const vf xv = vf{} + xr[m * K + k];
       for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NV; ++j) *reinterpret_cast<v16u*>(y + (m0 + m) * N + n + 16 * j) = acc[m][j];
+    for (int j = 0; j < NV; ++j) store(y + (m0 + m) * N + n + kLanes * j, acc[m][j]);
 }
 
-// Rows [0, M) of columns [n, n + 16 NV): the fewest tiles of at most six rows, their sizes within one
+// Rows [0, M) of columns [n, n + kLanes NV): the fewest tiles of at most six rows, their sizes within one
 // of each other (8 rows as 4 + 4, not 6 + 2: a small tile loads as many weights for fewer products).
 // The first tile reads the strip from memory (asking a few rows ahead) and the others from cache;
 // with `next` (the first column of the strip this thread multiplies next, or null) the tiles after
@@ -343,7 +410,7 @@ template <int NV>
 inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n,
                     const float* next) {
   const int64_t tiles = (M + 5) / 6, base = tiles ? M / tiles : 0, larger = tiles ? M % tiles : 0;
-  const int64_t askers = std::max<int64_t>(1, tiles - 1), share = (K + askers - 1) / askers;
+  const int64_t askers = std::max<int64_t>(1, tiles - 1), share = std::max<int64_t>(1, (K + askers - 1) / askers);
   for (int64_t t = 0, m = 0; t < tiles; ++t) {
     const int64_t rows = base + (t < larger);
     const bool first = t == 0;
@@ -364,16 +431,22 @@ inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t
   }
 }
 
-// Columns [n0, n1) of every row (w [K, N]): 64 at a time, then 16, then one at a time. `next_n`: the
-// first column this thread multiplies after these (-1: none), asked for while the last 64 run.
+// Weight vectors per row of a [K, N] strip: 64 columns with AVX-512 (6 x 4 sums of its 32
+// registers), 16 with AVX2 (6 x 2 of 16).
+constexpr int kStripVectors = kLanes == 16 ? 4 : 2;
+constexpr int64_t kStrip = kLanes * kStripVectors;
+
+// Columns [n0, n1) of every row (w [K, N]): kStrip at a time, then kLanes, then one at a time.
+// `next_n`: the first column this thread multiplies after these (-1: none), asked for while the
+// last strip runs.
 inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
                        int64_t n1, int64_t next_n = -1) {
   int64_t n = n0;
-  for (; n + 64 <= n1; n += 64) {
-    const int64_t after = n + 128 <= n1 ? n + 64 : next_n;
-    rows_kn<4>(x, w, y, M, K, N, n, after >= 0 && after + 64 <= N ? w + after : nullptr);
+  for (; n + kStrip <= n1; n += kStrip) {
+    const int64_t after = n + 2 * kStrip <= n1 ? n + kStrip : next_n;
+    rows_kn<kStripVectors>(x, w, y, M, K, N, n, after >= 0 && after + kStrip <= N ? w + after : nullptr);
   }
-  for (; n + 16 <= n1; n += 16) rows_kn<1>(x, w, y, M, K, N, n, nullptr);
+  for (; n + kLanes <= n1; n += kLanes) rows_kn<1>(x, w, y, M, K, N, n, nullptr);
   for (; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) {
       float s = 0.0f;
@@ -398,8 +471,8 @@ inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int6
 constexpr int64_t kStreamK = 8;
 constexpr int64_t kStreamChunks = 8;
 
-// y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], 16 columns at a time
-// (n1 - n0 a multiple of 16). With `ahead`, each 16 columns ask for the same columns of the next KB
+// y[m0 : m0 + MR, n0 : n1] += x[m0 : m0 + MR, k : k + KB] @ w[k : k + KB, n0 : n1], kLanes columns at a
+// time (n1 - n0 a multiple of kLanes). With `ahead`, each 16 columns ask for the same columns of the next KB
 // weight rows into L2 (`prefetcht2`): the KB rows are KB streams N floats apart, which the hardware
 // prefetcher alone left at 16-19 ms for SmolLM2's one-row projections where asking ahead took
 // 13.2-13.9 (4 rows: 19-25 -> 15.1-15.3; 8 rows: 27-29 -> 23-25; a standalone harness, 2 cores).
@@ -407,18 +480,18 @@ template <int MR, int KB>
 inline void stream_group(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
                          int64_t N, int64_t k, int64_t n0, int64_t n1, bool ahead) {
   const float* __restrict wk = w + k * N;
-  for (int64_t c = n0; c < n1; c += 16) {
-    v16 wv[KB];
+  for (int64_t c = n0; c < n1; c += kLanes) {
+    vf wv[KB];
     for (int j = 0; j < KB; ++j) wv[j] = load(wk + j * N + c);
     if (ahead) {
       for (int j = 0; j < KB; ++j) __builtin_prefetch(wk + (KB + j) * N + c, 0, 1);
     }
     for (int m = 0; m < MR; ++m) {
       const float* xm = x + m * K + k;
-      v16 a = load(y + m * N + c), b = v16{};
+      vf a = load(y + m * N + c), b = vf{};
       for (int j = 0; j < KB; j += 2) a += xm[j] * wv[j];
       for (int j = 1; j < KB; j += 2) b += xm[j] * wv[j];
-      *reinterpret_cast<v16u*>(y + m * N + c) = a + b;
+      store(y + m * N + c, a + b);
     }
   }
 }
@@ -438,8 +511,8 @@ inline void stream_row_group(const float* x, const float* w, float* y, int64_t K
   }
 }
 
-// y[0 : MR, n0 : n1] += x[0 : MR, k : k + KB] @ w[k : k + KB, n0 : n1] (n1 - n0 a multiple of 16),
-// 16 NV columns at a time summed in registers over the KB weight rows, then 16 at a time: each
+// y[0 : MR, n0 : n1] += x[0 : MR, k : k + KB] @ w[k : k + KB, n0 : n1] (n1 - n0 a multiple of kLanes),
+// kLanes NV columns at a time summed in registers over the KB weight rows, then kLanes at a time: each
 // weight vector is loaded once for all MR rows, and each partial sum read and written once per KB
 // weight rows. Each block asks for its columns of the next KB weight rows into L2.
 template <int MR, int NV, int KB>
@@ -448,38 +521,40 @@ inline void stream_block(const float* __restrict x, const float* __restrict w, f
   const float* __restrict wk = w + k * N;
   const float* __restrict xk = x + k;
   int64_t c = n0;
-  for (; c + 16 * NV <= n1; c += 16 * NV) {
-    v16 acc[MR][NV];
+  for (; c + kLanes * NV <= n1; c += kLanes * NV) {
+    vf acc[MR][NV];
     for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < NV; ++v) acc[m][v] = load(y + m * N + c + 16 * v);
+      for (int v = 0; v < NV; ++v) acc[m][v] = load(y + m * N + c + kLanes * v);
 #pragma GCC unroll 16
     for (int j = 0; j < KB; ++j) {
-      v16 wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = load(wk + j * N + c + 16 * v);
+      vf wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load(wk + j * N + c + kLanes * v);
       if (ahead) {
-        for (int v = 0; v < NV; ++v) __builtin_prefetch(wk + (KB + j) * N + c + 16 * v, 0, 1);
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(wk + (KB + j) * N + c + kLanes * v, 0, 1);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
-        const v16 xv = v16{} + xk[m * K + j];
+        const vf xv = vf{} + xk[m * K + j];
         for (int v = 0; v < NV; ++v) acc[m][v] += xv * wv[v];
       }
     }
     for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < NV; ++v) *reinterpret_cast<v16u*>(y + m * N + c + 16 * v) = acc[m][v];
+      for (int v = 0; v < NV; ++v) store(y + m * N + c + kLanes * v, acc[m][v]);
   }
   if (c < n1) stream_block<MR, 1, KB>(x, w, y, K, N, k, c, n1, ahead);
 }
 
-// Five to eight rows (as many accumulators as leave room for the weights in 32 vector registers).
+// Five to eight rows (as many accumulators as leave room for the weights in the vector registers:
+// 32 with AVX-512, 16 with AVX2).
 template <int KB>
 inline void stream_rows_block(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k,
                               int64_t n1) {
+  constexpr bool kWide = kLanes == 16;
   switch (M) {
-    case 5: return stream_block<5, 4, KB>(x, w, y, K, N, k, 0, n1, true);
-    case 6: return stream_block<6, 4, KB>(x, w, y, K, N, k, 0, n1, true);
-    case 7: return stream_block<7, 3, KB>(x, w, y, K, N, k, 0, n1, true);
-    default: return stream_block<8, 3, KB>(x, w, y, K, N, k, 0, n1, true);
+    case 5: return stream_block<5, kWide ? 4 : 2, KB>(x, w, y, K, N, k, 0, n1, true);
+    case 6: return stream_block<6, kWide ? 4 : 2, KB>(x, w, y, K, N, k, 0, n1, true);
+    case 7: return stream_block<7, kWide ? 3 : 1, KB>(x, w, y, K, N, k, 0, n1, true);
+    default: return stream_block<8, kWide ? 3 : 1, KB>(x, w, y, K, N, k, 0, n1, true);
   }
 }
 
@@ -492,7 +567,7 @@ inline void stream_rows_block(const float* x, const float* w, float* y, int64_t 
 // mixed in five later ones (docs/benchmarks/cpu_step_profile.md).
 inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0,
                       int64_t k1) {
-  const int64_t n16 = N / 16 * 16;
+  const int64_t n16 = N / kLanes * kLanes;
   int64_t k = k0;
   if (M > 4 && M <= 8) {
     for (; k + kStreamK <= k1; k += kStreamK) stream_rows_block<kStreamK>(x, w, y, M, K, N, k, n16);
@@ -526,10 +601,10 @@ struct F32Problem {
   float* partials = nullptr;
   int64_t columns = kColumnsPerItem;  // output columns per item when not streaming (`columns_per_item`)
 
-  // w [N, K] read column by column (few rows, K a multiple of 16, AVX-512).
+  // w [N, K] read column by column (few rows, K a multiple of kLanes, AVX-512 or AVX2).
   bool in_order() const {
-#if defined(__AVX512F__)
-    return nk && M <= kDirectRows && K % 16 == 0;
+#if defined(__AVX512F__) || defined(FASTGEN_AVX2)
+    return nk && M <= kDirectRows && K % kLanes == 0;
 #else
     return false;
 #endif
@@ -557,7 +632,7 @@ struct F32Problem {
       return stream_kn(x, w, acc, M, K, N, k0, std::min(K, k0 + chunk_k()));
     }
     const int64_t n0 = item * columns, n1 = std::min(N, n0 + columns);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(FASTGEN_AVX2)
     if (in_order()) {
       return columns_in_order<F32Lanes>(x, w, nullptr, y, M, K, N, n0, n1,
                                         [&](int64_t n) { column(x, F32Columns{w}, y, M, K, N, n); });

@@ -80,10 +80,24 @@ INT8_BF16_ROWS = 32
 # 365-426 against 391-463. Since each thread asks for its next strip's weights while it multiplies
 # (issue 19, this round): 256 rows 309-353 ms against XLA's 343-382, 512 rows 689-741 against
 # 728-766 (six runs, the kernel faster in each), so a 512-token budget's prompt chunks take the
-# kernel too (whole steps, alternating: a 512-token prompt chunk 762-876 ms against 877-944). Only
-# where the library is built for AVX-512 (`cpu_kernels.build.f32_matmul_has_avx512`): with AVX2
-# alone its tiles spill.
-F32_KERNEL_ROWS = 512
+# kernel too (whole steps, alternating: a 512-token prompt chunk 762-876 ms against 877-944).
+# Those figures are the AVX-512 build's (`cpu_kernels.build.vector_lanes()` 16). Built for AVX2 with
+# FMA (8 lanes, 16 registers: the tiles sized for them), on a 2-core AVX2-only EPYC (Zen 3), the same
+# script measured 1 / 4 / 8 rows 27.9 / 31.6 / 33.2 ms against XLA's 38.8 / 43.8 / 50.1, 32 / 64
+# rows 93 / 146 against 105 / 150, but 128 / 256 / 512 rows 278 / 642 / 1196 against 249 / 500 /
+# 984: so up to 64 rows there. Without either (0 lanes) XLA's dot takes every slab.
+F32_KERNEL_ROWS_BY_LANES = {16: 512, 8: 64}
+# Set to an int to override the above (benchmarks compare programs this way); None: by the build.
+F32_KERNEL_ROWS: int | None = None
+
+
+def f32_kernel_rows() -> int:
+    """The most rows the float32 kernel multiplies here (0: none; `F32_KERNEL_ROWS` when set)."""
+    if F32_KERNEL_ROWS is not None:
+        return F32_KERNEL_ROWS
+    return F32_KERNEL_ROWS_BY_LANES.get(cpu_kernels.build.vector_lanes(), 0)
+
+
 log = logging.getLogger(__name__)
 
 
@@ -158,12 +172,12 @@ class Attention:
         index) too: the float32 kernel reads them in place, where XLA would first copy a scanned
         slice out for a custom call (SmolLM2 at 32 rows: 60.5 ms of projections on slices, 56.4 on
         the stack). XLA's own dot reads slices in place, so it takes the slice."""
-        return self._cpu_kernels and cpu_kernels.build.f32_matmul_has_avx512()
+        return self._cpu_kernels and f32_kernel_rows() > 0
 
     def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
         return (
             self.reads_weight_stacks
-            and x.shape[0] <= F32_KERNEL_ROWS
+            and x.shape[0] <= f32_kernel_rows()
             and x.dtype == jnp.float32
             and w.dtype == jnp.float32
         )
@@ -180,7 +194,7 @@ class Attention:
     ) -> jax.Array:
         """A projection: x [T, *K] times weights w [*K, *N] (contracting x's trailing axes with w's
         leading ones) -> [T, *N]; or with `w_nk`, x [T, K] times w [N, K] -> [T, N] (a tied LM
-        head's embedding rows). float32 rows and weights of up to F32_KERNEL_ROWS rows run the C++
+        head's embedding rows). float32 rows and weights of up to `f32_kernel_rows()` rows run the C++
         kernel on "cpu" (one device) over the flattened [K, N], reading `stack` =
         (the whole stack [L, *K, *N] that w is a scanned slice of, w's index) in place when given;
         every other case is XLA's dot (in x's dtype, or `preferred_element_type`), over the axes

@@ -165,9 +165,17 @@ int main() {
              pool.run(items, [&](int64_t i) {
                const int8_t* p = m.q.data() + i * 65536;
                const int64_t end = std::min<int64_t>(65536, n - i * 65536);
+#if defined(__AVX512F__)
                __m512i acc = _mm512_setzero_si512();
                for (int64_t k = 0; k + 64 <= end; k += 64) acc = _mm512_add_epi8(acc, _mm512_loadu_si512(p + k));
                sink.fetch_add(_mm512_reduce_add_epi32(acc));
+#else
+               __m256i acc = _mm256_setzero_si256();
+               for (int64_t k = 0; k + 32 <= end; k += 32) {
+                 acc = _mm256_add_epi8(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k)));
+               }
+               sink.fetch_add(_mm256_extract_epi32(acc, 0) + _mm256_extract_epi32(acc, 7));
+#endif
              });
            }
          }),

@@ -91,7 +91,7 @@ def test_int8_logits_match_the_dequantized_float32_model(attention, slab, tied):
         assert np.abs(exact - got).max() > 1e-3 * np.abs(exact).max()
 
 
-@pytest.mark.skipif(not Attention("cpu").reads_weight_stacks, reason="the model hands stacks on AVX-512 only")
+@pytest.mark.skipif(not Attention("cpu").reads_weight_stacks, reason="no stacks without the kernel")
 def test_the_kernel_reads_each_layers_int8_weights_in_place_with_the_slices_results(monkeypatch):
     """With `Attention.reads_weight_stacks` the scanned layers hand the kernel their whole int8 stacks
     and the layer's index (no copy of a slice first): the same products, bit for bit."""

@@ -10,9 +10,11 @@ LM head) and XLA's dot otherwise."""
 from __future__ import annotations
 
 import os
+import pathlib
 import platform
 import re
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from cpu_kernels import build
 from cpu_kernels.matmul import STREAM_ROWS, f32_matmul
-from fastgen_jax.attention import F32_KERNEL_ROWS, Attention
+from fastgen_jax.attention import Attention, f32_kernel_rows
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -109,9 +111,9 @@ def test_zero_rows_give_an_empty_result():
 
 @pytest.mark.parametrize("stream_rows", [0, STREAM_ROWS])
 def test_an_empty_contraction_gives_zeros(stream_rows):
-    x, w = random_inputs(3, 0, 40)
+    x, w = random_inputs(3, 0, 200)  # wide enough that a strip asks for the next one's (no) rows
     got = np.asarray(f32_matmul(jnp.asarray(x), jnp.asarray(w), stream_rows=stream_rows))
-    assert got.shape == (3, 40) and not got.any()
+    assert got.shape == (3, 200) and not got.any()
 
 
 @pytest.mark.parametrize("m", [1, 4, STREAM_ROWS])
@@ -143,20 +145,32 @@ def _hlo(attention, x, w, **kw):
     return jax.jit(lambda x, w: attention.matmul(x, w, **kw)).lower(x, w).as_text()
 
 
-AVX512 = build.f32_matmul_has_avx512()
+# the kernel's tiles are sized for AVX-512 and AVX2 + FMA; elsewhere XLA takes every slab
+KERNEL = build.vector_lanes() in (8, 16)
+
+
+def test_the_vector_width_decides_the_rows_the_kernel_takes(monkeypatch):
+    from fastgen_jax import attention
+
+    for lanes, rows in ((16, 512), (8, 64), (0, 0)):
+        monkeypatch.setattr(build, "vector_lanes", lambda lanes=lanes: lanes)
+        assert f32_kernel_rows() == rows
+        assert Attention("cpu").reads_weight_stacks == (rows > 0)
+    monkeypatch.setattr(attention, "F32_KERNEL_ROWS", 3)
+    assert f32_kernel_rows() == 3
 
 
 def test_the_cpu_kernels_take_few_float32_rows_and_xla_the_rest():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((32, 3, 8)), jnp.float32)  # [K, heads, D], as wqkv's slices
-    few = jnp.asarray(rng.standard_normal((F32_KERNEL_ROWS, 32)), jnp.float32)
-    many = jnp.asarray(rng.standard_normal((F32_KERNEL_ROWS + 1, 32)), jnp.float32)
-    # without AVX-512 the kernel's tiles spill (far below XLA's dot), so XLA takes every slab
-    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w)) == AVX512
-    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w[:, 0, :].T, w_nk=True)) == AVX512
+    limit = max(f32_kernel_rows(), 1)
+    few = jnp.asarray(rng.standard_normal((limit, 32)), jnp.float32)
+    many = jnp.asarray(rng.standard_normal((limit + 1, 32)), jnp.float32)
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w)) == KERNEL
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few, w[:, 0, :].T, w_nk=True)) == KERNEL
     assert "fastgen_f32_matmul" not in _hlo(Attention("cpu"), many, w)
-    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w)) == AVX512
-    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w[:, 0, :].T, w_nk=True)) == AVX512
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w)) == KERNEL
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), few[:1], w[:, 0, :].T, w_nk=True)) == KERNEL
     assert "fastgen_f32_matmul" not in _hlo(Attention("reference"), few, w)
     assert "fastgen_f32_matmul" not in _hlo(
         Attention("cpu"), few.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
@@ -175,7 +189,7 @@ def test_two_contracted_axes_as_the_output_projection():
     out = jnp.asarray(rng.standard_normal((5, 3, 16)), jnp.float32)
     wo = jnp.asarray(rng.standard_normal((3, 16, 40)), jnp.float32)
     expected = np.einsum("thk,hkd->td", np.asarray(out, np.float64), np.asarray(wo, np.float64))
-    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), out, wo)) == AVX512
+    assert ("fastgen_f32_matmul" in _hlo(Attention("cpu"), out, wo)) == KERNEL
     np.testing.assert_allclose(np.asarray(Attention("cpu").matmul(out, wo)), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -200,7 +214,7 @@ def test_a_layer_outside_the_stack_is_an_error():
         jax.block_until_ready(f32_matmul(jnp.asarray(x), jnp.asarray(w[None]), layer=1))
 
 
-@pytest.mark.skipif(not AVX512, reason="the float32 kernel runs only where the library has AVX-512")
+@pytest.mark.skipif(not KERNEL, reason="the float32 kernel runs only where the library has AVX-512 or AVX2")
 def test_the_model_reads_each_layers_weights_in_place_from_the_stack():
     """A scanned slice handed to a custom call is first copied out of the stack (4-20 ms of
     SmolLM2's projections at 4-128 rows); with the CPU kernels the model passes the whole stack and
@@ -250,3 +264,45 @@ def test_the_kernels_compile_without_avx512():
             text=True,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    build.vector_lanes() == 8 or not {"avx2", "fma"} <= set(build.cpu_features().split()),
+    reason="the native build is the AVX2 one (this file tests it), or the CPU cannot run AVX2 code",
+)
+def test_the_avx2_build_matches_the_oracle():
+    """An AVX-512 host's own build never runs the AVX2 + FMA tiles (16 registers, 8 lanes), which
+    AVX2-only CPUs (e.g. AMD Zen 2/3) do: this file's tests and the int8 kernel's run again in a
+    subprocess on the library built with `FASTGEN_KERNEL_MARCH=x86-64-v3`."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FASTGEN_KERNEL_MARCH": "x86-64-v3"}
+    lanes = subprocess.run(
+        [sys.executable, "-c", "from cpu_kernels import build; print(build.vector_lanes())"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert lanes.stdout.strip() == "8"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not avx2_build and not compile_without",
+            "tests/cpu_kernels/test_f32_matmul.py",
+            "tests/cpu_kernels/test_int8_matmul.py",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
