@@ -9,7 +9,8 @@
 //   from memory for the first row tile (asked for a few k ahead) and from cache for the rest;
 // - w [N, K]: the dot form below (four columns at a time, vectorised over K).
 // Every path has register tiles for AVX-512 (16 floats a vector, 32 registers) and for AVX2 with
-// FMA (8 floats, 16 registers: e.g. the [K, N] tiles are 6 rows x 16 columns there); `kLanes`.
+// FMA (8 floats, 16 registers: e.g. the [K, N] tiles are 6 rows x 16 columns there, and a strip that
+// more than two row tiles read is first packed into contiguous rows); `kLanes`.
 //
 // int8:
 //
@@ -367,23 +368,24 @@ struct NextStrip {
   int64_t begin = 0, end = 0, every = 1;
 };
 
-// y[m0 : m0 + MR, n : n + kLanes NV] = x[m0 : m0 + MR, :] @ w[:, n : n + kLanes NV] (w [K, N]).
+// y[m0 : m0 + MR, n : n + kLanes NV] = x[m0 : m0 + MR, :] @ strip (y [M, N]), the strip's weight rows
+// `ldw` floats apart (w[:, n : n + kLanes NV] of w [K, N]: strip = w + n, ldw = N; or a packed copy).
 template <int MR, int NV>
-inline void tile_kn(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
-                    int64_t N, int64_t m0, int64_t n, bool prefetch, NextStrip ahead) {
+inline void tile_kn(const float* __restrict x, const float* __restrict strip, int64_t ldw, float* __restrict y,
+                    int64_t K, int64_t N, int64_t m0, int64_t n, bool prefetch, NextStrip ahead) {
   vf acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = vf{};
-  const float* __restrict row = w + n;
+  const float* __restrict row = strip;
   const float* __restrict xr = x + m0 * K;
   const float* asked = ahead.next ? ahead.next + ahead.begin * N : nullptr;
   const float* const asked_end = ahead.next ? ahead.next + ahead.end * N : nullptr;
   int64_t countdown = ahead.every;
-  for (int64_t k = 0; k < K; ++k, row += N) {
+  for (int64_t k = 0; k < K; ++k, row += ldw) {
     vf wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = load(row + kLanes * j);
     if (prefetch && k + kAheadK < K) {
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * N + kLanes * j, 0, 1);
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(row + kAheadK * ldw + kLanes * j, 0, 1);
     }
     if (asked != asked_end && --countdown == 0) {
       countdown = ahead.every;
@@ -411,6 +413,23 @@ inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t
                     const float* next) {
   const int64_t tiles = (M + 5) / 6, base = tiles ? M / tiles : 0, larger = tiles ? M % tiles : 0;
   const int64_t askers = std::max<int64_t>(1, tiles - 1), share = std::max<int64_t>(1, (K + askers - 1) / askers);
+  const float* strip = w + n;
+  int64_t ldw = N;
+#ifdef FASTGEN_AVX2
+  // Many row tiles: the strip copied once into contiguous rows, which the tiles then read from cache
+  // in order (in place, each of its K rows of 64 bytes lies N floats from the last: a page apiece).
+  thread_local std::vector<float> packed;
+  if (tiles > 2) {
+    constexpr int64_t kWidth = kLanes * NV;
+    packed.resize(K * kWidth);
+    for (int64_t k = 0; k < K; ++k) {
+      if (k + kAheadK < K) __builtin_prefetch(strip + (k + kAheadK) * N, 0, 1);
+      for (int j = 0; j < NV; ++j) store(packed.data() + k * kWidth + kLanes * j, load(strip + k * N + kLanes * j));
+    }
+    strip = packed.data();
+    ldw = kWidth;
+  }
+#endif
   for (int64_t t = 0, m = 0; t < tiles; ++t) {
     const int64_t rows = base + (t < larger);
     const bool first = t == 0;
@@ -420,12 +439,12 @@ inline void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t
       ahead = {next, std::min(K, i * share), std::min(K, (i + 1) * share), std::max<int64_t>(1, K / share)};
     }
     switch (rows) {
-      case 6: tile_kn<6, NV>(x, w, y, K, N, m, n, first, ahead); break;
-      case 5: tile_kn<5, NV>(x, w, y, K, N, m, n, first, ahead); break;
-      case 4: tile_kn<4, NV>(x, w, y, K, N, m, n, first, ahead); break;
-      case 3: tile_kn<3, NV>(x, w, y, K, N, m, n, first, ahead); break;
-      case 2: tile_kn<2, NV>(x, w, y, K, N, m, n, first, ahead); break;
-      default: tile_kn<1, NV>(x, w, y, K, N, m, n, first, ahead); break;
+      case 6: tile_kn<6, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
+      case 5: tile_kn<5, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
+      case 4: tile_kn<4, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
+      case 3: tile_kn<3, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
+      case 2: tile_kn<2, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
+      default: tile_kn<1, NV>(x, strip, ldw, y, K, N, m, n, first && ldw == N, ahead); break;
     }
     m += rows;
   }

@@ -82,11 +82,12 @@ INT8_BF16_ROWS = 32
 # 728-766 (six runs, the kernel faster in each), so a 512-token budget's prompt chunks take the
 # kernel too (whole steps, alternating: a 512-token prompt chunk 762-876 ms against 877-944).
 # Those figures are the AVX-512 build's (`cpu_kernels.build.vector_lanes()` 16). Built for AVX2 with
-# FMA (8 lanes, 16 registers: the tiles sized for them), on a 2-core AVX2-only EPYC (Zen 3), the same
-# script measured 1 / 4 / 8 rows 27.9 / 31.6 / 33.2 ms against XLA's 38.8 / 43.8 / 50.1, 32 / 64
-# rows 93 / 146 against 105 / 150, but 128 / 256 / 512 rows 278 / 642 / 1196 against 249 / 500 /
-# 984: so up to 64 rows there. Without either (0 lanes) XLA's dot takes every slab.
-F32_KERNEL_ROWS_BY_LANES = {16: 512, 8: 64}
+# FMA (8 lanes, 16 registers: the tiles sized for them, and past two row tiles each 16-column strip
+# packed into contiguous rows first), on a 2-core AVX2-only EPYC (Zen 3), the same script measured
+# 1 / 8 / 16 / 32 / 64 / 128 rows 25.4 / 29.9 / 51.2 / 72.5 / 113 / 254 ms against XLA's 33.4 / 45.9 /
+# 56.3 / 93.2 / 138 / 279, and 256 / 512 rows 491 / 901 against 486 / 891 (even): so up to 128 rows
+# there. Without either (0 lanes) XLA's dot takes every slab.
+F32_KERNEL_ROWS_BY_LANES = {16: 512, 8: 128}
 # Set to an int to override the above (benchmarks compare programs this way); None: by the build.
 F32_KERNEL_ROWS: int | None = None
 

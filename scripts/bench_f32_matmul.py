@@ -22,12 +22,17 @@ from __future__ import annotations
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":  # before jax loads: as the server runs, malloc on huge pages
+    from fastgen_jax import hugepages
+
+    hugepages.restart_with_huge_pages()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from cpu_kernels.matmul import f32_matmul  # noqa: E402
 from fastgen_jax.benchmarks.timing import times_in_turns, write_report  # noqa: E402

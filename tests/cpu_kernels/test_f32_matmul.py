@@ -152,7 +152,7 @@ KERNEL = build.vector_lanes() in (8, 16)
 def test_the_vector_width_decides_the_rows_the_kernel_takes(monkeypatch):
     from fastgen_jax import attention
 
-    for lanes, rows in ((16, 512), (8, 64), (0, 0)):
+    for lanes, rows in ((16, 512), (8, 128), (0, 0)):
         monkeypatch.setattr(build, "vector_lanes", lambda lanes=lanes: lanes)
         assert f32_kernel_rows() == rows
         assert Attention("cpu").reads_weight_stacks == (rows > 0)
