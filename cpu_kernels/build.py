@@ -85,7 +85,12 @@ def vector_lanes() -> int:
             timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return 0
+        done = None
+    if done is None or done.returncode:  # no compiler here (a library built elsewhere): the CPU's flags
+        if march != "native":
+            return 0
+        flags = set(cpu_features().split())
+        return 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 0
     macros = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
     if "__AVX512F__" in macros:
         return 16

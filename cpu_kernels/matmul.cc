@@ -40,7 +40,7 @@
 // layer could pass its whole stack and its index instead of a slice, which XLA copies out of the stack
 // before a custom call. The model passes slices: at int8's sizes the copy measured no slower
 // (scripts/bench_int8_matmul.py, "stack").
-// K not a multiple of 16 goes through a plain loop.
+// K not a multiple of the vector width (16 floats with AVX-512, 8 otherwise) goes through a plain loop.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -485,8 +485,8 @@ inline void kn_columns(const float* x, const float* w, float* y, int64_t M, int6
 // memory), a work item each, read in order kStreamK rows at a time into the run's own partial
 // [M, N]; the partials are added in order at the end, so the result does not depend on which
 // thread took which run (the same bits every call). Eight runs let the calling thread take a late
-// helper's share. Built without AVX-512 (16 vector registers) a group of 8 weight rows spills;
-// the caller only uses this kernel where AVX-512 is (`Attention.reads_weight_stacks`).
+// helper's share. A group of 8 weight rows is 8 vectors: 8 of AVX2's 16 registers (8-float vectors
+// there), 8 of AVX-512's 32.
 constexpr int64_t kStreamK = 8;
 constexpr int64_t kStreamChunks = 8;
 

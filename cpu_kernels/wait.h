@@ -7,6 +7,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -66,6 +69,16 @@ struct Items {
   }
 };
 
+// The cores this process may run on: its affinity mask where Linux gives one (taskset, a cpuset
+// container; XLA sizes its pool by the same mask), else the machine's.
+inline int64_t usable_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
 // run(i) for every item i, on `pool` (an xla::ffi::ThreadPool) and this thread; returns when all are
 // done. `run` must stay valid to call until then (it is copied into the shared state). At most one
 // thread per core works: XLA's pool has as many threads as cores, and the calling thread is not one
@@ -75,7 +88,7 @@ template <typename Pool, typename Run>
 void run_items(Pool& pool, int64_t items, Run run) {
   if (items <= 0) return;
   auto shared = std::make_shared<Items<Run>>(std::move(run), items);
-  static const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  static const int64_t cores = usable_cores();
   const int64_t helpers = std::min<int64_t>({static_cast<int64_t>(pool.num_threads()), items - 1, cores - 1});
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();

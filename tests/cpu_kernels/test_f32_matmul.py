@@ -5,7 +5,9 @@ K in runs summed in order, a per-column tail; more by row tiles of 6
 and of 1-5 rows, 64- and 16-column strips and the per-column tail; weights [N, K]: groups of four
 columns by tiles of 6, 3 and 1 rows, K not a multiple of 16, the per-column tail), and
 `Attention.matmul`, which chooses it for the CPU kernels' few-row slabs (the model's projections and
-LM head) and XLA's dot otherwise."""
+LM head) and XLA's dot otherwise. The widths named are AVX-512's; an AVX2 build has 8-float vectors
+(e.g. 16-column strips, packed when more than two row tiles read them, and 2-row dot tiles), which
+`test_the_avx2_build_matches_the_oracle` runs where the host's own build is AVX-512."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def assert_close(got, x, w):
 
 @given(
     m=st.integers(1, 20),
-    k=st.sampled_from([16, 32, 576, 48, 5, 17, 100]),
+    k=st.sampled_from([16, 32, 576, 48, 5, 17, 100, 24, 40]),  # 24, 40: K % 16 == 8 (AVX2's last 8)
     n=st.integers(1, 200),
     w_nk=st.booleans(),
     stream_rows=st.sampled_from([0, 3, STREAM_ROWS]),
@@ -78,11 +80,15 @@ def test_model_sized_projections_match_the_oracle(m, k, n):
     assert_close(np.asarray(got), x, w)
 
 
-@pytest.mark.parametrize("m, k, n", [(1, 576, 49152 // 16), (3, 592, 3075), (8, 48, 1030), (9, 576, 1030)])
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(1, 576, 49152 // 16), (3, 592, 3075), (8, 48, 1030), (9, 576, 1030), (6, 584, 1030), (2, 24, 70)],
+)
 def test_few_rows_of_the_dot_form_match_the_oracle(m, k, n):
-    """w [N, K] at up to 8 rows reads each column's weights in order (K % 32 == 16 leaves a last 16),
-    in work items of 64-256 columns with groups of 4 and single columns at their ends; 9 rows take
-    the column-group tiles."""
+    """w [N, K] at up to 8 rows reads each column's weights in order (K % 32 == 16 leaves a last 16;
+    with AVX2, K % 16 == 8 a last 8, and 5-8 rows a second pass over each column), in work items of
+    64-256 columns with groups of 4 and single columns at their ends; 9 rows take the column-group
+    tiles."""
     x, w = random_inputs(m, k, n, seed=n)
     got = jax.jit(lambda x, w: f32_matmul(x, w, w_nk=True))(x, w.T.copy())
     assert_close(np.asarray(got), x, w)
@@ -147,6 +153,18 @@ def _hlo(attention, x, w, **kw):
 
 # the kernel's tiles are sized for AVX-512 and AVX2 + FMA; elsewhere XLA takes every slab
 KERNEL = build.vector_lanes() in (8, 16)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 -march")
+@pytest.mark.parametrize("march, lanes", [("x86-64", 0), ("x86-64-v3", 8), ("x86-64-v4", 16)])
+def test_the_vector_width_follows_the_librarys_march(monkeypatch, march, lanes):
+    monkeypatch.setenv("FASTGEN_KERNEL_MARCH", march)
+    build.vector_lanes.cache_clear()
+    try:
+        assert build.vector_lanes() == lanes
+    finally:
+        monkeypatch.delenv("FASTGEN_KERNEL_MARCH")
+        build.vector_lanes.cache_clear()
 
 
 def test_the_vector_width_decides_the_rows_the_kernel_takes(monkeypatch):
