@@ -24,7 +24,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # fusion emitter. Most of the suite's time is XLA compiling small programs it then runs a few times
 # (`pytest tests/test_llm_engine.py` on 2 cores: 150 s with XLA's defaults, 100 s with these). The
 # results are the same programs' results (the C++ kernels are built apart, with their own flags);
-# servers, benchmarks and the CLIs outside the tests keep XLA's defaults. FASTGEN_TEST_XLA=default
+# the servers and CLIs the tests start inherit the flags; run outside the suite they keep XLA's
+# defaults. FASTGEN_TEST_XLA=default
 # runs the suite with XLA's defaults; a GPU machine keeps them (they would slow its kernels' codegen).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 if os.environ.get("FASTGEN_TEST_XLA", "fast") == "fast" and not os.path.exists("/dev/nvidiactl"):
