@@ -190,7 +190,7 @@ int main() {
            }),
            int8_bytes);
   }
-  for (int M : {1, 4, 8, 16, 32, 64, 256}) {
+  for (int M : {1, 2, 4, 6, 8, 16, 32, 64, 256}) {
     report("f32", M, best_ms([&] {
              for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
                const auto& s = nk[i % 4];
