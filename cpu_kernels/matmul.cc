@@ -564,35 +564,11 @@ inline void stream_block(const float* __restrict x, const float* __restrict w, f
 }
 
 // Five to eight rows (as many accumulators as leave room for the weights in the vector registers:
-// 32 with AVX-512, 16 with AVX2). With AVX2, one to eight rows: blocks of up to four rows by two
-// 8-float vectors (8 accumulators, 2 weight vectors, the broadcast row value: 11 of the 16
-// registers); five to eight rows take the group twice, the second block reading its weights again
-// from cache. One row per 8-float vector, as a single block of eight rows has it, left the two FMA
-// pipes waiting on chains of eight dependent FMAs: SmolLM2's 30 layers' 8-row projections took
-// 38.3 / 45.3 ms (best / median of 12 rounds in turns, `scripts/matmul_harness.cc`, an AVX2-only
-// EPYC) against 46.8 / 51.7, and four rows 25.9 / 29.5 against 31.8 / 34.9 by `stream_group`; one,
-// two and six rows the same within the noise.
+// 32 with AVX-512, 16 with AVX2).
 template <int KB>
 inline void stream_rows_block(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k,
                               int64_t n1) {
   constexpr bool kWide = kLanes == 16;
-  if (!kWide) {
-    switch (M) {
-      case 1: return stream_block<1, 2, KB>(x, w, y, K, N, k, 0, n1, true);
-      case 2: return stream_block<2, 2, KB>(x, w, y, K, N, k, 0, n1, true);
-      case 3: return stream_block<3, 2, KB>(x, w, y, K, N, k, 0, n1, true);
-      case 4: return stream_block<4, 2, KB>(x, w, y, K, N, k, 0, n1, true);
-    }
-    stream_block<4, 2, KB>(x, w, y, K, N, k, 0, n1, true);
-    x += 4 * K;
-    y += 4 * N;
-    switch (M) {
-      case 5: return stream_block<1, 2, KB>(x, w, y, K, N, k, 0, n1, false);
-      case 6: return stream_block<2, 2, KB>(x, w, y, K, N, k, 0, n1, false);
-      case 7: return stream_block<3, 2, KB>(x, w, y, K, N, k, 0, n1, false);
-      default: return stream_block<4, 2, KB>(x, w, y, K, N, k, 0, n1, false);
-    }
-  }
   switch (M) {
     case 5: return stream_block<5, kWide ? 4 : 2, KB>(x, w, y, K, N, k, 0, n1, true);
     case 6: return stream_block<6, kWide ? 4 : 2, KB>(x, w, y, K, N, k, 0, n1, true);
@@ -603,8 +579,7 @@ inline void stream_rows_block(const float* x, const float* w, float* y, int64_t 
 
 // y[M, N] += x[:, k0 : k1] @ w[k0 : k1, :], reading those weight rows in order; each group of
 // kStreamK weight rows serves up to four rows of x one 16-column vector at a time, or five to eight
-// rows in register blocks (`stream_block`; with AVX2, one to eight rows, see `stream_rows_block`).
-// With AVX-512, 5-8 rows used to take the group twice, four rows at a
+// rows in register blocks (`stream_block`). 5-8 rows used to take the group twice, four rows at a
 // time, each pass reading and writing every partial sum: 8-row projections of SmolLM2's 30 layers
 // took 26.1-34.3 ms that way against 22.9-28.6 in blocks (`scripts/matmul_harness.cc`, five rounds
 // in turns); whole decode steps of 8 sequences 43.2-46.4 ms against 37.5-39.0 in three rounds, and
@@ -613,7 +588,7 @@ inline void stream_kn(const float* x, const float* w, float* y, int64_t M, int64
                       int64_t k1) {
   const int64_t n16 = N / kLanes * kLanes;
   int64_t k = k0;
-  if ((M > 4 || (kLanes == 8 && M >= 1)) && M <= 8) {  // AVX2: every slab of 1-8 rows by blocks
+  if (M > 4 && M <= 8) {
     for (; k + kStreamK <= k1; k += kStreamK) stream_rows_block<kStreamK>(x, w, y, M, K, N, k, n16);
   }
   for (; k + kStreamK <= k1; k += kStreamK) {
