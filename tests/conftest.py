@@ -14,23 +14,27 @@ import pytest
 # (Set in every process that imports this file: xdist workers inherit the controller's environment.)
 os.environ["FASTGEN_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="fastgen-xla-")
 
+
+def _add_xla_flags(flags: str) -> None:
+    """Appends `flags` to XLA_FLAGS unless their first flag's name is already there (the user's
+    value wins)."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if flags.split("=")[0] not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+
+
 # Before anything imports jax: the CPU backend then offers 4 devices (the default device stays the
 # first, so single-device tests are unaffected). A GPU machine's devices are not changed by it.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    _flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=4".strip()
+_add_xla_flags("--xla_force_host_platform_device_count=4")
 
 # The suite's CPU programs compile cheaply: LLVM without its optimisation passes and XLA:CPU's older
-# fusion emitter. Most of the suite's time is XLA compiling small programs it then runs a few times
-# (`pytest tests/test_llm_engine.py` on 2 cores: 150 s with XLA's defaults, 100 s with these). The
-# results are the same programs' results (the C++ kernels are built apart, with their own flags);
-# the servers and CLIs the tests start inherit the flags; run outside the suite they keep XLA's
-# defaults. FASTGEN_TEST_XLA=default
-# runs the suite with XLA's defaults; a GPU machine keeps them (they would slow its kernels' codegen).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# fusion emitter. Most of the suite's time is XLA compiling small programs that it then runs a few
+# times (`pytest tests/test_llm_engine.py` on 2 cores: 150 s with XLA's defaults, 100 s with these).
+# The C++ kernels are built apart, with their own flags. The servers and CLIs the tests start inherit
+# these flags; outside the suite they keep XLA's defaults. FASTGEN_TEST_XLA=default runs the suite
+# with XLA's defaults, and a GPU machine keeps them (they would slow its kernels' code generation).
 if os.environ.get("FASTGEN_TEST_XLA", "fast") == "fast" and not os.path.exists("/dev/nvidiactl"):
-    if FAST_COMPILE_FLAGS not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += f" {FAST_COMPILE_FLAGS}"
+    _add_xla_flags("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 
 
 def _has_gpu() -> bool:
