@@ -53,6 +53,7 @@ TARGETS = {
     "fastgen_ragged_paged_attention": "FastgenRaggedPagedAttention",
     "fastgen_int8_matmul": "FastgenInt8Matmul",
     "fastgen_f32_matmul": "FastgenF32Matmul",
+    "fastgen_f32_packed_matmul": "FastgenF32PackedMatmul",
     "fastgen_write_kv": "FastgenWriteKv",
 }
 
@@ -163,6 +164,16 @@ def build() -> pathlib.Path:
                 _build_errors[path] = error
                 raise
     return path
+
+
+@functools.cache
+def packed_strip() -> int:
+    """The float32 columns of one strip of the packed weight layout this library reads
+    (`cpu_kernels.matmul.f32_packed_matmul`): its [K, N] tiles' width, 16 with AVX2, 64 with AVX-512.
+    Builds and loads the library if needed (KernelBuildError if it cannot)."""
+    library = ctypes.cdll.LoadLibrary(str(load()))
+    library.fastgen_packed_strip.restype = ctypes.c_int64
+    return int(library.fastgen_packed_strip())
 
 
 @functools.cache

@@ -673,6 +673,61 @@ struct F32Problem {
   }
 };
 
+// ------------------------------------------------ float32, weights packed [N / kStrip, K, kStrip]
+
+// A [K, N] weight as the CPU kernels read it best: its columns cut into strips of kStrip (the
+// [K, N] tiles' width), each strip's K rows stored one after another, so a strip is one contiguous
+// run of K * kStrip floats; the last strip's missing columns are zeros. `fastgen_jax.weight_layout`
+// packs the layer stacks once at load time. In place, a strip's K rows of 64 bytes lie N floats apart
+// (a page apiece at N = 3072): the tiles either waited on those scattered reads or copied the strip
+// first (`rows_kn`). Packed, every row count goes by the same tiles of up to six rows, reading each
+// strip in order; so a row's result does not depend on the other rows of the slab.
+// `scripts/matmul_harness.cc`, SmolLM2's 30 layers from memory on a 2-core AVX2 EPYC: see
+// docs/benchmarks/cpu_step_profile.md.
+struct PackedProblem {
+  const float* x;
+  const float* w;  // [strips, K, kStrip]
+  float* y;        // [M, N]
+  int64_t M, K, N;
+
+  int64_t strips() const { return (N + kStrip - 1) / kStrip; }
+
+  void run(int64_t strip) const {
+    const float* sw = w + strip * K * kStrip;
+    // the next strip (this thread's or the other's): the hardware prefetcher follows each run of
+    // rows but not from one strip's end to the next's start
+    if (strip + 1 < strips()) {
+      for (int64_t i = 0; i < 8; ++i) __builtin_prefetch(sw + K * kStrip + i * kLanes * 2, 0, 1);
+    }
+    const int64_t n = strip * kStrip, width = std::min(kStrip, N - n);
+    if (width == kStrip) return tiles(sw, y, N, n);
+    // a last strip narrower than kStrip: its tiles write a [M, kStrip] scratch, the columns kept
+    thread_local std::vector<float> scratch;
+    scratch.resize(M * kStrip);
+    tiles(sw, scratch.data(), kStrip, 0);
+    for (int64_t m = 0; m < M; ++m) std::copy_n(scratch.data() + m * kStrip, width, y + m * N + n);
+  }
+
+  // out[m, c : c + kStrip] for every row, ldo floats a row: the fewest tiles of at most six rows,
+  // their sizes within one of each other.
+  void tiles(const float* sw, float* out, int64_t ldo, int64_t c) const {
+    const int64_t count = (M + 5) / 6, base = count ? M / count : 0, larger = count ? M % count : 0;
+    for (int64_t t = 0, m = 0; t < count; ++t) {
+      const int64_t rows = base + (t < larger);
+      const NextStrip none;
+      switch (rows) {
+        case 6: tile_kn<6, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+        case 5: tile_kn<5, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+        case 4: tile_kn<4, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+        case 3: tile_kn<3, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+        case 2: tile_kn<2, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+        default: tile_kn<1, kStripVectors>(x, sw, kStrip, out, K, ldo, m, c, false, none); break;
+      }
+      m += rows;
+    }
+  }
+};
+
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Products = true;
 
@@ -819,6 +874,8 @@ namespace {
 namespace ffi = xla::ffi;
 using fastgen_matmul::F32Problem;
 using fastgen_matmul::Problem;
+using fastgen_matmul::kStrip;
+using fastgen_matmul::PackedProblem;
 
 // Which matrix of a stack [L, ...] to read: 0 without a stack, else layer[0], checked to be in [0, L).
 ffi::Error stack_index(const std::string& kernel, bool stacked, ffi::Buffer<ffi::S32>& layer, int64_t depth,
@@ -902,6 +959,33 @@ ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// x [M, K] @ w -> y [M, N], w packed [(L,) ceil(N / kStrip), K, kStrip] (`PackedProblem`), layer
+// `layer` of a stack read in place.
+ffi::Error F32PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows_in, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || (wd.size() != 3 && wd.size() != 4) || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("packed float32 matmul: x [M, K], w [(L,) strips, K, width], y [M, N]");
+  }
+  const size_t r = wd.size() - 3;
+  const int64_t rows_given = xd[0], K = xd[1], N = yd[1];
+  if (wd[r + 2] != kStrip) {
+    return ffi::Error::InvalidArgument("packed float32 matmul: strips of " + std::to_string(wd[r + 2]) +
+                                       " columns, this build's are " + std::to_string(kStrip));
+  }
+  if (wd[r + 1] != K || yd[0] != rows_given || wd[r] != (N + kStrip - 1) / kStrip) {
+    return ffi::Error::InvalidArgument("packed float32 matmul: shapes do not match");
+  }
+  int64_t index;
+  if (auto error = stack_index("packed float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
+  const int64_t M = real_rows(rows_in, rows_given);
+  std::fill(y->typed_data() + M * N, y->typed_data() + rows_given * N, 0.0f);
+  const PackedProblem problem{x.typed_data(), w.typed_data() + index * wd[r] * K * kStrip, y->typed_data(), M, K, N};
+  fastgen_kernels::run_items(pool, M && K ? problem.strips() : 0, [problem](int64_t i) { problem.run(i); });
+  if (K == 0) std::fill(y->typed_data(), y->typed_data() + M * N, 0.0f);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenInt8Matmul, Impl,
@@ -924,4 +1008,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32Matmul, F32Impl,
                                   .Attr<bool>("w_nk")
                                   .Attr<int64_t>("stream_rows")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastgenF32PackedMatmul, F32PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [(L,) strips, K, kStrip]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer: i32[1], the stack's index
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: i32[1], x's real rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [M, N]
+
+// The packed layout's strip width in this build (float32 columns): `cpu_kernels.build` asks it.
+extern "C" int64_t fastgen_packed_strip() { return fastgen_matmul::kStrip; }
 #endif

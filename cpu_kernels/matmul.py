@@ -6,6 +6,12 @@ XLA's FFI so the step stays one compiled program.
 4-256 rows of SmolLM2's shapes below this kernel (`scripts/bench_f32_matmul.py`); the caller
 (`fastgen_jax.attention`) uses the kernel for the rows where it wins.
 
+`f32_packed_matmul(x, w_packed, n)` is the same product for weights stored in the CPU's packed layout
+(`pack_f32`: the columns cut into strips of `build.packed_strip()`, each strip's rows contiguous),
+which `fastgen_jax.weight_layout` gives a model's projections at load time: every row count reads
+the weights in order there, and at every row count it ran faster than both the [K, N] kernel and
+XLA's dot (docs/benchmarks/cpu_step_profile.md).
+
 `int8_matmul(x, q, scale)` is `(x @ q.T) * scale` for bfloat16 rows x [M, K], int8 weights q [N, K]
 (each output column's weights contiguous) and float32 per-column scales [N], summed in float32 into
 a float32 [M, N]: a weight-only quantized projection. It is meant for the few rows of a decode step
@@ -78,6 +84,58 @@ def f32_matmul(
         w_nk=w_nk,
         stream_rows=np.int64(STREAM_ROWS if stream_rows is None else stream_rows),
     )
+
+
+PACKED_TARGET = "fastgen_f32_packed_matmul"
+
+
+def pack_f32(w: jax.Array, strip: int | None = None) -> jax.Array:
+    """w [..., K, N] -> [..., ceil(N / strip), K, strip]: strip j holds columns [j * strip, (j + 1) *
+    strip) of every row, row after row; the last strip's missing columns are zeros. `strip`: the
+    library's (`build.packed_strip()`) unless given."""
+    strip = build.packed_strip() if strip is None else strip
+    *lead, k, n = w.shape
+    strips = -(-n // strip)
+    w = jnp.pad(w, [(0, 0)] * (len(lead) + 1) + [(0, strips * strip - n)])
+    w = w.reshape(*lead, k, strips, strip)
+    return jnp.swapaxes(w, -3, -2)
+
+
+def unpack_f32(packed: jax.Array, n: int) -> jax.Array:
+    """The inverse of `pack_f32`: [..., strips, K, strip] -> [..., K, n]."""
+    *lead, strips, k, strip = packed.shape
+    return jnp.swapaxes(packed, -3, -2).reshape(*lead, k, strips * strip)[..., :n]
+
+
+def f32_packed_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    n: int,
+    *,
+    layer: jax.Array | int | None = None,
+    rows: jax.Array | int | None = None,
+) -> jax.Array:
+    """f32 [M, K] x the packed f32 [strips, K, strip] (`pack_f32` of a [K, n]) -> f32 [M, n].
+
+    Every row goes through the same register tiles (up to 6 rows by one strip), each strip read in
+    order once per tile, so a row's result is the same bits whatever other rows share the call.
+    `layer` and `rows` as for `f32_matmul`: w a stack [L, strips, K, strip] read in place at layer
+    `layer`; only the first `rows` rows multiplied, the rest zeros."""
+    stacked = layer is not None
+    if x.ndim != 2 or w.ndim != 3 + stacked:
+        raise ValueError(f"{x.shape=}, {w.shape=}: want [M, K] and [(L,) strips, K, strip]")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"{x.dtype=}, {w.dtype=}: want float32")
+    strips, k, strip = w.shape[-3:]
+    if k != x.shape[1] or strips != -(-n // strip) or n <= 0:
+        raise ValueError(f"{x.shape=} and {w.shape=} (n={n}) do not match")
+    build.load()
+    if strip != build.packed_strip():
+        raise ValueError(f"weights packed in strips of {strip}; this library reads {build.packed_strip()}")
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    call = jax.ffi.ffi_call(PACKED_TARGET, out, vmap_method="sequential")
+    return call(x, w, index, _rows_operand(x, rows))
 
 
 def _rows_operand(x: jax.Array, rows: jax.Array | int | None) -> jax.Array:

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 import cpu_kernels
 from fastgen_jax.config import ATTENTION_IMPLS, ConfigError
+from fastgen_jax import weight_layout
 from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 
@@ -173,7 +174,36 @@ class Attention:
         index) too: the float32 kernel reads them in place, where XLA would first copy a scanned
         slice out for a custom call (SmolLM2 at 32 rows: 60.5 ms of projections on slices, 56.4 on
         the stack). XLA's own dot reads slices in place, so it takes the slice."""
-        return self._cpu_kernels and f32_kernel_rows() > 0
+        return self._cpu_kernels and (f32_kernel_rows() > 0 or self.packs_weights)
+
+    @property
+    def packs_weights(self) -> bool:
+        """Whether the model's float32 projections are stored packed for the CPU kernel
+        (`fastgen_jax.weight_layout`; then `packed_matmul` multiplies them at every row count)."""
+        return self._cpu_kernels and weight_layout.packs_here()
+
+    def packed_matmul(
+        self,
+        x: jax.Array,
+        w: jax.Array,
+        stack: tuple[jax.Array, jax.Array] | None,
+        out_shape: tuple[int, ...],
+        *,
+        rows: jax.Array | None = None,
+    ) -> jax.Array:
+        """A projection of packed float32 weights (`fastgen_jax.weight_layout`): x [T, *K] times w
+        [strips, K, strip] -> [T, *out_shape], by the C++ kernel at every row count. `stack` (or None): (the
+        whole stack [L, strips, K, strip] that w is a scanned slice of, w's index), read in place when
+        given; `rows` as for `matmul`."""
+        flat, n = x.reshape(x.shape[0], -1), math.prod(out_shape)
+        if stack is not None:
+            whole, index = stack
+            if whole.shape[1:] != w.shape:
+                raise ValueError(f"a stack {whole.shape} of slices {w.shape}: not w's stack")
+            y = cpu_kernels.matmul.f32_packed_matmul(flat, whole, n, layer=index, rows=rows)
+        else:
+            y = cpu_kernels.matmul.f32_packed_matmul(flat, w, n, rows=rows)
+        return y.reshape(x.shape[0], *out_shape)
 
     def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
         return (

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastgen_jax import distributed, executable_cache, parallel, quantize
+from fastgen_jax import distributed, executable_cache, parallel, quantize, weight_layout
 from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.engine import EngineLimits, pages_for
@@ -161,13 +161,15 @@ class ModelRunner:
         self.params = parallel.shard_params(params, model_config, self.mesh, self.dtype)
         if engine_config.quantize == "int8":  # split like the float weights it replaces
             self.params = quantize.quantize_over(self.params, model_config, self.mesh)
+        self.attention = get_attention(engine_config.attention_impl).over(self.mesh)
+        if self.attention.packs_weights and engine_config.quantize == "none":
+            self.params = weight_layout.pack_params(self.params)  # float32 projections only
         kv_sharding = parallel.kv_sharding(self.mesh)
         r, pages_dtype = self.limits, kv_dtype(engine_config, self.dtype)
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool
             lambda: init_kv_cache(self.model_config, r.num_pages, r.page_size, pages_dtype),
             out_shardings=kv_sharding,
         )()
-        self.attention = get_attention(engine_config.attention_impl).over(self.mesh)
         self._model = build_model(self.model_config, self.dtype, self.attention, r.max_model_len)
         self._replicated = parallel.replicated(self.mesh)
         self.sampled_tokens = jax.device_put(np.zeros(engine_config.max_num_seqs, np.int32), self._replicated)

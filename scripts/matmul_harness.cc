@@ -107,6 +107,13 @@ void run_f32(const P& p, int64_t i, int64_t, long) {
   p.run(i);
 }
 
+template <class Weights>
+int64_t f32_bytes_of(const Weights& f32) {
+  int64_t bytes = 0;
+  for (const auto& w : f32) bytes += w.size() * 4;
+  return bytes;
+}
+
 template <class F>
 double best_ms(F pass) {
   double best = 1e30;
@@ -117,6 +124,30 @@ double best_ms(F pass) {
   }
   return best;
 }
+
+template <class Weights, class Shapes, class Report>
+auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& x, std::vector<float>& y, Pool& pool,
+                Report report, int) -> decltype(PackedProblem{}, void()) {
+  std::vector<std::vector<float>> packed;
+  for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
+    const int64_t N = nk[i % 4][0], K = nk[i % 4][1], strips = (N + kStrip - 1) / kStrip;
+    std::vector<float> p(strips * K * kStrip, 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = f32[i][k * N + n];
+    packed.push_back(std::move(p));
+  }
+  for (int M : {1, 2, 4, 6, 8, 16, 32, 64, 256}) {
+    report("f32 packed", M, best_ms([&] {
+             for (int64_t i = 0; i < static_cast<int64_t>(packed.size()); ++i) {
+               const PackedProblem p{x.data(), packed[i].data(), y.data(), M, nk[i % 4][1], nk[i % 4][0]};
+               pool.run(p.strips(), [&](int64_t it) { p.run(it); });
+             }
+           }),
+           f32_bytes_of(f32));
+  }
+}
+template <class Weights, class Shapes, class Report>
+void run_packed(const Weights&, const Shapes&, const std::vector<float>&, std::vector<float>&, Pool&, Report, long) {}
 
 struct Int8Matrix {
   std::vector<int8_t> q;
@@ -203,6 +234,8 @@ int main() {
            }),
            f32_bytes);
   }
+  // the same weights packed [N / kStrip, K, kStrip] (fastgen_jax.weight_layout), where this version has it
+  run_packed(f32, nk, x, y, pool, report, 0);
   for (int M : {1, 4, 8, 16, 32}) {
     report("f32 head", M, best_ms([&] {
              F32Problem p{x.data(), head32.data(), y.data(), M, hidden, vocab, true, 8};

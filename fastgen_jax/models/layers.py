@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fastgen_jax import weight_layout
 from fastgen_jax.attention import Attention
 from fastgen_jax.config import ModelConfig
 from fastgen_jax.models.metadata import AttentionMetadata
@@ -198,6 +199,8 @@ class PagedAttention(nn.Module):
         )
         if (quantized := _quantized(self, "wo")) is not None:
             out = self.attention.int8_matmul(out.reshape(out.shape[0], -1), *quantized, rows=_REAL_ROWS.get())
+        elif (packed := _packed(self, "wo")) is not None:
+            out = self.attention.packed_matmul(out, *packed, (c.hidden_size,), rows=_REAL_ROWS.get())
         else:
             wo = self.param("wo", _init, (c.num_heads, c.head_dim, c.hidden_size), self.dtype)
             out = self.attention.matmul(out, wo, stack=_stacked(self, "wo"), rows=_REAL_ROWS.get())
@@ -206,7 +209,7 @@ class PagedAttention(nn.Module):
         return out, (k_pages, v_pages)
 
     def _project(self, x):
-        if self.has_variable("params", "wqkv") or self.has_variable("params", "wqkv_int8"):
+        if any(self.has_variable("params", f"wqkv{suffix}") for suffix in ("", "_int8", _PACKED)):
             return self._project_fused(x)
         c = self.config
         out = []
@@ -214,6 +217,8 @@ class PagedAttention(nn.Module):
             if (quantized := _quantized(self, f"w{name}")) is not None:
                 y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
                 y = y.reshape(x.shape[0], heads, c.head_dim)
+            elif (packed := _packed(self, f"w{name}")) is not None:
+                y = self.attention.packed_matmul(x, *packed, (heads, c.head_dim), rows=_REAL_ROWS.get())
             else:
                 w = self.param(f"w{name}", _init, (c.hidden_size, heads, c.head_dim), self.dtype)
                 y = self.attention.matmul(x, w, stack=_stacked(self, f"w{name}"), rows=_REAL_ROWS.get())
@@ -230,6 +235,10 @@ class PagedAttention(nn.Module):
             shards = self.attention.shards
             y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
             y = y.reshape(x.shape[0], shards, -1, c.head_dim)
+        elif (packed := _packed(self, "wqkv")) is not None:  # one device: S = 1
+            shards = self.attention.shards
+            per_shard = (c.num_heads + 2 * c.num_kv_heads) // shards
+            y = self.attention.packed_matmul(x, *packed, (shards, per_shard, c.head_dim), rows=_REAL_ROWS.get())
         else:
             w = self.get_variable("params", "wqkv")
             shards = w.shape[1]
@@ -285,6 +294,18 @@ def _quantized(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array, tupl
     if stacked_q is not None and stacked_scale is not None:
         stack = (stacked_q[0], stacked_scale[0], stacked_q[1])
     return q, scale, stack
+
+
+_PACKED = weight_layout.SUFFIX
+
+
+def _packed(module: nn.Module, name: str) -> tuple[jax.Array, tuple | None] | None:
+    """The packed float32 weights [strips, K, strip] that `fastgen_jax.weight_layout` put in place of
+    the module's weight `name`, and (their whole stack, this layer's index) when `CausalLM` handed the
+    stacks to the layers (else None); or None when it is not packed."""
+    if not module.has_variable("params", f"{name}{_PACKED}"):
+        return None
+    return module.get_variable("params", f"{name}{_PACKED}"), _stacked(module, f"{name}{_PACKED}")
 
 
 class _LayerStacks(NamedTuple):
@@ -349,7 +370,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         f = self.intermediate or c.intermediate_size
-        if self.has_variable("params", "w_gate_up") or self.has_variable("params", "w_gate_up_int8"):
+        if any(self.has_variable("params", f"w_gate_up{suffix}") for suffix in ("", "_int8", _PACKED)):
             gate, up = self._gate_up_fused(x, f)
             hidden = activation(c)(gate) * up
         else:
@@ -366,6 +387,9 @@ class MLP(nn.Module):
         if (quantized := _quantized(self, "w_gate_up")) is not None:  # [S x 2 x f / S, hidden]
             y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
             y = y.reshape(x.shape[0], self.attention.shards, 2, f // self.attention.shards)
+        elif (packed := _packed(self, "w_gate_up")) is not None:
+            shards = self.attention.shards
+            y = self.attention.packed_matmul(x, *packed, (shards, 2, f // shards), rows=_REAL_ROWS.get())
         else:
             w = self.get_variable("params", "w_gate_up")
             y = self.attention.matmul(x, w, stack=_stacked(self, "w_gate_up"), rows=_REAL_ROWS.get())
@@ -376,6 +400,8 @@ class MLP(nn.Module):
     def _linear(self, x, name: str, n_in: int, n_out: int):
         if (quantized := _quantized(self, f"w_{name}")) is not None:
             y = self.attention.int8_matmul(x, *quantized, rows=_REAL_ROWS.get())
+        elif (packed := _packed(self, f"w_{name}")) is not None:
+            y = self.attention.packed_matmul(x, *packed, (n_out,), rows=_REAL_ROWS.get())
         else:
             w = self.param(f"w_{name}", _init, (n_in, n_out), self.dtype)
             y = self.attention.matmul(x, w, stack=_stacked(self, f"w_{name}"), rows=_REAL_ROWS.get())

@@ -1,0 +1,80 @@
+"""The layer stack's float32 projections in the layout the CPU kernels read best (`Attention.packs_weights`).
+
+A projection `w` of the stack, [layers, *K, *N] (K the axes it contracts with the activations: one,
+or two for the output projection's [heads, head_dim]), becomes `w_packed` [layers, strips, K, strip]
+(`cpu_kernels.matmul.pack_f32` of the flattened [K, N]): its columns cut into strips of `strip`
+(the kernel's register tile width, `cpu_kernels.build.packed_strip()`), each strip's K rows one after
+another. The model multiplies it with `Attention.packed_matmul` and reshapes the product to N's axes.
+
+Why: in the [K, N] layout a strip's K rows lie N floats apart, so the kernel's tiles either waited on
+scattered reads or copied each strip first, and past 128 rows XLA's dot was no slower. Packed, every
+row count reads each strip in order. `scripts/matmul_harness.cc` on a 2-core AVX2 EPYC (Zen 3),
+SmolLM2's 30 layers of projections from memory, ms: 1 / 4 / 8 / 16 / 32 / 64 / 256 rows 14.1 / 19.4 /
+29.6 / 32.0 / 54.2 / 93.2 / 343 packed against 19.7 / 30.7 / 45.4 / 54.3 / 72.8 / 109 / 367 in place
+(docs/benchmarks/cpu_step_profile.md has the whole-step figures).
+
+Only where that was measured: the AVX2 build (`PACKED_BY_LANES`); on one device (the CPU kernels;
+tensor parallelism keeps XLA's dot over sharded [K, N] weights); float32 weights not quantized. The
+LM head keeps its [vocab, hidden] rows, which the embedding lookup shares. Packing runs once at load
+time, one small program per projection shape (a transpose: SmolLM2's 424 MB in well under a second).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import cpu_kernels.build
+import cpu_kernels.matmul
+from fastgen_jax.quantize import PROJECTIONS
+
+SUFFIX = "_packed"
+# Whether the float32 projections are packed, by the kernels' vector lanes (`vector_lanes()`): only
+# the AVX2 build's was measured (AVX-512 machines keep the in-place [K, N] tiles, whose 6 x 64
+# registers were tuned there).
+PACKED_BY_LANES = {8: True}
+# Set to a bool to override the above (tests and benchmarks compare both layouts); None: by the build.
+PACKED: bool | None = None
+
+
+def packs_here() -> bool:
+    """Whether this build of the CPU kernels takes packed float32 projections (`PACKED` when set)."""
+    if PACKED is not None:
+        return PACKED
+    return PACKED_BY_LANES.get(cpu_kernels.build.vector_lanes(), False)
+
+
+def pack_params(variables: dict, strip: int | None = None) -> dict:
+    """`variables` ({"params": ...}, fused by `parallel.fuse_projections`) with every float32
+    projection of the layer stack packed as the module docstring lays out; every other leaf passed on
+    as it is (no copy). `strip`: the library's (`cpu_kernels.build.packed_strip()`) unless given."""
+    strip = cpu_kernels.build.packed_strip() if strip is None else strip
+    params = variables["params"]
+    return {**variables, "params": {**params, "layers": _pack_tree(params["layers"], strip)}}
+
+
+def _pack_tree(tree: dict, strip: int) -> dict:
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            out[name] = value if name == "moe" else _pack_tree(value, strip)
+        elif name in PROJECTIONS and value.dtype == jnp.float32:
+            out[f"{name}{SUFFIX}"] = _packer(PROJECTIONS[name], strip)(value)
+        else:
+            out[name] = value
+    return out
+
+
+@functools.cache
+def _packer(k_axes: int, strip: int):
+    """w [layers, *K, *N] -> [layers, strips, prod(K), strip], one compiled program per shape."""
+
+    def pack(w):
+        k = 1
+        for size in w.shape[1 : 1 + k_axes]:
+            k *= size
+        return cpu_kernels.matmul.pack_f32(w.reshape(w.shape[0], k, -1), strip)
+
+    return jax.jit(pack)
