@@ -43,8 +43,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import cpu_kernels
-from fastgen_jax.config import ATTENTION_IMPLS, ConfigError
 from fastgen_jax import weight_layout
+from fastgen_jax.config import ATTENTION_IMPLS, ConfigError
 from fastgen_jax.parallel import AXIS
 from pallas_kernels import ragged_paged_attention, reference
 

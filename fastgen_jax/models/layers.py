@@ -237,8 +237,8 @@ class PagedAttention(nn.Module):
             y = y.reshape(x.shape[0], shards, -1, c.head_dim)
         elif (packed := _packed(self, "wqkv")) is not None:  # one device: S = 1
             shards = self.attention.shards
-            per_shard = (c.num_heads + 2 * c.num_kv_heads) // shards
-            y = self.attention.packed_matmul(x, *packed, (shards, per_shard, c.head_dim), rows=_REAL_ROWS.get())
+            heads = (c.num_heads + 2 * c.num_kv_heads) // shards
+            y = self.attention.packed_matmul(x, *packed, (shards, heads, c.head_dim), rows=_REAL_ROWS.get())
         else:
             w = self.get_variable("params", "wqkv")
             shards = w.shape[1]
