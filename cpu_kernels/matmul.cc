@@ -7,7 +7,10 @@
 // - w [K, N]: tiles of up to 6 rows x 64 columns held in 24 vector registers, each k broadcasting one
 //   value per row against the 64 weights of row k (no horizontal sums); the item's weights stream
 //   from memory for the first row tile (asked for a few k ahead) and from cache for the rest;
-// - w [N, K]: the dot form below (four columns at a time, vectorised over K).
+// - w [N, K]: the dot form below (four columns at a time, vectorised over K);
+// - w packed [N / kStrip, K, kStrip] (FastgenF32PackedMatmul, `PackedProblem`): the [K, N] tiles over
+//   strips stored contiguously at load time, one work item per strip, at every row count (the model's
+//   projections on AVX2 builds: fastgen_jax/weight_layout.py).
 // Every path has register tiles for AVX-512 (16 floats a vector, 32 registers) and for AVX2 with
 // FMA (8 floats, 16 registers: e.g. the [K, N] tiles are 6 rows x 16 columns there, and a strip that
 // more than two row tiles read is first packed into contiguous rows); `kLanes`.

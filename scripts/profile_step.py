@@ -17,7 +17,8 @@ For each kind:
 - device: the engine's compiled step program (the runner's executable) on the slab;
 - matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
   plus the LM head over the logits rows, as one program of the model's own `Attention.matmul` (or
-  `int8_matmul`) over weights of the model's shapes, called as the model calls them (each layer's
+  `int8_matmul`, or `packed_matmul` where the runner packs its weights: `fastgen_jax.weight_layout`)
+  over weights of the model's shapes, called as the model calls them (each layer's
   stack in place, `rows=` the slab's real rows, which the CPU kernels alone multiply);
 - attention: the configured attention implementation on the captured metadata, once per layer
   over the engine's own KV pool;
@@ -181,6 +182,15 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
         }
         head = (jnp.ones((c.vocab_size, d), jnp.int8), jnp.full((c.vocab_size,), 0.01))
         mm, mm_head = runner.attention.int8_matmul, runner.attention.int8_matmul
+    elif runner.attention.packs_weights:  # packed [L, strips, K, strip], as `weight_layout` stores them
+        from cpu_kernels.matmul import pack_f32
+
+        weights = {n: (pack_f32(jnp.full((L, *s), 0.01, runner.dtype)),) for n, s in shapes.items()}
+        head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
+        mm = None  # `p` below calls `packed_matmul`
+
+        def mm_head(h, w, rows):
+            return runner.attention.matmul(h, w, w_nk=True, rows=rows)
     else:
         weights = {n: (jnp.full((L, *s), 0.01, runner.dtype),) for n, s in shapes.items()}
         head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
@@ -197,6 +207,9 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
                 if FLAGS.quantize == "int8":
                     q, scale = weights[name]
                     return mm(h, q[i], scale[i], (q, scale, i), rows=real)
+                if runner.attention.packs_weights:
+                    w, n = weights[name][0], shapes[name][1]
+                    return runner.attention.packed_matmul(h, w[i], (w, i), (n,), rows=real)
                 return mm(h, weights[name][0][i], stack=(weights[name][0], i), rows=real)
 
             q, k, v = p("q", h), p("k", h), p("v", h)

@@ -195,7 +195,8 @@ def word_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer(backend, special_tokens={"eos_token": "w2"})
 
 
-def engine_greedy_tokens(attention_impl: str, prompts, num_new) -> list[list[int]]:
+def engine_greedy_tokens(attention_impl: str, prompts, num_new, keep_engine=False):
+    """Each prompt's greedy tokens through a tiny engine (and the engine, with `keep_engine`)."""
     config = tiny_config()
     checkpoint = Checkpoint(config, random_params(config), word_tokenizer(config.vocab_size), "")
     engine_config = EngineConfig(
@@ -214,6 +215,8 @@ def engine_greedy_tokens(attention_impl: str, prompts, num_new) -> list[list[int
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
+    if keep_engine:
+        return [tokens[i] for i in ids], engine
     return [tokens[i] for i in ids]
 
 

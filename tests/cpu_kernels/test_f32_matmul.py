@@ -290,7 +290,7 @@ def test_the_kernels_compile_without_avx512():
 )
 def test_the_avx2_build_matches_the_oracle():
     """An AVX-512 host's own build never runs the AVX2 + FMA tiles (16 registers, 8 lanes), which
-    AVX2-only CPUs (e.g. AMD Zen 2/3) do: this file's tests and the int8 kernel's run again in a
+    AVX2-only CPUs (e.g. AMD Zen 2/3) do: this file's tests, the packed and int8 kernels' run again in a
     subprocess on the library built with `FASTGEN_KERNEL_MARCH=x86-64-v3`."""
     root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "FASTGEN_KERNEL_MARCH": "x86-64-v3"}
@@ -315,6 +315,7 @@ def test_the_avx2_build_matches_the_oracle():
             "-k",
             "not avx2_build and not compile_without",
             "tests/cpu_kernels/test_f32_matmul.py",
+            "tests/cpu_kernels/test_f32_packed_matmul.py",
             "tests/cpu_kernels/test_int8_matmul.py",
         ],
         env=env,
