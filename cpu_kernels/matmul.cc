@@ -692,40 +692,55 @@ struct PackedProblem {
   const float* w;  // [strips, K, kStrip]
   float* y;        // [M, N]
   int64_t M, K, N;
+  int64_t blocks = 1;  // row blocks per strip (`split_rows`): a work item is (strip, row block)
 
   int64_t strips() const { return (N + kStrip - 1) / kStrip; }
+  int64_t items() const { return strips() * blocks; }
+  int64_t block_rows() const { return (M + blocks - 1) / blocks; }
 
-  // `next`: the strip this thread multiplies after this one (-1: none), asked for while this one's
-  // later row tiles run from cache (the first tile waits on this strip's own reads).
-  void run(int64_t strip, int64_t next = -1) const {
+  // Many threads and few strips (e.g. a 576-wide projection's 36 on a 32-core machine): each strip's
+  // rows split into blocks of whole 6-row tiles, so every thread gets about four items. A row's
+  // result is the same bits in any block. (On 2 cores SmolLM2's strips never split.)
+  void split_rows(int64_t workers) {
+    const int64_t want = (4 * workers + strips() - 1) / std::max<int64_t>(1, strips());
+    blocks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, M / 12));
+    const int64_t rows = (block_rows() + 5) / 6 * 6;  // whole tiles per block
+    blocks = rows ? (M + rows - 1) / rows : 1;
+  }
+
+  // Item `item`: one strip's block of rows. `next`: the item this thread runs after this one (-1:
+  // none), whose strip is asked for while this one's later row tiles run from cache (the first tile
+  // waits on this strip's own reads).
+  void run(int64_t item, int64_t next = -1) const {
+    const int64_t strip = item / blocks, r0 = item % blocks * block_rows(), r1 = std::min(M, r0 + block_rows());
+    const int64_t next_strip = next >= 0 && next / blocks != strip ? next / blocks : -1;
     const float* sw = w + strip * K * kStrip;
     // Three row tiles or more: their later tiles ask for the whole next strip. Fewer rows read the
     // weights about as fast as they multiply them, and the hardware prefetcher follows each strip's
     // run; it is only asked for the next strip's first lines (asking for all of it measured no
     // faster at 1-8 rows in the harness, 16-32 rows 17-20% faster with it).
-    const bool ask = next >= 0 && M > 12;
-    if (next >= 0 && !ask) {
-      for (int64_t i = 0; i < 8; ++i) __builtin_prefetch(w + next * K * kStrip + i * 16, 0, 1);
+    const bool ask = next_strip >= 0 && r1 - r0 > 12;
+    if (next_strip >= 0 && !ask) {
+      for (int64_t i = 0; i < 8 && i * 16 < K * kStrip; ++i) __builtin_prefetch(w + next_strip * K * kStrip + i * 16, 0, 1);
     }
-    const float* ahead = ask ? w + next * K * kStrip : nullptr;
+    const float* ahead = ask ? w + next_strip * K * kStrip : nullptr;
     const int64_t n = strip * kStrip, width = std::min(kStrip, N - n);
-    if (width == kStrip) return tiles(sw, y, N, n, ahead);
-    // a last strip narrower than kStrip: its tiles write a [M, kStrip] scratch, the columns kept
+    if (width == kStrip) return tiles(sw, y + r0 * N + n, N, r0, r1, ahead);
+    // a last strip narrower than kStrip: its tiles write a [rows, kStrip] scratch, the columns kept
     thread_local std::vector<float> scratch;
-    scratch.resize(M * kStrip);
-    tiles(sw, scratch.data(), kStrip, 0, ahead);
-    for (int64_t m = 0; m < M; ++m) std::copy_n(scratch.data() + m * kStrip, width, y + m * N + n);
+    scratch.resize((r1 - r0) * kStrip);
+    tiles(sw, scratch.data(), kStrip, r0, r1, ahead);
+    for (int64_t m = r0; m < r1; ++m) std::copy_n(scratch.data() + (m - r0) * kStrip, width, y + m * N + n);
   }
 
-  // out[m0 : m0 + MR, c : c + kStrip] (ldo floats a row) = x[m0 : m0 + MR, :] @ the strip; one cache
-  // line of `ask` (ask_lines of them) asked for into L2 every `every` weight rows.
+  // o[0 : MR, 0 : kStrip] (ldo floats a row) = xr[0 : MR, :] @ the strip; one cache line of `ask`
+  // (ask_lines of them) asked for into L2 every `every` weight rows.
   template <int MR>
-  void tile(const float* __restrict sw, float* __restrict out, int64_t ldo, int64_t m0, int64_t c,
+  void tile(const float* __restrict sw, const float* __restrict xr, float* __restrict o, int64_t ldo,
             const char* ask, int64_t ask_lines, int64_t every) const {
     vf acc[MR][kStripVectors];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) acc[m][j] = vf{};
-    const float* __restrict xr = x + m0 * K;
     int64_t countdown = every;
     for (int64_t k = 0; k < K; ++k) {
       vf wv[kStripVectors];
@@ -743,14 +758,16 @@ struct PackedProblem {
       }
     }
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < kStripVectors; ++j) store(out + (m0 + m) * ldo + c + kLanes * j, acc[m][j]);
+      for (int j = 0; j < kStripVectors; ++j) store(o + m * ldo + kLanes * j, acc[m][j]);
   }
 
-  // Every row: the fewest tiles of at most six rows, their sizes within one of each other. The tiles
-  // after the first share the asking for `ahead` (the next strip, K * kStrip floats), spread evenly
-  // over their weight rows; with one tile it asks, once per row, for what the hardware will not.
-  void tiles(const float* sw, float* out, int64_t ldo, int64_t c, const float* ahead) const {
-    const int64_t count = (M + 5) / 6, base = count ? M / count : 0, larger = count ? M % count : 0;
+  // Rows [r0, r1) into out (row r0 first, ldo floats a row): the fewest tiles of at most six rows,
+  // their sizes within one of each other. The tiles after the first share the asking for `ahead`
+  // (the next strip, K * kStrip floats), spread evenly over their weight rows; a lone tile asks for
+  // all of it.
+  void tiles(const float* sw, float* out, int64_t ldo, int64_t r0, int64_t r1, const float* ahead) const {
+    const int64_t rows_all = r1 - r0;
+    const int64_t count = (rows_all + 5) / 6, base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
     const int64_t lines = ahead ? (K * kStrip * 4 + 63) / 64 : 0;
     const int64_t askers = std::max<int64_t>(1, count - 1), share = (lines + askers - 1) / askers;
     const int64_t every = share ? std::max<int64_t>(1, K / share) : 1;
@@ -760,13 +777,15 @@ struct PackedProblem {
       const int64_t first = std::min(lines, i * share);
       const int64_t take = t == 0 && count > 1 ? 0 : std::min(lines, first + share) - first;
       const char* ask = ahead ? reinterpret_cast<const char*>(ahead) + first * 64 : nullptr;
+      const float* xr = x + (r0 + m) * K;
+      float* o = out + m * ldo;
       switch (rows) {
-        case 6: tile<6>(sw, out, ldo, m, c, ask, take, every); break;
-        case 5: tile<5>(sw, out, ldo, m, c, ask, take, every); break;
-        case 4: tile<4>(sw, out, ldo, m, c, ask, take, every); break;
-        case 3: tile<3>(sw, out, ldo, m, c, ask, take, every); break;
-        case 2: tile<2>(sw, out, ldo, m, c, ask, take, every); break;
-        default: tile<1>(sw, out, ldo, m, c, ask, take, every); break;
+        case 6: tile<6>(sw, xr, o, ldo, ask, take, every); break;
+        case 5: tile<5>(sw, xr, o, ldo, ask, take, every); break;
+        case 4: tile<4>(sw, xr, o, ldo, ask, take, every); break;
+        case 3: tile<3>(sw, xr, o, ldo, ask, take, every); break;
+        case 2: tile<2>(sw, xr, o, ldo, ask, take, every); break;
+        default: tile<1>(sw, xr, o, ldo, ask, take, every); break;
       }
       m += rows;
     }
@@ -1025,8 +1044,9 @@ ffi::Error F32PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   if (auto error = stack_index("packed float32 matmul", r, layer, wd[0], &index); !error.success()) return error;
   const int64_t M = real_rows(rows_in, rows_given);
   std::fill(y->typed_data() + M * N, y->typed_data() + rows_given * N, 0.0f);
-  const PackedProblem problem{x.typed_data(), w.typed_data() + index * wd[r] * K * kStrip, y->typed_data(), M, K, N};
-  fastgen_kernels::run_items(pool, M && K ? problem.strips() : 0,
+  PackedProblem problem{x.typed_data(), w.typed_data() + index * wd[r] * K * kStrip, y->typed_data(), M, K, N};
+  problem.split_rows(std::min<int64_t>(pool.num_threads() + 1, fastgen_kernels::usable_cores()));
+  fastgen_kernels::run_items(pool, M && K ? problem.items() : 0,
                              [problem](int64_t i, int64_t next) { problem.run(i, next); });
   if (K == 0) std::fill(y->typed_data(), y->typed_data() + M * N, 0.0f);
   return ffi::Error::Success();

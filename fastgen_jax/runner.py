@@ -162,8 +162,8 @@ class ModelRunner:
         if engine_config.quantize == "int8":  # split like the float weights it replaces
             self.params = quantize.quantize_over(self.params, model_config, self.mesh)
         self.attention = get_attention(engine_config.attention_impl).over(self.mesh)
-        if self.attention.packs_weights and engine_config.quantize == "none":
-            self.params = weight_layout.pack_params(self.params)  # float32 projections only
+        if self.attention.packs_weights and engine_config.quantize == "none" and self.dtype == jnp.float32:
+            self.params = weight_layout.pack_params(self.params)  # replaces the unpacked leaves
         kv_sharding = parallel.kv_sharding(self.mesh)
         r, pages_dtype = self.limits, kv_dtype(engine_config, self.dtype)
         self.kv_cache = jax.jit(  # zeroed where it lives: no device ever holds the whole pool

@@ -47,9 +47,12 @@ def packs_here() -> bool:
 
 
 def pack_params(variables: dict, strip: int | None = None) -> dict:
-    """`variables` ({"params": ...}, fused by `parallel.fuse_projections`) with every float32
+    """`variables` ({"params": ...}, fused by `parallel.fuse_projections`, float32) with every
     projection of the layer stack packed as the module docstring lays out; every other leaf passed on
-    as it is (no copy). `strip`: the library's (`cpu_kernels.build.packed_strip()`) unless given."""
+    as it is (no copy). The layer stack's dicts are consumed: each projection is dropped from them as
+    soon as its packed copy exists, so loading holds one projection twice at most, not all of them.
+    `strip`: the library's (`cpu_kernels.build.packed_strip()`) unless given. Raises ValueError for
+    a projection that is not float32 (the packed kernel multiplies float32 rows only)."""
     strip = cpu_kernels.build.packed_strip() if strip is None else strip
     params = variables["params"]
     return {**variables, "params": {**params, "layers": _pack_tree(params["layers"], strip)}}
@@ -57,11 +60,15 @@ def pack_params(variables: dict, strip: int | None = None) -> dict:
 
 def _pack_tree(tree: dict, strip: int) -> dict:
     out = {}
-    for name, value in tree.items():
+    for name in list(tree):
+        value = tree[name]
         if isinstance(value, dict):
             out[name] = value if name == "moe" else _pack_tree(value, strip)
-        elif name in PROJECTIONS and value.dtype == jnp.float32:
-            out[f"{name}{SUFFIX}"] = _packer(PROJECTIONS[name], strip)(value)
+        elif name in PROJECTIONS:
+            if value.dtype != jnp.float32:
+                raise ValueError(f"{name} is {value.dtype}: only float32 projections are packed")
+            del value
+            out[f"{name}{SUFFIX}"] = _packer(PROJECTIONS[name], strip)(tree.pop(name))
         else:
             out[name] = value
     return out

@@ -140,7 +140,7 @@ auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& 
     report("f32 packed", M, best_ms([&] {
              for (int64_t i = 0; i < static_cast<int64_t>(packed.size()); ++i) {
                const PackedProblem p{x.data(), packed[i].data(), y.data(), M, nk[i % 4][1], nk[i % 4][0]};
-               pool.run(p.strips(), [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
+               pool.run(p.items(), [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
              }
            }),
            f32_bytes_of(f32));

@@ -3,7 +3,7 @@ beside its floor.
 
     python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
     python scripts/profile_step.py --attention_impl=reference    # the same with another kernel
-    python scripts/profile_step.py --f32_kernel_rows=0           # float32 projections by XLA's dot
+    python scripts/profile_step.py --f32_kernel_rows=0 --packed=off   # float32 projections by XLA's dot
 
 Step kinds, each a slab built as the engine's `StepPlanner` would (same bucket, slots and page-table
 width), with every sequence's pages scattered over the pool; no prefill is run, since attention costs
@@ -57,7 +57,15 @@ flags.DEFINE_integer(
     "f32_kernel_rows",
     -1,
     "Override fastgen_jax.attention.F32_KERNEL_ROWS (-1: keep it; 0: XLA's dot for every float32 "
-    "projection), to compare the C++ float32 matmul against XLA's in whole steps.",
+    "projection left in [K, N]), to compare the C++ float32 matmul against XLA's in whole steps. "
+    "Packed projections ignore it: add --packed=off.",
+)
+flags.DEFINE_enum(
+    "packed",
+    "auto",
+    ["auto", "on", "off"],
+    "fastgen_jax.weight_layout.PACKED: whether the runner packs the float32 projections (auto: by the "
+    "build, on AVX2).",
 )
 flags.DEFINE_enum(
     "kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "EngineConfig.kv_cache_dtype (KV pages' type)."
@@ -349,6 +357,10 @@ def main(argv):
         from fastgen_jax import attention
 
         attention.F32_KERNEL_ROWS = FLAGS.f32_kernel_rows
+    if FLAGS.packed != "auto":
+        from fastgen_jax import weight_layout
+
+        weight_layout.PACKED = FLAGS.packed == "on"
 
     contexts = [int(x) for x in FLAGS.contexts]
     seqs = [int(x) for x in FLAGS.decode_seqs]

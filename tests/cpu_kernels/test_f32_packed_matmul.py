@@ -7,6 +7,7 @@ an AVX2 build where the host's own is AVX-512."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -59,10 +60,12 @@ def test_model_sized_projections_match_the_oracle(m, k, n):
     assert_close(packed_product(x, w), x, w)
 
 
-def test_a_row_gives_the_same_bits_whatever_rows_share_the_call():
+@pytest.mark.parametrize("k, n", [(576, 200), (64, 20)])  # (64, 20): two strips, rows split in blocks
+def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(k, n):
     """Every row goes through the same tiles, summing K in order: the slab around it changes nothing
-    (a sequence's tokens do not depend on what else the step batched)."""
-    x, w = random_inputs(37, 576, 200, seed=3)
+    (a sequence's tokens do not depend on what else the step batched), nor does a strip's rows being
+    split into blocks where there are few strips for the threads."""
+    x, w = random_inputs(37, k, n, seed=3)
     whole = packed_product(x, w)
     for lo, hi in [(0, 1), (5, 6), (3, 11), (30, 37)]:
         np.testing.assert_array_equal(packed_product(x[lo:hi], w), whole[lo:hi])
@@ -110,6 +113,7 @@ def test_a_stack_indexed_by_a_traced_layer_in_scan_matches_each_layer():
     ],
 )
 def test_bad_inputs_raise(change, match):
+    """The wrapper's checks; `test_the_kernel_checks_shapes_itself` calls the custom call directly."""
     x, w = random_inputs(2, 32, 40)
     with pytest.raises(ValueError, match=match):
         f32_packed_matmul(*change(jnp.asarray(x), pack_f32(jnp.asarray(w)), 40))
@@ -135,7 +139,7 @@ def test_a_model_with_packed_projections_matches_the_reference(packed_layout, fu
     params = random_params(config)
     if fused:
         params = {"params": parallel.fuse_projections(params["params"], 1)}
-    packed = weight_layout.pack_params(params)
+    packed = weight_layout.pack_params(jax.tree.map(lambda a: a, params))  # it consumes its dicts
     layers = packed["params"]["layers"]
     names = {name for tree in layers.values() if isinstance(tree, dict) for name in tree}
     assert names and all(not n.startswith("w") or n.endswith("_packed") for n in names), names
@@ -165,3 +169,45 @@ def test_the_engine_packs_its_projections_and_the_step_reads_them_in_place(packe
     assert len(calls) == 4 and all(o.startswith(f"{runner.model_config.num_layers},") for o in operands)
     assert all(o.count(",") == 3 and o.endswith(f",{STRIP}") for o in operands), operands
     assert tokens == engine_greedy_tokens("reference", prompts, 6)
+
+
+def test_the_kernel_checks_shapes_itself():
+    """The C++ handler refuses shapes the wrapper would have caught (a call made without it)."""
+    x, w = random_inputs(2, 32, 40)
+    packed = pack_f32(jnp.asarray(w))
+    f32_packed_matmul(jnp.asarray(x), packed, 40)  # registers the target
+    index, rows = jnp.zeros(1, jnp.int32), jnp.full(1, 2, jnp.int32)
+
+    def call(x, w, n):
+        out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call("fastgen_f32_packed_matmul", out)(x, w, index, rows)
+
+    for args, match in [
+        ((x[:, :-1], packed, 40), "do not match"),  # K
+        ((x, packed, 40 + STRIP), "do not match"),  # strips for N
+        ((x, packed[..., :-1], 40), "strips of"),
+    ]:
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(call(*args))
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8")])
+def test_bfloat16_and_int8_engines_keep_their_weights_unpacked(packed_layout, dtype, quantize):
+    from fastgen_jax.config import EngineConfig
+    from fastgen_jax.runner import ModelRunner
+    from tests.test_attention_dispatch import random_params, tiny_config
+
+    config = tiny_config()
+    engine = EngineConfig(max_num_seqs=2, page_size=8, num_pages=8, max_model_len=32, attention_impl="cpu")
+    runner = ModelRunner(config, random_params(config), dataclasses.replace(engine, quantize=quantize), dtype)
+    assert runner.attention.packs_weights
+    leaves = jax.tree_util.tree_flatten_with_path(runner.params)[0]
+    assert not [path for path, _ in leaves if "packed" in jax.tree_util.keystr(path)]
+
+
+def test_pack_params_refuses_a_projection_that_is_not_float32():
+    from tests.test_attention_dispatch import random_params, tiny_config
+
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(tiny_config()))
+    with pytest.raises(ValueError, match="only float32"):
+        weight_layout.pack_params(params)
