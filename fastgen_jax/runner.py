@@ -47,7 +47,8 @@ from fastgen_jax.attention import get_attention
 from fastgen_jax.config import ConfigError, EngineConfig, ModelConfig
 from fastgen_jax.engine import EngineLimits, pages_for
 from fastgen_jax.models import StepPlan, build_model, init_kv_cache, kv_bytes_per_page
-from fastgen_jax.sampler import sample, verify
+from fastgen_jax.models.layers import logit_rows_in_use
+from fastgen_jax.sampler import sample_used, verify
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ class ModelRunner:
         from_previous = previous_tokens[jnp.maximum(plan.previous_slot, 0)]  # [T]
         token_ids = jnp.where(plan.previous_slot >= 0, from_previous, plan.token_ids)
         logits, kv_cache = self._model.apply(params, token_ids, kv_cache, plan.attention)
-        sampled = sample(logits, plan.sampling, token_bitmask)
+        used = logit_rows_in_use(plan.attention, logits.shape[0])
+        sampled = sample_used(logits, plan.sampling, token_bitmask, used)
         num_emitted, last = verify(sampled[0], plan.sampling)
         tokens = previous_tokens.at[: last.shape[0]].set(last)
         tokens = jnp.where(plan.attention.num_seqs[0] > 0, tokens, previous_tokens)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastgen_jax.sampler import SamplingArrays, argmax, sample
+from fastgen_jax import sampler
+from fastgen_jax.sampler import SamplingArrays, argmax, sample, sample_used
 
 VOCAB = 50
 
@@ -158,3 +159,26 @@ def test_sampled_rows_under_a_bitmask_draw_only_allowed_tokens():
         jnp.asarray(logits), settings(256, temperature=5.0, seed=np.arange(256)), mask
     )
     assert set(np.asarray(tokens).tolist()) == {3, 17, 40}
+
+
+@pytest.mark.parametrize("used", [1, 5, 6, 16])
+def test_sampling_the_used_rows_only_gives_their_tokens(monkeypatch, used):
+    """`sample_used` over a bucket of 16 rows, 5 of which fit its few-row branch: each used row's
+    token and log-probabilities are `sample`'s, greedy, sampled and masked rows alike."""
+    monkeypatch.setattr(sampler, "FEW_ROWS", 5)
+    rows = 16
+    logits = jnp.asarray(random_logits(rows, seed=9))
+    s = settings(
+        rows, temperature=np.where(np.arange(rows) % 2, 2.0, 0.0), top_k=np.where(np.arange(rows) % 3, 0, 5),
+        seed=np.arange(rows), step=7, logprobs=True,
+    )  # fmt: skip
+    allowed = np.ones((rows, VOCAB), bool)
+    allowed[2, :40] = False
+    mask = jnp.asarray(pack(allowed))
+    whole = jax.jit(sample)(logits, s, mask)
+    few = jax.jit(sample_used)(logits, s, mask, jnp.int32(used))
+    for a, b in zip(whole, few, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(b)[:used], np.asarray(a)[:used], rtol=1e-6, atol=1e-6)
+        if used <= 5:
+            np.testing.assert_array_equal(np.asarray(b)[5:], 0)

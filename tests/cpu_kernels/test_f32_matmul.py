@@ -201,6 +201,26 @@ def test_the_cpu_kernels_take_few_float32_rows_and_xla_the_rest():
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_head_of_more_rows_than_the_kernel_takes_multiplies_the_used_rows_by_the_kernel(monkeypatch):
+    """The LM head of a prompt step's bucket ([N, K], `rows=`): the kernel when the used rows fit
+    it, XLA's dot when they do not; the used rows' logits are the same either way."""
+    from fastgen_jax import attention
+
+    monkeypatch.setattr(attention, "F32_KERNEL_ROWS", 4)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((12, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)  # [N, K]
+    head = jax.jit(lambda x, w, rows: Attention("cpu").matmul(x, w, w_nk=True, rows=rows))
+    hlo = head.lower(x, w, jnp.int32(3)).as_text()
+    assert ("fastgen_f32_matmul" in hlo) == KERNEL
+    expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    for used in (1, 4, 5, 12):
+        got = np.asarray(head(x, w, jnp.int32(used)))
+        np.testing.assert_allclose(got[:used], expected[:used], rtol=1e-5, atol=1e-5)
+        if KERNEL and used <= 4:  # the kernel leaves the unused rows zero
+            np.testing.assert_array_equal(got[used:], 0.0)
+
+
 def test_two_contracted_axes_as_the_output_projection():
     """wo [heads, head_dim, hidden] contracts the attention output's last two axes."""
     rng = np.random.default_rng(1)
