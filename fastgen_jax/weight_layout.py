@@ -15,7 +15,8 @@ SmolLM2's 30 layers of projections from memory, ms: 1 / 4 / 8 / 16 / 32 / 64 / 2
 
 Only where that was measured: the AVX2 build (`PACKED_BY_LANES`); on one device (the CPU kernels;
 tensor parallelism keeps XLA's dot over sharded [K, N] weights); float32 weights not quantized. The
-LM head keeps its [vocab, hidden] rows, which the embedding lookup shares. Packing runs once at load
+LM head is packed too ([vocab, hidden] read as the [K, N] = [hidden, vocab] it multiplies), and a tied
+embedding's lookup reads the packed copy (`packed_rows`). Packing runs once at load
 time, one small program per projection shape (a transpose: SmolLM2's 424 MB in well under a second).
 """
 
@@ -54,8 +55,15 @@ def pack_params(variables: dict, strip: int | None = None) -> dict:
     `strip`: the library's (`cpu_kernels.build.packed_strip()`) unless given. Raises ValueError for
     a projection that is not float32 (the packed kernel multiplies float32 rows only)."""
     strip = cpu_kernels.build.packed_strip() if strip is None else strip
-    params = variables["params"]
-    return {**variables, "params": {**params, "layers": _pack_tree(params["layers"], strip)}}
+    params = dict(variables["params"])
+    params["layers"] = _pack_tree(params["layers"], strip)
+    # The LM head: its own weight when untied, else the embedding, whose lookup then reads the packed
+    # copy too (`CausalLM`), so packing adds no memory.
+    head = "lm_head" if "lm_head" in params else "embed"
+    if params[head].dtype != jnp.float32:
+        raise ValueError(f"{head} is {params[head].dtype}: only float32 projections are packed")
+    params[f"{head}{SUFFIX}"] = _head_packer(strip)(params.pop(head))
+    return {**variables, "params": params}
 
 
 def _pack_tree(tree: dict, strip: int) -> dict:
@@ -85,3 +93,16 @@ def _packer(k_axes: int, strip: int):
         return cpu_kernels.matmul.pack_f32(w.reshape(w.shape[0], k, -1), strip)
 
     return jax.jit(pack)
+
+
+@functools.cache
+def _head_packer(strip: int):
+    """[vocab, hidden] (the embedding's rows) -> [strips, hidden, strip]: the LM head's [K, N] packed."""
+    return jax.jit(lambda w: cpu_kernels.matmul.pack_f32(w.T, strip))
+
+
+def packed_rows(packed: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows `ids` [T] of the [vocab, hidden] matrix that `packed` [strips, hidden, strip] holds
+    (an embedding lookup on the packed head): [T, hidden]."""
+    strip = packed.shape[-1]
+    return packed[ids // strip, :, ids % strip]

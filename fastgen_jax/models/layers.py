@@ -473,8 +473,12 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, token_ids: jax.Array, kv_cache: KVCache, md: AttentionMetadata):
         c = self.config
-        embedding = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
-        h = embedding[token_ids]  # [T, hidden]
+        if self.has_variable("params", f"embed{_PACKED}"):  # tied and packed (`weight_layout`)
+            embedding = None
+            h = weight_layout.packed_rows(self.get_variable("params", f"embed{_PACKED}"), token_ids)
+        else:
+            embedding = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
+            h = embedding[token_ids]  # [T, hidden]
         if c.position_embedding == "learned":  # OPT: a table of max positions (+ its offset) rows
             rows = c.max_position_embeddings + c.learned_pos_offset
             table = self.param("pos_embed", _init, (rows, c.hidden_size), self.dtype)
@@ -494,8 +498,12 @@ class CausalLM(nn.Module):
         (h, kv_cache), _ = layers((h, kv_cache), layer_settings(c), md, stacks)
         h = norm(c, self.dtype, "final_norm")(h[md.logits_indices])
         rows = logit_rows_in_use(md, h.shape[0])
+        head_packed = f"{'embed' if c.tie_word_embeddings else 'lm_head'}{_PACKED}"
         if (quantized := _quantized(self, "lm_head")) is not None:
             logits = self.attention.int8_matmul(h, *quantized, preferred_element_type=jnp.float32, rows=rows)
+        elif self.has_variable("params", head_packed):
+            packed = self.get_variable("params", head_packed)
+            logits = self.attention.packed_matmul(h, packed, None, (c.vocab_size,), rows=rows)
         else:
             unembed = embedding
             if not c.tie_word_embeddings:

@@ -127,15 +127,16 @@ def packed_layout(monkeypatch):
     monkeypatch.setattr(weight_layout, "PACKED", True)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_model_with_packed_projections_matches_the_reference(packed_layout, fused):
+@pytest.mark.parametrize("fused, tied", [(False, True), (True, True), (True, False)])
+def test_a_model_with_packed_projections_matches_the_reference(packed_layout, fused, tied):
     """Every projection kind packed (q/k/v apart or fused, the output projection's two contracted
-    axes, gate/up apart or fused, down), through the model's scan and paged cache: the logits
-    of the reference model on the unpacked weights."""
+    axes, gate/up apart or fused, down) and the LM head (a tied embedding, whose lookup then reads
+    the packed copy, or an untied head; 61 tokens: a last strip part padding), through the model's
+    scan and paged cache: the logits of the reference model on the unpacked weights."""
     from tests.paged import paged_logits
     from tests.test_attention_dispatch import REFERENCE, random_params, tiny_config
 
-    config = tiny_config(sliding_window=None)
+    config = tiny_config(sliding_window=None, tie_word_embeddings=tied)
     params = random_params(config)
     if fused:
         params = {"params": parallel.fuse_projections(params["params"], 1)}
@@ -143,6 +144,9 @@ def test_a_model_with_packed_projections_matches_the_reference(packed_layout, fu
     layers = packed["params"]["layers"]
     names = {name for tree in layers.values() if isinstance(tree, dict) for name in tree}
     assert names and all(not n.startswith("w") or n.endswith("_packed") for n in names), names
+    top = set(packed["params"])
+    assert top >= ({"embed_packed"} if tied else {"embed", "lm_head_packed"}), top
+    assert not top & ({"embed", "lm_head"} if tied else {"embed_packed", "lm_head"}), top
     ids = np.random.default_rng(1).integers(0, config.vocab_size, 29).tolist()
     kw = dict(chunks=[5, 11, 1, 12], page_size=8, slab=16)
     expected = paged_logits(config, params, ids, attention=REFERENCE, **kw)
@@ -153,7 +157,7 @@ def test_a_model_with_packed_projections_matches_the_reference(packed_layout, fu
 def test_the_engine_packs_its_projections_and_the_step_reads_them_in_place(packed_layout):
     """The runner packs the layer stack on the CPU kernels, and the compiled step multiplies every
     projection by the packed kernel over its whole stack [L, strips, K, strip] (no slice copied out,
-    no XLA dot); the LM head keeps the [N, K] kernel. Greedy tokens equal the reference engine's."""
+    no XLA dot), and the LM head by the same kernel. Greedy tokens equal the reference engine's."""
     from tests.test_attention_dispatch import engine_greedy_tokens
 
     rng = np.random.default_rng(0)
@@ -166,8 +170,13 @@ def test_the_engine_packs_its_projections_and_the_step_reads_them_in_place(packe
     text = next(iter(runner._executables.values())).as_text()
     calls = [line for line in text.splitlines() if 'custom_call_target="fastgen_f32_packed_matmul"' in line]
     operands = [re.findall(r"f32\[([\d,]*)\]", line.split("custom-call(", 1)[1])[1] for line in calls]
-    assert len(calls) == 4 and all(o.startswith(f"{runner.model_config.num_layers},") for o in operands)
-    assert all(o.count(",") == 3 and o.endswith(f",{STRIP}") for o in operands), operands
+    layer_calls = [o for o in operands if o.count(",") == 3]  # the stacks; then the head's [strips, K, strip]
+    assert len(layer_calls) == 4 and all(
+        o.startswith(f"{runner.model_config.num_layers},") for o in layer_calls
+    )
+    assert all(o.endswith(f",{STRIP}") for o in operands), operands
+    c = runner.model_config
+    assert len(operands) == 5 and f"{-(-c.vocab_size // STRIP)},{c.hidden_size},{STRIP}" in operands, operands
     assert tokens == engine_greedy_tokens("reference", prompts, 6)
 
 
