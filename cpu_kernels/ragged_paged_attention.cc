@@ -37,7 +37,7 @@
 #include <utility>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -265,12 +265,52 @@ inline void scores16(const float* __restrict q, const float* __restrict k, int64
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// The lane sums of a, b, c and d as one vector (lane j: the sum of the j-th), by three horizontal
+// adds and one of the halves: against about six operations for each separate reduction.
+inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// sc[j] = q . k[j] for keys j in [begin, end), four keys at a time (AVX2: the query's vectors and the
+// four keys' sums fit the 16 registers at head sizes up to 64): each key's products accumulate over D
+// in a vector, and the four reduce together (`sums4`). On a 2-core AVX2 EPYC, decode 32 x 512 over
+// 30 layers' pools (`bench_cpu_attention.py --layers=30`): see docs/benchmarks/cpu_step_profile.md.
+template <int kD>
+inline void scores4(const float* __restrict q, const float* __restrict k, int64_t begin, int64_t end,
+                    float* __restrict sc) {
+  static_assert(kD % 8 == 0, "head size in whole vectors");
+  __m256 qv[kD / 8];
+  for (int c = 0; c < kD / 8; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  for (int64_t j0 = begin; j0 < end; j0 += 4) {
+    __m256 acc[4];
+    for (int jj = 0; jj < 4; ++jj) {
+      const float* row = k + std::min<int64_t>(j0 + jj, end - 1) * kD;  // past the end: a repeat
+      acc[jj] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
+      for (int c = 1; c < kD / 8; ++c) acc[jj] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(row + 8 * c), acc[jj]);
+    }
+    const __m128 s = sums4(acc[0], acc[1], acc[2], acc[3]);
+    if (end - j0 >= 4) {
+      _mm_storeu_ps(sc + j0, s);
+    } else {
+      float t[4];
+      _mm_storeu_ps(t, s);
+      std::copy(t, t + (end - j0), sc + j0);
+    }
+  }
+}
+#endif
+
 // sc[j] = q . k[j] for keys j in [begin, end): 16 keys at a time where AVX-512 and a head size in
-// whole vectors allow, else one dot product per key.
+// whole vectors allow, 4 with AVX2 and a head size of 8-64 in whole vectors, else one dot product
+// per key.
 template <int kD>
 inline void scores(const float* q, const float* k, int64_t begin, int64_t end, float* sc, int64_t D) {
 #ifdef __AVX512F__
   if constexpr (kD > 0 && kD % 16 == 0) return scores16<kD>(q, k, begin, end, sc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kD > 0 && kD % 8 == 0 && kD <= 64) return scores4<kD>(q, k, begin, end, sc);
 #endif
   for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(q, k + j * D, D);
 }

@@ -194,11 +194,11 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
         from cpu_kernels.matmul import pack_f32
 
         weights = {n: (pack_f32(jnp.full((L, *s), 0.01, runner.dtype)),) for n, s in shapes.items()}
-        head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
+        head = (pack_f32(jnp.full((d, c.vocab_size), 0.01, runner.dtype)),)  # the head packed too
         mm = None  # `p` below calls `packed_matmul`
 
         def mm_head(h, w, rows):
-            return runner.attention.matmul(h, w, w_nk=True, rows=rows)
+            return runner.attention.packed_matmul(h, w, None, (c.vocab_size,), rows=rows)
     else:
         weights = {n: (jnp.full((L, *s), 0.01, runner.dtype),) for n, s in shapes.items()}
         head = (jnp.full((c.vocab_size, d), 0.01, runner.dtype),)
