@@ -423,9 +423,76 @@ void page_by_dots(const Params& p, Queries& w, const float* k, const float* v, i
 
 // st[j, :] = k[j] . qt[:, 0:kQueryTile] for keys j in [j0, min(j0 + kKeyTile, end)): a small matrix
 // product, each key's value broadcast against a vector of kQueryTile queries (no horizontal sums).
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define FASTGEN_ATTENTION_AVX2_TILES 1
+// AVX2 (16 registers): the tiles below in registers by hand. Written as arrays, the 8 keys' sums
+// (16 vectors) and the P.V rows of two queries (16) outgrew the registers, and GCC kept them on the
+// stack: a `perf record` of prompt attention put a quarter of its samples on those stores.
+static_assert(kQueryTile == 16, "a tile's queries are two vectors");
+
+// score_tile for four keys at a time: their sums against the tile's 16 queries in 8 registers.
+inline void score_tile_avx2(const float* __restrict qt, int64_t stride, const float* __restrict k, int64_t j0,
+                            int64_t end, float* __restrict st, int64_t D) {
+  for (int64_t j = j0; j < std::min(j0 + kKeyTile, end); j += 4) {
+    const float* rows[4];
+    for (int jj = 0; jj < 4; ++jj) rows[jj] = k + std::min(j + jj, end - 1) * D;
+    __m256 lo[4], hi[4];
+    for (int jj = 0; jj < 4; ++jj) lo[jj] = hi[jj] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 q0 = _mm256_loadu_ps(qt + d * stride), q1 = _mm256_loadu_ps(qt + d * stride + 8);
+      for (int jj = 0; jj < 4; ++jj) {
+        const __m256 kd = _mm256_broadcast_ss(rows[jj] + d);
+        lo[jj] = _mm256_fmadd_ps(kd, q0, lo[jj]);
+        hi[jj] = _mm256_fmadd_ps(kd, q1, hi[jj]);
+      }
+    }
+    for (int jj = 0; jj < 4 && j + jj < end; ++jj) {
+      _mm256_storeu_ps(st + (j + jj) * kQueryTile, lo[jj]);
+      _mm256_storeu_ps(st + (j + jj) * kQueryTile + 8, hi[jj]);
+    }
+  }
+}
+
+// pv_tile for four queries x 16 of the head's values at a time (8 registers), over the page's keys.
+inline void pv_tile_avx2(float* __restrict acc, const float* __restrict alpha, const float* __restrict p,
+                         const float* __restrict v, int64_t begin, int64_t end, int64_t n, int64_t D) {
+  for (int64_t i0 = 0; i0 < n; i0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - i0);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m256 lo[4], hi[4];
+      for (int i = 0; i < 4; ++i) {
+        if (i < m) {
+          const __m256 a = _mm256_set1_ps(alpha[i0 + i]);
+          lo[i] = _mm256_mul_ps(a, _mm256_loadu_ps(acc + (i0 + i) * D + d0));
+          hi[i] = _mm256_mul_ps(a, _mm256_loadu_ps(acc + (i0 + i) * D + d0 + 8));
+        } else {
+          lo[i] = hi[i] = _mm256_setzero_ps();
+        }
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        const __m256 v0 = _mm256_loadu_ps(v + j * D + d0), v1 = _mm256_loadu_ps(v + j * D + d0 + 8);
+        const float* pj = p + j * kQueryTile + i0;  // i0 + 3 < kQueryTile: whole groups of four
+        for (int i = 0; i < 4; ++i) {
+          const __m256 w = _mm256_broadcast_ss(pj + i);
+          lo[i] = _mm256_fmadd_ps(w, v0, lo[i]);
+          hi[i] = _mm256_fmadd_ps(w, v1, hi[i]);
+        }
+      }
+      for (int i = 0; i < m; ++i) {
+        _mm256_storeu_ps(acc + (i0 + i) * D + d0, lo[i]);
+        _mm256_storeu_ps(acc + (i0 + i) * D + d0 + 8, hi[i]);
+      }
+    }
+  }
+}
+#endif
+
 template <int kD>
 inline void score_tile(const float* __restrict qt, int64_t stride, const float* __restrict k, int64_t j0,
                        int64_t end, float* __restrict st, int64_t D) {
+#ifdef FASTGEN_ATTENTION_AVX2_TILES
+  if constexpr (kD > 0 && kD % 16 == 0) return score_tile_avx2(qt, stride, k, j0, end, st, kD);
+#endif
   const int64_t n = kD > 0 ? kD : D;
   float acc[kKeyTile][kQueryTile] = {};
   const float* rows[kKeyTile];
@@ -449,6 +516,9 @@ inline void score_tile(const float* __restrict qt, int64_t stride, const float* 
 template <int kD>
 inline void pv_tile(float* __restrict acc, const float* __restrict alpha, const float* __restrict p,
                     const float* __restrict v, int64_t begin, int64_t end, int64_t n, int64_t D) {
+#ifdef FASTGEN_ATTENTION_AVX2_TILES
+  if constexpr (kD > 0 && kD % 16 == 0) return pv_tile_avx2(acc, alpha, p, v, begin, end, n, kD);
+#endif
   if constexpr (kD > 0) {
     for (int64_t i0 = 0; i0 < n; i0 += kPvQueries) {
       const int64_t m = std::min(kPvQueries, n - i0);
