@@ -49,9 +49,10 @@ def packs_here() -> bool:
 
 def pack_params(variables: dict, strip: int | None = None) -> dict:
     """`variables` ({"params": ...}, fused by `parallel.fuse_projections`, float32) with every
-    projection of the layer stack packed as the module docstring lays out; every other leaf passed on
-    as it is (no copy). The layer stack's dicts are consumed: each projection is dropped from them as
-    soon as its packed copy exists, so loading holds one projection twice at most, not all of them.
+    projection of the layer stack and the LM head packed as the module docstring lays out; every
+    other leaf passed on as it is (no copy). The layer stack's dicts are consumed: each projection is
+    dropped from them as soon as its packed copy exists, so loading holds one projection twice at
+    most, not all of them.
     `strip`: the library's (`cpu_kernels.build.packed_strip()`) unless given. Raises ValueError for
     a projection that is not float32 (the packed kernel multiplies float32 rows only)."""
     strip = cpu_kernels.build.packed_strip() if strip is None else strip
