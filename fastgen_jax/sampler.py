@@ -22,8 +22,6 @@ serves constrained and unconstrained steps alike.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
@@ -35,8 +33,6 @@ MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (logits / T stays fi
 ARGMAX_CHUNK = 256  # vocabulary entries per chunk of `argmax`'s first pass
 # `sample_used`: a step whose used logit rows fit in this many samples only those (its rows lead).
 FEW_ROWS = 64
-# SamplingArrays' per-logit-row fields (cu_logit_rows is per slot, and `sample` does not read it).
-_ROW_FIELDS = ("temperature", "top_k", "top_p", "seed", "step", "logprobs", "draft_token_ids")
 
 
 def argmax(logits: jax.Array) -> jax.Array:
@@ -174,20 +170,29 @@ def verify(tokens: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
 def sample_used(
     logits: jax.Array, s: SamplingArrays, token_bitmask: jax.Array | None, used: jax.Array
 ) -> tuple[jax.Array, ...]:
-    """`sample` of logits f32[L, V] whose first `used` rows (i32[], traced) are the step's: where
-    they fit in FEW_ROWS (of more), only those rows are sampled and the rest of each output is
-    zeros; else every row. Each row samples alone (its own key), so a used row's outputs are the same
-    either way. A prompt step's bucket has many logit rows (256 at a 512-token budget) of which its
-    few sequences use a handful: sampling all of them over SmolLM2's 49k vocabulary cost about 20 ms
-    of such a step on a 2-core AVX2 EPYC."""
+    """`sample` of logits f32[L, V] whose first `used` rows (i32[], traced) are the step's. Where they
+    fit in FEW_ROWS (of more) and the step is plain greedy (every row greedy, no log-probabilities,
+    no constraint), only those rows' argmax is taken and the rest of each output is zeros; else
+    `sample` over every row. A used row's outputs are the same either way. A prompt step's bucket
+    has many logit rows (256 at a 512-token budget) of which its few sequences use a handful: their
+    argmax over SmolLM2's 49k vocabulary cost about 20 ms of such a step on a 2-core AVX2 EPYC.
+    Only the greedy step takes the short way, so the program holds one more argmax, not a second
+    sampler (which added 5 s to start-up's compile)."""
     rows = logits.shape[0]
     if rows <= FEW_ROWS:
         return sample(logits, s, token_bitmask)
+    plain = (used <= FEW_ROWS) & jnp.all(s.temperature < MIN_TEMPERATURE) & ~jnp.any(s.logprobs)
+    if token_bitmask is not None:
+        plain &= jnp.all(token_bitmask == -1)
+    k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
 
     def few(logits):
-        head = dataclasses.replace(s, **{name: getattr(s, name)[:FEW_ROWS] for name in _ROW_FIELDS})
-        mask = None if token_bitmask is None else token_bitmask[:FEW_ROWS]
-        out = sample(logits[:FEW_ROWS], head, mask)
-        return tuple(jnp.pad(x, [(0, rows - FEW_ROWS)] + [(0, 0)] * (x.ndim - 1)) for x in out)
+        tokens = jnp.pad(argmax(logits[:FEW_ROWS].astype(jnp.float32)), (0, rows - FEW_ROWS))
+        zeros = (
+            jnp.zeros(rows, jnp.float32),
+            jnp.zeros((rows, k), jnp.int32),
+            jnp.zeros((rows, k), jnp.float32),
+        )
+        return tokens, *zeros
 
-    return jax.lax.cond(used <= FEW_ROWS, few, lambda x: sample(x, s, token_bitmask), logits)
+    return jax.lax.cond(plain, few, lambda x: sample(x, s, token_bitmask), logits)

@@ -162,23 +162,28 @@ def test_sampled_rows_under_a_bitmask_draw_only_allowed_tokens():
 
 
 @pytest.mark.parametrize("used", [1, 5, 6, 16])
-def test_sampling_the_used_rows_only_gives_their_tokens(monkeypatch, used):
-    """`sample_used` over a bucket of 16 rows, 5 of which fit its few-row branch: each used row's
-    token and log-probabilities are `sample`'s, greedy, sampled and masked rows alike."""
+@pytest.mark.parametrize("kind", ["greedy", "sampled", "logprobs", "masked"])
+def test_sampling_the_used_rows_only_gives_their_tokens(monkeypatch, used, kind):
+    """`sample_used` over a bucket of 16 rows, 5 of which fit its short way (a plain greedy step):
+    each used row's outputs are `sample`'s, whichever way the step takes."""
     monkeypatch.setattr(sampler, "FEW_ROWS", 5)
     rows = 16
     logits = jnp.asarray(random_logits(rows, seed=9))
-    s = settings(
-        rows, temperature=np.where(np.arange(rows) % 2, 2.0, 0.0), top_k=np.where(np.arange(rows) % 3, 0, 5),
-        seed=np.arange(rows), step=7, logprobs=True,
-    )  # fmt: skip
-    allowed = np.ones((rows, VOCAB), bool)
-    allowed[2, :40] = False
-    mask = jnp.asarray(pack(allowed))
+    values = dict(seed=np.arange(rows), step=7)
+    if kind == "sampled":
+        values |= dict(temperature=np.where(np.arange(rows) % 2, 2.0, 0.0), top_k=3)
+    if kind == "logprobs":
+        values |= dict(logprobs=True)
+    s = settings(rows, **values)
+    mask = jnp.full((rows, -(-VOCAB // 32)), -1, jnp.int32)  # no constraint, as the engine sends it
+    if kind == "masked":
+        allowed = np.ones((rows, VOCAB), bool)
+        allowed[np.arange(rows), np.asarray(logits).argmax(-1)] = False  # each row's best banned
+        mask = jnp.asarray(pack(allowed))
     whole = jax.jit(sample)(logits, s, mask)
     few = jax.jit(sample_used)(logits, s, mask, jnp.int32(used))
     for a, b in zip(whole, few, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(b)[:used], np.asarray(a)[:used], rtol=1e-6, atol=1e-6)
-        if used <= 5:
-            np.testing.assert_array_equal(np.asarray(b)[5:], 0)
+    if kind == "greedy" and used <= 5:  # the short way: the rows past FEW_ROWS are zeros
+        np.testing.assert_array_equal(np.asarray(few[0])[5:], 0)
