@@ -208,10 +208,13 @@ class Attention:
             y = cpu_kernels.matmul.f32_packed_matmul(flat, w, n, rows=rows)
         return y.reshape(x.shape[0], *out_shape)
 
-    def _f32_kernel(self, x: jax.Array, w: jax.Array) -> bool:
+    def _f32_kernel(self, x: jax.Array, w: jax.Array, *, any_rows: bool = False) -> bool:
+        """Whether the float32 kernel can multiply x by w here: at x's rows, or (`any_rows`) at
+        however many rows a traced `rows=` turns out to use, up to `f32_kernel_rows()`."""
         return (
             self.reads_weight_stacks
-            and x.shape[0] <= f32_kernel_rows()
+            and 0 < f32_kernel_rows()
+            and (any_rows or x.shape[0] <= f32_kernel_rows())
             and x.dtype == jnp.float32
             and w.dtype == jnp.float32
         )
@@ -237,15 +240,15 @@ class Attention:
         and gives zeros below; XLA's dot computes every row."""
         use_kernel = self._f32_kernel(x, w)
         if w_nk:
-            if use_kernel:
-                return cpu_kernels.matmul.f32_matmul(x, w, w_nk=True, rows=rows)
+            kernel = lambda x, w: cpu_kernels.matmul.f32_matmul(x, w, w_nk=True, rows=rows)
             xla = lambda x, w: jnp.einsum("tk,nk->tn", x, w, preferred_element_type=preferred_element_type)
-            if rows is not None and f32_kernel_rows() > 0 and self._f32_kernel(x[: f32_kernel_rows()], w):
+            if use_kernel:
+                return kernel(x, w)
+            if rows is not None and self._f32_kernel(x, w, any_rows=True):
                 # More rows than the kernel takes, of which a step mostly uses a few (a prompt step's
                 # LM head: its sequences' last rows of a 256-row bucket): the kernel over those when
                 # they fit it, else XLA's dot over all. On a 2-core AVX2 EPYC, SmolLM2's head at 32
                 # rows of 256 took 24 ms against XLA's 105; at 256 of 256, 111 against 97.
-                kernel = lambda x, w: cpu_kernels.matmul.f32_matmul(x, w, w_nk=True, rows=rows)
                 return jax.lax.cond(rows <= f32_kernel_rows(), kernel, xla, x, w)
             return xla(x, w)
         k_axes = x.ndim - 1

@@ -61,8 +61,7 @@ def pack_params(variables: dict, strip: int | None = None) -> dict:
     # The LM head: its own weight when untied, else the embedding, whose lookup then reads the packed
     # copy too (`CausalLM`), so packing adds no memory.
     head = "lm_head" if "lm_head" in params else "embed"
-    if params[head].dtype != jnp.float32:
-        raise ValueError(f"{head} is {params[head].dtype}: only float32 projections are packed")
+    _check_float32(head, params[head])
     params[f"{head}{SUFFIX}"] = _head_packer(strip)(params.pop(head))
     return {**variables, "params": params}
 
@@ -74,13 +73,18 @@ def _pack_tree(tree: dict, strip: int) -> dict:
         if isinstance(value, dict):
             out[name] = value if name == "moe" else _pack_tree(value, strip)
         elif name in PROJECTIONS:
-            if value.dtype != jnp.float32:
-                raise ValueError(f"{name} is {value.dtype}: only float32 projections are packed")
+            _check_float32(name, value)
             del value
             out[f"{name}{SUFFIX}"] = _packer(PROJECTIONS[name], strip)(tree.pop(name))
         else:
             out[name] = value
     return out
+
+
+def _check_float32(name: str, value: jax.Array) -> None:
+    """ValueError where `value` is not float32 (the packed kernel multiplies float32 only)."""
+    if value.dtype != jnp.float32:
+        raise ValueError(f"{name} is {value.dtype}: only float32 projections are packed")
 
 
 @functools.cache
