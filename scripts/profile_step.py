@@ -15,11 +15,11 @@ the same over any key values (a 32 x 2k decode would otherwise need 64k prompt t
 
 For each kind:
 - device: the engine's compiled step program (the runner's executable) on the slab;
-- matmuls: the layer projections (q, k, v, o, gate, up, down) over the slab's rows for every layer,
-  plus the LM head over the logits rows, as one program of the model's own `Attention.matmul` (or
-  `int8_matmul`, or `packed_matmul` where the runner packs its weights: `fastgen_jax.weight_layout`)
-  over weights of the model's shapes, called as the model calls them (each layer's
-  stack in place, `rows=` the slab's real rows, which the CPU kernels alone multiply);
+- matmuls: the layer projections (qkv, o, gate_up, down: fused as the model runs them) over the
+  slab's rows for every layer, plus the LM head over the logits rows, as one program of the model's
+  own `Attention.matmul` (or `int8_matmul`, or `packed_matmul` where the runner packs its weights:
+  `fastgen_jax.weight_layout`) over weights of the model's shapes, called as the model calls them
+  (each layer's stack in place, `rows=` the slab's real rows, which the CPU kernels alone multiply);
 - attention: the configured attention implementation on the captured metadata, once per layer
   over the engine's own KV pool;
 - kv_write: the K/V write of the slab's rows into every layer's pages (donated pool), as the
@@ -181,8 +181,8 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     rows, logits_rows = plan.bucket, plan.num_slots
     L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
     kvd = c.num_kv_heads * c.head_dim
-    shapes = {"q": (d, hd), "k": (d, kvd), "v": (d, kvd), "o": (hd, d), "gate": (d, f), "up": (d, f)}
-    shapes["down"] = (f, d)
+    # fused as `parallel.fuse_projections` leaves them for the model: q/k/v in one, gate/up in one
+    shapes = {"qkv": (d, hd + 2 * kvd), "o": (hd, d), "gate_up": (d, 2 * f), "down": (f, d)}
     x = jnp.ones((rows, d), runner.dtype)
     if FLAGS.quantize == "int8":  # int8 [L, N, K] and scales, multiplied as the model does
         weights = {
@@ -220,9 +220,10 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
                     return runner.attention.packed_matmul(h, w[i], (w, i), (n,), rows=real)
                 return mm(h, weights[name][0][i], stack=(weights[name][0], i), rows=real)
 
-            q, k, v = p("q", h), p("k", h), p("v", h)
+            q, k, v = jnp.split(p("qkv", h), [hd, hd + kvd], axis=1)
             h = h + p("o", q + jnp.pad(k + v, ((0, 0), (0, hd - kvd))))
-            return h + p("down", jax.nn.silu(p("gate", h)) * p("up", h)), None
+            gate, up = jnp.split(p("gate_up", h), 2, axis=1)
+            return h + p("down", jax.nn.silu(gate) * up), None
 
         h, _ = jax.lax.scan(layer, x, jnp.arange(L))
         return mm_head(h[:logits_rows], *head, rows=jnp.minimum(real, logits_rows))
