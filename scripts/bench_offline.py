@@ -50,7 +50,13 @@ streamed the weights at full bandwidth, whichever bounds it. It ignores KV-cache
 norms and sampling, so it is optimistic: "fraction of floor" (floor time / our time) is at most 1
 and says how much of the machine we leave unused.
 
-Timings on a shared CPU are noisy; the JSON records the load average before and after.
+Timings on a shared CPU are noisy; the JSON records the load average before and after. A slow
+spell of a minute or two moves one engine's figure and so the ratios, since the engines run one after
+another. `--rounds=N` runs the workload N times, each engine once per round in turn (round r's
+prompts drawn with seed `--seed` + r, so no engine's cache has seen them), keeps every engine loaded
+between rounds, and reports the medians: each engine's throughput, each ratio as the median of the
+rounds' own ratios (an engine against the one run just before or after it), and the floor fraction;
+each round's figures are printed and kept under "rounds" in the JSON.
 
     python scripts/bench_offline.py                  # the default workload, both engines
     python scripts/bench_offline.py --quick          # a tiny smoke test
@@ -58,6 +64,7 @@ Timings on a shared CPU are noisy; the JSON records the load average before and 
     python scripts/bench_offline.py --workload=w0    # W0: 32 requests, prompts U[64, 256], 64 new
     scripts/build_llama_cpp.sh                       # prints the path of llama-server
     python scripts/bench_offline.py --workload=w0 --llama_cpp=PATH   # all three engines
+    python scripts/bench_offline.py --workload=w0 --llama_cpp=PATH --rounds=3   # in turns, medians
 """
 
 from __future__ import annotations
@@ -134,6 +141,13 @@ _KV_CACHE_DTYPE = flags.DEFINE_enum(
     "Our engine's KV pages (EngineConfig.kv_cache_dtype; auto: --dtype). llama.cpp's KV is "
     "--llama_cpp_cache_type (f16 by default).",
 )
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    1,
+    "Rounds of the workload, each engine once per round in turn (ours, transformers, llama.cpp), round "
+    "r's prompts drawn with seed --seed + r. With more than one, the report's figures are medians over "
+    "the rounds, and each ratio the median of the rounds' own ratios (see above).",
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny workload and engine limits: a smoke test.")
 _OUTPUT_JSON = flags.DEFINE_string(
     "output_json",
@@ -181,9 +195,11 @@ class BenchConfig:
     dtype: str = "float32"
     quantize: str = "none"
     kv_cache_dtype: str = "auto"
+    rounds: int = 1
 
     def __post_init__(self):
         for name in (
+            "rounds",
             "num_requests",
             "prompt_len",
             "gen_len",
@@ -253,6 +269,7 @@ def config_from_flags() -> BenchConfig:
             "dtype",
             "quantize",
             "kv_cache_dtype",
+            "rounds",
         )
     }
     if values["quick"]:
@@ -281,8 +298,9 @@ def normal_lengths(rng: np.random.Generator, n: int, mean: int) -> list[int]:
     return [int(x) for x in np.clip(draws, 1, 2 * mean)]
 
 
-def make_workload(cfg: BenchConfig, vocab_size: int) -> Workload:
-    rng = np.random.default_rng(cfg.seed)
+def make_workload(cfg: BenchConfig, vocab_size: int, round_index: int = 0) -> Workload:
+    """Round `round_index`'s workload: drawn with seed --seed + round_index."""
+    rng = np.random.default_rng(cfg.seed + round_index)
     if cfg.workload == "w0":
         low, high = W0_PROMPT_LENS
         prompt_lens = [int(n) for n in rng.integers(low, high + 1, size=cfg.num_requests)]
@@ -491,10 +509,12 @@ def transformers_generate(
     return [list(results[i].generated_tokens) for i in ids]
 
 
-def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int) -> dict[str, Any]:
-    start = time.perf_counter()
-    model = load_transformers(cfg.hf_model)
-    print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int, model=None) -> dict[str, Any]:
+    """The workload through transformers; `model` as `load_transformers` gives it (loaded here if None)."""
+    if model is None:
+        start = time.perf_counter()
+        model = load_transformers(cfg.hf_model)
+        print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     warm = Workload(workload.prompts[:4], [min(g, 8) for g in workload.gen_lens[:4]])
     transformers_generate(model, warm, cfg, num_pages, desc="transformers warm-up")
     start = time.perf_counter()
@@ -595,8 +615,9 @@ def compute_floor(
 
 def format_table(report: dict[str, Any]) -> str:
     wl, res, fl, cf = report["workload"], report["results"], report["floor"], report["config"]
+    which = f" (round {report['median_round'] + 1}, the median's)" if "rounds" in report else ""
     lines = [
-        f"workload: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
+        f"workload{which}: {wl['num_requests']} requests, {wl['prompt_tokens']} prompt + "
         f"{wl['generated_tokens']} generated tokens (means {wl['prompt_len_mean']}/"
         f"{wl['gen_len_mean']}, seed {wl['seed']})",
         f"model: {report['model']}, ours {cf.get('dtype', 'float32')}"
@@ -609,16 +630,20 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for name, r in res.items():
         lines.append(f"{name:<14}{r['wall_s']:>9.2f}{r['gen_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}")
+    if report.get("rounds"):
+        lines += format_rounds(report["rounds"])
     ours = res["fastgen-jax"]
+    rounds = report.get("rounds", [])
+    of = f", the median of {len(rounds)} rounds' ratios" if rounds else ""
     if "transformers" in res:
         lines.append(
-            f"ours / transformers (throughput): {report['speedup']:.2f}x; greedy outputs "
+            f"ours / transformers (throughput{of}): {report['speedup']:.2f}x; greedy outputs "
             f"identical for {100 * report['agreement']['identical_requests']:.0f}% of "
             "requests"
         )
     if "llama.cpp" in res:
         lines.append(
-            f"ours / llama.cpp (throughput): {report['speedup_vs_llama_cpp']:.2f}x; greedy outputs "
+            f"ours / llama.cpp (throughput{of}): {report['speedup_vs_llama_cpp']:.2f}x; greedy outputs "
             f"identical for {100 * report['agreement_llama_cpp']['identical_requests']:.0f}% of "
             f"requests, {100 * report['agreement_llama_cpp']['tokens_before_first_difference']:.0f}% "
             "of tokens before the first difference"
@@ -636,6 +661,25 @@ def format_table(report: dict[str, Any]) -> str:
         f"({fl['bound']}-bound); ours at {fl['fraction_of_floor']:.2f} of the floor",
     ]
     return "\n".join(lines)
+
+
+def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    """Each round's generated tok/s per engine, its ratios and floor fraction, a line apiece."""
+    engines = list(rounds[0]["gen_tok_s"])
+    lines = [f"{len(rounds)} rounds, the engines in turn in each; the figures above are their medians:"]
+    lines.append(
+        f"{'round':<7}{'seed':>5}"
+        + "".join(f"{name:>14}" for name in engines)
+        + f"{'/ llama.cpp':>13}{'/ transformers':>16}{'floor':>7}"
+    )
+    for i, r in enumerate(rounds):
+        ratios = [f"{r[k]:.2f}x" if k in r else "-" for k in ("speedup_vs_llama_cpp", "speedup")]
+        lines.append(
+            f"{i + 1:<7}{r['seed']:>5}"
+            + "".join(f"{r['gen_tok_s'][name]:>14.1f}" for name in engines)
+            + f"{ratios[0]:>13}{ratios[1]:>16}{r['fraction_of_floor']:>7.2f}"
+        )
+    return lines
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -675,15 +719,26 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     loadavg_start = os.getloadavg()
     engine = load_engine(cfg)
     model_config = engine.model_config
-    workload = make_workload(cfg, model_config.vocab_size)
+    workloads = [make_workload(cfg, model_config.vocab_size, r) for r in range(cfg.rounds)]
     counts = param_counts(engine)
-    results = {"fastgen-jax": run_ours(engine, workload)}
     num_pages = engine.limits.num_pages
-    del engine  # give its KV pool back before transformers allocates its own
-    if not cfg.engine_only:
-        results["transformers"] = run_transformers(cfg, workload, num_pages)
-    if cfg.llama_cpp:
-        results["llama.cpp"] = run_llama_cpp(cfg, workload)
+    transformers_model = None
+    if not cfg.engine_only and cfg.rounds > 1:  # loaded once for every round
+        start = time.perf_counter()
+        transformers_model = load_transformers(cfg.hf_model)
+        print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    rounds = []
+    for r, workload in enumerate(workloads):
+        if cfg.rounds > 1:
+            print(f"round {r + 1} of {cfg.rounds}", file=sys.stderr)
+        results = {"fastgen-jax": run_ours(engine, workload)}
+        if cfg.rounds == 1:
+            del engine  # give its KV pool back before transformers allocates its own
+        if not cfg.engine_only:
+            results["transformers"] = run_transformers(cfg, workload, num_pages, transformers_model)
+        if cfg.llama_cpp:
+            results["llama.cpp"] = run_llama_cpp(cfg, workload)
+        rounds.append(results)
     machine = {**machine_info(), "loadavg_start": loadavg_start}
     bandwidth = measure_bandwidth_gbs()
     machine.update(
@@ -691,8 +746,55 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         bandwidth_gbs=bandwidth["gbs"],
         bandwidth_detail=bandwidth,
     )
-    flops = workload_flops(workload, model_config, counts["non_embedding_params"])
-    return assemble_report(cfg, workload, counts, flops, results, machine)
+    reports = []
+    for workload, results in zip(workloads, rounds, strict=True):
+        flops = workload_flops(workload, model_config, counts["non_embedding_params"])
+        reports.append(assemble_report(cfg, workload, counts, flops, results, machine))
+    return reports[0] if cfg.rounds == 1 else combine_rounds(reports)
+
+
+# Per-round figures that `combine_rounds` takes the median of.
+_RATIOS = ("speedup", "speedup_vs_llama_cpp")
+
+
+def combine_rounds(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report for several rounds: the round whose ours/llama.cpp ratio (else ours/transformers, else
+    our throughput) is the median's, with every engine's throughput, each ratio and the floor fraction
+    replaced by their medians over the rounds (a ratio's median taken over the rounds' own ratios, each
+    from engines run minutes apart), the greedy agreement summed over every round's requests, and each
+    round's figures under "rounds"."""
+    key = next((k for k in ("speedup_vs_llama_cpp", "speedup") if k in reports[0]), None)
+
+    def sort_key(report):
+        return report[key] if key else report["results"]["fastgen-jax"]["gen_tok_s"]
+
+    middle = sorted(reports, key=sort_key)[(len(reports) - 1) // 2]
+    combined = json.loads(json.dumps(middle))  # a deep copy
+    combined["median_round"] = reports.index(middle)
+    combined["workload"]["seed"] += combined["median_round"]  # the seed its prompts were drawn with
+    for name, result in combined["results"].items():
+        for field in ("gen_tok_s", "total_tok_s", "wall_s"):
+            result[field] = float(np.median([r["results"][name][field] for r in reports]))
+    for ratio in _RATIOS:
+        if ratio in middle:
+            combined[ratio] = float(np.median([r[ratio] for r in reports]))
+    fractions = [r["floor"]["fraction_of_floor"] for r in reports]
+    combined["floor"]["fraction_of_floor"] = float(np.median(fractions))
+    for field in ("agreement", "agreement_llama_cpp"):
+        if field in middle:  # every round has as many requests
+            for measure in middle[field]:
+                combined[field][measure] = float(np.mean([r[field][measure] for r in reports]))
+    combined["rounds"] = [
+        {
+            "seed": r["workload"]["seed"] + i,  # each report holds --seed
+            "gen_tok_s": {name: res["gen_tok_s"] for name, res in r["results"].items()},
+            **{ratio: r[ratio] for ratio in _RATIOS if ratio in r},
+            "fraction_of_floor": r["floor"]["fraction_of_floor"],
+            "loadavg_after": {name: res["loadavg_after"][0] for name, res in r["results"].items()},
+        }
+        for i, r in enumerate(reports)
+    ]
+    return combined
 
 
 def _library_versions() -> dict[str, str]:

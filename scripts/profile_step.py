@@ -1,7 +1,7 @@
 """Where a step's time goes on this machine: matmuls, attention, KV writes, sampling and the host, each
 beside its floor.
 
-    python scripts/profile_step.py --model=/work/main/checkpoints/smollm2-135m-instruct
+    python scripts/profile_step.py --model=checkpoints/smollm2-135m-instruct
     python scripts/profile_step.py --attention_impl=reference    # the same with another kernel
     python scripts/profile_step.py --f32_kernel_rows=0 --packed=off   # float32 projections by XLA's dot
 
@@ -46,7 +46,7 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "/work/main/checkpoints/smollm2-135m-instruct", "Model directory.")
+flags.DEFINE_string("model", "checkpoints/smollm2-135m-instruct", "Model directory.")
 flags.DEFINE_list("contexts", ["128", "512", "2048"], "Contexts of the decode-only steps.")
 flags.DEFINE_list("decode_seqs", ["1", "8", "32"], "Sequences in the decode-only steps.")
 flags.DEFINE_integer("fused_decodes", 32, "Decodes beside the prompt chunk of the fused step.")
@@ -379,7 +379,11 @@ def main(argv):
         enable_prefix_caching=False,
     )
     engine = LLMEngine(
-        load_checkpoint(FLAGS.model, "float32"), config, "float32", warmup=False, progress=False
+        load_checkpoint(os.path.abspath(FLAGS.model), "float32"),
+        config,
+        "float32",
+        warmup=False,
+        progress=False,
     )
     rate, bandwidth = ceilings()
     print(f"matmul {rate / 1e9:.1f} GFLOP/s, bandwidth {bandwidth / 1e9:.1f} GB/s (f32, measured here)")
