@@ -449,6 +449,10 @@ inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(keep, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
 }
 
+// Keeps a and b in registers: otherwise GCC folds their loads into each of the four FMAs that use
+// them (a memory operand apiece), and twelve loads per eight FMAs, not the FMAs, bound the tiles below.
+inline void in_register(__m256& a, __m256& b) { asm("" : "+x"(a), "+x"(b)); }
+
 // score_tile for four keys at a time: their sums against the tile's 16 queries in 8 registers.
 inline void score_tile_avx2(const float* __restrict qt, int64_t stride, const float* __restrict k, int64_t j0,
                             int64_t end, float* __restrict st, int64_t D) {
@@ -458,7 +462,8 @@ inline void score_tile_avx2(const float* __restrict qt, int64_t stride, const fl
     __m256 lo[4], hi[4];
     for (int jj = 0; jj < 4; ++jj) lo[jj] = hi[jj] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
-      const __m256 q0 = _mm256_loadu_ps(qt + d * stride), q1 = _mm256_loadu_ps(qt + d * stride + 8);
+      __m256 q0 = _mm256_loadu_ps(qt + d * stride), q1 = _mm256_loadu_ps(qt + d * stride + 8);
+      in_register(q0, q1);
       for (int jj = 0; jj < 4; ++jj) {
         const __m256 kd = _mm256_broadcast_ss(rows[jj] + d);
         lo[jj] = _mm256_fmadd_ps(kd, q0, lo[jj]);
@@ -489,7 +494,8 @@ inline void pv_tile_avx2(float* __restrict acc, const float* __restrict alpha, c
         }
       }
       for (int64_t j = begin; j < end; ++j) {
-        const __m256 v0 = _mm256_loadu_ps(v + j * D + d0), v1 = _mm256_loadu_ps(v + j * D + d0 + 8);
+        __m256 v0 = _mm256_loadu_ps(v + j * D + d0), v1 = _mm256_loadu_ps(v + j * D + d0 + 8);
+        in_register(v0, v1);
         const float* pj = p + j * kQueryTile + i0;  // i0 + 3 < kQueryTile: whole groups of four
         for (int i = 0; i < 4; ++i) {
           const __m256 w = _mm256_broadcast_ss(pj + i);
