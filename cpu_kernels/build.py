@@ -34,7 +34,7 @@ SOURCES = tuple(
     pathlib.Path(__file__).with_name(name)
     for name in ("ragged_paged_attention.cc", "matmul.cc", "write_kv.cc")
 )
-HEADERS = (pathlib.Path(__file__).with_name("wait.h"),)  # included by the sources: part of the hash
+HEADERS = tuple(pathlib.Path(__file__).with_name(h) for h in ("wait.h", "simd.h"))  # part of the hash
 # -ffast-math lets sums vectorise and exp/tanh run through glibc's vector math (libmvec); the kernel
 # keeps every value finite (its "no key yet" score is -1e30, not -inf). It is given when compiling
 # only: linking with it would add crtfastmath.o, which flushes denormals for the whole process.

@@ -57,6 +57,8 @@
 #define FASTGEN_AVX2 1  // the AVX2 (+ FMA) variants of the paths below
 #endif
 
+#include "simd.h"
+
 #ifndef FASTGEN_NO_FFI
 #include "wait.h"
 #include "xla/ffi/api/ffi.h"
@@ -91,17 +93,7 @@ inline vf widen(const int8_t* p) {
 #endif
 }
 
-// Keeps v in a register: without it GCC folds a row's load into each of the four products that use
-// it (a memory operand per FMA), and with 24 accumulators live the loads, not the FMAs, bound the
-// loop (the LM head at 32 rows, one thread outside XLA: 46 -> 65-70 GFLOP/s).
-template <class V>
-inline void in_register(V& v) {
-#if defined(__GNUC__) && defined(__AVX512F__)
-  asm("" : "+v"(v));
-#elif defined(__GNUC__) && defined(__AVX2__)
-  if constexpr (sizeof(V) <= 32) asm("" : "+x"(v));
-#endif
-}
+using fastgen_kernels::in_register;  // simd.h
 
 inline float hsum(vf v) {
   float s = 0.0f;

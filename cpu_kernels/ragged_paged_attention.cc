@@ -41,6 +41,7 @@
 #include <immintrin.h>
 #endif
 
+#include "simd.h"
 #include "wait.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -244,28 +245,22 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(e, n);
 }
 
-// sc[j] = q . k[j] for keys j in [begin, end), 16 keys at a time: each key's products accumulate
-// over D in a vector, and the 16 vectors reduce together (`sums16`) instead of one by one.
-template <int kD>
-inline void scores16(const float* __restrict q, const float* __restrict k, int64_t begin, int64_t end,
-                     float* __restrict sc) {
-  static_assert(kD % 16 == 0, "head size in whole vectors");
-  __m512 qv[kD / 16];
-  for (int c = 0; c < kD / 16; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  for (int64_t j0 = begin; j0 < end; j0 += 16) {
-    __m512 acc[16];
-    for (int jj = 0; jj < 16; ++jj) {
-      const float* row = k + std::min<int64_t>(j0 + jj, end - 1) * kD;  // past the end: a repeat
-      acc[jj] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
-      for (int c = 1; c < kD / 16; ++c) acc[jj] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(row + 16 * c), acc[jj]);
-    }
-    const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, end - j0)) - 1);
-    _mm512_mask_storeu_ps(sc + j0, keep, sums16(acc));
+// How `key_scores` reduces a few keys' product vectors at once: 16 keys (one zmm each) by `sums16`.
+struct KeySums {
+  using V = __m512;
+  static constexpr int kWidth = 16, kKeys = 16, kMaxHead = 1 << 30;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // out[0 : n] = the lane sums of acc[0 : n]
+  static void store(const V* acc, float* out, int64_t n) {
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sums16(acc));
   }
-}
+};
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define FASTGEN_ATTENTION_KEY_SUMS 1
 // The lane sums of a, b, c and d as one vector (lane j: the sum of the j-th), by three horizontal
 // adds and one of the halves: against about six operations for each separate reduction.
 inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
@@ -273,44 +268,56 @@ inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-// sc[j] = q . k[j] for keys j in [begin, end), four keys at a time (AVX2: the query's vectors and the
-// four keys' sums fit the 16 registers at head sizes up to 64): each key's products accumulate over D
-// in a vector, and the four reduce together (`sums4`). On a 2-core AVX2 EPYC, decode 32 x 512 over
-// 30 layers' pools (`bench_cpu_attention.py --layers=30`): see docs/benchmarks/cpu_step_profile.md.
-template <int kD>
-inline void scores4(const float* __restrict q, const float* __restrict k, int64_t begin, int64_t end,
-                    float* __restrict sc) {
-  static_assert(kD % 8 == 0, "head size in whole vectors");
-  __m256 qv[kD / 8];
-  for (int c = 0; c < kD / 8; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
-  for (int64_t j0 = begin; j0 < end; j0 += 4) {
-    __m256 acc[4];
-    for (int jj = 0; jj < 4; ++jj) {
-      const float* row = k + std::min<int64_t>(j0 + jj, end - 1) * kD;  // past the end: a repeat
-      acc[jj] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
-      for (int c = 1; c < kD / 8; ++c) acc[jj] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(row + 8 * c), acc[jj]);
-    }
+// ... with AVX2: 4 keys (one ymm each) by `sums4`, at head sizes up to 64 (the query's vectors and
+// the four keys' sums then fit the 16 registers).
+struct KeySums {
+  using V = __m256;
+  static constexpr int kWidth = 8, kKeys = 4, kMaxHead = 64;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(const V* acc, float* out, int64_t n) {
     const __m128 s = sums4(acc[0], acc[1], acc[2], acc[3]);
-    if (end - j0 >= 4) {
-      _mm_storeu_ps(sc + j0, s);
-    } else {
-      float t[4];
-      _mm_storeu_ps(t, s);
-      std::copy(t, t + (end - j0), sc + j0);
+    if (n == 4) return _mm_storeu_ps(out, s);
+    float t[4];
+    _mm_storeu_ps(t, s);
+    std::copy(t, t + n, out);
+  }
+};
+#endif
+
+#if defined(__AVX512F__) || defined(FASTGEN_ATTENTION_KEY_SUMS)
+// sc[j] = q . k[j] for keys j in [begin, end), KeySums::kKeys keys at a time: each key's products
+// accumulate over D in a vector, and the keys' vectors reduce together (`KeySums::store`) instead of
+// one horizontal sum per key. On a 2-core AVX2 EPYC, decode 32 x 512 over 30 layers' pools
+// (`bench_cpu_attention.py --layers=30`): see docs/benchmarks/cpu_step_profile.md.
+template <int kD>
+inline void key_scores(const float* __restrict q, const float* __restrict k, int64_t begin, int64_t end,
+                       float* __restrict sc) {
+  using S = KeySums;
+  static_assert(kD % S::kWidth == 0, "head size in whole vectors");
+  typename S::V qv[kD / S::kWidth];
+  for (int c = 0; c < kD / S::kWidth; ++c) qv[c] = S::load(q + S::kWidth * c);
+  for (int64_t j0 = begin; j0 < end; j0 += S::kKeys) {
+    typename S::V acc[S::kKeys];
+    for (int jj = 0; jj < S::kKeys; ++jj) {
+      const float* row = k + std::min<int64_t>(j0 + jj, end - 1) * kD;  // past the end: a repeat
+      acc[jj] = S::mul(qv[0], S::load(row));
+      for (int c = 1; c < kD / S::kWidth; ++c) acc[jj] = S::fmadd(qv[c], S::load(row + S::kWidth * c), acc[jj]);
     }
+    S::store(acc, sc + j0, std::min<int64_t>(S::kKeys, end - j0));
   }
 }
 #endif
 
-// sc[j] = q . k[j] for keys j in [begin, end): 16 keys at a time where AVX-512 and a head size in
-// whole vectors allow, 4 with AVX2 and a head size of 8-64 in whole vectors, else one dot product
-// per key.
+// sc[j] = q . k[j] for keys j in [begin, end): `key_scores` where AVX-512 (16 keys at a time) or AVX2
+// (4, head sizes up to 64) and a head size in whole vectors allow, else one dot product per key.
 template <int kD>
 inline void scores(const float* q, const float* k, int64_t begin, int64_t end, float* sc, int64_t D) {
-#ifdef __AVX512F__
-  if constexpr (kD > 0 && kD % 16 == 0) return scores16<kD>(q, k, begin, end, sc);
-#elif defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kD > 0 && kD % 8 == 0 && kD <= 64) return scores4<kD>(q, k, begin, end, sc);
+#if defined(__AVX512F__) || defined(FASTGEN_ATTENTION_KEY_SUMS)
+  if constexpr (kD > 0 && kD % KeySums::kWidth == 0 && kD <= KeySums::kMaxHead) {
+    return key_scores<kD>(q, k, begin, end, sc);
+  }
 #endif
   for (int64_t j = begin; j < end; ++j) sc[j] = dot<kD>(q, k + j * D, D);
 }
@@ -449,10 +456,6 @@ inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(keep, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
 }
 
-// Keeps a and b in registers: otherwise GCC folds their loads into each of the four FMAs that use
-// them (a memory operand apiece), and twelve loads per eight FMAs, not the FMAs, bound the tiles below.
-inline void in_register(__m256& a, __m256& b) { asm("" : "+x"(a), "+x"(b)); }
-
 // score_tile for four keys at a time: their sums against the tile's 16 queries in 8 registers.
 inline void score_tile_avx2(const float* __restrict qt, int64_t stride, const float* __restrict k, int64_t j0,
                             int64_t end, float* __restrict st, int64_t D) {
@@ -463,7 +466,8 @@ inline void score_tile_avx2(const float* __restrict qt, int64_t stride, const fl
     for (int jj = 0; jj < 4; ++jj) lo[jj] = hi[jj] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
       __m256 q0 = _mm256_loadu_ps(qt + d * stride), q1 = _mm256_loadu_ps(qt + d * stride + 8);
-      in_register(q0, q1);
+      fastgen_kernels::in_register(q0);  // not a memory operand of each FMA below
+      fastgen_kernels::in_register(q1);
       for (int jj = 0; jj < 4; ++jj) {
         const __m256 kd = _mm256_broadcast_ss(rows[jj] + d);
         lo[jj] = _mm256_fmadd_ps(kd, q0, lo[jj]);
@@ -495,7 +499,8 @@ inline void pv_tile_avx2(float* __restrict acc, const float* __restrict alpha, c
       }
       for (int64_t j = begin; j < end; ++j) {
         __m256 v0 = _mm256_loadu_ps(v + j * D + d0), v1 = _mm256_loadu_ps(v + j * D + d0 + 8);
-        in_register(v0, v1);
+        fastgen_kernels::in_register(v0);
+        fastgen_kernels::in_register(v1);
         const float* pj = p + j * kQueryTile + i0;  // i0 + 3 < kQueryTile: whole groups of four
         for (int i = 0; i < 4; ++i) {
           const __m256 w = _mm256_broadcast_ss(pj + i);

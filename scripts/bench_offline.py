@@ -69,6 +69,7 @@ each round's figures are printed and kept under "rounds" in the JSON.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -769,7 +770,7 @@ def combine_rounds(reports: list[dict[str, Any]]) -> dict[str, Any]:
         return report[key] if key else report["results"]["fastgen-jax"]["gen_tok_s"]
 
     middle = sorted(reports, key=sort_key)[(len(reports) - 1) // 2]
-    combined = json.loads(json.dumps(middle))  # a deep copy
+    combined = copy.deepcopy(middle)
     combined["median_round"] = reports.index(middle)
     combined["workload"]["seed"] += combined["median_round"]  # the seed its prompts were drawn with
     for name, result in combined["results"].items():
