@@ -12,7 +12,8 @@
 // - f32 M: the 30 layers' float32 projections ([K, N], M rows, streamed up to 8 rows);
 // - f32 head M: the float32 LM head ([N, K] = 49152 x 576);
 // - sum: a plain vectorised sum over the int8 case's bytes, in 64 KiB items (the read ceiling).
-// Prints ms and GB/s (weight bytes over time) per case.
+// Prints ms and GB/s (weight bytes over time) per case. Arguments, if any, keep only the packed case at
+// those row counts (e.g. `/tmp/matmul_harness 6 8 12`, quicker for versions timed in turns).
 #define FASTGEN_NO_FFI
 #ifndef MATMUL_CC
 #define MATMUL_CC "../cpu_kernels/matmul.cc"
@@ -125,9 +126,9 @@ double best_ms(F pass) {
   return best;
 }
 
-template <class Weights, class Shapes, class Report>
+template <class Weights, class Shapes>
 auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& x, std::vector<float>& y, Pool& pool,
-                Report report, int) -> decltype(PackedProblem{}, void()) {
+                const std::vector<int>& rows, int) -> decltype(PackedProblem{}, void()) {
   std::vector<std::vector<float>> packed;
   for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
     const int64_t N = nk[i % 4][0], K = nk[i % 4][1], strips = (N + kStrip - 1) / kStrip;
@@ -136,18 +137,19 @@ auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& 
       for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = f32[i][k * N + n];
     packed.push_back(std::move(p));
   }
-  for (int M : {1, 2, 4, 6, 8, 16, 32, 64, 256}) {
-    report("f32 packed", M, best_ms([&] {
-             for (int64_t i = 0; i < static_cast<int64_t>(packed.size()); ++i) {
-               const PackedProblem p{x.data(), packed[i].data(), y.data(), M, nk[i % 4][1], nk[i % 4][0]};
-               pool.run(p.items(), [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
-             }
-           }),
-           f32_bytes_of(f32));
+  for (int M : rows) {
+    const double ms = best_ms([&] {
+      for (int64_t i = 0; i < static_cast<int64_t>(packed.size()); ++i) {
+        const PackedProblem p{x.data(), packed[i].data(), y.data(), M, nk[i % 4][1], nk[i % 4][0]};
+        pool.run(p.items(), [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
+      }
+    });
+    std::printf("%-10s %3d rows  %8.2f ms  %6.1f GB/s\n", "f32 packed", M, ms, f32_bytes_of(f32) / ms / 1e6);
   }
 }
-template <class Weights, class Shapes, class Report>
-void run_packed(const Weights&, const Shapes&, const std::vector<float>&, std::vector<float>&, Pool&, Report, long) {}
+template <class Weights, class Shapes>
+void run_packed(const Weights&, const Shapes&, const std::vector<float>&, std::vector<float>&, Pool&,
+                const std::vector<int>&, long) {}
 
 struct Int8Matrix {
   std::vector<int8_t> q;
@@ -157,7 +159,7 @@ struct Int8Matrix {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   std::mt19937 rng(0);
   const int64_t layers = 30, vocab = 49152, hidden = 576;
   const int64_t nk[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};  // [N, K] per projection
@@ -186,6 +188,9 @@ int main() {
   std::vector<float> x(256 * 1536, 1.0f), y(256 * vocab), partials(64 * 16 * 3072);
   Pool pool;
 
+  std::vector<int> only;
+  for (int a = 1; a < argc; ++a) only.push_back(std::atoi(argv[a]));
+  if (!only.empty()) return run_packed(f32, nk, x, y, pool, only, 0), 0;
   auto report = [](const char* name, int rows, double ms, int64_t bytes) {
     std::printf("%-10s %3d rows  %8.2f ms  %6.1f GB/s\n", name, rows, ms, bytes / ms / 1e6);
   };
@@ -235,7 +240,7 @@ int main() {
            f32_bytes);
   }
   // the same weights packed [N / kStrip, K, kStrip] (fastgen_jax.weight_layout), where this version has it
-  run_packed(f32, nk, x, y, pool, report, 0);
+  run_packed(f32, nk, x, y, pool, {1, 2, 4, 6, 8, 10, 12, 16, 32, 64, 256}, 0);
   for (int M : {1, 4, 8, 16, 32}) {
     report("f32 head", M, best_ms([&] {
              F32Problem p{x.data(), head32.data(), y.data(), M, hidden, vocab, true, 8};

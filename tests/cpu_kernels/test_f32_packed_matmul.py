@@ -67,7 +67,7 @@ def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(k, n):
     split into blocks where there are few strips for the threads."""
     x, w = random_inputs(37, k, n, seed=3)
     whole = packed_product(x, w)
-    for lo, hi in [(0, 1), (5, 6), (3, 11), (30, 37)]:
+    for lo, hi in [(0, 1), (5, 6), (3, 11), (20, 30), (30, 37)]:  # 1, 8 and 10 rows: one or two tiles
         np.testing.assert_array_equal(packed_product(x[lo:hi], w), whole[lo:hi])
 
 
