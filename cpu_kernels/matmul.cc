@@ -770,7 +770,7 @@ struct PackedProblem {
 
   // Two tiles' worth of rows (7-12) in one pass over the strip. Run one after the other, the first
   // tile waited on the strip's reads and the second then multiplied it from cache while memory idled:
-  // 8 rows took 1.3-1.4x one row's time in the harness. Here the tiles take turns every kPairChunk
+  // 8 rows took 1.3-1.6x one row's time in the harness. Here the tiles take turns every kPairChunk
   // weight rows, their sums kept in L1 between turns, and the first asks for its rows kPairAhead
   // ahead, so the strip streams while both multiply (8 rows 18.3-23.2 ms against 20.4-24.4, six
   // rounds in turns). Each row still sums its products in k order: the same bits as one tile.

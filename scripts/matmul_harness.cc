@@ -6,7 +6,8 @@
 //       -o /tmp/matmul_harness && /tmp/matmul_harness
 //
 // Another version of the kernels (e.g. `git show REV:cpu_kernels/matmul.cc > /tmp/old.cc`) builds with
-// -DMATMUL_CC='"/tmp/old.cc"', so two versions can be timed in turns. Cases, each best of 20 passes:
+// -DMATMUL_CC='"/tmp/old.cc"' -Icpu_kernels (for its headers), so two versions can be timed in turns.
+// Cases, each best of 20 passes:
 // - int8 M: the 30 layers' int8 projections ([N, K]: q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576,
 //   down 576 x 1536) and the 49152 x 576 int8 LM head, at M rows (the int8 kernel);
 // - f32 M: the 30 layers' float32 projections ([K, N], M rows, streamed up to 8 rows);
