@@ -711,7 +711,7 @@ struct PackedProblem {
     // weights about as fast as they multiply them, and the hardware prefetcher follows each strip's
     // run; it is only asked for the next strip's first lines (asking for all of it measured no
     // faster at 1-8 rows in the harness, 16-32 rows 17-20% faster with it).
-        const bool ask = next_strip >= 0 && r1 - r0 > 12;
+    const bool ask = next_strip >= 0 && r1 - r0 > 12;
     if (next_strip >= 0 && !ask) {
       for (int64_t i = 0; i < 8 && i * 16 < K * kStrip; ++i) __builtin_prefetch(w + next_strip * K * kStrip + i * 16, 0, 1);
     }
@@ -805,14 +805,14 @@ struct PackedProblem {
     for (int m = 0; m < MA + MB; ++m) std::copy_n(acc + m * kStrip, kStrip, o + m * ldo);
   }
 
-
   // Rows [r0, r1) into out (row r0 first, ldo floats a row): the fewest tiles of at most six rows,
   // their sizes within one of each other. The tiles after the first share the asking for `ahead`
   // (the next strip, K * kStrip floats), spread evenly over their weight rows; a lone tile asks for
   // all of it.
   void tiles(const float* sw, float* out, int64_t ldo, int64_t r0, int64_t r1, const float* ahead) const {
     const int64_t rows_all = r1 - r0;
-    if (rows_all >= 7 && rows_all <= 12 && !ahead) {
+    const int64_t count = (rows_all + 5) / 6, base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
+    if (count == 2 && !ahead) {  // 7-12 rows: the two tiles in turns (`tile_pair`), the larger first
       const float* xr = x + r0 * K;
       switch (rows_all) {
         case 7: return tile_pair<4, 3>(sw, xr, out, ldo);
@@ -823,7 +823,6 @@ struct PackedProblem {
         default: return tile_pair<6, 6>(sw, xr, out, ldo);
       }
     }
-        const int64_t count = (rows_all + 5) / 6, base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
     const int64_t lines = ahead ? (K * kStrip * 4 + 63) / 64 : 0;
     const int64_t askers = std::max<int64_t>(1, count - 1), share = (lines + askers - 1) / askers;
     const int64_t every = share ? std::max<int64_t>(1, K / share) : 1;

@@ -510,12 +510,8 @@ def transformers_generate(
     return [list(results[i].generated_tokens) for i in ids]
 
 
-def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int, model=None) -> dict[str, Any]:
-    """The workload through transformers; `model` as `load_transformers` gives it (loaded here if None)."""
-    if model is None:
-        start = time.perf_counter()
-        model = load_transformers(cfg.hf_model)
-        print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+def run_transformers(cfg: BenchConfig, workload: Workload, num_pages: int, model) -> dict[str, Any]:
+    """The workload through transformers; `model` as `load_transformers` gives it."""
     warm = Workload(workload.prompts[:4], [min(g, 8) for g in workload.gen_lens[:4]])
     transformers_generate(model, warm, cfg, num_pages, desc="transformers warm-up")
     start = time.perf_counter()
@@ -723,11 +719,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     workloads = [make_workload(cfg, model_config.vocab_size, r) for r in range(cfg.rounds)]
     counts = param_counts(engine)
     num_pages = engine.limits.num_pages
-    transformers_model = None
-    if not cfg.engine_only and cfg.rounds > 1:  # loaded once for every round
-        start = time.perf_counter()
-        transformers_model = load_transformers(cfg.hf_model)
-        print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    transformers_model = None  # loaded once, for every round
     rounds = []
     for r, workload in enumerate(workloads):
         if cfg.rounds > 1:
@@ -736,6 +728,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if cfg.rounds == 1:
             del engine  # give its KV pool back before transformers allocates its own
         if not cfg.engine_only:
+            if transformers_model is None:  # after `del engine` where there is one round
+                start = time.perf_counter()
+                transformers_model = load_transformers(cfg.hf_model)
+                print(f"transformers: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             results["transformers"] = run_transformers(cfg, workload, num_pages, transformers_model)
         if cfg.llama_cpp:
             results["llama.cpp"] = run_llama_cpp(cfg, workload)
