@@ -751,21 +751,41 @@ struct PackedProblem {
     vf acc[MR][kStripVectors];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) acc[m][j] = vf{};
-    int64_t countdown = every;
-    for (int64_t k = 0; k < K; ++k) {
-      vf wv[kStripVectors];
-      for (int j = 0; j < kStripVectors; ++j) wv[j] = load(sw + k * kStrip + kLanes * j);
-      if (self_ahead && k + kSelfAhead < K) __builtin_prefetch(sw + (k + kSelfAhead) * kStrip, 0, 0);
-      if (ask_lines > 0 && --countdown == 0) {
-        countdown = every;
+    // The asking runs between runs of `every` weight rows, so the multiplying loop carries no
+    // asking state. With it inside, GCC spilled a row's pointer and reloaded it every weight row,
+    // among a dozen branch and counter instructions: 13-256 rows (the tiles that ask) took 12-37%
+    // longer (`scripts/matmul_harness.cc`-style A/B in one process, passes in turns; session of
+    // 2026-12-04 in docs/benchmarks/cpu_step_profile.md).
+    if (ask_lines <= 0) every = K;
+    for (int64_t k = 0; k < K;) {
+      const int64_t end = std::min(K, k + every);
+      if (self_ahead) {
+        for (const int64_t asked = std::min(end, K - kSelfAhead); k < asked; ++k) {
+          __builtin_prefetch(sw + (k + kSelfAhead) * kStrip, 0, 0);
+          multiply_strip_row<MR>(acc, sw, xr, K, k);
+        }
+      }
+      for (; k < end; ++k) multiply_strip_row<MR>(acc, sw, xr, K, k);
+      if (ask_lines > 0) {
         __builtin_prefetch(ask, 0, 1);
         ask += 64;
         --ask_lines;
       }
-      multiply_row<MR>(acc, wv, xr, K, k);
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) store(o + m * ldo + kLanes * j, acc[m][j]);
+  }
+
+  // acc[m] += x[m, k] * the strip's weight row k, loaded here
+  template <int MR>
+  static inline void multiply_strip_row(vf (&acc)[MR][kStripVectors], const float* __restrict sw,
+                                        const float* __restrict xr, int64_t K, int64_t k) {
+    vf wv[kStripVectors];
+    for (int j = 0; j < kStripVectors; ++j) {
+      wv[j] = load(sw + k * kStrip + kLanes * j);
+      in_register(wv[j]);  // else GCC folds the load into every row's FMA
+    }
+    multiply_row<MR>(acc, wv, xr, K, k);
   }
 
   // Two tiles' worth of rows (7-12) in one pass over the strip. Run one after the other, the first
@@ -784,10 +804,8 @@ struct PackedProblem {
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) a[m][j] = load(acc + m * kStrip + kLanes * j);
     for (int64_t k = k0; k < k0 + kc; ++k) {
-      vf wv[kStripVectors];
-      for (int j = 0; j < kStripVectors; ++j) wv[j] = load(sw + k * kStrip + kLanes * j);
       if (ahead && k + ahead < K) __builtin_prefetch(sw + (k + ahead) * kStrip, 0, 0);
-      multiply_row<MR>(a, wv, xr, K, k);
+      multiply_strip_row<MR>(a, sw, xr, K, k);
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) store(acc + m * kStrip + kLanes * j, a[m][j]);
