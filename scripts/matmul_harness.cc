@@ -28,61 +28,14 @@
 #include <cstdio>
 #include <functional>
 #include <random>
-#include <thread>
-#include <type_traits>
 #include <vector>
 
+#include "spin_pool.h"
+
 using namespace fastgen_matmul;
+using harness::Pool;
 
 namespace {
-
-// One helper thread that spins between jobs; run() deals items from a counter to it and the caller.
-struct Pool {
-  std::atomic<int> generation{0}, finished{0};
-  std::atomic<bool> stop{false};
-  std::function<void()> job;
-  std::thread helper;
-
-  Pool() {
-    helper = std::thread([this] {
-      for (int seen = 0; !stop;) {
-        if (const int g = generation.load(); g != seen) {
-          seen = g;
-          job();
-          finished.fetch_add(1);
-        } else {
-          _mm_pause();
-        }
-      }
-    });
-  }
-  ~Pool() {
-    stop = true;
-    helper.join();
-  }
-  // f(i) for every item, or f(i, j) with j the item the same thread claimed to run next (as
-  // `run_items` in cpu_kernels/wait.h deals them).
-  template <class F>
-  void run(int64_t items, F f) {
-    std::atomic<int64_t> next{0};
-    auto work = [&] {
-      if constexpr (std::is_invocable_v<F&, int64_t, int64_t>) {
-        for (int64_t i = next.fetch_add(1); i < items;) {
-          const int64_t j = next.fetch_add(1);
-          f(i, j < items ? j : -1);
-          i = j;
-        }
-      } else {
-        for (int64_t i; (i = next.fetch_add(1)) < items;) f(i);
-      }
-    };
-    const int before = finished.load();
-    job = work;
-    generation.fetch_add(1);
-    work();
-    while (finished.load() == before) _mm_pause();
-  }
-};
 
 // The int8 problem's items: 64 columns each in older versions, `columns_per_item` where it exists.
 template <class P>

@@ -1,0 +1,136 @@
+// Two versions of the CPU matmul kernels (cpu_kernels/matmul.cc) timed in one process, their passes
+// in turns: SmolLM2-135M's 30 layers' float32 projections at the given row counts, on two threads
+// (this one and one spinning helper, as XLA's pool lends the kernels).
+//
+//   git show REV:cpu_kernels/matmul.cc > /tmp/old.cc
+//   g++ -O3 -march=native -std=c++17 -ffast-math -fopenmp-simd -pthread -Icpu_kernels
+//       -DOLD_CC='"/tmp/old.cc"' scripts/matmul_ab.cc -o /tmp/matmul_ab
+//   /tmp/matmul_ab 8 32 256            # packed weights ([strips, K, strip]; the AVX2 default)
+//   /tmp/matmul_ab --kn --reps=31 256  # weights as the model stores them ([K, N], F32Problem)
+//
+// This machine's speed moves by 30-50% over minutes (its neighbours), so builds timed one after the
+// other (`matmul_harness.cc` in turns) compare spells as much as code. Here each repetition times one
+// pass of each version, in alternating order, and the report gives each version's best and median
+// and the median of the repetitions' new/old ratios; a version against itself gave 0.96-1.04. It
+// also says whether both gave the same bits. NEW_CC defaults to this tree's kernels.
+#define FASTGEN_NO_FFI
+#ifndef NEW_CC
+#define NEW_CC "../cpu_kernels/matmul.cc"
+#endif
+#ifndef OLD_CC
+#error "build with -DOLD_CC='\"/path/to/old/matmul.cc\"' (see the header)"
+#endif
+#define fastgen_matmul matmul_new
+#include NEW_CC
+#undef fastgen_matmul
+#define fastgen_matmul matmul_old
+#include OLD_CC
+#undef fastgen_matmul
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "spin_pool.h"
+
+namespace {
+
+using harness::Pool;
+
+// One pass of one version (its Packed and F32 problems) over every projection at M rows into y.
+template <class Packed, class F32>
+void pass(Pool& pool, bool kn, int64_t M, const std::vector<std::vector<float>>& packed,
+          const std::vector<std::vector<float>>& plain, const int64_t (&nk)[4][2], const float* x, float* y) {
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
+    if (kn) {
+      F32 p{x, plain[i].data(), y, M, K, N, false, 8};
+      pool.run(p.num_items(), [&](int64_t it, int64_t next) { p.run(it, next); });
+    } else {
+      const Packed p{x, packed[i].data(), y, M, K, N};
+      pool.run(p.items(), [&](int64_t it, int64_t next) { p.run(it, next); });
+    }
+  }
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  static_assert(matmul_new::kStrip == matmul_old::kStrip, "both versions must pack strips alike");
+  constexpr int64_t kStrip = matmul_new::kStrip;
+  const int64_t nk[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};  // [N, K] per projection
+  bool kn = false;
+  int reps = 15;
+  std::vector<int> rows;
+  for (int a = 1; a < argc; ++a) {
+    if (!std::strcmp(argv[a], "--kn")) {
+      kn = true;
+    } else if (!std::strncmp(argv[a], "--reps=", 7)) {
+      reps = std::atoi(argv[a] + 7);
+    } else {
+      rows.push_back(std::atoi(argv[a]));
+    }
+  }
+  for (const int m : rows) {
+    if (m <= 0 || m > 256 || (kn && m <= 8)) {
+      std::fprintf(stderr, "rows must be 1-256 (9-256 with --kn, whose few rows need a partials buffer), got %d\n", m);
+      return 2;
+    }
+  }
+  if (reps <= 0 || rows.empty()) {
+    std::fprintf(stderr, "usage: %s [--kn] [--reps=N] ROWS...\n", argv[0]);
+    return 2;
+  }
+  std::mt19937 rng(0);
+  std::vector<std::vector<float>> packed, plain;  // packed [strips, K, kStrip]; plain [K, N]
+  for (int layer = 0; layer < 30; ++layer) {
+    for (const auto& s : nk) {
+      const int64_t N = s[0], K = s[1];
+      std::vector<float> w(K * N), p((N + kStrip - 1) / kStrip * K * kStrip, 0.0f);
+      for (auto& v : w) v = static_cast<float>(rng() % 255) * 1e-3f;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = w[k * N + n];
+      plain.push_back(std::move(w));
+      packed.push_back(std::move(p));
+    }
+  }
+  std::vector<float> x(256 * 1536), y_new(256 * 3072), y_old(256 * 3072);
+  for (auto& v : x) v = static_cast<float>(rng() % 255) * 1e-3f - 0.1f;
+  Pool pool;
+  for (const int M : rows) {
+    std::vector<double> t_new, t_old, ratio;
+    // a pass of each first: the outputs' pages faulted in, the caches warm
+    pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data());
+    pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data());
+    for (int r = 0; r < reps; ++r) {
+      for (int turn = 0; turn < 2; ++turn) {
+        const bool is_new = (turn + r) % 2 == 0;
+        const auto t0 = std::chrono::steady_clock::now();
+        if (is_new) {
+          pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data());
+        } else {
+          pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data());
+        }
+        (is_new ? t_new : t_old).push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      ratio.push_back(t_new.back() / t_old.back());
+    }
+    // the last projection (down: N = 576) of both versions
+    const bool same = std::equal(y_new.begin(), y_new.begin() + M * 576, y_old.begin());
+    std::printf("%3d rows: new best %7.1f median %7.1f ms | old best %7.1f median %7.1f ms | new/old median %.3f | %s\n",
+                M, *std::min_element(t_new.begin(), t_new.end()), median(t_new),
+                *std::min_element(t_old.begin(), t_old.end()), median(t_old), median(ratio),
+                same ? "same bits" : "DIFFERENT BITS");
+  }
+}
