@@ -7,6 +7,8 @@
 //
 // Another version of the kernels (e.g. `git show REV:cpu_kernels/matmul.cc > /tmp/old.cc`) builds with
 // -DMATMUL_CC='"/tmp/old.cc"' -Icpu_kernels (for its headers), so two versions can be timed in turns.
+// (Two versions timed apart compare the machine's spells as much as the code: scripts/matmul_ab.cc
+// times both in one process, their passes in turns.)
 // Cases, each best of 20 passes:
 // - int8 M: the 30 layers' int8 projections ([N, K]: q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576,
 //   down 576 x 1536) and the 49152 x 576 int8 LM head, at M rows (the int8 kernel);
