@@ -753,10 +753,9 @@ struct PackedProblem {
       for (int j = 0; j < kStripVectors; ++j) acc[m][j] = vf{};
     // The asking runs between runs of `every` weight rows, so the multiplying loop carries no
     // asking state. With it inside, GCC spilled a row's pointer and reloaded it every weight row,
-    // among a dozen branch and counter instructions: 13-256 rows (the tiles that ask) took 12-37%
-    // longer (`scripts/matmul_harness.cc`-style A/B in one process, passes in turns; session of
-    // 2026-12-04 in docs/benchmarks/cpu_step_profile.md).
-    if (ask_lines <= 0) every = K;
+    // among a dozen branch and counter instructions: at 13-256 rows (the tiles that ask) this loop
+    // takes 0.63-0.97 of that one's time (`scripts/matmul_ab.cc`; docs/benchmarks/cpu_step_profile.md).
+    every = ask_lines > 0 ? std::max<int64_t>(1, every) : K;
     for (int64_t k = 0; k < K;) {
       const int64_t end = std::min(K, k + every);
       if (self_ahead) {

@@ -3,16 +3,16 @@
 // (this one and one spinning helper, as XLA's pool lends the kernels).
 //
 //   git show REV:cpu_kernels/matmul.cc > /tmp/old.cc
-//   g++ -O3 -march=native -std=c++17 -ffast-math -fopenmp-simd -pthread -Icpu_kernels
-//       -DOLD_CC='"/tmp/old.cc"' scripts/matmul_ab.cc -o /tmp/matmul_ab
+//   g++ -O3 -march=native -std=c++17 -ffast-math -fopenmp-simd -pthread -Icpu_kernels -DOLD_CC='"/tmp/old.cc"' scripts/matmul_ab.cc -o /tmp/matmul_ab
 //   /tmp/matmul_ab 8 32 256            # packed weights ([strips, K, strip]; the AVX2 default)
 //   /tmp/matmul_ab --kn --reps=31 256  # weights as the model stores them ([K, N], F32Problem)
 //
 // This machine's speed moves by 30-50% over minutes (its neighbours), so builds timed one after the
 // other (`matmul_harness.cc` in turns) compare spells as much as code. Here each repetition times one
 // pass of each version, in alternating order, and the report gives each version's best and median
-// and the median of the repetitions' new/old ratios; a version against itself gave 0.96-1.04. It
-// also says whether both gave the same bits. NEW_CC defaults to this tree's kernels.
+// and the median of the repetitions' new/old ratios; a version against itself gave 0.96-1.05. Then
+// it runs each projection once more through both and compares their outputs' bytes: "same bits", or
+// how many projections differ. NEW_CC defaults to this tree's kernels.
 #define FASTGEN_NO_FFI
 #ifndef NEW_CC
 #define NEW_CC "../cpu_kernels/matmul.cc"
@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -46,8 +47,9 @@ using harness::Pool;
 // One pass of one version (its Packed and F32 problems) over every projection at M rows into y.
 template <class Packed, class F32>
 void pass(Pool& pool, bool kn, int64_t M, const std::vector<std::vector<float>>& packed,
-          const std::vector<std::vector<float>>& plain, const int64_t (&nk)[4][2], const float* x, float* y) {
-  for (size_t i = 0; i < packed.size(); ++i) {
+          const std::vector<std::vector<float>>& plain, const int64_t (&nk)[4][2], const float* x, float* y,
+          size_t first = 0, size_t last = SIZE_MAX) {
+  for (size_t i = first; i < std::min(last, packed.size()); ++i) {
     const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
     if (kn) {
       F32 p{x, plain[i].data(), y, M, K, N, false, 8};
@@ -78,6 +80,9 @@ int main(int argc, char** argv) {
       kn = true;
     } else if (!std::strncmp(argv[a], "--reps=", 7)) {
       reps = std::atoi(argv[a] + 7);
+    } else if (argv[a][0] == '-') {
+      std::fprintf(stderr, "unknown flag %s; usage: %s [--kn] [--reps=N] ROWS...\n", argv[a], argv[0]);
+      return 2;
     } else {
       rows.push_back(std::atoi(argv[a]));
     }
@@ -101,7 +106,7 @@ int main(int argc, char** argv) {
       for (auto& v : w) v = static_cast<float>(rng() % 255) * 1e-3f;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = w[k * N + n];
-      plain.push_back(std::move(w));
+      if (kn) plain.push_back(std::move(w));
       packed.push_back(std::move(p));
     }
   }
@@ -126,11 +131,17 @@ int main(int argc, char** argv) {
       }
       ratio.push_back(t_new.back() / t_old.back());
     }
-    // the last projection (down: N = 576) of both versions
-    const bool same = std::equal(y_new.begin(), y_new.begin() + M * 576, y_old.begin());
+    // every projection once more through both versions, their outputs compared byte for byte
+    int differ = 0;
+    for (size_t i = 0; i < packed.size(); ++i) {
+      pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data(), i, i + 1);
+      pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data(), i, i + 1);
+      differ += std::memcmp(y_new.data(), y_old.data(), M * nk[i % 4][0] * sizeof(float)) != 0;
+    }
+    char verdict[64];
+    std::snprintf(verdict, sizeof verdict, differ ? "%d of %zu projections differ" : "same bits", differ, packed.size());
     std::printf("%3d rows: new best %7.1f median %7.1f ms | old best %7.1f median %7.1f ms | new/old median %.3f | %s\n",
                 M, *std::min_element(t_new.begin(), t_new.end()), median(t_new),
-                *std::min_element(t_old.begin(), t_old.end()), median(t_old), median(ratio),
-                same ? "same bits" : "DIFFERENT BITS");
+                *std::min_element(t_old.begin(), t_old.end()), median(t_old), median(ratio), verdict);
   }
 }
