@@ -725,10 +725,15 @@ struct PackedProblem {
     for (int64_t m = r0; m < r1; ++m) std::copy_n(scratch.data() + (m - r0) * kStrip, width, y + m * N + n);
   }
 
-  // acc[m] += x[m, k] * the strip's weight row k (in wv), for the tile's MR rows
+  // acc[m] += x[m, k] * the strip's weight row k, for the tile's MR rows
   template <int MR>
-  static inline void multiply_row(vf (&acc)[MR][kStripVectors], const vf (&wv)[kStripVectors],
+  static inline void multiply_row(vf (&acc)[MR][kStripVectors], const float* __restrict sw,
                                   const float* __restrict xr, int64_t K, int64_t k) {
+    vf wv[kStripVectors];
+    for (int j = 0; j < kStripVectors; ++j) {
+      wv[j] = load(sw + k * kStrip + kLanes * j);
+      in_register(wv[j]);  // else GCC folds the load into every row's FMA
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const vf xv = vf{} + xr[m * K + k];
@@ -761,10 +766,10 @@ struct PackedProblem {
       if (self_ahead) {
         for (const int64_t asked = std::min(end, K - kSelfAhead); k < asked; ++k) {
           __builtin_prefetch(sw + (k + kSelfAhead) * kStrip, 0, 0);
-          multiply_strip_row<MR>(acc, sw, xr, K, k);
+          multiply_row<MR>(acc, sw, xr, K, k);
         }
       }
-      for (; k < end; ++k) multiply_strip_row<MR>(acc, sw, xr, K, k);
+      for (; k < end; ++k) multiply_row<MR>(acc, sw, xr, K, k);
       if (ask_lines > 0) {
         __builtin_prefetch(ask, 0, 1);
         ask += 64;
@@ -773,18 +778,6 @@ struct PackedProblem {
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) store(o + m * ldo + kLanes * j, acc[m][j]);
-  }
-
-  // acc[m] += x[m, k] * the strip's weight row k, loaded here
-  template <int MR>
-  static inline void multiply_strip_row(vf (&acc)[MR][kStripVectors], const float* __restrict sw,
-                                        const float* __restrict xr, int64_t K, int64_t k) {
-    vf wv[kStripVectors];
-    for (int j = 0; j < kStripVectors; ++j) {
-      wv[j] = load(sw + k * kStrip + kLanes * j);
-      in_register(wv[j]);  // else GCC folds the load into every row's FMA
-    }
-    multiply_row<MR>(acc, wv, xr, K, k);
   }
 
   // Two tiles' worth of rows (7-12) in one pass over the strip. Run one after the other, the first
@@ -804,7 +797,7 @@ struct PackedProblem {
       for (int j = 0; j < kStripVectors; ++j) a[m][j] = load(acc + m * kStrip + kLanes * j);
     for (int64_t k = k0; k < k0 + kc; ++k) {
       if (ahead && k + ahead < K) __builtin_prefetch(sw + (k + ahead) * kStrip, 0, 0);
-      multiply_strip_row<MR>(a, sw, xr, K, k);
+      multiply_row<MR>(a, sw, xr, K, k);
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) store(acc + m * kStrip + kLanes * j, a[m][j]);

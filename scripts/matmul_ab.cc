@@ -38,7 +38,7 @@
 #include <random>
 #include <vector>
 
-#include "spin_pool.h"
+#include "harness_common.h"
 
 namespace {
 
@@ -71,7 +71,7 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   static_assert(matmul_new::kStrip == matmul_old::kStrip, "both versions must pack strips alike");
   constexpr int64_t kStrip = matmul_new::kStrip;
-  const int64_t nk[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};  // [N, K] per projection
+  const auto& nk = harness::kProjections;  // [N, K] per projection
   bool kn = false;
   int reps = 15;
   std::vector<int> rows;
@@ -102,12 +102,10 @@ int main(int argc, char** argv) {
   for (int layer = 0; layer < 30; ++layer) {
     for (const auto& s : nk) {
       const int64_t N = s[0], K = s[1];
-      std::vector<float> w(K * N), p((N + kStrip - 1) / kStrip * K * kStrip, 0.0f);
+      std::vector<float> w(K * N);
       for (auto& v : w) v = static_cast<float>(rng() % 255) * 1e-3f;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = w[k * N + n];
+      packed.push_back(harness::pack_strips(w, N, K, kStrip));
       if (kn) plain.push_back(std::move(w));
-      packed.push_back(std::move(p));
     }
   }
   std::vector<float> x(256 * 1536), y_new(256 * 3072), y_old(256 * 3072);

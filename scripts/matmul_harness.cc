@@ -32,7 +32,7 @@
 #include <random>
 #include <vector>
 
-#include "spin_pool.h"
+#include "harness_common.h"
 
 using namespace fastgen_matmul;
 using harness::Pool;
@@ -87,11 +87,7 @@ auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& 
                 const std::vector<int>& rows, int) -> decltype(PackedProblem{}, void()) {
   std::vector<std::vector<float>> packed;
   for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
-    const int64_t N = nk[i % 4][0], K = nk[i % 4][1], strips = (N + kStrip - 1) / kStrip;
-    std::vector<float> p(strips * K * kStrip, 0.0f);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) p[(n / kStrip) * K * kStrip + k * kStrip + n % kStrip] = f32[i][k * N + n];
-    packed.push_back(std::move(p));
+    packed.push_back(harness::pack_strips(f32[i], nk[i % 4][0], nk[i % 4][1], kStrip));
   }
   for (int M : rows) {
     const double ms = best_ms([&] {
@@ -118,7 +114,7 @@ struct Int8Matrix {
 int main(int argc, char** argv) {
   std::mt19937 rng(0);
   const int64_t layers = 30, vocab = 49152, hidden = 576;
-  const int64_t nk[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};  // [N, K] per projection
+  const auto& nk = harness::kProjections;  // [N, K] per projection
   std::vector<Int8Matrix> int8;
   std::vector<std::vector<float>> f32;  // [K, N]
   for (int64_t l = 0; l < layers; ++l) {

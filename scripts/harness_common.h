@@ -1,5 +1,6 @@
-// The two-thread pool of the matmul harnesses (matmul_harness.cc, matmul_ab.cc): the calling thread
-// and one spinning helper, as XLA's intra-op pool lends the kernels a thread per core on 2 cores.
+// What the matmul harnesses (matmul_harness.cc, matmul_ab.cc) share: SmolLM2-135M's projection
+// shapes, the packed layout's copy of a weight, and a two-thread pool (the calling thread and one
+// spinning helper, as XLA's intra-op pool lends the kernels a thread per core on 2 cores).
 #pragma once
 
 #include <immintrin.h>
@@ -9,8 +10,20 @@
 #include <functional>
 #include <thread>
 #include <type_traits>
+#include <vector>
 
 namespace harness {
+
+// [N, K] of one layer's float32 projections, in order: qkv fused, o, gate_up fused, down.
+constexpr int64_t kProjections[4][2] = {{960, 576}, {576, 576}, {3072, 576}, {576, 1536}};
+
+// w [K, N] packed as the kernels read it: [ceil(N / strip), K, strip], the last strip zero-padded.
+inline std::vector<float> pack_strips(const std::vector<float>& w, int64_t N, int64_t K, int64_t strip) {
+  std::vector<float> p((N + strip - 1) / strip * K * strip, 0.0f);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) p[(n / strip) * K * strip + k * strip + n % strip] = w[k * N + n];
+  return p;
+}
 
 // One helper thread that spins between jobs; run() deals items from a counter to it and the caller.
 struct Pool {
