@@ -10,7 +10,7 @@
 // - w [N, K]: the dot form below (four columns at a time, vectorised over K);
 // - w packed [N / kStrip, K, kStrip] (FastgenF32PackedMatmul, `PackedProblem`): the [K, N] tiles over
 //   strips stored contiguously at load time, one work item per strip, at every row count (the model's
-//   projections on AVX2 builds: fastgen_jax/weight_layout.py).
+//   projections wherever the kernels have tiles: fastgen_jax/weight_layout.py).
 // Every path has register tiles for AVX-512 (16 floats a vector, 32 registers) and for AVX2 with
 // FMA (8 floats, 16 registers: e.g. the [K, N] tiles are 6 rows x 16 columns there, and a strip that
 // more than two row tiles read is first packed into contiguous rows); `kLanes`.
@@ -741,40 +741,43 @@ struct PackedProblem {
     }
   }
 
-  // How many weight rows (cache lines) ahead a strip's first tile asks for its own strip, where the
+  // How many weight rows ahead a strip's first tile asks for its own strip, where the
   // later tiles do not ask for the next one (12 rows or fewer). The hardware prefetcher alone left
   // the multiplies and the reads in turn: in the harness 4 rows took 17.6 ms against 14.8 for one,
   // 8 rows 26.1; asking 4-16 lines ahead, 13.8-15.2 and 17.9-19.5 (best of six rounds each).
   static constexpr int64_t kSelfAhead = 8;
 
-  // o[0 : MR, 0 : kStrip] (ldo floats a row) = xr[0 : MR, :] @ the strip; one cache line of `ask`
-  // (ask_lines of them) asked for into L2 every `every` weight rows; `self_ahead`: the strip's own
-  // rows asked for kSelfAhead rows ahead.
+  // o[0 : MR, 0 : kStrip] (ldo floats a row) = xr[0 : MR, :] @ the strip. With `ask`, the weight rows
+  // [0, ask_rows) of the next strip (ask_rows <= K) are asked for into L2, spread evenly over this
+  // strip's K rows (a fixed-point position, so the loop has no branch for it); `self_ahead`: the
+  // strip's own rows asked for kSelfAhead rows ahead, every line of them (AVX-512's rows are four
+  // lines: asking for the first only left one row's projections at 1.12-1.13x the time). Each case is
+  // one loop with nothing nested in it: with the asking between runs of rows (an inner loop), GCC kept
+  // AVX-512's 24 sums on the stack, every FMA reading and writing memory, and 16-256 rows took
+  // 2.3-2.6x as long as before that change (`scripts/matmul_ab.cc` on a Zen 4 EPYC); this form
+  // matches that earlier time there (0.95-1.10) and, built for AVX2, times 0.88-1.02 of the run loop.
   template <int MR>
   void tile(const float* __restrict sw, const float* __restrict xr, float* __restrict o, int64_t ldo,
-            const char* ask, int64_t ask_lines, int64_t every, bool self_ahead) const {
+            const float* __restrict ask, int64_t ask_rows, bool self_ahead) const {
     vf acc[MR][kStripVectors];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) acc[m][j] = vf{};
-    // The asking runs between runs of `every` weight rows, so the multiplying loop carries no
-    // asking state. With it inside, GCC spilled a row's pointer and reloaded it every weight row,
-    // among a dozen branch and counter instructions: at 13-256 rows (the tiles that ask) this loop
-    // takes 0.63-0.97 of that one's time (`scripts/matmul_ab.cc`; docs/benchmarks/cpu_step_profile.md).
-    every = ask_lines > 0 ? std::max<int64_t>(1, every) : K;
-    for (int64_t k = 0; k < K;) {
-      const int64_t end = std::min(K, k + every);
-      if (self_ahead) {
-        for (const int64_t asked = std::min(end, K - kSelfAhead); k < asked; ++k) {
-          __builtin_prefetch(sw + (k + kSelfAhead) * kStrip, 0, 0);
-          multiply_row<MR>(acc, sw, xr, K, k);
-        }
+    if (ask != nullptr && ask_rows > 0) {
+      const uint64_t step = (static_cast<uint64_t>(ask_rows) << 32) / K;
+      uint64_t position = 0;
+      for (int64_t k = 0; k < K; ++k, position += step) {
+        const float* row = ask + (position >> 32) * kStrip;
+        for (int64_t line = 0; line < kStrip / 16; ++line) __builtin_prefetch(row + 16 * line, 0, 1);
+        multiply_row<MR>(acc, sw, xr, K, k);
       }
-      for (; k < end; ++k) multiply_row<MR>(acc, sw, xr, K, k);
-      if (ask_lines > 0) {
-        __builtin_prefetch(ask, 0, 1);
-        ask += 64;
-        --ask_lines;
+    } else if (self_ahead) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* row = sw + std::min(k + kSelfAhead, K - 1) * kStrip;
+        for (int64_t line = 0; line < kStrip / 16; ++line) __builtin_prefetch(row + 16 * line, 0, 0);
+        multiply_row<MR>(acc, sw, xr, K, k);
       }
+    } else {
+      for (int64_t k = 0; k < K; ++k) multiply_row<MR>(acc, sw, xr, K, k);
     }
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) store(o + m * ldo + kLanes * j, acc[m][j]);
@@ -833,25 +836,23 @@ struct PackedProblem {
         default: return tile_pair<6, 6>(sw, xr, out, ldo);
       }
     }
-    const int64_t lines = ahead ? (K * kStrip * 4 + 63) / 64 : 0;
-    const int64_t askers = std::max<int64_t>(1, count - 1), share = (lines + askers - 1) / askers;
-    const int64_t every = share ? std::max<int64_t>(1, K / share) : 1;
+    const int64_t askers = std::max<int64_t>(1, count - 1), share = (K + askers - 1) / askers;
     for (int64_t t = 0, m = 0; t < count; ++t) {
       const int64_t rows = base + (t < larger);
       const int64_t i = count == 1 ? 0 : t - 1;
-      const int64_t first = std::min(lines, i * share);
-      const int64_t take = t == 0 && count > 1 ? 0 : std::min(lines, first + share) - first;
-      const char* ask = ahead ? reinterpret_cast<const char*>(ahead) + first * 64 : nullptr;
+      const int64_t first = std::min(K, i * share);
+      const int64_t take = ahead == nullptr || (t == 0 && count > 1) ? 0 : std::min(K, first + share) - first;
+      const float* ask = take > 0 ? ahead + first * kStrip : nullptr;
       const float* xr = x + (r0 + m) * K;
       float* o = out + m * ldo;
       const bool self_ahead = t == 0 && !ahead;
       switch (rows) {
-        case 6: tile<6>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
-        case 5: tile<5>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
-        case 4: tile<4>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
-        case 3: tile<3>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
-        case 2: tile<2>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
-        default: tile<1>(sw, xr, o, ldo, ask, take, every, self_ahead); break;
+        case 6: tile<6>(sw, xr, o, ldo, ask, take, self_ahead); break;
+        case 5: tile<5>(sw, xr, o, ldo, ask, take, self_ahead); break;
+        case 4: tile<4>(sw, xr, o, ldo, ask, take, self_ahead); break;
+        case 3: tile<3>(sw, xr, o, ldo, ask, take, self_ahead); break;
+        case 2: tile<2>(sw, xr, o, ldo, ask, take, self_ahead); break;
+        default: tile<1>(sw, xr, o, ldo, ask, take, self_ahead); break;
       }
       m += rows;
     }

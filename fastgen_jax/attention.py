@@ -88,9 +88,9 @@ INT8_BF16_ROWS = 32
 # 1 / 8 / 16 / 32 / 64 / 128 rows 25.4 / 29.9 / 51.2 / 72.5 / 113 / 254 ms against XLA's 33.4 / 45.9 /
 # 56.3 / 93.2 / 138 / 279, and 256 / 512 rows 491 / 901 against 486 / 891 (even): so up to 128 rows
 # there. Without either (0 lanes) XLA's dot takes every slab.
-# With AVX2 the model's projections are packed at load time instead (`fastgen_jax.weight_layout`,
-# `Attention.packed_matmul`: every row count by the kernel), so there this applies only to weights
-# left in [K, N] (tensor parallelism aside, none of the model's).
+# With either build the model's projections are now packed at load time instead
+# (`fastgen_jax.weight_layout`, `Attention.packed_matmul`: every row count by the kernel), so this
+# applies only to weights left in [K, N] (tensor parallelism, weight_layout.PACKED = False).
 F32_KERNEL_ROWS_BY_LANES = {16: 512, 8: 128}
 # Set to an int to override the above (benchmarks compare programs this way); None: by the build.
 F32_KERNEL_ROWS: int | None = None

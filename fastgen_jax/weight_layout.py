@@ -13,7 +13,13 @@ SmolLM2's 30 layers of projections from memory, ms: 1 / 4 / 8 / 16 / 32 / 64 / 2
 29.6 / 32.0 / 54.2 / 93.2 / 343 packed against 19.7 / 30.7 / 45.4 / 54.3 / 72.8 / 109 / 367 in place
 (docs/benchmarks/cpu_step_profile.md has the whole-step figures).
 
-Only where that was measured: the AVX2 build (`PACKED_BY_LANES`); on one device (the CPU kernels;
+On AVX-512 too (a 2-core Zen 4 EPYC, `scripts/matmul_ab.cc --layouts`, both layouts timed in turns in
+one process): packed took 0.65-0.98 of the in-place time at every row count from 1 to 512 (8 rows 0.72-0.77,
+32 rows 0.79, 256 rows 0.95), and the LM head packed 3.2 / 4.4 ms at 8 / 16 rows against 4.7 / 7.8 in
+its [N, K] form; whole decode steps of 1 and 8 sequences at context 128 took 15.0-17.1 and 23.5-26.6
+ms packed against 18.1-18.8 and 25.5-28.9 in place (three rounds in turns).
+
+Where the kernels have register tiles (`PACKED_BY_LANES`: AVX-512 and AVX2); on one device (the CPU kernels;
 tensor parallelism keeps XLA's dot over sharded [K, N] weights); float32 weights not quantized. The
 LM head is packed too ([vocab, hidden] read as the [K, N] = [hidden, vocab] it multiplies), and a tied
 embedding's lookup reads the packed copy (`packed_rows`). Packing runs once at load
@@ -32,10 +38,9 @@ import cpu_kernels.matmul
 from fastgen_jax.quantize import PROJECTIONS
 
 SUFFIX = "_packed"
-# Whether the float32 projections are packed, by the kernels' vector lanes (`vector_lanes()`): only
-# the AVX2 build's was measured (AVX-512 machines keep the in-place [K, N] tiles, whose 6 x 64
-# registers were tuned there).
-PACKED_BY_LANES = {8: True}
+# Whether the float32 projections are packed, by the kernels' vector lanes (`vector_lanes()`): both
+# builds measured faster packed (the module docstring); 0 lanes (no kernel tiles): XLA's dot.
+PACKED_BY_LANES = {8: True, 16: True}
 # Set to a bool to override the above (tests and benchmarks compare both layouts); None: by the build.
 PACKED: bool | None = None
 

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -43,6 +44,7 @@
 namespace {
 
 using harness::Pool;
+constexpr int kMaxRows = 1024;  // the most rows timed (the engine's default token budget is 512)
 
 // One pass of one version (its Packed and F32 problems) over every projection at M rows into y.
 template <class Packed, class F32>
@@ -51,9 +53,15 @@ void pass(Pool& pool, bool kn, int64_t M, const std::vector<std::vector<float>>&
           size_t first = 0, size_t last = SIZE_MAX) {
   for (size_t i = first; i < std::min(last, packed.size()); ++i) {
     const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
-    if (kn) {
+    if (kn) {  // as the FFI handler runs it: up to 8 rows stream K into per-item partials, then sum
       F32 p{x, plain[i].data(), y, M, K, N, false, 8};
+      thread_local std::vector<float> partials;
+      if (p.streams()) {
+        partials.resize(p.num_items() * M * N);
+        p.partials = partials.data();
+      }
       pool.run(p.num_items(), [&](int64_t it, int64_t next) { p.run(it, next); });
+      if (p.streams()) p.sum_partials(p.num_items());
     } else {
       const Packed p{x, packed[i].data(), y, M, K, N};
       pool.run(p.items(), [&](int64_t it, int64_t next) { p.run(it, next); });
@@ -72,12 +80,14 @@ int main(int argc, char** argv) {
   static_assert(matmul_new::kStrip == matmul_old::kStrip, "both versions must pack strips alike");
   constexpr int64_t kStrip = matmul_new::kStrip;
   const auto& nk = harness::kProjections;  // [N, K] per projection
-  bool kn = false;
+  bool kn = false, layouts = false;  // --layouts: this tree's packed weights (new) against [K, N] (old)
   int reps = 15;
   std::vector<int> rows;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--kn")) {
       kn = true;
+    } else if (!std::strcmp(argv[a], "--layouts")) {
+      layouts = true;
     } else if (!std::strncmp(argv[a], "--reps=", 7)) {
       reps = std::atoi(argv[a] + 7);
     } else if (argv[a][0] == '-') {
@@ -88,13 +98,13 @@ int main(int argc, char** argv) {
     }
   }
   for (const int m : rows) {
-    if (m <= 0 || m > 256 || (kn && m <= 8)) {
-      std::fprintf(stderr, "rows must be 1-256 (9-256 with --kn, whose few rows need a partials buffer), got %d\n", m);
+    if (m <= 0 || m > kMaxRows) {
+      std::fprintf(stderr, "rows must be 1-%d, got %d\n", kMaxRows, m);
       return 2;
     }
   }
   if (reps <= 0 || rows.empty()) {
-    std::fprintf(stderr, "usage: %s [--kn] [--reps=N] ROWS...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [--kn | --layouts] [--reps=N] ROWS...\n", argv[0]);
     return 2;
   }
   std::mt19937 rng(0);
@@ -105,39 +115,59 @@ int main(int argc, char** argv) {
       std::vector<float> w(K * N);
       for (auto& v : w) v = static_cast<float>(rng() % 255) * 1e-3f;
       packed.push_back(harness::pack_strips(w, N, K, kStrip));
-      if (kn) plain.push_back(std::move(w));
+      if (kn || layouts) plain.push_back(std::move(w));
     }
   }
-  std::vector<float> x(256 * 1536), y_new(256 * 3072), y_old(256 * 3072);
+  std::vector<float> x(kMaxRows * 1536), y_new(kMaxRows * 3072), y_old(kMaxRows * 3072);
   for (auto& v : x) v = static_cast<float>(rng() % 255) * 1e-3f - 0.1f;
   Pool pool;
   for (const int M : rows) {
+    const auto run_new = [&](float* y, size_t first = 0, size_t last = SIZE_MAX) {
+      pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y, first, last);
+    };
+    const auto run_old = [&](float* y, size_t first = 0, size_t last = SIZE_MAX) {
+      if (layouts) return pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, true, M, packed, plain, nk, x.data(), y, first, last);
+      pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y, first, last);
+    };
     std::vector<double> t_new, t_old, ratio;
     // a pass of each first: the outputs' pages faulted in, the caches warm
-    pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data());
-    pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data());
+    run_new(y_new.data());
+    run_old(y_old.data());
     for (int r = 0; r < reps; ++r) {
       for (int turn = 0; turn < 2; ++turn) {
         const bool is_new = (turn + r) % 2 == 0;
         const auto t0 = std::chrono::steady_clock::now();
         if (is_new) {
-          pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data());
+          run_new(y_new.data());
         } else {
-          pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data());
+          run_old(y_old.data());
         }
         (is_new ? t_new : t_old).push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
       ratio.push_back(t_new.back() / t_old.back());
     }
-    // every projection once more through both versions, their outputs compared byte for byte
+    // every projection once more through both, their outputs compared byte for byte (two layouts sum
+    // in different orders: their largest difference relative to the output's largest magnitude)
     int differ = 0;
+    double worst = 0.0;
     for (size_t i = 0; i < packed.size(); ++i) {
-      pass<matmul_new::PackedProblem, matmul_new::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_new.data(), i, i + 1);
-      pass<matmul_old::PackedProblem, matmul_old::F32Problem>(pool, kn, M, packed, plain, nk, x.data(), y_old.data(), i, i + 1);
-      differ += std::memcmp(y_new.data(), y_old.data(), M * nk[i % 4][0] * sizeof(float)) != 0;
+      run_new(y_new.data(), i, i + 1);
+      run_old(y_old.data(), i, i + 1);
+      const int64_t size = M * nk[i % 4][0];
+      differ += std::memcmp(y_new.data(), y_old.data(), size * sizeof(float)) != 0;
+      float diff = 0.0f, scale = 1e-30f;
+      for (int64_t j = 0; j < size; ++j) {
+        diff = std::max(diff, std::abs(y_new[j] - y_old[j]));
+        scale = std::max(scale, std::abs(y_old[j]));
+      }
+      worst = std::max(worst, static_cast<double>(diff / scale));
     }
     char verdict[64];
-    std::snprintf(verdict, sizeof verdict, differ ? "%d of %zu projections differ" : "same bits", differ, packed.size());
+    if (differ) {
+      std::snprintf(verdict, sizeof verdict, "%d of %zu projections differ (at most %.1e)", differ, packed.size(), worst);
+    } else {
+      std::snprintf(verdict, sizeof verdict, "same bits");
+    }
     std::printf("%3d rows: new best %7.1f median %7.1f ms | old best %7.1f median %7.1f ms | new/old median %.3f | %s\n",
                 M, *std::min_element(t_new.begin(), t_new.end()), median(t_new),
                 *std::min_element(t_old.begin(), t_old.end()), median(t_old), median(ratio), verdict);

@@ -102,6 +102,25 @@ auto run_packed(const Weights& f32, const Shapes& nk, const std::vector<float>& 
 template <class Weights, class Shapes>
 void run_packed(const Weights&, const Shapes&, const std::vector<float>&, std::vector<float>&, Pool&,
                 const std::vector<int>&, long) {}
+// The float32 LM head ([vocab, hidden] = [N, K]) packed as its [K, N] (fastgen_jax.weight_layout), where
+// this version has the packed kernel: beside "f32 head", its [N, K] dot form.
+template <class Head>
+auto head_packed(const Head& head32, int64_t vocab, int64_t hidden, const std::vector<float>& x,
+                 std::vector<float>& y, Pool& pool, int) -> decltype(PackedProblem{}, void()) {
+  std::vector<float> kn(hidden * vocab);
+  for (int64_t n = 0; n < vocab; ++n)
+    for (int64_t k = 0; k < hidden; ++k) kn[k * vocab + n] = head32[n * hidden + k];
+  const std::vector<float> packed = harness::pack_strips(kn, vocab, hidden, kStrip);
+  for (int M : {1, 4, 8, 16, 32}) {
+    const double ms = best_ms([&] {
+      const PackedProblem p{x.data(), packed.data(), y.data(), M, hidden, vocab};
+      pool.run(p.items(), [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
+    });
+    std::printf("%-10s %3d rows  %8.2f ms  %6.1f GB/s\n", "f32 head packed", M, ms, vocab * hidden * 4 / ms / 1e6);
+  }
+}
+template <class Head>
+void head_packed(const Head&, int64_t, int64_t, const std::vector<float>&, std::vector<float>&, Pool&, long) {}
 
 struct Int8Matrix {
   std::vector<int8_t> q;
@@ -201,4 +220,5 @@ int main(int argc, char** argv) {
            }),
            vocab * hidden * 4);
   }
+  head_packed(head32, vocab, hidden, x, y, pool, 0);
 }
