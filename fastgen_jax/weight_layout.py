@@ -14,10 +14,11 @@ SmolLM2's 30 layers of projections from memory, ms: 1 / 4 / 8 / 16 / 32 / 64 / 2
 (docs/benchmarks/cpu_step_profile.md has the whole-step figures).
 
 On AVX-512 too (a 2-core Zen 4 EPYC, `scripts/matmul_ab.cc --layouts`, both layouts timed in turns in
-one process): packed took 0.65-0.98 of the in-place time at every row count from 1 to 512 (8 rows 0.72-0.77,
-32 rows 0.79, 256 rows 0.95), and the LM head packed 3.2 / 4.4 ms at 8 / 16 rows against 4.7 / 7.8 in
-its [N, K] form; whole decode steps of 1 and 8 sequences at context 128 took 15.0-17.1 and 23.5-26.6
-ms packed against 18.1-18.8 and 25.5-28.9 in place (three rounds in turns).
+one process, median time ratios packed / in place): 1-4 rows 0.90-1.03, 6-12 rows 0.61-0.79, 16-64
+rows 0.51-0.81, 128-512 rows 0.92-0.98; the LM head packed 3.2 / 4.4 ms at 8 / 16 rows against 4.7 /
+7.8 in its [N, K] form (the harness), 1-4 rows even; whole decode steps of 1 and 8 sequences at
+context 128 took 15.0-17.1 and 23.5-26.6 ms packed against 18.1-18.8 and 25.5-28.9 in place (three
+rounds in turns).
 
 Where the kernels have register tiles (`PACKED_BY_LANES`: AVX-512 and AVX2); on one device (the CPU kernels;
 tensor parallelism keeps XLA's dot over sharded [K, N] weights); float32 weights not quantized. The

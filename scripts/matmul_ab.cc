@@ -4,9 +4,12 @@
 //
 //   git show REV:cpu_kernels/matmul.cc > /tmp/old.cc
 //   g++ -O3 -march=native -std=c++17 -ffast-math -fopenmp-simd -pthread -Icpu_kernels -DOLD_CC='"/tmp/old.cc"' scripts/matmul_ab.cc -o /tmp/matmul_ab
-//   /tmp/matmul_ab 8 32 256            # packed weights ([strips, K, strip]; the AVX2 default)
-//   /tmp/matmul_ab --kn --reps=31 256  # weights as the model stores them ([K, N], F32Problem)
+//   /tmp/matmul_ab 8 32 256            # packed weights ([strips, K, strip]; the model's, both builds)
+//   /tmp/matmul_ab --kn --reps=31 1 8 256  # weights as stored ([K, N], F32Problem; up to 8 rows stream)
+//   /tmp/matmul_ab --layouts 1 8 256   # this tree's packed path (new) against its [K, N] one (old)
 //
+// Rows up to kMaxRows (1024). With --layouts the two sum in different orders below 9 rows (the [K, N]
+// path splits K there), so the check reports the largest difference relative to the output's scale.
 // This machine's speed moves by 30-50% over minutes (its neighbours), so builds timed one after the
 // other (`matmul_harness.cc` in turns) compare spells as much as code. Here each repetition times one
 // pass of each version, in alternating order, and the report gives each version's best and median
@@ -102,6 +105,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "rows must be 1-%d, got %d\n", kMaxRows, m);
       return 2;
     }
+  }
+  if (kn && layouts) {
+    std::fprintf(stderr, "--kn and --layouts exclude each other (--layouts times both layouts)\n");
+    return 2;
   }
   if (reps <= 0 || rows.empty()) {
     std::fprintf(stderr, "usage: %s [--kn | --layouts] [--reps=N] ROWS...\n", argv[0]);
