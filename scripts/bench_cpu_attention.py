@@ -47,7 +47,9 @@ PAGE_SIZE, KV_HEADS, GROUP, HEAD_DIM = 16, 3, 3, 64
 SHAPES = {
     "decode 1x128": [(127, 1)],
     "decode 4x128": [(127, 1)] * 4,
+    "decode 8x128": [(127, 1)] * 8,
     "decode 1x512": [(511, 1)],
+    "decode 4x512": [(511, 1)] * 4,
     "decode 8x512": [(511, 1)] * 8,
     "decode 32x128": [(127, 1)] * 32,
     "decode 32x512": [(511, 1)] * 32,
