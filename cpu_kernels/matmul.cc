@@ -747,11 +747,19 @@ struct PackedProblem {
   // 8 rows 26.1; asking 4-16 lines ahead, 13.8-15.2 and 17.9-19.5 (best of six rounds each).
   static constexpr int64_t kSelfAhead = 8;
 
-  // o[0 : MR, 0 : kStrip] (ldo floats a row) = xr[0 : MR, :] @ the strip. With `ask`, the weight rows
-  // [0, ask_rows) of the next strip (ask_rows <= K) are asked for into L2, spread evenly over this
-  // strip's K rows (a fixed-point position, so the loop has no branch for it); `self_ahead`: the
-  // strip's own rows asked for kSelfAhead rows ahead, every line of them (AVX-512's rows are four
-  // lines: asking for the first only left one row's projections at 1.12-1.13x the time). Each case is
+  // Every cache line of one strip row (kStrip floats: four lines with AVX-512, one with AVX2) asked
+  // for, at locality kLocality. Always inlined: GCC deems a function holding only prefetches pure.
+  template <int kLocality>
+  [[gnu::always_inline]] static inline void ask_row(const float* row) {
+    for (int64_t line = 0; line < kStrip / 16; ++line) __builtin_prefetch(row + 16 * line, 0, kLocality);
+  }
+
+  // o[0 : MR, 0 : kStrip] (ldo floats a row) = xr[0 : MR, :] @ the strip. With `ask` (not null), the
+  // weight rows [0, ask_rows) of the next strip (0 < ask_rows <= K) are asked for into L2, spread
+  // evenly over this strip's K rows (a fixed-point position, so the loop has no branch for it);
+  // `self_ahead`: the strip's own rows asked for kSelfAhead rows ahead, every line of them (AVX-512's
+  // rows are four lines: asking for the first only left one row's projections at 1.12-1.13x the
+  // time). Each case is
   // one loop with nothing nested in it: with the asking between runs of rows (an inner loop), GCC kept
   // AVX-512's 24 sums on the stack, every FMA reading and writing memory, and 16-256 rows took
   // 2.3-2.6x as long as before that change (`scripts/matmul_ab.cc` on a Zen 4 EPYC); this form
@@ -762,18 +770,16 @@ struct PackedProblem {
     vf acc[MR][kStripVectors];
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) acc[m][j] = vf{};
-    if (ask != nullptr && ask_rows > 0) {
+    if (ask != nullptr) {
       const uint64_t step = (static_cast<uint64_t>(ask_rows) << 32) / K;
       uint64_t position = 0;
       for (int64_t k = 0; k < K; ++k, position += step) {
-        const float* row = ask + (position >> 32) * kStrip;
-        for (int64_t line = 0; line < kStrip / 16; ++line) __builtin_prefetch(row + 16 * line, 0, 1);
+        ask_row<1>(ask + (position >> 32) * kStrip);
         multiply_row<MR>(acc, sw, xr, K, k);
       }
     } else if (self_ahead) {
       for (int64_t k = 0; k < K; ++k) {
-        const float* row = sw + std::min(k + kSelfAhead, K - 1) * kStrip;
-        for (int64_t line = 0; line < kStrip / 16; ++line) __builtin_prefetch(row + 16 * line, 0, 0);
+        ask_row<0>(sw + std::min(k + kSelfAhead, K - 1) * kStrip);
         multiply_row<MR>(acc, sw, xr, K, k);
       }
     } else {

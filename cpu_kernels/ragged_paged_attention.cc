@@ -177,6 +177,47 @@ struct Queries {
   }
 };
 
+// The keys a block of rows [first, first + rows) of sequence `seq` can see: [lo of its first row,
+// hi of its last row).
+std::pair<int64_t, int64_t> visible_keys(const Params& p, int32_t seq, int64_t first, int64_t rows) {
+  const int64_t kv_len = p.kv_lens[seq], seq_rows = p.cu_q_lens[seq + 1] - p.cu_q_lens[seq];
+  const int64_t first_pos = kv_len - seq_rows + first, last_pos = first_pos + rows - 1;
+  return {std::max<int64_t>(0, first_pos - p.window + 1), std::min<int64_t>(last_pos + 1, kv_len)};
+}
+
+// The pages an item reads: its KV head's K and V pools, its sequence's page table, and the logical
+// pages [first, end) that hold the keys its rows see.
+template <typename KV>
+struct Walk {
+  const KV* k_head = nullptr;
+  const KV* v_head = nullptr;
+  const int32_t* pages = nullptr;
+  int64_t num_pages = 0, page_elems = 0;  // the pool's pages; ps * D values a page
+  int64_t first = 0, end = 0;
+
+  // Logical page `page`'s K and V rows [ps, D] (its table entry clamped into the pool).
+  const KV* k_page(int64_t page) const { return k_head + physical(page) * page_elems; }
+  const KV* v_page(int64_t page) const { return v_head + physical(page) * page_elems; }
+  int64_t physical(int64_t page) const { return std::clamp<int64_t>(pages[page], 0, num_pages - 1); }
+};
+
+template <typename KV>
+Walk<KV> walk_of(const Params& p, const Item& item) {
+  const Shapes& s = p.shape;
+  auto [lo, hi] = visible_keys(p, item.seq, item.first_row, item.num_rows);
+  lo = std::max<int64_t>(lo, item.key_begin);
+  hi = std::min<int64_t>(hi, item.key_end);
+  Walk<KV> w;
+  w.num_pages = s.num_pages;
+  w.page_elems = s.page_size * s.head_dim;
+  w.k_head = static_cast<const KV*>(p.k_pages) + item.kv_head * s.num_pages * w.page_elems;
+  w.v_head = static_cast<const KV*>(p.v_pages) + item.kv_head * s.num_pages * w.page_elems;
+  w.pages = p.page_indices + item.seq * s.width;
+  w.first = lo / s.page_size;
+  w.end = lo < hi ? std::min<int64_t>((hi + s.page_size - 1) / s.page_size, s.width) : w.first;
+  return w;
+}
+
 // The cache lines of logical page `page`'s K and V rows still to be asked for into L2 (the hardware
 // prefetcher stops at 4 KiB boundaries, and every page is its own scattered block). A decode item's
 // page is little work, and a whole page's prefetches at once (128 lines of float32 K and V) stalled
@@ -192,13 +233,11 @@ struct Ahead {
   int64_t next = 0, lines = 0;
 
   template <typename KV>
-  void set(const KV* k_head, const KV* v_head, const int32_t* pages, int64_t page, int64_t num_pages,
-           int64_t page_elems) {
-    const int64_t physical = std::clamp<int64_t>(pages[page], 0, num_pages - 1);
-    k = reinterpret_cast<const char*>(k_head + physical * page_elems);
-    v = reinterpret_cast<const char*>(v_head + physical * page_elems);
+  void set(const Walk<KV>& walk, int64_t page) {
+    k = reinterpret_cast<const char*>(walk.k_page(page));
+    v = reinterpret_cast<const char*>(walk.v_page(page));
     next = 0;
-    lines = (page_elems * static_cast<int64_t>(sizeof(KV)) + 63) / 64;
+    lines = (walk.page_elems * static_cast<int64_t>(sizeof(KV)) + 63) / 64;
   }
   [[gnu::always_inline]] inline void some(int64_t n) {
     for (const int64_t end = std::min(lines, next + n); next < end; ++next) {
@@ -665,40 +704,6 @@ void page_by_tiles(const Params& p, Queries& w, const float* k, const float* v, 
   }
 }
 
-// The keys a block of rows [first, first + rows) of sequence `seq` can see: [lo of its first row,
-// hi of its last row).
-std::pair<int64_t, int64_t> visible_keys(const Params& p, int32_t seq, int64_t first, int64_t rows) {
-  const int64_t kv_len = p.kv_lens[seq], seq_rows = p.cu_q_lens[seq + 1] - p.cu_q_lens[seq];
-  const int64_t first_pos = kv_len - seq_rows + first, last_pos = first_pos + rows - 1;
-  return {std::max<int64_t>(0, first_pos - p.window + 1), std::min<int64_t>(last_pos + 1, kv_len)};
-}
-
-// The pages an item reads: its sequence's page table, its KV head's K and V, and the logical pages
-// [first, end) that hold the keys its rows see.
-template <typename KV>
-struct Walk {
-  const KV* k_head = nullptr;
-  const KV* v_head = nullptr;
-  const int32_t* pages = nullptr;
-  int64_t first = 0, end = 0;
-};
-
-template <typename KV>
-Walk<KV> walk_of(const Params& p, const Item& item) {
-  const Shapes& s = p.shape;
-  const int64_t ps = s.page_size, D = s.head_dim;
-  auto [lo, hi] = visible_keys(p, item.seq, item.first_row, item.num_rows);
-  lo = std::max<int64_t>(lo, item.key_begin);
-  hi = std::min<int64_t>(hi, item.key_end);
-  Walk<KV> w;
-  w.k_head = static_cast<const KV*>(p.k_pages) + item.kv_head * s.num_pages * ps * D;
-  w.v_head = static_cast<const KV*>(p.v_pages) + item.kv_head * s.num_pages * ps * D;
-  w.pages = p.page_indices + item.seq * s.width;
-  w.first = lo / ps;
-  w.end = lo < hi ? std::min<int64_t>((hi + ps - 1) / ps, s.width) : w.first;
-  return w;
-}
-
 // `next`: the item this thread runs after this one (null: none), whose first pages the last pages
 // here ask for, so a thread's reads run on from one item into the next instead of starting cold
 // (`bench_cpu_attention.py --layers=30`, wall ms a layer, two rounds in turns: decode 8 x 128
@@ -713,8 +718,6 @@ void attend(const Params& p, const Item& item, Partial* partial, const Item* nex
   const int64_t seq_rows = p.cu_q_lens[item.seq + 1] - p.cu_q_lens[item.seq];
   const int64_t kv_len = p.kv_lens[item.seq];
   const Walk<KV> own = walk_of<KV>(p, item);
-  const KV* k_head = own.k_head;
-  const KV* v_head = own.v_head;
 
   thread_local Queries w;
   w.reset(R, tiled ? (R + kQueryTile - 1) / kQueryTile * kQueryTile : R, D, ps);
@@ -738,25 +741,22 @@ void attend(const Params& p, const Item& item, Partial* partial, const Item* nex
   // `page_by_group` (compiled head sizes only) while the queries' output rows fit in registers.
   w.grouped = kD > 0 && R >= 2 && R <= 4 && R * D <= kPvQueries * 64;
   for (int64_t i = 1; w.grouped && i < R; ++i) w.grouped = w.lo[i] == w.lo[0] && w.hi[i] == w.hi[0];
-  const int32_t* pages = own.pages;
-  const int64_t end_page = own.end;
-  for (int64_t page = own.first; page < own.first + kPrefetchPages && page < end_page; ++page) {
+  for (int64_t page = own.first; page < own.first + kPrefetchPages && page < own.end; ++page) {
     Ahead first;
-    first.set(k_head, v_head, pages, page, s.num_pages, ps * D);
+    first.set(own, page);
     first.rest();
   }
   const Walk<KV> then = next != nullptr ? walk_of<KV>(p, *next) : Walk<KV>{};
-  for (int64_t page = own.first; page < end_page; ++page) {
-    Ahead ahead;
-    const int64_t want = page + kPrefetchPages;
-    if (want < end_page) {
-      ahead.set(k_head, v_head, pages, want, s.num_pages, ps * D);
-    } else if (then.first + (want - end_page) < then.end) {
-      ahead.set(then.k_head, then.v_head, then.pages, then.first + (want - end_page), s.num_pages, ps * D);
+  for (int64_t page = own.first; page < own.end; ++page) {
+    Ahead ahead;  // the page kPrefetchPages on: this item's, past its last the next item's
+    const int64_t want = page + kPrefetchPages, later = then.first + (want - own.end);
+    if (want < own.end) {
+      ahead.set(own, want);
+    } else if (later < then.end) {
+      ahead.set(then, later);
     }
-    const int64_t physical = std::clamp<int64_t>(pages[page], 0, s.num_pages - 1);
-    const float* k = page_rows(k_head + physical * ps * D, ps * D, w.k_buf.data());
-    const float* v = page_rows(v_head + physical * ps * D, ps * D, w.v_buf.data());
+    const float* k = page_rows(own.k_page(page), ps * D, w.k_buf.data());
+    const float* v = page_rows(own.v_page(page), ps * D, w.v_buf.data());
     if (tiled) {
       ahead.rest();  // many queries: the page's work is long beside the prefetches (no gain spreading them)
       page_by_tiles<kD>(p, w, k, v, page * ps, ps, D);

@@ -73,4 +73,18 @@ struct Pool {
   }
 };
 
+// A [K, N] float32 problem `p` (F32Problem of any version) run as the FFI handler runs it: where its
+// few rows stream, each item sums into its own partial (in `partials`), added up in order at the
+// end. run(i, next) runs item i (next: the item the same thread runs after it, or -1).
+template <class P, class Run>
+void run_f32_problem(Pool& pool, P& p, std::vector<float>& partials, Run run) {
+  const int64_t items = p.num_items();
+  if (p.streams()) {
+    partials.resize(items * p.M * p.N);
+    p.partials = partials.data();
+  }
+  pool.run(items, run);
+  if (p.streams()) p.sum_partials(items);
+}
+
 }  // namespace harness

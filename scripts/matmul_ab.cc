@@ -56,15 +56,10 @@ void pass(Pool& pool, bool kn, int64_t M, const std::vector<std::vector<float>>&
           size_t first = 0, size_t last = SIZE_MAX) {
   for (size_t i = first; i < std::min(last, packed.size()); ++i) {
     const int64_t N = nk[i % 4][0], K = nk[i % 4][1];
-    if (kn) {  // as the FFI handler runs it: up to 8 rows stream K into per-item partials, then sum
+    if (kn) {
       F32 p{x, plain[i].data(), y, M, K, N, false, 8};
       thread_local std::vector<float> partials;
-      if (p.streams()) {
-        partials.resize(p.num_items() * M * N);
-        p.partials = partials.data();
-      }
-      pool.run(p.num_items(), [&](int64_t it, int64_t next) { p.run(it, next); });
-      if (p.streams()) p.sum_partials(p.num_items());
+      harness::run_f32_problem(pool, p, partials, [&](int64_t it, int64_t next) { p.run(it, next); });
     } else {
       const Packed p{x, packed[i].data(), y, M, K, N};
       pool.run(p.items(), [&](int64_t it, int64_t next) { p.run(it, next); });

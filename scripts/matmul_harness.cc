@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
   for (const auto& m : int8) int8_bytes += m.q.size();
   for (const auto& w : f32) f32_bytes += w.size() * 4;
   std::vector<uint16_t> xb(32 * 1536, 0x3f80);  // bfloat16 1.0
-  std::vector<float> x(256 * 1536, 1.0f), y(256 * vocab), partials(64 * 16 * 3072);
+  std::vector<float> x(256 * 1536, 1.0f), y(256 * vocab), partials;
   Pool pool;
 
   std::vector<int> only;
@@ -202,10 +202,7 @@ int main(int argc, char** argv) {
              for (int64_t i = 0; i < static_cast<int64_t>(f32.size()); ++i) {
                const auto& s = nk[i % 4];
                F32Problem p{x.data(), f32[i].data(), y.data(), M, s[1], s[0], false, 8};
-               p.partials = partials.data();
-               const int64_t items = p.num_items();
-               pool.run(items, [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
-               if (p.streams()) p.sum_partials(items);
+               harness::run_f32_problem(pool, p, partials, [&](int64_t it, int64_t next) { run_f32(p, it, next, 0); });
              }
            }),
            f32_bytes);
