@@ -711,7 +711,7 @@ struct PackedProblem {
     // weights about as fast as they multiply them, and the hardware prefetcher follows each strip's
     // run; it is only asked for the next strip's first lines (asking for all of it measured no
     // faster at 1-8 rows in the harness, 16-32 rows 17-20% faster with it).
-    const bool ask = next_strip >= 0 && r1 - r0 > 12;
+    const bool ask = next_strip >= 0 && r1 - r0 > kPairRows;
     if (next_strip >= 0 && !ask) {
       for (int64_t i = 0; i < 8 && i * 16 < K * kStrip; ++i) __builtin_prefetch(w + next_strip * K * kStrip + i * 16, 0, 1);
     }
@@ -797,6 +797,14 @@ struct PackedProblem {
   // rounds in turns). Each row still sums its products in k order: the same bits as one tile.
   static constexpr int64_t kPairChunk = 8, kPairAhead = 32;
 
+  // The most rows `tile_pair` takes; more rows, up to 12, run as three tiles whose later two ask for
+  // the next strip. On a Zen 4 (`scripts/matmul_ab.cc`, the 30 layers' projections, medians of 7-9
+  // passes in turns) three tiles took 0.78-0.88 of the pair's time at 11-12 rows with AVX-512, and
+  // 0.77-0.89 at 7-12 rows built for AVX2; at 7-9 rows with AVX-512 the pair stays ahead (three
+  // tiles 1.10-1.19x its time).
+  static constexpr int64_t kPairRows = kLanes == 16 ? 10 : 6;
+  static_assert(kPairRows <= 10, "`tiles` pairs tiles of up to 5 rows");
+
   // rows [0, MR) of xr over weight rows [k0, k0 + kc), their sums loaded from and stored to `acc`
   template <int MR>
   static void chunk(const float* __restrict sw, const float* __restrict xr, int64_t K, float* __restrict acc,
@@ -824,22 +832,21 @@ struct PackedProblem {
     for (int m = 0; m < MA + MB; ++m) std::copy_n(acc + m * kStrip, kStrip, o + m * ldo);
   }
 
-  // Rows [r0, r1) into out (row r0 first, ldo floats a row): the fewest tiles of at most six rows,
-  // their sizes within one of each other. The tiles after the first share the asking for `ahead`
-  // (the next strip, K * kStrip floats), spread evenly over their weight rows; a lone tile asks for
-  // all of it.
+  // Rows [r0, r1) into out (row r0 first, ldo floats a row): the fewest tiles of at most six rows
+  // (at least three past kPairRows), their sizes within one of each other. The tiles after the first
+  // share the asking for `ahead` (the next strip, K * kStrip floats), spread evenly over their weight
+  // rows; a lone tile asks for all of it.
   void tiles(const float* sw, float* out, int64_t ldo, int64_t r0, int64_t r1, const float* ahead) const {
     const int64_t rows_all = r1 - r0;
-    const int64_t count = (rows_all + 5) / 6, base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
-    if (count == 2 && !ahead) {  // 7-12 rows: the two tiles in turns (`tile_pair`), the larger first
+    const int64_t count = rows_all > kPairRows ? std::max<int64_t>(3, (rows_all + 5) / 6) : (rows_all + 5) / 6;
+    const int64_t base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
+    if (count == 2) {  // 7-kPairRows rows: the two tiles in turns (`tile_pair`), the larger first
       const float* xr = x + r0 * K;
       switch (rows_all) {
         case 7: return tile_pair<4, 3>(sw, xr, out, ldo);
         case 8: return tile_pair<4, 4>(sw, xr, out, ldo);
         case 9: return tile_pair<5, 4>(sw, xr, out, ldo);
-        case 10: return tile_pair<5, 5>(sw, xr, out, ldo);
-        case 11: return tile_pair<6, 5>(sw, xr, out, ldo);
-        default: return tile_pair<6, 6>(sw, xr, out, ldo);
+        default: return tile_pair<5, 5>(sw, xr, out, ldo);
       }
     }
     const int64_t askers = std::max<int64_t>(1, count - 1), share = (K + askers - 1) / askers;

@@ -1,9 +1,9 @@
 """The packed float32 projections (`cpu_kernels.matmul.f32_packed_matmul`, `fastgen_jax.weight_layout`):
-the kernel against a float64 numpy oracle on shapes that reach its paths (row tiles of 1-6 rows, a
-last strip narrower than the build's strip, stacks indexed by a traced layer, padding rows, K = 0),
-a row's bits independent of the other rows, and a model whose projections are packed against the
-reference model. `test_the_avx2_build_matches_the_oracle` (test_f32_matmul.py) runs this file again on
-an AVX2 build where the host's own is AVX-512."""
+the kernel against a float64 numpy oracle on shapes that reach its paths (row tiles of 1-6 rows, two
+tiles in turns or three asking for the next strip, a last strip narrower than the build's strip, stacks
+indexed by a traced layer, padding rows, K = 0), a row's bits independent of the other rows, and a
+model whose projections are packed against the reference model. `test_the_avx2_build_matches_the_oracle`
+(test_f32_matmul.py) runs this file again on an AVX2 build where the host's own is AVX-512."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_matches_the_oracle(m, k, n, seed):
     assert_close(packed_product(x, w), x, w)
 
 
-@pytest.mark.parametrize("m", [1, 2, 6, 7, 8, 33, 300])
+@pytest.mark.parametrize("m", [1, 2, 6, 7, 8, 11, 12, 33, 300])
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (64, 3 * STRIP + 5)])
 def test_model_sized_projections_match_the_oracle(m, k, n):
     x, w = random_inputs(m, k, n, seed=m)
@@ -67,7 +67,8 @@ def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(k, n):
     split into blocks where there are few strips for the threads."""
     x, w = random_inputs(37, k, n, seed=3)
     whole = packed_product(x, w)
-    for lo, hi in [(0, 1), (5, 6), (3, 11), (20, 30), (30, 37)]:  # 1, 8 and 10 rows: one or two tiles
+    # 1, 8, 10 and 12 rows: one tile, two in turns (or three, as 12 rows always are), three
+    for lo, hi in [(0, 1), (5, 6), (3, 11), (20, 30), (25, 37), (30, 37)]:
         np.testing.assert_array_equal(packed_product(x[lo:hi], w), whole[lo:hi])
 
 
