@@ -793,17 +793,18 @@ struct PackedProblem {
   // tile waited on the strip's reads and the second then multiplied it from cache while memory idled:
   // 8 rows took 1.3-1.6x one row's time in the harness. Here the tiles take turns every kPairChunk
   // weight rows, their sums kept in L1 between turns, and the first asks for its rows kPairAhead
-  // ahead, so the strip streams while both multiply (8 rows 18.3-23.2 ms against 20.4-24.4, six
-  // rounds in turns). Each row still sums its products in k order: the same bits as one tile.
-  static constexpr int64_t kPairChunk = 8, kPairAhead = 32;
+  // ahead, every line of them (8 rows 18.3-23.2 ms against 20.4-24.4 on an AVX2 Zen 3, six rounds in
+  // turns). Each row still sums its products in k order: the same bits as one tile. AVX-512's rows are
+  // four lines: asking for all four, 16 rows ahead, instead of the first, 32 ahead, took 0.92-0.95 of
+  // the time at 7-9 rows and 0.86 at 10 (`scripts/matmul_ab.cc` on a Zen 4, medians of 11 passes).
+  static constexpr int64_t kPairChunk = 8, kPairAhead = 16;
 
-  // The most rows `tile_pair` takes; more rows, up to 12, run as three tiles whose later two ask for
-  // the next strip. On a Zen 4 (`scripts/matmul_ab.cc`, the 30 layers' projections, medians of 7-9
-  // passes in turns) three tiles took 0.78-0.88 of the pair's time at 11-12 rows with AVX-512, and
-  // 0.77-0.89 at 7-12 rows built for AVX2; at 7-9 rows with AVX-512 the pair stays ahead (three
-  // tiles 1.10-1.19x its time).
-  static constexpr int64_t kPairRows = kLanes == 16 ? 10 : 6;
-  static_assert(kPairRows <= 10, "`tiles` pairs tiles of up to 5 rows");
+  // The most rows `tile_pair` takes: more rows run as at least three tiles whose later ones ask for
+  // the next strip. On a Zen 4 (`scripts/matmul_ab.cc`, the 30 layers' projections, medians of 9-11
+  // passes in turns) three tiles took 0.86-0.99 of the pair's time at 7-12 rows built for AVX2
+  // (0.77-0.89 at 11-12 rows); with AVX-512 the pair stays ahead (three tiles 1.10-1.19x its time at
+  // 7-9 rows, 1.10 at 11, even at 12).
+  static constexpr int64_t kPairRows = kLanes == 16 ? 12 : 6;
 
   // rows [0, MR) of xr over weight rows [k0, k0 + kc), their sums loaded from and stored to `acc`
   template <int MR>
@@ -813,7 +814,7 @@ struct PackedProblem {
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < kStripVectors; ++j) a[m][j] = load(acc + m * kStrip + kLanes * j);
     for (int64_t k = k0; k < k0 + kc; ++k) {
-      if (ahead && k + ahead < K) __builtin_prefetch(sw + (k + ahead) * kStrip, 0, 0);
+      if (ahead) ask_row<0>(sw + std::min(k + ahead, K - 1) * kStrip);
       multiply_row<MR>(a, sw, xr, K, k);
     }
     for (int m = 0; m < MR; ++m)
@@ -846,7 +847,9 @@ struct PackedProblem {
         case 7: return tile_pair<4, 3>(sw, xr, out, ldo);
         case 8: return tile_pair<4, 4>(sw, xr, out, ldo);
         case 9: return tile_pair<5, 4>(sw, xr, out, ldo);
-        default: return tile_pair<5, 5>(sw, xr, out, ldo);
+        case 10: return tile_pair<5, 5>(sw, xr, out, ldo);
+        case 11: return tile_pair<6, 5>(sw, xr, out, ldo);
+        default: return tile_pair<6, 6>(sw, xr, out, ldo);
       }
     }
     const int64_t askers = std::max<int64_t>(1, count - 1), share = (K + askers - 1) / askers;
