@@ -29,11 +29,12 @@ For each kind:
 The host's share is measured once, on real sequences decoding through `LLMEngine.step()`: its median
 time minus the device program's on the same slab.
 
-Floors, from two ceilings measured here first (a large f32 matmul, FLOP/s; a large reduction, bytes
-read/s): matmuls max(FLOPs / rate, weight bytes / bandwidth); attention the K/V bytes every real row
-must read (each sequence's visible keys once per layer) / bandwidth, or its FLOPs / rate if larger;
-kv_write the new rows' K/V bytes / bandwidth; sampling the logits' bytes / bandwidth. Medians of
-`--repeats` runs. Prints a table and writes JSON (`--output`).
+Floors, from two ceilings measured here before and after each kind, the faster of the two (a large
+f32 matmul, FLOP/s; a large reduction, bytes read/s; the table's GB/s): matmuls max(FLOPs / rate,
+weight bytes / bandwidth); attention the K/V bytes every real row must read (each sequence's visible
+keys once per layer) / bandwidth, or its FLOPs / rate if larger; kv_write the new rows' K/V bytes /
+bandwidth; sampling the logits' bytes / bandwidth. Medians of `--repeats` runs. Prints a table and
+writes JSON (`--output`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ flags.DEFINE_integer("max_kv_tokens", 16384, "Skip decode kinds holding more key
 flags.DEFINE_string("output", "docs/benchmarks/cpu_step_profile.json", "JSON output path.")
 
 
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each blocking `fn()`, after one untimed call of each, the functions taking
+    turns in every repetition: the parts of one step kind are then timed over the same spells of this
+    machine's moving speed (timed one after another, a part could land in a slower minute than the
+    whole step, and "other" came out negative)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_time(fn, repeats: int) -> float:
     """Median seconds of `fn()` (which must block), after one untimed call."""
     fn()
@@ -86,21 +103,29 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ceilings() -> tuple[float, float]:
-    """(f32 matmul FLOP/s, bandwidth bytes/s read), measured on the default device."""
-    import jax
-    import jax.numpy as jnp
+class Ceilings:
+    """(f32 matmul FLOP/s, bandwidth bytes/s read), measured on the default device. This machine's
+    bandwidth moves with its neighbours (a run of this script read 31.8 GB/s, one minutes later 43.3,
+    and a third 50.9), so each step kind is measured between two probes and its floors use the
+    faster of them: a floor is the least time the part could take while it ran."""
 
-    n = 1024
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    # 512 MiB: about SmolLM2's float32 weights, far past the caches (a 64 MiB probe, used before,
-    # read 1.5-2x faster than a decode step can read the weights: part of it came from the L3).
-    x = jax.random.normal(jax.random.PRNGKey(2), (1 << 27,), jnp.float32)
-    # A reduction reads without allocating: a fresh output buffer would time page faults instead.
-    mm, read = jax.jit(lambda a, b: a @ b), jax.jit(lambda x: x.sum())
-    t_mm = median_time(lambda: mm(a, a).block_until_ready(), 5)
-    t_read = median_time(lambda: read(x).block_until_ready(), 5)
-    return 2 * n**3 / t_mm, x.nbytes / t_read
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        n = 1024
+        self.a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        # 512 MiB: about SmolLM2's float32 weights, far past the caches (a 64 MiB probe, used before,
+        # read 1.5-2x faster than a decode step can read the weights: part of it came from the L3).
+        self.x = jax.random.normal(jax.random.PRNGKey(2), (1 << 27,), jnp.float32)
+        # A reduction reads without allocating: a fresh output buffer would time page faults instead.
+        self.mm, self.read = jax.jit(lambda a, b: a @ b), jax.jit(lambda x: x.sum())
+
+    def __call__(self) -> tuple[float, float]:
+        n, a, x = self.a.shape[0], self.a, self.x
+        t_mm = median_time(lambda: self.mm(a, a).block_until_ready(), 5)
+        t_read = median_time(lambda: self.read(x).block_until_ready(), 5)
+        return 2 * n**3 / t_mm, x.nbytes / t_read
 
 
 def synthetic_plan(engine, seqs: list[tuple[int, int]], rng):
@@ -268,14 +293,13 @@ def components(engine, plan, parts: bool = True) -> dict[str, float]:
     logits = jnp.full((logits_rows, c.vocab_size), 0.5, jnp.float32)
     s = jax.device_put(plan.sampling)
     sampler = jax.jit(sample)
-    r = FLAGS.repeats
-    out = {
-        "device": median_time(device, r),
-        "matmuls": median_time(lambda: matmuls(x, weights, head, real).block_until_ready(), r),
-        "attention": median_time(lambda: attention(q, *runner.kv_cache, md).block_until_ready(), r),
-        "kv_write": median_time(write, r),
-        "sampling": median_time(lambda: jax.block_until_ready(sampler(logits, s)), r),
-    }
+    out = interleaved_medians({
+        "device": device,
+        "matmuls": lambda: matmuls(x, weights, head, real).block_until_ready(),
+        "attention": lambda: attention(q, *runner.kv_cache, md).block_until_ready(),
+        "kv_write": write,
+        "sampling": lambda: jax.block_until_ready(sampler(logits, s)),
+    }, FLAGS.repeats)  # fmt: skip
     out["other"] = out["device"] - out["matmuls"] - out["attention"] - out["kv_write"] - out["sampling"]
     return out
 
@@ -327,11 +351,12 @@ def report_row(name: str, parts: dict, floor: dict, plan) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     head = " ".join(f"{p:>16}" for p in PARTS)
-    print(f"{'kind':>18} {'device':>7} {'floor':>7} {head} {'other':>7}  (ms: measured/floor)")
+    print(f"{'kind':>18} {'device':>7} {'floor':>7} {head} {'other':>7} {'GB/s':>5}  (ms: measured/floor)")
     for r in rows:
         cells = " ".join(f"{r[p + '_ms']:>7.2f}/{r[p + '_floor_ms']:<8.2f}" for p in PARTS)
         floor = sum(r[p + "_floor_ms"] for p in PARTS)
-        print(f"{r['kind']:>18} {r['device_ms']:>7.2f} {floor:>7.2f} {cells} {r['other_ms']:>7.2f}")
+        print(f"{r['kind']:>18} {r['device_ms']:>7.2f} {floor:>7.2f} {cells} {r['other_ms']:>7.2f} "
+              f"{r['bandwidth_gbs']:>5.1f}")  # fmt: skip
 
 
 def step_kinds(contexts: list[int], seqs: list[int]) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -385,6 +410,7 @@ def main(argv):
         warmup=False,
         progress=False,
     )
+    ceilings = Ceilings()
     rate, bandwidth = ceilings()
     print(f"matmul {rate / 1e9:.1f} GFLOP/s, bandwidth {bandwidth / 1e9:.1f} GB/s (f32, measured here)")
     rng = np.random.default_rng(0)
@@ -392,8 +418,12 @@ def main(argv):
     for name, kind in kinds:
         plan = synthetic_plan(engine, kind, rng)
         parts = components(engine, plan)
+        after = ceilings()  # this kind's floors: the faster probe of the two around it
+        rate, bandwidth = max(rate, after[0]), max(bandwidth, after[1])
         rows.append(report_row(name, parts, floors(engine, plan, rate, bandwidth), plan))
+        rows[-1] |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9}
         print_table(rows[-1:])
+        rate, bandwidth = after
     step, device = host_time(engine, max(seqs))
     print()
     print_table(rows)
