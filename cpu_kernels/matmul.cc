@@ -690,13 +690,23 @@ struct PackedProblem {
   int64_t items() const { return strips() * blocks; }
   int64_t block_rows() const { return (M + blocks - 1) / blocks; }
 
-  // Many threads and few strips (e.g. a 576-wide projection's 36 on a 32-core machine): each strip's
-  // rows split into blocks of whole 6-row tiles, so every thread gets about four items. A row's
-  // result is the same bits in any block. (On 2 cores SmolLM2's strips never split.)
+  // Row blocks per strip, so that the threads' shares come out even: each strip's rows split into
+  // blocks of whole 6-row tiles (at least 16 rows: fewer run as two tiles in turns, which at 24 rows
+  // in two blocks took 1.05x one block's time), the count that minimises the rows the busiest worker
+  // multiplies, at least enough for about four items a worker (e.g. a 576-wide projection's 36
+  // strips on a 32-core machine). On 2 cores a 576-wide projection's 9 strips left one thread 5 and
+  // the other 4 (the call 5/4.5 of an even share); 2 blocks a strip give each 9. A row's result is
+  // the same bits in any block.
   void split_rows(int64_t workers) {
-    const int64_t want = (4 * workers + strips() - 1) / std::max<int64_t>(1, strips());
-    blocks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, M / 12));
-    const int64_t rows = (block_rows() + 5) / 6 * 6;  // whole tiles per block
+    workers = std::max<int64_t>(1, workers);
+    const int64_t n = strips(), most = std::max<int64_t>(1, M / 16);
+    const auto tiled = [&](int64_t b) { return ((M + b - 1) / b + 5) / 6 * 6; };  // a block's rows
+    const auto busiest = [&](int64_t b) { return ((n * b + workers - 1) / workers) * tiled(b); };
+    int64_t best = std::clamp<int64_t>((4 * workers + n - 1) / std::max<int64_t>(1, n), 1, most);
+    for (int64_t b = best + 1; b <= std::min<int64_t>(most, best + workers); ++b) {
+      if (busiest(b) < busiest(best)) best = b;
+    }
+    const int64_t rows = tiled(best);
     blocks = rows ? (M + rows - 1) / rows : 1;
   }
 

@@ -61,7 +61,8 @@ void pass(Pool& pool, bool kn, int64_t M, const std::vector<std::vector<float>>&
       thread_local std::vector<float> partials;
       harness::run_f32_problem(pool, p, partials, [&](int64_t it, int64_t next) { p.run(it, next); });
     } else {
-      const Packed p{x, packed[i].data(), y, M, K, N};
+      Packed p{x, packed[i].data(), y, M, K, N};
+      p.split_rows(2);  // as the engine's call does on two workers
       pool.run(p.items(), [&](int64_t it, int64_t next) { p.run(it, next); });
     }
   }
