@@ -811,9 +811,9 @@ struct PackedProblem {
 
   // The most rows `tile_pair` takes: more rows run as at least three tiles whose later ones ask for
   // the next strip. On a Zen 4 (`scripts/matmul_ab.cc`, the 30 layers' projections, medians of 9-11
-  // passes in turns) three tiles took 0.86-0.99 of the pair's time at 7-12 rows built for AVX2
-  // (0.77-0.89 at 11-12 rows); with AVX-512 the pair stays ahead (three tiles 1.10-1.19x its time at
-  // 7-9 rows, 1.10 at 11, even at 12).
+  // passes in turns) three tiles took 0.84-0.99 of the pair's time at 7-10 rows built for AVX2 and
+  // 0.76-0.87 at 11-12; with AVX-512 the pair stays ahead (three tiles 1.10-1.19x its time at 7-9
+  // rows, 1.10 at 11, even at 12).
   static constexpr int64_t kPairRows = kLanes == 16 ? 12 : 6;
 
   // rows [0, MR) of xr over weight rows [k0, k0 + kc), their sums loaded from and stored to `acc`
