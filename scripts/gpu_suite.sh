@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent H100/H200 should run, in one call of under 10 minutes:
+# Everything a lent H100/H200 should run, in one call of under 10 minutes (`SUITE_BUDGET`, below):
 #   1. the Pallas kernel tests compiled (no interpreter) and bench_attention.py (gpu_kernel_tests.sh);
 #   2. decode and prefill step times of a Llama-2-7B-shaped model (random bf16 weights, made here)
 #      against the HBM and matmul rooflines (bench_step_roofline.py);
@@ -29,21 +29,34 @@ card=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind.replace(" ",
 echo "card: $card"
 mkdir -p "$OUT"
 status=0
-step() { echo "=== $*"; local t=$SECONDS; "$@" || status=$?; echo "=== done in $((SECONDS - t)) s"; }
+# The steps' own limits add up to more than one device call may run (600 s), so the suite keeps a
+# budget (SUITE_BUDGET seconds, 570 by default): a step gets at most what is left of it, and a step
+# with under 30 s left is skipped (and said so), so the call ends by itself with every finished
+# step's results written instead of being killed mid-step. The steps run most important first.
+BUDGET=${SUITE_BUDGET:-570}
+step() {  # step SECONDS command...: the command under `timeout`, within what is left of the budget
+  local limit=$1 left=$((BUDGET - SECONDS)) t=$SECONDS
+  shift
+  if [ "$left" -lt 30 ]; then echo "=== skipped (${left} s of the suite's budget left): $*"; status=1; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== (up to ${limit} s) $*"
+  timeout "$limit" "$@" || status=$?
+  echo "=== done in $((SECONDS - t)) s"
+}
 
-step timeout 150 bash scripts/gpu_kernel_tests.sh
-[ -d checkpoints/llama2-7b-random ] || step timeout 120 "$PYTHON" -m fastgen_jax.checkpoints random llama2-7b
-step timeout 120 "$PYTHON" scripts/bench_step_roofline.py --model=checkpoints/llama2-7b-random \
+step 150 bash scripts/gpu_kernel_tests.sh
+[ -d checkpoints/llama2-7b-random ] || step 120 "$PYTHON" -m fastgen_jax.checkpoints random llama2-7b
+step 120 "$PYTHON" scripts/bench_step_roofline.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/step_roofline_${card}.json"
-step timeout 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL=checkpoints/smollm2-135m-instruct \
+step 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL=checkpoints/smollm2-135m-instruct \
   bash scripts/compare_policies.sh --clients=4,16 --requests_per_client=2 --extra_requests=8
-step timeout 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_len=1200 --gen_len=60 \
+step 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_len=1200 --gen_len=60 \
   --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
-step timeout 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
+step 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/tensor_parallel_${card}.json"
-step timeout 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
+step 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
   --output_json="$OUT/host_step_overlap_tiny_${card}.json"
-step timeout 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
+step 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
   --model=checkpoints/smollm2-135m-instruct --output_json="$OUT/host_step_overlap_smollm2_${card}.json"
 [ -n "${OUT_COPY:-}" ] && cp -r "$OUT"/. "$OUT_COPY"/
 exit "$status"
