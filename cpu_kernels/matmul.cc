@@ -769,11 +769,11 @@ struct PackedProblem {
   // evenly over this strip's K rows (a fixed-point position, so the loop has no branch for it);
   // `self_ahead`: the strip's own rows asked for kSelfAhead rows ahead, every line of them (AVX-512's
   // rows are four lines: asking for the first only left one row's projections at 1.12-1.13x the
-  // time). Each case is
-  // one loop with nothing nested in it: with the asking between runs of rows (an inner loop), GCC kept
-  // AVX-512's 24 sums on the stack, every FMA reading and writing memory, and 16-256 rows took
-  // 2.3-2.6x as long as before that change (`scripts/matmul_ab.cc` on a Zen 4 EPYC); this form
-  // matches that earlier time there (0.95-1.10) and, built for AVX2, times 0.88-1.02 of the run loop.
+  // time). Each case is one loop with nothing nested in it: with the asking between runs of rows (an
+  // inner loop), GCC kept AVX-512's 24 sums on the stack, every FMA reading and writing memory, and
+  // 16-256 rows took 2.3-2.6x as long as before that change (`scripts/matmul_ab.cc` on a Zen 4 EPYC);
+  // this form matches that earlier time there (0.95-1.10) and, built for AVX2, times 0.88-1.02 of the
+  // run loop.
   template <int MR>
   void tile(const float* __restrict sw, const float* __restrict xr, float* __restrict o, int64_t ldo,
             const float* __restrict ask, int64_t ask_rows, bool self_ahead) const {
@@ -851,15 +851,17 @@ struct PackedProblem {
     const int64_t rows_all = r1 - r0;
     const int64_t count = rows_all > kPairRows ? std::max<int64_t>(3, (rows_all + 5) / 6) : (rows_all + 5) / 6;
     const int64_t base = count ? rows_all / count : 0, larger = count ? rows_all % count : 0;
-    if (count == 2) {  // 7-kPairRows rows: the two tiles in turns (`tile_pair`), the larger first
-      const float* xr = x + r0 * K;
-      switch (rows_all) {
-        case 7: return tile_pair<4, 3>(sw, xr, out, ldo);
-        case 8: return tile_pair<4, 4>(sw, xr, out, ldo);
-        case 9: return tile_pair<5, 4>(sw, xr, out, ldo);
-        case 10: return tile_pair<5, 5>(sw, xr, out, ldo);
-        case 11: return tile_pair<6, 5>(sw, xr, out, ldo);
-        default: return tile_pair<6, 6>(sw, xr, out, ldo);
+    if constexpr (kPairRows > 6) {  // (AVX2 builds never pair: count is 1 or at least 3 there)
+      if (count == 2) {  // 7-kPairRows rows: the two tiles in turns (`tile_pair`), the larger first
+        const float* xr = x + r0 * K;
+        switch (rows_all) {
+          case 7: return tile_pair<4, 3>(sw, xr, out, ldo);
+          case 8: return tile_pair<4, 4>(sw, xr, out, ldo);
+          case 9: return tile_pair<5, 4>(sw, xr, out, ldo);
+          case 10: return tile_pair<5, 5>(sw, xr, out, ldo);
+          case 11: return tile_pair<6, 5>(sw, xr, out, ldo);
+          default: return tile_pair<6, 6>(sw, xr, out, ldo);
+        }
       }
     }
     const int64_t askers = std::max<int64_t>(1, count - 1), share = (K + askers - 1) / askers;

@@ -450,8 +450,6 @@ void page_by_group(const Params& p, Queries& w, const KV* k, const KV* v, int64_
     for (int q = 0; q < NQ; ++q) {
 #pragma GCC unroll 8
       for (int c = 0; c < kV; ++c) _mm512_storeu_ps(&w.acc[q * kD + 16 * c], t[q][c]);
-      w.l[q] = w.l[q] * alpha[q] + sum[q];
-      w.m[q] = m_new[q];
     }
   } else
 #endif
@@ -469,18 +467,14 @@ void page_by_group(const Params& p, Queries& w, const KV* k, const KV* v, int64_
         for (int64_t d = 0; d < kD; ++d) t[q][d] += pj * vj[d];
       }
     }
-    for (int q = 0; q < NQ; ++q) {
-      std::memcpy(&w.acc[q * kD], t[q], sizeof t[q]);
-      w.l[q] = w.l[q] * alpha[q] + sum[q];
-      w.m[q] = m_new[q];
-    }
+    for (int q = 0; q < NQ; ++q) std::memcpy(&w.acc[q * kD], t[q], sizeof t[q]);
+  }
+  for (int q = 0; q < NQ; ++q) {
+    w.l[q] = w.l[q] * alpha[q] + sum[q];
+    w.m[q] = m_new[q];
   }
 }
 
-// One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
-// its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
-// vectors), their exponentials, and the online softmax update; 2-4 queries that see the same keys
-// go together (`page_by_group`) while their output rows fit in registers (kPvQueries rows of 64).
 // The page by `page_by_group` when the item's queries see the same keys (w.grouped): true if it did.
 template <int kD, typename R>
 bool by_group(const Params& p, Queries& w, const R* k, const R* v, int64_t first, int64_t ps, Ahead& ahead) {
@@ -496,6 +490,11 @@ bool by_group(const Params& p, Queries& w, const R* k, const R* v, int64_t first
   return true;
 }
 
+
+// One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
+// its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
+// vectors), their exponentials, and the online softmax update; 2-4 queries that see the same keys
+// go together (`page_by_group`) while their output rows fit in registers (kPvQueries rows of 64).
 template <int kD, typename KV>
 void page_by_dots(const Params& p, Queries& w, const KV* k_page, const KV* v_page, int64_t first, int64_t ps,
                   int64_t D, Ahead& ahead) {

@@ -94,13 +94,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 
 def median_time(fn, repeats: int) -> float:
     """Median seconds of `fn()` (which must block), after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats)["fn"]
 
 
 class Ceilings:
@@ -411,19 +405,19 @@ def main(argv):
         progress=False,
     )
     ceilings = Ceilings()
-    rate, bandwidth = first_probe = ceilings()
-    print(f"matmul {rate / 1e9:.1f} GFLOP/s, bandwidth {bandwidth / 1e9:.1f} GB/s (f32, measured here)")
+    first_probe = before = ceilings()
+    print(f"matmul {before[0] / 1e9:.1f} GFLOP/s, bandwidth {before[1] / 1e9:.1f} GB/s (f32, measured here)")
     rng = np.random.default_rng(0)
     rows = []
     for name, kind in kinds:
         plan = synthetic_plan(engine, kind, rng)
         parts = components(engine, plan)
-        after = ceilings()  # this kind's floors: the faster probe of the two around it
-        rate, bandwidth = max(rate, after[0]), max(bandwidth, after[1])
+        after = ceilings()
+        rate, bandwidth = map(max, before, after)  # this kind's floors: the faster of the probes around it
         rows.append(report_row(name, parts, floors(engine, plan, rate, bandwidth), plan))
         rows[-1] |= {"matmul_gflops": rate / 1e9, "bandwidth_gbs": bandwidth / 1e9}
         print_table(rows[-1:])
-        rate, bandwidth = after
+        before = after
     step, device = host_time(engine, max(seqs))
     print()
     print_table(rows)
