@@ -5,13 +5,16 @@ only after the program has been traced and lowered to find its key: on a 2-core 
 of a warm server start for SmolLM2's 8 step programs, against 0.5 s for loading them from the cache.
 This cache is keyed before tracing, by everything the program is made from: the engine's description
 (model and engine configs, dtypes, the arguments' shapes, dtypes and shardings, the plan's layout,
-the devices, the resolved kernels: `runner.ModelRunner._description`), the installation (the sources
-of this package and its kernels, JAX, jaxlib, flax, numpy, the backend, the CPU's features) and what
-may change within a process, read at every key (JAX's settings, `XLA_`/`JAX_` variables, the module
-constants of this package and its kernels). Its entries are `jax.stages.Compiled` executables
-serialized by `jax.experimental.serialize_executable`, with their argument and result trees, in
-`<compilation cache dir>/executables`; it is off when the compilation cache is, in a multi-host group,
-and where `ENABLED` is false. The step programs it keeps are not in JAX's cache (see `compiled`). A
+the devices' number and kinds, the resolved kernels: `runner.ModelRunner._description`), the
+installation (the sources of this package and its kernels, JAX, jaxlib, flax, numpy, the backend,
+the CPU's features) and what may change within a process, read at every key (JAX's settings,
+`XLA_`/`JAX_` variables, the module constants of this package and its kernels). Its entries are
+`jax.stages.Compiled` executables serialized by `jax.experimental.serialize_executable`, with their
+argument and result trees, in `<compilation cache dir>/executables`; it is off when the compilation
+cache is, in a multi-host group, and where `ENABLED` is false. An entry is not tied to the devices it
+was compiled for: loaded for others of the same number and kinds (another replica's), it runs there,
+each device in the place of the one at its position in the mesh (`load`), so replicas compile each
+program once between them. The step programs it keeps are not in JAX's cache (see `compiled`). A
 file that cannot be read is logged once and compiled again; a store that fails is logged once and
 turns the cache off for the process. After a store, the least recently used entries beyond
 `MAX_BYTES` are deleted. Like JAX's own cache, its files are trusted: they hold pickles.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import logging
 import os
 import pathlib
@@ -34,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 _PACKAGES = ("fastgen_jax", "cpu_kernels", "pallas_kernels")
 _SUFFIXES = (".py", ".cc", ".h")
 _LIBRARIES = ("flax", "numpy", "ml_dtypes")  # beyond jax and jaxlib, what tracing goes through
-_FORMAT = 1  # of the files this module writes
+_FORMAT = 2  # of the files this module writes
 ENABLED = True  # the test suite turns it off in its own process (tests/conftest.py)
 MAX_BYTES = 4 << 30  # entries kept, the most recently used first (SmolLM2's 8 programs: 2.5 MB)
 
@@ -156,7 +161,7 @@ def compiled(name: str | None, in_tree: Any, devices: list, lower: Callable[[], 
         with _without_persistent_cache():
             executable = lower().compile()
         if _jax_cache_hits[0] == hits:
-            save(name, executable)
+            save(name, executable, devices)
     return executable
 
 
@@ -185,20 +190,20 @@ def _without_persistent_cache():
 
 
 def load(name: str, in_tree: Any, devices: list) -> Any | None:
-    """The executable stored under `name`, loaded onto `devices`; None if there is none (or it cannot
-    be read, or its argument tree is not `in_tree`)."""
+    """The executable stored under `name`, loaded onto `devices` (a mesh's devices in its order); None
+    if there is none (or it cannot be read, or its argument tree is not `in_tree`). An entry compiled
+    for other devices of the same number and kinds runs on these: each takes the place of the one at
+    its position (`_onto`)."""
     where = directory()
     path = where / f"{name}.bin" if where else None
     if path is None or not path.exists():
         return None
     try:
         with open(path, "rb") as f:
-            payload, stored_in, out_tree = pickle.load(f)
+            payload, stored_in, out_tree, compiled_for, assignment = pickle.load(f)
         if stored_in != in_tree:
             return None
-        executable = serialize_executable.deserialize_and_load(
-            payload, stored_in, out_tree, backend=devices[0].client, execution_devices=devices
-        )
+        executable = _onto(payload, stored_in, out_tree, compiled_for, assignment, devices)
     except Exception as error:  # noqa: BLE001 - any failure here only means compiling
         _warn_once("cannot load an executable", f" ({path}; later ones are not logged)", error)
         return None
@@ -207,15 +212,53 @@ def load(name: str, in_tree: Any, devices: list) -> Any | None:
     return executable
 
 
-def save(name: str, compiled: Any) -> None:
-    """Stores `compiled` under `name` (atomically: concurrent processes never read half a file)."""
+def _onto(payload, in_tree, out_tree, compiled_for: list[int], assignment: list[int], devices: list):
+    """`serialize_executable.deserialize_and_load` onto `devices`, where the entry was compiled for the
+    mesh of devices `compiled_for` (ids, in the mesh's order) with XLA's device assignment `assignment`
+    (ids, in partition order). For other devices, the executable is given the assignment that puts
+    each of `devices` where the device at its position was (XLA keeps the assignment it was compiled
+    with unless given another: its arguments would then be refused as being on the wrong devices), and
+    the devices named in its argument and result shardings are mapped the same way."""
+    client = devices[0].client
+    if [d.id for d in devices] == compiled_for:
+        return serialize_executable.deserialize_and_load(
+            payload, in_tree, out_tree, backend=client, execution_devices=devices
+        )
+    from jax._src import compiler  # the options JAX itself compiles with (used to load on GPU too)
+
+    if len(devices) != len(compiled_for):
+        raise ValueError(f"compiled for {len(compiled_for)} devices, asked to load onto {len(devices)}")
+    instead = dict(zip(compiled_for, devices, strict=True))
+    placed = [instead[i] for i in assignment]
+    options = compiler.get_compile_options(
+        num_replicas=1, num_partitions=len(placed), device_assignment=np.array([[d.id for d in placed]])
+    )
+
+    class Unpickler(serialize_executable._JaxPjrtUnpickler):
+        def persistent_load(self, pid):
+            if pid[0] == "exec":
+                return client.deserialize_executable(pid[1], self.execution_devices, options)
+            if pid[0] == "device":
+                return instead[pid[1]]
+            return super().persistent_load(pid)
+
+    unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(payload), client, placed).load()
+    args = in_tree.unflatten(args_info)
+    return jax.stages.Compiled(unloaded.load(), [], args, out_tree, no_kwargs=no_kwargs)
+
+
+def save(name: str, compiled: Any, devices: list) -> None:
+    """Stores `compiled`, compiled for the mesh of `devices`, under `name` (atomically: concurrent
+    processes never read half a file)."""
     where = directory()
     if where is None:
         return
     written = None
     try:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-        data = pickle.dumps((payload, in_tree, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
+        assignment = [d.id for d in compiled.runtime_executable().local_devices()]
+        entry = (payload, in_tree, out_tree, [d.id for d in devices], assignment)
+        data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:
             written = f.name

@@ -249,7 +249,7 @@ class ModelRunner:
             str(self.dtype),
             self.limits,
             self.attention,
-            [(d.id, d.device_kind) for d in self.mesh.devices.flat],
+            [d.device_kind for d in self.mesh.devices.flat],  # not which: replicas share programs
             jax.tree.structure(args),
             [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in jax.tree.leaves(args)],
             layout,

@@ -54,11 +54,11 @@ def cache_dir(tmp_path, monkeypatch):
 CONFIG = tiny_config(max_position_embeddings=128)
 
 
-def _engine(seed=0, **overrides):
+def _engine(seed=0, devices=None, **overrides):
     checkpoint = Checkpoint(CONFIG, random_params(CONFIG, seed), word_tokenizer(CONFIG.vocab_size), "")
     config = dict(max_num_seqs=4, page_size=8, max_model_len=96, token_budget=32, token_buckets=(32,))
     config.update(overrides)
-    return LLMEngine(checkpoint, EngineConfig(**config), dtype="float32", progress=False)
+    return LLMEngine(checkpoint, EngineConfig(**config), dtype="float32", progress=False, devices=devices)
 
 
 def _workload():
@@ -155,8 +155,35 @@ def test_a_compilation_that_jax_s_cache_answered_is_not_stored(cache_dir, answer
     with pytest.MonkeyPatch.context() as m:
         m.setattr(executable_cache, "save", lambda *args: stored.append(args))
         assert executable_cache.compiled("name", None, jax.devices()[:1], Lowered) == "an executable"
-    assert stored == ([] if answered_by_jax else [("name", "an executable")])
+    assert stored == ([] if answered_by_jax else [("name", "an executable", jax.devices()[:1])])
     assert jax.config.jax_enable_compilation_cache and calls["hits"] == 0
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_replicas_on_other_devices_load_the_programs_and_generate_the_same(cache_dir, tensor_parallel):
+    """A replica on other devices (of the same number and kinds) loads what the first compiled, each
+    of its devices in the place of the one at its position, and generates exactly what the first
+    does; so does a mesh of the same devices in another order. (The suite runs on 4 CPU devices.)"""
+    where, calls = cache_dir
+    devices = jax.devices()
+    assert len(devices) >= 2 * tensor_parallel
+    first = _engine(devices=devices[:tensor_parallel], tensor_parallel=tensor_parallel)
+    programs = first.runner.num_compiled
+    assert calls == {"hits": 0, "saves": programs}
+    want = run_with_logprobs(first, *_workload(), logprobs=True)
+    others = devices[tensor_parallel : 2 * tensor_parallel]
+    for group in (others, others[::-1]):
+        replica = _engine(devices=group, tensor_parallel=tensor_parallel)
+        assert calls == {"hits": programs, "saves": programs}, group  # nothing compiled
+        calls["hits"] = 0
+        assert {d for x in jax.tree.leaves(replica.runner.kv_cache) for d in x.devices()} == set(group)
+        got = run_with_logprobs(replica, *_workload(), logprobs=True)
+        assert got[0] == want[0]
+        for a, b in zip(got[1], want[1], strict=True):
+            np.testing.assert_array_equal(a, b)
+        if tensor_parallel == 1:
+            break  # one device has one order
+    assert len(list(where.glob("*.bin"))) == programs
 
 
 def test_the_least_recently_used_entries_beyond_the_limit_are_deleted(tmp_path, monkeypatch):
