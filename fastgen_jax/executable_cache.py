@@ -200,10 +200,10 @@ def load(name: str, in_tree: Any, devices: list) -> Any | None:
         return None
     try:
         with open(path, "rb") as f:
-            payload, stored_in, out_tree, compiled_for, assignment = pickle.load(f)
+            payload, stored_in, out_tree, compiled_for = pickle.load(f)
         if stored_in != in_tree:
             return None
-        executable = _onto(payload, stored_in, out_tree, compiled_for, assignment, devices)
+        executable = _onto(payload, stored_in, out_tree, compiled_for, devices)
     except Exception as error:  # noqa: BLE001 - any failure here only means compiling
         _warn_once("cannot load an executable", f" ({path}; later ones are not logged)", error)
         return None
@@ -212,26 +212,27 @@ def load(name: str, in_tree: Any, devices: list) -> Any | None:
     return executable
 
 
-def _onto(payload, in_tree, out_tree, compiled_for: list[int], assignment: list[int], devices: list):
-    """`serialize_executable.deserialize_and_load` onto `devices`, where the entry was compiled for the
-    mesh of devices `compiled_for` (ids, in the mesh's order) with XLA's device assignment `assignment`
-    (ids, in partition order). For other devices, the executable is given the assignment that puts
-    each of `devices` where the device at its position was (XLA keeps the assignment it was compiled
-    with unless given another: its arguments would then be refused as being on the wrong devices), and
-    the devices named in its argument and result shardings are mapped the same way."""
+def _onto(payload, in_tree, out_tree, compiled_for: list[int], devices: list) -> Any:
+    """`serialize_executable.deserialize_and_load` onto `devices`, where the entry was compiled for a
+    mesh of the devices `compiled_for` (ids, in the mesh's order, which is XLA's device assignment:
+    `save` keeps only such entries). For other devices, the executable is given the assignment of
+    `devices` (XLA keeps the one it was compiled with unless given another: its arguments would then be
+    refused as being on the wrong devices, and the process could crash), and the devices named in its
+    argument and result shardings are mapped by position the same way. What loaded is checked to run
+    on `devices` in that order before it is used."""
     client = devices[0].client
-    if [d.id for d in devices] == compiled_for:
+    ids = [d.id for d in devices]
+    if ids == compiled_for:
         return serialize_executable.deserialize_and_load(
             payload, in_tree, out_tree, backend=client, execution_devices=devices
         )
-    from jax._src import compiler  # the options JAX itself compiles with (used to load on GPU too)
+    from jax._src import compiler  # the options JAX itself compiles with (and loads with, on GPU)
 
-    if len(devices) != len(compiled_for):
-        raise ValueError(f"compiled for {len(compiled_for)} devices, asked to load onto {len(devices)}")
+    if len(devices) != len(compiled_for) or len(set(compiled_for)) != len(compiled_for):
+        raise ValueError(f"compiled for devices {compiled_for}, asked to load onto {ids}")
     instead = dict(zip(compiled_for, devices, strict=True))
-    placed = [instead[i] for i in assignment]
     options = compiler.get_compile_options(
-        num_replicas=1, num_partitions=len(placed), device_assignment=np.array([[d.id for d in placed]])
+        num_replicas=1, num_partitions=len(ids), device_assignment=np.array([ids])
     )
 
     class Unpickler(serialize_executable._JaxPjrtUnpickler):
@@ -242,9 +243,16 @@ def _onto(payload, in_tree, out_tree, compiled_for: list[int], assignment: list[
                 return instead[pid[1]]
             return super().persistent_load(pid)
 
-    unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(payload), client, placed).load()
+    unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(payload), client, devices).load()
     args = in_tree.unflatten(args_info)
-    return jax.stages.Compiled(unloaded.load(), [], args, out_tree, no_kwargs=no_kwargs)
+    executable = jax.stages.Compiled(unloaded.load(), [], args, out_tree, no_kwargs=no_kwargs)
+    placed = [[d.id for d in executable.runtime_executable().local_devices()]]
+    for sharding in jax.tree.leaves(executable.input_shardings):  # the engine's are NamedShardings
+        mesh = getattr(sharding, "mesh", None)
+        placed.append([d.id for d in mesh.devices.flat] if mesh is not None else sorted(sharding.device_set))
+    if any(p != ids for p in placed):
+        raise ValueError(f"loaded onto devices {placed[0]}, its arguments onto {placed[1:]}, not {ids}")
+    return executable
 
 
 def save(name: str, compiled: Any, devices: list) -> None:
@@ -255,9 +263,11 @@ def save(name: str, compiled: Any, devices: list) -> None:
         return
     written = None
     try:
+        compiled_for = [d.id for d in devices]
+        if [d.id for d in compiled.runtime_executable().local_devices()] != compiled_for:
+            return  # XLA's assignment is not the mesh's order (never so for the engine's meshes)
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-        assignment = [d.id for d in compiled.runtime_executable().local_devices()]
-        entry = (payload, in_tree, out_tree, [d.id for d in devices], assignment)
+        entry = (payload, in_tree, out_tree, compiled_for)
         data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, delete=False, suffix=".tmp") as f:

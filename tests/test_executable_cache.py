@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -163,7 +164,8 @@ def test_a_compilation_that_jax_s_cache_answered_is_not_stored(cache_dir, answer
 def test_replicas_on_other_devices_load_the_programs_and_generate_the_same(cache_dir, tensor_parallel):
     """A replica on other devices (of the same number and kinds) loads what the first compiled, each
     of its devices in the place of the one at its position, and generates exactly what the first
-    does; so does a mesh of the same devices in another order. (The suite runs on 4 CPU devices.)"""
+    does; so do a mesh of those devices in the other order and one of the first replica's own devices
+    in the other order. (The suite runs on 4 CPU devices.)"""
     where, calls = cache_dir
     devices = jax.devices()
     assert len(devices) >= 2 * tensor_parallel
@@ -172,7 +174,7 @@ def test_replicas_on_other_devices_load_the_programs_and_generate_the_same(cache
     assert calls == {"hits": 0, "saves": programs}
     want = run_with_logprobs(first, *_workload(), logprobs=True)
     others = devices[tensor_parallel : 2 * tensor_parallel]
-    for group in (others, others[::-1]):
+    for group in (others, others[::-1], devices[:tensor_parallel][::-1]):
         replica = _engine(devices=group, tensor_parallel=tensor_parallel)
         assert calls == {"hits": programs, "saves": programs}, group  # nothing compiled
         calls["hits"] = 0
@@ -182,8 +184,15 @@ def test_replicas_on_other_devices_load_the_programs_and_generate_the_same(cache
         for a, b in zip(got[1], want[1], strict=True):
             np.testing.assert_array_equal(a, b)
         if tensor_parallel == 1:
-            break  # one device has one order
+            break  # one device has one order (and [::-1] of the first is the first)
     assert len(list(where.glob("*.bin"))) == programs
+    if tensor_parallel == 2:  # an entry that names its devices in the wrong order: refused, compiled
+        for path in where.glob("*.bin"):
+            payload, in_tree, out_tree, compiled_for = pickle.loads(path.read_bytes())
+            path.write_bytes(pickle.dumps((payload, in_tree, out_tree, compiled_for[::-1])))
+        replica = _engine(devices=others, tensor_parallel=tensor_parallel)
+        assert calls == {"hits": 0, "saves": 2 * programs}
+        assert run_with_logprobs(replica, *_workload())[0] == want[0]
 
 
 def test_the_least_recently_used_entries_beyond_the_limit_are_deleted(tmp_path, monkeypatch):
