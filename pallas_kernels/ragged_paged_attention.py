@@ -57,16 +57,6 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _SQUEEZED = getattr(pl, "squeezed", None)  # a block dimension dropped inside the kernel
 
 
-def _triton_compiler_params(num_warps: int, num_stages: int):
-    """`CompilerParams` of the Triton lowering, wherever this JAX version keeps it."""
-    params_cls = getattr(pltriton, "CompilerParams", None)
-    if params_cls is None:  # JAX before the rename: jax.experimental.pallas.gpu
-        from jax.experimental.pallas import gpu as plgpu
-
-        params_cls = plgpu.TritonCompilerParams
-    return params_cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -361,7 +351,9 @@ def _ragged_paged_attention(
         ],
         out_specs=per_head_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_triton_compiler_params(num_warps or tiles.num_warps, num_stages or tiles.num_stages),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=num_warps or tiles.num_warps, num_stages=num_stages or tiles.num_stages
+        ),
         interpret=interpret,
         debug=debug,
         name=f"ragged_paged_attention_{block_q=}_{pages_per_block=}",

@@ -294,14 +294,18 @@ def test_nonpositive_sliding_window_raises():
 )
 def test_lowers_to_triton_for_cuda(dtype, group, head_dim, sliding_window):
     """The Triton lowering accepts every op of the kernel (checked without a GPU by exporting for
-    CUDA; newer JAX versions compile at lowering time and need the GPU's Triton handler)."""
+    CUDA, for an abstract H100: JAX 0.11 asks the lowering's device for its GPU's details, where 0.10
+    assumed one; newer JAX versions may compile at lowering time and need the GPU's Triton handler)."""
     from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     args = make_inputs([(3, 2)], group=group, head_dim=head_dim, dtype=dtype)
     fn = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1, sliding_window=sliding_window))
     checks = [export.DisabledSafetyCheck.custom_call(t) for t in _TRITON_CUSTOM_CALLS]
+    h100 = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
     try:
-        exported = export.export(fn, platforms=("cuda",), disabled_checks=checks)(*args)
+        with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+            exported = export.export(fn, platforms=("cuda",), disabled_checks=checks)(*args)
     except RuntimeError as e:
         if "Triton compilation handler" in str(e):
             pytest.skip("this JAX compiles Triton at lowering time; needs a GPU")
