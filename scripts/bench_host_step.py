@@ -46,6 +46,7 @@ from fastgen_jax.engine.sequence import Sequence
 from fastgen_jax.llm_engine import LLMEngine
 from fastgen_jax.models import param_shapes
 from fastgen_jax.sampling_params import SamplingParams
+from fastgen_jax.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -56,7 +57,9 @@ flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per sequence.")
 flags.DEFINE_integer("decode_steps", 32, "Decode steps timed per run.")
 flags.DEFINE_string("model", "", "A checkpoint to run instead of the tiny random model.")
 flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny random model.")
-flags.DEFINE_string("tokenizer_from", "checkpoints/smollm2-135m-instruct", "Checkpoint for the tokenizer.")
+flags.DEFINE_string(
+    "tokenizer_from", "checkpoints/smollm2-135m-instruct", "Model dir of the tokenizer (no weights needed)."
+)
 flags.DEFINE_string("output_json", "", "Where to write results (default: docs/benchmarks/<measure>...).")
 
 
@@ -91,7 +94,7 @@ def make_engine(max_seqs: int, vocab: int) -> LLMEngine:
     if FLAGS.model:
         checkpoint = load_checkpoint(FLAGS.model)
     else:
-        checkpoint = tiny_checkpoint(load_checkpoint(FLAGS.tokenizer_from).tokenizer, vocab)
+        checkpoint = tiny_checkpoint(Tokenizer.from_hf_dir(FLAGS.tokenizer_from), vocab)
     return LLMEngine(checkpoint, config, progress=True)
 
 

@@ -15,6 +15,7 @@
 # 2600), generations ~ Normal(32, 10) (FastGen: 60), clients 1-8 (FastGen: 1-32), 2 measured requests
 # per client + 8 per point (FastGen: 4 + 32), token budget 256 (FastGen: 768). SLA scaled to the
 # machine: first token within prompt/256 s (FastGen: /512) and 2 tokens/s (FastGen: 2-6).
+PYTHON=${PYTHON:-python3}  # the interpreter with fastgen-jax installed (e.g. the venv's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-checkpoints/smollm2-135m-instruct}
@@ -41,21 +42,21 @@ for entry in $POLICIES; do
     case ${entry#*:} in early|late) ;; *) echo "POLICIES: $entry: after ':' give early or late" >&2; exit 2 ;; esac
     label=${policy}_${entry#*:} serve=$serve,launch_timing=${entry#*:}
   fi
-  python scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \
+  "$PYTHON" scripts/bench_serving.py --serve_model="$MODEL" --policy="$policy" --label="${NAME}_${label}" \
     --output_dir="$OUT" --noplot --serve_flags="$serve" "${ARGS[@]}" "$@"
   files+=("$OUT/serving_${NAME}_${label}.json")
 done
-python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${files[@]}"
+"$PYTHON" scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${files[@]}"
 summary="$OUT/serving_${NAME}_comparison.md"
 : > "$summary"
 for other in splitfuse splitfuse_early splitfuse_late prefill_first; do
   if [[ -f "$OUT/serving_${NAME}_sla.json" && -f "$OUT/serving_${NAME}_${other}.json" ]]; then
-    python scripts/summarize_policies.py "$OUT/serving_${NAME}_sla.json" "$OUT/serving_${NAME}_${other}.json" \
+    "$PYTHON" scripts/summarize_policies.py "$OUT/serving_${NAME}_sla.json" "$OUT/serving_${NAME}_${other}.json" \
       | tee -a "$summary"
     echo | tee -a "$summary"
   fi
 done
 if [[ -f "$OUT/serving_${NAME}_splitfuse.json" && -f "$OUT/serving_${NAME}_prefill_first.json" ]]; then
-  python scripts/summarize_policies.py "$OUT/serving_${NAME}_splitfuse.json" \
+  "$PYTHON" scripts/summarize_policies.py "$OUT/serving_${NAME}_splitfuse.json" \
     "$OUT/serving_${NAME}_prefill_first.json" | tee -a "$summary"
 fi

