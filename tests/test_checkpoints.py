@@ -187,15 +187,28 @@ def test_a_weight_map_entry_outside_the_model_dir_is_refused(tmp_path, smollm2_d
         load_checkpoint(model)
 
 
-def test_the_smollm2_shaped_random_model_has_smollm2_s_config_and_weight_shapes(smollm2_dir):
-    """`checkpoints random smollm2-135m` (what the GPU suite runs where SmolLM2's weights cannot
-    travel) is SmolLM2-135M but for its weights' values (and a rounding of the norms' epsilon)."""
-    import dataclasses
+def test_a_random_hf_model_of_another_s_shape_loads_in_both_engines(tmp_path, smollm2_dir):
+    """`scripts/random_hf_model.py` (what the GPU suite runs where SmolLM2's weights cannot travel):
+    a directory of `--like`'s architecture with random weights and its tokenizer, which our loader
+    and transformers read as the same model (their logits agree)."""
+    import torch
+    import transformers
 
-    from fastgen_jax.checkpoints.random_model import shape_config
-    from fastgen_jax.models import param_shapes
+    from tests.models.tiny_hf import chunked_prefill_diff
 
-    real = load_checkpoint(smollm2_dir, "float32")
-    shaped = shape_config("smollm2-135m", real.tokenizer)
-    assert dataclasses.replace(shaped, rms_norm_eps=real.config.rms_norm_eps) == real.config
-    assert jax.tree.map(lambda s: s.shape, param_shapes(shaped)) == jax.tree.map(np.shape, real.params)
+    like = tmp_path / "like"
+    like.mkdir()
+    tiny = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    transformers.LlamaConfig(**tiny, num_attention_heads=4, num_key_value_heads=2).save_pretrained(like)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (like / name).write_bytes((smollm2_dir / name).read_bytes())
+    out = tmp_path / "random"
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "random_hf_model.py")
+    subprocess.run([sys.executable, script, f"--like={like}", f"--output={out}"], check=True)
+    ours = load_checkpoint(out, "float32")
+    assert ours.config.hidden_size == 64 and ours.config.num_layers == 2
+    assert ours.tokenizer.encode("The capital of France") == load_checkpoint(smollm2_dir).tokenizer.encode(
+        "The capital of France"
+    )
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert chunked_prefill_diff(theirs, ours.config, ours.params) < 1e-4

