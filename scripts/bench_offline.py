@@ -469,6 +469,8 @@ def load_transformers(path: str):
     kwargs = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
     model_dir = str(p.parent) if p.suffix == ".gguf" else str(p)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    if torch.cuda.is_available():  # on a GPU machine the peer runs on the GPU too
+        model = model.to("cuda")
     return model.eval()
 
 

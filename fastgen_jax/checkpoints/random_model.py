@@ -114,9 +114,14 @@ def shape_config(shape: str, tokenizer: Tokenizer) -> ModelConfig:
     return dataclasses.replace(config, **extra)
 
 
+_TILED_ABOVE = 1 << 26  # weights of more elements repeat one block of _TILE draws
+_TILE = 1_000_003  # prime: the repeats do not line up with rows
+
+
 def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.3, dtype=np.float32):
     """{"params": ...} of random weights in our layout for `config`: norm weights at their neutral
-    value (1, or 0 for (1 + w) norms), everything else normal with std `scale`."""
+    value (1, or 0 for (1 + w) norms), everything else normal with std `scale` (the largest ones, over
+    _TILED_ABOVE elements, repeat one block of such draws: numpy drew a 7B model's for minutes)."""
     from fastgen_jax.models import param_shapes
 
     rng = np.random.default_rng(seed)
@@ -127,6 +132,10 @@ def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.3, dtype=
             return np.full(shape.shape, 0.0 if config.norm_plus_one else 1.0, dtype)
         if name == "bias" or name.startswith("b"):  # norm and projection biases
             return np.zeros(shape.shape, dtype)
+        size = int(np.prod(shape.shape))
+        if size > _TILED_ABOVE:  # a 7B model's stacks: one block of draws repeated (seconds, not minutes)
+            block = (rng.standard_normal(_TILE, np.float32) * scale).astype(dtype)
+            return np.resize(block, shape.shape)
         return (rng.standard_normal(shape.shape, np.float32) * scale).astype(dtype)
 
     import jax
