@@ -18,6 +18,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -233,12 +234,17 @@ def sla_counters(url: str) -> dict[str, float]:
 
 def start_server(flags: list[str], echo: bool = False) -> tuple[subprocess.Popen, str]:
     """Starts `python -m fastgen_jax.serve --port=0 <flags>` and returns it with the URL it prints
-    once its programs are compiled (`echo` copies its stdout until then)."""
+    once its programs are compiled (`echo` copies its stdout until then). Its stderr goes to an
+    unnamed temporary file, whose last lines the error quotes if it exits before listening."""
     args = [sys.executable, "-m", "fastgen_jax.serve", "--port=0", *flags]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stderr = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True)
     for line in proc.stdout:
         if echo:
             print(line, end="", flush=True)
         if match := re.search(r" on (http://\S+) ", line):
             return proc, match.group(1)
-    raise RuntimeError(f"the server exited ({proc.wait()}) before listening")
+    code = proc.wait()
+    stderr.seek(0)
+    tail = "".join(stderr.readlines()[-20:])
+    raise RuntimeError(f"the server exited ({code}) before listening; its last words:\n{tail}")
