@@ -490,7 +490,6 @@ bool by_group(const Params& p, Queries& w, const R* k, const R* v, int64_t first
   return true;
 }
 
-
 // One page (keys first..first + ps, rows k, v [ps, D]) for few query vectors (decode): per query,
 // its scores by dot products over D (16 keys at a time with AVX-512 and a head size in whole
 // vectors), their exponentials, and the online softmax update; 2-4 queries that see the same keys

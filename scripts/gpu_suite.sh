@@ -52,10 +52,13 @@ if [ ! -d "$SMOL/params" ]; then
   [ -d "$SMOL" ] || "$PYTHON" scripts/random_hf_model.py --like="$TOKENIZER" --output="$SMOL" || exit 1
   echo "SmolLM2's weights are not here: its steps run $SMOL (random weights of its shape)"
 fi
-card=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind.replace(" ", "_"))') || exit 1
-devices=$("$PYTHON" -c 'import jax; print(len(jax.devices()))') || exit 1
-echo "card: $card x $devices"
-"$PYTHON" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("jax", "jaxlib", "flax", "orbax-checkpoint", "torch", "transformers")), sep="; ")'
+# One interpreter (one CUDA start) says the card, how many, and the versions the steps run on.
+probe='import importlib.metadata as m, jax
+d = jax.devices()
+print(d[0].device_kind.replace(" ", "_"), len(d))
+print(*(f"{p} {m.version(p)}" for p in ("jax", "jaxlib", "flax", "orbax-checkpoint", "torch", "transformers")), sep="; ")'
+{ read -r card devices && read -r versions; } < <("$PYTHON" -c "$probe") && [ -n "$card" ] || exit 1
+echo "card: $card x $devices; $versions"
 mkdir -p "$OUT"
 status=0
 pack() {

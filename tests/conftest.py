@@ -28,13 +28,6 @@ def _add_xla_flags(flags: str) -> None:
 _add_xla_flags("--xla_force_host_platform_device_count=4")
 
 
-# The suite's CPU programs compile cheaply: LLVM without its optimisation passes and XLA:CPU's older
-# fusion emitter. Most of the suite's time is XLA compiling small programs that it then runs a few
-# times (`pytest tests/test_llm_engine.py` on 2 cores: 150 s with XLA's defaults, 100 s with these).
-# The C++ kernels are built apart, with their own flags. The servers and CLIs the tests start inherit
-# these flags; outside the suite they keep XLA's defaults. FASTGEN_TEST_XLA=default runs the suite
-# with XLA's defaults, and a GPU machine keeps them (they would slow its kernels' code generation).
-# jaxlib 0.11 has no such emitter choice and stops the process at an XLA flag it does not know.
 def _jaxlib_before(major: int, minor: int) -> bool:
     """Whether the installed jaxlib is older than major.minor (read without importing JAX)."""
     from importlib.metadata import version
@@ -42,6 +35,13 @@ def _jaxlib_before(major: int, minor: int) -> bool:
     return tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (major, minor)
 
 
+# The suite's CPU programs compile cheaply: LLVM without its optimisation passes and XLA:CPU's older
+# fusion emitter. Most of the suite's time is XLA compiling small programs that it then runs a few
+# times (`pytest tests/test_llm_engine.py` on 2 cores: 150 s with XLA's defaults, 100 s with these).
+# The C++ kernels are built apart, with their own flags. The servers and CLIs the tests start inherit
+# these flags; outside the suite they keep XLA's defaults. FASTGEN_TEST_XLA=default runs the suite
+# with XLA's defaults, and a GPU machine keeps them (they would slow its kernels' code generation).
+# jaxlib 0.11 has no such emitter choice and stops the process at an XLA flag it does not know.
 if os.environ.get("FASTGEN_TEST_XLA", "fast") == "fast" and not os.path.exists("/dev/nvidiactl"):
     emitters = " --xla_cpu_use_fusion_emitters=false" if _jaxlib_before(0, 11) else ""
     _add_xla_flags("--xla_backend_optimization_level=0" + emitters)
