@@ -332,6 +332,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
 
+    def wait_until_ready(self) -> None:
+        """Returns once the KV pools (the draft model's too) are zeroed (`ModelRunner.wait_until_ready`)."""
+        self.runner.wait_until_ready()
+        draft_runner = getattr(self.speculator and self.speculator.proposer, "runner", None)
+        if draft_runner is not None:
+            draft_runner.wait_until_ready()
+
     def warmup(self, progress: bool = True) -> None:
         """Compiles one program per (token bucket, page-table width): none is compiled later."""
         plans = (self.planner.padding(bucket, width) for bucket, width in self.planner.shapes())

@@ -267,6 +267,13 @@ class ModelRunner:
         if self._multiprocess:
             distributed.warm_broadcasts(plans)
 
+    def wait_until_ready(self) -> None:
+        """Waits for the KV pool's zeroing, which was dispatched asynchronously and runs beside the
+        compiling. A server calls this before it says it is ready: otherwise its first step waits
+        for what is left of it, and the first request pays for start-up (seconds for a few GiB on a
+        VM whose memory is touched for the first time)."""
+        jax.block_until_ready(self.kv_cache)
+
     def execute(self, plan: StepPlan, token_bitmask: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """Runs one step; returns (tokens i32[L], logprobs f32[L], top_ids i32[L, K], top_logprobs
         f32[L, K], num_emitted i32[S]) as device arrays, not yet waited on (see `sampler.sample` and

@@ -160,6 +160,11 @@ def _banner(name: str, url: str, engines, sla) -> str:
 
 
 def _readiness(engines) -> str:
+    """The ready line, once the engines are: each one's KV pool, zeroed asynchronously beside the
+    compiling (the next replica's too), is waited for here, so that the first request after "ready"
+    pays nothing of start-up (`LLMEngine.wait_until_ready`)."""
+    for engine in engines:
+        engine.wait_until_ready()
     programs = sum(e.runner.num_compiled for e in engines)
     seconds = sum(e.runner.compile_seconds for e in engines)
     ready = time.monotonic() - _STARTED
@@ -264,8 +269,9 @@ def _serve(engines, sock, sla) -> None:
         timeout_graceful_shutdown=FLAGS.shutdown_timeout,
         http=protocol(FLAGS.header_timeout),
     )
+    ready = _readiness(engines)  # last: the KV pools were zeroed while the app was built
     print(_banner(name, url_of(sock), engines, sla), flush=True)
-    print(_readiness(engines), flush=True)
+    print(ready, flush=True)
     Server(config).run(sockets=[sock])
     print("fastgen-jax: shut down", flush=True)
 

@@ -4,6 +4,7 @@ draft is accepted almost always), and a draft with another vocabulary is refused
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import tokenizers
@@ -228,3 +229,16 @@ def test_an_int8_target_drafts_with_int8_weights_and_outputs_stay_the_targets(ta
     draft_weights = engine.speculator.proposer.runner.params["params"]["layers"]["attn"]
     assert draft_weights["wqkv_int8"].dtype == np.int8 and "wqkv" not in draft_weights
     assert engine.stats.spec_proposed_tokens > 0
+
+
+def test_waiting_until_ready_waits_for_the_draft_pool_too(engines, monkeypatch):
+    engine = engines["random"]
+    waited = []
+    for name, runner in (("target", engine.runner), ("draft", engine.speculator.proposer.runner)):
+        monkeypatch.setattr(runner, "wait_until_ready", lambda name=name: waited.append(name))
+    engine.wait_until_ready()
+    assert waited == ["target", "draft"]
+    monkeypatch.undo()
+    engine.wait_until_ready()
+    pools = [engine.runner.kv_cache, engine.speculator.proposer.runner.kv_cache]
+    assert all(leaf.is_ready() for leaf in jax.tree.leaves(pools))

@@ -108,3 +108,25 @@ def test_a_port_in_use_is_named(tiny_random_dir):
         )
     assert proc.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_the_ready_line_comes_once_every_replicas_kv_pool_is_zeroed():
+    """The pools are zeroed asynchronously while the programs compile: "ready" waits for them, or the
+    first request would (seconds on a VM whose memory is touched for the first time)."""
+    from types import SimpleNamespace
+
+    from fastgen_jax import serve
+
+    waited = []
+
+    class Replica:
+        def __init__(self, index):
+            self.index = index
+            self.runner = SimpleNamespace(num_compiled=8, compile_seconds=1.25)
+
+        def wait_until_ready(self):
+            waited.append(self.index)
+
+    line = serve._readiness([Replica(0), Replica(1)])
+    assert waited == [0, 1]
+    assert re.fullmatch(r"fastgen-jax: ready in \d+\.\d s; compiled 16 programs in 2\.5 s", line)
