@@ -66,7 +66,7 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "on", "off"],
     "fastgen_jax.weight_layout.PACKED: whether the runner packs the float32 projections (auto: by the "
-    "build, on AVX2).",
+    "build: AVX-512 and AVX2).",
 )
 flags.DEFINE_enum(
     "kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "EngineConfig.kv_cache_dtype (KV pages' type)."
